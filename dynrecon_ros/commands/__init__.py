@@ -1,0 +1,1 @@
+"""`dynrecon` subcommands, one module each (add_arguments(parser), run(args) -> int)."""
