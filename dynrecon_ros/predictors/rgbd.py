@@ -19,10 +19,11 @@ from dynrecon_ros.predictors.base import PairPrediction, PairPredictor
 @dataclass
 class RGBDPredictorConfig:
     ransac_iterations: int = 64
-    ransac_threshold_m: float = 0.02
+    ransac_px_threshold: float = 0.75
+    ransac_depth_threshold: float = 0.02  # relative depth error
     ransac_samples: int = 1500
     refine_iterations: int = 4
-    min_threshold_m: float = 0.003
+    min_px_threshold: float = 0.3
     min_depth_m: float = 0.1
     max_depth_m: float = 10.0
     min_inliers: int = 60
@@ -74,30 +75,51 @@ def batched_kabsch(P: np.ndarray, Q: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return R, t
 
 
-def ransac_rigid(P: np.ndarray, Q: np.ndarray, iterations: int, threshold: float,
-                 rng: np.random.Generator, refine: int = 3,
-                 min_threshold: float = 0.002) -> tuple[np.ndarray, np.ndarray, float]:
-    """Robust rigid fit P ≈ T Q over (N, 3) correspondences -> (T (4, 4), inlier (N,) bool, final threshold)."""
+def reprojection_errors(R: np.ndarray, t: np.ndarray, P: np.ndarray, Q: np.ndarray, uv: np.ndarray,
+                        K: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Errors of hypotheses P ≈ R Q + t, R (M, 3, 3), t (M, 3), over (N, 3) points.
+
+    P (points of i) is moved into j (R^T (P - t)) and projected with K (j's intrinsics); returns
+    (pixel error to the flow target uv (M, N), relative depth error to Q's depth (M, N)). Pixel space
+    makes the test independent of depth (3D errors grow with z^2 for a fixed flow error).
+    """
+    X = np.matmul((P[None] - t[:, None]).astype(np.float32), R.astype(np.float32))  # (M, N, 3)
+    z = np.maximum(X[..., 2], 1e-6)
+    du = K[0, 0] * X[..., 0] / z + K[0, 2] - uv[:, 0]
+    dv = K[1, 1] * X[..., 1] / z + K[1, 2] - uv[:, 1]
+    return np.sqrt(du * du + dv * dv), np.abs(z - Q[:, 2]) / Q[:, 2]
+
+
+def ransac_rigid(P: np.ndarray, Q: np.ndarray, uv: np.ndarray, K: np.ndarray, iterations: int,
+                 px_threshold: float, rel_depth_threshold: float, rng: np.random.Generator,
+                 refine: int = 3, min_px_threshold: float = 0.3) -> tuple[np.ndarray, np.ndarray, float]:
+    """Robust rigid fit P ≈ T Q over (N, 3) correspondences (uv: (N, 2) pixel of Q in j, K: j's).
+
+    3-point Kabsch hypotheses scored by inlier count (reprojection < px_threshold and relative depth
+    error < rel_depth_threshold), then weighted Umeyama refits on the inliers (weights 1/z^2, the
+    information of a point with a fixed pixel error) while the pixel threshold shrinks to 3 robust
+    sigmas of the inliers. Returns (T (4, 4), inlier (N,) bool, final pixel threshold).
+    """
     n = len(P)
     idx = rng.integers(0, n, size=(iterations, 3))
     R, t = batched_kabsch(P[idx], Q[idx])
-    d = P[None].astype(np.float32) - (np.matmul(Q[None].astype(np.float32), R.transpose(0, 2, 1).astype(np.float32))
-                                      + t[:, None].astype(np.float32))
-    res2 = np.einsum('mni,mni->mn', d, d)
-    score = (res2 < threshold ** 2).sum(1)
-    best = int(np.argmax(score))
-    inl = res2[best] < threshold ** 2
+    epx, ez = reprojection_errors(R, t, P, Q, uv, K)
+    # MSAC score: truncated quadratic, prefers the tightest consensus over a mere count
+    cost = np.where((epx < px_threshold) & (ez < rel_depth_threshold), (epx / px_threshold) ** 2, 1.0)
+    best = int(np.argmin(cost.sum(1)))
+    inl = (epx[best] < px_threshold) & (ez[best] < rel_depth_threshold)
     T = np.eye(4)
     T[:3, :3], T[:3, 3] = R[best], t[best]
-    thr = threshold
+    thr = px_threshold
+    w = 1.0 / np.maximum(P[:, 2], 0.1) ** 2
     for _ in range(refine):
         if inl.sum() < 3:
             break
-        T = umeyama(P[inl], Q[inl])
-        r = np.linalg.norm(P - transform(T, Q), axis=-1)
-        # shrink the threshold to the inliers' own spread (robust sigma), never below min_threshold
-        thr = float(np.clip(3.0 * 1.4826 * np.median(r[r < thr]), min_threshold, thr))
-        inl = r < thr
+        T = umeyama(P[inl], Q[inl], w[inl])
+        epx, ez = reprojection_errors(T[None, :3, :3], T[None, :3, 3], P, Q, uv, K)
+        epx, ez = epx[0], ez[0]
+        thr = float(np.clip(3.0 * 1.4826 * np.median(epx[inl]), min_px_threshold, thr))
+        inl = (epx < thr) & (ez < rel_depth_threshold)
     return T, inl, thr
 
 
@@ -145,33 +167,50 @@ class RGBDPredictor(PairPredictor):
         if len(flat) < c.min_inliers:
             return None, np.zeros(ok.shape, bool), len(flat)
         sub = flat if len(flat) <= c.ransac_samples else self.rng.choice(flat, c.ransac_samples, replace=False)
-        P = pts_i.reshape(-1, 3)[sub].astype(np.float64)
-        Q = pts_j.reshape(-1, 3)[sub].astype(np.float64)
-        T, inl, thr = ransac_rigid(P, Q, c.ransac_iterations, c.ransac_threshold_m, self.rng,
-                                   c.refine_iterations, c.min_threshold_m)
+        h, w = ok.shape
+        uv_all = (pixel_grid(h, w) + flow.fwd).reshape(-1, 2)
+        P_all, Q_all = pts_i.reshape(-1, 3), pts_j.reshape(-1, 3)
+        T, inl, thr = ransac_rigid(P_all[sub].astype(np.float64), Q_all[sub].astype(np.float64), uv_all[sub],
+                                   frame_j.K, c.ransac_iterations, c.ransac_px_threshold,
+                                   c.ransac_depth_threshold, self.rng, c.refine_iterations, c.min_px_threshold)
         if inl.sum() < c.min_inliers:
             return None, np.zeros(ok.shape, bool), len(flat)
+        sel = np.flatnonzero(ok)
+
+        def errors(T):
+            epx, ez = reprojection_errors(T[None, :3, :3], T[None, :3, 3], P_all[sel], Q_all[sel],
+                                          uv_all[sel], frame_j.K)
+            return epx[0], ez[0]
+
         # flow near moving objects is dragged along with them (a halo a few px wide): exclude a band
         # around the pixels that clearly violate the rigid motion, then refit on what is left
-        r = np.linalg.norm(pts_i - transform(T, pts_j).astype(np.float32), axis=-1)
-        bad = (ok & (r > 3 * thr)).astype(np.uint8)
-        bad = cv2.morphologyEx(bad, cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
-        halo = max(1, int(round(c.halo_fraction * ok.shape[1])))
+        epx, ez = errors(T)
+        bad_sel = (epx > 3 * thr) | (ez > 3 * c.ransac_depth_threshold)
+        bad = np.zeros(h * w, np.uint8)
+        bad[sel[bad_sel]] = 1
+        bad = cv2.morphologyEx(bad.reshape(h, w), cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
+        halo = max(1, int(round(c.halo_fraction * w)))
         excl = cv2.dilate(bad, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * halo + 1, 2 * halo + 1))) > 0
+        keep = ~excl.reshape(-1)[sel]
+        if static_i is not None:
+            keep_s = keep & static_i.reshape(-1)[sel]
+            if keep_s.sum() >= c.min_inliers:
+                keep = keep_s
+        wz = 1.0 / np.maximum(P_all[sel, 2], 0.1) ** 2
         for _ in range(2):
-            use = ok & ~excl & (r < thr)
-            if static_i is not None and (use & static_i).sum() >= c.min_inliers:
-                use &= static_i
+            use = keep & (epx < thr) & (ez < c.ransac_depth_threshold)
             idx = np.flatnonzero(use)
             if len(idx) < c.min_inliers:
                 break
-            if len(idx) > c.ransac_samples * 2:
-                idx = self.rng.choice(idx, c.ransac_samples * 2, replace=False)
-            T = umeyama(pts_i.reshape(-1, 3)[idx].astype(np.float64), pts_j.reshape(-1, 3)[idx].astype(np.float64))
-            r = np.linalg.norm(pts_i - transform(T, pts_j).astype(np.float32), axis=-1)
-            thr = float(np.clip(3.0 * 1.4826 * np.median(r[use]), c.min_threshold_m, thr))
-        inliers = ok & ~excl & (r < max(thr, 2 * c.min_threshold_m))
-        return T, inliers, len(flat)
+            if len(idx) > c.ransac_samples * 4:
+                idx = self.rng.choice(idx, c.ransac_samples * 4, replace=False)
+            T = umeyama(P_all[sel[idx]].astype(np.float64), Q_all[sel[idx]].astype(np.float64), wz[idx])
+            epx, ez = errors(T)
+            thr = float(np.clip(3.0 * 1.4826 * np.median(epx[use]), c.min_px_threshold, thr))
+        inl_sel = keep & (epx < max(thr, 2 * c.min_px_threshold)) & (ez < c.ransac_depth_threshold)
+        inliers = np.zeros(h * w, bool)
+        inliers[sel[inl_sel]] = True
+        return T, inliers.reshape(h, w), len(flat)
 
     def predict(self, frame_i, frame_j, flow, static_i: np.ndarray | None = None) -> PairPrediction:
         T, inliers, _ = self.relative_pose(frame_i, frame_j, flow, static_i)
