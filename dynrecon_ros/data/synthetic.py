@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
+from dynrecon_ros.data.bags import write_bag  # noqa: F401  (re-exported: synthetic.write_bag)
+from dynrecon_ros.data.tum import write_depth_png, write_trajectory
 from dynrecon_ros.frames import Frame
 
 ROOM_LO = np.array([-3.0, -3.0, 0.0])
@@ -353,7 +355,8 @@ def render_sequence(cfg: SyntheticConfig | None = None) -> SyntheticSequence:
     stamps = np.array([float(f'{BASE_STAMP + i / cfg.fps:.6f}') for i in range(n)])
     t = stamps - BASE_STAMP
     srng = np.random.default_rng([cfg.seed, _STAMPS])
-    jitter = srng.uniform(-cfg.depth_stamp_jitter, cfg.depth_stamp_jitter, size=n)
+    jit = min(cfg.depth_stamp_jitter, 0.25 / cfg.fps)  # stays well inside the association window
+    jitter = srng.uniform(-jit, jit, size=n)
     depth_stamps = np.array([float(f'{s + j:.6f}') for s, j in zip(stamps, jitter)])
     poses = camera_poses(cfg, t)
     centres, headings = mover_paths(cfg, t)
@@ -396,8 +399,6 @@ def write_tum(seq: SyntheticSequence, directory) -> pathlib.Path:
     (mono8, 255 = dynamic, named by the colour stamp) and calibration.txt (one line
     ``fx fy cx cy`` of the colour camera; TUM's readers use it when present).
     """
-    from dynrecon_ros.data.tum import write_trajectory  # local import: tum imports Frame only
-
     root = pathlib.Path(directory)
     for sub in ('rgb', 'depth', 'masks_gt'):
         (root / sub).mkdir(parents=True, exist_ok=True)
@@ -405,8 +406,7 @@ def write_tum(seq: SyntheticSequence, directory) -> pathlib.Path:
     for f, ds, mask in zip(seq.frames, seq.depth_stamps, seq.masks):
         dkey = f'{ds:.6f}'
         cv2.imwrite(str(root / 'rgb' / f'{f.key}.png'), cv2.cvtColor(f.rgb, cv2.COLOR_RGB2BGR))
-        d16 = np.clip(np.nan_to_num(f.depth, nan=0.0) * 5000.0 + 0.5, 0, 65535).astype(np.uint16)
-        cv2.imwrite(str(root / 'depth' / f'{dkey}.png'), d16)
+        write_depth_png(root / 'depth' / f'{dkey}.png', f.depth)
         cv2.imwrite(str(root / 'masks_gt' / f'{f.key}.png'), mask.astype(np.uint8) * 255)
         rgb_lines.append(f'{f.key} rgb/{f.key}.png')
         depth_lines.append(f'{dkey} depth/{dkey}.png')
