@@ -221,7 +221,7 @@ class Reconstructor:
         for (old, _), pf, (T, inl, n) in zip(pairs, pflows, rel):
             if T is None:
                 continue
-            self._constraints[(old.index, entry.index)] = self._make_constraint(old, entry, pf, inl)
+            self._constraints[(old.index, entry.index)] = self._make_constraint(old, entry, T, inl)
         entry.data['conf'] = (pflows[0].valid_bwd & (frame.depth > 0)).astype(np.float32)
         t = time.perf_counter()
         if self.cfg.alignment.enabled:
@@ -240,20 +240,25 @@ class Reconstructor:
         self._size = frame.size
         self._pending.append(entry)
 
-    def _make_constraint(self, a: WindowEntry, b: WindowEntry, pf, inliers: np.ndarray) -> PairConstraint:
-        """Static correspondences a -> b (predictor inliers), subsampled."""
-        from dynrecon_ros.predictors.rgbd import correspondences
+    def _make_constraint(self, a: WindowEntry, b: WindowEntry, T_a_b: np.ndarray, inliers: np.ndarray) -> PairConstraint:
+        """Static correspondences a -> b for the alignment, from the pair prediction.
+
+        The points are a's static inlier pixels; their match in b is where the pair's relative pose
+        puts them (the predictor's pointmap of the pair: for RGB-D the refined direct alignment,
+        which is more precise than the raw flow end points).
+        """
+        from dynrecon_ros.predictors.rgbd import transform, unproject
         fa, fb = a.frame, b.frame
-        pts_a, pts_b, ok = correspondences(fa.depth, fa.K, fb.depth, fb.K, pf.fwd, pf.valid_fwd)
-        use = np.flatnonzero((ok & inliers).reshape(-1))
+        pts_a = unproject(fa.depth, fa.K).reshape(-1, 3)
+        use = np.flatnonzero(inliers.reshape(-1) & np.isfinite(pts_a[:, 2]))
         n = self.cfg.alignment.points_per_pair
         if len(use) > n:
             use = self._rng.choice(use, n, replace=False)
-        h, w = ok.shape
-        uv = (pixel_grid(h, w) + pf.fwd).reshape(-1, 2)[use]
-        return PairConstraint(a.index, b.index, pts_a.reshape(-1, 3)[use].astype(np.float64),
-                              pts_b.reshape(-1, 3)[use].astype(np.float64), uv.astype(np.float64),
-                              np.ones(len(use)))
+        Pa = pts_a[use].astype(np.float64)
+        Pb = transform(np.linalg.inv(T_a_b), Pa)
+        K = fb.K
+        uv = np.stack([K[0, 0] * Pb[:, 0] / Pb[:, 2] + K[0, 2], K[1, 1] * Pb[:, 1] / Pb[:, 2] + K[1, 2]], -1)
+        return PairConstraint(a.index, b.index, Pa, Pb, uv, np.ones(len(use)))
 
     def _align(self) -> None:
         entries = self.window.all_entries()
