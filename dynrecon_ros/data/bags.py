@@ -8,6 +8,7 @@ Written depth is registered to the colour image (same pixel grid), as TUM's dept
 """
 from __future__ import annotations
 
+import contextlib
 import pathlib
 from decimal import Decimal
 
@@ -178,6 +179,12 @@ def is_bag(path) -> bool:
     return (path.is_file() and path.suffix == '.bag') or (path.is_dir() and (path / 'metadata.yaml').is_file())
 
 
+def _ns_to_s(ns: int) -> float:
+    """Integer nanoseconds -> seconds, correctly rounded (ns * 1e-9 is not, for stamps around 1e9 s)."""
+    ns = int(ns)
+    return float(f'{ns // 1_000_000_000}.{ns % 1_000_000_000:09d}')
+
+
 def _header_ns(msg) -> int:
     return int(msg.header.stamp.sec) * 1_000_000_000 + int(msg.header.stamp.nanosec)
 
@@ -228,19 +235,25 @@ class BagFrames:
         else:
             pairs = [(i, None) for i in range(len(rgb_ns))]
         self._pairs = pairs
-        self.stamps = np.array([self._rgb_ns[a] * 1e-9 for a, _ in pairs])
+        self.stamps = np.array([_ns_to_s(self._rgb_ns[a]) for a, _ in pairs])
         self.keys = [self._key(self._rgb_ns[a]) for a, _ in pairs]
 
     @staticmethod
     def _key(ns: int) -> str:
         return f'{ns // 1_000_000_000}.{(ns % 1_000_000_000) // 1000:06d}'
 
+    @contextlib.contextmanager
     def _reader(self):
         from rosbags.highlevel import AnyReader
         try:
-            return AnyReader([self.path])
+            reader = AnyReader([self.path])
+            reader.open()
         except Exception as exc:  # rosbags raises several reader error types for corrupt bags
             raise InputError(f'cannot open bag: {exc}', self.path) from None
+        try:
+            yield reader
+        finally:
+            reader.close()
 
     def _deserialize(self, reader, raw, conn):
         try:
@@ -290,7 +303,7 @@ class BagFrames:
                              f'{rgb.shape[1]}x{rgb.shape[0]} at stamp {self.keys[k]}', self.path)
         meta = {'source': str(self.path)}
         if b is not None:
-            meta['depth_stamp'] = float(self._depth_ns[b]) * 1e-9
+            meta['depth_stamp'] = _ns_to_s(self._depth_ns[b])
         return Frame(stamp=self.stamps[k], rgb=rgb, depth=depth, K=self.K, key=self.keys[k], meta=meta)
 
 
