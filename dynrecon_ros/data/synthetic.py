@@ -247,17 +247,20 @@ class _Texture:
 # Ray casting
 
 
-def _cast(origin: np.ndarray, dirs: np.ndarray, centres: np.ndarray, headings: np.ndarray):
+def _cast(origin: np.ndarray, dirs: np.ndarray, centres: np.ndarray, headings: np.ndarray, cull=None):
     """Nearest hit of rays ``origin + t * dirs`` with the scene.
 
     Args:
         origin: (3,) world camera centre; dirs: (P, 3) world directions whose optical-axis component is 1,
             so the hit parameter t is the z-depth.
         centres: (M, 2) mover xy; headings: (M,) mover yaw.
+        cull: optional function (lo (3,), hi (3,)) -> flat indices of the rays that can hit that world box,
+            or None for all; only an optimisation (results are identical without it).
     Returns:
         t (P,), normal (P, 3), uv (P, 2) texture coordinates in metres, dynamic (P,) bool.
     """
     p_count = len(dirs)
+    everything = np.arange(p_count)
     d = np.ascontiguousarray(dirs.T)  # (3, P): per-component rows are faster than (P, 3) columns
     with np.errstate(divide='ignore', invalid='ignore'):
         inv = 1.0 / np.where(d == 0, 1e-12, d)
@@ -269,45 +272,60 @@ def _cast(origin: np.ndarray, dirs: np.ndarray, centres: np.ndarray, headings: n
     surf = axis * 2 + (np.take_along_axis(d, axis[None], 0)[0] > 0)  # 0..5: room faces
     kind = np.zeros(p_count, np.int8)  # 0 = axis-aligned face, 1 = mover side, 2 = mover cap
     mover = np.full(p_count, -1, np.int64)
+
+    def candidates(lo, hi):
+        idx = cull(lo, hi) if cull is not None else None
+        return everything if idx is None else idx
+
     # Static boxes (slab test).
     for b, (lo, hi) in enumerate(STATIC_BOXES):
+        idx = candidates(lo, hi)
+        if not len(idx):
+            continue
+        dd, iv = d[:, idx], inv[:, idx]
         tn, tf = [], []
         for a in range(3):
-            t1, t2 = (lo[a] - origin[a]) * inv[a], (hi[a] - origin[a]) * inv[a]
+            t1, t2 = (lo[a] - origin[a]) * iv[a], (hi[a] - origin[a]) * iv[a]
             tn.append(np.minimum(t1, t2))
             tf.append(np.maximum(t1, t2))
         t_in = np.maximum(np.maximum(tn[0], tn[1]), tn[2])
         t_out = np.minimum(np.minimum(tf[0], tf[1]), tf[2])
-        hit = np.flatnonzero((t_in <= t_out) & (t_in > 1e-6) & (t_in < t_best))
-        if not len(hit):
+        sel = np.flatnonzero((t_in <= t_out) & (t_in > 1e-6) & (t_in < t_best[idx]))
+        if not len(sel):
             continue
-        th = t_in[hit]
-        ax = np.where(th == tn[0][hit], 0, np.where(th == tn[1][hit], 1, 2))
+        th = t_in[sel]
+        ax = np.where(th == tn[0][sel], 0, np.where(th == tn[1][sel], 1, 2))
+        hit = idx[sel]
         t_best[hit] = th
         axis[hit] = ax
-        surf[hit] = 10 + 6 * b + ax * 2 + (d[ax, hit] > 0)
+        surf[hit] = 10 + 6 * b + ax * 2 + (dd[ax, sel] > 0)
     # Movers: vertical cylinders with a flat top.
-    a_xy = d[0] * d[0] + d[1] * d[1]
-    for m, (c, _) in enumerate(zip(centres, headings)):
+    for m, c in enumerate(centres):
+        idx = candidates(np.array([c[0] - MOVER_RADIUS, c[1] - MOVER_RADIUS, 0.0]),
+                         np.array([c[0] + MOVER_RADIUS, c[1] + MOVER_RADIUS, MOVER_HEIGHT]))
+        if not len(idx):
+            continue
+        dd, iv, tb = d[:, idx], inv[:, idx], t_best[idx]
         ox, oy = origin[0] - c[0], origin[1] - c[1]
-        a = a_xy
-        bq = 2 * (ox * d[0] + oy * d[1])
+        a = dd[0] * dd[0] + dd[1] * dd[1]
+        bq = 2 * (ox * dd[0] + oy * dd[1])
         cq = ox * ox + oy * oy - MOVER_RADIUS ** 2
         disc = bq * bq - 4 * a * cq
         ok = (disc >= 0) & (a > 1e-12)
         t_side = np.where(ok, (-bq - np.sqrt(np.maximum(disc, 0))) / (2 * np.maximum(a, 1e-12)), np.inf)
-        z_side = origin[2] + t_side * d[2]
-        side = ok & (t_side > 1e-6) & (z_side >= 0) & (z_side <= MOVER_HEIGHT) & (t_side < t_best)
-        t_best = np.where(side, t_side, t_best)
-        kind = np.where(side, 1, kind)
-        mover = np.where(side, m, mover)
+        z_side = origin[2] + t_side * dd[2]
+        side = ok & (t_side > 1e-6) & (z_side >= 0) & (z_side <= MOVER_HEIGHT) & (t_side < tb)
+        tb = np.where(side, t_side, tb)
         with np.errstate(divide='ignore', invalid='ignore'):
-            t_cap = (MOVER_HEIGHT - origin[2]) * inv[2]
-        px, py = ox + t_cap * d[0], oy + t_cap * d[1]
-        cap = np.isfinite(t_cap) & (t_cap > 1e-6) & (px * px + py * py <= MOVER_RADIUS ** 2) & (t_cap < t_best)
-        t_best = np.where(cap, t_cap, t_best)
-        kind = np.where(cap, 2, kind)
-        mover = np.where(cap, m, mover)
+            t_cap = (MOVER_HEIGHT - origin[2]) * iv[2]
+            px, py = ox + t_cap * dd[0], oy + t_cap * dd[1]
+        cap = np.isfinite(t_cap) & (t_cap > 1e-6) & (px * px + py * py <= MOVER_RADIUS ** 2) & (t_cap < tb)
+        tb = np.where(cap, t_cap, tb)
+        got = side | cap
+        hit = idx[got]
+        t_best[hit] = tb[got]
+        kind[hit] = np.where(cap[got], 2, 1)
+        mover[hit] = m
 
     hit = origin + t_best[:, None] * dirs
     normal = np.zeros((p_count, 3))
@@ -336,6 +354,26 @@ def _cast(origin: np.ndarray, dirs: np.ndarray, centres: np.ndarray, headings: n
         off = (200 + 2 * m + ~side)[:, None] * np.array([13.7, 29.3])
         uv[dyn] = np.stack([np.where(side, u_side, u_cap), np.where(side, v_side, v_cap)], axis=1) + off
     return t_best, normal, uv, dyn
+
+
+def _screen_cull(pose: np.ndarray, K: np.ndarray, w: int, h: int):
+    """Ray culling for _cast: flat pixel indices of the screen rectangle that a world box projects into
+    (a convex box lies inside its projected corners' hull), or None when a corner is behind the camera."""
+    R, o = pose[:3, :3], pose[:3, 3]
+
+    def cull(lo: np.ndarray, hi: np.ndarray):
+        corners = np.array(np.meshgrid(*zip(lo, hi), indexing='ij')).reshape(3, -1).T
+        pc = (corners - o) @ R
+        if np.any(pc[:, 2] <= 1e-3):
+            return None
+        u = K[0, 0] * pc[:, 0] / pc[:, 2] + K[0, 2]
+        v = K[1, 1] * pc[:, 1] / pc[:, 2] + K[1, 2]
+        u0, u1 = max(int(np.floor(u.min())) - 1, 0), min(int(np.ceil(u.max())) + 1, w - 1)
+        v0, v1 = max(int(np.floor(v.min())) - 1, 0), min(int(np.ceil(v.max())) + 1, h - 1)
+        if u0 > u1 or v0 > v1:
+            return np.zeros(0, np.int64)
+        return (np.arange(v0, v1 + 1)[:, None] * w + np.arange(u0, u1 + 1)[None, :]).ravel()
+    return cull
 
 
 def _holes(rng: np.random.Generator, h: int, w: int, fraction: float) -> np.ndarray:
@@ -368,7 +406,7 @@ def render_sequence(cfg: SyntheticConfig | None = None) -> SyntheticSequence:
     for i in range(n):
         R, o = poses[i, :3, :3], poses[i, :3, 3]
         dirs = rays_cam @ R.T
-        tt, normal, uv, dyn = _cast(o, dirs, centres[i], headings[i])
+        tt, normal, uv, dyn = _cast(o, dirs, centres[i], headings[i], cull=_screen_cull(poses[i], K, w, h))
         shade = 0.6 + 0.4 * np.abs(normal @ LIGHT)
         rgb = np.clip(tex.colour(uv[:, 0], uv[:, 1]) * shade[:, None] * 255.0 + 0.5, 0, 255).astype(np.uint8)
         depth_gt[i] = tt.reshape(h, w).astype(np.float32)
