@@ -117,3 +117,13 @@ def test_depth_noise_and_holes():
     assert 0.8 < rel.std() < 1.2 and abs(rel.mean()) < 0.2
     clean = render_sequence(SyntheticConfig(width=64, height=48, frames=2, seed=1))
     assert np.array_equal(clean.frames[1].depth, clean.depth_gt[1])
+
+
+def test_ray_culling_is_only_an_optimisation(monkeypatch):
+    import dynrecon_ros.data.synthetic as synthetic
+    cfg = SyntheticConfig(width=80, height=60, frames=12, seed=9)
+    a = render_sequence(cfg)
+    monkeypatch.setattr(synthetic, '_screen_cull', lambda *args: None)
+    b = render_sequence(cfg)
+    assert all(np.array_equal(x.rgb, y.rgb) for x, y in zip(a.frames, b.frames))
+    assert np.array_equal(a.depth_gt, b.depth_gt) and np.array_equal(a.masks, b.masks)

@@ -158,8 +158,8 @@ def camera_poses(cfg: SyntheticConfig, t: np.ndarray) -> np.ndarray:
     rng = np.random.default_rng([cfg.seed, _CAMERA])
     a = cfg.camera_motion
     pos = np.stack([
-        _smooth_noise_1d(rng, t, (0.11, 0.23), 0.7 * a),
-        -2.3 + _smooth_noise_1d(rng, t, (0.13, 0.19), 0.35 * a),
+        _smooth_noise_1d(rng, t, (0.11, 0.23), 0.45 * a),
+        -2.3 + _smooth_noise_1d(rng, t, (0.13, 0.19), 0.25 * a),
         1.35 + _smooth_noise_1d(rng, t, (0.17, 0.29), 0.12 * a),
     ], axis=1)
     pos += np.stack([_smooth_noise_1d(rng, t, (3.1, 4.7, 6.3), 0.006 * a) for _ in range(3)], axis=1)
