@@ -63,7 +63,8 @@ def test_bad_input_is_one_line_and_exit_2(rendered, tmp_path):
     bad_gt.write_text('# header\n1.0 0 0 0 0 0 0 1\n1.5 0 0 0 0 0 1\n')
     r = _run_cli('eval', '--traj', str(bad_gt), '--gt', str(bad_gt))
     assert r.returncode == 2 and r.stdout == ''
-    assert r.stderr.strip() == f'dynrecon eval: error: {bad_gt}:3: expected 8 values "timestamp tx ty tz qx qy qz qw", got 7'
+    expected = f'{bad_gt}:3: expected 8 values "timestamp tx ty tz qx qy qz qw", got 7'
+    assert r.stderr.strip() == f'dynrecon eval: error: {expected}'
     backwards = tmp_path / 'back.txt'
     backwards.write_text('2.0 0 0 0 0 0 0 1\n1.0 0 0 0 0 0 0 1\n')
     r = _run_cli('eval', '--traj', str(backwards), '--gt', str(rendered / 'seq'))

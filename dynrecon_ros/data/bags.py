@@ -195,7 +195,8 @@ class BagFrames:
     Colour and depth messages are paired by header stamp like TUM's associate tool (nearest within
     ``max_dt``, each used once); K comes from the colour camera_info (first message), or ``K`` if given.
     A bag without the depth topic gives monocular frames (depth None). Frame keys are the colour
-    header stamps as ``sec.micro`` strings with 6 decimals (TUM's style).
+    header stamps as ``sec.micro`` strings with 6 decimals (TUM's style). ``K`` may be reassigned before
+    iterating; ``size`` is the (W, H) of the first colour image.
     """
 
     def __init__(self, path, max_dt: float = 0.02, rgb_topic: str = RGB_TOPIC, depth_topic: str = DEPTH_TOPIC,
@@ -208,6 +209,7 @@ class BagFrames:
         self.topics = (rgb_topic, depth_topic, info_topic)
         self.K = None if K is None else np.asarray(K, dtype=np.float64)
         rgb_ns, depth_ns = [], []
+        self.size = None  # (W, H) of the first colour image
         with self._reader() as reader:
             names = {c.topic for c in reader.connections}
             if rgb_topic not in names:
@@ -217,6 +219,7 @@ class BagFrames:
                 msg = self._deserialize(reader, raw, conn)
                 if conn.topic == rgb_topic:
                     rgb_ns.append(_header_ns(msg))
+                    self.size = self.size or (int(msg.width), int(msg.height))
                 elif conn.topic == depth_topic:
                     depth_ns.append(_header_ns(msg))
                 elif self.K is None:

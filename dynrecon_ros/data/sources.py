@@ -125,11 +125,7 @@ def open_source(path, intrinsics=None, max_dt: float = 0.02):
     if is_bag(path):
         bag = read_bag(path, max_dt=max_dt)
         if intrinsics is not None and not (isinstance(intrinsics, str) and intrinsics == 'auto'):
-            w_h = None
-            for f in bag:  # one frame tells the image size, needed to scale a preset
-                w_h = f.size
-                break
-            bag = read_bag(path, max_dt=max_dt, K=resolve_intrinsics(intrinsics, None, *w_h).K)
+            bag.K = resolve_intrinsics(intrinsics, None, *bag.size).K
         return bag
     if path.is_dir():
         return ImageFolder(path, intrinsics=intrinsics)

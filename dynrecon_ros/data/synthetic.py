@@ -23,7 +23,7 @@ import cv2
 import numpy as np
 
 from dynrecon_ros.data.bags import write_bag  # noqa: F401  (re-exported: synthetic.write_bag)
-from dynrecon_ros.data.tum import write_depth_png, write_trajectory
+from dynrecon_ros.data.tum import write_depth_png, write_masks, write_trajectory
 from dynrecon_ros.frames import Frame
 
 ROOM_LO = np.array([-3.0, -3.0, 0.0])
@@ -438,16 +438,16 @@ def write_tum(seq: SyntheticSequence, directory) -> pathlib.Path:
     ``fx fy cx cy`` of the colour camera; TUM's readers use it when present).
     """
     root = pathlib.Path(directory)
-    for sub in ('rgb', 'depth', 'masks_gt'):
+    for sub in ('rgb', 'depth'):
         (root / sub).mkdir(parents=True, exist_ok=True)
     rgb_lines, depth_lines = [], []
-    for f, ds, mask in zip(seq.frames, seq.depth_stamps, seq.masks):
+    for f, ds in zip(seq.frames, seq.depth_stamps):
         dkey = f'{ds:.6f}'
         cv2.imwrite(str(root / 'rgb' / f'{f.key}.png'), cv2.cvtColor(f.rgb, cv2.COLOR_RGB2BGR))
         write_depth_png(root / 'depth' / f'{dkey}.png', f.depth)
-        cv2.imwrite(str(root / 'masks_gt' / f'{f.key}.png'), mask.astype(np.uint8) * 255)
         rgb_lines.append(f'{f.key} rgb/{f.key}.png')
         depth_lines.append(f'{dkey} depth/{dkey}.png')
+    write_masks(root / 'masks_gt', dict(zip(seq.keys, seq.masks)))
     name = f'dynrecon synthetic seed {seq.config.seed}'
     (root / 'rgb.txt').write_text(f'# color images\n# file: \'{name}\'\n# timestamp filename\n'
                                   + '\n'.join(rgb_lines) + '\n')
