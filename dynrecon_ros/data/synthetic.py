@@ -217,19 +217,20 @@ class _Texture:
 
     def __init__(self, seed: int):
         rng = np.random.default_rng([seed, _TEXTURE])
-        self.tables = [rng.random((256, 256), dtype=np.float32) for _ in OCTAVES]
-        self.tint_tables = [rng.random((256, 256), dtype=np.float32) for _ in range(2)]
+        self.tables = [rng.random(256 * 256, dtype=np.float32) for _ in OCTAVES]
+        self.tint_tables = [rng.random(256 * 256, dtype=np.float32) for _ in range(2)]
 
     @staticmethod
     def _noise(table: np.ndarray, u: np.ndarray, v: np.ndarray, cell: float) -> np.ndarray:
-        x, y = u / cell, v / cell
+        """(256*256,) flat lattice, (P,) u, v metres -> (P,) float32 smooth value noise in [0, 1]."""
+        x, y = u * (1.0 / cell), v * (1.0 / cell)
         ix, iy = np.floor(x), np.floor(y)
-        fx, fy = x - ix, y - iy
+        fx, fy = (x - ix).astype(np.float32), (y - iy).astype(np.float32)
         fx, fy = fx * fx * (3 - 2 * fx), fy * fy * (3 - 2 * fy)  # smoothstep: C1 continuous
-        ix, iy = ix.astype(np.int64) & 255, iy.astype(np.int64) & 255
-        ix1, iy1 = (ix + 1) & 255, (iy + 1) & 255
-        top = table[iy, ix] * (1 - fx) + table[iy, ix1] * fx
-        bot = table[iy1, ix] * (1 - fx) + table[iy1, ix1] * fx
+        ix, iy = ix.astype(np.int64) & 255, (iy.astype(np.int64) & 255) << 8
+        ix1, iy1 = (ix + 1) & 255, (iy + 256) & 0xFF00
+        top = table.take(iy + ix) * (1 - fx) + table.take(iy + ix1) * fx
+        bot = table.take(iy1 + ix) * (1 - fx) + table.take(iy1 + ix1) * fx
         return top * (1 - fy) + bot * fy
 
     def colour(self, u: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -247,21 +248,20 @@ class _Texture:
 # Ray casting
 
 
-def _cast(origin: np.ndarray, dirs: np.ndarray, centres: np.ndarray, headings: np.ndarray, cull=None):
-    """Nearest hit of rays ``origin + t * dirs`` with the scene.
+def _cast(origin: np.ndarray, d: np.ndarray, centres: np.ndarray, headings: np.ndarray, cull=None):
+    """Nearest hit of rays ``origin + t * d`` with the scene.
 
     Args:
-        origin: (3,) world camera centre; dirs: (P, 3) world directions whose optical-axis component is 1,
-            so the hit parameter t is the z-depth.
+        origin: (3,) world camera centre; d: (3, P) world directions whose optical-axis component is 1,
+            so the hit parameter t is the z-depth (component rows: faster than (P, 3) columns).
         centres: (M, 2) mover xy; headings: (M,) mover yaw.
         cull: optional function (lo (3,), hi (3,)) -> flat indices of the rays that can hit that world box,
             or None for all; only an optimisation (results are identical without it).
     Returns:
-        t (P,), normal (P, 3), uv (P, 2) texture coordinates in metres, dynamic (P,) bool.
+        t (P,); cos_light (P,) = |normal . LIGHT|; u, v (P,) texture coordinates in metres; dynamic (P,) bool.
     """
-    p_count = len(dirs)
+    p_count = d.shape[1]
     everything = np.arange(p_count)
-    d = np.ascontiguousarray(dirs.T)  # (3, P): per-component rows are faster than (P, 3) columns
     with np.errstate(divide='ignore', invalid='ignore'):
         inv = 1.0 / np.where(d == 0, 1e-12, d)
     # Room, seen from inside: exit distance per axis.
@@ -327,33 +327,24 @@ def _cast(origin: np.ndarray, dirs: np.ndarray, centres: np.ndarray, headings: n
         kind[hit] = np.where(cap[got], 2, 1)
         mover[hit] = m
 
-    hit = origin + t_best[:, None] * dirs
-    normal = np.zeros((p_count, 3))
-    uv = np.zeros((p_count, 2))
-    face = kind == 0
-    ax = axis[face]
-    normal[face, ax] = -np.sign(dirs[face, ax])
-    other = np.array([[1, 2], [0, 2], [0, 1]])[ax]
-    uv[face] = np.take_along_axis(hit[face], other, axis=1) + surf[face, None] * np.array([13.7, 29.3])
-    dyn = mover >= 0
-    if dyn.any():
+    hx, hy, hz = (origin[a] + t_best * d[a] for a in range(3))
+    # Axis-aligned faces: texture in the two in-plane coordinates, normal along the axis (|n.L| = |L[axis]|).
+    u = np.where(axis == 0, hy, hx) + surf * 13.7
+    v = np.where(axis == 2, hy, hz) + surf * 29.3
+    cos_light = np.abs(LIGHT)[axis]
+    dyn = np.flatnonzero(mover >= 0)
+    if len(dyn):
         m = mover[dyn]
-        local = hit[dyn, :2] - centres[m]
-        ang = np.arctan2(local[:, 1], local[:, 0]) - headings[m]
+        lx, ly = hx[dyn] - centres[m, 0], hy[dyn] - centres[m, 1]
         side = kind[dyn] == 1
-        n = np.zeros((dyn.sum(), 3))
-        n[side, :2] = local[side] / MOVER_RADIUS
-        n[~side, 2] = 1.0
-        normal[dyn] = n
+        cos_light[dyn] = np.where(side, np.abs(lx * LIGHT[0] + ly * LIGHT[1]) / MOVER_RADIUS, abs(LIGHT[2]))
+        # Texture moves with the mover: side uses (arc length, height), cap uses heading-rotated local xy.
         c, s = np.cos(-headings[m]), np.sin(-headings[m])
-        # Texture moves with the mover: side uses (arc length, height), cap uses rotated local xy.
-        u_side = ang * MOVER_RADIUS
-        v_side = hit[dyn, 2]
-        u_cap = c * local[:, 0] - s * local[:, 1]
-        v_cap = s * local[:, 0] + c * local[:, 1]
-        off = (200 + 2 * m + ~side)[:, None] * np.array([13.7, 29.3])
-        uv[dyn] = np.stack([np.where(side, u_side, u_cap), np.where(side, v_side, v_cap)], axis=1) + off
-    return t_best, normal, uv, dyn
+        u_side = (np.arctan2(ly, lx) - headings[m]) * MOVER_RADIUS
+        off = 200 + 2 * m + ~side
+        u[dyn] = np.where(side, u_side, c * lx - s * ly) + off * 13.7
+        v[dyn] = np.where(side, hz[dyn], s * lx + c * ly) + off * 29.3
+    return t_best, cos_light, u, v, mover >= 0
 
 
 def _screen_cull(pose: np.ndarray, K: np.ndarray, w: int, h: int):
@@ -401,14 +392,14 @@ def render_sequence(cfg: SyntheticConfig | None = None) -> SyntheticSequence:
     tex = _Texture(cfg.seed)
 
     v, u = np.mgrid[0:h, 0:w]
-    rays_cam = np.stack([(u.ravel() - K[0, 2]) / K[0, 0], (v.ravel() - K[1, 2]) / K[1, 1], np.ones(h * w)], 1)
+    rays_cam = np.stack([(u.ravel() - K[0, 2]) / K[0, 0], (v.ravel() - K[1, 2]) / K[1, 1], np.ones(h * w)])  # (3, P)
     frames, masks, depth_gt = [], np.zeros((n, h, w), bool), np.zeros((n, h, w), np.float32)
     for i in range(n):
         R, o = poses[i, :3, :3], poses[i, :3, 3]
-        dirs = rays_cam @ R.T
-        tt, normal, uv, dyn = _cast(o, dirs, centres[i], headings[i], cull=_screen_cull(poses[i], K, w, h))
-        shade = 0.6 + 0.4 * np.abs(normal @ LIGHT)
-        rgb = np.clip(tex.colour(uv[:, 0], uv[:, 1]) * shade[:, None] * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        tt, cos_light, tu, tv, dyn = _cast(o, R @ rays_cam, centres[i], headings[i],
+                                           cull=_screen_cull(poses[i], K, w, h))
+        shade = (0.6 + 0.4 * cos_light) * 255.0
+        rgb = np.clip(tex.colour(tu, tv) * shade[:, None] + 0.5, 0, 255).astype(np.uint8)
         depth_gt[i] = tt.reshape(h, w).astype(np.float32)
         masks[i] = dyn.reshape(h, w)
         depth = depth_gt[i].copy()
