@@ -249,7 +249,8 @@ class BagFrames:
     def _reader(self):
         from rosbags.highlevel import AnyReader
         try:
-            reader = AnyReader([self.path])
+            # ROS 2 bags from older recorders carry no message definitions: fall back to the standard ones.
+            reader = AnyReader([self.path], default_typestore=_typestore(2))
             reader.open()
         except Exception as exc:  # rosbags raises several reader error types for corrupt bags
             raise InputError(f'cannot open bag: {exc}', self.path) from None
