@@ -223,7 +223,7 @@ class BagFrames:
                 elif conn.topic == depth_topic:
                     depth_ns.append(_header_ns(msg))
                 elif self.K is None:
-                    k = np.asarray(getattr(msg, 'K', None) if hasattr(msg, 'K') else msg.k, dtype=np.float64)
+                    k = np.asarray(msg.K if hasattr(msg, 'K') else msg.k, dtype=np.float64)  # ROS 1 K, ROS 2 k
                     if k.size == 9 and k[0] > 0:
                         self.K = k.reshape(3, 3)
         if not rgb_ns:
