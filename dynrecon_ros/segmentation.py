@@ -42,6 +42,8 @@ class SegmentationConfig:
         fb_tolerance_px: forward-backward tolerance used by :func:`forward_backward_valid`.
         open_px: morphological opening kernel (pixels, ellipse) that removes specks; 0 disables.
         close_px: morphological closing kernel that fills holes inside movers; 0 disables.
+        snap_px: mask boundaries within this many pixels move onto depth edges (flow bleeds
+            across silhouettes; depth does not); 0 disables.
         dilate_px: final dilation that covers the soft boundary of movers; 0 disables.
         min_area_frac: connected dynamic regions smaller than this fraction of the image are dropped.
         temporal_weight: weight (0..1) of the evidence remembered from earlier windows for a frame
@@ -59,6 +61,7 @@ class SegmentationConfig:
     fb_tolerance_px: float = 1.0
     open_px: int = 3
     close_px: int = 7
+    snap_px: int = 6
     dilate_px: int = 0
     min_area_frac: float = 0.0005
     temporal_weight: float = 0.5
@@ -72,7 +75,7 @@ class SegmentationConfig:
             raise InputError('segmentation min_flow_px and steepness must be > 0, flow_rel_tol >= 0')
         if not 0.0 <= self.temporal_weight < 1.0:
             raise InputError(f'segmentation temporal_weight must be in [0, 1), got {self.temporal_weight}')
-        for name in ('edge_radius_px', 'open_px', 'close_px', 'dilate_px'):
+        for name in ('edge_radius_px', 'open_px', 'close_px', 'snap_px', 'dilate_px'):
             if getattr(self, name) < 0:
                 raise InputError(f'segmentation {name} must be >= 0, got {getattr(self, name)}')
         if self.max_tracked_frames < 1 or self.forget_after_calls < 1:
@@ -200,7 +203,13 @@ def _pair_probability(depth_i, K_i, T_j_i, flow, valid, cfg, K_j=None) -> tuple[
         rs = (err / tol) ** cfg.steepness
         prob = np.where(np.isinf(rs), 1.0, rs / (1.0 + rs))
     prob = prob.astype(np.float32)
-    ok = np.isfinite(prob) & np.all(np.isfinite(flow), axis=-1)
+    h, w = prob.shape
+    u, v = _pixel_grid(h, w)
+    ok = np.isfinite(prob)
+    # flow that leaves the image (by either hypothesis) cannot be checked: no evidence
+    for f in (ego, flow):
+        with np.errstate(invalid='ignore'):
+            ok &= (u + f[..., 0] >= 0) & (u + f[..., 0] <= w - 1) & (v + f[..., 1] >= 0) & (v + f[..., 1] <= h - 1)
     if valid is not None:
         ok &= np.asarray(valid, dtype=bool)
     prob[~ok] = np.nan
@@ -249,12 +258,63 @@ def _kernel(size: int) -> np.ndarray:
         np.ones((2 * size + 1, 2 * size + 1), np.uint8)
 
 
-def clean_mask(prob: np.ndarray, cfg: SegmentationConfig) -> np.ndarray:
+def snap_to_depth_edges(mask: np.ndarray, depth: np.ndarray, radius: int,
+                        static_hint: np.ndarray | None = None) -> np.ndarray:
+    """Move mask boundaries onto depth discontinuities.
+
+    Optical flow bleeds a few pixels across a mover's silhouette, so the flow-based mask is a band
+    too wide or too narrow there. Pixels within ``radius`` of the boundary are re-labelled by depth:
+    dynamic when their depth is closer to the mean depth of the confidently dynamic pixels nearby
+    (the mask eroded by ``radius``) than to that of the confidently static ones nearby.
+
+    Args:
+        mask: (H, W) uint8 0/1.
+        depth: (H, W) float32 metres (invalid pixels keep their label).
+        radius: band half-width in pixels.
+        static_hint: optional (H, W) bool of pixels known static (e.g. low probability) that count
+            as confidently static even near the boundary (narrow gaps between movers).
+
+    Returns:
+        (H, W) uint8 0/1.
+    """
+    if radius <= 0 or not mask.any():
+        return mask
+    k = _kernel(radius)
+    dyn = cv2.erode(mask, k)
+    stat = 1 - cv2.dilate(mask, k)
+    band = (dyn == 0) & (stat == 0)
+    if static_hint is not None:
+        stat = np.maximum(stat, (static_hint & (dyn == 0)).astype(np.uint8))
+    good = (np.isfinite(depth) & (depth > 0)).astype(np.float32)
+    d = np.where(good > 0, depth, 0).astype(np.float32)
+    win = (4 * radius + 1, 4 * radius + 1)
+
+    def local_mean(sel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        wsel = sel.astype(np.float32) * good
+        n = cv2.boxFilter(wsel, -1, win, normalize=False)
+        s = cv2.boxFilter(wsel * d, -1, win, normalize=False)
+        return s / np.maximum(n, 1e-6), n > 0.5
+
+    d_dyn, has_dyn = local_mean(dyn)
+    d_stat, has_stat = local_mean(stat)
+    decide = band & (good > 0) & has_dyn
+    near_dyn = np.abs(d - d_dyn)
+    # with no static reference nearby (a narrow gap between movers) a pixel whose depth is far from
+    # the movers' (more than 10 % + 10 cm) is background seen through the gap
+    is_dyn = np.where(has_stat, near_dyn < np.abs(d - d_stat), near_dyn < 0.1 * d_dyn + 0.1)
+    out = mask.copy()
+    out[decide] = is_dyn[decide]
+    return out
+
+
+def clean_mask(prob: np.ndarray, cfg: SegmentationConfig, depth: np.ndarray | None = None) -> np.ndarray:
     """Threshold and clean one probability map.
 
     Args:
         prob: (H, W) float32 dynamic probability (NaN = no evidence = static).
         cfg: threshold and morphology parameters.
+        depth: optional (H, W) float32 metres; when given, boundaries snap to depth edges
+            (:func:`snap_to_depth_edges`, ``cfg.snap_px``).
 
     Returns:
         (H, W) uint8, 255 = dynamic.
@@ -270,6 +330,10 @@ def clean_mask(prob: np.ndarray, cfg: SegmentationConfig) -> np.ndarray:
         small = small[small > 0]
         if small.size:
             m[np.isin(labels, small)] = 0
+    if depth is not None and cfg.snap_px:
+        m = snap_to_depth_edges(m, depth, cfg.snap_px, np.nan_to_num(prob, nan=1.0) < 0.5 * cfg.threshold)
+        if cfg.open_px:
+            m = cv2.morphologyEx(m, cv2.MORPH_OPEN, _kernel(cfg.open_px))
     if cfg.dilate_px:
         m = cv2.dilate(m, _kernel(cfg.dilate_px))
     return m * np.uint8(255)
@@ -345,7 +409,7 @@ class MotionSegmenter:
         masks = np.zeros((n, h, w), np.uint8)
         for k, key in enumerate(keys):
             probs[k] = self._remember(key, psum[k], pcnt[k])
-            masks[k] = clean_mask(probs[k], self.cfg)
+            masks[k] = clean_mask(probs[k], self.cfg, depths[k])
         self._forget()
         return probs, masks
 
