@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
+from functools import lru_cache
 
 import cv2
 import numpy as np
@@ -82,9 +83,12 @@ class SegmentationConfig:
             raise InputError('segmentation max_tracked_frames and forget_after_calls must be >= 1')
 
 
+@lru_cache(maxsize=8)
 def _pixel_grid(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
-    """(H, W) float32 u and v pixel coordinates."""
+    """(H, W) float32 u and v pixel coordinates (cached, read-only)."""
     u, v = np.meshgrid(np.arange(w, dtype=np.float32), np.arange(h, dtype=np.float32))
+    u.setflags(write=False)
+    v.setflags(write=False)
     return u, v
 
 
@@ -106,6 +110,12 @@ def ego_flow(depth: np.ndarray, K: np.ndarray, T_j_i: np.ndarray, K_j: np.ndarra
 
 def _ego_flow_and_depth(depth, K, T_j_i, K_j=None) -> tuple[np.ndarray, np.ndarray]:
     """:func:`ego_flow` plus the (H, W) depth of each point in camera j."""
+    du, dv, zj = _ego_planes(depth, K, T_j_i, K_j)
+    return np.stack([du, dv], axis=-1), zj
+
+
+def _ego_planes(depth, K, T_j_i, K_j=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(H, W) float32 ego flow du, dv and depth in camera j, NaN where invalid (planes: fast numpy)."""
     depth = np.asarray(depth, dtype=np.float32)
     K = np.asarray(K, dtype=np.float64)
     K_j = K if K_j is None else np.asarray(K_j, dtype=np.float64)
@@ -113,22 +123,22 @@ def _ego_flow_and_depth(depth, K, T_j_i, K_j=None) -> tuple[np.ndarray, np.ndarr
     h, w = depth.shape
     u, v = _pixel_grid(h, w)
     # camera-i rays (x/z, y/z, 1), then X_j = R (z * ray) + t
-    x = (u - K[0, 2]) / K[0, 0]
-    y = (v - K[1, 2]) / K[1, 1]
+    x = (u - np.float32(K[0, 2])) * np.float32(1 / K[0, 0])
+    y = (v - np.float32(K[1, 2])) * np.float32(1 / K[1, 1])
     z = depth
     R = T[:3, :3].astype(np.float32)
     t = T[:3, 3].astype(np.float32)
     xj = z * (R[0, 0] * x + R[0, 1] * y + R[0, 2]) + t[0]
     yj = z * (R[1, 0] * x + R[1, 1] * y + R[1, 2]) + t[1]
     zj = z * (R[2, 0] * x + R[2, 1] * y + R[2, 2]) + t[2]
-    valid = np.isfinite(z) & (z > 0) & (zj > 1e-6)
+    with np.errstate(invalid='ignore'):
+        invalid = ~(np.isfinite(z) & (z > 0) & (zj > 1e-6))
+    zj[invalid] = np.nan
     with np.errstate(divide='ignore', invalid='ignore'):
-        uj = K_j[0, 0] * xj / zj + K_j[0, 1] * yj / zj + K_j[0, 2]
-        vj = K_j[1, 1] * yj / zj + K_j[1, 2]
-    flow = np.stack([uj - u, vj - v], axis=-1).astype(np.float32)
-    flow[~valid] = np.nan
-    zj = np.where(valid, zj, np.nan).astype(np.float32)
-    return flow, zj
+        iz = 1.0 / zj
+        du = np.float32(K_j[0, 0]) * xj * iz + np.float32(K_j[0, 1]) * yj * iz + np.float32(K_j[0, 2]) - u
+        dv = np.float32(K_j[1, 1]) * yj * iz + np.float32(K_j[1, 2]) - v
+    return du.astype(np.float32, copy=False), dv.astype(np.float32, copy=False), zj
 
 
 def forward_backward_valid(flow_fwd: np.ndarray, flow_bwd: np.ndarray, tol_px: float = 1.0) -> np.ndarray:
@@ -155,23 +165,27 @@ def forward_backward_valid(flow_fwd: np.ndarray, flow_bwd: np.ndarray, tol_px: f
     return inside & np.isfinite(err) & (err <= tol_px + 0.05 * mag)
 
 
-def _min_error_over_neighbours(ego: np.ndarray, flow: np.ndarray, radius: int) -> np.ndarray:
-    """(H, W) smallest ``||ego(q) - flow(p)||`` over q in the (2r+1)^2 neighbourhood of p (NaN-aware)."""
-    err = np.linalg.norm(ego - flow, axis=-1)
-    if radius <= 0:
-        return err
-    h, w = err.shape
-    pad = np.pad(ego, ((radius, radius), (radius, radius), (0, 0)), constant_values=np.nan)
-    best = np.where(np.isfinite(err), err, np.inf)
-    for dy in range(-radius, radius + 1):
-        for dx in range(-radius, radius + 1):
-            if dx == 0 and dy == 0:
-                continue
-            e = np.linalg.norm(pad[radius + dy:radius + dy + h, radius + dx:radius + dx + w] - flow, axis=-1)
-            np.fmin(best, e, out=best)
-    best[~np.isfinite(best)] = np.nan
-    best[~np.isfinite(err)] = np.nan  # no own depth: no evidence
-    return best
+def _min_error_over_neighbours(eu, ev, fu, fv, radius: int) -> np.ndarray:
+    """(H, W) smallest ``||ego(q) - flow(p)||`` over q in the (2r+1)^2 neighbourhood of p.
+
+    ``eu, ev``: (H, W) ego flow planes, ``fu, fv``: optical flow planes; NaN where p has no ego flow.
+    """
+    best = (eu - fu) ** 2 + (ev - fv) ** 2
+    if radius > 0:
+        h, w = best.shape
+        r = radius
+        pu = np.pad(eu, r, constant_values=np.nan)
+        pv = np.pad(ev, r, constant_values=np.nan)
+        own = np.isfinite(best)
+        best[~own] = np.inf
+        for dy in range(-r, r + 1):
+            for dx in range(-r, r + 1):
+                if dx or dy:
+                    e = (pu[r + dy:r + dy + h, r + dx:r + dx + w] - fu) ** 2 + \
+                        (pv[r + dy:r + dy + h, r + dx:r + dx + w] - fv) ** 2
+                    np.fmin(best, e, out=best)
+        best[~own] = np.nan  # no own depth: no evidence
+    return np.sqrt(best)
 
 
 def pair_dynamic_probability(depth_i: np.ndarray, K_i: np.ndarray, T_j_i: np.ndarray, flow: np.ndarray,
@@ -195,25 +209,26 @@ def pair_dynamic_probability(depth_i: np.ndarray, K_i: np.ndarray, T_j_i: np.nda
 
 def _pair_probability(depth_i, K_i, T_j_i, flow, valid, cfg, K_j=None) -> tuple[np.ndarray, np.ndarray]:
     """:func:`pair_dynamic_probability` plus the (H, W) depth of frame i's points in camera j."""
-    ego, zj = _ego_flow_and_depth(depth_i, K_i, T_j_i, K_j)
+    eu, ev, zj = _ego_planes(depth_i, K_i, T_j_i, K_j)
     flow = np.asarray(flow, dtype=np.float32)
-    err = _min_error_over_neighbours(ego, flow, cfg.edge_radius_px)
-    tol = cfg.min_flow_px + cfg.flow_rel_tol * np.linalg.norm(ego, axis=-1)
+    fu, fv = flow[..., 0], flow[..., 1]
+    err = _min_error_over_neighbours(eu, ev, fu, fv, cfg.edge_radius_px)
+    tol = np.float32(cfg.min_flow_px) + np.float32(cfg.flow_rel_tol) * np.sqrt(eu * eu + ev * ev)
     with np.errstate(invalid='ignore', over='ignore', divide='ignore'):
-        rs = (err / tol) ** cfg.steepness
-        prob = np.where(np.isinf(rs), 1.0, rs / (1.0 + rs))
-    prob = prob.astype(np.float32)
-    h, w = prob.shape
-    u, v = _pixel_grid(h, w)
-    ok = np.isfinite(prob)
-    # flow that leaves the image (by either hypothesis) cannot be checked: no evidence
-    for f in (ego, flow):
-        with np.errstate(invalid='ignore'):
-            ok &= (u + f[..., 0] >= 0) & (u + f[..., 0] <= w - 1) & (v + f[..., 1] >= 0) & (v + f[..., 1] <= h - 1)
+        rs = (err / tol) ** np.float32(cfg.steepness)
+        prob = rs / (1.0 + rs)
+        prob[np.isinf(rs)] = 1.0
+        h, w = prob.shape
+        u, v = _pixel_grid(h, w)
+        # flow that leaves the image (by either hypothesis) cannot be checked: no evidence
+        bad = ~np.isfinite(prob)
+        for du, dv in ((eu, ev), (fu, fv)):
+            tu, tv = u + du, v + dv
+            bad |= ~((tu >= 0) & (tu <= w - 1) & (tv >= 0) & (tv <= h - 1))
     if valid is not None:
-        ok &= np.asarray(valid, dtype=bool)
-    prob[~ok] = np.nan
-    return prob, zj
+        bad |= ~np.asarray(valid, dtype=bool)
+    prob[bad] = np.nan
+    return prob.astype(np.float32, copy=False), zj
 
 
 def _splat_to_target(prob_i: np.ndarray, flow: np.ndarray, z_j: np.ndarray) -> np.ndarray:
