@@ -45,6 +45,9 @@ class SegmentationConfig:
         close_px: morphological closing kernel that fills holes inside movers; 0 disables.
         snap_px: mask boundaries within this many pixels move onto depth edges (flow bleeds
             across silhouettes; depth does not); 0 disables.
+        max_continuity: mask pieces (cut at depth steps) whose boundary is depth-continuous with
+            their surroundings for more than this fraction are background smeared by the flow and are
+            dropped (:func:`drop_background_segments`); 1 disables.
         dilate_px: final dilation that covers the soft boundary of movers; 0 disables.
         min_area_frac: connected dynamic regions smaller than this fraction of the image are dropped.
         temporal_weight: weight (0..1) of the evidence remembered from earlier windows for a frame
@@ -63,6 +66,7 @@ class SegmentationConfig:
     open_px: int = 3
     close_px: int = 7
     snap_px: int = 6
+    max_continuity: float = 0.6
     dilate_px: int = 0
     min_area_frac: float = 0.0005
     temporal_weight: float = 0.5
@@ -322,6 +326,90 @@ def snap_to_depth_edges(mask: np.ndarray, depth: np.ndarray, radius: int,
     return out
 
 
+def drop_background_segments(mask: np.ndarray, depth: np.ndarray, max_continuity: float) -> np.ndarray:
+    """Remove parts of a mask that are background seen beside or between movers.
+
+    Flow smears a mover's motion over thin background strips (between two movers, or between a
+    mover and the image border) wider than the boundary band of :func:`snap_to_depth_edges`. The
+    mask is cut along depth discontinuities (the far-side pixel of every depth step is removed) and
+    each piece is checked: a mover is surrounded by depth steps (except where it touches the floor),
+    while background is depth-continuous with what lies around it. Pieces whose outside neighbours
+    are depth-continuous for more than ``max_continuity`` of their boundary are dropped.
+
+    Args:
+        mask: (H, W) uint8 0/1.
+        depth: (H, W) float32 metres (0/NaN = invalid).
+        max_continuity: 0..1; 1 disables.
+
+    Returns:
+        (H, W) uint8 0/1.
+    """
+    if max_continuity >= 1.0 or not mask.any():
+        return mask
+    d = np.where(np.isfinite(depth) & (depth > 0), depth, 0).astype(np.float32)
+    d = cv2.medianBlur(d, 3)
+    good = d > 0
+    step = np.float32(0.05) + np.float32(0.05) * d  # a depth step: 5 cm + 5 %
+    h, w = d.shape
+    far_edge = np.zeros((h, w), bool)
+    shifts = ((0, 1), (0, -1), (1, 0), (-1, 0))
+
+    def shifted(a, dy, dx, fill):
+        out = np.full_like(a, fill)
+        ys, yd = (slice(dy, None), slice(None, h - dy)) if dy >= 0 else (slice(None, h + dy), slice(-dy, None))
+        xs, xd = (slice(dx, None), slice(None, w - dx)) if dx >= 0 else (slice(None, w + dx), slice(-dx, None))
+        out[yd, xd] = a[ys, xs]  # out[p] = a[p + (dy, dx)]
+        return out
+
+    for dy, dx in shifts:
+        dq = shifted(d, dy, dx, 0)
+        far_edge |= good & (dq > 0) & (dq < d - step)
+    # background in a gap between movers is a depth valley: nearer masked pixels on both sides
+    # (left and right, or above and below) within `reach` pixels
+    reach = max(3, int(0.08 * max(h, w)))
+    dm = np.where((mask > 0) & good, d, np.float32(1e6)).astype(np.float32)
+    valley = np.zeros((h, w), bool)
+    for dy, dx in ((0, 1), (1, 0)):  # horizontal, vertical
+        kern = np.ones((1 + dy * (reach - 1), 1 + dx * (reach - 1)), np.uint8)
+        # min over [p - reach*e, p] (anchor at the window's end) and over [p, p + reach*e]
+        upto = cv2.erode(dm, kern, anchor=(dx * (reach - 1), dy * (reach - 1)),
+                         borderType=cv2.BORDER_CONSTANT, borderValue=1e6)
+        onwards = cv2.erode(dm, kern, anchor=(0, 0), borderType=cv2.BORDER_CONSTANT, borderValue=1e6)
+        before = shifted(upto, -dy, -dx, 1e6)  # p excluded
+        after = shifted(onwards, dy, dx, 1e6)
+        valley |= good & (before < d - step) & (after < d - step)
+    mask = np.where(valley, 0, mask).astype(np.uint8)
+    pieces = (mask > 0) & ~far_edge
+    n, labels = cv2.connectedComponents(pieces.astype(np.uint8), connectivity=4)
+    if n <= 1:
+        return mask
+    n_out = np.zeros(n)
+    n_cont = np.zeros(n)
+    # outside pixels that count: unmasked, not in a hole enclosed by the mask, and not in a seam of
+    # at most 2 pixels between masked pieces (the unmasked region is eroded); compared 3 pixels out
+    nh, hole_labels, stats, _ = cv2.connectedComponentsWithStats((mask == 0).astype(np.uint8), connectivity=4)
+    x0, y0 = stats[:, cv2.CC_STAT_LEFT], stats[:, cv2.CC_STAT_TOP]
+    x1, y1 = x0 + stats[:, cv2.CC_STAT_WIDTH], y0 + stats[:, cv2.CC_STAT_HEIGHT]
+    touches = (x0 == 0) | (y0 == 0) | (x1 == w) | (y1 == h)
+    counts = cv2.erode(((mask == 0) & touches[hole_labels]).astype(np.uint8), np.ones((3, 3), np.uint8),
+                       borderType=cv2.BORDER_CONSTANT, borderValue=1) > 0
+    for dy, dx in shifts:
+        lq = shifted(labels, dy, dx, -1)
+        dq = shifted(d, 3 * dy, 3 * dx, 0)
+        cq = shifted(counts, 3 * dy, 3 * dx, False)
+        border = (labels > 0) & (lq != labels) & cq & good & (dq > 0)
+        lab = labels[border]
+        n_out += np.bincount(lab, minlength=n)
+        n_cont += np.bincount(lab, weights=(np.abs(d - dq) < step)[border], minlength=n)
+    background = np.flatnonzero((n_cont > max_continuity * np.maximum(n_out, 1)) & (n_out > 0))
+    background = background[background > 0]
+    out = mask.copy()
+    if background.size:
+        out[np.isin(labels, background)] = 0
+    out[far_edge & (mask > 0) & ~cv2.dilate(out, np.ones((3, 3), np.uint8)).astype(bool)] = 0
+    return out
+
+
 def clean_mask(prob: np.ndarray, cfg: SegmentationConfig, depth: np.ndarray | None = None) -> np.ndarray:
     """Threshold and clean one probability map.
 
@@ -347,6 +435,7 @@ def clean_mask(prob: np.ndarray, cfg: SegmentationConfig, depth: np.ndarray | No
             m[np.isin(labels, small)] = 0
     if depth is not None and cfg.snap_px:
         m = snap_to_depth_edges(m, depth, cfg.snap_px, np.nan_to_num(prob, nan=1.0) < 0.5 * cfg.threshold)
+        m = drop_background_segments(m, depth, cfg.max_continuity)
         if cfg.open_px:
             m = cv2.morphologyEx(m, cv2.MORPH_OPEN, _kernel(cfg.open_px))
     if cfg.dilate_px:
