@@ -517,6 +517,45 @@ class MotionSegmenter:
         self._forget()
         return probs, masks
 
+    def segment_frame(self, key: str, depth: np.ndarray, K: np.ndarray, pose: np.ndarray,
+                      neighbours: list) -> tuple[np.ndarray, np.ndarray]:
+        """Cheap path for one frame (e.g. the newest): its pairs with a few neighbours only.
+
+        Shares the temporal memory with :meth:`segment` (same keys), so a later window refines it.
+
+        Args:
+            key: the frame key.
+            depth: (H, W) float32 metres.
+            K: (3, 3) intrinsics (shared by the neighbours).
+            pose: (4, 4) camera-to-world of this frame.
+            neighbours: list of ``(pose_j (4, 4) camera-to-world, flow (H, W, 2) from this frame to
+                frame j, valid (H, W) bool or None)``.
+
+        Returns:
+            prob (H, W) float32 in [0, 1] and mask (H, W) uint8 (255 = dynamic).
+        """
+        depth = np.asarray(depth, dtype=np.float32)
+        h, w = depth.shape
+        self._calls += 1
+        if not self.cfg.enabled:
+            return np.zeros((h, w), np.float32), np.zeros((h, w), np.uint8)
+        pose = np.asarray(pose, dtype=np.float64)
+        psum = np.zeros((h, w), np.float32)
+        pcnt = np.zeros((h, w), np.float32)
+        for pose_j, flow, valid in neighbours:
+            flow = np.asarray(flow, dtype=np.float32)
+            if flow.shape != (h, w, 2):
+                raise InputError(f'segment_frame {key}: flow has shape {flow.shape}, expected {(h, w, 2)}')
+            p, _ = _pair_probability(depth, K, np.linalg.inv(np.asarray(pose_j, dtype=np.float64)) @ pose,
+                                     flow, valid, self.cfg)
+            ok = np.isfinite(p)
+            psum[ok] += p[ok]
+            pcnt[ok] += 1.0
+        prob = self._remember(key, psum, pcnt)
+        mask = clean_mask(prob, self.cfg, depth)
+        self._forget()
+        return prob, mask
+
     def _remember(self, key: str, psum: np.ndarray, pcnt: np.ndarray) -> np.ndarray:
         """Blend this window's evidence for ``key`` with the remembered one; (H, W) probability."""
         a = self.cfg.temporal_weight

@@ -300,3 +300,17 @@ def test_background_smeared_between_and_beside_movers_is_dropped():
     d2[20:, 30:65] = 1.9
     d2[20:, 65:100] = 2.05
     assert _iou(drop_background_segments(both, d2, 0.6) > 0, both > 0) > 0.97
+
+
+def test_segment_frame_cheap_path_matches_window_result():
+    depths, poses, gt, flow = _scene(n=3)
+    seg = MotionSegmenter()
+    prob, mask = seg.segment_frame('new', depths[2], K, poses[2],
+                                   [(poses[1], flow(2, 1), None), (poses[0], flow(2, 0), None)])
+    assert prob.shape == (H, W) and mask.dtype == np.uint8
+    assert _iou(mask > 0, gt[2]) >= 0.9
+    assert len(seg) == 1
+    # a static scene through the same path flags nothing
+    d0, p0, _, f0 = _scene(n=2, box_speed=0.0)
+    _, m0 = MotionSegmenter().segment_frame('s', d0[1], K, p0[1], [(p0[0], f0(1, 0), None)])
+    assert not m0.any()
