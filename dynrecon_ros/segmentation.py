@@ -38,8 +38,8 @@ class SegmentationConfig:
         min_flow_px: absolute flow tolerance in pixels (flow noise of DIS on textured regions).
         flow_rel_tol: extra tolerance as a fraction of the ego-flow magnitude (depth/pose noise).
         steepness: exponent s of the soft step ``r^s / (1 + r^s)``, r = error / tolerance.
-        edge_radius_px: the error of a pixel is the smallest over ego flows in this radius (in
-            pixels), so depth edges a pixel off do not light up as motion; 0 disables.
+        edge_radius_px: the error of a pixel is the smallest in this radius (pixels), so depth
+            edges a pixel off do not light up as motion; 0 disables.
         fb_tolerance_px: forward-backward tolerance used by :func:`forward_backward_valid`.
         open_px: morphological opening kernel (pixels, ellipse) that removes specks; 0 disables.
         close_px: morphological closing kernel that fills holes inside movers; 0 disables.
@@ -169,27 +169,20 @@ def forward_backward_valid(flow_fwd: np.ndarray, flow_bwd: np.ndarray, tol_px: f
     return inside & np.isfinite(err) & (err <= tol_px + 0.05 * mag)
 
 
-def _min_error_over_neighbours(eu, ev, fu, fv, radius: int) -> np.ndarray:
-    """(H, W) smallest ``||ego(q) - flow(p)||`` over q in the (2r+1)^2 neighbourhood of p.
+def _edge_tolerant_error(eu, ev, fu, fv, radius: int) -> np.ndarray:
+    """(H, W) flow error ``||ego - flow||``, the smallest within ``radius`` pixels (NaN = no ego flow).
 
-    ``eu, ev``: (H, W) ego flow planes, ``fu, fv``: optical flow planes; NaN where p has no ego flow.
+    At depth edges a pixel's depth and its flow can disagree by a pixel; taking the neighbourhood
+    minimum (a grey erosion) keeps such edges from lighting up, and shrinks movers by ``radius``
+    pixels at most, which the depth-edge snapping of :func:`clean_mask` restores.
     """
-    best = (eu - fu) ** 2 + (ev - fv) ** 2
+    err = np.sqrt((eu - fu) ** 2 + (ev - fv) ** 2)
     if radius > 0:
-        h, w = best.shape
-        r = radius
-        pu = np.pad(eu, r, constant_values=np.nan)
-        pv = np.pad(ev, r, constant_values=np.nan)
-        own = np.isfinite(best)
-        best[~own] = np.inf
-        for dy in range(-r, r + 1):
-            for dx in range(-r, r + 1):
-                if dx or dy:
-                    e = (pu[r + dy:r + dy + h, r + dx:r + dx + w] - fu) ** 2 + \
-                        (pv[r + dy:r + dy + h, r + dx:r + dx + w] - fv) ** 2
-                    np.fmin(best, e, out=best)
-        best[~own] = np.nan  # no own depth: no evidence
-    return np.sqrt(best)
+        own = np.isfinite(err)
+        err = cv2.erode(np.where(own, err, np.float32(1e6)).astype(np.float32),
+                        np.ones((2 * radius + 1, 2 * radius + 1), np.uint8))
+        err[~own] = np.nan
+    return err
 
 
 def pair_dynamic_probability(depth_i: np.ndarray, K_i: np.ndarray, T_j_i: np.ndarray, flow: np.ndarray,
@@ -216,7 +209,7 @@ def _pair_probability(depth_i, K_i, T_j_i, flow, valid, cfg, K_j=None) -> tuple[
     eu, ev, zj = _ego_planes(depth_i, K_i, T_j_i, K_j)
     flow = np.asarray(flow, dtype=np.float32)
     fu, fv = flow[..., 0], flow[..., 1]
-    err = _min_error_over_neighbours(eu, ev, fu, fv, cfg.edge_radius_px)
+    err = _edge_tolerant_error(eu, ev, fu, fv, cfg.edge_radius_px)
     tol = np.float32(cfg.min_flow_px) + np.float32(cfg.flow_rel_tol) * np.sqrt(eu * eu + ev * ev)
     with np.errstate(invalid='ignore', over='ignore', divide='ignore'):
         rs = (err / tol) ** np.float32(cfg.steepness)
