@@ -4,8 +4,12 @@ with the flow that the camera motion and the depth of its frame induce ("ego flo
 For every pair (i, j) of a window the ego flow of frame i in frame j is computed from the aligned
 poses and depth of i; the per-pixel error ``e = ||ego flow - optical flow||`` (on pixels whose flow
 passed the forward-backward check) is turned into a dynamic probability, averaged over all pairs a
-frame is in, smoothed over time (state keyed by frame key, so a frame seen by several overlapping
-windows gets a stable mask) and cleaned with morphology.
+frame is in (a frame that is only ever the target j of a pair gets the evidence carried along the
+flow, z-buffered), smoothed over time (state keyed by frame key, so a frame seen by several
+overlapping windows gets a stable mask) and cleaned (:func:`clean_mask`): threshold, morphological
+opening and closing, small regions dropped, boundaries snapped to depth edges (flow bleeds across
+silhouettes; depth does not), and background that the flow smeared between or beside movers
+dropped (depth valleys between masked pixels; mask pieces depth-continuous with their surroundings).
 
 Normalisation (a deliberate difference to MonST3R): MonST3R min-max normalises the error per pair,
 which turns the largest *noise* of a pair without any mover into "dynamic". With metric depth and
