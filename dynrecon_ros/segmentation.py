@@ -42,6 +42,9 @@ class SegmentationConfig:
         min_flow_px: absolute flow tolerance in pixels (flow noise of DIS on textured regions).
         flow_rel_tol: extra tolerance as a fraction of the ego-flow magnitude (depth/pose noise).
         steepness: exponent s of the soft step ``r^s / (1 + r^s)``, r = error / tolerance.
+        refine_pose: refine each pair's relative pose on the flow of the pixels that agree with it
+            before computing the ego flow (:func:`refine_relative_pose`, like MonST3R's two-view
+            alignment), so pose errors of a few tenths of a degree do not flag the background.
         edge_radius_px: the error of a pixel is the smallest in this radius (pixels), so depth
             edges a pixel off do not light up as motion; 0 disables.
         fb_tolerance_px: forward-backward tolerance used by :func:`forward_backward_valid`.
@@ -65,6 +68,7 @@ class SegmentationConfig:
     min_flow_px: float = 1.5
     flow_rel_tol: float = 0.15
     steepness: float = 4.0
+    refine_pose: bool = True
     edge_radius_px: int = 1
     fb_tolerance_px: float = 1.0
     open_px: int = 3
@@ -208,8 +212,89 @@ def pair_dynamic_probability(depth_i: np.ndarray, K_i: np.ndarray, T_j_i: np.nda
     return _pair_probability(depth_i, K_i, T_j_i, flow, valid, cfg, K_j)[0]
 
 
+def refine_relative_pose(depth_i: np.ndarray, K_i: np.ndarray, T_j_i: np.ndarray, flow: np.ndarray,
+                         valid: np.ndarray | None, K_j: np.ndarray | None = None, inlier_px: float = 1.0,
+                         iterations: int = 3, max_points: int = 1500, max_rotation_deg: float = 1.0,
+                         max_translation: float = 0.03) -> np.ndarray:
+    """Two-view refinement of ``T_j_i`` on the flow of the pixels that agree with it (MonST3R aligns
+    each pair alone before computing its ego flow).
+
+    Small pose errors (0.2 degrees ~ 1 pixel) would otherwise light up the whole background. The
+    depth of frame i and the flow give 3D-2D correspondences; OpenCV's iterative PnP, started from
+    ``T_j_i``, is run on the pixels whose reprojection error is below ``max(inlier_px, 2 x median)``,
+    then below ``inlier_px`` (movers are outliers); a step is kept only if more pixels agree within
+    ``inlier_px`` and the correction stays within ``max_rotation_deg`` / ``max_translation`` metres
+    (large movers can otherwise pull the pose to a compromise that half-fits them).
+
+    Args:
+        depth_i: (H, W) float32 metres; K_i, K_j: (3, 3) intrinsics (K_j defaults to K_i).
+        T_j_i: (4, 4) initial ``X_j = T_j_i @ X_i``.
+        flow: (H, W, 2) optical flow i -> j; valid: (H, W) bool or None.
+        inlier_px: inlier threshold in pixels.
+        iterations: refinement rounds.
+        max_points: pixels sampled on a regular grid.
+        max_rotation_deg, max_translation: bounds on the correction.
+
+    Returns:
+        (4, 4) refined ``T_j_i`` (the input when there is too little support).
+    """
+    K_i = np.asarray(K_i, dtype=np.float64)
+    K_j = K_i if K_j is None else np.asarray(K_j, dtype=np.float64)
+    T = np.asarray(T_j_i, dtype=np.float64).copy()
+    h, w = depth_i.shape
+    step = max(1, int(np.sqrt(h * w / max_points)))
+    v, u = np.mgrid[step // 2:h:step, step // 2:w:step]
+    z = depth_i[v, u].astype(np.float64)
+    f = flow[v, u].astype(np.float64)
+    ok = np.isfinite(z) & (z > 0) & np.all(np.isfinite(f), axis=-1)
+    if valid is not None:
+        ok &= valid[v, u]
+    if ok.sum() < 50:
+        return T
+    u, v, z, f = u[ok], v[ok], z[ok], f[ok]
+    X = np.stack([(u - K_i[0, 2]) / K_i[0, 0] * z, (v - K_i[1, 2]) / K_i[1, 1] * z, z], axis=1)
+    target = np.stack([u + f[:, 0], v + f[:, 1]], axis=1)
+
+    def residual(T_):
+        Xc = X @ T_[:3, :3].T + T_[:3, 3]
+        with np.errstate(divide='ignore', invalid='ignore'):
+            p = Xc[:, :2] / Xc[:, 2:3] * [K_j[0, 0], K_j[1, 1]] + [K_j[0, 2], K_j[1, 2]]
+        r = np.linalg.norm(p - target, axis=1)
+        r[~(Xc[:, 2] > 1e-6) | ~np.isfinite(r)] = np.inf
+        return r
+
+    res = residual(T)
+    T0 = T.copy()
+    for it in range(iterations):
+        # first round: everything near the bulk of the errors; then only what agrees tightly
+        inl = res < (max(inlier_px, 2.0 * float(np.median(res))) if it == 0 else inlier_px)
+        if inl.sum() < 50:
+            break
+        rvec, _ = cv2.Rodrigues(T[:3, :3])
+        ok_, rvec, tvec = cv2.solvePnP(X[inl], target[inl], K_j, None, rvec, T[:3, 3].reshape(3, 1).copy(),
+                                       useExtrinsicGuess=True, flags=cv2.SOLVEPNP_ITERATIVE)
+        if not ok_:
+            break
+        T_new = np.eye(4)
+        T_new[:3, :3] = cv2.Rodrigues(rvec)[0]
+        T_new[:3, 3] = tvec.ravel()
+        # a correction, not a new pose: large movers can pull PnP to a compromise that fits them too
+        step = np.linalg.inv(T0) @ T_new
+        angle = np.rad2deg(np.arccos(np.clip((np.trace(step[:3, :3]) - 1) / 2, -1, 1)))
+        if angle > max_rotation_deg or np.linalg.norm(step[:3, 3]) > max_translation:
+            break
+        res_new = residual(T_new)
+        # keep the step only if more pixels agree tightly with it
+        if not np.count_nonzero(res_new < inlier_px) > np.count_nonzero(res < inlier_px):
+            break
+        T, res = T_new, res_new
+    return T
+
+
 def _pair_probability(depth_i, K_i, T_j_i, flow, valid, cfg, K_j=None) -> tuple[np.ndarray, np.ndarray]:
     """:func:`pair_dynamic_probability` plus the (H, W) depth of frame i's points in camera j."""
+    if cfg.refine_pose:
+        T_j_i = refine_relative_pose(np.asarray(depth_i, dtype=np.float32), K_i, T_j_i, flow, valid, K_j)
     eu, ev, zj = _ego_planes(depth_i, K_i, T_j_i, K_j)
     flow = np.asarray(flow, dtype=np.float32)
     fu, fv = flow[..., 0], flow[..., 1]
