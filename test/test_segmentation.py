@@ -345,3 +345,15 @@ def test_refine_relative_pose_recovers_pose_despite_movers(rendered):
     gt = seq.masks[0]
     assert _iou(refined[0] > 0, gt) >= 0.85 and _iou(refined[0] > 0, gt) > _iou(raw[0] > 0, gt) + 0.05, \
         (_iou(refined[0] > 0, gt), _iou(raw[0] > 0, gt))
+
+
+def test_all_invalid_depth_frame_gives_empty_mask_without_error():
+    depths, poses, gt, flow = _scene(n=3)
+    flows = {p: flow(*p) for p in _pairs(3)}
+    depths[1] = 0.0  # a frame whose depth failed entirely
+    Ks = np.stack([K] * 3)  # per-frame intrinsics are accepted too
+    probs, masks = MotionSegmenter().segment(['a', 'b', 'c'], depths, Ks, poses, flows)
+    assert np.isfinite(probs).all()
+    assert _iou(masks[0] > 0, gt[0]) >= 0.9 and _iou(masks[2] > 0, gt[2]) >= 0.9
+    # frame b has no depth of its own; it only gets evidence carried from a and c
+    assert (masks[1] > 0).mean() < gt[1].mean() * 1.5

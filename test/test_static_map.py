@@ -191,3 +191,14 @@ def test_map_of_rendered_sequence_is_static_and_segmentation_matters():
     assert off_surface(with_seg) <= 0.02
     assert off_surface(late) <= 0.02
     assert off_surface(without) > 0.03 and off_surface(without) > 5 * off_surface(with_seg)
+
+
+def test_invalid_depth_and_nan_are_ignored():
+    m = VoxelMap(MapConfig(min_weight=0))
+    m.integrate(np.zeros((H, W), np.float32), RGB, K, _pose(), None)
+    m.integrate(np.full((H, W), np.nan, np.float32), RGB, K, _pose(), None)
+    assert len(m) == 0 and m.points().shape == (0, 6)
+    d = _wall()
+    d[::2] = np.nan
+    m.integrate(d, RGB, K, _pose(), None)
+    assert len(m) > 0 and np.isfinite(m.points()).all()
