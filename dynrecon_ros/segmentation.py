@@ -344,13 +344,12 @@ def _splat_to_target(prob_i: np.ndarray, flow: np.ndarray, z_j: np.ndarray) -> n
     val, zz = np.tile(val, 4), np.tile(zz, 4)
     inside = (tu >= 0) & (tu < w) & (tv >= 0) & (tv < h)
     idx, val, zz = (tv * w + tu)[inside], val[inside], zz[inside]
-    # z-buffer: sort by (target, depth) and keep the first (nearest) per target pixel
-    order = np.lexsort((zz, idx))
-    idx, val = idx[order], val[order]
-    first = np.ones(idx.size, bool)
-    first[1:] = idx[1:] != idx[:-1]
+    # z-buffer: the nearest source per target pixel wins
+    zmin = np.full(h * w, np.inf, dtype=np.float32)
+    np.minimum.at(zmin, idx, zz)
+    win = zz <= zmin[idx]
     out = np.full(h * w, np.nan, dtype=np.float32)
-    out[idx[first]] = val[first]
+    out[idx[win]] = val[win]
     return out.reshape(h, w)
 
 
