@@ -48,14 +48,14 @@ class SegmentationConfig:
         edge_radius_px: the error of a pixel is the smallest in this radius (pixels), so depth
             edges a pixel off do not light up as motion; 0 disables.
         fb_tolerance_px: forward-backward tolerance used by :func:`forward_backward_valid`.
-        open_px: morphological opening kernel (pixels, ellipse) that removes specks; 0 disables.
-        close_px: morphological closing kernel that fills holes inside movers; 0 disables.
+        open_px: radius in pixels of the morphological opening (ellipse) that removes specks; 0 disables.
+        close_px: radius in pixels of the closing that fills holes inside movers; 0 disables.
         snap_px: mask boundaries within this many pixels move onto depth edges (flow bleeds
             across silhouettes; depth does not); 0 disables.
         max_continuity: mask pieces (cut at depth steps) whose boundary is depth-continuous with
             their surroundings for more than this fraction are background smeared by the flow and are
             dropped (:func:`drop_background_segments`); 1 disables.
-        dilate_px: final dilation that covers the soft boundary of movers; 0 disables.
+        dilate_px: radius of a final dilation that covers the soft boundary of movers; 0 disables.
         min_area_frac: connected dynamic regions smaller than this fraction of the image are dropped.
         temporal_weight: weight (0..1) of the evidence remembered from earlier windows for a frame
             key relative to the evidence of the current window (0 = no memory).
@@ -93,6 +93,8 @@ class SegmentationConfig:
                 raise InputError(f'segmentation {name} must be >= 0, got {getattr(self, name)}')
         if self.max_tracked_frames < 1 or self.forget_after_calls < 1:
             raise InputError('segmentation max_tracked_frames and forget_after_calls must be >= 1')
+        if not 0.0 <= self.max_continuity <= 1.0 or not 0.0 <= self.min_area_frac < 1.0:
+            raise InputError('segmentation max_continuity must be in [0, 1] and min_area_frac in [0, 1)')
 
 
 @lru_cache(maxsize=8)
