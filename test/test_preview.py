@@ -42,3 +42,26 @@ def test_preview_scales_wide_input_and_handles_empty_map(tmp_path):
                            np.zeros((0, 6), np.float32), _traj(1), path)
     img = cv2.imread(str(path))
     assert img.shape == montage.shape == (2 * 384, 2 * 640, 3)
+
+
+def test_up_vector_for_optical_and_z_up_worlds():
+    from dynrecon_ros.preview import up_vector
+
+    np.testing.assert_allclose(up_vector(_traj()), [0, -1, 0])  # world = first camera: y down
+    T = np.eye(4)
+    T[:3, :3] = np.array([[1, 0, 0], [0, 0, 1], [0, -1, 0]])  # camera looking along +y of a z-up world
+    np.testing.assert_allclose(up_vector(T[None]), [0, 0, 1], atol=1e-12)
+
+
+def test_top_view_of_z_up_room_shows_floor_not_ceiling():
+    from dynrecon_ros.preview import top_view
+
+    T = np.eye(4)
+    T[:3, :3] = np.array([[1, 0, 0], [0, 0, 1], [0, -1, 0]])
+    T[:3, 3] = (0, 0, 1.4)
+    g = np.stack(np.meshgrid(np.linspace(-2, 2, 200), np.linspace(0.5, 4, 200)), -1).reshape(-1, 2)
+    floor = np.concatenate([g, np.zeros((len(g), 1)), np.tile([0, 255, 0], (len(g), 1))], 1)
+    ceiling = np.concatenate([g, np.full((len(g), 1), 2.8), np.tile([255, 0, 0], (len(g), 1))], 1)
+    img = top_view(np.concatenate([floor, ceiling]).astype(np.float32), T[None], (200, 160))
+    assert (np.all(img == [0, 255, 0], axis=-1)).sum() > 5000  # the floor fills the view
+    assert (np.all(img == [255, 0, 0], axis=-1)).sum() == 0  # the ceiling is cut away
