@@ -93,6 +93,8 @@ class ChecksConfig:
     min_image_std: float = 2.0  # grey-level standard deviation below which an image is 'constant'
     max_translation_m: float = 0.3  # per-frame jump limits (relative to the previous accepted frame)
     max_rotation_deg: float = 20.0
+    max_speed_m_s: float = 2.0  # camera speed limits (motion / time since the previous accepted frame)
+    max_angular_speed_deg_s: float = 180.0
     min_inlier_ratio: float = 0.15  # of the consistent correspondences; below = tracking lost
 
 

@@ -211,10 +211,13 @@ class Reconstructor:
                                      'correspondences fit a rigid motion (sudden jump or unusable image)')
         dt_ = np.linalg.norm(T0[:3, 3])
         dr = rotation_angle_deg(T0[:3, :3])
-        if dt_ > c.max_translation_m or dr > c.max_rotation_deg:
+        gap = max(frame.stamp - self._last_stamp, 1e-6)
+        if (dt_ > c.max_translation_m or dr > c.max_rotation_deg
+                or dt_ / gap > c.max_speed_m_s or dr / gap > c.max_angular_speed_deg_s):
             self.window.pop_last()
-            return self._skip(frame, f'sudden jump of {dt_:.3f} m / {dr:.1f} deg from frame {prev.key} '
-                                     f'(limits {c.max_translation_m} m / {c.max_rotation_deg} deg)')
+            return self._skip(frame, f'sudden jump of {dt_:.3f} m / {dr:.1f} deg in {gap:.3f} s from frame '
+                                     f'{prev.key} (limits {c.max_translation_m} m / {c.max_rotation_deg} deg per '
+                                     f'frame, {c.max_speed_m_s} m/s / {c.max_angular_speed_deg_s} deg/s)')
         entry.pose = prev.pose @ T0
         self._accept(frame, entry)
         # store static correspondences of every pair that produced a pose
