@@ -48,7 +48,9 @@ class FlowConfig:
 class BackendConfig:
     """Pair predictor. name: 'auto' (rgbd when depth is present), 'rgbd' or 'dust3r'.
 
-    The ransac_* / halo_* fields configure the RGB-D predictor (pose from flow + depth).
+    The other fields configure the RGB-D predictor: pose from flow + depth by RANSAC (ransac_*),
+    a band around motion outliers excluded (halo_fraction of the width), then direct photometric +
+    depth refinement (photometric_iterations, 0 = off) on pixels with gradient >= min_gradient.
     """
 
     name: str = 'auto'
@@ -56,12 +58,15 @@ class BackendConfig:
     ransac_iterations: int = 64
     ransac_px_threshold: float = 0.75
     ransac_depth_threshold: float = 0.02
-    ransac_samples: int = 1500
+    ransac_samples: int = 800
     min_px_threshold: float = 0.3
     halo_fraction: float = 0.03
     min_depth_m: float = 0.1
     max_depth_m: float = 10.0
     min_inliers: int = 60
+    photometric_iterations: int = 5
+    photometric_samples: int = 3000
+    min_gradient: float = 4.0
 
 
 @dataclass

@@ -86,7 +86,9 @@ class Reconstructor:
             rc = RGBDPredictorConfig(ransac_iterations=b.ransac_iterations, ransac_px_threshold=b.ransac_px_threshold,
                                      ransac_depth_threshold=b.ransac_depth_threshold, ransac_samples=b.ransac_samples,
                                      min_px_threshold=b.min_px_threshold, halo_fraction=b.halo_fraction,
-                                     min_depth_m=b.min_depth_m, max_depth_m=b.max_depth_m, min_inliers=b.min_inliers)
+                                     min_depth_m=b.min_depth_m, max_depth_m=b.max_depth_m, min_inliers=b.min_inliers,
+                                     photometric_iterations=b.photometric_iterations,
+                                     photometric_samples=b.photometric_samples, min_gradient=b.min_gradient)
             predictor = make_predictor(name, rc if name == 'rgbd' else cfg, b.checkpoint or None, device)
         self.predictor = predictor
         if cfg.flow.method != 'dis':
@@ -194,11 +196,15 @@ class Reconstructor:
         pflows = [self.flows.get(o.key, o.frame.rgb, entry.key, frame.rgb) for o, _ in pairs]
         t = self._timed('flow', t)
         rel = []
-        for (old, _), pf in zip(pairs, pflows):
+        for k, ((old, _), pf) in enumerate(zip(pairs, pflows)):
             static = None
             if old.mask is not None:
                 static = ~old.mask
-            T, inl, n = self.predictor.relative_pose(old.frame, frame, pf, static)
+            init = None
+            if k > 0 and rel[0][0] is not None:
+                # long pair: predict from the tracked poses and the nearest pair, verify + refine only
+                init = np.linalg.inv(old.pose) @ pairs[0][0].pose @ rel[0][0]
+            T, inl, n = self.predictor.relative_pose(old.frame, frame, pf, static, init=init)
             rel.append((T, inl, n))
         t = self._timed('pose', t)
         T0, inl0, n0 = rel[0]

@@ -21,15 +21,15 @@ class RGBDPredictorConfig:
     ransac_iterations: int = 64
     ransac_px_threshold: float = 0.75
     ransac_depth_threshold: float = 0.02  # relative depth error
-    ransac_samples: int = 1500
+    ransac_samples: int = 800
     refine_iterations: int = 4
     min_px_threshold: float = 0.3
     min_depth_m: float = 0.1
     max_depth_m: float = 10.0
     min_inliers: int = 60
     halo_fraction: float = 0.03  # band excluded around motion outliers, fraction of image width
-    photometric_iterations: int = 6  # direct RGB-D refinement after the flow fit (0 = off)
-    photometric_samples: int = 6000
+    photometric_iterations: int = 5  # direct RGB-D refinement after the flow fit (0 = off)
+    photometric_samples: int = 3000
     min_gradient: float = 4.0  # grey levels per pixel for pixels used by the refinement
     seed: int = 0
 
@@ -158,8 +158,13 @@ class RGBDPredictor(PairPredictor):
         self.cfg = config or RGBDPredictorConfig()
         self.rng = np.random.default_rng(self.cfg.seed)
 
-    def relative_pose(self, frame_i, frame_j, flow, static_i: np.ndarray | None = None):
-        """(T_i_j (4,4), inliers_i (H,W) bool, n_correspondences) from flow + depth, or (None, ...)."""
+    def relative_pose(self, frame_i, frame_j, flow, static_i: np.ndarray | None = None,
+                      init: np.ndarray | None = None):
+        """(T_i_j (4,4), inliers_i (H,W) bool, n_correspondences) from flow + depth, or (None, ...).
+
+        ``init``: a predicted T_i_j (e.g. from already tracked poses); RANSAC is then skipped and the
+        prediction only verified and refined (cheaper, used for the long pairs to keyframes).
+        """
         c = self.cfg
         pts_i, pts_j, ok = correspondences(frame_i.depth, frame_i.K, frame_j.depth, frame_j.K,
                                            flow.fwd, flow.valid_fwd, c.min_depth_m, c.max_depth_m)
@@ -173,9 +178,15 @@ class RGBDPredictor(PairPredictor):
         h, w = ok.shape
         uv_all = (pixel_grid(h, w) + flow.fwd).reshape(-1, 2)
         P_all, Q_all = pts_i.reshape(-1, 3), pts_j.reshape(-1, 3)
-        T, inl, thr = ransac_rigid(P_all[sub].astype(np.float64), Q_all[sub].astype(np.float64), uv_all[sub],
-                                   frame_j.K, c.ransac_iterations, c.ransac_px_threshold,
-                                   c.ransac_depth_threshold, self.rng, c.refine_iterations, c.min_px_threshold)
+        if init is None:
+            T, inl, thr = ransac_rigid(P_all[sub].astype(np.float64), Q_all[sub].astype(np.float64),
+                                       uv_all[sub], frame_j.K, c.ransac_iterations, c.ransac_px_threshold,
+                                       c.ransac_depth_threshold, self.rng, c.refine_iterations, c.min_px_threshold)
+        else:
+            T, thr = np.asarray(init, dtype=np.float64), c.ransac_px_threshold
+            epx, ez = reprojection_errors(T[None, :3, :3], T[None, :3, 3], P_all[sub].astype(np.float64),
+                                          Q_all[sub].astype(np.float64), uv_all[sub], frame_j.K)
+            inl = (epx[0] < thr) & (ez[0] < c.ransac_depth_threshold)
         if inl.sum() < c.min_inliers:
             return None, np.zeros(ok.shape, bool), len(flat)
         sel = np.flatnonzero(ok)
@@ -200,7 +211,8 @@ class RGBDPredictor(PairPredictor):
             if keep_s.sum() >= c.min_inliers:
                 keep = keep_s
         wz = 1.0 / np.maximum(P_all[sel, 2], 0.1) ** 2
-        for _ in range(2):
+        # refits on the flow (skipped when the direct refinement follows: it supersedes them)
+        for _ in range(0 if c.photometric_iterations > 0 else 2):
             use = keep & (epx < thr) & (ez < c.ransac_depth_threshold)
             idx = np.flatnonzero(use)
             if len(idx) < c.min_inliers:
