@@ -52,10 +52,12 @@ def main() -> None:
         rec = Reconstructor(cfg, device=args.device)
         out = []
         t0 = time.perf_counter()
+        c0 = time.process_time()
         for f in seq.frames:
             out += rec.push(f)
         out += rec.flush()
         dt = time.perf_counter() - t0
+        cpu = time.process_time() - c0
         ok = [r for r in out if r.status == 'ok']
         tm = trajectory_metrics(np.array([r.stamp for r in ok]), np.array([r.pose for r in ok]), seq.stamps, seq.poses)
         mm = mask_metrics({r.key: r.mask > 0 for r in ok}, dict(zip(seq.keys, seq.masks)))
@@ -65,7 +67,8 @@ def main() -> None:
         t = rec.timings
         print(f'== {w}x{h}, {len(seq.frames)} frames, {seq.masks.mean() * 100:.0f}% dynamic pixels'
               f'{" (segmentation off)" if args.segmentation_off else ""}')
-        print(f'  frames/s: {len(seq.frames) / dt:.2f}   ({dt:.1f} s, {len(ok)} ok)')
+        print(f'  frames/s: {len(seq.frames) / dt:.2f} wall ({dt:.1f} s, {len(ok)} ok); CPU time {cpu:.1f} s = '
+              f'{len(seq.frames) / cpu:.2f} frames per CPU-second (load-independent-ish on a shared box)')
         print('  ms/frame: ' + '  '.join(f'{k} {t[k]:.1f}' for k in
                                          ['flow', 'pose', 'alignment', 'segmentation', 'map', 'total'] if k in t))
         print(f'  ATE RMSE SE3: {tm["ate_rmse_se3"] * 1000:.2f} mm   RPE: {tm["rpe_trans_rmse"] * 1000:.2f} mm, '

@@ -26,7 +26,7 @@ class WindowConfig:
 
     size: int = 4
     neighbours: int = 1
-    keyframes: int = 2
+    keyframes: int = 1
     keyframe_translation_m: float = 0.06
     keyframe_rotation_deg: float = 4.0
     keyframe_max_gap: int = 8
@@ -80,8 +80,8 @@ class AlignmentConfig:
     """
 
     enabled: bool = True
-    iterations: int = 3
-    points_per_pair: int = 600
+    iterations: int = 2
+    points_per_pair: int = 300
     sigma_point_m: float = 0.01
     sigma_flow_px: float = 0.5
     flow_weight: float = 1.0
