@@ -26,7 +26,7 @@ class WindowConfig:
 
     size: int = 4
     neighbours: int = 1
-    keyframes: int = 1
+    keyframes: int = 2
     keyframe_translation_m: float = 0.06
     keyframe_rotation_deg: float = 4.0
     keyframe_max_gap: int = 8
@@ -115,7 +115,8 @@ class ReconConfig:
     backend: BackendConfig = field(default_factory=BackendConfig)
     alignment: AlignmentConfig = field(default_factory=AlignmentConfig)
     segmentation: SegmentationConfig = field(default_factory=SegmentationConfig)
-    map: MapConfig = field(default_factory=MapConfig)
+    # every 2nd pixel: voxels (2 cm) are about 2 pixel footprints wide at room distances anyway
+    map: MapConfig = field(default_factory=lambda: MapConfig(pixel_stride=2))
     checks: ChecksConfig = field(default_factory=ChecksConfig)
     intrinsics: list | None = None
     world_pose: list | None = None
