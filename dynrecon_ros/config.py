@@ -153,18 +153,19 @@ class ReconConfig:
         return out
 
 
-def _build(cls, d: dict, where: str):
+def _build(cls, d: dict, where: str, base=None):
+    """cls built from ``base``'s values (or cls's defaults) overridden by the mapping ``d``."""
     if not isinstance(d, dict):
         raise InputError(f'{where}: expected a mapping for {cls.__name__}, got {type(d).__name__}')
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs = {}
+    kwargs = {} if base is None else {n: getattr(base, n) for n in fields}
     for key, value in d.items():
         if key not in fields:
             raise InputError(f'{where}: unknown key {key!r} (known: {", ".join(sorted(fields))})')
         f = fields[key]
         default = getattr(cls(), key) if f.default is dataclasses.MISSING else f.default
         if dataclasses.is_dataclass(default):
-            kwargs[key] = _build(type(default), value, f'{where}: {key}')
+            kwargs[key] = _build(type(default), value, f'{where}: {key}', base=default)
         else:
             kwargs[key] = _coerce(value, default, f'{where}: {key}')
     try:

@@ -68,3 +68,19 @@ def test_run_with_config_file(tum_dir, tmp_path):
     assert main(['run', '--input', str(d), '--output', str(out), '--config', str(cfg), '--max-frames', '6']) == 0
     s = json.loads((out / 'summary.json').read_text())
     assert s['config']['window']['size'] == 3 and s['frames'] == 6
+
+
+def test_config_dict_round_trip_and_partial_sections():
+    from dynrecon_ros.config import ReconConfig
+    from dynrecon_ros.errors import InputError
+    c = ReconConfig()
+    assert ReconConfig.from_dict(c.to_dict()) == c
+    # a partial section keeps the product defaults of the fields it does not name
+    p = ReconConfig.from_dict({'map': {'voxel_size': 0.03}, 'window': {'size': 6}})
+    assert p.map.voxel_size == 0.03 and p.map.pixel_stride == c.map.pixel_stride
+    assert p.window.size == 6 and p.window.keyframes == c.window.keyframes
+    assert 'alignment.iterations' in c.flat()
+    with pytest.raises(InputError, match="'nope'"):
+        ReconConfig.from_dict({'nope': 1})
+    with pytest.raises(InputError, match='integer'):
+        ReconConfig.from_dict({'window': {'size': 'big'}})
