@@ -26,7 +26,7 @@ import numpy as np
 from dynrecon_ros.alignment import PairConstraint, WindowAligner
 from dynrecon_ros.config import ReconConfig
 from dynrecon_ros.errors import InputError
-from dynrecon_ros.flow import DISFlow, FlowCache, pixel_grid
+from dynrecon_ros.flow import DISFlow, FlowCache
 from dynrecon_ros.segmentation import MotionSegmenter
 from dynrecon_ros.static_map import VoxelMap
 from dynrecon_ros.window import SlidingWindow, WindowEntry, rotation_angle_deg

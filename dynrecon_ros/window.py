@@ -124,7 +124,6 @@ class SlidingWindow:
 
     def graph(self) -> list[tuple[int, int]]:
         """All pairs (i, j), i < j, as push indices, over window frames and keyframes."""
-        frames = sorted({e.index: e for e in self.entries + self.keyframes}.values(), key=lambda e: e.index)
         win = [e.index for e in self.entries]
         pairs = set()
         for a, ia in enumerate(win):
@@ -134,7 +133,6 @@ class SlidingWindow:
             for e in self.entries:
                 if k.index < e.index:
                     pairs.add((k.index, e.index))
-        _ = frames
         return sorted(pairs)
 
     def all_entries(self) -> list[WindowEntry]:
