@@ -1,0 +1,303 @@
+"""Stage 7, static map: a coloured voxel map in the world frame that keeps only static structure.
+
+Each frame adds its static, confident depth points (one observation per voxel per frame: weight +=
+mean confidence, running mean of position and colour). Before adding, every stored voxel is
+projected into the frame: if it lies clearly in front of the observed depth (the camera sees
+through it: free space) or at the depth of a pixel labelled dynamic, it loses weight, and voxels
+whose weight falls to zero are removed. A person who walked through therefore leaves no trail even
+when segmentation missed them in some frames. Voxels are keyed by one int64 per voxel index
+(21 bits per axis) kept sorted, so all updates are vectorised numpy (searchsorted / bincount).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from dynrecon_ros.errors import InputError
+
+_BITS = 21
+_OFF = 1 << (_BITS - 1)
+_MASK = (1 << _BITS) - 1
+
+PLY_DTYPE = np.dtype([('x', '<f4'), ('y', '<f4'), ('z', '<f4'), ('red', 'u1'), ('green', 'u1'), ('blue', 'u1')])
+
+
+@dataclass
+class MapConfig:
+    """Parameters of the static voxel map (they become ROS parameters, same names).
+
+    Attributes:
+        voxel_size: voxel edge in metres.
+        min_depth, max_depth: depth readings outside [min_depth, max_depth] metres are ignored.
+        min_confidence: pixels whose confidence is below it are not integrated.
+        min_weight: voxels are published by :meth:`VoxelMap.points` from this weight on (about the
+            number of frames that observed them, times their mean confidence).
+        max_weight: weight cap, so that a long-observed voxel can still be carved away in bounded time.
+        free_weight: weight a voxel loses each time a frame sees through it or sees it as dynamic.
+        carve_margin: a voxel is seen through when it lies more than
+            ``carve_margin + carve_margin_rel * depth`` metres in front of the observed depth.
+        carve_margin_rel: depth-proportional part of the carving margin (depth noise, pose error).
+        max_voxels: bound on stored voxels; the weakest (then oldest) are dropped beyond it.
+        pixel_stride: integrate every n-th pixel in both directions (1 = all); 0 = automatic: the
+            largest stride whose pixel footprint at the median depth stays within half a voxel
+            (640x480 at 2 m with 2 cm voxels: 2; 320x240: 1).
+        median_px: median filter (3 or 5 pixels, 0 = off) applied to depth before integration;
+            removes most sensor noise, which grows with depth squared, while keeping edges.
+    """
+
+    voxel_size: float = 0.02
+    min_depth: float = 0.1
+    max_depth: float = 6.0
+    min_confidence: float = 0.0
+    min_weight: float = 2.0
+    max_weight: float = 20.0
+    free_weight: float = 1.0
+    carve_margin: float = 0.05
+    carve_margin_rel: float = 0.02
+    max_voxels: int = 2_000_000
+    pixel_stride: int = 0
+    median_px: int = 5
+
+    def __post_init__(self) -> None:
+        if not self.voxel_size > 0:
+            raise InputError(f'map voxel_size must be > 0, got {self.voxel_size}')
+        if not 0 <= self.min_depth < self.max_depth:
+            raise InputError(f'map depth range [{self.min_depth}, {self.max_depth}] is empty')
+        if self.median_px not in (0, 3, 5):
+            raise InputError(f'map median_px must be 0, 3 or 5, got {self.median_px}')
+        if self.max_voxels < 1 or self.pixel_stride < 0:
+            raise InputError('map max_voxels must be >= 1 and pixel_stride >= 0')
+        if self.free_weight < 0 or self.carve_margin < 0 or self.carve_margin_rel < 0:
+            raise InputError('map free_weight, carve_margin and carve_margin_rel must be >= 0')
+
+
+def _keys(idx: np.ndarray) -> np.ndarray:
+    """(M, 3) int64 voxel indices -> (M,) int64 keys (21 bits per axis)."""
+    i = (idx + _OFF) & _MASK
+    return (i[:, 0] << (2 * _BITS)) | (i[:, 1] << _BITS) | i[:, 2]
+
+
+# rows of VoxelMap._data
+_W, _X, _Y, _Z, _R, _G, _B, _SEEN = range(8)
+
+
+class VoxelMap:
+    """Coloured, carved voxel map; see the module docstring.
+
+    Storage: ``_key`` (M,) int64 sorted voxel keys and ``_data`` (8, M) float32 rows weight, mean
+    x y z, mean r g b, last frame seen (one array: one insert / one select per update). Carved-out
+    voxels keep their slot with weight 0 until the arrays are compacted.
+    """
+
+    def __init__(self, cfg: MapConfig | None = None):
+        self.cfg = cfg or MapConfig()
+        self._key = np.zeros(0, np.int64)
+        self._data = np.zeros((8, 0), np.float32)
+        self._frame = 0
+
+    def __len__(self) -> int:
+        """Number of live voxels (weight > 0, published or not)."""
+        return int(np.count_nonzero(self._data[_W] > 0))
+
+    def integrate(self, depth: np.ndarray, rgb: np.ndarray, K: np.ndarray, pose: np.ndarray,
+                  static: np.ndarray | None = None, confidence: np.ndarray | None = None) -> None:
+        """Carve with one frame, then add its static, confident points.
+
+        Args:
+            depth: (H, W) float32 metres (0/NaN = invalid).
+            rgb: (H, W, 3) uint8.
+            K: (3, 3) intrinsics.
+            pose: (4, 4) camera-to-world.
+            static: (H, W) bool, True = static pixel; None = all static.
+            confidence: (H, W) float32 per-pixel confidence, or None (all 1).
+        """
+        depth = np.asarray(depth, dtype=np.float32)
+        if depth.ndim != 2:
+            raise InputError(f'map integrate: depth must be (H, W), got {depth.shape}')
+        h, w = depth.shape
+        if rgb.shape != (h, w, 3) or (static is not None and static.shape != (h, w)) or \
+                (confidence is not None and confidence.shape != (h, w)):
+            raise InputError(f'map integrate: depth {depth.shape}, rgb {rgb.shape}, static/confidence sizes differ')
+        K = np.asarray(K, dtype=np.float64)
+        pose = np.asarray(pose, dtype=np.float64)
+        cfg = self.cfg
+        self._frame += 1
+        if cfg.median_px in (3, 5):
+            # edge-preserving denoising: sensor noise grows with depth^2 and scatters far points
+            # over several voxels; invalid readings (0) stay out of the median where it matters
+            depth = np.where(np.isfinite(depth), depth, 0).astype(np.float32)
+            depth = np.where(depth > 0, cv2.medianBlur(depth, cfg.median_px), 0).astype(np.float32)
+        good = np.isfinite(depth) & (depth >= cfg.min_depth) & (depth <= cfg.max_depth)
+        static = np.ones((h, w), bool) if static is None else np.asarray(static, dtype=bool)
+        self._carve(depth, good, static, K, pose)
+
+        use = good & static
+        if confidence is not None:
+            conf = np.asarray(confidence, dtype=np.float32)
+            use &= np.isfinite(conf) & (conf >= cfg.min_confidence)
+        else:
+            conf = None
+        s = cfg.pixel_stride
+        if s == 0 and use.any():
+            s = max(1, int(0.5 * cfg.voxel_size * K[0, 0] / float(np.median(depth[use][::7]))))
+        if s > 1:
+            sub = np.zeros_like(use)
+            sub[::s, ::s] = True
+            use &= sub
+        v, u = np.nonzero(use)
+        if v.size == 0:
+            return
+        z = depth[v, u]
+        x = (u.astype(np.float32) - np.float32(K[0, 2])) * np.float32(1 / K[0, 0]) * z
+        y = (v.astype(np.float32) - np.float32(K[1, 2])) * np.float32(1 / K[1, 1]) * z
+        R = pose[:3, :3].astype(np.float32)
+        t = pose[:3, 3].astype(np.float32)
+        pw = [R[r, 0] * x + R[r, 1] * y + R[r, 2] * z + t[r] for r in range(3)]
+        inv_vox = np.float32(1.0 / cfg.voxel_size)
+        key = _keys(np.stack([np.floor(c * inv_vox) for c in pw], 1).astype(np.int64))
+        ukey, inv = np.unique(key, return_inverse=True)
+        n = ukey.size
+        # per-voxel aggregates of this frame (confidence-weighted means)
+        wpx = None if conf is None else np.maximum(conf[v, u], 1e-3).astype(np.float64)
+        cnt = np.bincount(inv, weights=wpx, minlength=n)
+        frame = np.empty((8, n), np.float32)
+        col = rgb[v, u]
+        for row, c in zip((_X, _Y, _Z, _R, _G, _B), pw + [col[:, 0], col[:, 1], col[:, 2]]):
+            c = c.astype(np.float64)
+            frame[row] = np.bincount(inv, weights=c if wpx is None else wpx * c, minlength=n) / cnt
+        # one observation per voxel per frame, weighted by its mean confidence
+        frame[_W] = 1.0 if wpx is None else cnt / np.bincount(inv, minlength=n)
+        frame[_SEEN] = self._frame
+        self._merge(ukey, frame)
+        self._bound()
+
+    def _carve(self, depth: np.ndarray, good: np.ndarray, static: np.ndarray, K: np.ndarray, pose: np.ndarray) -> None:
+        """Lower the weight of voxels this frame sees through or sees as dynamic; compact when many died."""
+        cfg = self.cfg
+        if self._key.size == 0 or cfg.free_weight == 0:
+            return
+        h, w = depth.shape
+        alive = np.flatnonzero(self._data[_W] > 0)
+        wc = np.linalg.inv(pose)
+        R = wc[:3, :3].astype(np.float32)
+        t = wc[:3, 3].astype(np.float32)
+        X, Y, Z = (self._data[r, alive] for r in (_X, _Y, _Z))
+        z = R[2, 0] * X + R[2, 1] * Y + R[2, 2] * Z + t[2]
+        front = np.flatnonzero(z > cfg.min_depth)
+        alive, X, Y, Z, z = alive[front], X[front], Y[front], Z[front], z[front]
+        inv_z = 1.0 / z
+        u = np.rint((R[0, 0] * X + R[0, 1] * Y + R[0, 2] * Z + t[0]) * inv_z * np.float32(K[0, 0]) + np.float32(K[0, 2]))
+        v = np.rint((R[1, 0] * X + R[1, 1] * Y + R[1, 2] * Z + t[1]) * inv_z * np.float32(K[1, 1]) + np.float32(K[1, 2]))
+        inside = np.flatnonzero((u >= 0) & (u < w) & (v >= 0) & (v < h))
+        if inside.size == 0:
+            return
+        idx = alive[inside]
+        pix = v[inside].astype(np.int64) * w + u[inside].astype(np.int64)
+        zi = z[inside]
+        # seen through only if the whole 3x3 neighbourhood is farther (silhouette edges and invalid
+        # readings then never carve: invalid counts as depth 0)
+        near = cv2.erode(np.where(good, depth, 0.0).astype(np.float32), np.ones((3, 3), np.uint8)).ravel()
+        d = depth.ravel()[pix]
+        ok = good.ravel()[pix]
+        margin = cfg.carve_margin + cfg.carve_margin_rel * zi
+        free = ok & (zi < near[pix] - margin)
+        dynamic = ok & ~static.ravel()[pix] & (np.abs(zi - d) <= margin)
+        hit = idx[free | dynamic]
+        if hit.size == 0:
+            return
+        wts = self._data[_W]
+        wts[hit] = np.maximum(wts[hit] - cfg.free_weight, 0.0)
+        dead = self._key.size - np.count_nonzero(wts > 0)
+        if dead > 0.25 * self._key.size:
+            self._select(wts > 0)
+
+    def _select(self, keep: np.ndarray) -> None:
+        self._key = self._key[keep]
+        self._data = self._data[:, keep]
+
+    def _merge(self, ukey: np.ndarray, frame: np.ndarray) -> None:
+        """Add one frame's per-voxel observations (``ukey`` sorted unique, ``frame`` (8, n)) into the map."""
+        pos = np.searchsorted(self._key, ukey)
+        if self._key.size:
+            pos_c = np.minimum(pos, self._key.size - 1)
+            old = self._key[pos_c] == ukey
+        else:
+            pos_c, old = pos, np.zeros(ukey.size, bool)
+        if old.any():
+            i = pos_c[old]
+            cur = self._data[:, i]
+            w0 = cur[_W]
+            w1 = frame[_W, old]
+            tot = w0 + w1
+            a0, a1 = w0 / tot, w1 / tot
+            cur[_X:_B + 1] = cur[_X:_B + 1] * a0 + frame[_X:_B + 1, old] * a1
+            cur[_W] = np.minimum(tot, self.cfg.max_weight)
+            cur[_SEEN] = self._frame
+            self._data[:, i] = cur
+        new = ~old
+        if new.any():
+            at = pos[new]
+            self._key = np.insert(self._key, at, ukey[new])
+            self._data = np.insert(self._data, at, frame[:, new], axis=1)
+
+    def _bound(self) -> None:
+        """Keep at most ``max_voxels``: drop dead ones, then the lowest weight (least recently seen first)."""
+        extra = self._key.size - self.cfg.max_voxels
+        if extra <= 0:
+            return
+        order = np.lexsort((self._data[_SEEN], self._data[_W]))  # by weight, then by last seen
+        keep = np.ones(self._key.size, bool)
+        keep[order[:extra]] = False
+        self._select(keep)
+
+    def points(self) -> np.ndarray:
+        """(M, 6) float32: x y z (world, metres) and r g b (0..255) of voxels with weight >= min_weight."""
+        sel = self._data[_W] >= max(self.cfg.min_weight, 1e-6)
+        out = self._data[_X:_B + 1, sel].T.copy()
+        out[:, 3:] = np.clip(np.rint(out[:, 3:]), 0, 255)
+        return out
+
+    def save_ply(self, path) -> int:
+        """Write :meth:`points` as binary little-endian PLY (x y z float, red green blue uchar).
+
+        Returns the number of points written.
+        """
+        return write_ply(path, self.points())
+
+
+def write_ply(path, points: np.ndarray) -> int:
+    """Write (M, 6) xyz + rgb points as binary little-endian PLY; returns M."""
+    pts = np.asarray(points)
+    if pts.ndim != 2 or pts.shape[1] != 6:
+        raise InputError(f'PLY points must be (M, 6), got {pts.shape}')
+    rec = np.empty(pts.shape[0], PLY_DTYPE)
+    rec['x'], rec['y'], rec['z'] = pts[:, 0], pts[:, 1], pts[:, 2]
+    rgb = np.clip(np.rint(pts[:, 3:6]), 0, 255).astype(np.uint8)
+    rec['red'], rec['green'], rec['blue'] = rgb[:, 0], rgb[:, 1], rgb[:, 2]
+    header = ('ply\nformat binary_little_endian 1.0\ncomment dynrecon_ros static map\n'
+              f'element vertex {pts.shape[0]}\n'
+              'property float x\nproperty float y\nproperty float z\n'
+              'property uchar red\nproperty uchar green\nproperty uchar blue\nend_header\n')
+    with open(path, 'wb') as f:
+        f.write(header.encode('ascii'))
+        f.write(rec.tobytes())
+    return int(pts.shape[0])
+
+
+def read_ply(path) -> np.ndarray:
+    """Read a PLY written by :func:`write_ply`; (M, 6) float32."""
+    with open(path, 'rb') as f:
+        data = f.read()
+    end = data.find(b'end_header\n')
+    if not data.startswith(b'ply\n') or end < 0:
+        raise InputError('not a PLY file (no ply/end_header)', path)
+    header = data[:end].decode('ascii', 'replace').splitlines()
+    if 'format binary_little_endian 1.0' not in header:
+        raise InputError('only binary_little_endian PLY is supported', path)
+    count = next((int(line.split()[2]) for line in header if line.startswith('element vertex')), None)
+    if count is None:
+        raise InputError('PLY has no vertex element', path)
+    rec = np.frombuffer(data, PLY_DTYPE, count=count, offset=end + len(b'end_header\n'))
+    return np.stack([rec['x'], rec['y'], rec['z'], rec['red'], rec['green'], rec['blue']], 1).astype(np.float32)
