@@ -48,6 +48,9 @@ NODE_PARAMETERS: dict[str, tuple[object, str]] = {
     'use_compressed': (False, 'Subscribe to image/compressed (jpeg/png) instead of image.'),
     'use_depth': (True, 'Pair each image with a depth image (false: monocular).'),
     'wait_for_camera_info': (True, 'Drop images until a camera_info arrives (false: intrinsics unknown).'),
+    'camera_intrinsics': ([0.0] * 6, 'Override camera_info: [fx, fy, cx, cy, width, height] of the '
+                          'calibration (scaled to the image size); all zero: use camera_info.'),
+    'camera_distortion': ([0.0] * 5, 'Distortion (plumb_bob k1 k2 p1 p2 k3) used with camera_intrinsics.'),
     'undistort': (True, 'Undistort image and depth when camera_info D is non-zero.'),
     'rgbd_slop': (0.02, 'Max |stamp(image) - stamp(depth)| in seconds to pair them.'),
     'map_frame': ('map', 'Fixed frame of the reconstruction (standalone tf parent, static_map frame).'),
@@ -160,6 +163,11 @@ class ReconNode(Node):
         if self.tf_mode not in MODES:
             self.get_logger().warning(f"publish_tf_mode '{self.tf_mode}' is not one of {MODES}: /tf disabled")
         self.rgbd_slop = float(p('rgbd_slop'))
+        self._override_info = None
+        fx, fy, cx, cy, cw, ch = (float(v) for v in p('camera_intrinsics'))
+        if fx > 0 and fy > 0:
+            K = np.array([[fx, 0.0, cx], [0.0, fy, cy], [0.0, 0.0, 1.0]])
+            self._override_info = (K, np.asarray(p('camera_distortion'), dtype=np.float64), (int(cw), int(ch)))
         self._warned: dict[tuple, float] = {}
         self._lock = threading.Lock()  # guards the reconstructor (worker vs save_map service)
         self._rec = self._make_reconstructor()
@@ -368,8 +376,9 @@ class ReconNode(Node):
 
     def _enqueue(self, header: Header, rgb: np.ndarray, depth: np.ndarray | None) -> None:
         K = D = None
-        if self._last_info is not None:
-            K, D, size = self._last_info
+        info = self._override_info or self._last_info
+        if info is not None:
+            K, D, size = info
             w, h = rgb.shape[1], rgb.shape[0]
             if size != (w, h) and size[0] > 0 and size[1] > 0:  # camera_info for another resolution
                 K = K.copy()
