@@ -127,8 +127,12 @@ def image_to_rgb(msg: Image) -> np.ndarray:
     if arr.dtype == np.uint16:
         arr = (arr >> 8).astype(np.uint8)
     if arr.ndim == 2:
-        arr = arr[:, :, None]
-    return np.ascontiguousarray(arr[:, :, list(RGB_CHANNELS[msg.encoding])])
+        return np.repeat(arr[:, :, None], 3, axis=2)
+    r, g, b = RGB_CHANNELS[msg.encoding]
+    if arr.shape[2] == 3 and (r, g, b) == (0, 1, 2):
+        return arr  # already a fresh RGB copy
+    order = {(0, 1, 2): slice(0, 3), (2, 1, 0): slice(2, None, -1)}.get((r, g, b), [r, g, b])
+    return np.ascontiguousarray(arr[:, :, order])
 
 
 def image_to_depth(msg: Image) -> np.ndarray:
