@@ -73,6 +73,8 @@ NODE_PARAMETERS: dict[str, tuple[object, str]] = {
     'max_path_length': (10000, 'Poses kept in ~/path (bounded memory).'),
     'time_jump_reset': (1.0, 'A backwards stamp jump larger than this (s) resets the reconstruction '
                         '(bag loop); smaller backwards steps are rejected.'),
+    'idle_flush': (2.0, 'Flush the pipeline (publish the results of frames still in its window, and the map) '
+                   'after this many seconds without input, e.g. at the end of a bag (0: only on shutdown).'),
     'warn_throttle': (5.0, 'Seconds between repeats of the same warning.'),
 }
 
@@ -209,7 +211,8 @@ class ReconNode(Node):
                           if p('use_depth') else None)
 
         self.queue = DropOldestQueue(p('queue_size'))
-        self.worker = Worker(self.queue, self._process, self._on_worker_error)
+        self.worker = Worker(self.queue, self._process, self._on_worker_error, on_idle=self._flush,
+                             idle_after=float(p('idle_flush')))
         self.worker.start()
         self.get_logger().info(
             f'ready: image={self._topic(self.sub_image)} depth='
@@ -438,6 +441,16 @@ class ReconNode(Node):
             results = self._rec.push(frame)
         self._publish_results(results)
         self._maybe_publish_map()
+
+    def _flush(self) -> None:
+        """Worker thread, input idle: publish what the pipeline still holds, then the map."""
+        with self._lock:
+            results = self._rec.flush()
+        self._publish_results(results)
+        self.publish_map()
+        q = self.queue
+        self.get_logger().info(f'input idle: flushed {len(results)} results; frames received {q.received}, '
+                               f'processed {self.worker.processed}, dropped {q.dropped}')
 
     def _publish_results(self, results) -> None:
         for r in results:

@@ -66,11 +66,15 @@ class Worker(threading.Thread):
     """
 
     def __init__(self, queue: DropOldestQueue, handle: Callable[[Any], None],
-                 on_error: Callable[[Any, BaseException], None] | None = None, name: str = 'recon-worker'):
+                 on_error: Callable[[Any, BaseException], None] | None = None, name: str = 'recon-worker',
+                 on_idle: Callable[[], None] | None = None, idle_after: float = 0.0):
         super().__init__(name=name, daemon=True)
         self.queue = queue
         self.handle = handle
         self.on_error = on_error
+        self.on_idle = on_idle  # called once when no item came for idle_after seconds after some work
+        self.idle_after = idle_after
+        self._last_item = None
         self._stop_event = threading.Event()
         self.processed = 0
         self.busy_seconds = 0.0
@@ -81,6 +85,17 @@ class Worker(threading.Thread):
         while not self._stop_event.is_set():
             item = self.queue.get(timeout=0.1)
             if item is None:
+                if (self.on_idle is not None and self.idle_after > 0 and self._last_item is not None
+                        and time.monotonic() - self._last_item >= self.idle_after):
+                    self._last_item = None
+                    self._idle.clear()
+                    try:
+                        self.on_idle()
+                    except BaseException as exc:  # noqa: BLE001
+                        if self.on_error is not None:
+                            self.on_error(None, exc)
+                    finally:
+                        self._idle.set()
                 continue
             self._idle.clear()
             t0 = time.perf_counter()
@@ -92,6 +107,7 @@ class Worker(threading.Thread):
             finally:
                 self.busy_seconds += time.perf_counter() - t0
                 self.processed += 1
+                self._last_item = time.monotonic()
                 self._idle.set()
 
     def stop(self, timeout: float = 10.0) -> None:
