@@ -1,0 +1,220 @@
+"""Motion segmentation: ego flow by hand-computable cases, the segmenter on a synthetic wall + moving box."""
+import numpy as np
+import pytest
+
+from dynrecon_ros.errors import InputError
+from dynrecon_ros.segmentation import (MotionSegmenter, SegmentationConfig, clean_mask, ego_flow,
+                                       forward_backward_valid, pair_dynamic_probability)
+
+F, W, H = 150.0, 160, 120
+K = np.array([[F, 0, W / 2], [0, F, H / 2], [0, 0, 1]])
+
+
+def _T(R=np.eye(3), t=(0, 0, 0)):
+    T = np.eye(4)
+    T[:3, :3] = R
+    T[:3, 3] = t
+    return T
+
+
+def _rot_y(a):
+    c, s = np.cos(a), np.sin(a)
+    return np.array([[c, 0, s], [0, 1, 0], [-s, 0, c]])
+
+
+def test_ego_flow_translation_of_fronto_parallel_plane_is_f_t_over_z():
+    z, tx, ty = 2.5, 0.1, -0.05
+    flow = ego_flow(np.full((H, W), z, np.float32), K, _T(t=(tx, ty, 0)))
+    np.testing.assert_allclose(flow[..., 0], F * tx / z, atol=1e-4)
+    np.testing.assert_allclose(flow[..., 1], F * ty / z, atol=1e-4)
+
+
+def test_ego_flow_forward_motion_is_radial():
+    z, tz = 2.0, 0.5  # the camera moves back by 0.5 m: X_j = X_i + (0, 0, 0.5)
+    flow = ego_flow(np.full((H, W), z, np.float32), K, _T(t=(0, 0, tz)))
+    u, v = np.meshgrid(np.arange(W), np.arange(H))
+    np.testing.assert_allclose(flow[..., 0], (u - W / 2) * (z / (z + tz) - 1), atol=1e-4)
+    np.testing.assert_allclose(flow[..., 1], (v - H / 2) * (z / (z + tz) - 1), atol=1e-4)
+
+
+def test_ego_flow_pure_rotation_is_depth_independent_and_a_homography():
+    rng = np.random.default_rng(0)
+    T = _T(R=_rot_y(0.05))
+    f1 = ego_flow(np.full((H, W), 1.0, np.float32), K, T)
+    f2 = ego_flow(rng.uniform(0.5, 8, (H, W)).astype(np.float32), K, T)
+    np.testing.assert_allclose(f1, f2, atol=1e-3)
+    u, v = np.meshgrid(np.arange(W), np.arange(H))
+    p = np.stack([u, v, np.ones_like(u)], -1).reshape(-1, 3) @ (K @ _rot_y(0.05) @ np.linalg.inv(K)).T
+    expected = (p[:, :2] / p[:, 2:]).reshape(H, W, 2) - np.stack([u, v], -1)
+    np.testing.assert_allclose(f1, expected, atol=1e-3)
+
+
+def test_ego_flow_nan_for_invalid_depth_and_points_behind_camera():
+    d = np.full((H, W), 1.0, np.float32)
+    d[0, 0], d[0, 1], d[0, 2] = 0, np.nan, -1
+    flow = ego_flow(d, K, _T())
+    assert np.isnan(flow[0, :3]).all() and np.isfinite(flow[1:]).all()
+    np.testing.assert_allclose(flow[1:], 0, atol=1e-4)
+    behind = ego_flow(np.full((H, W), 1.0, np.float32), K, _T(t=(0, 0, -2.0)))
+    assert np.isnan(behind).all()
+
+
+def test_forward_backward_valid_flags_inconsistent_pixels():
+    fwd = np.zeros((H, W, 2), np.float32)
+    fwd[..., 0] = 3
+    bwd = -fwd.copy()
+    bwd[50:60, 50:60] = 10  # occlusion-like inconsistency where forward flow lands
+    ok = forward_backward_valid(fwd, bwd, 1.0)
+    assert ok[:, :W - 4].sum() > 0.9 * H * (W - 4)
+    assert not ok[55, 50:55].any()
+    assert not ok[:, W - 3:].any()  # leaves the image
+
+
+# ---------------------------------------------------------------- synthetic wall + moving box scene
+WALL_Z, BOX_Z = 3.0, 1.5
+
+
+def _scene(n=5, box_speed=0.05, noise_px=0.3, seed=0):
+    """Camera translating along x and yawing; a wall at world z=3 and a box face at z=1.5 moving in x.
+
+    Returns depths (N,H,W), poses (N,4,4), gt masks (N,H,W) bool and the exact flow function.
+    """
+    poses = np.stack([_T(_rot_y(0.01 * k), (0.03 * k, 0.01 * k, 0)) for k in range(n)])
+    box_x = [-0.35 + box_speed * k for k in range(n)]
+    u, v = np.meshgrid(np.arange(W), np.arange(H))
+    rays = np.stack([(u - K[0, 2]) / F, (v - K[1, 2]) / F, np.ones_like(u, float)], -1)
+    depths, masks = [], []
+    for k in range(n):
+        dw = rays @ poses[k, :3, :3].T  # world directions of camera rays (camera z = 1)
+        t = poses[k, :3, 3]
+        s_box = (BOX_Z - t[2]) / dw[..., 2]
+        hit = t + s_box[..., None] * dw
+        on_box = (hit[..., 0] > box_x[k]) & (hit[..., 0] < box_x[k] + 0.4) & (np.abs(hit[..., 1]) < 0.3)
+        depths.append(np.where(on_box, s_box, (WALL_Z - t[2]) / dw[..., 2]).astype(np.float32))
+        masks.append(on_box)
+    depths, masks = np.stack(depths), np.stack(masks)
+    rng = np.random.default_rng(seed)
+
+    def flow(i, j):
+        Xc = rays * depths[i][..., None]
+        Xw = Xc @ poses[i, :3, :3].T + poses[i, :3, 3]
+        Xw[masks[i], 0] += box_x[j] - box_x[i]
+        inv = np.linalg.inv(poses[j])
+        Xj = Xw @ inv[:3, :3].T + inv[:3, 3]
+        uj = F * Xj[..., 0] / Xj[..., 2] + K[0, 2]
+        vj = F * Xj[..., 1] / Xj[..., 2] + K[1, 2]
+        f = np.stack([uj - u, vj - v], -1)
+        return (f + rng.normal(0, noise_px, f.shape)).astype(np.float32)
+
+    return depths, poses, masks, flow
+
+
+def _pairs(n):
+    return [(i, j) for i in range(n) for j in range(n) if i != j and abs(i - j) <= 2]
+
+
+def _iou(a, b):
+    return np.logical_and(a, b).sum() / max(np.logical_or(a, b).sum(), 1)
+
+
+def test_segmenter_recovers_moving_box():
+    depths, poses, gt, flow = _scene()
+    n = len(depths)
+    flows = {p: flow(*p) for p in _pairs(n)}
+    seg = MotionSegmenter(SegmentationConfig())
+    probs, masks = seg.segment([str(k) for k in range(n)], depths, K, poses, flows)
+    assert probs.shape == (n, H, W) and probs.dtype == np.float32 and masks.dtype == np.uint8
+    assert probs.min() >= 0 and probs.max() <= 1 and set(np.unique(masks)) <= {0, 255}
+    for k in range(n):
+        assert _iou(masks[k] > 0, gt[k]) >= 0.9, (k, _iou(masks[k] > 0, gt[k]))
+        assert probs[k][gt[k]].mean() > 0.8 and probs[k][~gt[k]].mean() < 0.05
+
+
+def test_segmenter_with_forward_flows_only_carries_evidence_to_targets():
+    depths, poses, gt, flow = _scene()
+    n = len(depths)
+    flows = {(i, j): flow(i, j) for i, j in _pairs(n) if i < j}  # last frame is only ever a target
+    _, masks = MotionSegmenter().segment([str(k) for k in range(n)], depths, K, poses, flows)
+    for k in range(n):
+        assert _iou(masks[k] > 0, gt[k]) >= 0.85, (k, _iou(masks[k] > 0, gt[k]))
+
+
+def test_segmenter_static_scene_has_no_false_positives():
+    depths, poses, gt, flow = _scene(box_speed=0.0, noise_px=0.5)
+    n = len(depths)
+    flows = {p: flow(*p) for p in _pairs(n)}
+    probs, masks = MotionSegmenter().segment([str(k) for k in range(n)], depths, K, poses, flows)
+    assert (masks > 0).mean() < 1e-3
+    assert probs.mean() < 0.05
+
+
+def test_segmenter_disabled_returns_all_static():
+    depths, poses, gt, flow = _scene(n=3)
+    flows = {(0, 1): flow(0, 1)}
+    probs, masks = MotionSegmenter(SegmentationConfig(enabled=False)).segment(['a', 'b', 'c'], depths, K, poses, flows)
+    assert not masks.any() and not probs.any()
+
+
+def test_flow_valid_excludes_pixels():
+    depths, poses, gt, flow = _scene(n=2)
+    cfg = SegmentationConfig()
+    f = flow(0, 1)
+    T = np.linalg.inv(poses[1]) @ poses[0]
+    valid = ~gt[0]  # say the whole box failed the forward-backward check: no evidence there
+    p = pair_dynamic_probability(depths[0], K, T, f, valid, cfg)
+    assert np.isnan(p[gt[0]]).all() and np.isfinite(p[~gt[0]]).all()
+    assert np.nanmax(p) < 0.5
+
+
+def test_temporal_state_is_bounded_and_stabilises_masks():
+    depths, poses, gt, flow = _scene(n=8)
+    cfg = SegmentationConfig(max_tracked_frames=6, forget_after_calls=3)
+    seg = MotionSegmenter(cfg)
+    win = 4
+    seen = []
+    for start in range(0, 8 - win + 1):
+        idx = list(range(start, start + win))
+        flows = {(a, b): flow(idx[a], idx[b]) for a, b in _pairs(win)}
+        probs, masks = seg.segment([f'f{k}' for k in idx], depths[idx], K, poses[idx], flows)
+        seen.append({f'f{k}': masks[m] for m, k in enumerate(idx)})
+        assert len(seg) <= cfg.max_tracked_frames
+        for m, k in enumerate(idx):
+            assert _iou(masks[m] > 0, gt[k]) >= 0.9
+    assert 'f0' not in seg._state  # not seen for >= 3 calls
+    # many more calls with fresh keys: memory stays bounded
+    for c in range(20):
+        seg.segment([f'g{c}a', f'g{c}b'], depths[:2], K, poses[:2], {(0, 1): flow(0, 1)})
+        assert len(seg) <= cfg.max_tracked_frames
+
+
+def test_temporal_memory_blends_evidence_of_a_frame_across_calls():
+    depths, poses, gt, flow = _scene(n=2)
+    seg = MotionSegmenter(SegmentationConfig(temporal_weight=0.5))
+    p1, _ = seg.segment(['a', 'b'], depths, K, poses, {(0, 1): flow(0, 1), (1, 0): flow(1, 0)})
+    # same keys again, but now with flows that agree with ego motion everywhere (no mover):
+    ego = {(0, 1): ego_flow(depths[0], K, np.linalg.inv(poses[1]) @ poses[0]),
+           (1, 0): ego_flow(depths[1], K, np.linalg.inv(poses[0]) @ poses[1])}
+    p2, _ = seg.segment(['a', 'b'], depths, K, poses, ego)
+    box = gt[0]
+    assert p1[0][box].mean() > 0.8
+    assert 0.3 < p2[0][box].mean() < 0.7  # half the old evidence remains
+
+
+def test_clean_mask_removes_specks_and_fills_holes():
+    prob = np.zeros((H, W), np.float32)
+    prob[40:80, 40:80] = 0.9
+    prob[60, 60] = 0.0  # hole
+    prob[10, 10] = 0.9  # speck
+    m = clean_mask(prob, SegmentationConfig(dilate_px=0))
+    assert m[60, 60] == 255 and m[10, 10] == 0
+    assert _iou(m > 0, prob > 0.5) > 0.9
+
+
+def test_bad_config_and_input_are_input_errors():
+    with pytest.raises(InputError):
+        SegmentationConfig(threshold=1.5)
+    with pytest.raises(InputError):
+        MotionSegmenter().segment(['a'], np.ones((2, H, W), np.float32), K, np.stack([np.eye(4)] * 2), {})
+    with pytest.raises(InputError):
+        MotionSegmenter().segment(['a', 'b'], np.ones((2, H, W), np.float32), K, np.stack([np.eye(4)] * 2),
+                                  {(0, 5): np.zeros((H, W, 2), np.float32)})

@@ -1,0 +1,139 @@
+"""Static voxel map: accuracy on a plane, carving of a walked-through 'person', masks, PLY, bounds."""
+import numpy as np
+import pytest
+
+from dynrecon_ros.errors import InputError
+from dynrecon_ros.static_map import MapConfig, VoxelMap, read_ply, write_ply
+
+F, W, H = 120.0, 160, 120
+K = np.array([[F, 0, W / 2], [0, F, H / 2], [0, 0, 1]])
+RGB = np.dstack([np.full((H, W), c, np.uint8) for c in (200, 100, 50)])
+
+
+def _pose(x=0.0, y=0.0):
+    T = np.eye(4)
+    T[:3, 3] = (x, y, 0)
+    return T
+
+
+def _wall(z=2.0):
+    return np.full((H, W), z, np.float32)
+
+
+def _with_person(depth, z=1.0):
+    d = depth.copy()
+    d[30:90, 60:100] = z
+    return d
+
+
+def test_plane_points_lie_within_half_a_voxel():
+    m = VoxelMap(MapConfig(voxel_size=0.02, min_weight=2))
+    for k in range(4):
+        m.integrate(_wall(2.0), RGB, K, _pose(0.02 * k), np.ones((H, W), bool))
+    pts = m.points()
+    assert pts.shape[1] == 6 and pts.dtype == np.float32 and len(pts) > 500
+    assert np.abs(pts[:, 2] - 2.0).max() <= 0.01
+    np.testing.assert_allclose(pts[:, 3:], np.tile([200, 100, 50], (len(pts), 1)))
+    # the wall spans the field of view at z=2: x in about [-4/3, 4/3] m
+    assert pts[:, 0].min() < -1.2 and pts[:, 0].max() > 1.2
+    assert len(m) >= len(pts)
+
+
+def test_single_observation_is_not_published():
+    m = VoxelMap(MapConfig(min_weight=2))
+    m.integrate(_wall(), RGB, K, _pose(), None)
+    assert len(m) > 0 and len(m.points()) == 0
+    m.integrate(_wall(), RGB, K, _pose(), None)
+    assert len(m.points()) > 0
+
+
+def test_person_that_walked_away_leaves_no_trail():
+    """Frames 0-5 see an unmasked person at 1 m (segmentation missed it); frames 6-15 see the wall behind."""
+    m = VoxelMap(MapConfig())
+    for k in range(6):
+        m.integrate(_with_person(_wall()), RGB, K, _pose(0.01 * k), np.ones((H, W), bool))
+    assert (m.points()[:, 2] < 1.5).sum() > 100  # the person is in the map while it stands there
+    for k in range(6, 16):
+        m.integrate(_wall(), RGB, K, _pose(0.01 * k), np.ones((H, W), bool))
+    pts = m.points()
+    assert (pts[:, 2] < 1.9).sum() == 0, 'trail left behind'
+    assert len(pts) > 1000 and np.abs(pts[:, 2] - 2.0).max() <= 0.01
+
+
+def test_voxels_seen_as_dynamic_lose_weight():
+    m = VoxelMap(MapConfig(free_weight=1.0))
+    for k in range(4):
+        m.integrate(_with_person(_wall()), RGB, K, _pose(), np.ones((H, W), bool))
+    assert (m.points()[:, 2] < 1.5).sum() > 100
+    dyn = np.ones((H, W), bool)
+    dyn[30:90, 60:100] = False  # now segmentation flags the person: its voxels fade
+    for k in range(4):
+        m.integrate(_with_person(_wall()), RGB, K, _pose(), dyn)
+    assert (m.points()[:, 2] < 1.5).sum() == 0
+
+
+def test_dynamic_pixels_never_enter_and_background_behind_them_stays():
+    m = VoxelMap(MapConfig())
+    static = np.ones((H, W), bool)
+    static[30:90, 60:100] = False
+    for k in range(3):  # wall first, seen fully
+        m.integrate(_wall(), RGB, K, _pose(0.01 * k), np.ones((H, W), bool))
+    n_wall = len(m.points())
+    for k in range(10):  # then a masked person stands in front of it
+        m.integrate(_with_person(_wall()), RGB, K, _pose(0.01 * k), static)
+        assert (m.points()[:, 2] < 1.9).sum() == 0 and (m._xyz[:, 2] < 1.9).sum() == 0
+    assert len(m.points()) >= n_wall  # the occluded wall is not carved
+
+
+def test_low_confidence_and_out_of_range_depth_are_ignored():
+    m = VoxelMap(MapConfig(min_confidence=0.5, max_depth=3.0))
+    conf = np.ones((H, W), np.float32)
+    conf[:, :80] = 0.1
+    d = _wall()
+    d[:60] = 5.0  # beyond max_depth
+    for _ in range(3):
+        m.integrate(d, RGB, K, _pose(), None, conf)
+    pts = m.points()
+    assert len(pts) > 0 and pts[:, 0].min() > -0.05 and pts[:, 1].min() > -0.05
+
+
+def test_max_voxels_bound_respected():
+    m = VoxelMap(MapConfig(voxel_size=0.01, max_voxels=500))
+    for k in range(3):
+        m.integrate(_wall(), RGB, K, _pose(0.05 * k), None)
+        assert len(m) <= 500
+    assert len(m) == 500
+
+
+def test_ply_round_trip(tmp_path):
+    m = VoxelMap(MapConfig())
+    for k in range(3):
+        m.integrate(_with_person(_wall()), RGB, K, _pose(0.01 * k), None)
+    pts = m.points()
+    path = tmp_path / 'map.ply'
+    assert m.save_ply(path) == len(pts)
+    raw = path.read_bytes()
+    end = raw.index(b'end_header\n') + len(b'end_header\n')
+    header = raw[:end].decode('ascii').splitlines()
+    assert header[0] == 'ply' and header[1] == 'format binary_little_endian 1.0'
+    assert f'element vertex {len(pts)}' in header
+    props = [line.split()[1:] for line in header if line.startswith('property')]
+    assert props == [['float', 'x'], ['float', 'y'], ['float', 'z'], ['uchar', 'red'], ['uchar', 'green'],
+                     ['uchar', 'blue']]
+    assert len(raw) - end == len(pts) * 15
+    rec = np.frombuffer(raw[end:], dtype=np.dtype([('xyz', '<f4', 3), ('rgb', 'u1', 3)]))
+    np.testing.assert_array_equal(rec['xyz'], pts[:, :3])
+    np.testing.assert_array_equal(rec['rgb'], pts[:, 3:].astype(np.uint8))
+    np.testing.assert_array_equal(read_ply(path), pts)
+
+
+def test_bad_input_is_input_error(tmp_path):
+    with pytest.raises(InputError):
+        MapConfig(voxel_size=0)
+    with pytest.raises(InputError):
+        VoxelMap().integrate(_wall(), RGB[:10], K, _pose(), None)
+    with pytest.raises(InputError):
+        write_ply(tmp_path / 'x.ply', np.zeros((3, 4)))
+    (tmp_path / 'bad.ply').write_bytes(b'not a ply')
+    with pytest.raises(InputError):
+        read_ply(tmp_path / 'bad.ply')
