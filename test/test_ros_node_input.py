@@ -144,7 +144,7 @@ def test_bad_messages_then_good_frame(ros, node):
 def test_static_map_is_latched_and_save_map_service(ros, node, tmp_path):
     proc, out = node
     late = ros.collect(PointCloud2, '/dynrecon/static_map', MAP_QOS)  # subscribes after it was published
-    assert ros.wait_for(lambda: late, 20), proc.output()[-2000:]
+    assert ros.wait_for(lambda: late, 40), proc.output()[-4000:]
     cloud = late[-1]
     assert cloud.header.frame_id == 'map' and [f.name for f in cloud.fields] == ['x', 'y', 'z', 'rgb']
     assert cloud.width > 0

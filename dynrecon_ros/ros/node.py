@@ -11,6 +11,7 @@ import collections
 import os
 import pathlib
 import re
+import signal
 import sys
 import threading
 import time
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 import rclpy
+import rclpy.duration
 from geometry_msgs.msg import PoseStamped
 from nav_msgs.msg import Odometry, Path
 from rcl_interfaces.msg import ParameterDescriptor
@@ -42,8 +44,9 @@ FASTDDS_PROFILE = 'fastdds_shm.xml'
 NODE_PARAMETERS: dict[str, tuple[object, str]] = {
     'queue_size': (2, 'Frames waiting for the worker; when full the oldest is dropped (and counted).'),
     'qos_reliable': (False, 'Subscribe to inputs with reliable QoS (false: sensor-data QoS, best effort).'),
-    'backend': ('', "Pointmap network backend (empty: the pipeline's default)."),
-    'checkpoint': ('', 'Checkpoint file for the backend (empty: the pipeline default / random weights).'),
+    'backend': ('', "Pair predictor backend, pipeline backend.name ('auto', 'rgbd', 'dust3r'; empty: the "
+                "pipeline's default)."),
+    'checkpoint': ('', 'Checkpoint file of the network backend, pipeline backend.checkpoint (empty: default).'),
     'device': ('cpu', "Torch device for the pipeline ('cpu', 'cuda', 'cuda:1')."),
     'use_compressed': (False, 'Subscribe to image/compressed (jpeg/png) instead of image.'),
     'use_depth': (True, 'Pair each image with a depth image (false: monocular).'),
@@ -90,6 +93,11 @@ def default_fastdds_profile() -> pathlib.Path | None:
     candidates.append(pathlib.Path(__file__).resolve().parents[2] / 'config' / FASTDDS_PROFILE)
     candidates.append(pathlib.Path(sys.prefix) / 'share' / 'dynrecon_ros' / 'config' / FASTDDS_PROFILE)
     return next((p for p in candidates if p.is_file()), None)
+
+
+# Pipeline settings are parameters `pipeline.<section>.<name>`; these two are node-level names instead.
+PIPELINE_PREFIX = 'pipeline.'
+CONFIG_AT_NODE_LEVEL = {'backend.name': 'backend', 'backend.checkpoint': 'checkpoint'}
 
 
 def flatten(d: dict, prefix: str = '') -> dict[str, object]:
@@ -227,31 +235,24 @@ class ReconNode(Node):
     def _declare_parameters(self) -> None:
         for name, (default, desc) in NODE_PARAMETERS.items():
             self.declare_parameter(name, default, ParameterDescriptor(description=desc))
-        from dynrecon_ros.config import ReconConfig
-        self._config_defaults = flatten(ReconConfig().to_dict())
-        docs = _config_docs()
-        for name, default in self._config_defaults.items():
-            if name in NODE_PARAMETERS:
+        self._config_defaults = pipeline_defaults()
+        for key, (default, desc) in self._config_defaults.items():
+            if key in CONFIG_AT_NODE_LEVEL:
                 continue
-            desc = docs.get(name, f'pipeline setting {name} (see dynrecon_ros.config)')
-            self.declare_parameter(name, _ros_value(default),
+            self.declare_parameter(PIPELINE_PREFIX + key, _ros_value(default),
                                    ParameterDescriptor(description=desc, dynamic_typing=True))
 
     def pipeline_config(self):
-        """ReconConfig built from the declared pipeline parameters."""
+        """ReconConfig built from the declared ``pipeline.*`` parameters (and ``backend``/``checkpoint``)."""
         from dynrecon_ros.config import ReconConfig
         flat = {}
-        for name, default in self._config_defaults.items():
-            if name in NODE_PARAMETERS:
-                flat[name] = default
-                continue
-            flat[name] = _from_ros(self._param(name), default)
-        for name in ('backend', 'checkpoint', 'device'):  # node-level overrides of same-named settings
-            value = self._param(name)
-            for key in self._config_defaults:
-                if key.split('.')[-1] == name and value:
-                    flat[key] = value
-        return ReconConfig.from_dict(unflatten(flat))
+        for key, (default, _) in self._config_defaults.items():
+            if key in CONFIG_AT_NODE_LEVEL:
+                value = self._param(CONFIG_AT_NODE_LEVEL[key])
+                flat[key] = value if value else default
+            else:
+                flat[key] = _from_ros(self._param(PIPELINE_PREFIX + key), default)
+        return ReconConfig.from_dict(unflatten(flat), where='parameters')
 
     def _default_factory(self, config, backend: str, checkpoint: str, device: str, log):
         from dynrecon_ros.reconstructor import Reconstructor
@@ -565,8 +566,10 @@ class ReconNode(Node):
             try:
                 self._publish_results(results)
                 self.publish_map()
-            except Exception:  # noqa: BLE001 - context may already be shut down (SIGTERM)
-                pass
+                for pub in (self.pub_map, self.pub_mask, self.tf.pub):  # let reliable subscribers get the tail
+                    pub.wait_for_all_acked(rclpy.duration.Duration(seconds=2.0))
+            except Exception as exc:  # noqa: BLE001 - shutting down: report, still save the map
+                print(f'[{self.get_name()}] final publish failed: {exc!r}', file=sys.stderr, flush=True)
         path = self._param('save_map_path')
         if path:
             with self._lock:
@@ -577,35 +580,60 @@ class ReconNode(Node):
               f'dropped {q.dropped}, queue high water {q.high_water}', file=sys.stderr, flush=True)
 
 
-def _config_docs() -> dict[str, str]:
-    """Parameter descriptions for the pipeline settings from ReconConfig's docstrings, when it has them."""
-    try:
-        from dynrecon_ros import config as cfg
-        docs = getattr(cfg, 'FIELD_DOCS', None) or getattr(cfg, 'DESCRIPTIONS', None)
-        return dict(docs) if docs else {}
-    except Exception:  # noqa: BLE001
-        return {}
+def pipeline_defaults() -> dict[str, tuple[object, str]]:
+    """``{'window.size': (default, description)}`` for every leaf of ReconConfig.
+
+    The description is the field's type and default plus the first sentence of its section's docstring
+    (the config documents its fields per section)."""
+    import dataclasses
+
+    from dynrecon_ros.config import ReconConfig
+    out = {}
+
+    def walk(obj, prefix):
+        doc = ' '.join((type(obj).__doc__ or '').split())
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(value, f'{prefix}{f.name}.')
+                continue
+            section = prefix.rstrip('.') or 'ReconConfig'
+            out[prefix + f.name] = (value, f'pipeline setting {prefix}{f.name} (default {value!r}; '
+                                           f'{section}: {doc})')
+    walk(ReconConfig(), '')
+    return out
 
 
 def main(args: list[str] | None = None) -> int:
-    """Console script ``recon_node``."""
+    """Console script ``recon_node``.
+
+    Ctrl-C and SIGTERM only set a flag: the DDS context stays valid while the node stops the worker,
+    flushes the pipeline, publishes the last results and map and writes ``save_map_path``.
+    """
     if not os.environ.get('FASTDDS_DEFAULT_PROFILES_FILE'):
         profile = default_fastdds_profile()
         if profile is not None:  # larger SHM segment: no silent loss of big best-effort images
             os.environ['FASTDDS_DEFAULT_PROFILES_FILE'] = str(profile)
-    rclpy.init(args=args)
+    from rclpy.executors import SingleThreadedExecutor
+    from rclpy.signals import SignalHandlerOptions
+    rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
     node = None
     try:
         node = ReconNode()
-        rclpy.spin(node)
+        executor = SingleThreadedExecutor()
+        executor.add_node(node)
+        while rclpy.ok() and not stop.is_set():
+            executor.spin_once(timeout_sec=0.1)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:
         if node is not None:
             node.finish(publish=rclpy.ok())
             node.destroy_node()
-        if rclpy.ok():
-            rclpy.try_shutdown()
+        rclpy.try_shutdown()
     return 0
 
 
