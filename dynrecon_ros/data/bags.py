@@ -8,6 +8,7 @@ Written depth is registered to the colour image (same pixel grid), as TUM's dept
 """
 from __future__ import annotations
 
+import contextlib
 import pathlib
 from decimal import Decimal
 
@@ -178,6 +179,12 @@ def is_bag(path) -> bool:
     return (path.is_file() and path.suffix == '.bag') or (path.is_dir() and (path / 'metadata.yaml').is_file())
 
 
+def _ns_to_s(ns: int) -> float:
+    """Integer nanoseconds -> seconds, correctly rounded (ns * 1e-9 is not, for stamps around 1e9 s)."""
+    ns = int(ns)
+    return float(f'{ns // 1_000_000_000}.{ns % 1_000_000_000:09d}')
+
+
 def _header_ns(msg) -> int:
     return int(msg.header.stamp.sec) * 1_000_000_000 + int(msg.header.stamp.nanosec)
 
@@ -188,7 +195,8 @@ class BagFrames:
     Colour and depth messages are paired by header stamp like TUM's associate tool (nearest within
     ``max_dt``, each used once); K comes from the colour camera_info (first message), or ``K`` if given.
     A bag without the depth topic gives monocular frames (depth None). Frame keys are the colour
-    header stamps as ``sec.micro`` strings with 6 decimals (TUM's style).
+    header stamps as ``sec.micro`` strings with 6 decimals (TUM's style). ``K`` may be reassigned before
+    iterating; ``size`` is the (W, H) of the first colour image.
     """
 
     def __init__(self, path, max_dt: float = 0.02, rgb_topic: str = RGB_TOPIC, depth_topic: str = DEPTH_TOPIC,
@@ -201,6 +209,7 @@ class BagFrames:
         self.topics = (rgb_topic, depth_topic, info_topic)
         self.K = None if K is None else np.asarray(K, dtype=np.float64)
         rgb_ns, depth_ns = [], []
+        self.size = None  # (W, H) of the first colour image
         with self._reader() as reader:
             names = {c.topic for c in reader.connections}
             if rgb_topic not in names:
@@ -210,10 +219,11 @@ class BagFrames:
                 msg = self._deserialize(reader, raw, conn)
                 if conn.topic == rgb_topic:
                     rgb_ns.append(_header_ns(msg))
+                    self.size = self.size or (int(msg.width), int(msg.height))
                 elif conn.topic == depth_topic:
                     depth_ns.append(_header_ns(msg))
                 elif self.K is None:
-                    k = np.asarray(getattr(msg, 'K', None) if hasattr(msg, 'K') else msg.k, dtype=np.float64)
+                    k = np.asarray(msg.K if hasattr(msg, 'K') else msg.k, dtype=np.float64)  # ROS 1 K, ROS 2 k
                     if k.size == 9 and k[0] > 0:
                         self.K = k.reshape(3, 3)
         if not rgb_ns:
@@ -228,19 +238,26 @@ class BagFrames:
         else:
             pairs = [(i, None) for i in range(len(rgb_ns))]
         self._pairs = pairs
-        self.stamps = np.array([self._rgb_ns[a] * 1e-9 for a, _ in pairs])
+        self.stamps = np.array([_ns_to_s(self._rgb_ns[a]) for a, _ in pairs])
         self.keys = [self._key(self._rgb_ns[a]) for a, _ in pairs]
 
     @staticmethod
     def _key(ns: int) -> str:
         return f'{ns // 1_000_000_000}.{(ns % 1_000_000_000) // 1000:06d}'
 
+    @contextlib.contextmanager
     def _reader(self):
         from rosbags.highlevel import AnyReader
         try:
-            return AnyReader([self.path])
+            # ROS 2 bags from older recorders carry no message definitions: fall back to the standard ones.
+            reader = AnyReader([self.path], default_typestore=_typestore(2))
+            reader.open()
         except Exception as exc:  # rosbags raises several reader error types for corrupt bags
             raise InputError(f'cannot open bag: {exc}', self.path) from None
+        try:
+            yield reader
+        finally:
+            reader.close()
 
     def _deserialize(self, reader, raw, conn):
         try:
@@ -290,7 +307,7 @@ class BagFrames:
                              f'{rgb.shape[1]}x{rgb.shape[0]} at stamp {self.keys[k]}', self.path)
         meta = {'source': str(self.path)}
         if b is not None:
-            meta['depth_stamp'] = float(self._depth_ns[b]) * 1e-9
+            meta['depth_stamp'] = _ns_to_s(self._depth_ns[b])
         return Frame(stamp=self.stamps[k], rgb=rgb, depth=depth, K=self.K, key=self.keys[k], meta=meta)
 
 

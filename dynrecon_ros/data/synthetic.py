@@ -23,7 +23,7 @@ import cv2
 import numpy as np
 
 from dynrecon_ros.data.bags import write_bag  # noqa: F401  (re-exported: synthetic.write_bag)
-from dynrecon_ros.data.tum import write_depth_png, write_trajectory
+from dynrecon_ros.data.tum import write_depth_png, write_masks, write_trajectory
 from dynrecon_ros.frames import Frame
 
 ROOM_LO = np.array([-3.0, -3.0, 0.0])
@@ -158,8 +158,8 @@ def camera_poses(cfg: SyntheticConfig, t: np.ndarray) -> np.ndarray:
     rng = np.random.default_rng([cfg.seed, _CAMERA])
     a = cfg.camera_motion
     pos = np.stack([
-        _smooth_noise_1d(rng, t, (0.11, 0.23), 0.7 * a),
-        -2.3 + _smooth_noise_1d(rng, t, (0.13, 0.19), 0.35 * a),
+        _smooth_noise_1d(rng, t, (0.11, 0.23), 0.45 * a),
+        -2.3 + _smooth_noise_1d(rng, t, (0.13, 0.19), 0.25 * a),
         1.35 + _smooth_noise_1d(rng, t, (0.17, 0.29), 0.12 * a),
     ], axis=1)
     pos += np.stack([_smooth_noise_1d(rng, t, (3.1, 4.7, 6.3), 0.006 * a) for _ in range(3)], axis=1)
@@ -217,19 +217,20 @@ class _Texture:
 
     def __init__(self, seed: int):
         rng = np.random.default_rng([seed, _TEXTURE])
-        self.tables = [rng.random((256, 256), dtype=np.float32) for _ in OCTAVES]
-        self.tint_tables = [rng.random((256, 256), dtype=np.float32) for _ in range(2)]
+        self.tables = [rng.random(256 * 256, dtype=np.float32) for _ in OCTAVES]
+        self.tint_tables = [rng.random(256 * 256, dtype=np.float32) for _ in range(2)]
 
     @staticmethod
     def _noise(table: np.ndarray, u: np.ndarray, v: np.ndarray, cell: float) -> np.ndarray:
-        x, y = u / cell, v / cell
+        """(256*256,) flat lattice, (P,) u, v metres -> (P,) float32 smooth value noise in [0, 1]."""
+        x, y = u * (1.0 / cell), v * (1.0 / cell)
         ix, iy = np.floor(x), np.floor(y)
-        fx, fy = x - ix, y - iy
+        fx, fy = (x - ix).astype(np.float32), (y - iy).astype(np.float32)
         fx, fy = fx * fx * (3 - 2 * fx), fy * fy * (3 - 2 * fy)  # smoothstep: C1 continuous
-        ix, iy = ix.astype(np.int64) & 255, iy.astype(np.int64) & 255
-        ix1, iy1 = (ix + 1) & 255, (iy + 1) & 255
-        top = table[iy, ix] * (1 - fx) + table[iy, ix1] * fx
-        bot = table[iy1, ix] * (1 - fx) + table[iy1, ix1] * fx
+        ix, iy = ix.astype(np.int64) & 255, (iy.astype(np.int64) & 255) << 8
+        ix1, iy1 = (ix + 1) & 255, (iy + 256) & 0xFF00
+        top = table.take(iy + ix) * (1 - fx) + table.take(iy + ix1) * fx
+        bot = table.take(iy1 + ix) * (1 - fx) + table.take(iy1 + ix1) * fx
         return top * (1 - fy) + bot * fy
 
     def colour(self, u: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -247,18 +248,20 @@ class _Texture:
 # Ray casting
 
 
-def _cast(origin: np.ndarray, dirs: np.ndarray, centres: np.ndarray, headings: np.ndarray):
-    """Nearest hit of rays ``origin + t * dirs`` with the scene.
+def _cast(origin: np.ndarray, d: np.ndarray, centres: np.ndarray, headings: np.ndarray, cull=None):
+    """Nearest hit of rays ``origin + t * d`` with the scene.
 
     Args:
-        origin: (3,) world camera centre; dirs: (P, 3) world directions whose optical-axis component is 1,
-            so the hit parameter t is the z-depth.
+        origin: (3,) world camera centre; d: (3, P) world directions whose optical-axis component is 1,
+            so the hit parameter t is the z-depth (component rows: faster than (P, 3) columns).
         centres: (M, 2) mover xy; headings: (M,) mover yaw.
+        cull: optional function (lo (3,), hi (3,)) -> flat indices of the rays that can hit that world box,
+            or None for all; only an optimisation (results are identical without it).
     Returns:
-        t (P,), normal (P, 3), uv (P, 2) texture coordinates in metres, dynamic (P,) bool.
+        t (P,); cos_light (P,) = |normal . LIGHT|; u, v (P,) texture coordinates in metres; dynamic (P,) bool.
     """
-    p_count = len(dirs)
-    d = np.ascontiguousarray(dirs.T)  # (3, P): per-component rows are faster than (P, 3) columns
+    p_count = d.shape[1]
+    everything = np.arange(p_count)
     with np.errstate(divide='ignore', invalid='ignore'):
         inv = 1.0 / np.where(d == 0, 1e-12, d)
     # Room, seen from inside: exit distance per axis.
@@ -269,73 +272,99 @@ def _cast(origin: np.ndarray, dirs: np.ndarray, centres: np.ndarray, headings: n
     surf = axis * 2 + (np.take_along_axis(d, axis[None], 0)[0] > 0)  # 0..5: room faces
     kind = np.zeros(p_count, np.int8)  # 0 = axis-aligned face, 1 = mover side, 2 = mover cap
     mover = np.full(p_count, -1, np.int64)
+
+    def candidates(lo, hi):
+        idx = cull(lo, hi) if cull is not None else None
+        return everything if idx is None else idx
+
     # Static boxes (slab test).
     for b, (lo, hi) in enumerate(STATIC_BOXES):
+        idx = candidates(lo, hi)
+        if not len(idx):
+            continue
+        dd, iv = d[:, idx], inv[:, idx]
         tn, tf = [], []
         for a in range(3):
-            t1, t2 = (lo[a] - origin[a]) * inv[a], (hi[a] - origin[a]) * inv[a]
+            t1, t2 = (lo[a] - origin[a]) * iv[a], (hi[a] - origin[a]) * iv[a]
             tn.append(np.minimum(t1, t2))
             tf.append(np.maximum(t1, t2))
         t_in = np.maximum(np.maximum(tn[0], tn[1]), tn[2])
         t_out = np.minimum(np.minimum(tf[0], tf[1]), tf[2])
-        hit = np.flatnonzero((t_in <= t_out) & (t_in > 1e-6) & (t_in < t_best))
-        if not len(hit):
+        sel = np.flatnonzero((t_in <= t_out) & (t_in > 1e-6) & (t_in < t_best[idx]))
+        if not len(sel):
             continue
-        th = t_in[hit]
-        ax = np.where(th == tn[0][hit], 0, np.where(th == tn[1][hit], 1, 2))
+        th = t_in[sel]
+        ax = np.where(th == tn[0][sel], 0, np.where(th == tn[1][sel], 1, 2))
+        hit = idx[sel]
         t_best[hit] = th
         axis[hit] = ax
-        surf[hit] = 10 + 6 * b + ax * 2 + (d[ax, hit] > 0)
+        surf[hit] = 10 + 6 * b + ax * 2 + (dd[ax, sel] > 0)
     # Movers: vertical cylinders with a flat top.
-    a_xy = d[0] * d[0] + d[1] * d[1]
-    for m, (c, _) in enumerate(zip(centres, headings)):
+    for m, c in enumerate(centres):
+        idx = candidates(np.array([c[0] - MOVER_RADIUS, c[1] - MOVER_RADIUS, 0.0]),
+                         np.array([c[0] + MOVER_RADIUS, c[1] + MOVER_RADIUS, MOVER_HEIGHT]))
+        if not len(idx):
+            continue
+        dd, iv, tb = d[:, idx], inv[:, idx], t_best[idx]
         ox, oy = origin[0] - c[0], origin[1] - c[1]
-        a = a_xy
-        bq = 2 * (ox * d[0] + oy * d[1])
+        a = dd[0] * dd[0] + dd[1] * dd[1]
+        bq = 2 * (ox * dd[0] + oy * dd[1])
         cq = ox * ox + oy * oy - MOVER_RADIUS ** 2
         disc = bq * bq - 4 * a * cq
         ok = (disc >= 0) & (a > 1e-12)
         t_side = np.where(ok, (-bq - np.sqrt(np.maximum(disc, 0))) / (2 * np.maximum(a, 1e-12)), np.inf)
-        z_side = origin[2] + t_side * d[2]
-        side = ok & (t_side > 1e-6) & (z_side >= 0) & (z_side <= MOVER_HEIGHT) & (t_side < t_best)
-        t_best = np.where(side, t_side, t_best)
-        kind = np.where(side, 1, kind)
-        mover = np.where(side, m, mover)
+        z_side = origin[2] + t_side * dd[2]
+        side = ok & (t_side > 1e-6) & (z_side >= 0) & (z_side <= MOVER_HEIGHT) & (t_side < tb)
+        tb = np.where(side, t_side, tb)
         with np.errstate(divide='ignore', invalid='ignore'):
-            t_cap = (MOVER_HEIGHT - origin[2]) * inv[2]
-        px, py = ox + t_cap * d[0], oy + t_cap * d[1]
-        cap = np.isfinite(t_cap) & (t_cap > 1e-6) & (px * px + py * py <= MOVER_RADIUS ** 2) & (t_cap < t_best)
-        t_best = np.where(cap, t_cap, t_best)
-        kind = np.where(cap, 2, kind)
-        mover = np.where(cap, m, mover)
+            t_cap = (MOVER_HEIGHT - origin[2]) * iv[2]
+            px, py = ox + t_cap * dd[0], oy + t_cap * dd[1]
+        cap = np.isfinite(t_cap) & (t_cap > 1e-6) & (px * px + py * py <= MOVER_RADIUS ** 2) & (t_cap < tb)
+        tb = np.where(cap, t_cap, tb)
+        got = side | cap
+        hit = idx[got]
+        t_best[hit] = tb[got]
+        kind[hit] = np.where(cap[got], 2, 1)
+        mover[hit] = m
 
-    hit = origin + t_best[:, None] * dirs
-    normal = np.zeros((p_count, 3))
-    uv = np.zeros((p_count, 2))
-    face = kind == 0
-    ax = axis[face]
-    normal[face, ax] = -np.sign(dirs[face, ax])
-    other = np.array([[1, 2], [0, 2], [0, 1]])[ax]
-    uv[face] = np.take_along_axis(hit[face], other, axis=1) + surf[face, None] * np.array([13.7, 29.3])
-    dyn = mover >= 0
-    if dyn.any():
+    hx, hy, hz = (origin[a] + t_best * d[a] for a in range(3))
+    # Axis-aligned faces: texture in the two in-plane coordinates, normal along the axis (|n.L| = |L[axis]|).
+    u = np.where(axis == 0, hy, hx) + surf * 13.7
+    v = np.where(axis == 2, hy, hz) + surf * 29.3
+    cos_light = np.abs(LIGHT)[axis]
+    dyn = np.flatnonzero(mover >= 0)
+    if len(dyn):
         m = mover[dyn]
-        local = hit[dyn, :2] - centres[m]
-        ang = np.arctan2(local[:, 1], local[:, 0]) - headings[m]
+        lx, ly = hx[dyn] - centres[m, 0], hy[dyn] - centres[m, 1]
         side = kind[dyn] == 1
-        n = np.zeros((dyn.sum(), 3))
-        n[side, :2] = local[side] / MOVER_RADIUS
-        n[~side, 2] = 1.0
-        normal[dyn] = n
+        cos_light[dyn] = np.where(side, np.abs(lx * LIGHT[0] + ly * LIGHT[1]) / MOVER_RADIUS, abs(LIGHT[2]))
+        # Texture moves with the mover: side uses (arc length, height), cap uses heading-rotated local xy.
         c, s = np.cos(-headings[m]), np.sin(-headings[m])
-        # Texture moves with the mover: side uses (arc length, height), cap uses rotated local xy.
-        u_side = ang * MOVER_RADIUS
-        v_side = hit[dyn, 2]
-        u_cap = c * local[:, 0] - s * local[:, 1]
-        v_cap = s * local[:, 0] + c * local[:, 1]
-        off = (200 + 2 * m + ~side)[:, None] * np.array([13.7, 29.3])
-        uv[dyn] = np.stack([np.where(side, u_side, u_cap), np.where(side, v_side, v_cap)], axis=1) + off
-    return t_best, normal, uv, dyn
+        u_side = (np.arctan2(ly, lx) - headings[m]) * MOVER_RADIUS
+        off = 200 + 2 * m + ~side
+        u[dyn] = np.where(side, u_side, c * lx - s * ly) + off * 13.7
+        v[dyn] = np.where(side, hz[dyn], s * lx + c * ly) + off * 29.3
+    return t_best, cos_light, u, v, mover >= 0
+
+
+def _screen_cull(pose: np.ndarray, K: np.ndarray, w: int, h: int):
+    """Ray culling for _cast: flat pixel indices of the screen rectangle that a world box projects into
+    (a convex box lies inside its projected corners' hull), or None when a corner is behind the camera."""
+    R, o = pose[:3, :3], pose[:3, 3]
+
+    def cull(lo: np.ndarray, hi: np.ndarray):
+        corners = np.array(np.meshgrid(*zip(lo, hi), indexing='ij')).reshape(3, -1).T
+        pc = (corners - o) @ R
+        if np.any(pc[:, 2] <= 1e-3):
+            return None
+        u = K[0, 0] * pc[:, 0] / pc[:, 2] + K[0, 2]
+        v = K[1, 1] * pc[:, 1] / pc[:, 2] + K[1, 2]
+        u0, u1 = max(int(np.floor(u.min())) - 1, 0), min(int(np.ceil(u.max())) + 1, w - 1)
+        v0, v1 = max(int(np.floor(v.min())) - 1, 0), min(int(np.ceil(v.max())) + 1, h - 1)
+        if u0 > u1 or v0 > v1:
+            return np.zeros(0, np.int64)
+        return (np.arange(v0, v1 + 1)[:, None] * w + np.arange(u0, u1 + 1)[None, :]).ravel()
+    return cull
 
 
 def _holes(rng: np.random.Generator, h: int, w: int, fraction: float) -> np.ndarray:
@@ -363,14 +392,14 @@ def render_sequence(cfg: SyntheticConfig | None = None) -> SyntheticSequence:
     tex = _Texture(cfg.seed)
 
     v, u = np.mgrid[0:h, 0:w]
-    rays_cam = np.stack([(u.ravel() - K[0, 2]) / K[0, 0], (v.ravel() - K[1, 2]) / K[1, 1], np.ones(h * w)], 1)
+    rays_cam = np.stack([(u.ravel() - K[0, 2]) / K[0, 0], (v.ravel() - K[1, 2]) / K[1, 1], np.ones(h * w)])  # (3, P)
     frames, masks, depth_gt = [], np.zeros((n, h, w), bool), np.zeros((n, h, w), np.float32)
     for i in range(n):
         R, o = poses[i, :3, :3], poses[i, :3, 3]
-        dirs = rays_cam @ R.T
-        tt, normal, uv, dyn = _cast(o, dirs, centres[i], headings[i])
-        shade = 0.6 + 0.4 * np.abs(normal @ LIGHT)
-        rgb = np.clip(tex.colour(uv[:, 0], uv[:, 1]) * shade[:, None] * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        tt, cos_light, tu, tv, dyn = _cast(o, R @ rays_cam, centres[i], headings[i],
+                                           cull=_screen_cull(poses[i], K, w, h))
+        shade = (0.6 + 0.4 * cos_light) * 255.0
+        rgb = np.clip(tex.colour(tu, tv) * shade[:, None] + 0.5, 0, 255).astype(np.uint8)
         depth_gt[i] = tt.reshape(h, w).astype(np.float32)
         masks[i] = dyn.reshape(h, w)
         depth = depth_gt[i].copy()
@@ -400,16 +429,16 @@ def write_tum(seq: SyntheticSequence, directory) -> pathlib.Path:
     ``fx fy cx cy`` of the colour camera; TUM's readers use it when present).
     """
     root = pathlib.Path(directory)
-    for sub in ('rgb', 'depth', 'masks_gt'):
+    for sub in ('rgb', 'depth'):
         (root / sub).mkdir(parents=True, exist_ok=True)
     rgb_lines, depth_lines = [], []
-    for f, ds, mask in zip(seq.frames, seq.depth_stamps, seq.masks):
+    for f, ds in zip(seq.frames, seq.depth_stamps):
         dkey = f'{ds:.6f}'
         cv2.imwrite(str(root / 'rgb' / f'{f.key}.png'), cv2.cvtColor(f.rgb, cv2.COLOR_RGB2BGR))
         write_depth_png(root / 'depth' / f'{dkey}.png', f.depth)
-        cv2.imwrite(str(root / 'masks_gt' / f'{f.key}.png'), mask.astype(np.uint8) * 255)
         rgb_lines.append(f'{f.key} rgb/{f.key}.png')
         depth_lines.append(f'{dkey} depth/{dkey}.png')
+    write_masks(root / 'masks_gt', dict(zip(seq.keys, seq.masks)))
     name = f'dynrecon synthetic seed {seq.config.seed}'
     (root / 'rgb.txt').write_text(f'# color images\n# file: \'{name}\'\n# timestamp filename\n'
                                   + '\n'.join(rgb_lines) + '\n')
