@@ -24,6 +24,7 @@ import rclpy.duration
 from geometry_msgs.msg import PoseStamped
 from nav_msgs.msg import Odometry, Path
 from rcl_interfaces.msg import ParameterDescriptor
+from rclpy.exceptions import ParameterException
 from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
@@ -181,6 +182,10 @@ class ReconNode(Node):
         self._warned: dict[tuple, float] = {}
         self._lock = threading.Lock()  # guards the reconstructor (worker vs save_map service)
         self._rec = self._make_reconstructor()
+        changed = {k: v for k, v in flatten(self._config.to_dict()).items()
+                   if v != self._config_defaults.get(k, (v,))[0]}
+        self.get_logger().info('pipeline settings changed from the defaults: '
+                               + (', '.join(f'{k}={v!r}' for k, v in changed.items()) or 'none'))
 
         # state touched by callbacks (single-threaded executor) and read by the worker
         self._last_info: tuple[np.ndarray, np.ndarray, tuple[int, int]] | None = None
@@ -259,7 +264,8 @@ class ReconNode(Node):
         return Reconstructor(config, device=device, log=log)
 
     def _make_reconstructor(self):
-        return self._factory(self.pipeline_config(), self._param('backend'), self._param('checkpoint'),
+        self._config = self.pipeline_config()
+        return self._factory(self._config, self._param('backend'), self._param('checkpoint'),
                              self._param('device'), lambda msg: self.get_logger().info(str(msg)))
 
     # ------------------------------------------------------------ warnings
@@ -622,7 +628,11 @@ def main(args: list[str] | None = None) -> int:
         signal.signal(sig, lambda *_: stop.set())
     node = None
     try:
-        node = ReconNode()
+        try:
+            node = ReconNode()
+        except (InputError, ValueError, ParameterException) as exc:  # a bad parameter: one line, exit 2 (as the CLI)
+            print(f'recon_node: error: {exc}', file=sys.stderr, flush=True)
+            return 2
         executor = SingleThreadedExecutor()
         executor.add_node(node)
         while rclpy.ok() and not stop.is_set():
