@@ -91,101 +91,119 @@ class WindowAligner:
         self.damping = damping
         self.device = torch.device(device)
 
-    def _residuals(self, delta, T0, free_idx, cons, K, weights):
-        """Stacked whitened residuals (R,) as a function of delta (F_free*6,)."""
-        F = T0.shape[0]
-        d = delta.view(-1, 6)
-        Rd = torch.eye(3, dtype=T0.dtype, device=T0.device) + _hat(d[:, :3]) + 0.5 * _hat(d[:, :3]) @ _hat(d[:, :3])
-        R = T0[:, :3, :3].clone()
-        t = T0[:, :3, 3].clone()
-        if len(free_idx):
-            fi = free_idx
-            Rf = T0[fi, :3, :3] @ Rd
-            tf = T0[fi, :3, 3] + torch.einsum('nij,nj->ni', T0[fi, :3, :3], d[:, 3:])
-            R = R.index_copy(0, fi, Rf)
-            t = t.index_copy(0, fi, tf)
-        out = []
-        for k, (a, b, Pa, Pb, uv, w) in enumerate(cons):
-            Xa = Pa @ R[a].T + t[a]
-            Xb = Pb @ R[b].T + t[b]
-            out.append(((Xa - Xb) / self.sigma_point * weights[k][0][:, None]).reshape(-1))
+    def _normal_equations(self, poses: torch.Tensor, cons, K: torch.Tensor, F: int):
+        """Gauss-Newton system over all frames' 6-dof right increments [omega, v] with IRLS Huber.
+
+        Jacobians are analytic (a rigid transform and a pinhole projection: small closed forms, far
+        cheaper than autodiff for thousands of residuals). Returns (H (6F, 6F), g (6F,), cost).
+        """
+        dev, dt = poses.device, poses.dtype
+        H = torch.zeros(6 * F, 6 * F, dtype=dt, device=dev)
+        g = torch.zeros(6 * F, dtype=dt, device=dev)
+        cost = 0.0
+        eye = torch.eye(3, dtype=dt, device=dev)
+        for (a, b, Pa, Pb, uv, w) in cons:
+            n = len(Pa)
+            Ra, ta, Rb, tb = poses[a, :3, :3], poses[a, :3, 3], poses[b, :3, :3], poses[b, :3, 3]
+            RPa, RPb = Pa @ Ra.T, Pb @ Rb.T
+            Xa, Xb = RPa + ta, RPb + tb
+            # point term r = (Xa - Xb) / sigma, Xa(omega, v) = Ra (I + [omega]x) Pa + ta + Ra v:
+            # dXa/domega = -Ra [Pa]x = -[Ra Pa]x Ra, dXa/dv = Ra (b alike, opposite sign); all the
+            # products below are plain GEMMs with one 3x3 matrix per pair (batched 3x3 bmm is slow)
+            r = (Xa - Xb) / self.sigma_point
+            e = torch.linalg.norm(r, dim=-1)
+            hw = torch.where(e < self.huber, torch.ones_like(e), self.huber / e.clamp(min=1e-12)) * w
+            cost += float((w * torch.where(e < self.huber, 0.5 * e ** 2, self.huber * (e - 0.5 * self.huber))).sum())
+            J = torch.empty(n, 3, 12, dtype=dt, device=dev)
+            J[:, :, 0:3] = -(_hat(RPa).reshape(-1, 3) @ Ra).reshape(n, 3, 3)
+            J[:, :, 3:6] = Ra
+            J[:, :, 6:9] = (_hat(RPb).reshape(-1, 3) @ Rb).reshape(n, 3, 3)
+            J[:, :, 9:12] = -Rb
+            sw = (hw.sqrt() / self.sigma_point)[:, None, None]
+            J2 = (J * sw).reshape(-1, 12)
+            Hl = J2.T @ J2
+            gl = J2.T @ (r * hw.sqrt()[:, None]).reshape(-1)
             if self.flow_weight > 0:
-                Xab = (Xa - t[b]) @ R[b]  # into camera b
-                z = Xab[:, 2].clamp(min=1e-3)
-                u = K[b][0, 0] * Xab[:, 0] / z + K[b][0, 2]
-                v = K[b][1, 1] * Xab[:, 1] / z + K[b][1, 2]
-                r = torch.stack([u - uv[:, 0], v - uv[:, 1]], -1) / self.sigma_flow
-                out.append((r * (weights[k][1][:, None] * float(np.sqrt(self.flow_weight)))).reshape(-1))
+                Y = (Xa - tb) @ Rb  # point of a in camera b
+                Z = Y[:, 2].clamp(min=1e-3)
+                fx, fy, cx, cy = K[b][0, 0], K[b][1, 1], K[b][0, 2], K[b][1, 2]
+                rf = torch.stack([fx * Y[:, 0] / Z + cx - uv[:, 0], fy * Y[:, 1] / Z + cy - uv[:, 1]], -1) / self.sigma_flow
+                ef = torch.linalg.norm(rf, dim=-1)
+                hf = torch.where(ef < self.huber, torch.ones_like(ef), self.huber / ef.clamp(min=1e-12)) * w * self.flow_weight
+                cost += float((w * self.flow_weight * torch.where(ef < self.huber, 0.5 * ef ** 2,
+                                                                   self.huber * (ef - 0.5 * self.huber))).sum())
+                # dY/d(omega_a, v_a) = Rb^T Ra [-[Pa]x, I]; dY/d(omega_b, v_b) = [[Y]x, -I]
+                RbTRa = Rb.T @ Ra
+                JY = torch.empty(n, 3, 12, dtype=dt, device=dev)
+                JY[:, :, 0:3] = -(_hat(Pa @ RbTRa.T).reshape(-1, 3) @ RbTRa).reshape(n, 3, 3)
+                JY[:, :, 3:6] = RbTRa
+                JY[:, :, 6:9] = _hat(Y)
+                JY[:, :, 9:12] = -eye
+                iz = 1.0 / Z
+                Ju = (fx * iz)[:, None] * (JY[:, 0] - (Y[:, 0] * iz)[:, None] * JY[:, 2])
+                Jv = (fy * iz)[:, None] * (JY[:, 1] - (Y[:, 1] * iz)[:, None] * JY[:, 2])
+                sf = (hf.sqrt() / self.sigma_flow)[:, None]
+                Jf = torch.cat([Ju * sf, Jv * sf], 0)
+                Hl = Hl + Jf.T @ Jf
+                gl = gl + Jf.T @ (torch.cat([rf[:, 0], rf[:, 1]]) * torch.cat([hf.sqrt(), hf.sqrt()]))
+            ia, ib = slice(6 * a, 6 * a + 6), slice(6 * b, 6 * b + 6)
+            H[ia, ia] += Hl[:6, :6]
+            H[ia, ib] += Hl[:6, 6:]
+            H[ib, ia] += Hl[6:, :6]
+            H[ib, ib] += Hl[6:, 6:]
+            g[ia] += gl[:6]
+            g[ib] += gl[6:]
         if self.smooth_weight > 0 and F > 1:
-            dR = R[:-1].transpose(1, 2) @ R[1:]
-            dt = torch.einsum('nji,nj->ni', R[:-1], t[1:] - t[:-1])
-            s = float(np.sqrt(self.smooth_weight))
-            out.append(((dR - torch.eye(3, dtype=R.dtype, device=R.device)) * s).reshape(-1))
-            out.append((dt * s).reshape(-1))
-        return torch.cat(out)
+            # MonST3R camera smoothness |dR - I|_F^2 + |dt|^2 between consecutive frames (few
+            # residuals: autodiff is fine here)
+            def fun(delta):
+                d = delta.view(F, 6)
+                R = poses[:, :3, :3] @ (torch.eye(3, dtype=dt, device=dev) + _hat(d[:, :3]))
+                t = poses[:, :3, 3] + torch.einsum('nij,nj->ni', poses[:, :3, :3], d[:, 3:])
+                dR = R[:-1].transpose(1, 2) @ R[1:]
+                dtr = torch.einsum('nji,nj->ni', R[:-1], t[1:] - t[:-1])
+                return torch.cat([(dR - torch.eye(3, dtype=dt, device=dev)).reshape(-1), dtr.reshape(-1)]) * self.smooth_weight ** 0.5
+            z = torch.zeros(6 * F, dtype=dt, device=dev)
+            rs = fun(z)
+            Js = torch.func.jacfwd(fun)(z)
+            H = H + Js.T @ Js
+            g = g + Js.T @ rs
+            cost += 0.5 * float((rs ** 2).sum())
+        return H, g, cost
 
     def align(self, poses: np.ndarray, fixed: np.ndarray, constraints: list[PairConstraint],
               K: np.ndarray) -> AlignmentResult:
         """Refine ``poses`` (F, 4, 4) world<-camera; ``fixed`` (F,) bool frames held; K (F, 3, 3)."""
         poses = np.array(poses, dtype=np.float64)
+        F = len(poses)
         free = np.flatnonzero(~np.asarray(fixed, bool))
         if len(free) == 0 or not constraints:
             return AlignmentResult(poses, float('nan'), float('nan'), 0)
         dev, dt = self.device, torch.float64
+        constraints = [c for c in constraints if len(c.weight)]
+        if not constraints:
+            return AlignmentResult(poses, float('nan'), float('nan'), 0)
         cons = []
         for c in constraints:
-            w = torch.as_tensor(np.sqrt(np.maximum(c.weight, 0)), dtype=dt, device=dev)
             cons.append((c.a, c.b, torch.as_tensor(c.pts_a, dtype=dt, device=dev),
                          torch.as_tensor(c.pts_b, dtype=dt, device=dev),
-                         torch.as_tensor(c.uv_b, dtype=dt, device=dev), w))
+                         torch.as_tensor(c.uv_b, dtype=dt, device=dev),
+                         torch.as_tensor(c.weight, dtype=dt, device=dev)))
         Kt = torch.as_tensor(np.asarray(K, dtype=np.float64), device=dev)
-        fi = torch.as_tensor(free, device=dev)
-        cost0 = None
-        cost = float('nan')
-        it = 0
+        fidx = torch.as_tensor(np.concatenate([np.arange(6 * f, 6 * f + 6) for f in free]), device=dev)
+        cost0, cost, it = None, float('nan'), 0
         for it in range(1, self.iterations + 1):
-            T0 = torch.as_tensor(poses, dtype=dt, device=dev)
-            # IRLS Huber weights from the current residual norms per correspondence
-            weights = []
-            with torch.no_grad():
-                for (a, b, Pa, Pb, uv, w) in cons:
-                    Xa = Pa @ T0[a, :3, :3].T + T0[a, :3, 3]
-                    Xb = Pb @ T0[b, :3, :3].T + T0[b, :3, 3]
-                    e = torch.linalg.norm(Xa - Xb, dim=-1) / self.sigma_point
-                    hw_p = torch.where(e < self.huber, torch.ones_like(e), self.huber / e.clamp(min=1e-12))
-                    Xab = (Xa - T0[b, :3, 3]) @ T0[b, :3, :3]
-                    z = Xab[:, 2].clamp(min=1e-3)
-                    u = Kt[b][0, 0] * Xab[:, 0] / z + Kt[b][0, 2]
-                    v = Kt[b][1, 1] * Xab[:, 1] / z + Kt[b][1, 2]
-                    ef = torch.linalg.norm(torch.stack([u - uv[:, 0], v - uv[:, 1]], -1), dim=-1) / self.sigma_flow
-                    hw_f = torch.where(ef < self.huber, torch.ones_like(ef), self.huber / ef.clamp(min=1e-12))
-                    weights.append((w * hw_p.sqrt(), w * hw_f.sqrt()))
-            delta0 = torch.zeros(len(free) * 6, dtype=dt, device=dev)
-
-            def fun(dl):
-                return self._residuals(dl, T0, fi, cons, Kt, weights)
-
-            r = fun(delta0)
-            J = torch.func.jacfwd(fun)(delta0)
-            cost = float((r ** 2).sum())
+            H, g, cost = self._normal_equations(torch.as_tensor(poses, dtype=dt, device=dev), cons, Kt, F)
             if cost0 is None:
                 cost0 = cost
-            H = J.T @ J
-            H = H + self.damping * torch.diag(torch.diagonal(H)) + 1e-12 * torch.eye(H.shape[0], dtype=dt, device=dev)
-            step = -torch.linalg.solve(H, J.T @ r)
+            Hf = H[fidx][:, fidx]
+            Hf = Hf + self.damping * torch.diag(torch.diagonal(Hf)) + 1e-9 * torch.eye(len(fidx), dtype=dt, device=dev)
+            step = -torch.linalg.solve(Hf, g[fidx])
             s = step.view(-1, 6).cpu().numpy()
             for n, f in enumerate(free):
-                Rf = poses[f, :3, :3]
+                Rf = poses[f, :3, :3].copy()
                 poses[f, :3, 3] = poses[f, :3, 3] + Rf @ s[n, 3:]
                 poses[f, :3, :3] = Rf @ so3_exp(s[n, :3])
-            if np.abs(s).max() < 1e-7:
+            if np.abs(s).max() < 1e-8:
                 break
-        # final residual RMS (3D, unweighted) for diagnostics
-        T0 = torch.as_tensor(poses, dtype=dt, device=dev)
-        errs = []
-        for (a, b, Pa, Pb, uv, w) in cons:
-            e = (Pa @ T0[a, :3, :3].T + T0[a, :3, 3]) - (Pb @ T0[b, :3, :3].T + T0[b, :3, 3])
-            errs.append(torch.linalg.norm(e, dim=-1))
-        e = torch.cat(errs)
-        return AlignmentResult(poses, float(cost0), cost, it,
-                               residual_rms_m=float(torch.sqrt(torch.median(e ** 2))))
+        return AlignmentResult(poses, float(cost0), cost, it)

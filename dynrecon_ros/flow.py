@@ -58,12 +58,14 @@ def pixel_grid(h: int, w: int) -> np.ndarray:
 
 
 def warp(image: np.ndarray, flow: np.ndarray, interpolation: int = cv2.INTER_LINEAR) -> np.ndarray:
-    """Sample ``image`` (H, W[, C]) at p + flow(p) for every pixel p; NaN outside."""
+    """Sample ``image`` (H, W[, C]) at p + flow(p) for every pixel p; NaN outside the image."""
     h, w = flow.shape[:2]
     m = pixel_grid(h, w) + flow
     img = image.astype(np.float32, copy=False)
-    return cv2.remap(img, m[..., 0], m[..., 1], interpolation, borderMode=cv2.BORDER_CONSTANT,
-                     borderValue=float('nan'))
+    out = cv2.remap(img, m[..., 0], m[..., 1], interpolation, borderMode=cv2.BORDER_REPLICATE)
+    outside = (m[..., 0] < 0) | (m[..., 0] > w - 1) | (m[..., 1] < 0) | (m[..., 1] > h - 1)
+    out[outside] = np.nan
+    return out
 
 
 def fb_consistency(fwd: np.ndarray, bwd: np.ndarray, threshold_px: float = 1.0,
