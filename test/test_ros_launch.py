@@ -97,3 +97,37 @@ def test_node_runs_from_the_launch_command_line(tmp_path):
     finally:
         proc.stop()
         ros.close()
+
+
+def test_compressed_input_and_undistortion(tmp_path):
+    """image/compressed (png) + depth with a distorted camera_info: processed, outputs at the image size."""
+    from sensor_msgs.msg import CompressedImage
+    from std_msgs.msg import Header
+    seq = render_sequence(SyntheticConfig(width=160, height=120, frames=6, movers=1, seed=4))
+    ros = RosHarness(DOMAIN)
+    proc = NodeProcess(recon_node_executable() + ['--ros-args', '-r', '__node:=dyn2', '-p', 'use_compressed:=true',
+                                                  '-p', 'qos_reliable:=true', '-p', 'queue_size:=20',
+                                                  '-p', 'idle_flush:=1.0'], DOMAIN)
+    try:
+        assert proc.wait_output('ready:', 60), proc.output()
+        assert 'image=/image/compressed' in proc.output()
+        masks = ros.collect(Image, '/dyn2/dynamic_mask', OUTPUT_QOS)
+        pub_img = ros.publisher(CompressedImage, '/image/compressed', RELIABLE_INPUT_QOS)
+        pub_depth = ros.publisher(Image, '/depth', RELIABLE_INPUT_QOS)
+        pub_info = ros.publisher(CameraInfo, '/camera_info', RELIABLE_INPUT_QOS)
+        assert ros.wait_for(lambda: pub_img.get_subscription_count() and pub_depth.get_subscription_count()
+                            and ros.node.count_publishers('/dyn2/dynamic_mask'), 30), proc.output()
+        import time
+        time.sleep(1.0)
+        for f in seq.frames:
+            h = Header(stamp=conv.sec_to_stamp(f.stamp), frame_id='cam')
+            pub_info.publish(conv.numpy_to_camera_info(f.K, (160, 120), h, D=np.array([0.01, 0.0, 0.0, 0.0, 0.0])))
+            pub_img.publish(conv.rgb_to_compressed(f.rgb, 'png', h))
+            pub_depth.publish(conv.numpy_to_image(f.depth, '32FC1', h))
+            time.sleep(0.05)
+        assert proc.wait_output('input idle: flushed', 120), proc.output()[-3000:]
+        assert ros.wait_for(lambda: len(masks) >= 3, 10), proc.output()[-3000:]
+        assert all((m.width, m.height, m.header.frame_id) == (160, 120, 'cam') for m in masks)
+    finally:
+        proc.stop()
+        ros.close()
