@@ -21,15 +21,21 @@ def _recon_launch():
     return mod
 
 
+# The camera topics only: TUM's bags also carry /tf (the motion-capture rig: world -> kinect), which would
+# clash with the node's own /tf; it is ground truth, not input.
+TUM_TOPICS = ['/camera/rgb/image_color', '/camera/depth/image', '/camera/rgb/camera_info', '/camera/depth/camera_info']
+
+
 def replay_command(bag: str, rate: float | str = 1.0, player: str = 'dynrecon', loop: bool | str = False,
                    delay: float | str = 2.0) -> list[str]:
     """The bag player's command line (pure; tested without launch)."""
     loop = str(loop).lower() in ('true', '1', 'yes')
     if player == 'ros2':
-        cmd = ['ros2', 'bag', 'play', str(bag), '--clock', '--rate', str(rate), '--delay', str(delay)]
+        cmd = ['ros2', 'bag', 'play', str(bag), '--clock', '--rate', str(rate), '--delay', str(delay),
+               '--topics', *TUM_TOPICS]
         return cmd + (['--loop'] if loop else [])
     cmd = [sys.executable, '-m', 'dynrecon_ros.cli', 'replay', str(bag), '--clock', '--rate', str(rate),
-           '--delay', str(delay), '--wait-subscribers', '30']
+           '--delay', str(delay), '--wait-subscribers', '30', '--topics', *TUM_TOPICS]
     return cmd + (['--loop'] if loop else [])
 
 

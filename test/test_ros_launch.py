@@ -52,6 +52,7 @@ def test_replay_launch_command():
     tum_launch = load('tum_replay.launch.py')
     cmd = tum_launch.replay_command('x.bag', 0.5, loop='true')
     assert cmd[:4] == [sys.executable, '-m', 'dynrecon_ros.cli', 'replay'] and '--clock' in cmd and '--loop' in cmd
+    assert '/tf' not in cmd and '/camera/rgb/image_color' in cmd  # the bag's mocap /tf is not replayed
     assert tum_launch.replay_command('d', player='ros2')[:4] == ['ros2', 'bag', 'play', 'd']
 
 
