@@ -154,3 +154,55 @@ def domain_id_for(name: str) -> int:
         return int(os.environ['DYNRECON_TEST_DOMAIN'])
     import zlib
     return 1 + zlib.crc32(f'{name}:{os.getpid()}:{time.time_ns()}'.encode()) % 100
+
+
+def stream(seconds: float, rate: float = 30.0, width: int = 640, height: int = 480, reliable: bool = False) -> int:
+    """Publish a synthetic rgb8 + 32FC1 + camera_info stream on image/depth/camera_info at ``rate`` Hz.
+
+    Run in its own process (``python -m dynrecon_ros.ros.testing stream SECONDS``) so that its DDS
+    participant is created with FASTDDS_DEFAULT_PROFILES_FILE: Fast DDS's shared-memory transport
+    writes samples into the *sender's* segment, so the publisher needs the large segment too.
+    Prints ``sent N`` at the end; returns N.
+    """
+    import numpy as np
+    from sensor_msgs.msg import CameraInfo, Image
+    from std_msgs.msg import Header
+
+    from dynrecon_ros.ros import conversions as conv
+    from dynrecon_ros.ros.qos import RELIABLE_INPUT_QOS, SENSOR_QOS
+    rclpy.init()
+    node = Node('dynrecon_stream')
+    qos = RELIABLE_INPUT_QOS if reliable else SENSOR_QOS
+    pubs = [node.create_publisher(t, n, qos) for t, n in ((Image, 'image'), (Image, 'depth'), (CameraInfo, 'camera_info'))]
+    end = time.monotonic() + 30
+    while time.monotonic() < end and not all(p.get_subscription_count() for p in pubs):
+        time.sleep(0.05)
+    time.sleep(1.0)
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    yy, xx = np.mgrid[0:height, 0:width]
+    depth = (2.0 + 0.002 * xx + 0.001 * yy).astype(np.float32)
+    K = np.array([[525.0 * width / 640, 0, width / 2 - 0.5], [0, 525.0 * height / 480, height / 2 - 0.5], [0, 0, 1]])
+    sent, t0 = 0, time.monotonic()
+    next_t = t0
+    print('streaming', flush=True)
+    while time.monotonic() - t0 < seconds:
+        h = Header(stamp=conv.sec_to_stamp(1000.0 + sent / rate), frame_id='camera')
+        pubs[2].publish(conv.numpy_to_camera_info(K, (width, height), h))
+        pubs[0].publish(conv.numpy_to_image(np.roll(base, sent * 3, axis=1), 'rgb8', h))  # a panning camera
+        pubs[1].publish(conv.numpy_to_image(depth, '32FC1', h))
+        sent += 1
+        next_t += 1.0 / rate
+        time.sleep(max(0.0, next_t - time.monotonic()))
+    print(f'sent {sent} in {time.monotonic() - t0:.1f} s', flush=True)
+    node.destroy_node()
+    rclpy.try_shutdown()
+    return sent
+
+
+if __name__ == '__main__':
+    if len(sys.argv) >= 3 and sys.argv[1] == 'stream':
+        stream(float(sys.argv[2]))
+    else:
+        print('usage: python -m dynrecon_ros.ros.testing stream SECONDS', file=sys.stderr)
+        sys.exit(2)
