@@ -128,7 +128,10 @@ def test_bad_messages_then_good_frame(ros, node):
     m = masks[-1]
     assert conv.stamp_to_sec(m.header.stamp) == pytest.approx(t_good, abs=1e-9)
     assert (m.header.frame_id, m.encoding, m.width, m.height) == ('cam_optical', 'mono8', W, H)
-    assert ros.wait_for(lambda: depths and infos and poses and paths and odoms and tfs, 5)
+    def last_is_good(msgs, stamp_of=lambda m: m.header.stamp):
+        return bool(msgs) and abs(conv.stamp_to_sec(stamp_of(msgs[-1])) - t_good) < 1e-9
+    assert ros.wait_for(lambda: all(last_is_good(x) for x in (depths, infos, poses, paths, odoms))
+                        and last_is_good(tfs, lambda m: m.transforms[0].header.stamp), 10)
     d = depths[-1]
     assert (d.encoding, d.width, d.height, d.header.frame_id) == ('32FC1', W, H, 'cam_optical')
     assert conv.stamp_to_sec(d.header.stamp) == pytest.approx(t_good, abs=1e-9)
