@@ -1,0 +1,189 @@
+"""Configuration of the reconstruction pipeline: one dataclass per stage, product defaults.
+
+The tree (``ReconConfig``) maps one-to-one onto YAML files (``from_yaml``) and onto the ROS node's
+parameters (section.name, snake_case). Unknown keys are an :class:`InputError` naming the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from dataclasses import dataclass, field
+
+from dynrecon_ros.errors import InputError
+from dynrecon_ros.segmentation import SegmentationConfig
+from dynrecon_ros.static_map import MapConfig
+
+
+@dataclass
+class WindowConfig:
+    """Sliding window and pair graph.
+
+    size: frames in the window; neighbours: each new frame is paired with the previous k frames;
+    keyframes: older keyframes kept as long-pair anchors; keyframe_*: the keyframe rule (motion or
+    frame count since the last keyframe); long_stride: extra strided pairs inside the window (0 = off);
+    output_lag: a frame's result is emitted (and its pose frozen) this many frames after it arrived.
+    """
+
+    size: int = 4
+    neighbours: int = 1
+    keyframes: int = 2
+    keyframe_translation_m: float = 0.06
+    keyframe_rotation_deg: float = 4.0
+    keyframe_max_gap: int = 8
+    long_stride: int = 0
+    output_lag: int = 2
+
+
+@dataclass
+class FlowConfig:
+    """Optical flow: OpenCV DIS preset ('ultrafast', 'fast', 'medium') and forward-backward check."""
+
+    method: str = 'dis'
+    preset: str = 'ultrafast'
+    fb_threshold_px: float = 1.0
+    fb_relative: float = 0.05
+
+
+@dataclass
+class BackendConfig:
+    """Pair predictor. name: 'auto' (rgbd when depth is present), 'rgbd' or 'dust3r'.
+
+    The ransac_* / halo_* fields configure the RGB-D predictor (pose from flow + depth).
+    """
+
+    name: str = 'auto'
+    checkpoint: str = ''
+    ransac_iterations: int = 64
+    ransac_px_threshold: float = 0.75
+    ransac_depth_threshold: float = 0.02
+    ransac_samples: int = 1500
+    min_px_threshold: float = 0.3
+    halo_fraction: float = 0.03
+    min_depth_m: float = 0.1
+    max_depth_m: float = 10.0
+    min_inliers: int = 60
+
+
+@dataclass
+class AlignmentConfig:
+    """Windowed global alignment (Gauss-Newton over the window's poses, torch).
+
+    enabled: off = frame-to-frame poses only; iterations: per window step; points_per_pair:
+    static correspondences sampled per pair; sigma_point_m / sigma_flow_px: residual scales;
+    flow_weight: MonST3R flow term weight; smooth_weight: camera smoothness weight; threads: torch
+    CPU threads (1 is fastest for these small problems on a busy 2-core machine).
+    """
+
+    enabled: bool = True
+    iterations: int = 3
+    points_per_pair: int = 600
+    sigma_point_m: float = 0.01
+    sigma_flow_px: float = 0.5
+    flow_weight: float = 1.0
+    smooth_weight: float = 0.0
+    huber: float = 1.5
+    threads: int = 1
+
+
+@dataclass
+class ChecksConfig:
+    """Bad-frame rules: such frames are skipped with a logged reason."""
+
+    min_valid_depth: float = 0.05  # fraction of pixels with a depth reading
+    min_image_std: float = 2.0  # grey-level standard deviation below which an image is 'constant'
+    max_translation_m: float = 0.3  # per-frame jump limits (relative to the previous accepted frame)
+    max_rotation_deg: float = 20.0
+    min_inlier_ratio: float = 0.15  # of the consistent correspondences; below = tracking lost
+
+
+@dataclass
+class ReconConfig:
+    """The whole pipeline. intrinsics: default [fx, fy, cx, cy] for frames without K (None = skip
+    them); world_pose: [tx, ty, tz, qx, qy, qz, qw] of the first accepted camera in the world
+    (None = identity: the world is the first camera's optical frame)."""
+
+    window: WindowConfig = field(default_factory=WindowConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    backend: BackendConfig = field(default_factory=BackendConfig)
+    alignment: AlignmentConfig = field(default_factory=AlignmentConfig)
+    segmentation: SegmentationConfig = field(default_factory=SegmentationConfig)
+    map: MapConfig = field(default_factory=MapConfig)
+    checks: ChecksConfig = field(default_factory=ChecksConfig)
+    intrinsics: list | None = None
+    world_pose: list | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict | None, where: str = 'config') -> 'ReconConfig':
+        return _build(cls, d or {}, where)
+
+    @classmethod
+    def from_yaml(cls, path) -> 'ReconConfig':
+        import yaml
+        p = pathlib.Path(path)
+        try:
+            data = yaml.safe_load(p.read_text())
+        except FileNotFoundError:
+            raise InputError('config file not found', path=p) from None
+        except yaml.YAMLError as exc:
+            raise InputError(f'not valid YAML: {exc}', path=p) from None
+        if data is not None and not isinstance(data, dict):
+            raise InputError('top level must be a mapping of sections', path=p)
+        return cls.from_dict(data, where=str(p))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict:
+        """{'section.name': value} for every leaf (the ROS parameter names)."""
+        out = {}
+        for k, v in self.to_dict().items():
+            if isinstance(v, dict):
+                out.update({f'{k}.{kk}': vv for kk, vv in v.items()})
+            else:
+                out[k] = v
+        return out
+
+
+def _build(cls, d: dict, where: str):
+    if not isinstance(d, dict):
+        raise InputError(f'{where}: expected a mapping for {cls.__name__}, got {type(d).__name__}')
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in d.items():
+        if key not in fields:
+            raise InputError(f'{where}: unknown key {key!r} (known: {", ".join(sorted(fields))})')
+        f = fields[key]
+        default = getattr(cls(), key) if f.default is dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            kwargs[key] = _build(type(default), value, f'{where}: {key}')
+        else:
+            kwargs[key] = _coerce(value, default, f'{where}: {key}')
+    try:
+        return cls(**kwargs)
+    except InputError as exc:
+        raise InputError(f'{where}: {exc}') from None
+    except (TypeError, ValueError) as exc:
+        raise InputError(f'{where}: {exc}') from None
+
+
+def _coerce(value, default, where: str):
+    """Check a YAML value against the type of its default (ints accepted for floats)."""
+    if default is None or value is None:
+        return value
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise InputError(f'{where}: expected true/false, got {value!r}')
+        return value
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise InputError(f'{where}: expected an integer, got {value!r}')
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise InputError(f'{where}: expected a number, got {value!r}')
+        return float(value)
+    if isinstance(default, str):
+        if not isinstance(value, str):
+            raise InputError(f'{where}: expected a string, got {value!r}')
+        return value
+    return value

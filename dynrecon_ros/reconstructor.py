@@ -1,0 +1,321 @@
+"""Stage 8, the Reconstructor: ties window, flow, pair predictor, alignment, segmentation and map.
+
+``push(frame)`` does one window step for the new frame and returns the results that became final
+(frames ``window.output_lag`` steps old, plus any skipped frames before them), in push order;
+``flush()`` returns the rest at the end of a stream. Every pushed frame gets exactly one
+:class:`FrameResult`. Bad frames are skipped with a reason (logged) and the pipeline keeps going.
+
+One step for a new frame t:
+  1. checks (stamp order, intrinsics, depth, constant image);
+  2. flow for each pair (older, t) of the pair graph (neighbours + keyframe anchors), cached;
+  3. relative pose per pair from the pair predictor (RGB-D: RANSAC Umeyama on flow + depth),
+     initial pose of t from the nearest pair; jump / tracking-lost checks;
+  4. windowed alignment of the not-yet-emitted poses over all stored pairs' static correspondences;
+  5. motion segmentation of t (and refresh of the window) from flow vs ego-flow;
+  6. frames leaving the lag are emitted and integrated into the static voxel map.
+"""
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from dynrecon_ros.alignment import PairConstraint, WindowAligner
+from dynrecon_ros.config import ReconConfig
+from dynrecon_ros.errors import InputError
+from dynrecon_ros.flow import DISFlow, FlowCache, pixel_grid
+from dynrecon_ros.segmentation import MotionSegmenter
+from dynrecon_ros.static_map import VoxelMap
+from dynrecon_ros.window import SlidingWindow, WindowEntry, rotation_angle_deg
+
+
+@dataclass
+class FrameResult:
+    """Result for one pushed frame.
+
+    pose: (4, 4) float64 world<-camera (optical frame), None when skipped; depth: (H, W) float32
+    metres; mask: (H, W) uint8 255 = dynamic; dynamic_prob: (H, W) float32 in [0, 1]; confidence:
+    (H, W) float32 in [0, 1]; K: (3, 3) float64.
+    """
+
+    stamp: float
+    key: str
+    status: str
+    reason: str = ''
+    pose: np.ndarray | None = None
+    depth: np.ndarray | None = None
+    mask: np.ndarray | None = None
+    dynamic_prob: np.ndarray | None = None
+    confidence: np.ndarray | None = None
+    K: np.ndarray | None = None
+
+
+def _pose_from_tum(v) -> np.ndarray:
+    from scipy.spatial.transform import Rotation
+    if len(v) != 7:
+        raise InputError(f'world_pose must be [tx, ty, tz, qx, qy, qz, qw], got {v}')
+    T = np.eye(4)
+    T[:3, :3] = Rotation.from_quat(v[3:]).as_matrix()
+    T[:3, 3] = v[:3]
+    return T
+
+
+class Reconstructor:
+    """Online dynamic-scene reconstruction (see module docstring).
+
+    Args:
+        config: the pipeline configuration (defaults = product defaults).
+        predictor: a :class:`dynrecon_ros.predictors.PairPredictor`; default from ``config.backend``
+            (RGB-D).
+        device: torch device of the alignment ('cpu' or 'cuda').
+        log: callable(str) receiving warnings (skipped frames); None = silent.
+    """
+
+    def __init__(self, config: ReconConfig | None = None, predictor=None, device: str = 'cpu', log=None):
+        import torch
+        self.cfg = cfg = config or ReconConfig()
+        self.log = log or (lambda msg: None)
+        if predictor is None:
+            from dynrecon_ros.predictors import make_predictor
+            from dynrecon_ros.predictors.rgbd import RGBDPredictorConfig
+            name = 'rgbd' if cfg.backend.name == 'auto' else cfg.backend.name
+            b = cfg.backend
+            rc = RGBDPredictorConfig(ransac_iterations=b.ransac_iterations, ransac_px_threshold=b.ransac_px_threshold,
+                                     ransac_depth_threshold=b.ransac_depth_threshold, ransac_samples=b.ransac_samples,
+                                     min_px_threshold=b.min_px_threshold, halo_fraction=b.halo_fraction,
+                                     min_depth_m=b.min_depth_m, max_depth_m=b.max_depth_m, min_inliers=b.min_inliers)
+            predictor = make_predictor(name, rc if name == 'rgbd' else cfg, b.checkpoint or None, device)
+        self.predictor = predictor
+        if cfg.flow.method != 'dis':
+            raise InputError(f'flow.method {cfg.flow.method!r} is not available (only "dis")')
+        self.flows = FlowCache(DISFlow(cfg.flow.preset), cfg.flow.fb_threshold_px, cfg.flow.fb_relative)
+        w = cfg.window
+        if w.output_lag < 0 or w.output_lag >= w.size:
+            raise InputError(f'window.output_lag must be in [0, window.size-1], got {w.output_lag}')
+        self.window = SlidingWindow(w.size, w.neighbours, w.keyframes, w.keyframe_translation_m,
+                                    w.keyframe_rotation_deg, w.keyframe_max_gap, w.long_stride)
+        a = cfg.alignment
+        if a.threads > 0:
+            torch.set_num_threads(a.threads)
+        self.aligner = WindowAligner(a.iterations, a.sigma_point_m, a.sigma_flow_px, a.flow_weight,
+                                     a.smooth_weight, a.huber, device=device)
+        self.segmenter = MotionSegmenter(cfg.segmentation)
+        self.map = VoxelMap(cfg.map)
+        self.default_K = None
+        if cfg.intrinsics is not None:
+            fx, fy, cx, cy = [float(v) for v in cfg.intrinsics]
+            self.default_K = np.array([[fx, 0, cx], [0, fy, cy], [0, 0, 1.0]])
+        self.world_pose = np.eye(4) if cfg.world_pose is None else _pose_from_tum(cfg.world_pose)
+        self._pending: list = []  # FrameResult (skipped) or WindowEntry (accepted), push order
+        self._constraints: dict[tuple[int, int], PairConstraint] = {}  # by push indices
+        self._last_stamp = None
+        self._size = None
+        self._rng = np.random.default_rng(0)
+        self._times: dict[str, list[float]] = defaultdict(list)
+        self.trajectory: list[tuple[float, np.ndarray]] = []
+
+    # ------------------------------------------------------------------ public API
+    @property
+    def timings(self) -> dict[str, float]:
+        """Mean milliseconds per stage (per pushed frame for 'total')."""
+        return {k: float(np.mean(v)) for k, v in self._times.items() if v}
+
+    def push(self, frame) -> list[FrameResult]:
+        t0 = time.perf_counter()
+        try:
+            self._step(frame)
+        finally:
+            self._times['total'].append((time.perf_counter() - t0) * 1e3)
+        return self._emit(final=False)
+
+    def flush(self) -> list[FrameResult]:
+        return self._emit(final=True)
+
+    def static_map(self) -> np.ndarray:
+        """(M, 6) float32 x y z r g b of the static map in the world frame."""
+        return self.map.points()
+
+    def save_map(self, path) -> int:
+        return self.map.save_ply(path)
+
+    # ------------------------------------------------------------------ internals
+    def _skip(self, frame, reason: str) -> None:
+        self.log(f'frame {getattr(frame, "key", "?")}: skipped: {reason}')
+        self._pending.append(FrameResult(stamp=float(getattr(frame, 'stamp', float('nan'))),
+                                         key=str(getattr(frame, 'key', '')), status='skipped', reason=reason))
+
+    def _check(self, frame) -> str:
+        c = self.cfg.checks
+        if self._last_stamp is not None and frame.stamp <= self._last_stamp:
+            return (f'timestamp {frame.stamp:.6f} is not after the previous accepted one '
+                    f'({self._last_stamp:.6f}): duplicate or backwards')
+        if self._size is not None and frame.size != self._size:
+            return f'image size {frame.size} differs from the stream size {self._size}'
+        if frame.K is None and self.default_K is None:
+            return 'no intrinsics (frame has no K and no default intrinsics are configured)'
+        if self.predictor.needs_depth:
+            if frame.depth is None:
+                return 'no depth image (the rgbd backend needs depth)'
+            d = frame.depth
+            valid = np.isfinite(d) & (d > 0)
+            if valid.mean() < c.min_valid_depth:
+                return f'only {100 * valid.mean():.1f}% of the depth is valid (min {100 * c.min_valid_depth:.0f}%)'
+        grey = cv2.cvtColor(frame.rgb, cv2.COLOR_RGB2GRAY)
+        if float(grey.std()) < c.min_image_std:
+            return f'black or constant image (grey std {grey.std():.2f})'
+        return ''
+
+    def _timed(self, name: str, t0: float) -> float:
+        t = time.perf_counter()
+        self._times[name].append((t - t0) * 1e3)
+        return t
+
+    def _step(self, frame) -> None:
+        reason = self._check(frame)
+        if reason:
+            return self._skip(frame, reason)
+        if frame.K is None:
+            frame.K = self.default_K
+        if frame.depth is not None:
+            frame.depth = np.where(np.isfinite(frame.depth) & (frame.depth > 0), frame.depth, 0).astype(np.float32)
+        entry, _ = self.window.add(frame)
+        if len(self.window) == 1 and not self.window.keyframes:
+            # the first accepted frame defines the world
+            entry.pose = self.world_pose.copy()
+            self._accept(frame, entry)
+            entry.data['conf'] = (frame.depth > 0).astype(np.float32) if frame.depth is not None else None
+            self.window.mark_keyframe(entry)
+            return
+        t = time.perf_counter()
+        pairs = self.window.pairs_for_newest()
+        pflows = [self.flows.get(o.key, o.frame.rgb, entry.key, frame.rgb) for o, _ in pairs]
+        t = self._timed('flow', t)
+        rel = []
+        for (old, _), pf in zip(pairs, pflows):
+            static = None
+            if old.mask is not None:
+                static = ~old.mask
+            T, inl, n = self.predictor.relative_pose(old.frame, frame, pf, static)
+            rel.append((T, inl, n))
+        t = self._timed('pose', t)
+        T0, inl0, n0 = rel[0]
+        c = self.cfg.checks
+        prev = pairs[0][0]
+        if T0 is None or inl0.sum() < c.min_inlier_ratio * max(n0, 1):
+            self.window.pop_last()
+            got = 0 if T0 is None else int(inl0.sum())
+            return self._skip(frame, f'tracking lost against frame {prev.key}: {got} of {n0} '
+                                     'correspondences fit a rigid motion (sudden jump or unusable image)')
+        dt_ = np.linalg.norm(T0[:3, 3])
+        dr = rotation_angle_deg(T0[:3, :3])
+        if dt_ > c.max_translation_m or dr > c.max_rotation_deg:
+            self.window.pop_last()
+            return self._skip(frame, f'sudden jump of {dt_:.3f} m / {dr:.1f} deg from frame {prev.key} '
+                                     f'(limits {c.max_translation_m} m / {c.max_rotation_deg} deg)')
+        entry.pose = prev.pose @ T0
+        self._accept(frame, entry)
+        # store static correspondences of every pair that produced a pose
+        for (old, _), pf, (T, inl, n) in zip(pairs, pflows, rel):
+            if T is None:
+                continue
+            self._constraints[(old.index, entry.index)] = self._make_constraint(old, entry, pf, inl)
+        entry.data['conf'] = (pflows[0].valid_bwd & (frame.depth > 0)).astype(np.float32)
+        t = time.perf_counter()
+        if self.cfg.alignment.enabled:
+            self._align()
+        t = self._timed('alignment', t)
+        self._segment(pairs, pflows)
+        t = self._timed('segmentation', t)
+        if self.window.is_keyframe(entry.pose, entry.index):
+            self.window.mark_keyframe(entry)
+        keep = {e.index for e in self.window.all_entries()}
+        self._constraints = {k: v for k, v in self._constraints.items() if k[0] in keep and k[1] in keep}
+        self.flows.keep_only({e.key for e in self.window.all_entries()})
+
+    def _accept(self, frame, entry: WindowEntry) -> None:
+        self._last_stamp = frame.stamp
+        self._size = frame.size
+        self._pending.append(entry)
+
+    def _make_constraint(self, a: WindowEntry, b: WindowEntry, pf, inliers: np.ndarray) -> PairConstraint:
+        """Static correspondences a -> b (predictor inliers), subsampled."""
+        from dynrecon_ros.predictors.rgbd import correspondences
+        fa, fb = a.frame, b.frame
+        pts_a, pts_b, ok = correspondences(fa.depth, fa.K, fb.depth, fb.K, pf.fwd, pf.valid_fwd)
+        use = np.flatnonzero((ok & inliers).reshape(-1))
+        n = self.cfg.alignment.points_per_pair
+        if len(use) > n:
+            use = self._rng.choice(use, n, replace=False)
+        h, w = ok.shape
+        uv = (pixel_grid(h, w) + pf.fwd).reshape(-1, 2)[use]
+        return PairConstraint(a.index, b.index, pts_a.reshape(-1, 3)[use].astype(np.float64),
+                              pts_b.reshape(-1, 3)[use].astype(np.float64), uv.astype(np.float64),
+                              np.ones(len(use)))
+
+    def _align(self) -> None:
+        entries = self.window.all_entries()
+        pos = {e.index: k for k, e in enumerate(entries)}
+        cons = []
+        for (ia, ib), c in self._constraints.items():
+            if ia in pos and ib in pos and len(c.weight):
+                cons.append(PairConstraint(pos[ia], pos[ib], c.pts_a, c.pts_b, c.uv_b, c.weight))
+        pending = {id(e) for e in self._pending if isinstance(e, WindowEntry)}
+        fixed = np.array([id(e) not in pending or e.index == 0 for e in entries])
+        if fixed.all() or not cons:
+            return
+        poses = np.stack([e.pose for e in entries])
+        K = np.stack([e.frame.K for e in entries])
+        res = self.aligner.align(poses, fixed, cons, K)
+        for e, p in zip(entries, res.poses):
+            e.pose = p
+
+    def _segment(self, pairs, pflows) -> None:
+        """Segment the newest frame from its pairs; the older frames of those pairs get refreshed."""
+        new = pairs[0][1]
+        olds = [o for o, _ in pairs]
+        ents = olds + [new]
+        n = len(ents)
+        flows = {(n - 1, k): pf.bwd for k, pf in enumerate(pflows)}
+        valid = {(n - 1, k): pf.valid_bwd for k, pf in enumerate(pflows)}
+        probs, masks = self.segmenter.segment([e.key for e in ents], np.stack([e.frame.depth for e in ents]),
+                                              np.stack([e.frame.K for e in ents]), np.stack([e.pose for e in ents]),
+                                              flows, valid)
+        for e, p, m in zip(ents, probs, masks):
+            e.data['prob'] = p
+            e.data['mask'] = m
+            e.mask = m > 0
+
+    def _emit(self, final: bool) -> list[FrameResult]:
+        out: list[FrameResult] = []
+        newest = self.window.entries[-1].index if self.window.entries else -1
+        lag = self.cfg.window.output_lag
+        while self._pending:
+            head = self._pending[0]
+            if isinstance(head, FrameResult):
+                out.append(self._pending.pop(0))
+                continue
+            if not final and newest - head.index < lag:
+                break
+            self._pending.pop(0)
+            out.append(self._finish(head))
+        return out
+
+    def _finish(self, e: WindowEntry) -> FrameResult:
+        f = e.frame
+        h, w = f.rgb.shape[:2]
+        prob = e.data.get('prob', np.zeros((h, w), np.float32))
+        mask = e.data.get('mask', np.zeros((h, w), np.uint8))
+        conf = e.data.get('conf')
+        if conf is None:
+            conf = np.ones((h, w), np.float32)
+        conf = (conf * (1.0 - prob)).astype(np.float32)
+        t = time.perf_counter()
+        if f.depth is not None:
+            self.map.integrate(f.depth, f.rgb, f.K, e.pose, mask == 0, conf)
+        self._timed('map', t)
+        self.trajectory.append((f.stamp, e.pose.copy()))
+        return FrameResult(stamp=f.stamp, key=f.key, status='ok', reason='', pose=e.pose.copy(),
+                           depth=f.depth, mask=mask, dynamic_prob=prob, confidence=conf, K=f.K)

@@ -1,0 +1,142 @@
+"""Stage 2, sliding window: the last N accepted frames, the keyframe rule and the pair graph.
+
+The window holds the most recent ``size`` frames. Keyframes are older frames kept as anchors: a frame
+becomes a keyframe when the camera moved enough (translation / rotation) or enough frames passed
+since the last keyframe. The pair graph links each frame to its neighbours within ±k plus strided
+"long" pairs to keyframes, like MonST3R's sliding-window pairs; long pairs bound the drift of
+frame-to-frame chaining.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class WindowEntry:
+    """One frame in the window: index = push order among accepted frames."""
+
+    index: int
+    frame: object  # dynrecon_ros.frames.Frame
+    pose: np.ndarray | None = None  # (4, 4) world<-camera
+    fixed: bool = False  # held to its estimate by the alignment
+    keyframe: bool = False
+    mask: np.ndarray | None = None  # (H, W) bool dynamic, once segmented
+    data: dict = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return self.frame.key
+
+
+def rotation_angle_deg(R: np.ndarray) -> float:
+    """Angle of a (3, 3) rotation in degrees."""
+    c = (np.trace(R) - 1.0) / 2.0
+    return float(np.degrees(np.arccos(np.clip(c, -1.0, 1.0))))
+
+
+class SlidingWindow:
+    """Last ``size`` frames plus up to ``keyframes`` older keyframes.
+
+    Args:
+        size: frames in the window (>= 2).
+        neighbours: k, each frame is paired with the previous k frames.
+        keyframes: how many keyframes outside the window are kept as long-pair anchors.
+        keyframe_translation_m / keyframe_rotation_deg / keyframe_max_gap: the keyframe rule: a frame
+            becomes a keyframe when it moved this much from the last keyframe or this many frames
+            passed since it.
+        long_stride: besides keyframes, pair the new frame with window frames at multiples of this.
+    """
+
+    def __init__(self, size: int = 5, neighbours: int = 2, keyframes: int = 2,
+                 keyframe_translation_m: float = 0.05, keyframe_rotation_deg: float = 5.0,
+                 keyframe_max_gap: int = 10, long_stride: int = 0):
+        if size < 2:
+            raise ValueError('window size must be >= 2')
+        self.size = size
+        self.neighbours = max(1, neighbours)
+        self.max_keyframes = keyframes
+        self.kf_translation = keyframe_translation_m
+        self.kf_rotation = keyframe_rotation_deg
+        self.kf_max_gap = keyframe_max_gap
+        self.long_stride = long_stride
+        self.entries: list[WindowEntry] = []
+        self.keyframes: list[WindowEntry] = []
+        self._count = 0
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def add(self, frame) -> tuple[WindowEntry, list[WindowEntry]]:
+        """Append a frame; returns (its entry, entries that left the window, oldest first)."""
+        e = WindowEntry(self._count, frame)
+        self._count += 1
+        self.entries.append(e)
+        left = []
+        while len(self.entries) > self.size:
+            left.append(self.entries.pop(0))
+        return e, left
+
+    def pop_last(self) -> WindowEntry:
+        """Remove the newest entry (a frame that turned out bad)."""
+        e = self.entries.pop()
+        if e in self.keyframes:
+            self.keyframes.remove(e)
+        return e
+
+    def is_keyframe(self, pose: np.ndarray, index: int) -> bool:
+        """Keyframe rule against the last keyframe: motion or frame-count threshold."""
+        if not self.keyframes:
+            return True
+        last = self.keyframes[-1]
+        rel = np.linalg.inv(last.pose) @ pose
+        return (np.linalg.norm(rel[:3, 3]) > self.kf_translation
+                or rotation_angle_deg(rel[:3, :3]) > self.kf_rotation
+                or index - last.index >= self.kf_max_gap)
+
+    def mark_keyframe(self, entry: WindowEntry) -> None:
+        entry.keyframe = True
+        self.keyframes.append(entry)
+        # keep the anchors that are outside the window plus the ones inside it
+        inside = {id(e) for e in self.entries}
+        outside = [k for k in self.keyframes if id(k) not in inside]
+        drop = outside[:-self.max_keyframes] if self.max_keyframes > 0 else outside
+        self.keyframes = [k for k in self.keyframes if k not in drop]
+
+    def pairs_for_newest(self) -> list[tuple[WindowEntry, WindowEntry]]:
+        """Pairs (older, newest) of the graph that involve the newest frame, nearest first."""
+        if len(self.entries) < 2:
+            return []
+        new = self.entries[-1]
+        olds: list[WindowEntry] = []
+        for d in range(1, self.neighbours + 1):
+            if len(self.entries) - 1 - d >= 0:
+                olds.append(self.entries[-1 - d])
+        if self.long_stride > 0:
+            for e in self.entries[:-1]:
+                if (new.index - e.index) % self.long_stride == 0 and e not in olds:
+                    olds.append(e)
+        for k in reversed(self.keyframes):
+            if k is not new and k not in olds:
+                olds.append(k)
+        return [(o, new) for o in olds]
+
+    def graph(self) -> list[tuple[int, int]]:
+        """All pairs (i, j), i < j, as push indices, over window frames and keyframes."""
+        frames = sorted({e.index: e for e in self.entries + self.keyframes}.values(), key=lambda e: e.index)
+        win = [e.index for e in self.entries]
+        pairs = set()
+        for a, ia in enumerate(win):
+            for ib in win[a + 1:a + 1 + self.neighbours]:
+                pairs.add((ia, ib))
+        for k in self.keyframes:
+            for e in self.entries:
+                if k.index < e.index:
+                    pairs.add((k.index, e.index))
+        _ = frames
+        return sorted(pairs)
+
+    def all_entries(self) -> list[WindowEntry]:
+        """Keyframes and window frames, by push order, without duplicates."""
+        return sorted({e.index: e for e in self.entries + self.keyframes}.values(), key=lambda e: e.index)
