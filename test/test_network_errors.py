@@ -159,3 +159,14 @@ def test_preprocess_geometry_and_normalize():
     x = normalize(np.array([[[[0, 255, 128]]]], np.uint8))
     assert x.shape == (1, 3, 1, 1)
     torch.testing.assert_close(x.flatten(), torch.tensor([-1.0, 1.0, 128 / 255 * 2 - 1]))
+
+
+def test_device_and_precision_guards(tmp_path):
+    path = tiny_ckpt(tmp_path / 'ok.pth')
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match='CUDA is not available'):
+            load_network(path, device='cuda')
+    with pytest.raises(InputError, match='only supported on CUDA'):
+        load_network(path, device='cpu', amp='bf16')
+    net = load_network(path, device='cpu')
+    assert net.amp_dtype is None and next(net.model.parameters()).dtype == torch.float32
