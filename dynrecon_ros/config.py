@@ -26,7 +26,7 @@ class WindowConfig:
 
     size: int = 4
     neighbours: int = 1
-    keyframes: int = 2
+    keyframes: int = 1
     keyframe_translation_m: float = 0.06
     keyframe_rotation_deg: float = 4.0
     keyframe_max_gap: int = 8
@@ -48,7 +48,9 @@ class FlowConfig:
 class BackendConfig:
     """Pair predictor. name: 'auto' (rgbd when depth is present), 'rgbd' or 'dust3r'.
 
-    The ransac_* / halo_* fields configure the RGB-D predictor (pose from flow + depth).
+    The other fields configure the RGB-D predictor: pose from flow + depth by RANSAC (ransac_*),
+    a band around motion outliers excluded (halo_fraction of the width), then direct photometric +
+    depth refinement (photometric_iterations, 0 = off) on pixels with gradient >= min_gradient.
     """
 
     name: str = 'auto'
@@ -56,12 +58,15 @@ class BackendConfig:
     ransac_iterations: int = 64
     ransac_px_threshold: float = 0.75
     ransac_depth_threshold: float = 0.02
-    ransac_samples: int = 1500
+    ransac_samples: int = 800
     min_px_threshold: float = 0.3
     halo_fraction: float = 0.03
     min_depth_m: float = 0.1
     max_depth_m: float = 10.0
     min_inliers: int = 60
+    photometric_iterations: int = 5
+    photometric_samples: int = 3000
+    min_gradient: float = 4.0
 
 
 @dataclass
@@ -75,8 +80,8 @@ class AlignmentConfig:
     """
 
     enabled: bool = True
-    iterations: int = 3
-    points_per_pair: int = 600
+    iterations: int = 2
+    points_per_pair: int = 300
     sigma_point_m: float = 0.01
     sigma_flow_px: float = 0.5
     flow_weight: float = 1.0
@@ -93,6 +98,8 @@ class ChecksConfig:
     min_image_std: float = 2.0  # grey-level standard deviation below which an image is 'constant'
     max_translation_m: float = 0.3  # per-frame jump limits (relative to the previous accepted frame)
     max_rotation_deg: float = 20.0
+    max_speed_m_s: float = 2.0  # camera speed limits (motion / time since the previous accepted frame)
+    max_angular_speed_deg_s: float = 180.0
     min_inlier_ratio: float = 0.15  # of the consistent correspondences; below = tracking lost
 
 

@@ -86,7 +86,9 @@ class Reconstructor:
             rc = RGBDPredictorConfig(ransac_iterations=b.ransac_iterations, ransac_px_threshold=b.ransac_px_threshold,
                                      ransac_depth_threshold=b.ransac_depth_threshold, ransac_samples=b.ransac_samples,
                                      min_px_threshold=b.min_px_threshold, halo_fraction=b.halo_fraction,
-                                     min_depth_m=b.min_depth_m, max_depth_m=b.max_depth_m, min_inliers=b.min_inliers)
+                                     min_depth_m=b.min_depth_m, max_depth_m=b.max_depth_m, min_inliers=b.min_inliers,
+                                     photometric_iterations=b.photometric_iterations,
+                                     photometric_samples=b.photometric_samples, min_gradient=b.min_gradient)
             predictor = make_predictor(name, rc if name == 'rgbd' else cfg, b.checkpoint or None, device)
         self.predictor = predictor
         if cfg.flow.method != 'dis':
@@ -194,11 +196,15 @@ class Reconstructor:
         pflows = [self.flows.get(o.key, o.frame.rgb, entry.key, frame.rgb) for o, _ in pairs]
         t = self._timed('flow', t)
         rel = []
-        for (old, _), pf in zip(pairs, pflows):
+        for k, ((old, _), pf) in enumerate(zip(pairs, pflows)):
             static = None
             if old.mask is not None:
                 static = ~old.mask
-            T, inl, n = self.predictor.relative_pose(old.frame, frame, pf, static)
+            init = None
+            if k > 0 and rel[0][0] is not None:
+                # long pair: predict from the tracked poses and the nearest pair, verify + refine only
+                init = np.linalg.inv(old.pose) @ pairs[0][0].pose @ rel[0][0]
+            T, inl, n = self.predictor.relative_pose(old.frame, frame, pf, static, init=init)
             rel.append((T, inl, n))
         t = self._timed('pose', t)
         T0, inl0, n0 = rel[0]
@@ -211,17 +217,20 @@ class Reconstructor:
                                      'correspondences fit a rigid motion (sudden jump or unusable image)')
         dt_ = np.linalg.norm(T0[:3, 3])
         dr = rotation_angle_deg(T0[:3, :3])
-        if dt_ > c.max_translation_m or dr > c.max_rotation_deg:
+        gap = max(frame.stamp - self._last_stamp, 1e-6)
+        if (dt_ > c.max_translation_m or dr > c.max_rotation_deg
+                or dt_ / gap > c.max_speed_m_s or dr / gap > c.max_angular_speed_deg_s):
             self.window.pop_last()
-            return self._skip(frame, f'sudden jump of {dt_:.3f} m / {dr:.1f} deg from frame {prev.key} '
-                                     f'(limits {c.max_translation_m} m / {c.max_rotation_deg} deg)')
+            return self._skip(frame, f'sudden jump of {dt_:.3f} m / {dr:.1f} deg in {gap:.3f} s from frame '
+                                     f'{prev.key} (limits {c.max_translation_m} m / {c.max_rotation_deg} deg per '
+                                     f'frame, {c.max_speed_m_s} m/s / {c.max_angular_speed_deg_s} deg/s)')
         entry.pose = prev.pose @ T0
         self._accept(frame, entry)
         # store static correspondences of every pair that produced a pose
         for (old, _), pf, (T, inl, n) in zip(pairs, pflows, rel):
             if T is None:
                 continue
-            self._constraints[(old.index, entry.index)] = self._make_constraint(old, entry, pf, inl)
+            self._constraints[(old.index, entry.index)] = self._make_constraint(old, entry, T, inl)
         entry.data['conf'] = (pflows[0].valid_bwd & (frame.depth > 0)).astype(np.float32)
         t = time.perf_counter()
         if self.cfg.alignment.enabled:
@@ -240,20 +249,25 @@ class Reconstructor:
         self._size = frame.size
         self._pending.append(entry)
 
-    def _make_constraint(self, a: WindowEntry, b: WindowEntry, pf, inliers: np.ndarray) -> PairConstraint:
-        """Static correspondences a -> b (predictor inliers), subsampled."""
-        from dynrecon_ros.predictors.rgbd import correspondences
+    def _make_constraint(self, a: WindowEntry, b: WindowEntry, T_a_b: np.ndarray, inliers: np.ndarray) -> PairConstraint:
+        """Static correspondences a -> b for the alignment, from the pair prediction.
+
+        The points are a's static inlier pixels; their match in b is where the pair's relative pose
+        puts them (the predictor's pointmap of the pair: for RGB-D the refined direct alignment,
+        which is more precise than the raw flow end points).
+        """
+        from dynrecon_ros.predictors.rgbd import transform, unproject
         fa, fb = a.frame, b.frame
-        pts_a, pts_b, ok = correspondences(fa.depth, fa.K, fb.depth, fb.K, pf.fwd, pf.valid_fwd)
-        use = np.flatnonzero((ok & inliers).reshape(-1))
+        pts_a = unproject(fa.depth, fa.K).reshape(-1, 3)
+        use = np.flatnonzero(inliers.reshape(-1) & np.isfinite(pts_a[:, 2]))
         n = self.cfg.alignment.points_per_pair
         if len(use) > n:
             use = self._rng.choice(use, n, replace=False)
-        h, w = ok.shape
-        uv = (pixel_grid(h, w) + pf.fwd).reshape(-1, 2)[use]
-        return PairConstraint(a.index, b.index, pts_a.reshape(-1, 3)[use].astype(np.float64),
-                              pts_b.reshape(-1, 3)[use].astype(np.float64), uv.astype(np.float64),
-                              np.ones(len(use)))
+        Pa = pts_a[use].astype(np.float64)
+        Pb = transform(np.linalg.inv(T_a_b), Pa)
+        K = fb.K
+        uv = np.stack([K[0, 0] * Pb[:, 0] / Pb[:, 2] + K[0, 2], K[1, 1] * Pb[:, 1] / Pb[:, 2] + K[1, 2]], -1)
+        return PairConstraint(a.index, b.index, Pa, Pb, uv, np.ones(len(use)))
 
     def _align(self) -> None:
         entries = self.window.all_entries()

@@ -21,13 +21,16 @@ class RGBDPredictorConfig:
     ransac_iterations: int = 64
     ransac_px_threshold: float = 0.75
     ransac_depth_threshold: float = 0.02  # relative depth error
-    ransac_samples: int = 1500
+    ransac_samples: int = 800
     refine_iterations: int = 4
     min_px_threshold: float = 0.3
     min_depth_m: float = 0.1
     max_depth_m: float = 10.0
     min_inliers: int = 60
     halo_fraction: float = 0.03  # band excluded around motion outliers, fraction of image width
+    photometric_iterations: int = 5  # direct RGB-D refinement after the flow fit (0 = off)
+    photometric_samples: int = 3000
+    min_gradient: float = 4.0  # grey levels per pixel for pixels used by the refinement
     seed: int = 0
 
 
@@ -155,8 +158,13 @@ class RGBDPredictor(PairPredictor):
         self.cfg = config or RGBDPredictorConfig()
         self.rng = np.random.default_rng(self.cfg.seed)
 
-    def relative_pose(self, frame_i, frame_j, flow, static_i: np.ndarray | None = None):
-        """(T_i_j (4,4), inliers_i (H,W) bool, n_correspondences) from flow + depth, or (None, ...)."""
+    def relative_pose(self, frame_i, frame_j, flow, static_i: np.ndarray | None = None,
+                      init: np.ndarray | None = None):
+        """(T_i_j (4,4), inliers_i (H,W) bool, n_correspondences) from flow + depth, or (None, ...).
+
+        ``init``: a predicted T_i_j (e.g. from already tracked poses); RANSAC is then skipped and the
+        prediction only verified and refined (cheaper, used for the long pairs to keyframes).
+        """
         c = self.cfg
         pts_i, pts_j, ok = correspondences(frame_i.depth, frame_i.K, frame_j.depth, frame_j.K,
                                            flow.fwd, flow.valid_fwd, c.min_depth_m, c.max_depth_m)
@@ -170,9 +178,15 @@ class RGBDPredictor(PairPredictor):
         h, w = ok.shape
         uv_all = (pixel_grid(h, w) + flow.fwd).reshape(-1, 2)
         P_all, Q_all = pts_i.reshape(-1, 3), pts_j.reshape(-1, 3)
-        T, inl, thr = ransac_rigid(P_all[sub].astype(np.float64), Q_all[sub].astype(np.float64), uv_all[sub],
-                                   frame_j.K, c.ransac_iterations, c.ransac_px_threshold,
-                                   c.ransac_depth_threshold, self.rng, c.refine_iterations, c.min_px_threshold)
+        if init is None:
+            T, inl, thr = ransac_rigid(P_all[sub].astype(np.float64), Q_all[sub].astype(np.float64),
+                                       uv_all[sub], frame_j.K, c.ransac_iterations, c.ransac_px_threshold,
+                                       c.ransac_depth_threshold, self.rng, c.refine_iterations, c.min_px_threshold)
+        else:
+            T, thr = np.asarray(init, dtype=np.float64), c.ransac_px_threshold
+            epx, ez = reprojection_errors(T[None, :3, :3], T[None, :3, 3], P_all[sub].astype(np.float64),
+                                          Q_all[sub].astype(np.float64), uv_all[sub], frame_j.K)
+            inl = (epx[0] < thr) & (ez[0] < c.ransac_depth_threshold)
         if inl.sum() < c.min_inliers:
             return None, np.zeros(ok.shape, bool), len(flat)
         sel = np.flatnonzero(ok)
@@ -197,7 +211,8 @@ class RGBDPredictor(PairPredictor):
             if keep_s.sum() >= c.min_inliers:
                 keep = keep_s
         wz = 1.0 / np.maximum(P_all[sel, 2], 0.1) ** 2
-        for _ in range(2):
+        # refits on the flow (skipped when the direct refinement follows: it supersedes them)
+        for _ in range(0 if c.photometric_iterations > 0 else 2):
             use = keep & (epx < thr) & (ez < c.ransac_depth_threshold)
             idx = np.flatnonzero(use)
             if len(idx) < c.min_inliers:
@@ -210,7 +225,23 @@ class RGBDPredictor(PairPredictor):
         inl_sel = keep & (epx < max(thr, 2 * c.min_px_threshold)) & (ez < c.ransac_depth_threshold)
         inliers = np.zeros(h * w, bool)
         inliers[sel[inl_sel]] = True
+        if c.photometric_iterations > 0:
+            T = self._refine(frame_i, frame_j, pts_i, inliers, T)
         return T, inliers.reshape(h, w), len(flat)
+
+    def _refine(self, frame_i, frame_j, pts_i, inliers, T):
+        """Direct photometric + depth refinement on textured static inlier pixels of i."""
+        c = self.cfg
+        gi = cv2.cvtColor(frame_i.rgb, cv2.COLOR_RGB2GRAY).astype(np.float32)
+        gj = cv2.cvtColor(frame_j.rgb, cv2.COLOR_RGB2GRAY).astype(np.float32)
+        gm = np.abs(cv2.Scharr(gi, cv2.CV_32F, 1, 0)) + np.abs(cv2.Scharr(gi, cv2.CV_32F, 0, 1))
+        cand = np.flatnonzero(inliers & (gm.reshape(-1) > 32.0 * c.min_gradient))
+        if len(cand) < c.min_inliers:
+            return T
+        if len(cand) > c.photometric_samples:
+            cand = self.rng.choice(cand, c.photometric_samples, replace=False)
+        return photometric_refine(gi.reshape(-1)[cand], pts_i.reshape(-1, 3)[cand], gj, frame_j.depth,
+                                  frame_j.K, T, c.photometric_iterations)
 
     def predict(self, frame_i, frame_j, flow, static_i: np.ndarray | None = None) -> PairPrediction:
         T, inliers, _ = self.relative_pose(frame_i, frame_j, flow, static_i)
@@ -224,3 +255,78 @@ class RGBDPredictor(PairPredictor):
         return PairPrediction(pts_i=pts_i, pts_j_in_i=transform(Tij, pts_j).astype(np.float32),
                               conf_i=conf_i.astype(np.float32), conf_j=conf_j.astype(np.float32),
                               T_i_j=T, inliers_i=inliers, metric=True)
+
+
+def _se3_exp_left(xi: np.ndarray) -> np.ndarray:
+    """(6,) [v, omega] -> (4, 4) exp, Rodrigues rotation (small steps)."""
+    v, w = xi[:3], xi[3:]
+    th = np.linalg.norm(w)
+    Wx = np.array([[0, -w[2], w[1]], [w[2], 0, -w[0]], [-w[1], w[0], 0]])
+    R = np.eye(3) + Wx if th < 1e-12 else np.eye(3) + np.sin(th) / th * Wx + (1 - np.cos(th)) / th ** 2 * Wx @ Wx
+    T = np.eye(4)
+    T[:3, :3], T[:3, 3] = R, v
+    return T
+
+
+def photometric_refine(gray_i: np.ndarray, pts_i: np.ndarray, gray_j: np.ndarray, depth_j: np.ndarray,
+                       K_j: np.ndarray, T_i_j: np.ndarray, iterations: int = 6, sigma_intensity: float = 4.0,
+                       sigma_depth_rel: float = 0.01, huber: float = 1.5) -> np.ndarray:
+    """Direct RGB-D refinement of T_i_j (pose of j in i) on selected pixels of i.
+
+    Minimises, over a left increment of T_j_i, the robust sum of photometric residuals
+    I_j(pi(T_j_i X)) - I_i(p) / sigma_intensity and depth residuals (D_j(pi(..)) - z) /
+    (sigma_depth_rel z) (the hybrid term of dense RGB-D odometry, Kerl et al. / Open3D). Flow-based
+    poses are limited by the flow's sub-pixel bias; direct alignment on the raw intensities removes it.
+
+    Args:
+        gray_i: (n,) float32 intensities of the selected pixels of i; pts_i: (n, 3) their points.
+        gray_j: (H, W) float32 image j; depth_j: (H, W) float32 metres (0 invalid); K_j (3, 3).
+    Returns the refined (4, 4) T_i_j.
+    """
+    h, w = gray_j.shape
+    gx = cv2.Scharr(gray_j, cv2.CV_32F, 1, 0) / 32.0
+    gy = cv2.Scharr(gray_j, cv2.CV_32F, 0, 1) / 32.0
+    dj = depth_j.astype(np.float32)
+    dgx = cv2.Sobel(dj, cv2.CV_32F, 1, 0, ksize=3) / 8.0
+    dgy = cv2.Sobel(dj, cv2.CV_32F, 0, 1, ksize=3) / 8.0
+    fx, fy, cx, cy = K_j[0, 0], K_j[1, 1], K_j[0, 2], K_j[1, 2]
+    T_j_i = np.linalg.inv(T_i_j)
+    X = pts_i.astype(np.float64)
+    for _ in range(iterations):
+        Y = X @ T_j_i[:3, :3].T + T_j_i[:3, 3]
+        Z = Y[:, 2]
+        u = fx * Y[:, 0] / Z + cx
+        v = fy * Y[:, 1] / Z + cy
+        ok = (Z > 0.05) & (u >= 1) & (u <= w - 2) & (v >= 1) & (v <= h - 2)
+        if ok.sum() < 50:
+            break
+        Yo, Zo, uo, vo = Y[ok], Z[ok], u[ok].astype(np.float32), v[ok].astype(np.float32)
+        samp = [cv2.remap(m, uo[:, None], vo[:, None], cv2.INTER_LINEAR)[:, 0]
+                for m in (gray_j, gx, gy, dj, dgx, dgy)]
+        Ij, Gx, Gy, Dj, DGx, DGy = samp
+        # d(u, v)/dY and dY/dxi = [I, -[Y]x]
+        iz = 1.0 / Zo
+        du = np.stack([fx * iz, np.zeros_like(iz), -fx * Yo[:, 0] * iz ** 2], 1)
+        dv = np.stack([np.zeros_like(iz), fy * iz, -fy * Yo[:, 1] * iz ** 2], 1)
+
+        def jac(row):  # (n, 3) d/dY -> (n, 6) d/dxi
+            return np.concatenate([row, np.cross(Yo, row)], 1)
+
+        Jp = jac(Gx[:, None] * du + Gy[:, None] * dv) / sigma_intensity
+        rp = (Ij - gray_i[ok]) / sigma_intensity
+        dok = (Dj > 0) & (np.abs(DGx) + np.abs(DGy) < 0.05 * Zo)  # no depth residual across edges
+        sd = sigma_depth_rel * Zo
+        Jd = jac(DGx[:, None] * du + DGy[:, None] * dv - np.array([0.0, 0.0, 1.0])) / sd[:, None]
+        rd = (Dj - Zo) / sd
+        Jd, rd = Jd[dok], rd[dok]
+        J = np.concatenate([Jp, Jd])
+        r = np.concatenate([rp, rd])
+        a = np.abs(r)
+        wgt = np.where(a < huber, 1.0, huber / np.maximum(a, 1e-12))
+        H = (J * wgt[:, None]).T @ J
+        g = (J * wgt[:, None]).T @ r
+        xi = -np.linalg.solve(H + 1e-9 * np.eye(6), g)
+        T_j_i = _se3_exp_left(xi) @ T_j_i
+        if np.abs(xi).max() < 1e-7:
+            break
+    return np.linalg.inv(T_j_i)
