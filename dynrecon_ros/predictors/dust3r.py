@@ -119,6 +119,7 @@ class Dust3rPredictor(PairPredictor):
         self._pairs: OrderedDict = OrderedDict()  # (key_i, key_j) -> dict of input-size maps
         self._K = None  # estimated intrinsics of the stream (frames without K)
         self._scale = None  # network units -> stream units of the first frame (monocular)
+        self._grid_key, self._grid = None, None
 
     # ------------------------------------------------------------------ network I/O
     def _input(self, frame):
@@ -135,11 +136,15 @@ class Dust3rPredictor(PairPredictor):
         """Resample a network-resolution map (h, w[, c]) to input pixels (H, W[, c]); also (H, W)
         bool of pixels inside the crop."""
         H, W = hw
-        v, u = np.mgrid[0:H, 0:W].astype(np.float32)
-        mx = (u + 0.5) * r.scale_x - 0.5 - r.crop_x0
-        my = (v + 0.5) * r.scale_y - 0.5 - r.crop_y0
         h, w = r.rgb.shape[:2]
-        inside = (mx >= -0.5) & (mx <= w - 0.5) & (my >= -0.5) & (my <= h - 0.5)
+        gk = (r.scale_x, r.scale_y, r.crop_x0, r.crop_y0, h, w, H, W)
+        if self._grid_key != gk:  # one stream size: the sampling grid is computed once
+            v, u = np.mgrid[0:H, 0:W].astype(np.float32)
+            mx = (u + 0.5) * r.scale_x - 0.5 - r.crop_x0
+            my = (v + 0.5) * r.scale_y - 0.5 - r.crop_y0
+            inside = (mx >= -0.5) & (mx <= w - 0.5) & (my >= -0.5) & (my <= h - 0.5)
+            self._grid_key, self._grid = gk, (mx, my, inside)
+        mx, my, inside = self._grid
         out = cv2.remap(np.ascontiguousarray(arr, dtype=np.float32), mx, my, cv2.INTER_LINEAR,
                         borderMode=cv2.BORDER_REPLICATE)
         return out, inside
