@@ -85,7 +85,7 @@ class Reconstructor:
             b = cfg.backend
             rc = RGBDPredictorConfig(ransac_iterations=b.ransac_iterations, ransac_px_threshold=b.ransac_px_threshold,
                                      ransac_depth_threshold=b.ransac_depth_threshold, ransac_samples=b.ransac_samples,
-                                     min_px_threshold=b.min_px_threshold, halo_fraction=b.halo_fraction,
+                                     min_px_threshold=b.min_px_threshold, halo_fraction=b.halo_fraction, stride=b.stride,
                                      min_depth_m=b.min_depth_m, max_depth_m=b.max_depth_m, min_inliers=b.min_inliers,
                                      photometric_iterations=b.photometric_iterations,
                                      photometric_samples=b.photometric_samples, min_gradient=b.min_gradient)

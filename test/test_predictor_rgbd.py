@@ -34,8 +34,9 @@ def test_relative_pose_ignores_movers(seq, k):
     assert np.linalg.norm(T[:3, 3] - T_gt[:3, 3]) < 0.006
     dyn = seq.masks[k]
     assert dyn.mean() > 0.05  # the case is meaningful: movers in view
-    assert (inl & dyn).sum() < 0.1 * dyn.sum()  # movers are outliers
-    assert (inl & ~dyn).sum() > 0.5 * (~dyn).sum()
+    g = (slice(None, None, 2), slice(None, None, 2))  # inliers are verified on a stride-2 grid
+    assert (inl & dyn).sum() < 0.1 * dyn[g].sum()  # movers are outliers
+    assert (inl & ~dyn).sum() > 0.5 * (~dyn)[g].sum()
 
     full = pred.predict(a, b, pf)
     assert full.pts_i.shape == (240, 320, 3) and full.pts_j_in_i.shape == (240, 320, 3)

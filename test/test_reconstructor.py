@@ -154,3 +154,17 @@ def test_full_default_sequence_targets():
     assert m_iou > 0.8, f'IoU {m_iou:.3f}'
     far, _ = map_outlier_fraction(rec, seq)
     assert far < 0.02
+
+
+@pytest.mark.slow
+def test_no_drift_blow_up_over_300_frames():
+    seq = render_sequence(SyntheticConfig(width=320, height=240, frames=300, seed=1))
+    rec, out = run(seq)
+    assert all(r.status == 'ok' for r in out)
+    est = np.array([r.pose for r in out])
+    ate = ate_rmse(est, seq.poses)
+    assert ate < 0.01, f'ATE {ate * 1000:.1f} mm over 300 frames'
+    # error of the last third no worse than a few times that of the first third (no blow-up)
+    gt = np.linalg.inv(seq.poses[0]) @ seq.poses
+    err = np.linalg.norm(est[:, :3, 3] - gt[:, :3, 3], axis=1)
+    assert err[200:].max() < 0.03

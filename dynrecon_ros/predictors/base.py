@@ -17,8 +17,8 @@ class PairPrediction:
         conf_i, conf_j: (H, W) float32 confidences >= 1 (1 = no information), DUSt3R convention.
         T_i_j: (4, 4) float64 pose of camera j in camera i (X_i = T_i_j @ X_j) when the predictor
             knows it (RGB-D), else None.
-        inliers_i: (H, W) bool pixels of i whose correspondence in j fits the rigid motion (RGB-D),
-            else None.
+        inliers_i: (H, W) bool pixels of i whose correspondence in j fits the rigid motion (RGB-D:
+            verified on a pixel grid, see RGBDPredictorConfig.stride), else None.
         attention: optional dict of attention maps (networks only).
     """
 

@@ -27,6 +27,7 @@ class RGBDPredictorConfig:
     min_depth_m: float = 0.1
     max_depth_m: float = 10.0
     min_inliers: int = 60
+    stride: int = 2  # verify the fit on every stride-th pixel in x and y (inliers are on that grid)
     halo_fraction: float = 0.03  # band excluded around motion outliers, fraction of image width
     photometric_iterations: int = 5  # direct RGB-D refinement after the flow fit (0 = off)
     photometric_samples: int = 3000
@@ -189,7 +190,10 @@ class RGBDPredictor(PairPredictor):
             inl = (epx[0] < thr) & (ez[0] < c.ransac_depth_threshold)
         if inl.sum() < c.min_inliers:
             return None, np.zeros(ok.shape, bool), len(flat)
-        sel = np.flatnonzero(ok)
+        st = max(1, c.stride)
+        grid = np.zeros((h, w), bool)
+        grid[::st, ::st] = True
+        sel = np.flatnonzero(ok & grid)  # pixels verified against the fit (a grid: cost / stride^2)
 
         def errors(T):
             epx, ez = reprojection_errors(T[None, :3, :3], T[None, :3, 3], P_all[sel], Q_all[sel],
@@ -202,9 +206,11 @@ class RGBDPredictor(PairPredictor):
         bad_sel = (epx > 3 * thr) | (ez > 3 * c.ransac_depth_threshold)
         bad = np.zeros(h * w, np.uint8)
         bad[sel[bad_sel]] = 1
-        bad = cv2.morphologyEx(bad.reshape(h, w), cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
-        halo = max(1, int(round(c.halo_fraction * w)))
+        bad = bad.reshape(h, w)[::st, ::st]  # on the grid
+        bad = cv2.morphologyEx(bad, cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
+        halo = max(1, int(round(c.halo_fraction * w / st)))
         excl = cv2.dilate(bad, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * halo + 1, 2 * halo + 1))) > 0
+        excl = np.repeat(np.repeat(excl, st, 0), st, 1)[:h, :w]
         keep = ~excl.reshape(-1)[sel]
         if static_i is not None:
             keep_s = keep & static_i.reshape(-1)[sel]
