@@ -161,7 +161,7 @@ class RGBDPredictor(PairPredictor):
 
     def relative_pose(self, frame_i, frame_j, flow, static_i: np.ndarray | None = None,
                       init: np.ndarray | None = None):
-        """(T_i_j (4,4), inliers_i (H,W) bool, n_correspondences) from flow + depth, or (None, ...).
+        """(T_i_j (4,4), inliers_i (H,W) bool, n verified correspondences) from flow + depth, or (None, ...).
 
         ``init``: a predicted T_i_j (e.g. from already tracked poses); RANSAC is then skipped and the
         prediction only verified and refined (cheaper, used for the long pairs to keyframes).
@@ -233,7 +233,7 @@ class RGBDPredictor(PairPredictor):
         inliers[sel[inl_sel]] = True
         if c.photometric_iterations > 0:
             T = self._refine(frame_i, frame_j, pts_i, inliers, T)
-        return T, inliers.reshape(h, w), len(flat)
+        return T, inliers.reshape(h, w), len(sel)  # n = verified pixels (grid), the base of inlier ratios
 
     def _refine(self, frame_i, frame_j, pts_i, inliers, T):
         """Direct photometric + depth refinement on textured static inlier pixels of i."""
