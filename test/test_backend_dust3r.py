@@ -187,7 +187,6 @@ def test_ros_node_backend_dust3r(ckpt, seq_dir):
     """recon_node with backend:=dust3r, monocular (use_depth:=false): rgb + camera_info in, poses on
     /tf and masks out, one per accepted image, finite with unit quaternions."""
     pytest.importorskip('rclpy')
-    from rclpy.qos import qos_profile_sensor_data  # noqa: F401
     from sensor_msgs.msg import CameraInfo, Image
     from std_msgs.msg import Header
     from tf2_msgs.msg import TFMessage
