@@ -12,8 +12,10 @@ Loss: sum_e sum_{v in (i, j)} sum_px w_v^e * ||chi_v - s_e (R_e X_v^e + t_e)|| /
     static pixels, errors > 50 px ignored, on after 10 % of the iterations, dropped if it exceeds
     the guard) and camera smoothness (||dR - I||_F + w_t ||dt|| for consecutive frames).
 Gauge: without a warm start the pairwise log-scales are normalised to mean log(0.5) (DUSt3R's
-    base_scale). With a warm start (``init`` = previous window's state) the frames shared with it
-    keep their previous pose and depth (frozen), which fixes frame and scale; no scale gauge then.
+    base_scale). With a warm start (``init`` = previous window's state) frames shared with it start
+    from their previous pose and depth; 'freeze' mode keeps them all fixed (only pairs touching a
+    new frame are optimised), 'refine' mode refines all and freezes only the oldest shared frame.
+    Either fixes frame and scale to the previous window's; no scale gauge then.
 Init: maximum-confidence spanning tree over the pairs, chained weighted Procrustes (Umeyama) from
     the root, focal from the pointmaps (intrinsics.estimate_focal), depth = z of the registered
     camera-frame pointmap. In a warm start the tree grows from the frozen frames.
@@ -34,7 +36,12 @@ from dynrecon_ros.intrinsics import default_principal_point, estimate_focal
 class AlignConfig:
     iterations: int = 300          # from MST init (DUSt3R/MonST3R demo default)
     warm_iterations: int = 30      # when warm-started from the previous window
+    warm_mode: str = 'freeze'      # 'freeze': frames shared with the previous window keep pose and depth,
+    # only pairs with a new frame are optimised (cheapest); 'refine': all frames start from the
+    # previous estimate and are refined, only the oldest shared frame is frozen (fixes frame + scale)
     lr: float = 0.01
+    warm_lr: float = 0.002         # Adam moves every parameter by ~lr per step at first: a warm start
+    # near the optimum needs a smaller step or 30 iterations cannot settle again
     lr_min: float = 1e-6
     schedule: str = 'cosine'       # 'cosine' | 'linear'
     shared_focal: bool = True
@@ -55,7 +62,8 @@ class AlignConfig:
 class AlignmentState:
     """Result of one window: everything in one world frame and scale.
 
-    poses (N, 4, 4) cam-to-world; depths (N, H, W); focals (N,); pp (2,); pair_scales (P,);
+    poses (N, 4, 4) cam-to-world; depths (N, H, W); focals (N,); pp (2,); pair_scales (P,) (NaN for
+    pairs skipped in a warm start because both frames were frozen);
     frame_ids: the ids of the N frames (for warm starts); loss: final objective value.
     """
     poses: np.ndarray
@@ -212,24 +220,32 @@ class PointmapAligner:
         for e, (i, j) in enumerate(pairs):
             if i not in best_e or arr['conf_1'][e].mean() > arr['conf_1'][best_e[i]].mean():
                 best_e[i] = e
-        focals, poses, depths = np.zeros(n), np.zeros((n, 4, 4)), []
+        focals, poses, depths = np.zeros(n), np.zeros((n, 4, 4)), [None] * n
         for f in range(n):
             if f in known_pose:
-                poses[f], focals[f] = known_pose[f], known_focal[f]
-                depths.append(known_depth[f])
-                continue
-            if f not in best_e:
+                poses[f], focals[f], depths[f] = known_pose[f], known_focal[f], known_depth[f]
+            elif f not in best_e:
                 raise InputError(f'frame {f} is never view 1 of a pair (use symmetric pairs)')
-            e = best_e[f]
-            cam, c = arr['pts3d_1'][e], arr['conf_1'][e]
-            focals[f] = fixed_focal[f] if fixed_focal is not None else estimate_focal(cam, c, pp)
-            s, R, t = weighted_procrustes(cam.reshape(-1, 3), world[f].reshape(-1, 3), np.log(c).reshape(-1).clip(0) * static[f].reshape(-1))
-            poses[f] = np.eye(4)
-            poses[f, :3, :3], poses[f, :3, 3] = R, t
-            depths.append(np.clip(s * cam[..., 2], 1e-4, None))
+            else:
+                e = best_e[f]
+                focals[f] = fixed_focal[f] if fixed_focal is not None else estimate_focal(
+                    arr['pts3d_1'][e], arr['conf_1'][e], pp)
         if fixed_focal is None and self.cfg.shared_focal:
             free = [f for f in range(n) if f not in known_focal]
             focals[free] = np.median(focals[free]) if not known_focal else np.median(list(known_focal.values()))
+        for f in range(n):
+            if f in known_pose:
+                continue
+            e = best_e[f]
+            c = arr['conf_1'][e]
+            # register the pointmap as the model sees it (its z unprojected with the model's focal and
+            # pp), so depth and pose are consistent with the unknowns even where the network's rays differ
+            cam = _unproject(np.clip(arr['pts3d_1'][e][..., 2], 1e-6, None), focals[f], pp)
+            s, R, t = weighted_procrustes(cam.reshape(-1, 3), world[f].reshape(-1, 3),
+                                          np.log(c).reshape(-1).clip(0) * static[f].reshape(-1))
+            poses[f] = np.eye(4)
+            poses[f, :3, :3], poses[f, :3, 3] = R, t
+            depths[f] = np.clip(s * cam[..., 2], 1e-4, None)
         depths = np.stack(depths)
         # pair similarities from the init world points
         pw = []
@@ -277,9 +293,21 @@ class PointmapAligner:
                     known_world[f] = init.world_points(k)
             if not known_pose:
                 raise InputError('warm start: the window shares no frame with the previous state')
+        warm = bool(known_pose)
+        all_pairs, keep = pairs, np.arange(len(pairs))
+        frozen = sorted(known_pose)
+        if warm and cfg.warm_mode == 'refine':
+            frozen = frozen[:1]
+        elif warm and cfg.warm_mode != 'freeze':
+            raise InputError(f"warm_mode must be 'freeze' or 'refine', got {cfg.warm_mode!r}")
+        if warm and cfg.warm_mode == 'freeze':  # pairs between two frozen frames only move their own similarity
+            keep = np.array([e for e, (i, j) in enumerate(pairs) if i not in known_pose or j not in known_pose])
+            if keep.size == 0:
+                raise InputError('warm start: every frame of the window is already aligned (no new frame)')
+            pairs = [pairs[e] for e in keep]
+            arr = {k: a[keep] for k, a in arr.items()}
         poses, depths, focals, pw = self._init_tree(n, pairs, arr, static, pp, ff, known_world, known_pose,
                                                     known_depth, known_focal)
-        warm = bool(known_pose)
         if not warm:  # gauge: mean pair log-scale = log(base_scale)
             k = cfg.base_scale / math.exp(np.mean([math.log(s) for s, _, _ in pw]))
             poses[:, :3, 3] *= k
@@ -290,13 +318,18 @@ class PointmapAligner:
         if cfg.cpu_threads and cfg.device == 'cpu':
             torch.set_num_threads(cfg.cpu_threads)
         try:
-            return self._optimise(pairs, arr, static, flows, pp, poses, depths, focals, pw, ff is not None,
-                                  frozen=sorted(known_pose), iters=iters, frame_ids=frame_ids, gauge=not warm)
+            state = self._optimise(pairs, arr, static, flows, pp, poses, depths, focals, pw, ff is not None,
+                                   frozen=frozen, iters=iters, frame_ids=frame_ids, gauge=not warm,
+                                   lr=cfg.warm_lr if warm else cfg.lr)
         finally:
             torch.set_num_threads(threads)
+        scales = np.full(len(all_pairs), np.nan)  # NaN: pair not optimised (both frames frozen)
+        scales[keep] = state.pair_scales
+        state.pair_scales = scales
+        return state
 
     def _optimise(self, pairs, arr, static, flows, pp, poses, depths, focals, pw, focal_fixed, frozen, iters,
-                  frame_ids, gauge):
+                  frame_ids, gauge, lr):
         cfg = self.cfg
         dev = torch.device(cfg.device)
         T = lambda x: torch.as_tensor(np.asarray(x), dtype=torch.float32, device=dev)  # noqa: E731
@@ -376,11 +409,11 @@ class PointmapAligner:
         for it in range(iters):
             frac = it / max(iters, 1)
             if cfg.schedule == 'cosine':
-                lr = cfg.lr_min + (cfg.lr - cfg.lr_min) * (1 + math.cos(math.pi * frac)) / 2
+                lr_now = cfg.lr_min + (lr - cfg.lr_min) * (1 + math.cos(math.pi * frac)) / 2
             else:
-                lr = cfg.lr_min + (cfg.lr - cfg.lr_min) * (1 - frac)
+                lr_now = cfg.lr_min + (lr - cfg.lr_min) * (1 - frac)
             for g in opt.param_groups:
-                g['lr'] = lr
+                g['lr'] = lr_now
             opt.zero_grad(set_to_none=True)
             total, loss, *_, fterm = compute(frac)
             if fterm is not None and float(fterm.detach()) > cfg.flow_guard:
@@ -455,3 +488,24 @@ def mover_ids_from_sequence(seq) -> np.ndarray:
 def window_pairs(n: int, neighbours: int = 3) -> list[tuple[int, int]]:
     """Each frame paired with its next ``neighbours`` frames, both directions (n=8, 3 -> 36 pairs)."""
     return [p for i in range(n) for j in range(i + 1, min(n, i + neighbours + 1)) for p in ((i, j), (j, i))]
+
+
+def window_loss(state: AlignmentState, pairs, pair_outputs, masks=None) -> float:
+    """The data term of the objective for a state, comparable across runs: each pair's similarity
+    is refitted by weighted Procrustes to the state's world points, and the loss is expressed in
+    DUSt3R's gauge (mean pair scale 0.5), so states in different world scales compare fairly."""
+    arr = PointmapAligner._check([tuple(p) for p in pairs], pair_outputs)
+    P, H, W = arr['conf_1'].shape
+    n = len(state.poses)
+    static = np.ones((n, H, W)) if masks is None else (~(np.asarray(masks) > 0)).astype(np.float64)
+    world = [state.world_points(k).reshape(-1, 3) for k in range(n)]
+    total, logs = 0.0, []
+    for e, (i, j) in enumerate(pairs):
+        src = np.concatenate([arr['pts3d_1'][e].reshape(-1, 3), arr['pts3d_2_in_1'][e].reshape(-1, 3)])
+        dst = np.concatenate([world[i], world[j]])
+        wgt = np.concatenate([(np.log(arr['conf_1'][e]).clip(0) * static[i]).reshape(-1),
+                              (np.log(arr['conf_2'][e]).clip(0) * static[j]).reshape(-1)])
+        s, R, t = weighted_procrustes(src, dst, wgt)
+        total += (wgt * np.linalg.norm(s * src @ R.T + t - dst, axis=1)).sum()
+        logs.append(math.log(s))
+    return float(total / (P * H * W) * 0.5 / math.exp(np.mean(logs)))
