@@ -106,3 +106,43 @@ def test_combine_masks():
         combine_masks(f, a, 'optical')
     with pytest.raises(InputError):
         combine_masks(None, a, 'both')
+
+
+def test_second_pass_suppresses_attention_to_masked_tokens(tmp_path):
+    """Through the network API (tiny random-weight model): Easi3R attention feeds the scores, the
+    token masks feed ``cross_attn_zero``; zeroed weights carry nothing from the masked view-2 tokens."""
+    torch = pytest.importorskip('torch')
+    from dynrecon_ros.network import build_model, load_network, save_checkpoint
+    cfg = ("AsymmetricCroCo3DStereo(pos_embed='RoPE100', patch_embed_cls='ManyAR_PatchEmbed', img_size=(512, 512), "
+           "head_type='linear', output_mode='pts3d', depth_mode=('exp', -float('inf'), float('inf')), "
+           "conf_mode=('exp', 1, float('inf')), enc_embed_dim=32, enc_depth=2, enc_num_heads=2, "
+           "dec_embed_dim=32, dec_depth=2, dec_num_heads=2)")
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / 'tiny.pth', build_model(cfg).state_dict(), cfg)
+    net = load_network(tmp_path / 'tiny.pth')
+    rng = np.random.default_rng(0)
+    imgs = rng.integers(0, 255, (3, 32, 48, 3), dtype=np.uint8)
+    pairs = [(0, 1), (1, 0), (0, 2), (2, 0), (1, 2), (2, 1)]
+    out = net.predict_pairs(imgs, pairs, return_attention=True)
+    score = dynamic_attention_scores(3, pairs, out['cross_attn_1'], out['cross_attn_2'])
+    assert score.shape == (3, 2, 3) and np.isfinite(score).all()
+
+    masks = np.zeros((3, 32, 48), np.uint8)
+    masks[1, :16, 16:32] = 255  # one dynamic token in frame 1
+    q, k = token_mask_for_reweighting(masks, pairs)
+    second = net.predict_pairs(imgs, pairs, cross_attn_zero=(q, k))
+    e = pairs.index((0, 1))  # view 2 = frame 1 has the masked token: view-1 output changes
+    assert not np.allclose(second['pts3d_1'][e], out['pts3d_1'][e], atol=1e-6)
+    e2 = pairs.index((1, 0))  # view 2 = frame 0 has no dynamic token: nothing is zeroed
+    np.testing.assert_allclose(second['pts3d_1'][e2], out['pts3d_1'][e2], rtol=1e-5, atol=1e-6)
+
+    # all of view 2 masked for all view-1 queries: view 1's output no longer depends on view 2's image
+    allq, allk = np.ones((1, 2, 3), bool), np.ones((1, 2, 3), bool)
+    other = imgs.copy()
+    other[1] = rng.integers(0, 255, (32, 48, 3), dtype=np.uint8)
+    a = net.predict_pairs(imgs, [(0, 1)], cross_attn_zero=(allq, allk))['pts3d_1']
+    b = net.predict_pairs(other, [(0, 1)], cross_attn_zero=(allq, allk))['pts3d_1']
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    a0 = net.predict_pairs(imgs, [(0, 1)])['pts3d_1']
+    b0 = net.predict_pairs(other, [(0, 1)])['pts3d_1']
+    assert not np.allclose(a0, b0, atol=1e-4)
