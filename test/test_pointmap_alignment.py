@@ -99,6 +99,9 @@ def test_flow_term_and_fixed_focal(seq12):
     assert np.allclose(st.focals, f_gt)
     assert _ate(seq12, st.poses)['ate_rmse_sim3'] <= 0.01
     # a wrong flow (all pixels claim 30 px motion) is rejected by the 50 px cut / guard, not followed
+    per = _aligner(shared_focal=False).align(pairs, out, masks=seq12.masks[:8], pp=K[:2, 2], iterations=30)
+    assert per.focals.shape == (8,) and len(set(per.focals.round(6))) > 1
+    assert np.all(np.abs(per.focals / f_gt - 1) < 0.03)
     wrong = {p: f + 30.0 for p, f in flows.items()}
     st2 = _aligner(flow_weight=1.0).align(pairs, out, masks=seq12.masks[:8], flows=wrong, pp=K[:2, 2], fixed_focal=f_gt)
     assert np.isfinite(st2.loss)
