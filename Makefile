@@ -15,10 +15,10 @@ $(STAMP): requirements.txt requirements-rosidl.txt setup.py tools/build_tf2_msgs
 	@command -v cmake >/dev/null && command -v g++ >/dev/null || \
 	  { echo "installing cmake and g++ (needed once to build tf2_msgs)"; apt-get update -qq && apt-get install -y -qq cmake g++ make; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt -r requirements-rosidl.txt 2>&1 | grep -v 'is ignored: it is neither' || true
-	$(PY) -c 'import torch, rclpy, cv2, rosbags, evo' 
+	set -o pipefail; $(PY) -m pip install -q --disable-pip-version-check -r requirements.txt -r requirements-rosidl.txt 2>&1 | { grep -v 'is ignored: it is neither' || true; }
+	$(PY) -c 'import torch, rclpy, cv2, rosbags, evo'
 	tools/build_tf2_msgs.sh $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check --no-deps -e . 2>&1 | grep -v 'is ignored: it is neither' || true
+	set -o pipefail; $(PY) -m pip install -q --disable-pip-version-check --no-deps -e . 2>&1 | { grep -v 'is ignored: it is neither' || true; }
 	$(VENV)/bin/dynrecon --help >/dev/null
 	touch $@
 

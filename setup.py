@@ -19,8 +19,6 @@ setup(
         (f'share/{PACKAGE}/config', glob('config/*.yaml') + glob('config/*.xml')),
         (f'share/{PACKAGE}/rviz', glob('rviz/*.rviz')),
     ],
-    package_data={PACKAGE: ['config/*.yaml', 'config/*.xml']},
-    include_package_data=True,
     install_requires=['setuptools'],
     zip_safe=True,
     maintainer='dynrecon developers',

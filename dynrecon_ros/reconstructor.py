@@ -156,7 +156,7 @@ class Reconstructor:
                     f'({self._last_stamp:.6f}): duplicate or backwards')
         if self._size is not None and frame.size != self._size:
             return f'image size {frame.size} differs from the stream size {self._size}'
-        if frame.K is None and self.default_K is None:
+        if frame.K is None and self.default_K is None and not getattr(self.predictor, 'estimates_intrinsics', False):
             return 'no intrinsics (frame has no K and no default intrinsics are configured)'
         if self.predictor.needs_depth:
             if frame.depth is None:
@@ -181,6 +181,11 @@ class Reconstructor:
             return self._skip(frame, reason)
         if frame.K is None:
             frame.K = self.default_K
+        prepare = getattr(self.predictor, 'prepare_frame', None)  # network backends: depth (+ K) for the frame
+        if prepare is not None:
+            reason = prepare(frame, self.window.entries[-1].frame if self.window.entries else None)
+            if reason:
+                return self._skip(frame, reason)
         if frame.depth is not None:
             frame.depth = np.where(np.isfinite(frame.depth) & (frame.depth > 0), frame.depth, 0).astype(np.float32)
         entry, _ = self.window.add(frame)

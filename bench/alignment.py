@@ -1,0 +1,97 @@
+"""Bench: online warm-started window step vs the plain DUSt3R schedule (300 iterations from MST).
+
+For each window size N: render N + steps frames of the synthetic sequence, make pairwise pointmaps
+from ground truth (random per-pair scale, noise, movers inconsistent as a static-scene network
+would give them; pair graph: each frame with its next 3, both directions), then
+  plain:  align the window from MST init for 300 iterations (no warm start), once for the first
+          window (it is the online init) and once for the last window (loss comparison);
+  online: slide the window one frame at a time, warm start from the previous state (overlap frames
+          frozen), ``--warm-iters`` iterations; seconds per step averaged over ``--steps`` steps.
+Losses: ``window_loss`` of both on the last window (same data, same gauge), plus Sim(3) ATE.
+Usage: python bench/alignment.py [--size 64x48] [--windows 8 16 32] [--device cpu|cuda|all]
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+
+from dynrecon_ros.data.synthetic import SyntheticConfig, render_sequence
+from dynrecon_ros.evaluation import trajectory_metrics
+from dynrecon_ros.pointmap_alignment import (AlignConfig, PointmapAligner, mover_ids_from_sequence,
+                                             pairs_from_ground_truth, window_loss, window_pairs)
+
+
+def _sync(device):
+    if device == 'cuda':
+        torch.cuda.synchronize()
+
+
+def run(n, size, device, steps, warm_iters, threads, mode, plain_iters=300):
+    w, h = size
+    seq = render_sequence(SyntheticConfig(width=w, height=h, frames=n + steps, movers=2, seed=0, fps=10.0))
+    ids = mover_ids_from_sequence(seq)
+    pairs = window_pairs(n, 3)
+    pp = seq.K[:2, 2]
+    cfg = AlignConfig(iterations=plain_iters, warm_iterations=warm_iters, device=device, cpu_threads=threads,
+                      warm_mode=mode)
+    al = PointmapAligner(cfg)
+
+    def window(lo):
+        # the same frame pair gives the same output in every window (the network is deterministic)
+        outs = [pairs_from_ground_truth(seq.depth_gt, seq.poses, seq.K, [(lo + i, lo + j)], ids, seq.mover_centers,
+                                        seed=1000 * (lo + i) + lo + j) for i, j in pairs]
+        return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}, seq.masks[lo:lo + n]
+
+    def timed(**kw):
+        _sync(device)
+        t = time.perf_counter()
+        st = al.align(pairs, **kw)
+        _sync(device)
+        return st, time.perf_counter() - t
+
+    out0, m0 = window(0)
+    state, t_first = timed(pair_outputs=out0, masks=m0, pp=pp, frame_ids=list(range(n)))
+    t_steps = []
+    for lo in range(1, steps + 1):
+        out, m = window(lo)
+        state, t = timed(pair_outputs=out, masks=m, pp=pp, frame_ids=list(range(lo, lo + n)), init=state)
+        t_steps.append(t)
+    plain, t_plain = timed(pair_outputs=out, masks=m, pp=pp, frame_ids=list(range(steps, steps + n)))
+    sl = slice(steps, steps + n)
+    ate = lambda st: trajectory_metrics(seq.stamps[sl], st.poses, seq.stamps[sl], seq.poses[sl])['ate_rmse_sim3']  # noqa
+    return dict(n=n, pairs=len(pairs), t_plain=t_plain, t_first=t_first, t_step=float(np.mean(t_steps)),
+                loss_plain=window_loss(plain, pairs, out, m), loss_online=window_loss(state, pairs, out, m),
+                ate_plain=ate(plain), ate_online=ate(state))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument('--size', default='64x48', help='pointmap W x H (default 64x48 for CPU)')
+    ap.add_argument('--windows', type=int, nargs='+', default=[8, 16, 32])
+    ap.add_argument('--device', default='all', choices=['cpu', 'cuda', 'all'])
+    ap.add_argument('--steps', type=int, default=3, help='online steps averaged')
+    ap.add_argument('--warm-iters', type=int, default=30)
+    ap.add_argument('--warm-mode', nargs='+', default=['freeze', 'refine'])
+    ap.add_argument('--threads', type=int, default=1, help='torch CPU threads (default 1: fastest at these sizes)')
+    a = ap.parse_args()
+    size = tuple(int(v) for v in a.size.lower().split('x'))
+    devices = ['cpu', 'cuda'] if a.device == 'all' else [a.device]
+    devices = [d for d in devices if d == 'cpu' or torch.cuda.is_available()]
+    print(f'pointmaps {size[0]}x{size[1]}, pair graph: next 3 frames both directions, online step = 1 new frame, '
+          f'warm {a.warm_iters} it vs plain 300 it from MST, torch threads {a.threads}')
+    print(f'{"dev":5} {"mode":6} {"N":>3} {"pairs":>5} {"plain s":>8} {"step s":>8} {"speedup":>8} '
+          f'{"loss plain":>10} {"loss online":>11} {"ATE plain":>9} {"ATE online":>10}')
+    for dev in devices:
+        for n in a.windows:
+            for mode in a.warm_mode:
+                r = run(n, size, dev, a.steps, a.warm_iters, a.threads, mode)
+                print(f'{dev:5} {mode:6} {n:3d} {r["pairs"]:5d} {r["t_plain"]:8.3f} {r["t_step"]:8.4f} '
+                      f'{r["t_plain"] / r["t_step"]:7.1f}x {r["loss_plain"]:10.5f} {r["loss_online"]:11.5f} '
+                      f'{r["ate_plain"] * 1000:7.2f}mm {r["ate_online"] * 1000:8.2f}mm', flush=True)
+    
+
+if __name__ == '__main__':
+    main()

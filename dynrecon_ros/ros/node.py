@@ -1,0 +1,651 @@
+"""`recon_node`: the ROS 2 node, a thin adapter over :class:`dynrecon_ros.reconstructor.Reconstructor`.
+
+Inputs (relative names, remap them): ``image`` (or ``image/compressed``), ``depth``, ``camera_info``.
+Outputs: ``/tf``, ``~/dynamic_mask``, ``~/depth``, ``~/camera_info``, ``~/pose``, ``~/path``, ``~/odom``,
+``~/static_map``; service ``~/save_map``. Callbacks only validate, convert and enqueue; one worker
+thread runs the pipeline (see :mod:`dynrecon_ros.ros.worker`).
+"""
+from __future__ import annotations
+
+import collections
+import os
+import pathlib
+import re
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import rclpy
+import rclpy.duration
+from geometry_msgs.msg import PoseStamped
+from nav_msgs.msg import Odometry, Path
+from rcl_interfaces.msg import ParameterDescriptor
+from rclpy.exceptions import ParameterException
+from rclpy.executors import ExternalShutdownException
+from rclpy.node import Node
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
+from std_msgs.msg import Header
+from std_srvs.srv import Trigger
+
+from dynrecon_ros.errors import InputError
+from dynrecon_ros.frames import Frame
+from dynrecon_ros.ros import conversions as conv
+from dynrecon_ros.ros.qos import MAP_QOS, OUTPUT_QOS, input_qos
+from dynrecon_ros.ros.tf import MODES, ExtrinsicSource, TransformBroadcaster, body_twist, navigation_pose, stamped
+from dynrecon_ros.ros.worker import DropOldestQueue, Worker
+
+NODE_NAME = 'dynrecon'
+FASTDDS_PROFILE = 'fastdds_shm.xml'
+
+# Node-level parameters: name -> (default, description). Pipeline settings are added from ReconConfig.
+NODE_PARAMETERS: dict[str, tuple[object, str]] = {
+    'queue_size': (2, 'Frames waiting for the worker; when full the oldest is dropped (and counted).'),
+    'qos_reliable': (False, 'Subscribe to inputs with reliable QoS (false: sensor-data QoS, best effort).'),
+    'backend': ('', "Pair predictor backend, pipeline backend.name ('auto', 'rgbd', 'dust3r'; empty: the "
+                "pipeline's default)."),
+    'checkpoint': ('', 'Checkpoint file of the network backend, pipeline backend.checkpoint (empty: default).'),
+    'device': ('cpu', "Torch device for the pipeline ('cpu', 'cuda', 'cuda:1')."),
+    'use_compressed': (False, 'Subscribe to image/compressed (jpeg/png) instead of image.'),
+    'use_depth': (True, 'Pair each image with a depth image (false: monocular).'),
+    'wait_for_camera_info': (True, 'Drop images until a camera_info arrives (false: intrinsics unknown).'),
+    'camera_intrinsics': ([0.0] * 6, 'Override camera_info: [fx, fy, cx, cy, width, height] of the '
+                          'calibration (scaled to the image size); all zero: use camera_info.'),
+    'camera_distortion': ([0.0] * 5, 'Distortion (plumb_bob k1 k2 p1 p2 k3) used with camera_intrinsics.'),
+    'undistort': (True, 'Undistort image and depth when camera_info D is non-zero.'),
+    'rgbd_slop': (0.02, 'Max |stamp(image) - stamp(depth)| in seconds to pair them.'),
+    'map_frame': ('map', 'Fixed frame of the reconstruction (standalone tf parent, static_map frame).'),
+    'odom_frame': ('odom', 'Odometry frame (navigation mode tf parent, ~/odom header).'),
+    'base_frame': ('base_link', 'Robot base frame (navigation mode tf child, ~/odom child).'),
+    'camera_frame': ('', "Camera frame name (empty: the image's header.frame_id)."),
+    'publish_tf_mode': ('standalone', "'standalone': map_frame -> camera; 'navigation': odom_frame -> "
+                        'base_frame using base_to_camera (REP-105). Anything else disables /tf.'),
+    'publish_tf': (True, 'Publish /tf at all.'),
+    'base_to_camera': ([0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+                       'base_frame -> camera_frame extrinsic [x y z roll pitch yaw] (m, rad), used in '
+                       'navigation mode when tf2_ros is unavailable or the tf tree lacks it.'),
+    'odom_pose_variance': ([0.01, 0.01, 0.01, 0.005, 0.005, 0.005],
+                           'Diagonal of ~/odom pose covariance (x y z roll pitch yaw).'),
+    'odom_twist_variance': ([0.05, 0.05, 0.05, 0.02, 0.02, 0.02],
+                            'Diagonal of ~/odom twist covariance.'),
+    'save_map_path': ('', 'Write the static map here (PLY) on shutdown and on ~/save_map (empty: no file '
+                      'on shutdown; the service then writes static_map.ply).'),
+    'publish_map_rate': (1.0, 'Static map publish rate in Hz (0: only on shutdown/flush).'),
+    'max_path_length': (10000, 'Poses kept in ~/path (bounded memory).'),
+    'time_jump_reset': (1.0, 'A backwards stamp jump larger than this (s) resets the reconstruction '
+                        '(bag loop); smaller backwards steps are rejected.'),
+    'idle_flush': (2.0, 'Flush the pipeline (publish the results of frames still in its window, and the map) '
+                   'after this many seconds without input, e.g. at the end of a bag (0: only on shutdown).'),
+    'warn_throttle': (5.0, 'Seconds between repeats of the same warning.'),
+}
+
+
+def default_fastdds_profile() -> pathlib.Path | None:
+    """config/fastdds_shm.xml from the installed share dir, else from the source tree."""
+    candidates = []
+    try:
+        from ament_index_python.packages import get_package_share_directory
+        candidates.append(pathlib.Path(get_package_share_directory('dynrecon_ros')) / 'config' / FASTDDS_PROFILE)
+    except Exception:  # noqa: BLE001 - no ament index outside a ROS install
+        pass
+    candidates.append(pathlib.Path(__file__).resolve().parents[2] / 'config' / FASTDDS_PROFILE)
+    candidates.append(pathlib.Path(sys.prefix) / 'share' / 'dynrecon_ros' / 'config' / FASTDDS_PROFILE)
+    return next((p for p in candidates if p.is_file()), None)
+
+
+# Pipeline settings are parameters `pipeline.<section>.<name>`; these two are node-level names instead.
+PIPELINE_PREFIX = 'pipeline.'
+CONFIG_AT_NODE_LEVEL = {'backend.name': 'backend', 'backend.checkpoint': 'checkpoint'}
+
+
+def flatten(d: dict, prefix: str = '') -> dict[str, object]:
+    """{'a': {'b': 1}} -> {'a.b': 1} (ROS parameter names for nested YAML)."""
+    out = {}
+    for k, v in d.items():
+        name = f'{prefix}{k}'
+        if isinstance(v, dict):
+            out.update(flatten(v, name + '.'))
+        else:
+            out[name] = v
+    return out
+
+
+def unflatten(flat: dict[str, object]) -> dict:
+    out: dict = {}
+    for name, v in flat.items():
+        *parents, leaf = name.split('.')
+        d = out
+        for p in parents:
+            d = d.setdefault(p, {})
+        d[leaf] = v
+    return out
+
+
+def _ros_value(v: object) -> object:
+    """Python config value -> a value a ROS parameter can hold (None -> '', tuples -> lists)."""
+    if v is None:
+        return ''
+    if isinstance(v, tuple):
+        return list(v)
+    return v
+
+
+def _from_ros(value: object, default: object) -> object:
+    """ROS parameter value -> the config field's Python type (int for float fields, '' for None)."""
+    if default is None:
+        return None if value in ('', None) else value
+    if isinstance(default, bool):
+        return bool(value)
+    if isinstance(default, float) and isinstance(value, int):
+        return float(value)
+    if isinstance(default, tuple):
+        return tuple(value)
+    if isinstance(default, list) and default and isinstance(default[0], float):
+        return [float(x) for x in value]
+    return value
+
+
+@dataclass
+class InputFrame:
+    """What a callback hands the worker: converted arrays plus the headers to stamp outputs with."""
+    header: Header
+    rgb: np.ndarray  # (H, W, 3) uint8
+    depth: np.ndarray | None  # (H, W) float32 m
+    K: np.ndarray | None  # (3, 3)
+    D: np.ndarray | None  # (N,)
+    reset: bool = False
+
+
+class ReconNode(Node):
+    """The reconstruction node. ``reconstructor_factory(config, backend, checkpoint, device, log)``
+    builds the pipeline (the default builds :class:`Reconstructor`)."""
+
+    def __init__(self, name: str = NODE_NAME, reconstructor_factory=None, **kwargs):
+        super().__init__(name, **kwargs)
+        self._factory = reconstructor_factory or self._default_factory
+        self._declare_parameters()
+        p = self._param
+        self.map_frame, self.odom_frame, self.base_frame = p('map_frame'), p('odom_frame'), p('base_frame')
+        self.camera_frame = p('camera_frame')
+        self.tf_mode = p('publish_tf_mode') if p('publish_tf') else 'none'
+        if self.tf_mode not in MODES:
+            self.get_logger().warning(f"publish_tf_mode '{self.tf_mode}' is not one of {MODES}: /tf disabled")
+        self.rgbd_slop = float(p('rgbd_slop'))
+        self._override_info = None
+        fx, fy, cx, cy, cw, ch = (float(v) for v in p('camera_intrinsics'))
+        if fx > 0 and fy > 0:
+            K = np.array([[fx, 0.0, cx], [0.0, fy, cy], [0.0, 0.0, 1.0]])
+            self._override_info = (K, np.asarray(p('camera_distortion'), dtype=np.float64), (int(cw), int(ch)))
+        self._warned: dict[tuple, float] = {}
+        self._lock = threading.Lock()  # guards the reconstructor (worker vs save_map service)
+        self._rec = self._make_reconstructor()
+        changed = {k: v for k, v in flatten(self._config.to_dict()).items()
+                   if v != self._config_defaults.get(k, (v,))[0]}
+        self.get_logger().info('pipeline settings changed from the defaults: '
+                               + (', '.join(f'{k}={v!r}' for k, v in changed.items()) or 'none'))
+
+        # state touched by callbacks (single-threaded executor) and read by the worker
+        self._last_info: tuple[np.ndarray, np.ndarray, tuple[int, int]] | None = None
+        self._last_stamp: dict[str, float] = {}
+        self._pending_rgb: collections.deque = collections.deque(maxlen=8)
+        self._pending_depth: collections.deque = collections.deque(maxlen=8)
+        self._first_image_time: float | None = None
+        self._undistorter: conv.Undistorter | None = None
+        self._headers: collections.OrderedDict = collections.OrderedDict()  # key -> (header, (W, H), info)
+        self._drop_report = (time.monotonic(), 0, 0)
+        self._last_map_pub = 0.0
+        self._nav_origin: np.ndarray | None = None
+        self._prev_base: tuple[float, np.ndarray] | None = None
+        self.extrinsic = ExtrinsicSource(self, p('base_to_camera'))
+
+        # outputs
+        self.tf = TransformBroadcaster(self)
+        self.pub_mask = self.create_publisher(Image, '~/dynamic_mask', OUTPUT_QOS)
+        self.pub_depth = self.create_publisher(Image, '~/depth', OUTPUT_QOS)
+        self.pub_info = self.create_publisher(CameraInfo, '~/camera_info', OUTPUT_QOS)
+        self.pub_pose = self.create_publisher(PoseStamped, '~/pose', OUTPUT_QOS)
+        self.pub_path = self.create_publisher(Path, '~/path', OUTPUT_QOS)
+        self.pub_odom = self.create_publisher(Odometry, '~/odom', OUTPUT_QOS)
+        self.pub_map = self.create_publisher(PointCloud2, '~/static_map', MAP_QOS)
+        self.path = Path()
+        self.srv_save = self.create_service(Trigger, '~/save_map', self._on_save_map)
+
+        # inputs
+        qos = input_qos(p('qos_reliable'), p('queue_size'))
+        if p('use_compressed'):
+            self.sub_image = self.create_subscription(CompressedImage, 'image/compressed', self._on_compressed, qos)
+        else:
+            self.sub_image = self.create_subscription(Image, 'image', self._on_image, qos)
+        self.sub_info = self.create_subscription(CameraInfo, 'camera_info', self._on_info, qos)
+        self.sub_depth = (self.create_subscription(Image, 'depth', self._on_depth, qos)
+                          if p('use_depth') else None)
+
+        self.queue = DropOldestQueue(p('queue_size'))
+        self.worker = Worker(self.queue, self._process, self._on_worker_error, on_idle=self._flush,
+                             idle_after=float(p('idle_flush')))
+        self.worker.start()
+        self.get_logger().info(
+            f'ready: image={self._topic(self.sub_image)} depth='
+            f'{self._topic(self.sub_depth) if self.sub_depth else "(off)"} '
+            f'camera_info={self._topic(self.sub_info)} tf_mode={self.tf_mode} queue_size={p("queue_size")} '
+            f'qos={"reliable" if p("qos_reliable") else "sensor_data"}')
+
+    # ------------------------------------------------------------ parameters
+    def _param(self, name: str):
+        return self.get_parameter(name).value
+
+    def _declare_parameters(self) -> None:
+        for name, (default, desc) in NODE_PARAMETERS.items():
+            self.declare_parameter(name, default, ParameterDescriptor(description=desc))
+        self._config_defaults = pipeline_defaults()
+        for key, (default, desc) in self._config_defaults.items():
+            if key in CONFIG_AT_NODE_LEVEL:
+                continue
+            self.declare_parameter(PIPELINE_PREFIX + key, _ros_value(default),
+                                   ParameterDescriptor(description=desc, dynamic_typing=True))
+
+    def pipeline_config(self):
+        """ReconConfig built from the declared ``pipeline.*`` parameters (and ``backend``/``checkpoint``)."""
+        from dynrecon_ros.config import ReconConfig
+        flat = {}
+        for key, (default, _) in self._config_defaults.items():
+            if key in CONFIG_AT_NODE_LEVEL:
+                value = self._param(CONFIG_AT_NODE_LEVEL[key])
+                flat[key] = value if value else default
+            else:
+                flat[key] = _from_ros(self._param(PIPELINE_PREFIX + key), default)
+        return ReconConfig.from_dict(unflatten(flat), where='parameters')
+
+    def _default_factory(self, config, backend: str, checkpoint: str, device: str, log):
+        from dynrecon_ros.reconstructor import Reconstructor
+        return Reconstructor(config, device=device, log=log)
+
+    def _make_reconstructor(self):
+        self._config = self.pipeline_config()
+        return self._factory(self._config, self._param('backend'), self._param('checkpoint'),
+                             self._param('device'), lambda msg: self.get_logger().info(str(msg)))
+
+    # ------------------------------------------------------------ warnings
+    @staticmethod
+    def _topic(sub) -> str:
+        return sub.topic_name if sub is not None else ''
+
+    def warn(self, topic: str, problem: str) -> None:
+        """Warning naming the topic and the problem, throttled per (topic, kind of problem)."""
+        key = (topic, re.sub(r'[-+0-9.e]+', '#', problem))
+        now = time.monotonic()
+        if now - self._warned.get(key, -1e9) >= float(self._param('warn_throttle')):
+            self._warned[key] = now
+            self.get_logger().warning(f'{topic}: {problem}; message dropped')
+
+    def _check_stamp(self, topic: str, header: Header) -> bool:
+        """False (with a warning) when the stamp goes backwards on ``topic``; a big jump back is a reset."""
+        t = conv.stamp_to_sec(header.stamp)
+        last = self._last_stamp.get(topic)
+        if last is not None and t < last:
+            if last - t > float(self._param('time_jump_reset')):
+                self.get_logger().warning(f'{topic}: time jumped back {last - t:.3f} s (bag loop?): '
+                                          'resetting the reconstruction')
+                self._reset_inputs()
+                self._last_stamp = {topic: t}
+                return True
+            self.warn(topic, f'stamp going backwards ({t:.6f} < previous {last:.6f})')
+            return False
+        self._last_stamp[topic] = t
+        return True
+
+    def _reset_inputs(self) -> None:
+        self._pending_rgb.clear()
+        self._pending_depth.clear()
+        self.queue.put(InputFrame(Header(), np.zeros((1, 1, 3), np.uint8), None, None, None, reset=True))
+
+    # ------------------------------------------------------------ callbacks (no inference here)
+    def _on_info(self, msg: CameraInfo) -> None:
+        try:
+            self._last_info = conv.camera_info_to_numpy(msg)
+        except InputError as exc:
+            self.warn(self._topic(self.sub_info), str(exc))
+
+    def _on_image(self, msg: Image) -> None:
+        topic = self._topic(self.sub_image)
+        try:
+            rgb = conv.image_to_rgb(msg)
+        except InputError as exc:
+            self.warn(topic, str(exc))
+            return
+        self._accept_rgb(topic, msg.header, rgb)
+
+    def _on_compressed(self, msg: CompressedImage) -> None:
+        topic = self._topic(self.sub_image)
+        try:
+            rgb = conv.compressed_to_rgb(msg)
+        except InputError as exc:
+            self.warn(topic, str(exc))
+            return
+        self._accept_rgb(topic, msg.header, rgb)
+
+    def _on_depth(self, msg: Image) -> None:
+        topic = self._topic(self.sub_depth)
+        try:
+            depth = conv.image_to_depth(msg)
+        except InputError as exc:
+            self.warn(topic, str(exc))
+            return
+        if not self._check_stamp(topic, msg.header):
+            return
+        t = conv.stamp_to_sec(msg.header.stamp)
+        match = self._take_match(self._pending_rgb, t)
+        if match is None:
+            self._pending_depth.append((t, depth))
+            return
+        _, (header, rgb) = match
+        self._pair(header, rgb, depth, topic)
+
+    def _accept_rgb(self, topic: str, header: Header, rgb: np.ndarray) -> None:
+        if not self._check_stamp(topic, header):
+            return
+        if self._first_image_time is None:
+            self._first_image_time = time.monotonic()
+        if self.sub_depth is None:
+            self._enqueue(header, rgb, None)
+            return
+        t = conv.stamp_to_sec(header.stamp)
+        match = self._take_match(self._pending_depth, t)
+        if match is None:
+            self._pending_rgb.append((t, (header, rgb)))
+            if not self._pending_depth and time.monotonic() - self._first_image_time > 3.0:
+                self.warn(self._topic(self.sub_depth), 'no depth image paired with the images '
+                          '(set use_depth:=false for monocular input or check rgbd_slop)')
+            return
+        self._pair(header, rgb, match[1], self._topic(self.sub_depth))
+
+    def _take_match(self, pending: collections.deque, t: float):
+        """Remove and return the pending (stamp, item) closest to ``t`` within rgbd_slop; drop older ones."""
+        best = None
+        for i, (ts, _) in enumerate(pending):
+            if abs(ts - t) <= self.rgbd_slop and (best is None or abs(ts - t) < abs(pending[best][0] - t)):
+                best = i
+        if best is None:
+            while pending and pending[0][0] < t - self.rgbd_slop:  # can never pair any more
+                pending.popleft()
+            return None
+        item = pending[best]
+        for _ in range(best + 1):  # everything before the match is older: it will not pair either
+            pending.popleft()
+        return item
+
+    def _pair(self, header: Header, rgb: np.ndarray, depth: np.ndarray, depth_topic: str) -> None:
+        if depth.shape != rgb.shape[:2]:
+            self.warn(depth_topic, f'depth of size {depth.shape[1]}x{depth.shape[0]} differs from the image '
+                      f'size {rgb.shape[1]}x{rgb.shape[0]}')
+            return
+        self._enqueue(header, rgb, depth)
+
+    def _enqueue(self, header: Header, rgb: np.ndarray, depth: np.ndarray | None) -> None:
+        K = D = None
+        info = self._override_info or self._last_info
+        if info is not None:
+            K, D, size = info
+            w, h = rgb.shape[1], rgb.shape[0]
+            if size != (w, h) and size[0] > 0 and size[1] > 0:  # camera_info for another resolution
+                K = K.copy()
+                K[0] *= w / size[0]
+                K[1] *= h / size[1]
+        elif self._param('wait_for_camera_info'):
+            self.warn(self._topic(self.sub_info), 'no camera_info received yet (waiting; set '
+                      'wait_for_camera_info:=false to run without intrinsics)')
+            return
+        dropped = self.queue.put(InputFrame(header, rgb, depth, K, D))
+        if dropped:
+            self._report_drops()
+
+    def _report_drops(self) -> None:
+        t0, recv0, drop0 = self._drop_report
+        now = time.monotonic()
+        if now - t0 >= float(self._param('warn_throttle')):
+            q = self.queue
+            rate = (q.dropped - drop0) / max(1, q.received - recv0)
+            self.get_logger().warning(
+                f'worker behind: dropped {q.dropped - drop0} of {q.received - recv0} frames in the last '
+                f'{now - t0:.1f} s ({100 * rate:.0f} %), {q.dropped} in total (queue_size {q.maxsize})')
+            self._drop_report = (now, q.received, q.dropped)
+
+    # ------------------------------------------------------------ worker thread
+    def _on_worker_error(self, item, exc: BaseException) -> None:
+        stamp = conv.stamp_to_sec(item.header.stamp) if isinstance(item, InputFrame) else float('nan')
+        if isinstance(exc, InputError):
+            self.warn(self._topic(self.sub_image), f'frame {stamp:.6f} rejected: {exc}')
+        else:
+            import traceback
+            self.get_logger().error(f'pipeline failed on frame {stamp:.6f}: {exc!r}\n'
+                                    + ''.join(traceback.format_exception(exc)))
+
+    def _process(self, item: InputFrame) -> None:
+        if item.reset:
+            with self._lock:
+                self._rec = self._make_reconstructor()
+            self._nav_origin = None
+            self._prev_base = None
+            self._headers.clear()
+            self.path = Path()
+            return
+        rgb, depth, K = item.rgb, item.depth, item.K
+        if K is not None and item.D is not None and self._param('undistort') and np.any(item.D):
+            size = (rgb.shape[1], rgb.shape[0])
+            if self._undistorter is None or self._undistorter.key != (K.tobytes(), item.D.tobytes(), size):
+                self._undistorter = conv.Undistorter(K, item.D, size)
+            rgb = self._undistorter(rgb)
+            depth = self._undistorter(depth, nearest=True) if depth is not None else None
+        stamp = conv.stamp_to_sec(item.header.stamp)
+        frame = Frame(stamp=stamp, rgb=rgb, depth=depth, K=K, key=f'{stamp:.9f}')
+        self._headers[frame.key] = (item.header, (rgb.shape[1], rgb.shape[0]), K)
+        while len(self._headers) > 256:  # results normally come back within a window: bound the memory
+            self._headers.popitem(last=False)
+        with self._lock:
+            results = self._rec.push(frame)
+        self._publish_results(results)
+        self._maybe_publish_map()
+
+    def _flush(self) -> None:
+        """Worker thread, input idle: publish what the pipeline still holds, then the map."""
+        with self._lock:
+            results = self._rec.flush()
+        self._publish_results(results)
+        self.publish_map()
+        q = self.queue
+        self.get_logger().info(f'input idle: flushed {len(results)} results; frames received {q.received}, '
+                               f'processed {self.worker.processed}, dropped {q.dropped}')
+
+    def _publish_results(self, results) -> None:
+        for r in results:
+            entry = self._headers.pop(r.key, None)
+            if entry is None:
+                continue
+            header, size, K_in = entry
+            if r.status != 'ok' or r.pose is None:
+                self.get_logger().debug(f'frame {r.key} skipped: {r.reason}')
+                continue
+            self._publish_frame(r, header, size, K_in)
+
+    def _publish_frame(self, r, header: Header, size: tuple[int, int], K_in) -> None:
+        w, h = size
+        T_w_c = np.asarray(r.pose, dtype=np.float64)
+        if not np.all(np.isfinite(T_w_c)):
+            self.get_logger().warning(f'frame {r.key}: non-finite pose from the pipeline; not published')
+            return
+        camera = self.camera_frame or header.frame_id or 'camera'
+        if r.mask is not None:
+            mask = np.asarray(r.mask, dtype=np.uint8)
+            if mask.shape != (h, w):
+                mask = cv2.resize(mask, (w, h), interpolation=cv2.INTER_NEAREST)
+            self.pub_mask.publish(conv.numpy_to_image(mask, 'mono8', header))
+        if r.depth is not None:
+            depth = np.asarray(r.depth, dtype=np.float32)
+            K = np.asarray(r.K if r.K is not None else K_in, dtype=np.float64) if (r.K is not None or K_in is not None) else None
+            if depth.shape != (h, w):
+                if K is not None:
+                    K = K.copy()
+                    K[0] *= w / depth.shape[1]
+                    K[1] *= h / depth.shape[0]
+                depth = cv2.resize(depth, (w, h), interpolation=cv2.INTER_NEAREST)
+            self.pub_depth.publish(conv.numpy_to_image(depth, '32FC1', header))
+            if K is not None:
+                self.pub_info.publish(conv.numpy_to_camera_info(K, (w, h), header))
+
+        if self.tf_mode == 'navigation':
+            T_b_c = self.extrinsic.lookup(self.base_frame, camera)
+            if self._nav_origin is None:
+                self._nav_origin = T_w_c
+            T_o_b = navigation_pose(self._nav_origin, T_w_c, T_b_c)
+            odom_header = Header(stamp=header.stamp, frame_id=self.odom_frame)
+            self.tf.send_transform(stamped(T_o_b, odom_header, self.base_frame))
+            self._publish_odom(odom_header, T_o_b)
+            pose_header, T_pose = odom_header, T_o_b @ T_b_c
+        else:
+            pose_header = Header(stamp=header.stamp, frame_id=self.map_frame)
+            T_pose = T_w_c
+            if self.tf_mode == 'standalone':
+                self.tf.send_transform(stamped(T_w_c, pose_header, camera))
+            self._publish_odom(pose_header, T_w_c, child=camera)
+        pose = PoseStamped(header=pose_header, pose=conv.matrix_to_pose(T_pose))
+        self.pub_pose.publish(pose)
+        self.path.header = pose_header
+        self.path.poses.append(pose)
+        if len(self.path.poses) > int(self._param('max_path_length')):
+            del self.path.poses[0]
+        self.pub_path.publish(self.path)
+
+    def _publish_odom(self, header: Header, T: np.ndarray, child: str | None = None) -> None:
+        odom = Odometry(header=header, child_frame_id=child or self.base_frame)
+        odom.pose.pose = conv.matrix_to_pose(T)
+        odom.pose.covariance = np.diag(np.asarray(self._param('odom_pose_variance'), float)).ravel()
+        t = conv.stamp_to_sec(header.stamp)
+        if self._prev_base is not None:
+            v, w = body_twist(self._prev_base[1], T, t - self._prev_base[0])
+            odom.twist.twist.linear.x, odom.twist.twist.linear.y, odom.twist.twist.linear.z = map(float, v)
+            odom.twist.twist.angular.x, odom.twist.twist.angular.y, odom.twist.twist.angular.z = map(float, w)
+        odom.twist.covariance = np.diag(np.asarray(self._param('odom_twist_variance'), float)).ravel()
+        self._prev_base = (t, T)
+        self.pub_odom.publish(odom)
+
+    def _maybe_publish_map(self, force: bool = False) -> None:
+        rate = float(self._param('publish_map_rate'))
+        now = time.monotonic()
+        if not force and (rate <= 0 or now - self._last_map_pub < 1.0 / rate):
+            return
+        self._last_map_pub = now
+        self.publish_map()
+
+    def publish_map(self) -> None:
+        with self._lock:
+            points = self._rec.static_map()
+        header = Header(stamp=self._last_output_stamp(), frame_id=self.map_frame)
+        self.pub_map.publish(conv.xyzrgb_to_cloud(points, header))
+
+    def _last_output_stamp(self):
+        return self.path.poses[-1].header.stamp if self.path.poses else self.get_clock().now().to_msg()
+
+    def _on_save_map(self, request, response):
+        path = self._param('save_map_path') or 'static_map.ply'
+        try:
+            with self._lock:
+                self._rec.save_map(path)
+            response.success, response.message = True, f'static map written to {os.path.abspath(path)}'
+        except Exception as exc:  # noqa: BLE001 - reported to the caller, the node keeps running
+            response.success, response.message = False, f'cannot write {path}: {exc}'
+        return response
+
+    # ------------------------------------------------------------ shutdown
+    def finish(self, publish: bool = True) -> None:
+        """Stop the worker, flush the pipeline, publish the last results/map, save the map if asked."""
+        self.worker.stop()
+        with self._lock:
+            try:
+                results = self._rec.flush()
+            except Exception as exc:  # noqa: BLE001
+                self.get_logger().error(f'flush failed: {exc!r}')
+                results = []
+        if publish:
+            try:
+                self._publish_results(results)
+                self.publish_map()
+                for pub in (self.pub_map, self.pub_mask, self.tf.pub):  # let reliable subscribers get the tail
+                    pub.wait_for_all_acked(rclpy.duration.Duration(seconds=2.0))
+            except Exception as exc:  # noqa: BLE001 - shutting down: report, still save the map
+                print(f'[{self.get_name()}] final publish failed: {exc!r}', file=sys.stderr, flush=True)
+        path = self._param('save_map_path')
+        if path:
+            with self._lock:
+                self._rec.save_map(path)
+            print(f'[{self.get_name()}] static map written to {path}', file=sys.stderr, flush=True)
+        q = self.queue
+        print(f'[{self.get_name()}] frames received {q.received}, processed {self.worker.processed}, '
+              f'dropped {q.dropped}, queue high water {q.high_water}', file=sys.stderr, flush=True)
+
+
+def pipeline_defaults() -> dict[str, tuple[object, str]]:
+    """``{'window.size': (default, description)}`` for every leaf of ReconConfig.
+
+    The description is the field's type and default plus the first sentence of its section's docstring
+    (the config documents its fields per section)."""
+    import dataclasses
+
+    from dynrecon_ros.config import ReconConfig
+    out = {}
+
+    def walk(obj, prefix):
+        doc = ' '.join((type(obj).__doc__ or '').split())
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(value, f'{prefix}{f.name}.')
+                continue
+            section = prefix.rstrip('.') or 'ReconConfig'
+            out[prefix + f.name] = (value, f'pipeline setting {prefix}{f.name} (default {value!r}; '
+                                           f'{section}: {doc})')
+    walk(ReconConfig(), '')
+    return out
+
+
+def main(args: list[str] | None = None) -> int:
+    """Console script ``recon_node``.
+
+    Ctrl-C and SIGTERM only set a flag: the DDS context stays valid while the node stops the worker,
+    flushes the pipeline, publishes the last results and map and writes ``save_map_path``.
+    """
+    if not os.environ.get('FASTDDS_DEFAULT_PROFILES_FILE'):
+        profile = default_fastdds_profile()
+        if profile is not None:  # larger SHM segment: no silent loss of big best-effort images
+            os.environ['FASTDDS_DEFAULT_PROFILES_FILE'] = str(profile)
+    from rclpy.executors import SingleThreadedExecutor
+    from rclpy.signals import SignalHandlerOptions
+    rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    node = None
+    try:
+        try:
+            node = ReconNode()
+        except (InputError, ValueError, ParameterException) as exc:  # a bad parameter: one line, exit 2 (as the CLI)
+            print(f'recon_node: error: {exc}', file=sys.stderr, flush=True)
+            return 2
+        executor = SingleThreadedExecutor()
+        executor.add_node(node)
+        while rclpy.ok() and not stop.is_set():
+            executor.spin_once(timeout_sec=0.1)
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        if node is not None:
+            node.finish(publish=rclpy.ok())
+            node.destroy_node()
+        rclpy.try_shutdown()
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,148 @@
+import numpy as np
+import pytest
+
+from dynrecon_ros.attention_segmentation import (attention_masks, combine_masks, dynamic_attention_scores,
+                                                 otsu_multilevel_threshold, token_mask_for_reweighting)
+from dynrecon_ros.errors import InputError
+
+N, L, HEADS, h, w, PATCH = 6, 2, 3, 6, 8, 16
+
+
+def _pairs():
+    return [(i, j) for i in range(N) for j in range(N) if i != j]
+
+
+def _planted(rng, dynamic=True):
+    """Attention logits with a moving dynamic rectangle: decoder 1 looks at it little and
+    inconsistently (low mean, high spread over pairs), decoder 2 strongly and consistently."""
+    pairs = _pairs()
+    region = np.zeros((N, h, w), bool)
+    for t in range(N):
+        c = 1 + (t % 4)
+        region[t, 2:5, c:c + 3] = dynamic
+    P = len(pairs)
+    a1 = 2.0 + 0.1 * rng.standard_normal((P, L, HEADS, h, w))
+    a2 = 1.0 + 0.1 * rng.standard_normal((P, L, HEADS, h, w))
+    for e, (i, j) in enumerate(pairs):
+        r2, r1 = region[j], region[i]
+        a1[e, :, :, r2] = 0.8 + 0.6 * rng.standard_normal((r2.sum(), L, HEADS))
+        a2[e, :, :, r1] = 2.0 + 0.05 * rng.standard_normal((r1.sum(), L, HEADS))
+    a1[:, :, :, 0, 0] = 50.0  # attention sink
+    a2[:, :, :, 0, 0] = 50.0
+    return pairs, a1, a2, region
+
+
+def _iou(a, b):
+    return (a & b).sum() / max((a | b).sum(), 1)
+
+
+def test_planted_region_recovered():
+    rng = np.random.default_rng(0)
+    pairs, a1, a2, region = _planted(rng)
+    score = dynamic_attention_scores(N, pairs, a1, a2)
+    assert score.shape == (N, h, w) and score.dtype == np.float32
+    assert score.min() >= 0 and score.max() <= 1
+    masks = attention_masks(N, pairs, a1, a2, (h * PATCH, w * PATCH))
+    assert masks.shape == (N, h * PATCH, w * PATCH) and masks.dtype == np.uint8
+    gt = np.repeat(np.repeat(region, PATCH, 1), PATCH, 2)
+    assert _iou(masks > 0, gt) >= 0.9
+    # with k-means refinement on encoder tokens that carry the region identity
+    tokens = rng.standard_normal((N, h, w, 8)) * 0.05 + region[..., None] * np.eye(8)[0]
+    masks_k = attention_masks(N, pairs, a1, a2, (h * PATCH, w * PATCH), enc_tokens=tokens)
+    assert _iou(masks_k > 0, gt) >= 0.9
+
+
+def test_swapped_statistics_do_not_fire():
+    """The score is specific: a region attended *more* consistently by decoder 1 is not dynamic."""
+    rng = np.random.default_rng(3)
+    pairs, a1, a2, region = _planted(rng)
+    score = dynamic_attention_scores(N, pairs, a2 * 0 + 2.0 + 0.1 * rng.standard_normal(a1.shape), a2 * 0 + 1.0)
+    assert score[region].mean() < 0.9  # no planted contrast in decoder 1 -> the region is not singled out
+    s_ok = dynamic_attention_scores(N, pairs, a1, a2)
+    assert s_ok[region].mean() > 0.5 and s_ok[~region].mean() < 0.1
+
+
+def test_static_only_gives_no_region():
+    rng = np.random.default_rng(1)
+    pairs, a1, a2, region = _planted(rng, dynamic=False)
+    assert not region.any()
+    masks = attention_masks(N, pairs, a1, a2, (h * PATCH, w * PATCH))
+    assert (masks > 0).mean() < 0.01
+    # without the guard plain Otsu does split the noise (which is why the guard exists)
+    score = dynamic_attention_scores(N, pairs, a1, a2)
+    assert (score >= otsu_multilevel_threshold(score)).mean() > 0.01
+
+
+def test_otsu_multilevel_on_mixture():
+    rng = np.random.default_rng(2)
+    x = np.concatenate([rng.normal(0.1, 0.03, 4000), rng.normal(0.45, 0.03, 2000), rng.normal(0.9, 0.02, 500)])
+    thr = otsu_multilevel_threshold(x)
+    assert 0.5 < thr < 0.85  # highest level separates the top mode
+    assert otsu_multilevel_threshold(np.zeros(10)) == float('inf')
+
+
+def test_token_mask_for_reweighting():
+    masks = np.zeros((3, 32, 48), np.uint8)
+    masks[1, 17, 40] = 255  # one pixel -> whole token (1, 2) dynamic (max-pool)
+    masks[2, 0:16, 0:16] = 255
+    pairs = [(0, 1), (2, 1), (1, 2)]
+    q, k = token_mask_for_reweighting(masks, pairs)
+    assert q.shape == k.shape == (3, 2, 3) and q.dtype == bool
+    assert q[0].all() and k[0].sum() == 1 and k[0][1, 2]
+    assert not q[1][0, 0] and q[1].sum() == 5  # view 1 = frame 2: its dynamic token is not a query
+    assert not q[2][1, 2] and k[2].sum() == 1 and k[2][0, 0]
+    with pytest.raises(InputError):
+        token_mask_for_reweighting(np.zeros((1, 20, 32)), [(0, 0)])
+
+
+def test_combine_masks():
+    f = np.array([[1, 0], [1, 0]], bool)[None]
+    a = np.array([[1, 1], [0, 0]], bool)[None]
+    assert combine_masks(f, a, 'both').sum() == 3
+    assert combine_masks(f, a, 'both', rule='and').sum() == 1
+    assert (combine_masks(f, None, 'flow') == f).all()
+    assert (combine_masks(None, a, 'attention') == a).all()
+    with pytest.raises(InputError):
+        combine_masks(f, a, 'optical')
+    with pytest.raises(InputError):
+        combine_masks(None, a, 'both')
+
+
+def test_second_pass_suppresses_attention_to_masked_tokens(tmp_path):
+    """Through the network API (tiny random-weight model): Easi3R attention feeds the scores, the
+    token masks feed ``cross_attn_zero``; zeroed weights carry nothing from the masked view-2 tokens."""
+    torch = pytest.importorskip('torch')
+    from dynrecon_ros.network import build_model, load_network, save_checkpoint
+    cfg = ("AsymmetricCroCo3DStereo(pos_embed='RoPE100', patch_embed_cls='ManyAR_PatchEmbed', img_size=(512, 512), "
+           "head_type='linear', output_mode='pts3d', depth_mode=('exp', -float('inf'), float('inf')), "
+           "conf_mode=('exp', 1, float('inf')), enc_embed_dim=32, enc_depth=2, enc_num_heads=2, "
+           "dec_embed_dim=32, dec_depth=2, dec_num_heads=2)")
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / 'tiny.pth', build_model(cfg).state_dict(), cfg)
+    net = load_network(tmp_path / 'tiny.pth')
+    rng = np.random.default_rng(0)
+    imgs = rng.integers(0, 255, (3, 32, 48, 3), dtype=np.uint8)
+    pairs = [(0, 1), (1, 0), (0, 2), (2, 0), (1, 2), (2, 1)]
+    out = net.predict_pairs(imgs, pairs, return_attention=True)
+    score = dynamic_attention_scores(3, pairs, out['cross_attn_1'], out['cross_attn_2'])
+    assert score.shape == (3, 2, 3) and np.isfinite(score).all()
+
+    masks = np.zeros((3, 32, 48), np.uint8)
+    masks[1, :16, 16:32] = 255  # one dynamic token in frame 1
+    q, k = token_mask_for_reweighting(masks, pairs)
+    second = net.predict_pairs(imgs, pairs, cross_attn_zero=(q, k))
+    e = pairs.index((0, 1))  # view 2 = frame 1 has the masked token: view-1 output changes
+    assert not np.allclose(second['pts3d_1'][e], out['pts3d_1'][e], atol=1e-6)
+    e2 = pairs.index((1, 0))  # view 2 = frame 0 has no dynamic token: nothing is zeroed
+    np.testing.assert_allclose(second['pts3d_1'][e2], out['pts3d_1'][e2], rtol=1e-5, atol=1e-6)
+
+    # all of view 2 masked for all view-1 queries: view 1's output no longer depends on view 2's image
+    allq, allk = np.ones((1, 2, 3), bool), np.ones((1, 2, 3), bool)
+    other = imgs.copy()
+    other[1] = rng.integers(0, 255, (32, 48, 3), dtype=np.uint8)
+    a = net.predict_pairs(imgs, [(0, 1)], cross_attn_zero=(allq, allk))['pts3d_1']
+    b = net.predict_pairs(other, [(0, 1)], cross_attn_zero=(allq, allk))['pts3d_1']
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    a0 = net.predict_pairs(imgs, [(0, 1)])['pts3d_1']
+    b0 = net.predict_pairs(other, [(0, 1)])['pts3d_1']
+    assert not np.allclose(a0, b0, atol=1e-4)
