@@ -51,10 +51,13 @@ class BackendConfig:
     The other fields configure the RGB-D predictor: pose from flow + depth by RANSAC (ransac_*),
     a band around motion outliers excluded (halo_fraction of the width), then direct photometric +
     depth refinement (photometric_iterations, 0 = off) on pixels with gradient >= min_gradient.
+    metric_scale configures the dust3r backend on monocular input: metres per network unit
+    (0 = the first frame's median depth is one unit).
     """
 
     name: str = 'auto'
     checkpoint: str = ''
+    metric_scale: float = 0.0
     ransac_iterations: int = 64
     ransac_px_threshold: float = 0.75
     ransac_depth_threshold: float = 0.02
