@@ -339,7 +339,7 @@ def make(config=None, checkpoint: str | None = None, device: str = 'cpu') -> Dus
     ckpt = checkpoint or getattr(b, 'checkpoint', '') or ''
     if not ckpt:
         raise InputError('backend dust3r needs a checkpoint: give --checkpoint FILE (or backend.checkpoint)')
-    dc = Dust3rConfig(checkpoint=ckpt, metric_scale=float(b.metric_scale))
+    dc = Dust3rConfig(checkpoint=ckpt, metric_scale=float(b.metric_scale) if b is not None else 0.0)
     if b is not None and getattr(b, 'min_inliers', None):
         dc.min_inliers = int(b.min_inliers)
     return Dust3rPredictor(load_network(ckpt, device=device), dc)
