@@ -5,7 +5,6 @@ saved as a released-format checkpoint and go through the public API (load_networ
 predict_pairs). Tolerance: |ours - ref| <= 1e-4 + 1e-4 |ref|.
 """
 import os
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +12,7 @@ import pytest
 import torch
 
 from dynrecon_ros.network import build_model, load_network, save_checkpoint
+from dust3r_tiny import rule_weights
 
 
 def shared_dir() -> Path:
@@ -25,22 +25,6 @@ def shared_dir() -> Path:
 
 REFS = sorted(p for p in (shared_dir() / 'parity').glob('*.npz') if not p.name.endswith('.keys.npz'))
 OUT_KEYS = ('pts3d_1', 'conf_1', 'pts3d_2_in_1', 'conf_2')
-
-
-def rule_weights(model, salt: int) -> dict:
-    """The parity README's weight rule for every state_dict entry of ``model`` (meta is fine)."""
-    out = {}
-    for name, t in model.state_dict().items():
-        shape = tuple(t.shape)
-        z = np.random.default_rng([salt, zlib.crc32(name.encode())]).standard_normal(shape)
-        if len(shape) >= 2:
-            v = 0.8 * z / np.sqrt(np.prod(shape[1:]))
-        elif len(shape) == 1 and name.endswith('.weight'):
-            v = 1 + 0.1 * z
-        else:
-            v = 0.02 * z
-        out[name] = torch.from_numpy(v.astype(np.float32))
-    return out
 
 
 @pytest.fixture(scope='module')

@@ -34,13 +34,7 @@ def open_input(path):
     p = pathlib.Path(path)
     if not p.exists():
         raise InputError('input not found', p)
-    try:
-        from dynrecon_ros.data.sources import open_source
-    except ImportError:  # older tree without the generic source reader: TUM directories only
-        from dynrecon_ros.data.tum import TumDirectory
-        if not p.is_dir():
-            raise InputError('only TUM directories are readable in this installation', p) from None
-        return TumDirectory(p)
+    from dynrecon_ros.data.sources import open_source
     return open_source(str(p))
 
 
