@@ -303,36 +303,35 @@ class ReconNode(Node):
         self.queue.put(InputFrame(Header(), np.zeros((1, 1, 3), np.uint8), None, None, None, reset=True))
 
     # ------------------------------------------------------------ callbacks (no inference here)
-    def _on_info(self, msg: CameraInfo) -> None:
+    def _convert(self, topic: str, convert, msg):
+        """``convert(msg)``, or None after a throttled warning naming the topic and the problem."""
         try:
-            self._last_info = conv.camera_info_to_numpy(msg)
+            return convert(msg)
         except InputError as exc:
-            self.warn(self._topic(self.sub_info), str(exc))
+            self.warn(topic, str(exc))
+            return None
+
+    def _on_info(self, msg: CameraInfo) -> None:
+        info = self._convert(self._topic(self.sub_info), conv.camera_info_to_numpy, msg)
+        if info is not None:
+            self._last_info = info
 
     def _on_image(self, msg: Image) -> None:
         topic = self._topic(self.sub_image)
-        try:
-            rgb = conv.image_to_rgb(msg)
-        except InputError as exc:
-            self.warn(topic, str(exc))
-            return
-        self._accept_rgb(topic, msg.header, rgb)
+        rgb = self._convert(topic, conv.image_to_rgb, msg)
+        if rgb is not None:
+            self._accept_rgb(topic, msg.header, rgb)
 
     def _on_compressed(self, msg: CompressedImage) -> None:
         topic = self._topic(self.sub_image)
-        try:
-            rgb = conv.compressed_to_rgb(msg)
-        except InputError as exc:
-            self.warn(topic, str(exc))
-            return
-        self._accept_rgb(topic, msg.header, rgb)
+        rgb = self._convert(topic, conv.compressed_to_rgb, msg)
+        if rgb is not None:
+            self._accept_rgb(topic, msg.header, rgb)
 
     def _on_depth(self, msg: Image) -> None:
         topic = self._topic(self.sub_depth)
-        try:
-            depth = conv.image_to_depth(msg)
-        except InputError as exc:
-            self.warn(topic, str(exc))
+        depth = self._convert(topic, conv.image_to_depth, msg)
+        if depth is None:
             return
         if not self._check_stamp(topic, msg.header):
             return
