@@ -6,7 +6,6 @@ a released-format file with exactly the listed entries (the 224 linear one, ~1.2
 disk) runs in the slow set.
 """
 import math
-import os
 import re
 from pathlib import Path
 
@@ -15,17 +14,10 @@ import pytest
 import torch
 
 from dynrecon_ros.network import build_model, load_network, parse_model_config, save_checkpoint
+from shared_refs import shared_dir
 
 
-def shared_dir() -> Path:
-    env = os.environ.get('DYNRECON_SHARED')
-    path = Path(env) if env else Path(__file__).resolve().parents[2] / 'shared'
-    if not (path / 'checkpoints').is_dir():
-        raise FileNotFoundError(f'shared/ with checkpoint key lists not found at {path} (set DYNRECON_SHARED)')
-    return path
-
-
-KEY_FILES = sorted((shared_dir() / 'checkpoints').glob('*.keys.txt'))
+KEY_FILES = sorted((shared_dir('checkpoints') / 'checkpoints').glob('*.keys.txt'))
 
 
 def read_key_list(path: Path):
@@ -68,7 +60,7 @@ def test_released_key_list_matches_model_from_its_config(path):
 
 @pytest.mark.slow
 def test_vitl_224_linear_released_format_end_to_end(tmp_path):
-    config, entries = read_key_list(shared_dir() / 'checkpoints' / 'dust3r_vitl_224_linear.keys.txt')
+    config, entries = read_key_list(shared_dir('checkpoints') / 'checkpoints' / 'dust3r_vitl_224_linear.keys.txt')
     gen = torch.Generator().manual_seed(0)
     sd = {}
     for name, shape, _ in entries:   # names and shapes from the list, not from our model

@@ -4,7 +4,6 @@ Weights follow shared/parity/README.md's rule, in the model's own state_dict() o
 saved as a released-format checkpoint and go through the public API (load_network ->
 predict_pairs). Tolerance: |ours - ref| <= 1e-4 + 1e-4 |ref|.
 """
-import os
 from pathlib import Path
 
 import numpy as np
@@ -12,18 +11,11 @@ import pytest
 import torch
 
 from dynrecon_ros.network import build_model, load_network, save_checkpoint
+from shared_refs import shared_dir
 from dust3r_tiny import rule_weights
 
 
-def shared_dir() -> Path:
-    env = os.environ.get('DYNRECON_SHARED')
-    path = Path(env) if env else Path(__file__).resolve().parents[2] / 'shared'
-    if not (path / 'parity').is_dir():
-        raise FileNotFoundError(f'shared/ with parity references not found at {path} (set DYNRECON_SHARED)')
-    return path
-
-
-REFS = sorted(p for p in (shared_dir() / 'parity').glob('*.npz') if not p.name.endswith('.keys.npz'))
+REFS = sorted(p for p in (shared_dir('parity') / 'parity').glob('*.npz') if not p.name.endswith('.keys.npz'))
 OUT_KEYS = ('pts3d_1', 'conf_1', 'pts3d_2_in_1', 'conf_2')
 
 
