@@ -52,7 +52,12 @@ class BackendConfig:
     a band around motion outliers excluded (halo_fraction of the width), then direct photometric +
     depth refinement (photometric_iterations, 0 = off) on pixels with gradient >= min_gradient.
     metric_scale configures the dust3r backend on monocular input: metres per network unit
-    (0 = the first frame's median depth is one unit).
+    (0 = the first frame's median depth is one unit; depth images, when present, win).
+    The dust3r backend's window alignment (dynrecon_ros/monocular.py): shared_focal: one focal for
+    the stream (false: one per frame) when no K is given; align_iterations: the first window (from
+    MST init, Adam); align_warm_iterations: closed-form refinement sweeps of every later window
+    step (warm start); align_warm_mode: 'refine' (all frames refined, published ones keep their
+    pose) or 'freeze' (every frame of the previous window is held, only the new frame's pairs count).
     """
 
     name: str = 'auto'
@@ -71,6 +76,18 @@ class BackendConfig:
     photometric_iterations: int = 5
     photometric_samples: int = 3000
     min_gradient: float = 4.0
+    shared_focal: bool = True
+    align_iterations: int = 300
+    align_warm_iterations: int = 5
+    align_warm_mode: str = 'refine'
+
+    def __post_init__(self) -> None:
+        if self.align_warm_mode not in ('refine', 'freeze'):
+            raise InputError(f"backend.align_warm_mode must be 'refine' or 'freeze', got {self.align_warm_mode!r}")
+        if self.align_iterations < 1 or self.align_warm_iterations < 1:
+            raise InputError('backend.align_iterations and backend.align_warm_iterations must be >= 1')
+        if self.metric_scale < 0:
+            raise InputError(f'backend.metric_scale must be >= 0, got {self.metric_scale}')
 
 
 @dataclass

@@ -14,7 +14,9 @@ Loss: sum_e sum_{v in (i, j)} sum_px w_v^e * ||chi_v - s_e (R_e X_v^e + t_e)|| /
 Gauge: without a warm start the pairwise log-scales are normalised to mean log(0.5) (DUSt3R's
     base_scale). With a warm start (``init`` = previous window's state) frames shared with it start
     from their previous pose and depth; 'freeze' mode keeps them all fixed (only pairs touching a
-    new frame are optimised), 'refine' mode refines all and freezes only the oldest shared frame.
+    new frame are optimised), 'refine' mode refines all and holds the pose of the oldest shared
+    frame (or of the ``frozen_ids`` frames). Warm steps default to a few sweeps of closed-form
+    block-coordinate descent (:func:`refine_closed_form`) instead of Adam.
     Either fixes frame and scale to the previous window's; no scale gauge then.
 Init: maximum-confidence spanning tree over the pairs, chained weighted Procrustes (Umeyama) from
     the root, focal from the pointmaps (intrinsics.estimate_focal), depth = z of the registered
@@ -35,13 +37,17 @@ from dynrecon_ros.intrinsics import default_principal_point, estimate_focal
 @dataclass
 class AlignConfig:
     iterations: int = 300          # from MST init (DUSt3R/MonST3R demo default)
-    warm_iterations: int = 30      # when warm-started from the previous window
-    warm_mode: str = 'freeze'      # 'freeze': frames shared with the previous window keep pose and depth,
+    warm_iterations: int = 5       # when warm-started from the previous window (closed-form sweeps or Adam steps)
+    warm_mode: str = 'refine'      # 'freeze': frames shared with the previous window keep pose and depth,
     # only pairs with a new frame are optimised (cheapest); 'refine': all frames start from the
     # previous estimate and are refined, only the oldest shared frame is frozen (fixes frame + scale)
     lr: float = 0.01
     warm_lr: float = 0.002         # Adam moves every parameter by ~lr per step at first: a warm start
     # near the optimum needs a smaller step or 30 iterations cannot settle again
+    warm_optimizer: str = 'closed_form'  # warm steps: 'closed_form' (warm_iterations sweeps of
+    # refine_closed_form: from a near-optimal warm start each block is solved exactly, no step size)
+    # or 'adam' (warm_lr; Adam's normalised steps (~lr per parameter) jitter every converged
+    # parameter, so 30 iterations end above the plain schedule's loss)
     lr_min: float = 1e-6
     schedule: str = 'cosine'       # 'cosine' | 'linear'
     shared_focal: bool = True
@@ -163,6 +169,13 @@ def scale_state(state: AlignmentState, scale: float) -> AlignmentState:
     return replace(state, poses=poses, depths=state.depths * scale, pair_scales=state.pair_scales * scale)
 
 
+def transform_state(state: AlignmentState, T: np.ndarray, scale: float = 1.0) -> AlignmentState:
+    """The same state in another world: x' = T (scale x) for a rigid (4, 4) ``T`` (world gauge)."""
+    s = scale_state(state, scale)
+    poses = np.einsum('ij,njk->nik', np.asarray(T, np.float64), s.poses)
+    return replace(s, poses=poses)
+
+
 class PointmapAligner:
     """DUSt3R global alignment with MonST3R's terms, warm-startable across windows."""
 
@@ -260,7 +273,8 @@ class PointmapAligner:
 
     # -- main entry ---------------------------------------------------------------------------
     def align(self, pairs, pair_outputs, masks=None, flows=None, init: AlignmentState | None = None,
-              frame_ids=None, fixed_focal=None, pp=None, iterations: int | None = None) -> AlignmentState:
+              frame_ids=None, fixed_focal=None, pp=None, iterations: int | None = None,
+              frozen_ids=None) -> AlignmentState:
         """Align a window.
 
         pairs: [(i, j)] local frame indices 0..N-1 (P pairs). pair_outputs: dict with pts3d_1,
@@ -270,6 +284,8 @@ class PointmapAligner:
         init: previous window's state; frames with the same id (``frame_ids`` (N,), default
         0..N-1) are frozen to it. fixed_focal: a focal (px) from camera_info, kept fixed.
         pp: (2,) principal point, default the image centre. iterations: overrides the config.
+        frozen_ids: in 'refine' mode, ids of shared frames that stay frozen (e.g. frames whose
+        result was already published); default (and when none is shared) the oldest shared frame.
         """
         cfg = self.cfg
         pairs = [tuple(map(int, p)) for p in pairs]
@@ -297,7 +313,8 @@ class PointmapAligner:
         all_pairs, keep = pairs, np.arange(len(pairs))
         frozen = sorted(known_pose)
         if warm and cfg.warm_mode == 'refine':
-            frozen = frozen[:1]
+            held = [f for f in frozen if frozen_ids is not None and frame_ids[f] in set(frozen_ids)]
+            frozen = held or frozen[:1]
         elif warm and cfg.warm_mode != 'freeze':
             raise InputError(f"warm_mode must be 'freeze' or 'refine', got {cfg.warm_mode!r}")
         if warm and cfg.warm_mode == 'freeze':  # pairs between two frozen frames only move their own similarity
@@ -314,11 +331,30 @@ class PointmapAligner:
             depths = depths * k
             pw = [(s * k, R, t * k) for s, R, t in pw]
         iters = iterations if iterations is not None else (cfg.warm_iterations if warm else cfg.iterations)
+        if cfg.warm_optimizer not in ('closed_form', 'adam'):
+            raise InputError(f"warm_optimizer must be 'closed_form' or 'adam', got {cfg.warm_optimizer!r}")
+        if warm and cfg.warm_optimizer == 'closed_form':
+            st0 = AlignmentState(poses=poses, depths=depths, focals=focals, pp=pp,
+                                 pair_scales=np.array([sc for sc, _, _ in pw]), frame_ids=list(frame_ids), loss=float('nan'))
+            # 'refine': held frames keep their pose, their depth is refined too (the other frames
+            # keep the scale); 'freeze': every shared frame is held entirely
+            state = refine_closed_form(st0, pairs, arr, None if masks is None else np.asarray(masks), frozen=frozen,
+                                       sweeps=iters, pair_sims=pw,
+                                       frozen_depth=[] if cfg.warm_mode == 'refine' else frozen)
+            state.iterations = iters
+            scales = np.full(len(all_pairs), np.nan)
+            scales[keep] = state.pair_scales
+            state.pair_scales = scales
+            return state
         threads = torch.get_num_threads()
         if cfg.cpu_threads and cfg.device == 'cpu':
             torch.set_num_threads(cfg.cpu_threads)
         try:
-            state = self._optimise(pairs, arr, static, flows, pp, poses, depths, focals, pw, ff is not None,
+            # warm start: a shared focal was fitted on the earlier windows and the frozen frames' world
+            # points depend on it, so it is held (freeing it let it drift ~0.3 % per step); per-frame
+            # focals of the frames that are not frozen are refined
+            hold_focal = ff is not None or (warm and cfg.shared_focal)
+            state = self._optimise(pairs, arr, static, flows, pp, poses, depths, focals, pw, hold_focal,
                                    frozen=frozen, iters=iters, frame_ids=frame_ids, gauge=not warm,
                                    lr=cfg.warm_lr if warm else cfg.lr)
         finally:
@@ -354,6 +390,7 @@ class PointmapAligner:
         fixed_logd, fixed_quat, fixed_trans = logd.detach().clone(), quat.detach().clone(), trans.detach().clone()
         shared = cfg.shared_focal and not focal_fixed
         logf = T(np.log(focals[:1] if shared else focals)).requires_grad_(not focal_fixed)
+        fixed_logf = logf.detach().clone()
         pq = T(np.stack([_R_to_quat(R) for _, R, _ in pw])).requires_grad_()
         pt = T(np.stack([t for _, _, t in pw])).requires_grad_()
         pls = T(np.log([s for s, _, _ in pw])).requires_grad_()
@@ -375,7 +412,8 @@ class PointmapAligner:
             q = free_p * quat + (1 - free_p) * fixed_quat
             tr = _signed_expm1(free_p * trans + (1 - free_p) * fixed_trans)
             R = _quat_to_R(q)
-            f = torch.exp(logf).expand(n) if logf.numel() == 1 else torch.exp(logf)
+            f = torch.exp(logf).expand(n) if logf.numel() == 1 else torch.exp(free.float() * logf
+                                                                              + (1 - free.float()) * fixed_logf)
             cam = torch.cat([ray / f[:, None, None, None] * d[..., None], d[..., None]], -1)  # (n,H,W,3)
             world = torch.einsum('nij,nhwj->nhwi', R, cam) + tr[:, None, None, :]
             s = torch.exp(pls - pls.mean() + math.log(cfg.base_scale)) if gauge else torch.exp(pls)
@@ -509,3 +547,92 @@ def window_loss(state: AlignmentState, pairs, pair_outputs, masks=None) -> float
         total += (wgt * np.linalg.norm(s * src @ R.T + t - dst, axis=1)).sum()
         logs.append(math.log(s))
     return float(total / (P * H * W) * 0.5 / math.exp(np.mean(logs)))
+
+
+def refine_closed_form(state: AlignmentState, pairs, pair_outputs, masks=None, frozen=(), sweeps: int = 5,
+                       pair_sims=None, frozen_depth=None) -> AlignmentState:
+    """Block-coordinate descent on the DUSt3R data term, each block solved in closed form.
+
+    Hand-written (no library does it): the objective sum w ||chi - s (R X + t)|| is a sum of 2-norms,
+    so each block has an iteratively re-weighted least-squares solution (a majorise-minimise step
+    that never increases the objective): per pair its similarity (weighted Umeyama), per frame its
+    pose (rigid Umeyama of its camera points to the mean of its targets) and per pixel its depth
+    (1-D weighted least squares along the ray). Focals and the ``frozen`` frames (local indices) are
+    held. Cheap per sweep (no autograd); used to polish a warm-started window.
+    pairs [(i, j)] (P); pair_outputs as :meth:`PointmapAligner.align`; masks (N, H, W) dynamic.
+    pair_sims: optional initial [(s, R, t)] per pair (default: fitted in the first sweep).
+    frozen_depth: frames whose depth is held (default: ``frozen``); a held pose with a free depth
+    keeps frame and scale (the pose fixes the frame; the other frames fix the scale).
+    """
+    arr = PointmapAligner._check([tuple(p) for p in pairs], pair_outputs)
+    P, H, W = arr['conf_1'].shape
+    n = len(state.poses)
+    static = np.ones((n, H, W)) if masks is None else (~(np.asarray(masks) > 0)).astype(np.float64)
+    v_, u_ = np.mgrid[0:H, 0:W].astype(np.float64)
+    rays = np.stack([np.stack([(u_ - state.pp[0]) / f, (v_ - state.pp[1]) / f, np.ones_like(u_)], -1)
+                     for f in state.focals]).reshape(n, -1, 3)
+    ray2 = (rays * rays).sum(-1)
+    poses, depths = state.poses.copy(), state.depths.reshape(n, -1).copy()
+    X = [(arr['pts3d_1'][e].reshape(-1, 3), arr['pts3d_2_in_1'][e].reshape(-1, 3)) for e in range(P)]
+    wts = [((np.log(arr['conf_1'][e]).clip(0) * static[i]).reshape(-1),
+            (np.log(arr['conf_2'][e]).clip(0) * static[j]).reshape(-1)) for e, (i, j) in enumerate(pairs)]
+    free = [f for f in range(n) if f not in set(frozen)]
+    free_d = [f for f in range(n) if f not in set(frozen if frozen_depth is None else frozen_depth)]
+    eps = 1e-6
+    sims = list(pair_sims) if pair_sims is not None else None
+
+    def world(f):
+        return (depths[f][:, None] * rays[f]) @ poses[f, :3, :3].T + poses[f, :3, 3]
+
+    for _ in range(sweeps):
+        chi = [world(f) for f in range(n)]
+        # pair similarities (IRLS weights from the current residuals)
+        new_sims = []
+        for e, (i, j) in enumerate(pairs):
+            src = np.concatenate(X[e])
+            dst = np.concatenate([chi[i], chi[j]])
+            w = np.concatenate(wts[e])
+            if sims is not None:
+                s, R, t = sims[e]
+                w = w / np.maximum(np.linalg.norm(s * src @ R.T + t - dst, axis=1), eps)
+            new_sims.append(weighted_procrustes(src, dst, w))
+        sims = new_sims
+        # targets per frame: (weights (M, HW), targets (M, HW, 3))
+        tw = [[] for _ in range(n)]
+        ta = [[] for _ in range(n)]
+        for e, (i, j) in enumerate(pairs):
+            s, R, t = sims[e]
+            for f, Xv, wv in ((i, X[e][0], wts[e][0]), (j, X[e][1], wts[e][1])):
+                tw[f].append(wv)
+                ta[f].append(s * Xv @ R.T + t)
+        for f in sorted(set(free) | set(free_d)):
+            A, Wt = np.stack(ta[f]), np.stack(tw[f])
+            R, t = poses[f, :3, :3], poses[f, :3, 3]
+            if f in free:  # pose: rigid fit of the camera points to the IRLS-weighted mean target
+                r = np.linalg.norm(chi[f][None] - A, axis=-1)
+                Wr = Wt / np.maximum(r, eps)
+                sw = Wr.sum(0)
+                ok = sw > 0
+                if ok.sum() >= 3:
+                    mean_t = (Wr[..., None] * A).sum(0)[ok] / sw[ok, None]
+                    cam = depths[f][:, None] * rays[f]
+                    _, R, t = weighted_procrustes(cam[ok], mean_t, sw[ok], scale=False)
+                    poses[f, :3, :3], poses[f, :3, 3] = R, t
+            if f not in free_d:
+                continue
+            # depth: along each ray, IRLS weighted least squares to the targets in this camera
+            B = (A - t) @ R  # targets in camera f (R^T (a - t))
+            d = depths[f]
+            r = np.linalg.norm(d[None, :, None] * rays[f][None] - B, axis=-1)
+            Wr = Wt / np.maximum(r, eps)
+            sw = Wr.sum(0)
+            num = (Wr * (B * rays[f][None]).sum(-1)).sum(0)
+            upd = sw > 0
+            depths[f][upd] = np.clip(num[upd] / (sw[upd] * ray2[f][upd]), 1e-6, None)
+    total = 0.0
+    for e, (i, j) in enumerate(pairs):  # the data term with the last similarities
+        s, R, t = sims[e]
+        for f, Xv, wv in ((i, X[e][0], wts[e][0]), (j, X[e][1], wts[e][1])):
+            total += float((wv * np.linalg.norm(world(f) - (s * Xv @ R.T + t), axis=1)).sum())
+    return replace(state, poses=poses, depths=depths.reshape(n, H, W), loss=total / (P * H * W),
+                   pair_scales=np.array([s for s, _, _ in sims]) if sims else state.pair_scales)

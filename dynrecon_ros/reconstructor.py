@@ -118,6 +118,8 @@ class Reconstructor:
         self._rng = np.random.default_rng(0)
         self._times: dict[str, list[float]] = defaultdict(list)
         self.trajectory: list[tuple[float, np.ndarray]] = []
+        from dynrecon_ros.monocular import monocular_step_for  # window predictors: the monocular step
+        self.monocular = monocular_step_for(cfg, predictor, self.flows, self.segmenter, self._times, device)
 
     # ------------------------------------------------------------------ public API
     @property
@@ -181,6 +183,19 @@ class Reconstructor:
             return self._skip(frame, reason)
         if frame.K is None:
             frame.K = self.default_K
+        if self.monocular is not None:  # network backend: dynrecon_ros/monocular.py does the window step
+            pending = {id(e) for e in self._pending if isinstance(e, WindowEntry)}
+            published = {e.index for e in self.window.all_entries() if id(e) not in pending}
+            entry, _ = self.window.add(frame)
+            reason = self.monocular.step(self.window, entry, published, self.world_pose)
+            if reason:
+                self.window.pop_last()
+                return self._skip(frame, reason)
+            self._accept(frame, entry)
+            if self.window.is_keyframe(entry.pose, entry.index):
+                self.window.mark_keyframe(entry)
+            self.flows.keep_only({e.key for e in self.window.all_entries()})
+            return
         prepare = getattr(self.predictor, 'prepare_frame', None)  # network backends: depth (+ K) for the frame
         if prepare is not None:
             reason = prepare(frame, self.window.entries[-1].frame if self.window.entries else None)

@@ -38,6 +38,8 @@ class SegmentationConfig:
 
     Attributes:
         enabled: when False, :meth:`MotionSegmenter.segment` returns all-static masks.
+        mode: 'flow' (MonST3R: optical flow vs ego flow), 'attention' (Easi3R: the network's
+            cross-attention, network backends only) or 'both' (union of the two masks).
         threshold: dynamic where the smoothed probability exceeds it (0..1).
         min_flow_px: absolute flow tolerance in pixels (flow noise of DIS on textured regions).
         flow_rel_tol: extra tolerance as a fraction of the ego-flow magnitude (depth/pose noise).
@@ -64,6 +66,7 @@ class SegmentationConfig:
     """
 
     enabled: bool = True
+    mode: str = 'flow'
     threshold: float = 0.5
     min_flow_px: float = 1.0
     flow_rel_tol: float = 0.15
@@ -82,6 +85,8 @@ class SegmentationConfig:
     forget_after_calls: int = 8
 
     def __post_init__(self) -> None:
+        if self.mode not in ('flow', 'attention', 'both'):
+            raise InputError(f"segmentation.mode must be 'flow', 'attention' or 'both', got {self.mode!r}")
         if not 0.0 < self.threshold < 1.0:
             raise InputError(f'segmentation threshold must be in (0, 1), got {self.threshold}')
         if self.min_flow_px <= 0 or self.flow_rel_tol < 0 or self.steepness <= 0:

@@ -1,0 +1,298 @@
+"""Monocular window step: network pointmaps of the window -> global alignment -> poses, depth, focal,
+masks (MonST3R + Easi3R, online). Used by the Reconstructor for window predictors (the dust3r backend).
+
+Per accepted frame t (:meth:`MonocularWindow.step`):
+  1. pairs: the sliding window's pair graph (neighbours + keyframe anchors, ``SlidingWindow.graph``)
+     in both directions; the network runs only for pairs not seen before (the predictor caches
+     outputs per ordered pair and encoder tokens per frame);
+  2. segmentation.mode 'attention' / 'both': Easi3R masks from the window's decoder cross-attention
+     (returned by the same forward pass), then the second pass with decoder-1 attention to dynamic
+     tokens zeroed gives the pointmaps that are aligned;
+  3. alignment (:class:`~dynrecon_ros.pointmap_alignment.PointmapAligner`, DUSt3R objective + MonST3R
+     flow term on the new frame's pairs): the first window from MST init with the full schedule,
+     every later one warm-started from the previous window's state with the frames already
+     published held (they fix frame and scale); dynamic pixels are excluded (old frames: their
+     masks; the new frame: the previous frame's mask carried along the optical flow, plus its
+     attention mask);
+  4. frame and scale, fixed once at the first window: the first frame at ``world_pose``; metres
+     from the depth images when frames have them (median ratio, ``metric_scale_from_depth``), else
+     ``backend.metric_scale`` metres per network unit, else the first frame's median depth = 1;
+  5. intrinsics: a frame's K (camera_info / config) is kept fixed; else the focal is estimated
+     (``backend.shared_focal``: one for the stream, or one per frame) with the principal point at
+     the centre of the network image;
+  6. outputs at input resolution for frames not yet published: pose, depth, K, confidence; then
+     segmentation.mode 'flow' / 'both': MonST3R flow segmentation of t and its pair partners from
+     the aligned poses and depths (:class:`~dynrecon_ros.segmentation.MotionSegmenter`), combined
+     with the attention masks by :func:`~dynrecon_ros.attention_segmentation.combine_masks`.
+The first frame alone (no pair yet) gets its depth and focal from the self-pair (t, t).
+A frame is skipped with a reason when the network output for it is not finite or its pose jumps
+beyond the ``checks`` limits (in the stream's units).
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from dynrecon_ros.errors import InputError
+
+MODES = ('flow', 'attention', 'both')
+
+
+def monocular_step_for(cfg, predictor, flows, segmenter, times, device: str = 'cpu'):
+    """The :class:`MonocularWindow` for a window predictor, None for pair predictors (RGB-D).
+
+    Raises InputError when ``segmentation.mode`` needs attention maps the predictor cannot give.
+    """
+    mode = cfg.segmentation.mode
+    if not getattr(predictor, 'window_predictor', False):
+        if mode != 'flow':
+            raise InputError(f"segmentation.mode {mode!r} needs the decoder attention of a network backend "
+                             "(backend dust3r); this backend has none: use segmentation.mode flow")
+        return None
+    return MonocularWindow(cfg, predictor, flows, segmenter, times, device)
+
+
+class MonocularWindow:
+    """The monocular window step (see module docstring). State: the last window's alignment."""
+
+    def __init__(self, cfg, predictor, flows, segmenter, times, device: str = 'cpu'):
+        from dynrecon_ros.pointmap_alignment import AlignConfig, PointmapAligner
+        b = cfg.backend
+        self.cfg, self.pred, self.flows, self.segmenter, self.times = cfg, predictor, flows, segmenter, times
+        self.mode = cfg.segmentation.mode
+        self.segment_on = cfg.segmentation.enabled
+        threads = cfg.alignment.threads if cfg.alignment.threads > 0 else None
+        self.aligner = PointmapAligner(AlignConfig(iterations=b.align_iterations, warm_iterations=b.align_warm_iterations,
+                                                   warm_mode=b.align_warm_mode, shared_focal=b.shared_focal,
+                                                   device=device, cpu_threads=threads))
+        self.state = None  # AlignmentState of the last window (network resolution)
+        self.world_pose = None
+        self._estimated_K: set[str] = set()  # keys of frames whose K this module estimated
+        self._first_depth = None  # (h, w) network-resolution depth of the first frame (stream units)
+
+    # ------------------------------------------------------------------ helpers
+    def _timed(self, name: str, t0: float) -> float:
+        t = time.perf_counter()
+        self.times[name].append((t - t0) * 1e3)
+        return t
+
+    def _K_given(self, frame) -> bool:
+        return frame.K is not None and frame.key not in self._estimated_K
+
+    def _outputs_at_input(self, frame, depth_n, conf_n):
+        """(depth (H, W) float32, confidence (H, W) float32 in [0, 1)) at input resolution."""
+        d, inside = self.pred.to_input(depth_n, frame)
+        c, _ = self.pred.to_input(conf_n, frame)
+        ok = inside & np.isfinite(d) & (d > 0)
+        return np.where(ok, d, 0).astype(np.float32), np.where(ok, 1 - 1 / np.maximum(c, 1), 0).astype(np.float32)
+
+    def _sensor_scale(self, frames, depths_n, masks_n) -> float | None:
+        """Metres per stream unit from the frames' depth images (None when none has one)."""
+        from dynrecon_ros.pointmap_alignment import metric_scale_from_depth
+        est, sen, msk = [], [], []
+        for k, f in enumerate(frames):
+            s = f.meta.get('sensor_depth') if f.meta is not None else None
+            if s is None:
+                continue
+            d, inside = self.pred.to_input(depths_n[k], f)
+            est.append(np.where(inside, d, 0))
+            sen.append(np.where(np.isfinite(s), s, 0))
+            msk.append(np.zeros(d.shape, bool) if masks_n is None else
+                       self.pred.to_input(masks_n[k].astype(np.float32), f, nearest=True)[0] > 0.5)
+        if not est:
+            return None
+        try:
+            return metric_scale_from_depth(np.stack(est), np.stack(sen), np.stack(msk), min_pixels=10)
+        except InputError:
+            return None
+
+    def _jump(self, prev_pose, pose, gap) -> str:
+        from dynrecon_ros.window import rotation_angle_deg
+        c = self.cfg.checks
+        rel = np.linalg.inv(prev_pose) @ pose
+        dt, dr = float(np.linalg.norm(rel[:3, 3])), rotation_angle_deg(rel[:3, :3])
+        gap = max(gap, 1e-6)
+        if (dt > c.max_translation_m or dr > c.max_rotation_deg or dt / gap > c.max_speed_m_s
+                or dr / gap > c.max_angular_speed_deg_s):
+            return (f'sudden jump of {dt:.3f} / {dr:.1f} deg in {gap:.3f} s (limits {c.max_translation_m} / '
+                    f'{c.max_rotation_deg} deg per frame, in the stream units)')
+        return ''
+
+    # ------------------------------------------------------------------ the step
+    def step(self, window, entry, published: set[int], world_pose: np.ndarray) -> str:
+        """One window step for the newest ``entry`` of ``window`` (a SlidingWindow). ``published``:
+        push indices of frames whose results are out (held). Sets pose, depth, K, masks of the
+        window's unpublished entries; returns '' or the reason to skip the new frame."""
+        frame = entry.frame
+        if frame.depth is not None:  # a depth image only sets the scale; the depth is the network's
+            frame.meta = dict(frame.meta or {}, sensor_depth=frame.depth)
+            frame.depth = None
+        self.world_pose = world_pose
+        entries = window.all_entries()
+        if len(entries) == 1:
+            return self._first(entry)
+        t0 = time.perf_counter()
+        frames = [e.frame for e in entries]
+        pos = {e.index: k for k, e in enumerate(entries)}
+        n, t = len(entries), pos[entry.index]
+        pairs = [p for a, b in window.graph() if a in pos and b in pos for p in ((pos[a], pos[b]), (pos[b], pos[a]))]
+        if not any(t in p for p in pairs):
+            return 'not connected to the window (no pair with an earlier frame)'
+        use_flow = self.segment_on and self.mode in ('flow', 'both')
+        use_att = self.segment_on and self.mode in ('attention', 'both')
+        newest_pairs = window.pairs_for_newest()
+        pflows = [self.flows.get(o.key, o.frame.rgb, entry.key, frame.rgb) for o, _ in newest_pairs]
+        t0 = self._timed('flow', t0)
+        out = self.pred.predict_window(frames, pairs, attention=use_att)
+        if not self.pred.finite_views(out, pairs, t):
+            return 'network output is not finite'
+        h, w = out['conf_1'].shape[1:]
+        # dynamic masks for the alignment (network resolution)
+        masks = np.zeros((n, h, w), bool)
+        for k, e in enumerate(entries):
+            if e.mask is not None:
+                masks[k] = self.pred.to_network(e.mask.astype(np.float32), e.frame, nearest=True) > 0.5
+        if use_flow and newest_pairs and newest_pairs[0][0].mask is not None:  # previous mask along the flow
+            from dynrecon_ros.flow import warp
+            prior = warp(newest_pairs[0][0].mask.astype(np.float32), pflows[0].bwd) > 0.25
+            masks[t] = self.pred.to_network(prior.astype(np.float32), frame, nearest=True) > 0.5
+        att_in = None
+        if use_att:
+            from dynrecon_ros.attention_segmentation import attention_masks
+            att = attention_masks(n, pairs, out['cross_attn_1'], out['cross_attn_2'], (h, w)) > 0
+            masks |= att
+            out = self.pred.reweighted(frames, pairs, att)
+            if not self.pred.finite_views(out, pairs, t):
+                return 'network output (second pass) is not finite'
+            att_in = [self.pred.to_input(att[k].astype(np.float32), f, nearest=True) for k, f in enumerate(frames)]
+            att_in = [(m > 0.5) & inside for m, inside in att_in]
+        out = {k: out[k] for k in ('pts3d_1', 'conf_1', 'pts3d_2_in_1', 'conf_2')}
+        t0 = self._timed('network', t0)
+        state = self._align(entries, frames, pairs, out, masks if self.segment_on else None, newest_pairs, pflows,
+                            published, t)
+        if isinstance(state, str):
+            return state
+        prev = entries[t - 1]
+        if prev.pose is not None:
+            reason = self._jump(prev.pose, state.poses[t], frame.stamp - prev.frame.stamp)
+            if reason:
+                return reason
+        # commit: outputs of the unpublished frames at input resolution
+        self.state = state
+        conf_n = {}
+        for e_, (i, _) in enumerate(pairs):
+            conf_n.setdefault(i, out['conf_1'][e_])
+        for k, e in enumerate(entries):
+            if e.index in published:
+                continue
+            e.pose = state.poses[k].copy()
+            e.frame.depth, e.data['conf'] = self._outputs_at_input(e.frame, state.depths[k].astype(np.float32),
+                                                                   conf_n[k])
+            if not self._K_given(e.frame):
+                e.frame.K = self.pred.K_from_network(state.focals[k], state.pp, e.frame)
+                self._estimated_K.add(e.key)
+        t0 = self._timed('alignment', t0)
+        self._segment(entries, newest_pairs, pflows, att_in, use_flow, published)
+        self._timed('segmentation', t0)
+        keep = {e.key for e in entries}
+        self._estimated_K &= keep
+        return ''
+
+    def _first(self, entry) -> str:
+        """The first frame: pose = world, depth and focal from the self-pair, scale per the rules."""
+        f = entry.frame
+        out = self.pred.predict_window([f], [(0, 0)])
+        if not self.pred.finite_views(out, [(0, 0)], 0):
+            return 'network output is not finite'
+        pts, conf = out['pts3d_1'][0].astype(np.float64), out['conf_1'][0]
+        z = pts[..., 2]
+        if (z > 0).mean() < 0.3:
+            return f'network gives a positive depth for only {100 * (z > 0).mean():.1f}% of the pixels (min 30%)'
+        if not self._K_given(f):
+            from dynrecon_ros.intrinsics import default_principal_point, estimate_focal
+            h, w = z.shape
+            pp = default_principal_point(h, w)
+            focal = estimate_focal(pts, conf, pp, min_conf=1.0)
+            if not np.isfinite(focal) or not (0.1 * max(h, w) < focal < 10 * max(h, w)):
+                return f'cannot estimate the focal length from the network pointmap (got {focal:.4g} px); give intrinsics'
+            f.K = self.pred.K_from_network(focal, pp, f)
+            self._estimated_K.add(f.key)
+        zp = np.clip(z, 1e-6, None)
+        scale = self._sensor_scale([f], zp[None], None)
+        if scale is None:
+            scale = self.cfg.backend.metric_scale if self.cfg.backend.metric_scale > 0 else 1 / float(np.median(zp[z > 0]))
+        self._first_depth = np.where(z > 0, zp * scale, 0)
+        entry.pose = self.world_pose.copy()
+        f.depth, entry.data['conf'] = self._outputs_at_input(f, self._first_depth.astype(np.float32), conf)
+        return ''
+
+    def _align(self, entries, frames, pairs, out, masks, newest_pairs, pflows, published, t):
+        from dynrecon_ros.pointmap_alignment import transform_state
+        n = len(entries)
+        h, w = out['conf_1'].shape[1:]
+        for name in ('pts3d_1', 'pts3d_2_in_1'):  # non-finite outputs of old frames: no weight
+            bad = ~np.isfinite(out[name]).all(-1) | ~np.isfinite(out['conf_' + name[-1]])
+            if bad.any():
+                out[name] = np.where(bad[..., None], [0, 0, 1], out[name]).astype(np.float32)
+                out['conf_' + name[-1]] = np.where(bad, 1, out['conf_' + name[-1]]).astype(np.float32)
+        fixed_focal, pp = None, None
+        if all(self._K_given(f) for f in frames):
+            fp = [self.pred.K_to_network(f.K, f) for f in frames]
+            fixed_focal, pp = np.array([v[0] for v in fp]), fp[-1][1]
+        elif self.state is not None:
+            pp = self.state.pp
+        flows = {}
+        for (o, _), pf in zip(newest_pairs, pflows):  # MonST3R's flow term on the new frame's pairs
+            k = entries.index(o)
+            for (a, b), fl in (((k, t), pf.fwd), ((t, k), pf.bwd)):
+                r = self.pred.network_input(frames[a])
+                flows[(a, b)] = self.pred.to_network(fl, frames[a]) * np.float32([r.scale_x, r.scale_y])
+        ids = [e.index for e in entries]
+        try:
+            if self.state is None:  # the first window: MST init, full schedule, then frame and scale
+                st = self.aligner.align(pairs, out, masks=masks, flows=flows, frame_ids=ids, fixed_focal=fixed_focal,
+                                        pp=pp)
+                scale = self._sensor_scale(frames, st.depths, masks)
+                if scale is None and self.cfg.backend.metric_scale > 0:
+                    scale = self.cfg.backend.metric_scale / float(np.exp(np.mean(np.log(st.pair_scales))))
+                if scale is None:
+                    ok = (self._first_depth > 0) & (st.depths[0] > 0)
+                    scale = float(np.median(self._first_depth[ok] / st.depths[0][ok]))
+                P0 = st.poses[0].copy()
+                P0[:3, 3] *= scale
+                return transform_state(st, self.world_pose @ np.linalg.inv(P0), scale)
+            return self.aligner.align(pairs, out, masks=masks, flows=flows, init=self.state, frame_ids=ids,
+                                      fixed_focal=fixed_focal, pp=pp, frozen_ids=published)
+        except InputError as exc:
+            return f'window alignment failed: {exc}'
+
+    def _segment(self, entries, newest_pairs, pflows, att_in, use_flow, published) -> None:
+        """Masks of the window's frames: flow (new frame and its pair partners), attention (all), or both."""
+        from dynrecon_ros.attention_segmentation import combine_masks
+        if not self.segment_on:
+            return
+        if use_flow and newest_pairs:
+            ents = [o for o, _ in newest_pairs] + [newest_pairs[0][1]]
+            m = len(ents)
+            flows = {(m - 1, k): pf.bwd for k, pf in enumerate(pflows)}
+            valid = {(m - 1, k): pf.valid_bwd for k, pf in enumerate(pflows)}
+            probs, fmasks = self.segmenter.segment([e.key for e in ents], np.stack([e.frame.depth for e in ents]),
+                                                   np.stack([e.frame.K for e in ents]),
+                                                   np.stack([e.pose for e in ents]), flows, valid)
+            for e, p, mk in zip(ents, probs, fmasks):
+                e.data['flow'] = (p, mk)
+        for k, e in enumerate(entries):
+            flow = e.data.get('flow') if use_flow else None
+            if att_in is None:
+                if flow is None:
+                    continue
+                prob, mask = flow
+            else:
+                a = att_in[k]
+                mask = combine_masks(flow[1], a, 'both') if flow is not None else a
+                prob = np.maximum(flow[0], a) if flow is not None else a.astype(np.float32)
+                mask = mask.astype(np.uint8) * np.uint8(255)
+            e.mask = mask > 0  # also for published frames: the prior of later alignments
+            if e.index not in published:
+                e.data['prob'], e.data['mask'] = prob.astype(np.float32), mask
