@@ -114,6 +114,26 @@ def weighted_procrustes(src: np.ndarray, dst: np.ndarray, w: np.ndarray | None =
     return s, R, t
 
 
+def robust_procrustes(src: np.ndarray, dst: np.ndarray, w: np.ndarray, scale: bool = True, rounds: int = 2,
+                      cut: float = 3.0):
+    """:func:`weighted_procrustes` refitted ``rounds`` times without the points whose residual
+    exceeds ``cut`` times the weighted median residual (points that moved between the views, when
+    no mask has caught them yet)."""
+    w = np.asarray(w, np.float64)
+    s, R, t = weighted_procrustes(src, dst, w, scale)
+    for _ in range(rounds):
+        r = np.linalg.norm(s * src @ R.T + t - dst, axis=1)
+        use = w > 0
+        if use.sum() < 10:
+            break
+        med = float(np.median(r[use]))
+        keep = w * (r <= cut * max(med, 1e-12))
+        if keep.sum() <= 0:
+            break
+        s, R, t = weighted_procrustes(src, dst, keep, scale)
+    return s, R, t
+
+
 def _quat_to_R(q: torch.Tensor) -> torch.Tensor:
     """(..., 4) quaternion (x, y, z, w), normalised here -> (..., 3, 3)."""
     q = q / q.norm(dim=-1, keepdim=True)
@@ -217,11 +237,11 @@ class PointmapAligner:
                     continue
                 if i in world:
                     src, dst, c = arr['pts3d_1'][e], world[i], arr['conf_1'][e] ** static[i]
-                    s, R, t = weighted_procrustes(src.reshape(-1, 3), dst.reshape(-1, 3), np.log(c).reshape(-1).clip(0))
+                    s, R, t = robust_procrustes(src.reshape(-1, 3), dst.reshape(-1, 3), np.log(c).reshape(-1).clip(0))
                     world[j] = s * arr['pts3d_2_in_1'][e] @ R.T + t
                 else:
                     src, dst, c = arr['pts3d_2_in_1'][e], world[j], arr['conf_2'][e] ** static[j]
-                    s, R, t = weighted_procrustes(src.reshape(-1, 3), dst.reshape(-1, 3), np.log(c).reshape(-1).clip(0))
+                    s, R, t = robust_procrustes(src.reshape(-1, 3), dst.reshape(-1, 3), np.log(c).reshape(-1).clip(0))
                     world[i] = s * arr['pts3d_1'][e] @ R.T + t
                 grown = True
                 break
@@ -254,8 +274,8 @@ class PointmapAligner:
             # register the pointmap as the model sees it (its z unprojected with the model's focal and
             # pp), so depth and pose are consistent with the unknowns even where the network's rays differ
             cam = _unproject(np.clip(arr['pts3d_1'][e][..., 2], 1e-6, None), focals[f], pp)
-            s, R, t = weighted_procrustes(cam.reshape(-1, 3), world[f].reshape(-1, 3),
-                                          np.log(c).reshape(-1).clip(0) * static[f].reshape(-1))
+            s, R, t = robust_procrustes(cam.reshape(-1, 3), world[f].reshape(-1, 3),
+                                        np.log(c).reshape(-1).clip(0) * static[f].reshape(-1))
             poses[f] = np.eye(4)
             poses[f, :3, :3], poses[f, :3, 3] = R, t
             depths[f] = np.clip(s * cam[..., 2], 1e-4, None)
