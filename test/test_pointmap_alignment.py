@@ -56,7 +56,7 @@ def test_recovers_trajectory_and_focal_and_degrades_without_mask(seq12):
 
 
 def test_warm_start_keeps_frame_and_scale_and_metric_scale(seq12):
-    al = _aligner()
+    al = _aligner(warm_mode='freeze')
     pairs, out_a = _window(seq12, 0, 8, seed=1)
     a = al.align(pairs, out_a, masks=seq12.masks[0:8], pp=seq12.K[:2, 2], frame_ids=list(range(0, 8)))
     _, out_b = _window(seq12, 4, 12, seed=2)
@@ -80,6 +80,12 @@ def test_warm_start_keeps_frame_and_scale_and_metric_scale(seq12):
     assert abs(span_est / span_gt - 1) < 0.1  # metres now (the path is only ~10 cm, hence 10 %)
     with pytest.raises(InputError):
         al.align(pairs, out_b, init=a, frame_ids=list(range(20, 28)))
+    # 'refine' (closed-form sweeps): the held frame keeps its pose, the others are refined, one frame
+    ref = _aligner(warm_mode='refine').align(pairs, out_b, masks=seq12.masks[4:12], pp=seq12.K[:2, 2],
+                                             frame_ids=list(range(4, 12)), init=a, frozen_ids=[4, 5])
+    np.testing.assert_allclose(ref.poses[:2], a.poses[4:6], atol=1e-9)
+    assert not np.allclose(ref.poses[2:4], a.poses[6:8], atol=1e-9)
+    assert _ate(seq12, np.concatenate([a.poses, ref.poses[4:]]))['ate_rmse_sim3'] <= 0.01
 
 
 def test_flow_term_and_fixed_focal(seq12):
