@@ -37,6 +37,7 @@ import numpy as np
 from dynrecon_ros.errors import InputError
 
 MODES = ('flow', 'attention', 'both')
+MAX_DYNAMIC_FRACTION = 0.9  # masks covering more of a frame are not used by the alignment
 
 
 def monocular_step_for(cfg, predictor, flows, segmenter, times, device: str = 'cpu'):
@@ -168,6 +169,8 @@ class MonocularWindow:
             att_in = [self.pred.to_input(att[k].astype(np.float32), f, nearest=True) for k, f in enumerate(frames)]
             att_in = [(m > 0.5) & inside for m, inside in att_in]
         out = {k: out[k] for k in ('pts3d_1', 'conf_1', 'pts3d_2_in_1', 'conf_2')}
+        # a mask over nearly the whole frame leaves it no static constraint: ignored by the alignment
+        masks[masks.reshape(n, -1).mean(1) > MAX_DYNAMIC_FRACTION] = False
         t0 = self._timed('network', t0)
         state = self._align(entries, frames, pairs, out, masks if self.segment_on else None, newest_pairs, pflows,
                             published, t)
