@@ -5,14 +5,22 @@ from ground truth (random per-pair scale, noise, movers inconsistent as a static
 would give them; pair graph: each frame with its next 3, both directions), then
   plain:  align the window from MST init for 300 iterations (no warm start), once for the first
           window (it is the online init) and once for the last window (loss comparison);
-  online: slide the window one frame at a time, warm start from the previous state (overlap frames
-          frozen), ``--warm-iters`` iterations; seconds per step averaged over ``--steps`` steps.
-Losses: ``window_loss`` of both on the last window (same data, same gauge), plus Sim(3) ATE.
+  online: slide the window one frame at a time, warm start from the previous state, seconds per
+          step averaged over ``--steps`` steps. Schedules (``--online``):
+            closed_form: the product's default: new frame placed by the (robust) spanning-tree init
+              from the previous window, then ``--sweeps`` sweeps of closed-form block-coordinate
+              descent (refine_closed_form) over every frame; the oldest keeps its pose and the mean
+              log of its depth (frame and scale);
+            adam_freeze / adam_refine: the previous schedule, ``--warm-iters`` Adam iterations
+              (lr 0.002) on the new frame's pairs only / on all frames.
+Losses: ``window_loss`` of both on the last window (same data, same gauge: each pair's similarity
+refitted, mean pair scale 0.5), their ratio (online / plain), plus Sim(3) ATE of the window's poses.
 Usage: python bench/alignment.py [--size 64x48] [--windows 8 16 32] [--device cpu|cuda|all]
 """
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import numpy as np
@@ -29,14 +37,18 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def run(n, size, device, steps, warm_iters, threads, mode, plain_iters=300):
+def run(n, size, device, steps, warm_iters, threads, online, sweeps, plain_iters=300):
     w, h = size
     seq = render_sequence(SyntheticConfig(width=w, height=h, frames=n + steps, movers=2, seed=0, fps=10.0))
     ids = mover_ids_from_sequence(seq)
     pairs = window_pairs(n, 3)
     pp = seq.K[:2, 2]
-    cfg = AlignConfig(iterations=plain_iters, warm_iterations=warm_iters, device=device, cpu_threads=threads,
-                      warm_mode=mode)
+    if online == 'closed_form':
+        cfg = AlignConfig(iterations=plain_iters, warm_iterations=sweeps, warm_mode='refine',
+                          warm_optimizer='closed_form', device=device, cpu_threads=threads)
+    else:
+        cfg = AlignConfig(iterations=plain_iters, warm_iterations=warm_iters, warm_mode=online.split('_')[1],
+                          warm_optimizer='adam', device=device, cpu_threads=threads)
     al = PointmapAligner(cfg)
 
     def window(lo):
@@ -73,25 +85,29 @@ def main():
     ap.add_argument('--windows', type=int, nargs='+', default=[8, 16, 32])
     ap.add_argument('--device', default='all', choices=['cpu', 'cuda', 'all'])
     ap.add_argument('--steps', type=int, default=3, help='online steps averaged')
-    ap.add_argument('--warm-iters', type=int, default=30)
-    ap.add_argument('--warm-mode', nargs='+', default=['freeze', 'refine'])
+    ap.add_argument('--online', nargs='+', default=['closed_form'],
+                    choices=['closed_form', 'adam_freeze', 'adam_refine'])
+    ap.add_argument('--sweeps', type=int, default=5, help='closed-form sweeps per online step')
+    ap.add_argument('--warm-iters', type=int, default=30, help='Adam iterations per online step (adam_*)')
     ap.add_argument('--threads', type=int, default=1, help='torch CPU threads (default 1: fastest at these sizes)')
     a = ap.parse_args()
     size = tuple(int(v) for v in a.size.lower().split('x'))
     devices = ['cpu', 'cuda'] if a.device == 'all' else [a.device]
     devices = [d for d in devices if d == 'cpu' or torch.cuda.is_available()]
     print(f'pointmaps {size[0]}x{size[1]}, pair graph: next 3 frames both directions, online step = 1 new frame, '
-          f'warm {a.warm_iters} it vs plain 300 it from MST, torch threads {a.threads}')
-    print(f'{"dev":5} {"mode":6} {"N":>3} {"pairs":>5} {"plain s":>8} {"step s":>8} {"speedup":>8} '
-          f'{"loss plain":>10} {"loss online":>11} {"ATE plain":>9} {"ATE online":>10}')
+          f'plain = 300 Adam it from MST; torch threads {a.threads}; load average {os.getloadavg()[0]:.2f}')
+    print(f'{"dev":5} {"online":12} {"N":>3} {"pairs":>5} {"plain s":>8} {"step s":>8} {"speedup":>8} '
+          f'{"loss plain":>11} {"loss online":>11} {"ratio":>7} {"ATE plain":>9} {"ATE online":>10}')
     for dev in devices:
         for n in a.windows:
-            for mode in a.warm_mode:
-                r = run(n, size, dev, a.steps, a.warm_iters, a.threads, mode)
-                print(f'{dev:5} {mode:6} {n:3d} {r["pairs"]:5d} {r["t_plain"]:8.3f} {r["t_step"]:8.4f} '
-                      f'{r["t_plain"] / r["t_step"]:7.1f}x {r["loss_plain"]:10.5f} {r["loss_online"]:11.5f} '
-                      f'{r["ate_plain"] * 1000:7.2f}mm {r["ate_online"] * 1000:8.2f}mm', flush=True)
-    
+            for online in a.online:
+                r = run(n, size, dev, a.steps, a.warm_iters, a.threads, online, a.sweeps)
+                print(f'{dev:5} {online:12} {n:3d} {r["pairs"]:5d} {r["t_plain"]:8.3f} {r["t_step"]:8.4f} '
+                      f'{r["t_plain"] / r["t_step"]:7.1f}x {r["loss_plain"]:11.7f} {r["loss_online"]:11.7f} '
+                      f'{r["loss_online"] / r["loss_plain"]:7.4f} {r["ate_plain"] * 1000:7.2f}mm '
+                      f'{r["ate_online"] * 1000:8.2f}mm', flush=True)
+    print(f'load average at the end {os.getloadavg()[0]:.2f}')
+
 
 if __name__ == '__main__':
     main()

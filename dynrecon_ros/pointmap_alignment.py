@@ -368,10 +368,12 @@ class PointmapAligner:
         if warm and cfg.warm_optimizer == 'closed_form':
             st0 = AlignmentState(poses=poses, depths=depths, focals=focals, pp=pp,
                                  pair_scales=np.array([sc for sc, _, _ in pw]), frame_ids=list(frame_ids), loss=float('nan'))
-            # held frames keep pose and depth: they pin frame and scale (freeing their depth lowers
-            # the loss ~0.1 % on consistent input, but lets garbage input collapse the scale to 0)
+            # held frames keep their pose; in 'refine' their depth is refined with its mean log-depth
+            # kept (the scale gauge: a free scale would let the objective shrink the world)
+            refine = cfg.warm_mode == 'refine'
             state = refine_closed_form(st0, pairs, arr, None if masks is None else np.asarray(masks), frozen=frozen,
-                                       sweeps=iters, pair_sims=pw)
+                                       sweeps=iters, pair_sims=pw, frozen_depth=[] if refine else None,
+                                       scale_anchor=frozen if refine else ())
             state.iterations = iters
             scales = np.full(len(all_pairs), np.nan)
             scales[keep] = state.pair_scales
@@ -581,7 +583,7 @@ def window_loss(state: AlignmentState, pairs, pair_outputs, masks=None) -> float
 
 
 def refine_closed_form(state: AlignmentState, pairs, pair_outputs, masks=None, frozen=(), sweeps: int = 5,
-                       pair_sims=None, frozen_depth=None) -> AlignmentState:
+                       pair_sims=None, frozen_depth=None, scale_anchor=()) -> AlignmentState:
     """Block-coordinate descent on the DUSt3R data term, each block solved in closed form.
 
     Hand-written (no library does it): the objective sum w ||chi - s (R X + t)|| is a sum of 2-norms,
@@ -592,8 +594,9 @@ def refine_closed_form(state: AlignmentState, pairs, pair_outputs, masks=None, f
     held. Cheap per sweep (no autograd); used to polish a warm-started window.
     pairs [(i, j)] (P); pair_outputs as :meth:`PointmapAligner.align`; masks (N, H, W) dynamic.
     pair_sims: optional initial [(s, R, t)] per pair (default: fitted in the first sweep).
-    frozen_depth: frames whose depth is held (default: ``frozen``); a held pose with a free depth
-    keeps frame and scale (the pose fixes the frame; the other frames fix the scale).
+    frozen_depth: frames whose depth is held (default: ``frozen``). scale_anchor: frames whose depth
+    is refined but rescaled after each update to keep its mean log-depth (a one-number scale gauge
+    like DUSt3R's, instead of holding the whole depth map).
     """
     arr = PointmapAligner._check([tuple(p) for p in pairs], pair_outputs)
     P, H, W = arr['conf_1'].shape
@@ -609,6 +612,7 @@ def refine_closed_form(state: AlignmentState, pairs, pair_outputs, masks=None, f
             (np.log(arr['conf_2'][e]).clip(0) * static[j]).reshape(-1)) for e, (i, j) in enumerate(pairs)]
     free = [f for f in range(n) if f not in set(frozen)]
     free_d = [f for f in range(n) if f not in set(frozen if frozen_depth is None else frozen_depth)]
+    anchor = set(scale_anchor)
     eps = 1e-6
     sims = list(pair_sims) if pair_sims is not None else None
 
@@ -660,7 +664,10 @@ def refine_closed_form(state: AlignmentState, pairs, pair_outputs, masks=None, f
             num = (Wr * (B * rays[f][None]).sum(-1)).sum(0)
             dn = num / np.maximum(sw * ray2[f], 1e-30)
             upd = (sw > 0) & (dn > 1e-6)  # targets behind the camera (garbage input): keep the depth
+            before = np.log(depths[f]).mean()
             depths[f][upd] = dn[upd]
+            if f in anchor:
+                depths[f] *= np.exp(before - np.log(depths[f]).mean())
     total = 0.0
     for e, (i, j) in enumerate(pairs):  # the data term with the last similarities
         s, R, t = sims[e]
