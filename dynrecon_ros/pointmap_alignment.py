@@ -365,24 +365,24 @@ class PointmapAligner:
         iters = iterations if iterations is not None else (cfg.warm_iterations if warm else cfg.iterations)
         if cfg.warm_optimizer not in ('closed_form', 'adam'):
             raise InputError(f"warm_optimizer must be 'closed_form' or 'adam', got {cfg.warm_optimizer!r}")
-        if warm and cfg.warm_optimizer == 'closed_form':
-            st0 = AlignmentState(poses=poses, depths=depths, focals=focals, pp=pp,
-                                 pair_scales=np.array([sc for sc, _, _ in pw]), frame_ids=list(frame_ids), loss=float('nan'))
-            # held frames keep their pose; in 'refine' their depth is refined with its mean log-depth
-            # kept (the scale gauge: a free scale would let the objective shrink the world)
-            refine = cfg.warm_mode == 'refine'
-            state = refine_closed_form(st0, pairs, arr, None if masks is None else np.asarray(masks), frozen=frozen,
-                                       sweeps=iters, pair_sims=pw, frozen_depth=[] if refine else None,
-                                       scale_anchor=frozen if refine else ())
-            state.iterations = iters
-            scales = np.full(len(all_pairs), np.nan)
-            scales[keep] = state.pair_scales
-            state.pair_scales = scales
-            return state
         threads = torch.get_num_threads()
         if cfg.cpu_threads and cfg.device == 'cpu':
             torch.set_num_threads(cfg.cpu_threads)
         try:
+            if warm and cfg.warm_optimizer == 'closed_form':
+                st0 = AlignmentState(poses=poses, depths=depths, focals=focals, pp=pp,
+                                     pair_scales=np.array([sc for sc, _, _ in pw]), frame_ids=list(frame_ids), loss=float('nan'))
+                # held frames keep their pose; in 'refine' their depth is refined with its mean log-depth
+                # kept (the scale gauge: a free scale would let the objective shrink the world)
+                refine = cfg.warm_mode == 'refine'
+                state = refine_closed_form(st0, pairs, arr, None if masks is None else np.asarray(masks), frozen=frozen,
+                                           sweeps=iters, pair_sims=pw, frozen_depth=[] if refine else None,
+                                           scale_anchor=frozen if refine else (), device=cfg.device)
+                state.iterations = iters
+                scales = np.full(len(all_pairs), np.nan)
+                scales[keep] = state.pair_scales
+                state.pair_scales = scales
+                return state
             # warm start: a shared focal was fitted on the earlier windows and the frozen frames' world
             # points depend on it, so it is held (freeing it let it drift ~0.3 % per step); per-frame
             # focals of the frames that are not frozen are refined
@@ -582,16 +582,35 @@ def window_loss(state: AlignmentState, pairs, pair_outputs, masks=None) -> float
     return float(total / (P * H * W) * 0.5 / math.exp(np.mean(logs)))
 
 
+def _procrustes_batch(src, dst, w, scale: bool = True):
+    """Batched :func:`weighted_procrustes` in torch: src, dst (B, M, 3), w (B, M) -> s (B,), R (B, 3, 3),
+    t (B, 3) with s R src + t ~ dst."""
+    w = w / w.sum(1, keepdim=True).clamp_min(1e-30)
+    ms, md = torch.einsum('bm,bmi->bi', w, src), torch.einsum('bm,bmi->bi', w, dst)
+    a, b = src - ms[:, None], dst - md[:, None]
+    U, S, Vt = torch.linalg.svd(torch.einsum('bm,bmi,bmj->bij', w, b, a))
+    d = torch.sign(torch.linalg.det(U) * torch.linalg.det(Vt))
+    D = torch.ones_like(S)
+    D[:, 2] = d
+    R = U @ torch.diag_embed(D) @ Vt
+    if scale:
+        sc = (S * D).sum(1) / torch.einsum('bm,bm->b', w, (a * a).sum(-1)).clamp_min(1e-30)
+    else:
+        sc = torch.ones_like(d)
+    return sc, R, md - sc[:, None] * torch.einsum('bij,bj->bi', R, ms)
+
+
 def refine_closed_form(state: AlignmentState, pairs, pair_outputs, masks=None, frozen=(), sweeps: int = 5,
-                       pair_sims=None, frozen_depth=None, scale_anchor=()) -> AlignmentState:
-    """Block-coordinate descent on the DUSt3R data term, each block solved in closed form.
+                       pair_sims=None, frozen_depth=None, scale_anchor=(), device: str = 'cpu') -> AlignmentState:
+    """Block-coordinate descent on the DUSt3R data term, each block solved in closed form (torch).
 
     Hand-written (no library does it): the objective sum w ||chi - s (R X + t)|| is a sum of 2-norms,
     so each block has an iteratively re-weighted least-squares solution (a majorise-minimise step
     that never increases the objective): per pair its similarity (weighted Umeyama), per frame its
     pose (rigid Umeyama of its camera points to the mean of its targets) and per pixel its depth
-    (1-D weighted least squares along the ray). Focals and the ``frozen`` frames (local indices) are
-    held. Cheap per sweep (no autograd); used to polish a warm-started window.
+    (1-D weighted least squares along the ray); all pairs / frames / pixels of a block at once.
+    Focals and the ``frozen`` frames (local indices) are held. No autograd, no step size; used to
+    refine a warm-started window. float64 on CPU, float32 on CUDA.
     pairs [(i, j)] (P); pair_outputs as :meth:`PointmapAligner.align`; masks (N, H, W) dynamic.
     pair_sims: optional initial [(s, R, t)] per pair (default: fitted in the first sweep).
     frozen_depth: frames whose depth is held (default: ``frozen``). scale_anchor: frames whose depth
@@ -601,77 +620,74 @@ def refine_closed_form(state: AlignmentState, pairs, pair_outputs, masks=None, f
     arr = PointmapAligner._check([tuple(p) for p in pairs], pair_outputs)
     P, H, W = arr['conf_1'].shape
     n = len(state.poses)
+    dev = torch.device(device)
+    dt = torch.float64 if dev.type == 'cpu' else torch.float32
+    T = lambda x: torch.as_tensor(np.asarray(x), dtype=dt, device=dev)  # noqa: E731
     static = np.ones((n, H, W)) if masks is None else (~(np.asarray(masks) > 0)).astype(np.float64)
+    ii = torch.tensor([p[0] for p in pairs], device=dev)
+    jj = torch.tensor([p[1] for p in pairs], device=dev)
+    fs = torch.cat([ii, jj])  # frame of each (pair, view) slot
     v_, u_ = np.mgrid[0:H, 0:W].astype(np.float64)
-    rays = np.stack([np.stack([(u_ - state.pp[0]) / f, (v_ - state.pp[1]) / f, np.ones_like(u_)], -1)
-                     for f in state.focals]).reshape(n, -1, 3)
+    f = state.focals[:, None, None]
+    rays = T(np.stack([(u_ - state.pp[0]) / f, (v_ - state.pp[1]) / f, np.ones((n, H, W))], -1).reshape(n, -1, 3))
     ray2 = (rays * rays).sum(-1)
-    poses, depths = state.poses.copy(), state.depths.reshape(n, -1).copy()
-    X = [(arr['pts3d_1'][e].reshape(-1, 3), arr['pts3d_2_in_1'][e].reshape(-1, 3)) for e in range(P)]
-    wts = [((np.log(arr['conf_1'][e]).clip(0) * static[i]).reshape(-1),
-            (np.log(arr['conf_2'][e]).clip(0) * static[j]).reshape(-1)) for e, (i, j) in enumerate(pairs)]
-    free = [f for f in range(n) if f not in set(frozen)]
-    free_d = [f for f in range(n) if f not in set(frozen if frozen_depth is None else frozen_depth)]
-    anchor = set(scale_anchor)
+    X = torch.cat([T(arr['pts3d_1']).reshape(P, -1, 3), T(arr['pts3d_2_in_1']).reshape(P, -1, 3)])  # (2P, HW, 3)
+    st = T(static).reshape(n, -1)
+    Wt = torch.cat([T(np.log(arr['conf_1']).clip(0)).reshape(P, -1),
+                    T(np.log(arr['conf_2']).clip(0)).reshape(P, -1)]) * st[fs]  # (2P, HW)
+    R, t = T(state.poses[:, :3, :3]), T(state.poses[:, :3, 3])
+    d = T(state.depths).reshape(n, -1).clone()
+    free = torch.ones(n, dtype=torch.bool, device=dev)
+    free[list(frozen)] = False
+    free_d = torch.ones(n, dtype=torch.bool, device=dev)
+    free_d[list(frozen if frozen_depth is None else frozen_depth)] = False
+    anchor = torch.zeros(n, dtype=torch.bool, device=dev)
+    anchor[list(scale_anchor)] = True
     eps = 1e-6
-    sims = list(pair_sims) if pair_sims is not None else None
+    sims = None
+    if pair_sims is not None:
+        sims = (T([p[0] for p in pair_sims]), T(np.stack([p[1] for p in pair_sims])), T(np.stack([p[2] for p in pair_sims])))
 
-    def world(f):
-        return (depths[f][:, None] * rays[f]) @ poses[f, :3, :3].T + poses[f, :3, 3]
+    def targets(sims):  # (2P, HW, 3): each slot's points mapped by its pair's similarity
+        sc, Rp, tp = (torch.cat([x, x]) for x in sims)
+        return sc[:, None, None] * torch.einsum('sij,smj->smi', Rp, X) + tp[:, None]
+
+    def world():
+        return torch.einsum('nij,nmj->nmi', R, d[..., None] * rays) + t[:, None]
 
     for _ in range(sweeps):
-        chi = [world(f) for f in range(n)]
-        # pair similarities (IRLS weights from the current residuals)
-        new_sims = []
-        for e, (i, j) in enumerate(pairs):
-            src = np.concatenate(X[e])
-            dst = np.concatenate([chi[i], chi[j]])
-            w = np.concatenate(wts[e])
-            if sims is not None:
-                s, R, t = sims[e]
-                w = w / np.maximum(np.linalg.norm(s * src @ R.T + t - dst, axis=1), eps)
-            new_sims.append(weighted_procrustes(src, dst, w))
-        sims = new_sims
-        # targets per frame: (weights (M, HW), targets (M, HW, 3))
-        tw = [[] for _ in range(n)]
-        ta = [[] for _ in range(n)]
-        for e, (i, j) in enumerate(pairs):
-            s, R, t = sims[e]
-            for f, Xv, wv in ((i, X[e][0], wts[e][0]), (j, X[e][1], wts[e][1])):
-                tw[f].append(wv)
-                ta[f].append(s * Xv @ R.T + t)
-        for f in sorted(set(free) | set(free_d)):
-            A, Wt = np.stack(ta[f]), np.stack(tw[f])
-            R, t = poses[f, :3, :3], poses[f, :3, 3]
-            if f in free:  # pose: rigid fit of the camera points to the IRLS-weighted mean target
-                r = np.linalg.norm(chi[f][None] - A, axis=-1)
-                Wr = Wt / np.maximum(r, eps)
-                sw = Wr.sum(0)
-                ok = sw > 0
-                if ok.sum() >= 3:
-                    mean_t = (Wr[..., None] * A).sum(0)[ok] / sw[ok, None]
-                    cam = depths[f][:, None] * rays[f]
-                    _, R, t = weighted_procrustes(cam[ok], mean_t, sw[ok], scale=False)
-                    poses[f, :3, :3], poses[f, :3, 3] = R, t
-            if f not in free_d:
-                continue
-            # depth: along each ray, IRLS weighted least squares to the targets in this camera
-            B = (A - t) @ R  # targets in camera f (R^T (a - t))
-            d = depths[f]
-            r = np.linalg.norm(d[None, :, None] * rays[f][None] - B, axis=-1)
-            Wr = Wt / np.maximum(r, eps)
-            sw = Wr.sum(0)
-            num = (Wr * (B * rays[f][None]).sum(-1)).sum(0)
-            dn = num / np.maximum(sw * ray2[f], 1e-30)
-            upd = (sw > 0) & (dn > 1e-6)  # targets behind the camera (garbage input): keep the depth
-            before = np.log(depths[f]).mean()
-            depths[f][upd] = dn[upd]
-            if f in anchor:
-                depths[f] *= np.exp(before - np.log(depths[f]).mean())
-    total = 0.0
-    for e, (i, j) in enumerate(pairs):  # the data term with the last similarities
-        s, R, t = sims[e]
-        for f, Xv, wv in ((i, X[e][0], wts[e][0]), (j, X[e][1], wts[e][1])):
-            total += float((wv * np.linalg.norm(world(f) - (s * Xv @ R.T + t), axis=1)).sum())
-    return replace(state, poses=poses, depths=depths.reshape(n, H, W), loss=total / (P * H * W),
-                   pair_scales=np.array([s for s, _, _ in sims]) if sims else state.pair_scales)
+        chi = world()
+        dst = chi[fs]
+        w = Wt
+        if sims is not None:
+            w = Wt / (targets(sims) - dst).norm(dim=-1).clamp_min(eps)
+        # pair similarities: both views of a pair in one weighted Umeyama
+        src2 = torch.cat([X[:P], X[P:]], 1)
+        dst2 = torch.cat([dst[:P], dst[P:]], 1)
+        sims = _procrustes_batch(src2, dst2, torch.cat([w[:P], w[P:]], 1))
+        A = targets(sims)
+        # poses: rigid fit of each frame's camera points to its IRLS-weighted mean target
+        Wr = Wt / (chi[fs] - A).norm(dim=-1).clamp_min(eps)
+        sw = torch.zeros(n, H * W, dtype=dt, device=dev).index_add_(0, fs, Wr)
+        sa = torch.zeros(n, H * W, 3, dtype=dt, device=dev).index_add_(0, fs, Wr[..., None] * A)
+        mean_t = sa / sw.clamp_min(1e-30)[..., None]
+        _, Rn, tn = _procrustes_batch(d[..., None] * rays, mean_t, sw, scale=False)
+        ok = free & ((sw > 0).sum(1) >= 3)
+        R = torch.where(ok[:, None, None], Rn, R)
+        t = torch.where(ok[:, None], tn, t)
+        # depths: per pixel, 1-D IRLS along the ray to the targets expressed in the camera
+        B = torch.einsum('sji,smj->smi', R[fs], A - t[fs][:, None])
+        Wr = Wt / (d[fs][..., None] * rays[fs] - B).norm(dim=-1).clamp_min(eps)
+        num = torch.zeros(n, H * W, dtype=dt, device=dev).index_add_(0, fs, Wr * (B * rays[fs]).sum(-1))
+        den = torch.zeros(n, H * W, dtype=dt, device=dev).index_add_(0, fs, Wr) * ray2
+        dn = num / den.clamp_min(1e-30)
+        upd = (den > 0) & (dn > 1e-6) & free_d[:, None]  # targets behind the camera (garbage): keep
+        before = torch.log(d).mean(1)
+        d = torch.where(upd, dn, d)
+        k = torch.exp(before - torch.log(d).mean(1))
+        d = d * torch.where(anchor, k, torch.ones_like(k))[:, None]
+    loss = float((Wt * (world()[fs] - targets(sims)).norm(dim=-1)).sum()) / (P * H * W) if sims else float('nan')
+    poses = state.poses.copy()
+    poses[:, :3, :3], poses[:, :3, 3] = R.cpu().double().numpy(), t.cpu().double().numpy()
+    return replace(state, poses=poses, depths=d.reshape(n, H, W).cpu().double().numpy(), loss=loss,
+                   pair_scales=sims[0].cpu().double().numpy() if sims else state.pair_scales)
