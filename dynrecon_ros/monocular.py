@@ -8,12 +8,14 @@ Per accepted frame t (:meth:`MonocularWindow.step`):
   2. segmentation.mode 'attention' / 'both': Easi3R masks from the window's decoder cross-attention
      (returned by the same forward pass), then the second pass with decoder-1 attention to dynamic
      tokens zeroed gives the pointmaps that are aligned;
-  3. alignment (:class:`~dynrecon_ros.pointmap_alignment.PointmapAligner`, DUSt3R objective + MonST3R
-     flow term on the new frame's pairs): the first window from MST init with the full schedule,
-     every later one warm-started from the previous window's state with the frames already
-     published held (they fix frame and scale); dynamic pixels are excluded (old frames: their
-     masks; the new frame: the previous frame's mask carried along the optical flow, plus its
-     attention mask);
+  3. alignment (:class:`~dynrecon_ros.pointmap_alignment.PointmapAligner`): the first window from
+     MST init with the full Adam schedule (DUSt3R objective + MonST3R flow term on the new frame's
+     pairs); every later one warm-started from the previous window's state: the new frame placed
+     by the robust spanning-tree init, then ``backend.align_warm_iterations`` closed-form sweeps
+     over the whole window (data term) with the frames already published keeping their pose (they
+     fix frame and scale); dynamic pixels are excluded (old frames: their masks; the new frame: the
+     previous frame's mask carried along the optical flow, plus its attention mask; a mask over
+     more than 90 % of a frame is ignored);
   4. frame and scale, fixed once at the first window: the first frame at ``world_pose``; metres
      from the depth images when frames have them (median ratio, ``metric_scale_from_depth``), else
      ``backend.metric_scale`` metres per network unit, else the first frame's median depth = 1;
@@ -34,9 +36,13 @@ import time
 
 import numpy as np
 
+from dynrecon_ros.attention_segmentation import attention_masks, combine_masks
 from dynrecon_ros.errors import InputError
+from dynrecon_ros.flow import warp
+from dynrecon_ros.intrinsics import default_principal_point, estimate_focal
+from dynrecon_ros.pointmap_alignment import AlignConfig, PointmapAligner, metric_scale_from_depth, transform_state
+from dynrecon_ros.window import rotation_angle_deg
 
-MODES = ('flow', 'attention', 'both')
 MAX_DYNAMIC_FRACTION = 0.9  # masks covering more of a frame are not used by the alignment
 
 
@@ -58,7 +64,6 @@ class MonocularWindow:
     """The monocular window step (see module docstring). State: the last window's alignment."""
 
     def __init__(self, cfg, predictor, flows, segmenter, times, device: str = 'cpu'):
-        from dynrecon_ros.pointmap_alignment import AlignConfig, PointmapAligner
         b = cfg.backend
         self.cfg, self.pred, self.flows, self.segmenter, self.times = cfg, predictor, flows, segmenter, times
         self.mode = cfg.segmentation.mode
@@ -90,7 +95,6 @@ class MonocularWindow:
 
     def _sensor_scale(self, frames, depths_n, masks_n) -> float | None:
         """Metres per stream unit from the frames' depth images (None when none has one)."""
-        from dynrecon_ros.pointmap_alignment import metric_scale_from_depth
         est, sen, msk = [], [], []
         for k, f in enumerate(frames):
             s = f.meta.get('sensor_depth') if f.meta is not None else None
@@ -109,7 +113,6 @@ class MonocularWindow:
             return None
 
     def _jump(self, prev_pose, pose, gap) -> str:
-        from dynrecon_ros.window import rotation_angle_deg
         c = self.cfg.checks
         rel = np.linalg.inv(prev_pose) @ pose
         dt, dr = float(np.linalg.norm(rel[:3, 3])), rotation_angle_deg(rel[:3, :3])
@@ -143,7 +146,9 @@ class MonocularWindow:
         use_flow = self.segment_on and self.mode in ('flow', 'both')
         use_att = self.segment_on and self.mode in ('attention', 'both')
         newest_pairs = window.pairs_for_newest()
-        pflows = [self.flows.get(o.key, o.frame.rgb, entry.key, frame.rgb) for o, _ in newest_pairs]
+        # optical flow: for the flow segmentation, and for MonST3R's flow term of the first window
+        pflows = [self.flows.get(o.key, o.frame.rgb, entry.key, frame.rgb) for o, _ in newest_pairs] \
+            if use_flow or self.state is None else []
         t0 = self._timed('flow', t0)
         out = self.pred.predict_window(frames, pairs, attention=use_att)
         if not self.pred.finite_views(out, pairs, t):
@@ -154,13 +159,11 @@ class MonocularWindow:
         for k, e in enumerate(entries):
             if e.mask is not None:
                 masks[k] = self.pred.to_network(e.mask.astype(np.float32), e.frame, nearest=True) > 0.5
-        if use_flow and newest_pairs and newest_pairs[0][0].mask is not None:  # previous mask along the flow
-            from dynrecon_ros.flow import warp
+        if use_flow and pflows and newest_pairs[0][0].mask is not None:  # previous mask along the flow
             prior = warp(newest_pairs[0][0].mask.astype(np.float32), pflows[0].bwd) > 0.25
             masks[t] = self.pred.to_network(prior.astype(np.float32), frame, nearest=True) > 0.5
         att_in = None
         if use_att:
-            from dynrecon_ros.attention_segmentation import attention_masks
             att = attention_masks(n, pairs, out['cross_attn_1'], out['cross_attn_2'], (h, w)) > 0
             masks |= att
             out = self.pred.reweighted(frames, pairs, att)
@@ -213,7 +216,6 @@ class MonocularWindow:
         if (z > 0).mean() < 0.3:
             return f'network gives a positive depth for only {100 * (z > 0).mean():.1f}% of the pixels (min 30%)'
         if not self._K_given(f):
-            from dynrecon_ros.intrinsics import default_principal_point, estimate_focal
             h, w = z.shape
             pp = default_principal_point(h, w)
             focal = estimate_focal(pts, conf, pp, min_conf=1.0)
@@ -231,7 +233,6 @@ class MonocularWindow:
         return ''
 
     def _align(self, entries, frames, pairs, out, masks, newest_pairs, pflows, published, t):
-        from dynrecon_ros.pointmap_alignment import transform_state
         n = len(entries)
         h, w = out['conf_1'].shape[1:]
         for name in ('pts3d_1', 'pts3d_2_in_1'):  # non-finite outputs of old frames: no weight
@@ -272,7 +273,6 @@ class MonocularWindow:
 
     def _segment(self, entries, newest_pairs, pflows, att_in, use_flow, published) -> None:
         """Masks of the window's frames: flow (new frame and its pair partners), attention (all), or both."""
-        from dynrecon_ros.attention_segmentation import combine_masks
         if not self.segment_on:
             return
         if use_flow and newest_pairs:

@@ -18,8 +18,8 @@ Gauge: without a warm start the pairwise log-scales are normalised to mean log(0
     frame (or of the ``frozen_ids`` frames). Warm steps default to a few sweeps of closed-form
     block-coordinate descent (:func:`refine_closed_form`) instead of Adam.
     Either fixes frame and scale to the previous window's; no scale gauge then.
-Init: maximum-confidence spanning tree over the pairs, chained weighted Procrustes (Umeyama) from
-    the root, focal from the pointmaps (intrinsics.estimate_focal), depth = z of the registered
+Init: maximum-confidence spanning tree over the pairs, chained weighted Procrustes (Umeyama, refitted
+    without outlying points and with Horn's symmetric scale: :func:`robust_procrustes`) from the root, focal from the pointmaps (intrinsics.estimate_focal), depth = z of the registered
     camera-frame pointmap. In a warm start the tree grows from the frozen frames.
 """
 from __future__ import annotations
