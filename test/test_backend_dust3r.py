@@ -148,6 +148,7 @@ def test_run_dust3r_end_to_end(ckpt, seq_dir, tmp_path, mono):
     assert img is not None and img.shape[0] >= H
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('mode', ['attention', 'both'])
 def test_run_dust3r_segmentation_modes(ckpt, seq_dir, tmp_path, mode):
     """segmentation.mode attention / both end to end with the tiny checkpoint (Easi3R masks from the
