@@ -8,6 +8,8 @@ thread runs the pipeline (see :mod:`dynrecon_ros.ros.worker`).
 from __future__ import annotations
 
 import collections
+import ctypes
+import ctypes.util
 import os
 import pathlib
 import re
@@ -74,13 +76,40 @@ NODE_PARAMETERS: dict[str, tuple[object, str]] = {
     'save_map_path': ('', 'Write the static map here (PLY) on shutdown and on ~/save_map (empty: no file '
                       'on shutdown; the service then writes static_map.ply).'),
     'publish_map_rate': (1.0, 'Static map publish rate in Hz (0: only on shutdown/flush).'),
-    'max_path_length': (10000, 'Poses kept in ~/path (bounded memory).'),
+    'max_path_length': (10000, 'Poses kept in ~/path; the oldest are dropped beyond it (bounded memory, about '
+                        '0.6 KB per pose; the whole path is re-sent with every pose).'),
     'time_jump_reset': (1.0, 'A backwards stamp jump larger than this (s) resets the reconstruction '
                         '(bag loop); smaller backwards steps are rejected.'),
     'idle_flush': (2.0, 'Flush the pipeline (publish the results of frames still in its window, and the map) '
                    'after this many seconds without input, e.g. at the end of a bag (0: only on shutdown).'),
     'warn_throttle': (5.0, 'Seconds between repeats of the same warning.'),
+    'trim_memory_period': (5.0, 'Every this many seconds the worker hands freed heap memory back to the OS '
+                           '(glibc malloc_trim; no effect elsewhere), so resident memory follows what is in '
+                           'use (0: never).'),
 }
+
+
+def _load_malloc_trim():
+    """glibc's ``malloc_trim`` (None where the C library has none, e.g. musl or macOS).
+
+    glibc keeps freed blocks of the worker's arena (many MB-sized image temporaries per frame) for reuse
+    instead of returning them; ``malloc_trim(0)`` returns the free pages (a few ms here)."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6').malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_MALLOC_TRIM = _load_malloc_trim()
+
+
+def resident_mib() -> float:
+    """This process's resident memory in MiB (Linux /proc; 0 elsewhere)."""
+    try:
+        with open('/proc/self/statm') as f:
+            return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 2 ** 20
+    except (OSError, ValueError, IndexError):
+        return 0.0
 
 
 def default_fastdds_profile() -> pathlib.Path | None:
@@ -193,10 +222,12 @@ class ReconNode(Node):
         self._pending_rgb: collections.deque = collections.deque(maxlen=8)
         self._pending_depth: collections.deque = collections.deque(maxlen=8)
         self._first_image_time: float | None = None
+        self._last_pair_time: float | None = None  # monotonic time of the last image paired with a depth
         self._undistorter: conv.Undistorter | None = None
         self._headers: collections.OrderedDict = collections.OrderedDict()  # key -> (header, (W, H), info)
         self._drop_report = (time.monotonic(), 0, 0)
         self._last_map_pub = 0.0
+        self._last_trim = time.monotonic()
         self._nav_origin: np.ndarray | None = None
         self._prev_base: tuple[float, np.ndarray] | None = None
         self.extrinsic = ExtrinsicSource(self, p('base_to_camera'))
@@ -355,7 +386,8 @@ class ReconNode(Node):
         match = self._take_match(self._pending_depth, t)
         if match is None:
             self._pending_rgb.append((t, (header, rgb)))
-            if not self._pending_depth and time.monotonic() - self._first_image_time > 3.0:
+            now = time.monotonic()
+            if now - max(self._first_image_time, self._last_pair_time or 0.0) > 3.0:  # nothing paired for 3 s
                 self.warn(self._topic(self.sub_depth), 'no depth image paired with the images '
                           '(set use_depth:=false for monocular input or check rgbd_slop)')
             return
@@ -381,6 +413,7 @@ class ReconNode(Node):
             self.warn(depth_topic, f'depth of size {depth.shape[1]}x{depth.shape[0]} differs from the image '
                       f'size {rgb.shape[1]}x{rgb.shape[0]}')
             return
+        self._last_pair_time = time.monotonic()
         self._enqueue(header, rgb, depth)
 
     def _enqueue(self, header: Header, rgb: np.ndarray, depth: np.ndarray | None) -> None:
@@ -447,6 +480,17 @@ class ReconNode(Node):
             results = self._rec.push(frame)
         self._publish_results(results)
         self._maybe_publish_map()
+        self._maybe_trim_memory()
+
+    def _maybe_trim_memory(self) -> None:
+        """Worker thread: return freed heap memory to the OS every ``trim_memory_period`` s."""
+        period = float(self._param('trim_memory_period'))
+        now = time.monotonic()
+        if _MALLOC_TRIM is None or period <= 0 or now - self._last_trim < period:
+            return
+        self._last_trim = now
+        _MALLOC_TRIM(0)
+        self.get_logger().debug(f'memory: resident {resident_mib():.1f} MiB after malloc_trim')
 
     def _flush(self) -> None:
         """Worker thread, input idle: publish what the pipeline still holds, then the map."""
@@ -454,6 +498,7 @@ class ReconNode(Node):
             results = self._rec.flush()
         self._publish_results(results)
         self.publish_map()
+        self._maybe_trim_memory()
         q = self.queue
         self.get_logger().info(f'input idle: flushed {len(results)} results; frames received {q.received}, '
                                f'processed {self.worker.processed}, dropped {q.dropped}')
@@ -581,8 +626,10 @@ class ReconNode(Node):
                 self._rec.save_map(path)
             print(f'[{self.get_name()}] static map written to {path}', file=sys.stderr, flush=True)
         q = self.queue
+        voxels = getattr(getattr(self._rec, 'map', None), '__len__', None)
         print(f'[{self.get_name()}] frames received {q.received}, processed {self.worker.processed}, '
-              f'dropped {q.dropped}, queue high water {q.high_water}', file=sys.stderr, flush=True)
+              f'dropped {q.dropped}, queue high water {q.high_water}'
+              + (f', static map {voxels()} voxels' if voxels is not None else ''), file=sys.stderr, flush=True)
 
 
 def pipeline_defaults() -> dict[str, tuple[object, str]]:
