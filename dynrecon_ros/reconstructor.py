@@ -261,14 +261,18 @@ class Reconstructor:
         puts them (the predictor's pointmap of the pair: for RGB-D the refined direct alignment,
         which is more precise than the raw flow end points).
         """
-        from dynrecon_ros.predictors.rgbd import transform, unproject
+        from dynrecon_ros.predictors.rgbd import transform
         fa, fb = a.frame, b.frame
-        pts_a = unproject(fa.depth, fa.K).reshape(-1, 3)
-        use = np.flatnonzero(inliers.reshape(-1) & np.isfinite(pts_a[:, 2]))
+        da = fa.depth.reshape(-1)
+        use = np.flatnonzero(inliers.reshape(-1) & np.isfinite(da) & (da > 0))
         n = self.cfg.alignment.points_per_pair
         if len(use) > n:
             use = self._rng.choice(use, n, replace=False)
-        Pa = pts_a[use].astype(np.float64)
+        # a's points, unprojected only where used
+        z = da[use].astype(np.float64)
+        vs, us = np.divmod(use, fa.depth.shape[1])
+        Ka = fa.K
+        Pa = np.stack([(us - Ka[0, 2]) / Ka[0, 0] * z, (vs - Ka[1, 2]) / Ka[1, 1] * z, z], -1)
         Pb = transform(np.linalg.inv(T_a_b), Pa)
         K = fb.K
         uv = np.stack([K[0, 0] * Pb[:, 0] / Pb[:, 2] + K[0, 2], K[1, 1] * Pb[:, 1] / Pb[:, 2] + K[1, 2]], -1)
