@@ -111,7 +111,11 @@ class ChecksConfig:
 class ReconConfig:
     """The whole pipeline. intrinsics: default [fx, fy, cx, cy] for frames without K (None = skip
     them); world_pose: [tx, ty, tz, qx, qy, qz, qw] of the first accepted camera in the world
-    (None = identity: the world is the first camera's optical frame)."""
+    (None = identity: the world is the first camera's optical frame); max_work_width: RGB-D frames
+    wider than this many pixels are processed (flow, pair poses, alignment, segmentation) at 1/s of
+    their size, s the smallest integer that brings them within it (640x480 -> 320x240), while the
+    outputs stay at the input size (masks upsampled with their edges snapped to the input depth,
+    the map integrated from the input depth every map.pixel_stride * s pixels); 0 = always the input size."""
 
     window: WindowConfig = field(default_factory=WindowConfig)
     flow: FlowConfig = field(default_factory=FlowConfig)
@@ -123,6 +127,7 @@ class ReconConfig:
     checks: ChecksConfig = field(default_factory=ChecksConfig)
     intrinsics: list | None = None
     world_pose: list | None = None
+    max_work_width: int = 320
 
     @classmethod
     def from_dict(cls, d: dict | None, where: str = 'config') -> 'ReconConfig':

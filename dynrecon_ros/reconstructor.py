@@ -27,7 +27,8 @@ from dynrecon_ros.alignment import PairConstraint, WindowAligner
 from dynrecon_ros.config import ReconConfig
 from dynrecon_ros.errors import InputError
 from dynrecon_ros.flow import DISFlow, FlowCache
-from dynrecon_ros.segmentation import MotionSegmenter
+from dynrecon_ros.frames import Frame
+from dynrecon_ros.segmentation import MotionSegmenter, refine_upsampled_mask
 from dynrecon_ros.static_map import VoxelMap
 from dynrecon_ros.window import SlidingWindow, WindowEntry, rotation_angle_deg
 
@@ -51,6 +52,48 @@ class FrameResult:
     dynamic_prob: np.ndarray | None = None
     confidence: np.ndarray | None = None
     K: np.ndarray | None = None
+
+
+def downscale_frame(frame, s: int):
+    """``frame`` at 1/s of its size (integer s > 1) for processing; the same stamp and key.
+
+    Work pixel (u, v) is the s x s block of input pixels from (s u, s v): colour is the block mean
+    (area resampling), depth the mean of the block's readings when they lie on one surface (spread
+    <= 2 % + 1 cm) and else the nearest one (no flying points between a mover and the background),
+    K is moved to the blocks' centres. Input pixels beyond the last whole block are left out.
+    """
+    H, W = frame.rgb.shape[:2]
+    h, w = H // s, W // s
+    rgb = cv2.resize(frame.rgb[:h * s, :w * s], (w, h), interpolation=cv2.INTER_AREA)
+    depth = None
+    if frame.depth is not None:
+        # block statistics: (h, s, w, s) views of the cropped depth
+        d = frame.depth[:h * s, :w * s].reshape(h, s, w, s)
+        valid = d > 0
+        cnt = valid.sum(axis=(1, 3))
+        mean = d.sum(axis=(1, 3), dtype=np.float32) / np.maximum(cnt, 1)
+        near = np.where(valid, d, np.float32(np.inf)).min(axis=(1, 3))
+        far = d.max(axis=(1, 3))
+        depth = np.where(cnt == 0, 0, np.where(far - near <= 0.02 * near + 0.01, mean, near)).astype(np.float32)
+    K = None
+    if frame.K is not None:
+        K = frame.K.copy()
+        K[0, 0] /= s
+        K[1, 1] /= s
+        K[0, 2] = (K[0, 2] - (s - 1) / 2) / s
+        K[1, 2] = (K[1, 2] - (s - 1) / 2) / s
+    return Frame(frame.stamp, rgb, depth, K, key=frame.key, meta=frame.meta)
+
+
+def upsample(img: np.ndarray, s: int, size: tuple[int, int], interpolation: int) -> np.ndarray:
+    """(h, w) work-size map -> (H, W) = ``size`` input-size map (inverse of :func:`downscale_frame`'s
+    block layout; the input's pixels beyond the last whole block repeat the border)."""
+    h, w = img.shape[:2]
+    up = cv2.resize(img, (w * s, h * s), interpolation=interpolation)
+    H, W = size
+    if up.shape[:2] != (H, W):
+        up = cv2.copyMakeBorder(up, 0, H - h * s, 0, W - w * s, cv2.BORDER_REPLICATE)
+    return up
 
 
 def _pose_from_tum(v) -> np.ndarray:
@@ -183,16 +226,22 @@ class Reconstructor:
             frame.K = self.default_K
         prepare = getattr(self.predictor, 'prepare_frame', None)  # network backends: depth (+ K) for the frame
         if prepare is not None:
-            reason = prepare(frame, self.window.entries[-1].frame if self.window.entries else None)
+            prev = self.window.entries[-1].data.get('input', self.window.entries[-1].frame) if self.window.entries else None
+            reason = prepare(frame, prev)
             if reason:
                 return self._skip(frame, reason)
         if frame.depth is not None:
             frame.depth = np.where(np.isfinite(frame.depth) & (frame.depth > 0), frame.depth, 0).astype(np.float32)
+        inp = frame
+        s = self._work_factor(frame)
+        if s > 1:  # every stage below runs on the frame at the processing size; outputs go back to inp's
+            frame = downscale_frame(frame, s)
         entry, _ = self.window.add(frame)
+        entry.data['input'] = inp
         if len(self.window) == 1 and not self.window.keyframes:
             # the first accepted frame defines the world
             entry.pose = self.world_pose.copy()
-            self._accept(frame, entry)
+            self._accept(inp, entry)
             entry.data['conf'] = (frame.depth > 0).astype(np.float32) if frame.depth is not None else None
             self.window.mark_keyframe(entry)
             return
@@ -230,7 +279,7 @@ class Reconstructor:
                                      f'{prev.key} (limits {c.max_translation_m} m / {c.max_rotation_deg} deg per '
                                      f'frame, {c.max_speed_m_s} m/s / {c.max_angular_speed_deg_s} deg/s)')
         entry.pose = prev.pose @ T0
-        self._accept(frame, entry)
+        self._accept(inp, entry)
         # store static correspondences of every pair that produced a pose
         for (old, _), pf, (T, inl, n) in zip(pairs, pflows, rel):
             if T is None:
@@ -248,6 +297,17 @@ class Reconstructor:
         keep = {e.index for e in self.window.all_entries()}
         self._constraints = {k: v for k, v in self._constraints.items() if k[0] in keep and k[1] in keep}
         self.flows.keep_only({e.key for e in self.window.all_entries()})
+
+    def _work_factor(self, frame) -> int:
+        """Downscale factor of the processing size (see ReconConfig.max_work_width); 1 = input size.
+
+        Only for backends that read depth (RGB-D): network backends resize for the network themselves.
+        """
+        mw = self.cfg.max_work_width
+        w = frame.rgb.shape[1]
+        if mw <= 0 or w <= mw or not self.predictor.needs_depth:
+            return 1
+        return -(-w // mw)
 
     def _accept(self, frame, entry: WindowEntry) -> None:
         self._last_stamp = frame.stamp
@@ -303,13 +363,18 @@ class Reconstructor:
         n = len(ents)
         flows = {(n - 1, k): pf.bwd for k, pf in enumerate(pflows)}
         valid = {(n - 1, k): pf.valid_bwd for k, pf in enumerate(pflows)}
+        back = {(n - 1, k): (pf.fwd, pf.valid_fwd) for k, pf in enumerate(pflows)}
+        # masks only for frames not emitted yet (older keyframes keep theirs as the pose prior)
+        pending = {id(e) for e in self._pending if isinstance(e, WindowEntry)}
+        need = [id(e) in pending for e in ents]
         probs, masks = self.segmenter.segment([e.key for e in ents], np.stack([e.frame.depth for e in ents]),
                                               np.stack([e.frame.K for e in ents]), np.stack([e.pose for e in ents]),
-                                              flows, valid)
-        for e, p, m in zip(ents, probs, masks):
-            e.data['prob'] = p
-            e.data['mask'] = m
-            e.mask = m > 0
+                                              flows, valid, target_flows=back, need_masks=need)
+        for e, p, m, nd in zip(ents, probs, masks, need):
+            if nd:
+                e.data['prob'] = p
+                e.data['mask'] = m
+                e.mask = m > 0
 
     def _emit(self, final: bool) -> list[FrameResult]:
         out: list[FrameResult] = []
@@ -327,17 +392,25 @@ class Reconstructor:
         return out
 
     def _finish(self, e: WindowEntry) -> FrameResult:
-        f = e.frame
-        h, w = f.rgb.shape[:2]
+        wf = e.frame
+        f = e.data.get('input', wf)
+        h, w = wf.rgb.shape[:2]
         prob = e.data.get('prob', np.zeros((h, w), np.float32))
         mask = e.data.get('mask', np.zeros((h, w), np.uint8))
         conf = e.data.get('conf')
         if conf is None:
             conf = np.ones((h, w), np.float32)
-        conf = (conf * (1.0 - prob)).astype(np.float32)
         t = time.perf_counter()
+        s = 1
+        if wf is not f:  # processed at a reduced size: back to the input size, mask edges on its depth
+            s = f.rgb.shape[1] // w
+            prob = upsample(prob, s, f.rgb.shape[:2], cv2.INTER_LINEAR)
+            mask = refine_upsampled_mask(mask, s, f.depth, prob, self.cfg.segmentation)
+            conf = upsample(conf, s, f.rgb.shape[:2], cv2.INTER_NEAREST) * (f.depth > 0)
+        conf = (conf * (1.0 - prob)).astype(np.float32)
         if f.depth is not None:
-            self.map.integrate(f.depth, f.rgb, f.K, e.pose, mask == 0, conf)
+            stride = self.cfg.map.pixel_stride * s if self.cfg.map.pixel_stride > 0 else None
+            self.map.integrate(f.depth, f.rgb, f.K, e.pose, mask == 0, conf, pixel_stride=stride)
         self._timed('map', t)
         self.trajectory.append((f.stamp, e.pose.copy()))
         return FrameResult(stamp=f.stamp, key=f.key, status='ok', reason='', pose=e.pose.copy(),

@@ -45,6 +45,8 @@ class SegmentationConfig:
         refine_pose: refine each pair's relative pose on the flow of the pixels that agree with it
             before computing the ego flow (:func:`refine_relative_pose`, like MonST3R's two-view
             alignment), so pose errors of a few tenths of a degree do not flag the background.
+            Off by default: the RGB-D poses after windowed alignment are good to ~0.01 degree, and
+            the PnP refinement on DIS flow cost time and lowered the bench's mask IoU (0.89 -> 0.86).
         edge_radius_px: the error of a pixel is the smallest in this radius (pixels), so depth
             edges a pixel off do not light up as motion; 0 disables.
         fb_tolerance_px: forward-backward tolerance used by :func:`forward_backward_valid`.
@@ -68,7 +70,7 @@ class SegmentationConfig:
     min_flow_px: float = 1.0
     flow_rel_tol: float = 0.15
     steepness: float = 4.0
-    refine_pose: bool = True
+    refine_pose: bool = False
     edge_radius_px: int = 1
     fb_tolerance_px: float = 1.0
     open_px: int = 3
@@ -346,6 +348,27 @@ def _pair_probability(depth_i, K_i, T_j_i, flow, valid, cfg, K_j=None) -> tuple[
     return prob.astype(np.float32, copy=False), zj
 
 
+def _pull_from_source(prob_i: np.ndarray, flow_ji: np.ndarray, valid_ji: np.ndarray | None) -> np.ndarray:
+    """Carry frame i's per-pixel values to frame j by sampling them where j's flow j -> i leads.
+
+    Args:
+        prob_i: (H, W) float32 values of frame i (NaN = none).
+        flow_ji: (H, W, 2) flow j -> i.
+        valid_ji: (H, W) bool forward-backward consistent pixels of j (occluded in i: False), or None.
+
+    Returns:
+        (H, W) float32 values in frame j, NaN where there is none (outside i, not valid, or a NaN
+        within the bilinear footprint).
+    """
+    h, w = prob_i.shape
+    m = np.asarray(flow_ji, dtype=np.float32) + np.dstack(_pixel_grid(h, w))
+    out = cv2.remap(np.asarray(prob_i, dtype=np.float32), m, None, cv2.INTER_LINEAR,
+                    borderMode=cv2.BORDER_CONSTANT, borderValue=float('nan'))
+    if valid_ji is not None:
+        out[~np.asarray(valid_ji, dtype=bool)] = np.nan
+    return out
+
+
 def _splat_to_target(prob_i: np.ndarray, flow: np.ndarray, z_j: np.ndarray) -> np.ndarray:
     """Carry frame i's per-pixel values to frame j along the flow i -> j.
 
@@ -553,6 +576,36 @@ def clean_mask(prob: np.ndarray, cfg: SegmentationConfig, depth: np.ndarray | No
     return m * np.uint8(255)
 
 
+def refine_upsampled_mask(mask: np.ndarray, s: int, depth: np.ndarray | None, prob: np.ndarray,
+                          cfg: SegmentationConfig) -> np.ndarray:
+    """A mask computed at 1/s of the input size, back at the input size with its edges on the
+    input depth's edges.
+
+    The (h, w) mask is repeated over s x s blocks (the block layout of the reconstructor's
+    processing size), then pixels within ``cfg.snap_px`` work pixels (snap_px * s input pixels) of its
+    boundary are re-labelled by
+    :func:`snap_to_depth_edges` on the input-size depth.
+
+    Args:
+        mask: (h, w) uint8, 255 = dynamic.
+        s: integer factor; the input is (H, W) with H // s == h and W // s == w.
+        depth: (H, W) float32 metres of the input (None: no snapping).
+        prob: (H, W) float32 dynamic probability at the input size (low = known static).
+        cfg: the segmentation parameters (threshold; snap_px = 0 disables the snapping).
+
+    Returns:
+        (H, W) uint8, 255 = dynamic.
+    """
+    H, W = prob.shape
+    h, w = mask.shape
+    m = cv2.resize((mask > 0).astype(np.uint8), (w * s, h * s), interpolation=cv2.INTER_NEAREST)
+    if m.shape != (H, W):
+        m = cv2.copyMakeBorder(m, 0, H - h * s, 0, W - w * s, cv2.BORDER_REPLICATE)
+    if depth is not None and cfg.snap_px and m.any():
+        m = snap_to_depth_edges(m, depth, cfg.snap_px * s, prob < 0.5 * cfg.threshold)
+    return m * np.uint8(255)
+
+
 class MotionSegmenter:
     """Per-window motion segmentation with temporal memory keyed by frame key.
 
@@ -574,7 +627,9 @@ class MotionSegmenter:
         self._calls = 0
 
     def segment(self, keys: list[str], depths: np.ndarray, K: np.ndarray, poses: np.ndarray,
-                flows: dict, flow_valid: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+                flows: dict, flow_valid: dict | None = None,
+                target_flows: dict | None = None,
+                need_masks: list[bool] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Dynamic probability and mask of every frame of a window.
 
         Args:
@@ -584,6 +639,13 @@ class MotionSegmenter:
             poses: (N, 4, 4) camera-to-world.
             flows: {(i, j): (H, W, 2) float32 optical flow from frame i to frame j}, window indices.
             flow_valid: {(i, j): (H, W) bool forward-backward consistent}; missing = all valid.
+            target_flows: optional {(i, j): ((H, W, 2) flow from frame j to frame i, (H, W) bool valid or
+                None)} for pairs of ``flows`` whose frame j gets its evidence carried from i: with it
+                j's pixels sample i's probability where their flow leads (a backward warp, cheap; the
+                forward-backward check leaves occluded pixels out), without it i's pixels are
+                splatted to j along the flow i -> j, z-buffered.
+            need_masks: optional N bools: frames whose mask is not needed (False) still have their
+                evidence remembered, but their mask is not cleaned and comes back all zero.
 
         Returns:
             probs (N, H, W) float32 in [0, 1] and masks (N, H, W) uint8 (255 = dynamic).
@@ -605,8 +667,8 @@ class MotionSegmenter:
 
         def add(k: int, p: np.ndarray) -> None:
             ok = np.isfinite(p)
-            psum[k][ok] += p[ok]
-            pcnt[k][ok] += 1.0
+            psum[k] += np.where(ok, p, np.float32(0))
+            pcnt[k] += ok
 
         for (i, j), flow in flows.items():
             if not (0 <= i < n and 0 <= j < n) or i == j:
@@ -618,12 +680,17 @@ class MotionSegmenter:
                                       self.cfg, Ks[j])
             add(i, p)
             if (j, i) not in flows:  # frame j gets the evidence carried along the flow
-                add(j, _splat_to_target(p, flow, zj))
+                if target_flows and (i, j) in target_flows:
+                    back, back_valid = target_flows[(i, j)]
+                    add(j, _pull_from_source(p, back, back_valid))
+                else:
+                    add(j, _splat_to_target(p, flow, zj))
         probs = np.zeros((n, h, w), np.float32)
         masks = np.zeros((n, h, w), np.uint8)
         for k, key in enumerate(keys):
             probs[k] = self._remember(key, psum[k], pcnt[k])
-            masks[k] = clean_mask(probs[k], self.cfg, depths[k])
+            if need_masks is None or need_masks[k]:
+                masks[k] = clean_mask(probs[k], self.cfg, depths[k])
         self._forget()
         return probs, masks
 

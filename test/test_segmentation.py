@@ -340,7 +340,7 @@ def test_refine_relative_pose_recovers_pose_despite_movers(rendered):
     depths = np.stack([seq.frames[k].depth for k in (0, 2)])
     P = np.stack([seq.poses[0], seq.poses[0] @ np.linalg.inv(T_init)])
     flows, fv = {(0, 1): f02, (1, 0): f20}, {(0, 1): valid, (1, 0): forward_backward_valid(f20, f02)}
-    _, refined = MotionSegmenter().segment(['a', 'b'], depths, seq.K, P, flows, fv)
+    _, refined = MotionSegmenter(SegmentationConfig(refine_pose=True)).segment(['a', 'b'], depths, seq.K, P, flows, fv)
     _, raw = MotionSegmenter(SegmentationConfig(refine_pose=False)).segment(['a', 'b'], depths, seq.K, P, flows, fv)
     gt = seq.masks[0]
     assert _iou(refined[0] > 0, gt) >= 0.85 and _iou(refined[0] > 0, gt) > _iou(raw[0] > 0, gt) + 0.05, \

@@ -216,6 +216,15 @@ class RGBDPredictor(PairPredictor):
             d['stack'] = _sampling_stack(d['gray'], gx, gy, frame.depth)
         return d['stack']
 
+    def _valid_depth(self, frame) -> np.ndarray:
+        """(H, W) float32 depth, NaN outside [min_depth_m, max_depth_m] (cached per frame)."""
+        d = self._frame_data(frame)
+        if 'valid_depth' not in d:
+            z = frame.depth
+            d['valid_depth'] = np.where((z > self.cfg.min_depth_m) & (z < self.cfg.max_depth_m), z,
+                                        np.nan).astype(np.float32)
+        return d['valid_depth']
+
     def _grid(self, frame, st: int) -> np.ndarray:
         d = self._frame_data(frame)
         key = ('pts', st)
@@ -240,8 +249,7 @@ class RGBDPredictor(PairPredictor):
         gh, gw = P.shape[:2]
         f = flow.fwd[::st, ::st]
         uv = pixel_grid(h, w)[::st, ::st] + f  # (gh, gw, 2) target pixels in j
-        dj = np.where((frame_j.depth > c.min_depth_m) & (frame_j.depth < c.max_depth_m),
-                      frame_j.depth, np.nan).astype(np.float32)
+        dj = self._valid_depth(frame_j)
         zj = cv2.remap(dj, uv, None, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=float('nan'))
         # reject interpolation across a depth edge: the bilinear value must agree with the nearest one
         zn = cv2.remap(dj, uv, None, cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT, borderValue=float('nan'))
@@ -427,6 +435,6 @@ def photometric_refine(gray_i: np.ndarray, pts_i: np.ndarray, gray_j: np.ndarray
         g = Jw.T @ r
         xi = -np.linalg.solve(H + 1e-9 * np.eye(6), g)
         T_j_i = _se3_exp_left(xi) @ T_j_i
-        if np.abs(xi).max() < 1e-7:
+        if np.abs(xi).max() < 1e-6:  # converged: steps of a micrometre / microradian
             break
     return np.linalg.inv(T_j_i)
