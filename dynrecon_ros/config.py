@@ -85,7 +85,7 @@ class AlignmentConfig:
 
     enabled: bool = True
     iterations: int = 2
-    points_per_pair: int = 300
+    points_per_pair: int = 100
     sigma_point_m: float = 0.01
     sigma_flow_px: float = 0.5
     flow_weight: float = 1.0
