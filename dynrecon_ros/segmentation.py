@@ -39,6 +39,8 @@ class SegmentationConfig:
     Attributes:
         enabled: when False, :meth:`MotionSegmenter.segment` returns all-static masks.
         threshold: dynamic where the smoothed probability exceeds it (0..1).
+        hysteresis: pixels above ``hysteresis * threshold`` connected to pixels above ``threshold``
+            are dynamic too (weak evidence inside a slow mover); 1 disables.
         min_flow_px: absolute flow tolerance in pixels (flow noise of DIS on textured regions).
         flow_rel_tol: extra tolerance as a fraction of the ego-flow magnitude (depth/pose noise).
         steepness: exponent s of the soft step ``r^s / (1 + r^s)``, r = error / tolerance.
@@ -67,6 +69,7 @@ class SegmentationConfig:
 
     enabled: bool = True
     threshold: float = 0.5
+    hysteresis: float = 0.4
     min_flow_px: float = 1.0
     flow_rel_tol: float = 0.15
     steepness: float = 4.0
@@ -86,6 +89,8 @@ class SegmentationConfig:
     def __post_init__(self) -> None:
         if not 0.0 < self.threshold < 1.0:
             raise InputError(f'segmentation threshold must be in (0, 1), got {self.threshold}')
+        if not 0.0 < self.hysteresis <= 1.0:
+            raise InputError(f'segmentation hysteresis must be in (0, 1], got {self.hysteresis}')
         if self.min_flow_px <= 0 or self.flow_rel_tol < 0 or self.steepness <= 0:
             raise InputError('segmentation min_flow_px and steepness must be > 0, flow_rel_tol >= 0')
         if not 0.0 <= self.temporal_weight < 1.0:
@@ -544,7 +549,7 @@ def drop_background_segments(mask: np.ndarray, depth: np.ndarray, max_continuity
 
 
 def clean_mask(prob: np.ndarray, cfg: SegmentationConfig, depth: np.ndarray | None = None) -> np.ndarray:
-    """Threshold and clean one probability map.
+    """Threshold (with hysteresis, ``cfg.hysteresis``) and clean one probability map.
 
     Args:
         prob: (H, W) float32 dynamic probability (NaN = no evidence = static).
@@ -555,7 +560,17 @@ def clean_mask(prob: np.ndarray, cfg: SegmentationConfig, depth: np.ndarray | No
     Returns:
         (H, W) uint8, 255 = dynamic.
     """
-    m = (np.nan_to_num(prob, nan=0.0) > cfg.threshold).astype(np.uint8)
+    p0 = np.nan_to_num(prob, nan=0.0)
+    m = (p0 > cfg.threshold).astype(np.uint8)
+    if cfg.hysteresis < 1.0 and m.any():
+        # hysteresis: weaker evidence connected to strong evidence is part of the same mover (a slow
+        # mover's flow error hovers around the tolerance; partial detections inside a mover would
+        # otherwise be dropped as depth-continuous background by drop_background_segments)
+        n, lab = cv2.connectedComponents((p0 > cfg.hysteresis * cfg.threshold).astype(np.uint8), connectivity=8)
+        keep = np.zeros(n, bool)
+        keep[lab[m > 0]] = True
+        keep[0] = False
+        m = keep[lab].astype(np.uint8)
     if cfg.open_px:
         m = cv2.morphologyEx(m, cv2.MORPH_OPEN, _kernel(cfg.open_px))
     if cfg.close_px:

@@ -98,6 +98,14 @@ def test_segmentation_matters(seq, clip, result):
     assert ate_off >= 0.9 * ate_on
 
 
+def test_static_scene_flags_no_pixel():
+    """Without movers the whole pipeline (poses, windowed segmentation with hysteresis) flags nothing."""
+    static = render_sequence(SyntheticConfig(width=320, height=240, frames=20, seed=5, movers=0))
+    _, out = run(static)
+    assert all(r.status == 'ok' for r in out)
+    assert sum(int((r.mask > 0).sum()) for r in out) == 0
+
+
 def test_bad_frames_are_skipped_with_reasons(seq):
     good = seq.frames[:12]
     logs = []
