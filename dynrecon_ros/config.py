@@ -69,7 +69,7 @@ class BackendConfig:
     max_depth_m: float = 10.0
     min_inliers: int = 60
     photometric_iterations: int = 5
-    photometric_samples: int = 3000
+    photometric_samples: int = 2000
     min_gradient: float = 4.0
 
 
@@ -84,7 +84,7 @@ class AlignmentConfig:
     """
 
     enabled: bool = True
-    iterations: int = 2
+    iterations: int = 1
     points_per_pair: int = 100
     sigma_point_m: float = 0.01
     sigma_flow_px: float = 0.5

@@ -30,7 +30,7 @@ class RGBDPredictorConfig:
     stride: int = 2  # verify the fit on every stride-th pixel in x and y (inliers are on that grid)
     halo_fraction: float = 0.03  # band excluded around motion outliers, fraction of image width
     photometric_iterations: int = 5  # direct RGB-D refinement after the flow fit (0 = off)
-    photometric_samples: int = 3000
+    photometric_samples: int = 2000
     min_gradient: float = 4.0  # grey levels per pixel for pixels used by the refinement
     seed: int = 0
 
@@ -87,11 +87,12 @@ def reprojection_errors(R: np.ndarray, t: np.ndarray, P: np.ndarray, Q: np.ndarr
     (pixel error to the flow target uv (M, N), relative depth error to Q's depth (M, N)). Pixel space
     makes the test independent of depth (3D errors grow with z^2 for a fixed flow error).
     """
-    X = np.matmul((P[None] - t[:, None]).astype(np.float32), R.astype(np.float32))  # (M, N, 3)
-    z = np.maximum(X[..., 2], 1e-6)
-    du = K[0, 0] * X[..., 0] / z + K[0, 2] - uv[:, 0]
-    dv = K[1, 1] * X[..., 1] / z + K[1, 2] - uv[:, 1]
-    return np.sqrt(du * du + dv * dv), np.abs(z - Q[:, 2]) / Q[:, 2]
+    X = np.matmul((P[None] - t[:, None].astype(P.dtype)).astype(np.float32), R.astype(np.float32))  # (M, N, 3)
+    fx, fy, cx, cy = float(K[0, 0]), float(K[1, 1]), float(K[0, 2]), float(K[1, 2])  # weak: stays float32
+    iz = 1.0 / np.maximum(X[..., 2], np.float32(1e-6))
+    du = fx * X[..., 0] * iz + cx - uv[:, 0]
+    dv = fy * X[..., 1] * iz + cy - uv[:, 1]
+    return np.sqrt(du * du + dv * dv), np.abs(X[..., 2] - Q[:, 2]) / Q[:, 2]
 
 
 def ransac_rigid(P: np.ndarray, Q: np.ndarray, uv: np.ndarray, K: np.ndarray, iterations: int,
@@ -256,11 +257,11 @@ class RGBDPredictor(PairPredictor):
         ok = flow.valid_fwd[::st, ::st] & np.isfinite(P[..., 2]) & np.isfinite(zj) & \
             (np.abs(zj - zn) < 0.02 * zj + 0.005)
         sel = np.flatnonzero(ok)  # grid pixels verified against the fit
-        P_s = P.reshape(-1, 3)[sel].astype(np.float64)
+        P_s = P.reshape(-1, 3)[sel]  # float32: the verification's precision is ample
         uv_s = uv.reshape(-1, 2)[sel]
         z_s = zj.reshape(-1)[sel]
-        Q_s = np.stack([(uv_s[:, 0] - K_j[0, 2]) / K_j[0, 0] * z_s, (uv_s[:, 1] - K_j[1, 2]) / K_j[1, 1] * z_s,
-                        z_s], -1).astype(np.float64)
+        Q_s = np.stack([(uv_s[:, 0] - np.float32(K_j[0, 2])) * np.float32(1 / K_j[0, 0]) * z_s,
+                        (uv_s[:, 1] - np.float32(K_j[1, 2])) * np.float32(1 / K_j[1, 1]) * z_s, z_s], -1)
         static_s = None if static_i is None else static_i[::st, ::st].reshape(-1)[sel]
         cand = np.arange(len(sel)) if static_s is None else np.flatnonzero(static_s)
         if len(cand) < c.min_inliers and static_s is not None:
@@ -268,24 +269,28 @@ class RGBDPredictor(PairPredictor):
         empty = np.zeros((h, w), bool)
         if len(cand) < c.min_inliers:
             return None, empty, len(sel)
-        sub = cand if len(cand) <= c.ransac_samples else self.rng.choice(cand, c.ransac_samples, replace=False)
-        if init is None:
-            T, inl, thr = ransac_rigid(P_s[sub], Q_s[sub], uv_s[sub], K_j, c.ransac_iterations, c.ransac_px_threshold,
-                                       c.ransac_depth_threshold, self.rng, c.refine_iterations, c.min_px_threshold)
-        else:
-            T, thr = np.asarray(init, dtype=np.float64), c.ransac_px_threshold
-            epx, ez = reprojection_errors(T[None, :3, :3], T[None, :3, 3], P_s[sub], Q_s[sub], uv_s[sub], K_j)
-            inl = (epx[0] < thr) & (ez[0] < c.ransac_depth_threshold)
-        if inl.sum() < c.min_inliers:
-            return None, empty, len(sel)
 
         def errors(T):
             epx, ez = reprojection_errors(T[None, :3, :3], T[None, :3, 3], P_s, Q_s, uv_s, K_j)
             return epx[0], ez[0]
 
+        if init is None:
+            sub = cand if len(cand) <= c.ransac_samples else self.rng.choice(cand, c.ransac_samples, replace=False)
+            T, inl, thr = ransac_rigid(P_s[sub].astype(np.float64), Q_s[sub].astype(np.float64), uv_s[sub], K_j,
+                                       c.ransac_iterations, c.ransac_px_threshold, c.ransac_depth_threshold,
+                                       self.rng, c.refine_iterations, c.min_px_threshold)
+            n_fit = inl.sum()
+            epx, ez = errors(T)
+        else:
+            # verify the prediction on all candidates; the count is scaled to a RANSAC sample's
+            T, thr = np.asarray(init, dtype=np.float64), c.ransac_px_threshold
+            epx, ez = errors(T)
+            fit = (epx[cand] < thr) & (ez[cand] < c.ransac_depth_threshold)
+            n_fit = fit.sum() * min(1.0, c.ransac_samples / len(cand))
+        if n_fit < c.min_inliers:
+            return None, empty, len(sel)
         # flow near moving objects is dragged along with them (a halo a few px wide): exclude a band
         # around the pixels that clearly violate the rigid motion, then refit on what is left
-        epx, ez = errors(T)
         bad_sel = (epx > 3 * thr) | (ez > 3 * c.ransac_depth_threshold)
         bad = np.zeros(gh * gw, np.uint8)
         bad[sel[bad_sel]] = 1
@@ -297,7 +302,7 @@ class RGBDPredictor(PairPredictor):
             keep_s = keep & static_s
             if keep_s.sum() >= c.min_inliers:
                 keep = keep_s
-        wz = 1.0 / np.maximum(P_s[:, 2], 0.1) ** 2
+        wz = 1.0 / np.maximum(P_s[:, 2].astype(np.float64), 0.1) ** 2 if c.photometric_iterations <= 0 else None
         # refits on the flow (skipped when the direct refinement follows: it supersedes them)
         for _ in range(0 if c.photometric_iterations > 0 else 2):
             use = keep & (epx < thr) & (ez < c.ransac_depth_threshold)
@@ -306,7 +311,7 @@ class RGBDPredictor(PairPredictor):
                 break
             if len(idx) > c.ransac_samples * 4:
                 idx = self.rng.choice(idx, c.ransac_samples * 4, replace=False)
-            T = umeyama(P_s[idx], Q_s[idx], wz[idx])
+            T = umeyama(P_s[idx].astype(np.float64), Q_s[idx].astype(np.float64), wz[idx])
             epx, ez = errors(T)
             thr = float(np.clip(3.0 * 1.4826 * np.median(epx[use]), c.min_px_threshold, thr))
         inl_sel = keep & (epx < max(thr, 2 * c.min_px_threshold)) & (ez < c.ransac_depth_threshold)
@@ -405,9 +410,11 @@ def photometric_refine(gray_i: np.ndarray, pts_i: np.ndarray, gray_j: np.ndarray
         if ok.sum() < 50:
             break
         Yo, Zo = Y[ok], Z[ok]
-        m = np.stack([u[ok], v[ok]], -1).astype(np.float32)[:, None]
-        Ij, Gx, Gy = cv2.remap(s_int, m, None, cv2.INTER_LINEAR)[:, 0].astype(np.float64).T
-        Dj, DGx, DGy = cv2.remap(s_dep, m, None, cv2.INTER_LINEAR)[:, 0].astype(np.float64).T
+        # one row of sample positions: OpenCV then runs the remap on one thread (splitting a few
+        # thousand samples over threads costs more than it saves, a lot more on a busy machine)
+        m = np.stack([u[ok], v[ok]], -1).astype(np.float32)[None]
+        Ij, Gx, Gy = cv2.remap(s_int, m, None, cv2.INTER_LINEAR)[0].astype(np.float64).T
+        Dj, DGx, DGy = cv2.remap(s_dep, m, None, cv2.INTER_LINEAR)[0].astype(np.float64).T
         # d(u, v)/dY = [[fx/z, 0, -fx x/z^2], [0, fy/z, -fy y/z^2]] and dY/dxi = [I, -[Y]x]:
         # a row a = (a0, a1, a2) of d/dY maps to (a, Y x a) in d/dxi
         iz = 1.0 / Zo
