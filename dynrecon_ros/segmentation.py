@@ -65,6 +65,8 @@ class SegmentationConfig:
             key relative to the evidence of the current window (0 = no memory).
         max_tracked_frames: at most this many frame keys are remembered.
         forget_after_calls: a frame key not seen in this many calls is forgotten.
+        threads: threads for the per-pair and per-frame work of one call (NumPy and OpenCV release
+            the GIL in their loops, so a second core shares it); 1 = all on the calling thread.
     """
 
     enabled: bool = True
@@ -85,6 +87,7 @@ class SegmentationConfig:
     temporal_weight: float = 0.7
     max_tracked_frames: int = 64
     forget_after_calls: int = 8
+    threads: int = 2
 
     def __post_init__(self) -> None:
         if not 0.0 < self.threshold < 1.0:
@@ -98,8 +101,8 @@ class SegmentationConfig:
         for name in ('edge_radius_px', 'open_px', 'close_px', 'snap_px', 'dilate_px'):
             if getattr(self, name) < 0:
                 raise InputError(f'segmentation {name} must be >= 0, got {getattr(self, name)}')
-        if self.max_tracked_frames < 1 or self.forget_after_calls < 1:
-            raise InputError('segmentation max_tracked_frames and forget_after_calls must be >= 1')
+        if self.max_tracked_frames < 1 or self.forget_after_calls < 1 or self.threads < 1:
+            raise InputError('segmentation max_tracked_frames, forget_after_calls and threads must be >= 1')
         if not 0.0 <= self.max_continuity <= 1.0 or not 0.0 <= self.min_area_frac < 1.0:
             raise InputError('segmentation max_continuity must be in [0, 1] and min_area_frac in [0, 1)')
 
@@ -632,6 +635,7 @@ class MotionSegmenter:
         self.cfg = cfg or SegmentationConfig()
         self._state: OrderedDict[str, tuple[np.ndarray, np.ndarray, int]] = OrderedDict()
         self._calls = 0
+        self._pool = None  # worker threads (cfg.threads > 1), started on first use
 
     def __len__(self) -> int:
         """Number of frame keys currently remembered."""
@@ -688,26 +692,44 @@ class MotionSegmenter:
         for (i, j), flow in flows.items():
             if not (0 <= i < n and 0 <= j < n) or i == j:
                 raise InputError(f'segment: flow pair ({i}, {j}) is not a pair of the {n}-frame window')
+            if np.shape(flow) != (h, w, 2):
+                raise InputError(f'segment: flow ({i}, {j}) has shape {np.shape(flow)}, expected {(h, w, 2)}')
+
+        def pair(item):  # evidence of one pair: [(frame, probability)]
+            (i, j), flow = item
             flow = np.asarray(flow, dtype=np.float32)
-            if flow.shape != (h, w, 2):
-                raise InputError(f'segment: flow ({i}, {j}) has shape {flow.shape}, expected {(h, w, 2)}')
             p, zj = _pair_probability(depths[i], Ks[i], inv[j] @ poses[i], flow, flow_valid.get((i, j)),
                                       self.cfg, Ks[j])
-            add(i, p)
+            out = [(i, p)]
             if (j, i) not in flows:  # frame j gets the evidence carried along the flow
                 if target_flows and (i, j) in target_flows:
                     back, back_valid = target_flows[(i, j)]
-                    add(j, _pull_from_source(p, back, back_valid))
+                    out.append((j, _pull_from_source(p, back, back_valid)))
                 else:
-                    add(j, _splat_to_target(p, flow, zj))
+                    out.append((j, _splat_to_target(p, flow, zj)))
+            return out
+
+        for ev in self._map(pair, list(flows.items())):  # summed in pair order: deterministic
+            for k, p in ev:
+                add(k, p)
         probs = np.zeros((n, h, w), np.float32)
         masks = np.zeros((n, h, w), np.uint8)
         for k, key in enumerate(keys):
             probs[k] = self._remember(key, psum[k], pcnt[k])
-            if need_masks is None or need_masks[k]:
-                masks[k] = clean_mask(probs[k], self.cfg, depths[k])
+        todo = [k for k in range(n) if need_masks is None or need_masks[k]]
+        for k, m in zip(todo, self._map(lambda k: clean_mask(probs[k], self.cfg, depths[k]), todo)):
+            masks[k] = m
         self._forget()
         return probs, masks
+
+    def _map(self, fn, items: list) -> list:
+        """[fn(x) for x in items], on ``cfg.threads`` threads when there is more than one item."""
+        if self.cfg.threads <= 1 or len(items) <= 1:
+            return [fn(x) for x in items]
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+            self._pool = ThreadPoolExecutor(max_workers=self.cfg.threads, thread_name_prefix='dynrecon-seg')
+        return list(self._pool.map(fn, items))
 
     def segment_frame(self, key: str, depth: np.ndarray, K: np.ndarray, pose: np.ndarray,
                       neighbours: list) -> tuple[np.ndarray, np.ndarray]:
