@@ -13,6 +13,12 @@ One step for a new frame t:
   4. windowed alignment of the not-yet-emitted poses over all stored pairs' static correspondences;
   5. motion segmentation of t (and refresh of the window) from flow vs ego-flow;
   6. frames leaving the lag are emitted and integrated into the static voxel map.
+
+Speed: RGB-D frames wider than ``max_work_width`` go through steps 2-5 at 1/s of their size (s an
+integer; 640x480 -> 320x240); their outputs are brought back to the input size (mask edges snapped
+to the input depth). Map integration runs on a background thread (one frame at a time, in order)
+while the next frames are processed; :meth:`static_map`, :meth:`save_map` and :meth:`flush` wait
+for it.
 """
 from __future__ import annotations
 
@@ -67,13 +73,13 @@ def downscale_frame(frame, s: int):
     rgb = cv2.resize(frame.rgb[:h * s, :w * s], (w, h), interpolation=cv2.INTER_AREA)
     depth = None
     if frame.depth is not None:
-        # block statistics: (h, s, w, s) views of the cropped depth
-        d = frame.depth[:h * s, :w * s].reshape(h, s, w, s)
-        valid = d > 0
-        cnt = valid.sum(axis=(1, 3))
-        mean = d.sum(axis=(1, 3), dtype=np.float32) / np.maximum(cnt, 1)
-        near = np.where(valid, d, np.float32(np.inf)).min(axis=(1, 3))
-        far = d.max(axis=(1, 3))
+        # block statistics over the s * s strided views (one per position in the block)
+        views = [frame.depth[dy:h * s:s, dx:w * s:s] for dy in range(s) for dx in range(s)]
+        cnt = sum((v > 0).astype(np.float32) for v in views)
+        mean = sum(views) / np.maximum(cnt, 1)
+        inf = np.float32(np.inf)
+        near = np.minimum.reduce([np.where(v > 0, v, inf) for v in views])
+        far = np.maximum.reduce(views)
         depth = np.where(cnt == 0, 0, np.where(far - near <= 0.02 * near + 0.01, mean, near)).astype(np.float32)
     K = None
     if frame.K is not None:
@@ -238,8 +244,8 @@ class Reconstructor:
             frame.K = self.default_K
         prepare = getattr(self.predictor, 'prepare_frame', None)  # network backends: depth (+ K) for the frame
         if prepare is not None:
-            prev = self.window.entries[-1].data.get('input', self.window.entries[-1].frame) if self.window.entries else None
-            reason = prepare(frame, prev)
+            last = self.window.entries[-1] if self.window.entries else None
+            reason = prepare(frame, None if last is None else last.data.get('input', last.frame))
             if reason:
                 return self._skip(frame, reason)
         if frame.depth is not None:

@@ -1,4 +1,5 @@
 """End-to-end tests of the Reconstructor on rendered sequences with exact ground truth."""
+import cv2
 import numpy as np
 import pytest
 
@@ -160,6 +161,56 @@ def test_full_default_sequence_targets():
     pred = np.array([r.mask > 0 for r in out])
     m_iou = iou(pred, seq.masks)
     assert m_iou > 0.85, f'IoU {m_iou:.3f}'
+    far, _ = map_outlier_fraction(rec, seq)
+    assert far < 0.02
+
+
+def test_downscale_frame_keeps_geometry_and_foreground_edges():
+    from dynrecon_ros.reconstructor import downscale_frame, upsample
+    K = np.array([[500.0, 0, 319.5], [0, 500.0, 239.5], [0, 0, 1]])
+    depth = np.full((480, 640), 3.0, np.float32)
+    depth[100:301, 201:400] = 1.5  # a box whose left and bottom edges cut through 2x2 blocks
+    depth[0:10, 0:10] = 0  # no reading
+    rgb = np.random.default_rng(0).integers(0, 255, (480, 640, 3), dtype=np.uint8)
+    f = Frame(1.0, rgb, depth, K, key='k')
+    w = downscale_frame(f, 2)
+    assert w.rgb.shape == (240, 320, 3) and w.depth.shape == (240, 320) and w.key == 'k'
+    # the principal point stays on the optical axis: full-res pixel 319.5 = centre of work pixel 159.5
+    assert np.allclose(w.K, [[250, 0, 159.5], [0, 250, 119.5], [0, 0, 1]])
+    assert np.all(w.depth[:5, :5] == 0)
+    # blocks across the box's edges take the box's (nearest) depth, never a mix
+    assert set(np.unique(w.depth[40:160, 90:210])) <= {1.5, 3.0}
+    assert w.depth[50, 100] == 1.5 and w.depth[150, 150] == 1.5 and w.depth[50, 99] == 3.0
+    up = upsample(w.depth, 2, (481, 641), cv2.INTER_NEAREST)
+    assert up.shape == (481, 641) and np.array_equal(up[:480, :640][::2, ::2], w.depth)
+
+
+def test_large_frames_are_processed_at_the_work_size_with_outputs_at_input_size():
+    big = render_sequence(SyntheticConfig(width=640, height=480, frames=12, seed=0))
+    rec, out = run(big)
+    assert all(r.status == 'ok' for r in out)
+    r = out[6]
+    assert r.mask.shape == (480, 640) and r.dynamic_prob.shape == (480, 640) and r.confidence.shape == (480, 640)
+    assert r.depth is big.frames[6].depth and np.allclose(r.K, big.K)
+    assert rec.window.entries[-1].frame.rgb.shape == (240, 320, 3)  # processed at 320x240
+    assert ate_rmse(np.array([r.pose for r in out]), big.poses) < 0.005
+    pred = np.array([r.mask > 0 for r in out])
+    assert iou(pred[2:], big.masks[2:]) > 0.8
+    cfg = ReconConfig()
+    cfg.max_work_width = 0  # off: processed at the input size
+    rec0, out0 = run(None, cfg, frames=big.frames[:3])
+    assert rec0.window.entries[-1].frame.rgb.shape == (480, 640, 3) and out0[2].mask.shape == (480, 640)
+
+
+@pytest.mark.slow
+def test_full_sequence_targets_at_640x480():
+    """The issue's 640x480 targets (ATE <= 5 mm, IoU >= 0.85, map) on the default processing size."""
+    seq = render_sequence(SyntheticConfig(width=640, height=480, frames=90, seed=0))
+    rec, out = run(seq)
+    ate = ate_rmse(np.array([r.pose for r in out]), seq.poses)
+    assert ate < 0.005, f'ATE {ate * 1000:.1f} mm'
+    m_iou = iou(np.array([r.mask > 0 for r in out]), seq.masks)
+    assert m_iou > 0.9, f'IoU {m_iou:.3f}'
     far, _ = map_outlier_fraction(rec, seq)
     assert far < 0.02
 
