@@ -34,7 +34,7 @@ from dynrecon_ros.config import ReconConfig
 from dynrecon_ros.errors import InputError
 from dynrecon_ros.flow import DISFlow, FlowCache
 from dynrecon_ros.frames import Frame
-from dynrecon_ros.segmentation import MotionSegmenter, refine_upsampled_mask
+from dynrecon_ros.segmentation import MotionSegmenter, clean_mask, refine_upsampled_mask
 from dynrecon_ros.static_map import VoxelMap
 from dynrecon_ros.window import SlidingWindow, WindowEntry, rotation_angle_deg
 
@@ -406,9 +406,12 @@ class Reconstructor:
         flows = {(n - 1, k): pf.bwd for k, pf in enumerate(pflows)}
         valid = {(n - 1, k): pf.valid_bwd for k, pf in enumerate(pflows)}
         back = {(n - 1, k): (pf.fwd, pf.valid_fwd) for k, pf in enumerate(pflows)}
-        # masks only for frames not emitted yet (older keyframes keep theirs as the pose prior)
+        # cleaned masks only for frames not emitted yet (older keyframes keep theirs as the pose
+        # prior) and not for the newest frame: the next step refreshes it (its neighbour pair) and
+        # cleans it then; until then its pose prior is the thresholded probability
         pending = {id(e) for e in self._pending if isinstance(e, WindowEntry)}
-        need = [id(e) in pending for e in ents]
+        lag0 = self.cfg.window.output_lag == 0
+        need = [id(e) in pending and (e is not new or lag0) for e in ents]
         probs, masks = self.segmenter.segment([e.key for e in ents], np.stack([e.frame.depth for e in ents]),
                                               np.stack([e.frame.K for e in ents]), np.stack([e.pose for e in ents]),
                                               flows, valid, target_flows=back, need_masks=need)
@@ -417,6 +420,10 @@ class Reconstructor:
                 e.data['prob'] = p
                 e.data['mask'] = m
                 e.mask = m > 0
+            elif e is new:
+                e.data['prob'] = p
+                e.data.pop('mask', None)  # cleaned later (next step or when emitted)
+                e.mask = p > self.cfg.segmentation.threshold
 
     def _emit(self, final: bool) -> list[FrameResult]:
         out: list[FrameResult] = []
@@ -438,7 +445,10 @@ class Reconstructor:
         f = e.data.get('input', wf)
         h, w = wf.rgb.shape[:2]
         prob = e.data.get('prob', np.zeros((h, w), np.float32))
-        mask = e.data.get('mask', np.zeros((h, w), np.uint8))
+        mask = e.data.get('mask')
+        if mask is None:  # segmented as the newest frame only (end of stream, a skipped neighbour)
+            mask = clean_mask(prob, self.cfg.segmentation, wf.depth) if self.cfg.segmentation.enabled and \
+                'prob' in e.data and wf.depth is not None else np.zeros((h, w), np.uint8)
         conf = e.data.get('conf')
         if conf is None:
             conf = np.ones((h, w), np.float32)
