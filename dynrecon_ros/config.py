@@ -63,7 +63,7 @@ class BackendConfig:
     ransac_depth_threshold: float = 0.02
     ransac_samples: int = 800
     min_px_threshold: float = 0.3
-    stride: int = 2
+    stride: int = 3
     halo_fraction: float = 0.03
     min_depth_m: float = 0.1
     max_depth_m: float = 10.0

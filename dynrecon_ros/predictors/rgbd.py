@@ -442,6 +442,6 @@ def photometric_refine(gray_i: np.ndarray, pts_i: np.ndarray, gray_j: np.ndarray
         g = Jw.T @ r
         xi = -np.linalg.solve(H + 1e-9 * np.eye(6), g)
         T_j_i = _se3_exp_left(xi) @ T_j_i
-        if np.abs(xi).max() < 1e-6:  # converged: steps of a micrometre / microradian
+        if np.abs(xi).max() < 5e-6:  # converged: steps of a few micrometres / microradians
             break
     return np.linalg.inv(T_j_i)
