@@ -85,7 +85,13 @@ def test_static_map_has_no_movers(seq, clip, result):
 
 
 def test_segmentation_matters(seq, clip, result):
-    """Without masking the movers, the map collects them (and the trajectory is not better)."""
+    """Without masking the movers, the map collects them.
+
+    The trajectory comparison is in test_full_default_sequence_targets: on this 30-frame clip both
+    ATEs are ~0.6-0.7 mm and their order is sampling noise (main before the speed work: off/on =
+    0.92; variants of the RANSAC / refinement sampling: 0.83-1.10), while over 90 frames, where a
+    mover comes close to the camera, segmentation-off is clearly worse (off/on 1.27-1.5).
+    """
     frames, poses, _ = clip
     cfg = ReconConfig()
     cfg.segmentation.enabled = False
@@ -94,9 +100,6 @@ def test_segmentation_matters(seq, clip, result):
     far_on, _ = map_outlier_fraction(rec_on, seq, 0)
     far_off, _ = map_outlier_fraction(rec_off, seq, 0)
     assert far_off > 3 * far_on and far_off > 0.02, (far_on, far_off)
-    ate_on = ate_rmse(np.array([r.pose for r in out_on]), poses)
-    ate_off = ate_rmse(np.array([r.pose for r in out_off]), poses)
-    assert ate_off >= 0.9 * ate_on
 
 
 def test_static_scene_flags_no_pixel():
@@ -160,9 +163,17 @@ def test_full_default_sequence_targets():
     assert ate < 0.01, f'ATE {ate * 1000:.1f} mm'
     pred = np.array([r.mask > 0 for r in out])
     m_iou = iou(pred, seq.masks)
-    assert m_iou > 0.85, f'IoU {m_iou:.3f}'
+    assert m_iou > 0.9, f'IoU {m_iou:.3f}'  # target 0.85, aim 0.9 (bench: 0.92)
     far, _ = map_outlier_fraction(rec, seq)
     assert far < 0.02
+    # segmentation matters: without it the map collects the movers and the trajectory is worse
+    cfg = ReconConfig()
+    cfg.segmentation.enabled = False
+    rec_off, out_off = run(seq, cfg)
+    ate_off = ate_rmse(np.array([r.pose for r in out_off]), seq.poses)
+    assert ate_off > 1.15 * ate, (ate_off, ate)
+    far_off, _ = map_outlier_fraction(rec_off, seq)
+    assert far_off > 0.02 and far_off > 3 * far, (far_off, far)
 
 
 def test_downscale_frame_keeps_geometry_and_foreground_edges():

@@ -1,8 +1,10 @@
 """RGB-D pair predictor: no weights, metric.
 
 Points come from depth and intrinsics. The pose of j in i comes from dense correspondences (DIS flow
-i->j, forward-backward consistent, depth valid on both ends) by RANSAC over 3-point Umeyama/Kabsch
-fits, then a weighted refit on the inliers; moving objects are a minority and end up outliers.
+i->j, forward-backward consistent, depth valid on both ends, taken on a pixel grid of stride
+``stride``) by RANSAC over 3-point Umeyama/Kabsch fits, then a direct photometric + depth
+refinement on the inliers; moving objects are a minority and end up outliers. Per-frame data
+(grey, gradients, grid points) is computed once per frame and shared by its pairs.
 Confidence is 1 + a positive score where depth is valid and the flow is consistent.
 """
 from __future__ import annotations
@@ -126,30 +128,6 @@ def ransac_rigid(P: np.ndarray, Q: np.ndarray, uv: np.ndarray, K: np.ndarray, it
         thr = float(np.clip(3.0 * 1.4826 * np.median(epx[inl]), min_px_threshold, thr))
         inl = (epx < thr) & (ez < rel_depth_threshold)
     return T, inl, thr
-
-
-def correspondences(depth_i: np.ndarray, K_i: np.ndarray, depth_j: np.ndarray, K_j: np.ndarray,
-                    flow_ij: np.ndarray, valid_ij: np.ndarray,
-                    min_depth: float = 0.1, max_depth: float = 10.0):
-    """Dense correspondences i->j: (pts_i (H,W,3), pts_j (H,W,3) in j's frame, ok (H,W) bool).
-
-    pts_j is j's depth sampled (nearest of the bilinear neighbourhood rejected at depth edges) at
-    p + flow(p). ok = flow consistent, both depths valid.
-    """
-    h, w = depth_i.shape
-    g = pixel_grid(h, w) + flow_ij
-    dj = np.where((depth_j > min_depth) & (depth_j < max_depth), depth_j, np.nan).astype(np.float32)
-    zj = cv2.remap(dj, g[..., 0], g[..., 1], cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
-                   borderValue=float('nan'))
-    # reject interpolation across a depth edge: the bilinear value must agree with the nearest one
-    zn = cv2.remap(dj, g[..., 0], g[..., 1], cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT,
-                   borderValue=float('nan'))
-    pts_i = unproject(np.where((depth_i > min_depth) & (depth_i < max_depth), depth_i, np.nan), K_i)
-    x = (g[..., 0] - K_j[0, 2]) / K_j[0, 0] * zj
-    y = (g[..., 1] - K_j[1, 2]) / K_j[1, 1] * zj
-    pts_j = np.stack([x, y, zj], axis=-1)
-    ok = valid_ij & np.isfinite(pts_i[..., 2]) & np.isfinite(zj) & (np.abs(zj - zn) < 0.02 * zj + 0.005)
-    return pts_i, pts_j, ok
 
 
 class _FrameCache:
