@@ -414,7 +414,8 @@ class Reconstructor:
         need = [id(e) in pending and (e is not new or lag0) for e in ents]
         probs, masks = self.segmenter.segment([e.key for e in ents], np.stack([e.frame.depth for e in ents]),
                                               np.stack([e.frame.K for e in ents]), np.stack([e.pose for e in ents]),
-                                              flows, valid, target_flows=back, need_masks=need)
+                                              flows, valid, target_flows=back, need_masks=need,
+                                              skip_frames=[id(e) not in pending for e in ents])
         for e, p, m, nd in zip(ents, probs, masks, need):
             if nd:
                 e.data['prob'] = p

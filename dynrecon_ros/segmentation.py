@@ -648,7 +648,8 @@ class MotionSegmenter:
     def segment(self, keys: list[str], depths: np.ndarray, K: np.ndarray, poses: np.ndarray,
                 flows: dict, flow_valid: dict | None = None,
                 target_flows: dict | None = None,
-                need_masks: list[bool] | None = None) -> tuple[np.ndarray, np.ndarray]:
+                need_masks: list[bool] | None = None,
+                skip_frames: list[bool] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Dynamic probability and mask of every frame of a window.
 
         Args:
@@ -665,6 +666,9 @@ class MotionSegmenter:
                 splatted to j along the flow i -> j, z-buffered.
             need_masks: optional N bools: frames whose mask is not needed (False) still have their
                 evidence remembered, but their mask is not cleaned and comes back all zero.
+            skip_frames: optional N bools: frames whose evidence is not needed at all (True; e.g.
+                frames already output, in the window as anchors): nothing is carried to them, their
+                memory is not updated, their probability and mask come back all zero.
 
         Returns:
             probs (N, H, W) float32 in [0, 1] and masks (N, H, W) uint8 (255 = dynamic).
@@ -695,13 +699,18 @@ class MotionSegmenter:
             if np.shape(flow) != (h, w, 2):
                 raise InputError(f'segment: flow ({i}, {j}) has shape {np.shape(flow)}, expected {(h, w, 2)}')
 
+        skip = [False] * n if skip_frames is None else [bool(x) for x in skip_frames]
+
         def pair(item):  # evidence of one pair: [(frame, probability)]
             (i, j), flow = item
+            carry = (j, i) not in flows and not skip[j]  # frame j gets the evidence carried along the flow
+            if skip[i] and not carry:
+                return []
             flow = np.asarray(flow, dtype=np.float32)
             p, zj = _pair_probability(depths[i], Ks[i], inv[j] @ poses[i], flow, flow_valid.get((i, j)),
                                       self.cfg, Ks[j])
-            out = [(i, p)]
-            if (j, i) not in flows:  # frame j gets the evidence carried along the flow
+            out = [] if skip[i] else [(i, p)]
+            if carry:
                 if target_flows and (i, j) in target_flows:
                     back, back_valid = target_flows[(i, j)]
                     out.append((j, _pull_from_source(p, back, back_valid)))
@@ -715,8 +724,9 @@ class MotionSegmenter:
         probs = np.zeros((n, h, w), np.float32)
         masks = np.zeros((n, h, w), np.uint8)
         for k, key in enumerate(keys):
-            probs[k] = self._remember(key, psum[k], pcnt[k])
-        todo = [k for k in range(n) if need_masks is None or need_masks[k]]
+            if not skip[k]:
+                probs[k] = self._remember(key, psum[k], pcnt[k])
+        todo = [k for k in range(n) if (need_masks is None or need_masks[k]) and not skip[k]]
         for k, m in zip(todo, self._map(lambda k: clean_mask(probs[k], self.cfg, depths[k]), todo)):
             masks[k] = m
         self._forget()
