@@ -3,8 +3,10 @@
 Usage: python bench/pipeline.py [--sizes 320x240,640x480] [--frames 90] [--device cpu]
        [--segmentation-off] [--set section.name=value ...]
 Prints one block per size: frames/s over the whole stream (rendering excluded), mean ms per stage
-(flow, pose = pair predictor incl. RANSAC + direct refinement, alignment, segmentation, map, total),
+(flow, pose = pair predictor incl. RANSAC + direct refinement, alignment, segmentation, map = outputs
+at the input size, total; map_integrate runs on the map thread, overlapping the next frames),
 ATE/RPE (evo), dynamic-mask IoU and the static-map outlier fraction (> 5 cm from static surfaces).
+Frames wider than max_work_width (default 320) are processed at a reduced size (see ReconConfig).
 """
 from __future__ import annotations
 
@@ -68,9 +70,11 @@ def main() -> None:
         print(f'== {w}x{h}, {len(seq.frames)} frames, {seq.masks.mean() * 100:.0f}% dynamic pixels'
               f'{" (segmentation off)" if args.segmentation_off else ""}')
         print(f'  frames/s: {len(seq.frames) / dt:.2f} wall ({dt:.1f} s, {len(ok)} ok); CPU time {cpu:.1f} s = '
-              f'{len(seq.frames) / cpu:.2f} frames per CPU-second (load-independent-ish on a shared box)')
+              f'{len(seq.frames) / cpu:.2f} frames per CPU-second (load-independent-ish on a shared box); '
+              f'load average {os.getloadavg()[0]:.1f}')
         print('  ms/frame: ' + '  '.join(f'{k} {t[k]:.1f}' for k in
-                                         ['flow', 'pose', 'alignment', 'segmentation', 'map', 'total'] if k in t))
+                                         ['flow', 'pose', 'alignment', 'segmentation', 'map', 'total', 'map_integrate']
+                                         if k in t))
         print(f'  ATE RMSE SE3: {tm["ate_rmse_se3"] * 1000:.2f} mm   RPE: {tm["rpe_trans_rmse"] * 1000:.2f} mm, '
               f'{tm["rpe_rot_rmse"]:.3f} deg per frame')
         print(f'  mask IoU: {mm["iou"]:.3f} (precision {mm["precision"]:.3f}, recall {mm["recall"]:.3f})')

@@ -57,6 +57,17 @@ def _hat(w: torch.Tensor) -> torch.Tensor:
                         torch.stack([-w[..., 1], w[..., 0], z], -1)], -2)
 
 
+def _rot(R: torch.Tensor, P: torch.Tensor) -> torch.Tensor:
+    """R @ p for (n, 3, 3) matrices and (n, 3) vectors (explicit sums: torch's batched 3x3 products
+    and reductions over a size-3 axis are slow on CPU)."""
+    return R[:, :, 0] * P[:, 0:1] + R[:, :, 1] * P[:, 1:2] + R[:, :, 2] * P[:, 2:3]
+
+
+def _hat_mul(v: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
+    """[v]x @ M for (n, 3) vectors and (n, 3, 3) matrices (column k = v x M[:, k])."""
+    return torch.linalg.cross(v[:, :, None].expand(-1, 3, 3), M, dim=1)
+
+
 def so3_exp(w: np.ndarray) -> np.ndarray:
     """Rodrigues: (3,) axis-angle -> (3, 3)."""
     th = np.linalg.norm(w)
@@ -91,62 +102,67 @@ class WindowAligner:
         self.damping = damping
         self.device = torch.device(device)
 
-    def _normal_equations(self, poses: torch.Tensor, cons, K: torch.Tensor, F: int):
+    def _normal_equations(self, poses: torch.Tensor, data: dict, K: torch.Tensor, F: int):
         """Gauss-Newton system over all frames' 6-dof right increments [omega, v] with IRLS Huber.
 
         Jacobians are analytic (a rigid transform and a pinhole projection: small closed forms, far
-        cheaper than autodiff for thousands of residuals). Returns (H (6F, 6F), g (6F,), cost).
+        cheaper than autodiff for thousands of residuals), computed for the correspondences of all
+        pairs at once (``data`` from :meth:`_stack`). Returns (H (6F, 6F), g (6F,), cost).
         """
         dev, dt = poses.device, poses.dtype
+        a, b, pid, Pa, Pb, uv, w = (data[k] for k in ('a', 'b', 'pair_id', 'pts_a', 'pts_b', 'uv_b', 'weight'))
+        n = len(Pa)
+        R, t = poses[:, :3, :3], poses[:, :3, 3]
+        Ra, ta, Rb, tb = R[a], t[a], R[b], t[b]  # (n, 3, 3), (n, 3)
+        RPa, RPb = _rot(Ra, Pa), _rot(Rb, Pb)
+        Xa, Xb = RPa + ta, RPb + tb
+        # point term r = (Xa - Xb) / sigma, Xa(omega, v) = Ra (I + [omega]x) Pa + ta + Ra v:
+        # dXa/domega = -Ra [Pa]x = -[Ra Pa]x Ra, dXa/dv = Ra (b alike, opposite sign)
+        r = (Xa - Xb) / self.sigma_point
+        e = torch.linalg.vector_norm(r, dim=-1)
+        hw = torch.where(e < self.huber, torch.ones_like(e), self.huber / e.clamp(min=1e-12)) * w
+        cost = float((w * torch.where(e < self.huber, 0.5 * e ** 2, self.huber * (e - 0.5 * self.huber))).sum())
+        rows = 5 if self.flow_weight > 0 else 3
+        J = torch.empty(n, rows, 12, dtype=dt, device=dev)
+        res = torch.empty(n, rows, dtype=dt, device=dev)
+        sq = hw.sqrt()
+        sw = (sq / self.sigma_point)[:, None, None]
+        J[:, :3, 0:3] = _hat_mul(RPa, Ra) * -sw
+        J[:, :3, 3:6] = Ra * sw
+        J[:, :3, 6:9] = _hat_mul(RPb, Rb) * sw
+        J[:, :3, 9:12] = Rb * -sw
+        res[:, :3] = r * sq[:, None]
+        if self.flow_weight > 0:
+            RbT = Rb.transpose(1, 2)
+            Y = _rot(RbT, Xa - tb)  # point of a in camera b: Rb^T (Xa - tb)
+            Z = Y[:, 2].clamp(min=1e-3)
+            Kb = data['K_b']
+            fx, fy, cx, cy = Kb[:, 0], Kb[:, 1], Kb[:, 2], Kb[:, 3]
+            iz = 1.0 / Z
+            rf = torch.stack([fx * Y[:, 0] * iz + cx - uv[:, 0], fy * Y[:, 1] * iz + cy - uv[:, 1]], -1) / self.sigma_flow
+            ef = torch.linalg.vector_norm(rf, dim=-1)
+            hf = torch.where(ef < self.huber, torch.ones_like(ef), self.huber / ef.clamp(min=1e-12)) * w * self.flow_weight
+            cost += float((w * self.flow_weight * torch.where(ef < self.huber, 0.5 * ef ** 2,
+                                                               self.huber * (ef - 0.5 * self.huber))).sum())
+            # dY/d(omega_a, v_a) = Rb^T Ra [-[Pa]x, I]; dY/d(omega_b, v_b) = [[Y]x, -I]
+            RbTRa = (R[data['pair_b']].transpose(1, 2) @ R[data['pair_a']])[pid]  # per pair, then per point
+            JY = torch.empty(n, 3, 12, dtype=dt, device=dev)
+            JY[:, :, 0:3] = -_hat_mul(_rot(RbTRa, Pa), RbTRa)
+            JY[:, :, 3:6] = RbTRa
+            JY[:, :, 6:9] = _hat(Y)
+            JY[:, :, 9:12] = -torch.eye(3, dtype=dt, device=dev)
+            sf = hf.sqrt()
+            J[:, 3] = ((fx * iz * sf / self.sigma_flow)[:, None]) * (JY[:, 0] - (Y[:, 0] * iz)[:, None] * JY[:, 2])
+            J[:, 4] = ((fy * iz * sf / self.sigma_flow)[:, None]) * (JY[:, 1] - (Y[:, 1] * iz)[:, None] * JY[:, 2])
+            res[:, 3:] = rf * sf[:, None]
+        # per pair one GEMM over its rows (pairs are contiguous), added into the frames' blocks
         H = torch.zeros(6 * F, 6 * F, dtype=dt, device=dev)
         g = torch.zeros(6 * F, dtype=dt, device=dev)
-        cost = 0.0
-        eye = torch.eye(3, dtype=dt, device=dev)
-        for (a, b, Pa, Pb, uv, w) in cons:
-            n = len(Pa)
-            Ra, ta, Rb, tb = poses[a, :3, :3], poses[a, :3, 3], poses[b, :3, :3], poses[b, :3, 3]
-            RPa, RPb = Pa @ Ra.T, Pb @ Rb.T
-            Xa, Xb = RPa + ta, RPb + tb
-            # point term r = (Xa - Xb) / sigma, Xa(omega, v) = Ra (I + [omega]x) Pa + ta + Ra v:
-            # dXa/domega = -Ra [Pa]x = -[Ra Pa]x Ra, dXa/dv = Ra (b alike, opposite sign); all the
-            # products below are plain GEMMs with one 3x3 matrix per pair (batched 3x3 bmm is slow)
-            r = (Xa - Xb) / self.sigma_point
-            e = torch.linalg.norm(r, dim=-1)
-            hw = torch.where(e < self.huber, torch.ones_like(e), self.huber / e.clamp(min=1e-12)) * w
-            cost += float((w * torch.where(e < self.huber, 0.5 * e ** 2, self.huber * (e - 0.5 * self.huber))).sum())
-            J = torch.empty(n, 3, 12, dtype=dt, device=dev)
-            J[:, :, 0:3] = -(_hat(RPa).reshape(-1, 3) @ Ra).reshape(n, 3, 3)
-            J[:, :, 3:6] = Ra
-            J[:, :, 6:9] = (_hat(RPb).reshape(-1, 3) @ Rb).reshape(n, 3, 3)
-            J[:, :, 9:12] = -Rb
-            sw = (hw.sqrt() / self.sigma_point)[:, None, None]
-            J2 = (J * sw).reshape(-1, 12)
-            Hl = J2.T @ J2
-            gl = J2.T @ (r * hw.sqrt()[:, None]).reshape(-1)
-            if self.flow_weight > 0:
-                Y = (Xa - tb) @ Rb  # point of a in camera b
-                Z = Y[:, 2].clamp(min=1e-3)
-                fx, fy, cx, cy = K[b][0, 0], K[b][1, 1], K[b][0, 2], K[b][1, 2]
-                rf = torch.stack([fx * Y[:, 0] / Z + cx - uv[:, 0], fy * Y[:, 1] / Z + cy - uv[:, 1]], -1) / self.sigma_flow
-                ef = torch.linalg.norm(rf, dim=-1)
-                hf = torch.where(ef < self.huber, torch.ones_like(ef), self.huber / ef.clamp(min=1e-12)) * w * self.flow_weight
-                cost += float((w * self.flow_weight * torch.where(ef < self.huber, 0.5 * ef ** 2,
-                                                                   self.huber * (ef - 0.5 * self.huber))).sum())
-                # dY/d(omega_a, v_a) = Rb^T Ra [-[Pa]x, I]; dY/d(omega_b, v_b) = [[Y]x, -I]
-                RbTRa = Rb.T @ Ra
-                JY = torch.empty(n, 3, 12, dtype=dt, device=dev)
-                JY[:, :, 0:3] = -(_hat(Pa @ RbTRa.T).reshape(-1, 3) @ RbTRa).reshape(n, 3, 3)
-                JY[:, :, 3:6] = RbTRa
-                JY[:, :, 6:9] = _hat(Y)
-                JY[:, :, 9:12] = -eye
-                iz = 1.0 / Z
-                Ju = (fx * iz)[:, None] * (JY[:, 0] - (Y[:, 0] * iz)[:, None] * JY[:, 2])
-                Jv = (fy * iz)[:, None] * (JY[:, 1] - (Y[:, 1] * iz)[:, None] * JY[:, 2])
-                sf = (hf.sqrt() / self.sigma_flow)[:, None]
-                Jf = torch.cat([Ju * sf, Jv * sf], 0)
-                Hl = Hl + Jf.T @ Jf
-                gl = gl + Jf.T @ (torch.cat([rf[:, 0], rf[:, 1]]) * torch.cat([hf.sqrt(), hf.sqrt()]))
-            ia, ib = slice(6 * a, 6 * a + 6), slice(6 * b, 6 * b + 6)
+        for (lo, hi), (fa, fb) in zip(data['ranges'], data['frames']):
+            Jc = J[lo:hi].reshape(-1, 12)
+            Hl = Jc.T @ Jc
+            gl = Jc.T @ res[lo:hi].reshape(-1)
+            ia, ib = slice(6 * fa, 6 * fa + 6), slice(6 * fb, 6 * fb + 6)
             H[ia, ia] += Hl[:6, :6]
             H[ia, ib] += Hl[:6, 6:]
             H[ib, ia] += Hl[6:, :6]
@@ -171,6 +187,28 @@ class WindowAligner:
             cost += 0.5 * float((rs ** 2).sum())
         return H, g, cost
 
+    def _stack(self, constraints: list[PairConstraint], K: np.ndarray) -> dict:
+        """All pairs' correspondences as one set of tensors (pairs contiguous): (n, ...) data, (n,)
+        frame indices a, b and pair id, (n, 4) fx fy cx cy of b; per pair its frames and row range."""
+        dev, dt = self.device, torch.float64
+
+        def cat(name):
+            return torch.as_tensor(np.concatenate([np.asarray(getattr(c, name), np.float64) for c in constraints]),
+                                   dtype=dt, device=dev)
+
+        counts = np.array([len(c.weight) for c in constraints])
+        ab = np.array([[c.a, c.b] for c in constraints])
+        K = np.asarray(K, dtype=np.float64)
+        kb = np.stack([K[ab[:, 1], 0, 0], K[ab[:, 1], 1, 1], K[ab[:, 1], 0, 2], K[ab[:, 1], 1, 2]], 1)
+        ends = np.cumsum(counts)
+        pair_id = np.repeat(np.arange(len(constraints)), counts)
+        return {'pts_a': cat('pts_a'), 'pts_b': cat('pts_b'), 'uv_b': cat('uv_b'), 'weight': cat('weight'),
+                'a': torch.as_tensor(ab[pair_id, 0], device=dev), 'b': torch.as_tensor(ab[pair_id, 1], device=dev),
+                'pair_id': torch.as_tensor(pair_id, device=dev),
+                'pair_a': torch.as_tensor(ab[:, 0], device=dev), 'pair_b': torch.as_tensor(ab[:, 1], device=dev),
+                'K_b': torch.as_tensor(kb[pair_id], dtype=dt, device=dev),
+                'ranges': list(zip((ends - counts).tolist(), ends.tolist())), 'frames': ab.tolist()}
+
     def align(self, poses: np.ndarray, fixed: np.ndarray, constraints: list[PairConstraint],
               K: np.ndarray) -> AlignmentResult:
         """Refine ``poses`` (F, 4, 4) world<-camera; ``fixed`` (F,) bool frames held; K (F, 3, 3)."""
@@ -180,15 +218,12 @@ class WindowAligner:
         if len(free) == 0 or not constraints:
             return AlignmentResult(poses, float('nan'), float('nan'), 0)
         dev, dt = self.device, torch.float64
-        constraints = [c for c in constraints if len(c.weight)]
+        # pairs between two held frames only add to the held frames' blocks: they change nothing
+        held = np.asarray(fixed, bool)
+        constraints = [c for c in constraints if len(c.weight) and not (held[c.a] and held[c.b])]
         if not constraints:
             return AlignmentResult(poses, float('nan'), float('nan'), 0)
-        cons = []
-        for c in constraints:
-            cons.append((c.a, c.b, torch.as_tensor(c.pts_a, dtype=dt, device=dev),
-                         torch.as_tensor(c.pts_b, dtype=dt, device=dev),
-                         torch.as_tensor(c.uv_b, dtype=dt, device=dev),
-                         torch.as_tensor(c.weight, dtype=dt, device=dev)))
+        cons = self._stack(constraints, K)
         Kt = torch.as_tensor(np.asarray(K, dtype=np.float64), device=dev)
         fidx = torch.as_tensor(np.concatenate([np.arange(6 * f, 6 * f + 6) for f in free]), device=dev)
         cost0, cost, it = None, float('nan'), 0

@@ -68,13 +68,13 @@ class BackendConfig:
     ransac_depth_threshold: float = 0.02
     ransac_samples: int = 800
     min_px_threshold: float = 0.3
-    stride: int = 2
+    stride: int = 3
     halo_fraction: float = 0.03
     min_depth_m: float = 0.1
     max_depth_m: float = 10.0
     min_inliers: int = 60
     photometric_iterations: int = 5
-    photometric_samples: int = 3000
+    photometric_samples: int = 2000
     min_gradient: float = 4.0
     shared_focal: bool = True
     align_iterations: int = 300
@@ -101,8 +101,8 @@ class AlignmentConfig:
     """
 
     enabled: bool = True
-    iterations: int = 2
-    points_per_pair: int = 300
+    iterations: int = 1
+    points_per_pair: int = 100
     sigma_point_m: float = 0.01
     sigma_flow_px: float = 0.5
     flow_weight: float = 1.0
@@ -128,7 +128,11 @@ class ChecksConfig:
 class ReconConfig:
     """The whole pipeline. intrinsics: default [fx, fy, cx, cy] for frames without K (None = skip
     them); world_pose: [tx, ty, tz, qx, qy, qz, qw] of the first accepted camera in the world
-    (None = identity: the world is the first camera's optical frame)."""
+    (None = identity: the world is the first camera's optical frame); max_work_width: RGB-D frames
+    wider than this many pixels are processed (flow, pair poses, alignment, segmentation) at 1/s of
+    their size, s the smallest integer that brings them within it (640x480 -> 320x240), while the
+    outputs stay at the input size (masks upsampled with their edges snapped to the input depth,
+    the map integrated from the input depth every map.pixel_stride * s pixels); 0 = always the input size."""
 
     window: WindowConfig = field(default_factory=WindowConfig)
     flow: FlowConfig = field(default_factory=FlowConfig)
@@ -140,6 +144,7 @@ class ReconConfig:
     checks: ChecksConfig = field(default_factory=ChecksConfig)
     intrinsics: list | None = None
     world_pose: list | None = None
+    max_work_width: int = 320
 
     @classmethod
     def from_dict(cls, d: dict | None, where: str = 'config') -> 'ReconConfig':

@@ -7,6 +7,7 @@ the pairs of the current window keyed by frame keys and forgets pairs whose fram
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import cv2
 import numpy as np
@@ -51,10 +52,19 @@ class DISFlow(FlowEstimator):
         return self._dis.calc(a, b, None).astype(np.float32, copy=False)
 
 
+@lru_cache(maxsize=8)
 def pixel_grid(h: int, w: int) -> np.ndarray:
-    """(H, W, 2) float32 pixel coordinates (x, y)."""
+    """(H, W, 2) float32 pixel coordinates (x, y); cached and read-only (callers add to it)."""
     xs, ys = np.meshgrid(np.arange(w, dtype=np.float32), np.arange(h, dtype=np.float32))
-    return np.stack([xs, ys], axis=-1)
+    g = np.stack([xs, ys], axis=-1)
+    g.setflags(write=False)
+    return g
+
+
+def _inside(m: np.ndarray, h: int, w: int) -> np.ndarray:
+    """(H, W) bool: the (H, W, 2) sample positions ``m`` lie in [0, w-1] x [0, h-1]."""
+    # cv2.inRange on the 2-channel map: one pass instead of four numpy comparisons
+    return cv2.inRange(m, (0.0, 0.0), (float(w - 1), float(h - 1))) > 0
 
 
 def warp(image: np.ndarray, flow: np.ndarray, interpolation: int = cv2.INTER_LINEAR) -> np.ndarray:
@@ -62,9 +72,8 @@ def warp(image: np.ndarray, flow: np.ndarray, interpolation: int = cv2.INTER_LIN
     h, w = flow.shape[:2]
     m = pixel_grid(h, w) + flow
     img = image.astype(np.float32, copy=False)
-    out = cv2.remap(img, m[..., 0], m[..., 1], interpolation, borderMode=cv2.BORDER_REPLICATE)
-    outside = (m[..., 0] < 0) | (m[..., 0] > w - 1) | (m[..., 1] < 0) | (m[..., 1] > h - 1)
-    out[outside] = np.nan
+    out = cv2.remap(img, m, None, interpolation, borderMode=cv2.BORDER_REPLICATE)
+    out[~_inside(m, h, w)] = np.nan
     return out
 
 
@@ -75,11 +84,14 @@ def fb_consistency(fwd: np.ndarray, bwd: np.ndarray, threshold_px: float = 1.0,
     Valid where ``|fwd(p) + bwd(p + fwd(p))| < threshold_px + relative * |fwd(p)|`` and p + fwd(p)
     lies inside the image.
     """
-    back = warp(bwd, fwd)
-    err = np.linalg.norm(fwd + back, axis=-1)
-    mag = np.linalg.norm(fwd, axis=-1)
-    ok = err < threshold_px + relative * mag
-    return ok & np.isfinite(err)
+    h, w = fwd.shape[:2]
+    m = pixel_grid(h, w) + fwd
+    back = cv2.remap(np.ascontiguousarray(bwd, dtype=np.float32), m, None, cv2.INTER_LINEAR,
+                     borderMode=cv2.BORDER_REPLICATE)
+    s = fwd + back
+    err = cv2.magnitude(s[..., 0].copy(), s[..., 1].copy())
+    mag = cv2.magnitude(np.ascontiguousarray(fwd[..., 0]), np.ascontiguousarray(fwd[..., 1]))
+    return (err < threshold_px + relative * mag) & _inside(m, h, w)
 
 
 @dataclass

@@ -80,7 +80,7 @@ class MonocularWindow:
     # ------------------------------------------------------------------ helpers
     def _timed(self, name: str, t0: float) -> float:
         t = time.perf_counter()
-        self.times[name].append((t - t0) * 1e3)
+        self.times.add(name, (t - t0) * 1e3)
         return t
 
     def _K_given(self, frame) -> bool:

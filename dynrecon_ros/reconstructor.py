@@ -13,6 +13,12 @@ One step for a new frame t:
   4. windowed alignment of the not-yet-emitted poses over all stored pairs' static correspondences;
   5. motion segmentation of t (and refresh of the window) from flow vs ego-flow;
   6. frames leaving the lag are emitted and integrated into the static voxel map.
+
+Speed: RGB-D frames wider than ``max_work_width`` go through steps 2-5 at 1/s of their size (s an
+integer; 640x480 -> 320x240); their outputs are brought back to the input size (mask edges snapped
+to the input depth). Map integration runs on a background thread (one frame at a time, in order)
+while the next frames are processed; :meth:`static_map`, :meth:`save_map` and :meth:`flush` wait
+for it.
 """
 from __future__ import annotations
 
@@ -27,7 +33,8 @@ from dynrecon_ros.alignment import PairConstraint, WindowAligner
 from dynrecon_ros.config import ReconConfig
 from dynrecon_ros.errors import InputError
 from dynrecon_ros.flow import DISFlow, FlowCache
-from dynrecon_ros.segmentation import MotionSegmenter
+from dynrecon_ros.frames import Frame
+from dynrecon_ros.segmentation import MotionSegmenter, clean_mask, refine_upsampled_mask
 from dynrecon_ros.static_map import VoxelMap
 from dynrecon_ros.window import SlidingWindow, WindowEntry, rotation_angle_deg
 
@@ -51,6 +58,63 @@ class FrameResult:
     dynamic_prob: np.ndarray | None = None
     confidence: np.ndarray | None = None
     K: np.ndarray | None = None
+
+
+def downscale_frame(frame, s: int):
+    """``frame`` at 1/s of its size (integer s > 1) for processing; the same stamp and key.
+
+    Work pixel (u, v) is the s x s block of input pixels from (s u, s v): colour is the block mean
+    (area resampling), depth the mean of the block's readings when they lie on one surface (spread
+    <= 2 % + 1 cm) and else the nearest one (no flying points between a mover and the background),
+    K is moved to the blocks' centres. Input pixels beyond the last whole block are left out.
+    """
+    H, W = frame.rgb.shape[:2]
+    h, w = H // s, W // s
+    rgb = cv2.resize(frame.rgb[:h * s, :w * s], (w, h), interpolation=cv2.INTER_AREA)
+    depth = None
+    if frame.depth is not None:
+        # block statistics over the s * s strided views (one per position in the block)
+        views = [frame.depth[dy:h * s:s, dx:w * s:s] for dy in range(s) for dx in range(s)]
+        cnt = sum((v > 0).astype(np.float32) for v in views)
+        mean = sum(views) / np.maximum(cnt, 1)
+        inf = np.float32(np.inf)
+        near = np.minimum.reduce([np.where(v > 0, v, inf) for v in views])
+        far = np.maximum.reduce(views)
+        depth = np.where(cnt == 0, 0, np.where(far - near <= 0.02 * near + 0.01, mean, near)).astype(np.float32)
+    K = None
+    if frame.K is not None:
+        K = frame.K.copy()
+        K[0, 0] /= s
+        K[1, 1] /= s
+        K[0, 2] = (K[0, 2] - (s - 1) / 2) / s
+        K[1, 2] = (K[1, 2] - (s - 1) / 2) / s
+    return Frame(frame.stamp, rgb, depth, K, key=frame.key, meta=frame.meta)
+
+
+def upsample(img: np.ndarray, s: int, size: tuple[int, int], interpolation: int) -> np.ndarray:
+    """(h, w) work-size map -> (H, W) = ``size`` input-size map (inverse of :func:`downscale_frame`'s
+    block layout; the input's pixels beyond the last whole block repeat the border)."""
+    h, w = img.shape[:2]
+    up = cv2.resize(img, (w * s, h * s), interpolation=interpolation)
+    H, W = size
+    if up.shape[:2] != (H, W):
+        up = cv2.copyMakeBorder(up, 0, H - h * s, 0, W - w * s, cv2.BORDER_REPLICATE)
+    return up
+
+
+class StageTimes:
+    """Running mean milliseconds per stage name: O(1) memory however long the stream runs."""
+
+    def __init__(self):
+        self._acc: dict[str, list] = defaultdict(lambda: [0.0, 0])  # name -> [total ms, count]
+
+    def add(self, name: str, ms: float) -> None:
+        acc = self._acc[name]
+        acc[0] += ms
+        acc[1] += 1
+
+    def means(self) -> dict[str, float]:
+        return {k: total / n for k, (total, n) in list(self._acc.items()) if n}
 
 
 def _pose_from_tum(v) -> np.ndarray:
@@ -116,33 +180,47 @@ class Reconstructor:
         self._last_stamp = None
         self._size = None
         self._rng = np.random.default_rng(0)
-        self._times: dict[str, list[float]] = defaultdict(list)
-        self.trajectory: list[tuple[float, np.ndarray]] = []
+        self._times = StageTimes()
+        self._map_pool = None  # the map thread (started with the first integration)
+        self._map_job = None
         from dynrecon_ros.monocular import monocular_step_for  # window predictors: the monocular step
         self.monocular = monocular_step_for(cfg, predictor, self.flows, self.segmenter, self._times, device)
 
     # ------------------------------------------------------------------ public API
     @property
     def timings(self) -> dict[str, float]:
-        """Mean milliseconds per stage (per pushed frame for 'total')."""
-        return {k: float(np.mean(v)) for k, v in self._times.items() if v}
+        """Mean milliseconds per stage (per pushed frame for 'total').
+
+        'map' is the time ``push`` spends on an emitted frame (outputs at the input size, waiting
+        for the map thread); 'map_integrate' the integration itself, which runs on the map thread
+        while the next frames are processed.
+        """
+        return self._times.means()
 
     def push(self, frame) -> list[FrameResult]:
         t0 = time.perf_counter()
         try:
             self._step(frame)
         finally:
-            self._times['total'].append((time.perf_counter() - t0) * 1e3)
+            self._times.add('total', (time.perf_counter() - t0) * 1e3)
+            # every pair of a step has the step's newest frame in it, so no cached flow is looked up again:
+            # keep none (a skipped frame's flows would stay until the next accepted frame: unbounded while
+            # tracking is lost, ~5 MiB per pair at 640x480)
+            self.flows.keep_only(set())
         return self._emit(final=False)
 
     def flush(self) -> list[FrameResult]:
-        return self._emit(final=True)
+        out = self._emit(final=True)
+        self._map_wait()
+        return out
 
     def static_map(self) -> np.ndarray:
         """(M, 6) float32 x y z r g b of the static map in the world frame."""
+        self._map_wait()
         return self.map.points()
 
     def save_map(self, path) -> int:
+        self._map_wait()
         return self.map.save_ply(path)
 
     # ------------------------------------------------------------------ internals
@@ -167,14 +245,15 @@ class Reconstructor:
             valid = np.isfinite(d) & (d > 0)
             if valid.mean() < c.min_valid_depth:
                 return f'only {100 * valid.mean():.1f}% of the depth is valid (min {100 * c.min_valid_depth:.0f}%)'
-        grey = cv2.cvtColor(frame.rgb, cv2.COLOR_RGB2GRAY)
-        if float(grey.std()) < c.min_image_std:
-            return f'black or constant image (grey std {grey.std():.2f})'
+        grey = cv2.cvtColor(frame.rgb[::2, ::2], cv2.COLOR_RGB2GRAY)  # every 2nd pixel: std all the same
+        std = float(grey.std())
+        if std < c.min_image_std:
+            return f'black or constant image (grey std {std:.2f})'
         return ''
 
     def _timed(self, name: str, t0: float) -> float:
         t = time.perf_counter()
-        self._times[name].append((t - t0) * 1e3)
+        self._times.add(name, (t - t0) * 1e3)
         return t
 
     def _step(self, frame) -> None:
@@ -196,18 +275,18 @@ class Reconstructor:
                 self.window.mark_keyframe(entry)
             self.flows.keep_only({e.key for e in self.window.all_entries()})
             return
-        prepare = getattr(self.predictor, 'prepare_frame', None)  # network backends: depth (+ K) for the frame
-        if prepare is not None:
-            reason = prepare(frame, self.window.entries[-1].frame if self.window.entries else None)
-            if reason:
-                return self._skip(frame, reason)
         if frame.depth is not None:
             frame.depth = np.where(np.isfinite(frame.depth) & (frame.depth > 0), frame.depth, 0).astype(np.float32)
+        inp = frame
+        s = self._work_factor(frame)
+        if s > 1:  # every stage below runs on the frame at the processing size; outputs go back to inp's
+            frame = downscale_frame(frame, s)
         entry, _ = self.window.add(frame)
+        entry.data['input'] = inp
         if len(self.window) == 1 and not self.window.keyframes:
             # the first accepted frame defines the world
             entry.pose = self.world_pose.copy()
-            self._accept(frame, entry)
+            self._accept(inp, entry)
             entry.data['conf'] = (frame.depth > 0).astype(np.float32) if frame.depth is not None else None
             self.window.mark_keyframe(entry)
             return
@@ -245,7 +324,7 @@ class Reconstructor:
                                      f'{prev.key} (limits {c.max_translation_m} m / {c.max_rotation_deg} deg per '
                                      f'frame, {c.max_speed_m_s} m/s / {c.max_angular_speed_deg_s} deg/s)')
         entry.pose = prev.pose @ T0
-        self._accept(frame, entry)
+        self._accept(inp, entry)
         # store static correspondences of every pair that produced a pose
         for (old, _), pf, (T, inl, n) in zip(pairs, pflows, rel):
             if T is None:
@@ -264,6 +343,41 @@ class Reconstructor:
         self._constraints = {k: v for k, v in self._constraints.items() if k[0] in keep and k[1] in keep}
         self.flows.keep_only({e.key for e in self.window.all_entries()})
 
+    def _work_factor(self, frame) -> int:
+        """Downscale factor of the processing size (see ReconConfig.max_work_width); 1 = input size.
+
+        Only for backends that read depth (RGB-D): network backends resize for the network themselves.
+        """
+        mw = self.cfg.max_work_width
+        w = frame.rgb.shape[1]
+        if mw <= 0 or w <= mw or not self.predictor.needs_depth:
+            return 1
+        return -(-w // mw)
+
+    def _map_submit(self, *args) -> None:
+        """Integrate one frame into the map on the map thread (one frame at a time, in order).
+
+        Integration (numpy / OpenCV, which release the GIL in their loops) overlaps the next
+        frame's steps on the second core; the map is only read after :meth:`_map_wait`.
+        """
+        from concurrent.futures import ThreadPoolExecutor
+        self._map_wait()
+        if self._map_pool is None:
+            self._map_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix='dynrecon-map')
+
+        def job():
+            t = time.perf_counter()
+            self.map.integrate(*args[:6], pixel_stride=args[6])
+            self._times.add('map_integrate', (time.perf_counter() - t) * 1e3)
+
+        self._map_job = self._map_pool.submit(job)
+
+    def _map_wait(self) -> None:
+        """Wait for the frame being integrated (re-raises its error)."""
+        job, self._map_job = self._map_job, None
+        if job is not None:
+            job.result()
+
     def _accept(self, frame, entry: WindowEntry) -> None:
         self._last_stamp = frame.stamp
         self._size = frame.size
@@ -276,14 +390,18 @@ class Reconstructor:
         puts them (the predictor's pointmap of the pair: for RGB-D the refined direct alignment,
         which is more precise than the raw flow end points).
         """
-        from dynrecon_ros.predictors.rgbd import transform, unproject
+        from dynrecon_ros.predictors.rgbd import transform
         fa, fb = a.frame, b.frame
-        pts_a = unproject(fa.depth, fa.K).reshape(-1, 3)
-        use = np.flatnonzero(inliers.reshape(-1) & np.isfinite(pts_a[:, 2]))
+        da = fa.depth.reshape(-1)
+        use = np.flatnonzero(inliers.reshape(-1) & np.isfinite(da) & (da > 0))
         n = self.cfg.alignment.points_per_pair
         if len(use) > n:
             use = self._rng.choice(use, n, replace=False)
-        Pa = pts_a[use].astype(np.float64)
+        # a's points, unprojected only where used
+        z = da[use].astype(np.float64)
+        vs, us = np.divmod(use, fa.depth.shape[1])
+        Ka = fa.K
+        Pa = np.stack([(us - Ka[0, 2]) / Ka[0, 0] * z, (vs - Ka[1, 2]) / Ka[1, 1] * z, z], -1)
         Pb = transform(np.linalg.inv(T_a_b), Pa)
         K = fb.K
         uv = np.stack([K[0, 0] * Pb[:, 0] / Pb[:, 2] + K[0, 2], K[1, 1] * Pb[:, 1] / Pb[:, 2] + K[1, 2]], -1)
@@ -314,13 +432,26 @@ class Reconstructor:
         n = len(ents)
         flows = {(n - 1, k): pf.bwd for k, pf in enumerate(pflows)}
         valid = {(n - 1, k): pf.valid_bwd for k, pf in enumerate(pflows)}
+        back = {(n - 1, k): (pf.fwd, pf.valid_fwd) for k, pf in enumerate(pflows)}
+        # cleaned masks only for frames not emitted yet (older keyframes keep theirs as the pose
+        # prior) and not for the newest frame: the next step refreshes it (its neighbour pair) and
+        # cleans it then; until then its pose prior is the thresholded probability
+        pending = {id(e) for e in self._pending if isinstance(e, WindowEntry)}
+        lag0 = self.cfg.window.output_lag == 0
+        need = [id(e) in pending and (e is not new or lag0) for e in ents]
         probs, masks = self.segmenter.segment([e.key for e in ents], np.stack([e.frame.depth for e in ents]),
                                               np.stack([e.frame.K for e in ents]), np.stack([e.pose for e in ents]),
-                                              flows, valid)
-        for e, p, m in zip(ents, probs, masks):
-            e.data['prob'] = p
-            e.data['mask'] = m
-            e.mask = m > 0
+                                              flows, valid, target_flows=back, need_masks=need,
+                                              skip_frames=[id(e) not in pending for e in ents])
+        for e, p, m, nd in zip(ents, probs, masks, need):
+            if nd:
+                e.data['prob'] = p
+                e.data['mask'] = m
+                e.mask = m > 0
+            elif e is new:
+                e.data['prob'] = p
+                e.data.pop('mask', None)  # cleaned later (next step or when emitted)
+                e.mask = p > self.cfg.segmentation.threshold
 
     def _emit(self, final: bool) -> list[FrameResult]:
         out: list[FrameResult] = []
@@ -331,25 +462,35 @@ class Reconstructor:
             if isinstance(head, FrameResult):
                 out.append(self._pending.pop(0))
                 continue
-            if not final and newest - head.index < lag:
-                break
+            if not final and newest - head.index < lag and len(self._pending) <= self.cfg.window.size + lag:
+                break  # (beyond that bound, frames skipped meanwhile (tracking lost) push the head out early)
             self._pending.pop(0)
             out.append(self._finish(head))
         return out
 
     def _finish(self, e: WindowEntry) -> FrameResult:
-        f = e.frame
-        h, w = f.rgb.shape[:2]
+        wf = e.frame
+        f = e.data.get('input', wf)
+        h, w = wf.rgb.shape[:2]
         prob = e.data.get('prob', np.zeros((h, w), np.float32))
-        mask = e.data.get('mask', np.zeros((h, w), np.uint8))
+        mask = e.data.get('mask')
+        if mask is None:  # segmented as the newest frame only (end of stream, a skipped neighbour)
+            mask = clean_mask(prob, self.cfg.segmentation, wf.depth) if self.cfg.segmentation.enabled and \
+                'prob' in e.data and wf.depth is not None else np.zeros((h, w), np.uint8)
         conf = e.data.get('conf')
         if conf is None:
             conf = np.ones((h, w), np.float32)
-        conf = (conf * (1.0 - prob)).astype(np.float32)
         t = time.perf_counter()
+        s = 1
+        if wf is not f:  # processed at a reduced size: back to the input size, mask edges on its depth
+            s = f.rgb.shape[1] // w
+            prob = upsample(prob, s, f.rgb.shape[:2], cv2.INTER_LINEAR)
+            mask = refine_upsampled_mask(mask, s, f.depth, prob, self.cfg.segmentation)
+            conf = upsample(conf, s, f.rgb.shape[:2], cv2.INTER_NEAREST) * (f.depth > 0)
+        conf = (conf * (1.0 - prob)).astype(np.float32)
         if f.depth is not None:
-            self.map.integrate(f.depth, f.rgb, f.K, e.pose, mask == 0, conf)
+            stride = self.cfg.map.pixel_stride * s if self.cfg.map.pixel_stride > 0 else None
+            self._map_submit(f.depth, f.rgb, f.K, e.pose.copy(), mask == 0, conf, stride)
         self._timed('map', t)
-        self.trajectory.append((f.stamp, e.pose.copy()))
         return FrameResult(stamp=f.stamp, key=f.key, status='ok', reason='', pose=e.pose.copy(),
                            depth=f.depth, mask=mask, dynamic_prob=prob, confidence=conf, K=f.K)

@@ -41,12 +41,16 @@ class SegmentationConfig:
         mode: 'flow' (MonST3R: optical flow vs ego flow), 'attention' (Easi3R: the network's
             cross-attention, network backends only) or 'both' (union of the two masks).
         threshold: dynamic where the smoothed probability exceeds it (0..1).
+        hysteresis: pixels above ``hysteresis * threshold`` connected to pixels above ``threshold``
+            are dynamic too (weak evidence inside a slow mover); 1 disables.
         min_flow_px: absolute flow tolerance in pixels (flow noise of DIS on textured regions).
         flow_rel_tol: extra tolerance as a fraction of the ego-flow magnitude (depth/pose noise).
         steepness: exponent s of the soft step ``r^s / (1 + r^s)``, r = error / tolerance.
         refine_pose: refine each pair's relative pose on the flow of the pixels that agree with it
             before computing the ego flow (:func:`refine_relative_pose`, like MonST3R's two-view
             alignment), so pose errors of a few tenths of a degree do not flag the background.
+            Off by default: the RGB-D poses after windowed alignment are good to ~0.01 degree, and
+            the PnP refinement on DIS flow cost time and lowered the bench's mask IoU (0.89 -> 0.86).
         edge_radius_px: the error of a pixel is the smallest in this radius (pixels), so depth
             edges a pixel off do not light up as motion; 0 disables.
         fb_tolerance_px: forward-backward tolerance used by :func:`forward_backward_valid`.
@@ -63,15 +67,18 @@ class SegmentationConfig:
             key relative to the evidence of the current window (0 = no memory).
         max_tracked_frames: at most this many frame keys are remembered.
         forget_after_calls: a frame key not seen in this many calls is forgotten.
+        threads: threads for the per-pair and per-frame work of one call (NumPy and OpenCV release
+            the GIL in their loops, so a second core shares it); 1 = all on the calling thread.
     """
 
     enabled: bool = True
     mode: str = 'flow'
     threshold: float = 0.5
+    hysteresis: float = 0.4
     min_flow_px: float = 1.0
     flow_rel_tol: float = 0.15
     steepness: float = 4.0
-    refine_pose: bool = True
+    refine_pose: bool = False
     edge_radius_px: int = 1
     fb_tolerance_px: float = 1.0
     open_px: int = 3
@@ -83,12 +90,15 @@ class SegmentationConfig:
     temporal_weight: float = 0.7
     max_tracked_frames: int = 64
     forget_after_calls: int = 8
+    threads: int = 2
 
     def __post_init__(self) -> None:
         if self.mode not in ('flow', 'attention', 'both'):
             raise InputError(f"segmentation.mode must be 'flow', 'attention' or 'both', got {self.mode!r}")
         if not 0.0 < self.threshold < 1.0:
             raise InputError(f'segmentation threshold must be in (0, 1), got {self.threshold}')
+        if not 0.0 < self.hysteresis <= 1.0:
+            raise InputError(f'segmentation hysteresis must be in (0, 1], got {self.hysteresis}')
         if self.min_flow_px <= 0 or self.flow_rel_tol < 0 or self.steepness <= 0:
             raise InputError('segmentation min_flow_px and steepness must be > 0, flow_rel_tol >= 0')
         if not 0.0 <= self.temporal_weight < 1.0:
@@ -96,8 +106,8 @@ class SegmentationConfig:
         for name in ('edge_radius_px', 'open_px', 'close_px', 'snap_px', 'dilate_px'):
             if getattr(self, name) < 0:
                 raise InputError(f'segmentation {name} must be >= 0, got {getattr(self, name)}')
-        if self.max_tracked_frames < 1 or self.forget_after_calls < 1:
-            raise InputError('segmentation max_tracked_frames and forget_after_calls must be >= 1')
+        if self.max_tracked_frames < 1 or self.forget_after_calls < 1 or self.threads < 1:
+            raise InputError('segmentation max_tracked_frames, forget_after_calls and threads must be >= 1')
         if not 0.0 <= self.max_continuity <= 1.0 or not 0.0 <= self.min_area_frac < 1.0:
             raise InputError('segmentation max_continuity must be in [0, 1] and min_area_frac in [0, 1)')
 
@@ -351,6 +361,27 @@ def _pair_probability(depth_i, K_i, T_j_i, flow, valid, cfg, K_j=None) -> tuple[
     return prob.astype(np.float32, copy=False), zj
 
 
+def _pull_from_source(prob_i: np.ndarray, flow_ji: np.ndarray, valid_ji: np.ndarray | None) -> np.ndarray:
+    """Carry frame i's per-pixel values to frame j by sampling them where j's flow j -> i leads.
+
+    Args:
+        prob_i: (H, W) float32 values of frame i (NaN = none).
+        flow_ji: (H, W, 2) flow j -> i.
+        valid_ji: (H, W) bool forward-backward consistent pixels of j (occluded in i: False), or None.
+
+    Returns:
+        (H, W) float32 values in frame j, NaN where there is none (outside i, not valid, or a NaN
+        within the bilinear footprint).
+    """
+    h, w = prob_i.shape
+    m = np.asarray(flow_ji, dtype=np.float32) + np.dstack(_pixel_grid(h, w))
+    out = cv2.remap(np.asarray(prob_i, dtype=np.float32), m, None, cv2.INTER_LINEAR,
+                    borderMode=cv2.BORDER_CONSTANT, borderValue=float('nan'))
+    if valid_ji is not None:
+        out[~np.asarray(valid_ji, dtype=bool)] = np.nan
+    return out
+
+
 def _splat_to_target(prob_i: np.ndarray, flow: np.ndarray, z_j: np.ndarray) -> np.ndarray:
     """Carry frame i's per-pixel values to frame j along the flow i -> j.
 
@@ -526,7 +557,7 @@ def drop_background_segments(mask: np.ndarray, depth: np.ndarray, max_continuity
 
 
 def clean_mask(prob: np.ndarray, cfg: SegmentationConfig, depth: np.ndarray | None = None) -> np.ndarray:
-    """Threshold and clean one probability map.
+    """Threshold (with hysteresis, ``cfg.hysteresis``) and clean one probability map.
 
     Args:
         prob: (H, W) float32 dynamic probability (NaN = no evidence = static).
@@ -537,7 +568,17 @@ def clean_mask(prob: np.ndarray, cfg: SegmentationConfig, depth: np.ndarray | No
     Returns:
         (H, W) uint8, 255 = dynamic.
     """
-    m = (np.nan_to_num(prob, nan=0.0) > cfg.threshold).astype(np.uint8)
+    p0 = np.nan_to_num(prob, nan=0.0)
+    m = (p0 > cfg.threshold).astype(np.uint8)
+    if cfg.hysteresis < 1.0 and m.any():
+        # hysteresis: weaker evidence connected to strong evidence is part of the same mover (a slow
+        # mover's flow error hovers around the tolerance; partial detections inside a mover would
+        # otherwise be dropped as depth-continuous background by drop_background_segments)
+        n, lab = cv2.connectedComponents((p0 > cfg.hysteresis * cfg.threshold).astype(np.uint8), connectivity=8)
+        keep = np.zeros(n, bool)
+        keep[lab[m > 0]] = True
+        keep[0] = False
+        m = keep[lab].astype(np.uint8)
     if cfg.open_px:
         m = cv2.morphologyEx(m, cv2.MORPH_OPEN, _kernel(cfg.open_px))
     if cfg.close_px:
@@ -558,6 +599,36 @@ def clean_mask(prob: np.ndarray, cfg: SegmentationConfig, depth: np.ndarray | No
     return m * np.uint8(255)
 
 
+def refine_upsampled_mask(mask: np.ndarray, s: int, depth: np.ndarray | None, prob: np.ndarray,
+                          cfg: SegmentationConfig) -> np.ndarray:
+    """A mask computed at 1/s of the input size, back at the input size with its edges on the
+    input depth's edges.
+
+    The (h, w) mask is repeated over s x s blocks (the block layout of the reconstructor's
+    processing size), then pixels within ``cfg.snap_px`` work pixels (snap_px * s input pixels) of its
+    boundary are re-labelled by
+    :func:`snap_to_depth_edges` on the input-size depth.
+
+    Args:
+        mask: (h, w) uint8, 255 = dynamic.
+        s: integer factor; the input is (H, W) with H // s == h and W // s == w.
+        depth: (H, W) float32 metres of the input (None: no snapping).
+        prob: (H, W) float32 dynamic probability at the input size (low = known static).
+        cfg: the segmentation parameters (threshold; snap_px = 0 disables the snapping).
+
+    Returns:
+        (H, W) uint8, 255 = dynamic.
+    """
+    H, W = prob.shape
+    h, w = mask.shape
+    m = cv2.resize((mask > 0).astype(np.uint8), (w * s, h * s), interpolation=cv2.INTER_NEAREST)
+    if m.shape != (H, W):
+        m = cv2.copyMakeBorder(m, 0, H - h * s, 0, W - w * s, cv2.BORDER_REPLICATE)
+    if depth is not None and cfg.snap_px and m.any():
+        m = snap_to_depth_edges(m, depth, cfg.snap_px * s, prob < 0.5 * cfg.threshold)
+    return m * np.uint8(255)
+
+
 class MotionSegmenter:
     """Per-window motion segmentation with temporal memory keyed by frame key.
 
@@ -569,6 +640,7 @@ class MotionSegmenter:
         self.cfg = cfg or SegmentationConfig()
         self._state: OrderedDict[str, tuple[np.ndarray, np.ndarray, int]] = OrderedDict()
         self._calls = 0
+        self._pool = None  # worker threads (cfg.threads > 1), started on first use
 
     def __len__(self) -> int:
         """Number of frame keys currently remembered."""
@@ -579,7 +651,10 @@ class MotionSegmenter:
         self._calls = 0
 
     def segment(self, keys: list[str], depths: np.ndarray, K: np.ndarray, poses: np.ndarray,
-                flows: dict, flow_valid: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+                flows: dict, flow_valid: dict | None = None,
+                target_flows: dict | None = None,
+                need_masks: list[bool] | None = None,
+                skip_frames: list[bool] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Dynamic probability and mask of every frame of a window.
 
         Args:
@@ -589,6 +664,16 @@ class MotionSegmenter:
             poses: (N, 4, 4) camera-to-world.
             flows: {(i, j): (H, W, 2) float32 optical flow from frame i to frame j}, window indices.
             flow_valid: {(i, j): (H, W) bool forward-backward consistent}; missing = all valid.
+            target_flows: optional {(i, j): ((H, W, 2) flow from frame j to frame i, (H, W) bool valid or
+                None)} for pairs of ``flows`` whose frame j gets its evidence carried from i: with it
+                j's pixels sample i's probability where their flow leads (a backward warp, cheap; the
+                forward-backward check leaves occluded pixels out), without it i's pixels are
+                splatted to j along the flow i -> j, z-buffered.
+            need_masks: optional N bools: frames whose mask is not needed (False) still have their
+                evidence remembered, but their mask is not cleaned and comes back all zero.
+            skip_frames: optional N bools: frames whose evidence is not needed at all (True; e.g.
+                frames already output, in the window as anchors): nothing is carried to them, their
+                memory is not updated, their probability and mask come back all zero.
 
         Returns:
             probs (N, H, W) float32 in [0, 1] and masks (N, H, W) uint8 (255 = dynamic).
@@ -610,27 +695,56 @@ class MotionSegmenter:
 
         def add(k: int, p: np.ndarray) -> None:
             ok = np.isfinite(p)
-            psum[k][ok] += p[ok]
-            pcnt[k][ok] += 1.0
+            psum[k] += np.where(ok, p, np.float32(0))
+            pcnt[k] += ok
 
         for (i, j), flow in flows.items():
             if not (0 <= i < n and 0 <= j < n) or i == j:
                 raise InputError(f'segment: flow pair ({i}, {j}) is not a pair of the {n}-frame window')
+            if np.shape(flow) != (h, w, 2):
+                raise InputError(f'segment: flow ({i}, {j}) has shape {np.shape(flow)}, expected {(h, w, 2)}')
+
+        skip = [False] * n if skip_frames is None else [bool(x) for x in skip_frames]
+
+        def pair(item):  # evidence of one pair: [(frame, probability)]
+            (i, j), flow = item
+            carry = (j, i) not in flows and not skip[j]  # frame j gets the evidence carried along the flow
+            if skip[i] and not carry:
+                return []
             flow = np.asarray(flow, dtype=np.float32)
-            if flow.shape != (h, w, 2):
-                raise InputError(f'segment: flow ({i}, {j}) has shape {flow.shape}, expected {(h, w, 2)}')
             p, zj = _pair_probability(depths[i], Ks[i], inv[j] @ poses[i], flow, flow_valid.get((i, j)),
                                       self.cfg, Ks[j])
-            add(i, p)
-            if (j, i) not in flows:  # frame j gets the evidence carried along the flow
-                add(j, _splat_to_target(p, flow, zj))
+            out = [] if skip[i] else [(i, p)]
+            if carry:
+                if target_flows and (i, j) in target_flows:
+                    back, back_valid = target_flows[(i, j)]
+                    out.append((j, _pull_from_source(p, back, back_valid)))
+                else:
+                    out.append((j, _splat_to_target(p, flow, zj)))
+            return out
+
+        for ev in self._map(pair, list(flows.items())):  # summed in pair order: deterministic
+            for k, p in ev:
+                add(k, p)
         probs = np.zeros((n, h, w), np.float32)
         masks = np.zeros((n, h, w), np.uint8)
         for k, key in enumerate(keys):
-            probs[k] = self._remember(key, psum[k], pcnt[k])
-            masks[k] = clean_mask(probs[k], self.cfg, depths[k])
+            if not skip[k]:
+                probs[k] = self._remember(key, psum[k], pcnt[k])
+        todo = [k for k in range(n) if (need_masks is None or need_masks[k]) and not skip[k]]
+        for k, m in zip(todo, self._map(lambda k: clean_mask(probs[k], self.cfg, depths[k]), todo)):
+            masks[k] = m
         self._forget()
         return probs, masks
+
+    def _map(self, fn, items: list) -> list:
+        """[fn(x) for x in items], on ``cfg.threads`` threads when there is more than one item."""
+        if self.cfg.threads <= 1 or len(items) <= 1:
+            return [fn(x) for x in items]
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+            self._pool = ThreadPoolExecutor(max_workers=self.cfg.threads, thread_name_prefix='dynrecon-seg')
+        return list(self._pool.map(fn, items))
 
     def segment_frame(self, key: str, depth: np.ndarray, K: np.ndarray, pose: np.ndarray,
                       neighbours: list) -> tuple[np.ndarray, np.ndarray]:

@@ -102,7 +102,8 @@ class VoxelMap:
         return int(np.count_nonzero(self._data[_W] > 0))
 
     def integrate(self, depth: np.ndarray, rgb: np.ndarray, K: np.ndarray, pose: np.ndarray,
-                  static: np.ndarray | None = None, confidence: np.ndarray | None = None) -> None:
+                  static: np.ndarray | None = None, confidence: np.ndarray | None = None,
+                  pixel_stride: int | None = None) -> None:
         """Carve with one frame, then add its static, confident points.
 
         Args:
@@ -112,6 +113,7 @@ class VoxelMap:
             pose: (4, 4) camera-to-world.
             static: (H, W) bool, True = static pixel; None = all static.
             confidence: (H, W) float32 per-pixel confidence, or None (all 1).
+            pixel_stride: overrides ``cfg.pixel_stride`` for this frame (None = the config's).
         """
         depth = np.asarray(depth, dtype=np.float32)
         if depth.ndim != 2:
@@ -139,7 +141,7 @@ class VoxelMap:
             use &= np.isfinite(conf) & (conf >= cfg.min_confidence)
         else:
             conf = None
-        s = cfg.pixel_stride
+        s = cfg.pixel_stride if pixel_stride is None else int(pixel_stride)
         if s == 0 and use.any():
             s = max(1, int(0.5 * cfg.voxel_size * K[0, 0] / float(np.median(depth[use][::7]))))
         if s > 1:

@@ -1,4 +1,5 @@
 """End-to-end tests of the Reconstructor on rendered sequences with exact ground truth."""
+import cv2
 import numpy as np
 import pytest
 
@@ -84,7 +85,13 @@ def test_static_map_has_no_movers(seq, clip, result):
 
 
 def test_segmentation_matters(seq, clip, result):
-    """Without masking the movers, the map collects them (and the trajectory is not better)."""
+    """Without masking the movers, the map collects them.
+
+    The trajectory comparison is in test_full_default_sequence_targets: on this 30-frame clip both
+    ATEs are ~0.6-0.7 mm and their order is sampling noise (main before the speed work: off/on =
+    0.92; variants of the RANSAC / refinement sampling: 0.83-1.10), while over 90 frames, where a
+    mover comes close to the camera, segmentation-off is clearly worse (off/on 1.27-1.5).
+    """
     frames, poses, _ = clip
     cfg = ReconConfig()
     cfg.segmentation.enabled = False
@@ -93,9 +100,14 @@ def test_segmentation_matters(seq, clip, result):
     far_on, _ = map_outlier_fraction(rec_on, seq, 0)
     far_off, _ = map_outlier_fraction(rec_off, seq, 0)
     assert far_off > 3 * far_on and far_off > 0.02, (far_on, far_off)
-    ate_on = ate_rmse(np.array([r.pose for r in out_on]), poses)
-    ate_off = ate_rmse(np.array([r.pose for r in out_off]), poses)
-    assert ate_off >= 0.9 * ate_on
+
+
+def test_static_scene_flags_no_pixel():
+    """Without movers the whole pipeline (poses, windowed segmentation with hysteresis) flags nothing."""
+    static = render_sequence(SyntheticConfig(width=320, height=240, frames=20, seed=5, movers=0))
+    _, out = run(static)
+    assert all(r.status == 'ok' for r in out)
+    assert sum(int((r.mask > 0).sum()) for r in out) == 0
 
 
 def test_bad_frames_are_skipped_with_reasons(seq):
@@ -151,7 +163,65 @@ def test_full_default_sequence_targets():
     assert ate < 0.01, f'ATE {ate * 1000:.1f} mm'
     pred = np.array([r.mask > 0 for r in out])
     m_iou = iou(pred, seq.masks)
-    assert m_iou > 0.85, f'IoU {m_iou:.3f}'
+    assert m_iou > 0.9, f'IoU {m_iou:.3f}'  # target 0.85, aim 0.9 (bench: 0.92)
+    far, _ = map_outlier_fraction(rec, seq)
+    assert far < 0.02
+    # segmentation matters: without it the map collects the movers and the trajectory is worse
+    cfg = ReconConfig()
+    cfg.segmentation.enabled = False
+    rec_off, out_off = run(seq, cfg)
+    ate_off = ate_rmse(np.array([r.pose for r in out_off]), seq.poses)
+    assert ate_off > 1.15 * ate, (ate_off, ate)
+    far_off, _ = map_outlier_fraction(rec_off, seq)
+    assert far_off > 0.02 and far_off > 3 * far, (far_off, far)
+
+
+def test_downscale_frame_keeps_geometry_and_foreground_edges():
+    from dynrecon_ros.reconstructor import downscale_frame, upsample
+    K = np.array([[500.0, 0, 319.5], [0, 500.0, 239.5], [0, 0, 1]])
+    depth = np.full((480, 640), 3.0, np.float32)
+    depth[100:301, 201:400] = 1.5  # a box whose left and bottom edges cut through 2x2 blocks
+    depth[0:10, 0:10] = 0  # no reading
+    rgb = np.random.default_rng(0).integers(0, 255, (480, 640, 3), dtype=np.uint8)
+    f = Frame(1.0, rgb, depth, K, key='k')
+    w = downscale_frame(f, 2)
+    assert w.rgb.shape == (240, 320, 3) and w.depth.shape == (240, 320) and w.key == 'k'
+    # the principal point stays on the optical axis: full-res pixel 319.5 = centre of work pixel 159.5
+    assert np.allclose(w.K, [[250, 0, 159.5], [0, 250, 119.5], [0, 0, 1]])
+    assert np.all(w.depth[:5, :5] == 0)
+    # blocks across the box's edges take the box's (nearest) depth, never a mix
+    assert set(np.unique(w.depth[40:160, 90:210])) <= {1.5, 3.0}
+    assert w.depth[50, 100] == 1.5 and w.depth[150, 150] == 1.5 and w.depth[50, 99] == 3.0
+    up = upsample(w.depth, 2, (481, 641), cv2.INTER_NEAREST)
+    assert up.shape == (481, 641) and np.array_equal(up[:480, :640][::2, ::2], w.depth)
+
+
+def test_large_frames_are_processed_at_the_work_size_with_outputs_at_input_size():
+    big = render_sequence(SyntheticConfig(width=640, height=480, frames=12, seed=0))
+    rec, out = run(big)
+    assert all(r.status == 'ok' for r in out)
+    r = out[6]
+    assert r.mask.shape == (480, 640) and r.dynamic_prob.shape == (480, 640) and r.confidence.shape == (480, 640)
+    assert r.depth is big.frames[6].depth and np.allclose(r.K, big.K)
+    assert rec.window.entries[-1].frame.rgb.shape == (240, 320, 3)  # processed at 320x240
+    assert ate_rmse(np.array([r.pose for r in out]), big.poses) < 0.005
+    pred = np.array([r.mask > 0 for r in out])
+    assert iou(pred[2:], big.masks[2:]) > 0.8
+    cfg = ReconConfig()
+    cfg.max_work_width = 0  # off: processed at the input size
+    rec0, out0 = run(None, cfg, frames=big.frames[:3])
+    assert rec0.window.entries[-1].frame.rgb.shape == (480, 640, 3) and out0[2].mask.shape == (480, 640)
+
+
+@pytest.mark.slow
+def test_full_sequence_targets_at_640x480():
+    """The issue's 640x480 targets (ATE <= 5 mm, IoU >= 0.85, map) on the default processing size."""
+    seq = render_sequence(SyntheticConfig(width=640, height=480, frames=90, seed=0))
+    rec, out = run(seq)
+    ate = ate_rmse(np.array([r.pose for r in out]), seq.poses)
+    assert ate < 0.005, f'ATE {ate * 1000:.1f} mm'
+    m_iou = iou(np.array([r.mask > 0 for r in out]), seq.masks)
+    assert m_iou > 0.9, f'IoU {m_iou:.3f}'
     far, _ = map_outlier_fraction(rec, seq)
     assert far < 0.02
 
@@ -168,3 +238,39 @@ def test_no_drift_blow_up_over_300_frames():
     gt = np.linalg.inv(seq.poses[0]) @ seq.poses
     err = np.linalg.norm(est[:, :3, 3] - gt[:, :3, 3], axis=1)
     assert err[200:].max() < 0.03
+
+
+class _LosingTracking:
+    """The real pair predictor, except that it finds no pose while ``lost`` (tracking lost)."""
+
+    def __init__(self, inner):
+        self.inner, self.lost = inner, False
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def relative_pose(self, a, b, flow, static, init=None):
+        if self.lost:
+            return None, np.zeros(0, bool), 0
+        return self.inner.relative_pose(a, b, flow, static, init=init)
+
+
+def test_flow_cache_stays_bounded_while_tracking_is_lost():
+    """Skipped frames (tracking lost after their flows were computed) leave no flows behind: the cache
+    holds at most the pairs among the window's frames and keyframes, however long tracking stays lost."""
+    rng = np.random.default_rng(0)
+    h, w = 120, 160
+    yy, xx = np.mgrid[0:h, 0:w]
+    depth = (2.0 + 0.008 * xx + 0.004 * yy).astype(np.float32)
+    K = np.array([[131.0, 0, w / 2], [0, 131.0, h / 2], [0, 0, 1]])
+    base = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    rec = Reconstructor()
+    rec.predictor = _LosingTracking(rec.predictor)
+    frame = lambda i: Frame(stamp=i * 0.1, rgb=np.roll(base, i, axis=1), depth=depth.copy(), K=K.copy(), key=f'{i}')
+    for i in range(6):
+        rec.push(frame(i))
+    rec.predictor.lost = True
+    results = [r for i in range(6, 36) for r in rec.push(frame(i))]
+    kept = len(rec.window.all_entries())
+    assert len(rec.flows) <= kept * (kept - 1) // 2, (len(rec.flows), kept)
+    assert sum(r.status == 'skipped' for r in results + rec.flush()) == 30

@@ -139,6 +139,27 @@ def test_segmenter_with_forward_flows_only_carries_evidence_to_targets():
         assert _iou(masks[k] > 0, gt[k]) >= 0.85, (k, _iou(masks[k] > 0, gt[k]))
 
 
+def test_target_flows_need_masks_and_skip_frames():
+    """The reconstructor's options: evidence pulled along j -> i flows instead of splatted, masks
+    cleaned only where needed, frames skipped; the same threaded as on one thread."""
+    depths, poses, gt, flow = _scene()
+    n = len(depths)
+    flows = {(n - 1, k): flow(n - 1, k) for k in range(n - 1)}  # the newest frame with each older one
+    back = {(n - 1, k): (flow(k, n - 1), None) for k in range(n - 1)}
+    keys = [str(k) for k in range(n)]
+    p_all, m_all = MotionSegmenter().segment(keys, depths, K, poses, flows, target_flows=back)
+    for k in range(n):
+        assert _iou(m_all[k] > 0, gt[k]) >= 0.85, (k, _iou(m_all[k] > 0, gt[k]))
+    need = [k >= n - 2 for k in range(n)]
+    skip = [k == 0 for k in range(n)]
+    for threads in (1, 2):
+        p, m = MotionSegmenter(SegmentationConfig(threads=threads)).segment(
+            keys, depths, K, poses, flows, target_flows=back, need_masks=need, skip_frames=skip)
+        assert not p[0].any() and not m[0].any()  # skipped
+        assert not m[1:n - 2].any() and np.array_equal(p[1:], p_all[1:])  # remembered, not cleaned
+        assert np.array_equal(m[n - 2:], m_all[n - 2:])
+
+
 def test_segmenter_static_scene_has_no_false_positives():
     depths, poses, gt, flow = _scene(box_speed=0.0, noise_px=0.5)
     n = len(depths)
@@ -340,7 +361,7 @@ def test_refine_relative_pose_recovers_pose_despite_movers(rendered):
     depths = np.stack([seq.frames[k].depth for k in (0, 2)])
     P = np.stack([seq.poses[0], seq.poses[0] @ np.linalg.inv(T_init)])
     flows, fv = {(0, 1): f02, (1, 0): f20}, {(0, 1): valid, (1, 0): forward_backward_valid(f20, f02)}
-    _, refined = MotionSegmenter().segment(['a', 'b'], depths, seq.K, P, flows, fv)
+    _, refined = MotionSegmenter(SegmentationConfig(refine_pose=True)).segment(['a', 'b'], depths, seq.K, P, flows, fv)
     _, raw = MotionSegmenter(SegmentationConfig(refine_pose=False)).segment(['a', 'b'], depths, seq.K, P, flows, fv)
     gt = seq.masks[0]
     assert _iou(refined[0] > 0, gt) >= 0.85 and _iou(refined[0] > 0, gt) > _iou(raw[0] > 0, gt) + 0.05, \

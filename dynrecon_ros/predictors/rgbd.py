@@ -1,8 +1,10 @@
 """RGB-D pair predictor: no weights, metric.
 
 Points come from depth and intrinsics. The pose of j in i comes from dense correspondences (DIS flow
-i->j, forward-backward consistent, depth valid on both ends) by RANSAC over 3-point Umeyama/Kabsch
-fits, then a weighted refit on the inliers; moving objects are a minority and end up outliers.
+i->j, forward-backward consistent, depth valid on both ends, taken on a pixel grid of stride
+``stride``) by RANSAC over 3-point Umeyama/Kabsch fits, then a direct photometric + depth
+refinement on the inliers; moving objects are a minority and end up outliers. Per-frame data
+(grey, gradients, grid points) is computed once per frame and shared by its pairs.
 Confidence is 1 + a positive score where depth is valid and the flow is consistent.
 """
 from __future__ import annotations
@@ -30,7 +32,7 @@ class RGBDPredictorConfig:
     stride: int = 2  # verify the fit on every stride-th pixel in x and y (inliers are on that grid)
     halo_fraction: float = 0.03  # band excluded around motion outliers, fraction of image width
     photometric_iterations: int = 5  # direct RGB-D refinement after the flow fit (0 = off)
-    photometric_samples: int = 3000
+    photometric_samples: int = 2000
     min_gradient: float = 4.0  # grey levels per pixel for pixels used by the refinement
     seed: int = 0
 
@@ -87,11 +89,12 @@ def reprojection_errors(R: np.ndarray, t: np.ndarray, P: np.ndarray, Q: np.ndarr
     (pixel error to the flow target uv (M, N), relative depth error to Q's depth (M, N)). Pixel space
     makes the test independent of depth (3D errors grow with z^2 for a fixed flow error).
     """
-    X = np.matmul((P[None] - t[:, None]).astype(np.float32), R.astype(np.float32))  # (M, N, 3)
-    z = np.maximum(X[..., 2], 1e-6)
-    du = K[0, 0] * X[..., 0] / z + K[0, 2] - uv[:, 0]
-    dv = K[1, 1] * X[..., 1] / z + K[1, 2] - uv[:, 1]
-    return np.sqrt(du * du + dv * dv), np.abs(z - Q[:, 2]) / Q[:, 2]
+    X = np.matmul((P[None] - t[:, None].astype(P.dtype)).astype(np.float32), R.astype(np.float32))  # (M, N, 3)
+    fx, fy, cx, cy = float(K[0, 0]), float(K[1, 1]), float(K[0, 2]), float(K[1, 2])  # weak: stays float32
+    iz = 1.0 / np.maximum(X[..., 2], np.float32(1e-6))
+    du = fx * X[..., 0] * iz + cx - uv[:, 0]
+    dv = fy * X[..., 1] * iz + cy - uv[:, 1]
+    return np.sqrt(du * du + dv * dv), np.abs(X[..., 2] - Q[:, 2]) / Q[:, 2]
 
 
 def ransac_rigid(P: np.ndarray, Q: np.ndarray, uv: np.ndarray, K: np.ndarray, iterations: int,
@@ -127,28 +130,39 @@ def ransac_rigid(P: np.ndarray, Q: np.ndarray, uv: np.ndarray, K: np.ndarray, it
     return T, inl, thr
 
 
-def correspondences(depth_i: np.ndarray, K_i: np.ndarray, depth_j: np.ndarray, K_j: np.ndarray,
-                    flow_ij: np.ndarray, valid_ij: np.ndarray,
-                    min_depth: float = 0.1, max_depth: float = 10.0):
-    """Dense correspondences i->j: (pts_i (H,W,3), pts_j (H,W,3) in j's frame, ok (H,W) bool).
+class _FrameCache:
+    """Per-frame images the predictor derives once and reuses across pairs (small, LRU by identity).
 
-    pts_j is j's depth sampled (nearest of the bilinear neighbourhood rejected at depth edges) at
-    p + flow(p). ok = flow consistent, both depths valid.
+    Each frame is in several pairs (its neighbour, the keyframe anchors); grey levels, gradients
+    and the stack sampled by the direct refinement are computed once per frame, not once per pair.
     """
-    h, w = depth_i.shape
-    g = pixel_grid(h, w) + flow_ij
-    dj = np.where((depth_j > min_depth) & (depth_j < max_depth), depth_j, np.nan).astype(np.float32)
-    zj = cv2.remap(dj, g[..., 0], g[..., 1], cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
-                   borderValue=float('nan'))
-    # reject interpolation across a depth edge: the bilinear value must agree with the nearest one
-    zn = cv2.remap(dj, g[..., 0], g[..., 1], cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT,
-                   borderValue=float('nan'))
-    pts_i = unproject(np.where((depth_i > min_depth) & (depth_i < max_depth), depth_i, np.nan), K_i)
-    x = (g[..., 0] - K_j[0, 2]) / K_j[0, 0] * zj
-    y = (g[..., 1] - K_j[1, 2]) / K_j[1, 1] * zj
-    pts_j = np.stack([x, y, zj], axis=-1)
-    ok = valid_ij & np.isfinite(pts_i[..., 2]) & np.isfinite(zj) & (np.abs(zj - zn) < 0.02 * zj + 0.005)
-    return pts_i, pts_j, ok
+
+    def __init__(self, size: int = 8):
+        self.size = size
+        self._items: list[tuple[object, dict]] = []
+
+    def get(self, frame) -> dict:
+        for k, (f, d) in enumerate(self._items):
+            if f is frame:
+                if k != len(self._items) - 1:
+                    self._items.append(self._items.pop(k))
+                return d
+        d: dict = {}
+        self._items.append((frame, d))
+        if len(self._items) > self.size:
+            self._items.pop(0)
+        return d
+
+
+def _grid_points(depth: np.ndarray, K: np.ndarray, st: int, min_depth: float, max_depth: float):
+    """Points of the stride-``st`` pixel grid: ((gh, gw, 3) float32 camera points, NaN where the
+    depth is outside [min_depth, max_depth])."""
+    d = depth[::st, ::st]
+    z = np.where((d > min_depth) & (d < max_depth), d, np.nan).astype(np.float32)
+    gh, gw = z.shape
+    u = (np.arange(gw, dtype=np.float32) * st - np.float32(K[0, 2])) * np.float32(1 / K[0, 0])
+    v = (np.arange(gh, dtype=np.float32) * st - np.float32(K[1, 2])) * np.float32(1 / K[1, 1])
+    return np.stack([u[None, :] * z, v[:, None] * z, z], axis=-1)
 
 
 class RGBDPredictor(PairPredictor):
@@ -158,65 +172,115 @@ class RGBDPredictor(PairPredictor):
     def __init__(self, config: RGBDPredictorConfig | None = None):
         self.cfg = config or RGBDPredictorConfig()
         self.rng = np.random.default_rng(self.cfg.seed)
+        self._cache = _FrameCache()
+
+    def _frame_data(self, frame) -> dict:
+        """Cached per-frame data: grey (H, W) float32, gradient magnitude, grid points."""
+        d = self._cache.get(frame)
+        if 'gray' not in d:
+            g = cv2.cvtColor(frame.rgb, cv2.COLOR_RGB2GRAY).astype(np.float32)
+            gx = cv2.Scharr(g, cv2.CV_32F, 1, 0)
+            gy = cv2.Scharr(g, cv2.CV_32F, 0, 1)
+            d['gray'] = g
+            d['grad_mag'] = np.abs(gx) + np.abs(gy)
+            d['grad'] = (gx / 32.0, gy / 32.0)
+        return d
+
+    def _sample_stack(self, frame) -> np.ndarray:
+        """(H, W, 6) float32 [grey, d grey/dx, d grey/dy, depth, d depth/dx, d depth/dy] of a frame,
+        sampled in one remap per iteration by :func:`photometric_refine` (cached per frame)."""
+        d = self._frame_data(frame)
+        if 'stack' not in d:
+            gx, gy = d['grad']
+            d['stack'] = _sampling_stack(d['gray'], gx, gy, frame.depth)
+        return d['stack']
+
+    def _valid_depth(self, frame) -> np.ndarray:
+        """(H, W) float32 depth, NaN outside [min_depth_m, max_depth_m] (cached per frame)."""
+        d = self._frame_data(frame)
+        if 'valid_depth' not in d:
+            z = frame.depth
+            d['valid_depth'] = np.where((z > self.cfg.min_depth_m) & (z < self.cfg.max_depth_m), z,
+                                        np.nan).astype(np.float32)
+        return d['valid_depth']
+
+    def _grid(self, frame, st: int) -> np.ndarray:
+        d = self._frame_data(frame)
+        key = ('pts', st)
+        if key not in d:
+            d[key] = _grid_points(frame.depth, frame.K, st, self.cfg.min_depth_m, self.cfg.max_depth_m)
+        return d[key]
 
     def relative_pose(self, frame_i, frame_j, flow, static_i: np.ndarray | None = None,
                       init: np.ndarray | None = None):
         """(T_i_j (4,4), inliers_i (H,W) bool, n verified correspondences) from flow + depth, or (None, ...).
 
+        Correspondences are taken on the pixel grid of stride ``cfg.stride`` (RANSAC samples, the
+        verification and the inliers; every pixel's flow is there, a denser set only costs time).
         ``init``: a predicted T_i_j (e.g. from already tracked poses); RANSAC is then skipped and the
         prediction only verified and refined (cheaper, used for the long pairs to keyframes).
         """
         c = self.cfg
-        pts_i, pts_j, ok = correspondences(frame_i.depth, frame_i.K, frame_j.depth, frame_j.K,
-                                           flow.fwd, flow.valid_fwd, c.min_depth_m, c.max_depth_m)
-        cand = ok if static_i is None else ok & static_i
-        if cand.sum() < c.min_inliers and static_i is not None:
-            cand = ok
-        flat = np.flatnonzero(cand)
-        if len(flat) < c.min_inliers:
-            return None, np.zeros(ok.shape, bool), len(flat)
-        sub = flat if len(flat) <= c.ransac_samples else self.rng.choice(flat, c.ransac_samples, replace=False)
-        h, w = ok.shape
-        uv_all = (pixel_grid(h, w) + flow.fwd).reshape(-1, 2)
-        P_all, Q_all = pts_i.reshape(-1, 3), pts_j.reshape(-1, 3)
-        if init is None:
-            T, inl, thr = ransac_rigid(P_all[sub].astype(np.float64), Q_all[sub].astype(np.float64),
-                                       uv_all[sub], frame_j.K, c.ransac_iterations, c.ransac_px_threshold,
-                                       c.ransac_depth_threshold, self.rng, c.refine_iterations, c.min_px_threshold)
-        else:
-            T, thr = np.asarray(init, dtype=np.float64), c.ransac_px_threshold
-            epx, ez = reprojection_errors(T[None, :3, :3], T[None, :3, 3], P_all[sub].astype(np.float64),
-                                          Q_all[sub].astype(np.float64), uv_all[sub], frame_j.K)
-            inl = (epx[0] < thr) & (ez[0] < c.ransac_depth_threshold)
-        if inl.sum() < c.min_inliers:
-            return None, np.zeros(ok.shape, bool), len(flat)
+        h, w = frame_i.depth.shape
         st = max(1, c.stride)
-        grid = np.zeros((h, w), bool)
-        grid[::st, ::st] = True
-        sel = np.flatnonzero(ok & grid)  # pixels verified against the fit (a grid: cost / stride^2)
+        K_j = frame_j.K
+        P = self._grid(frame_i, st)  # (gh, gw, 3)
+        gh, gw = P.shape[:2]
+        f = flow.fwd[::st, ::st]
+        uv = pixel_grid(h, w)[::st, ::st] + f  # (gh, gw, 2) target pixels in j
+        dj = self._valid_depth(frame_j)
+        zj = cv2.remap(dj, uv, None, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=float('nan'))
+        # reject interpolation across a depth edge: the bilinear value must agree with the nearest one
+        zn = cv2.remap(dj, uv, None, cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT, borderValue=float('nan'))
+        ok = flow.valid_fwd[::st, ::st] & np.isfinite(P[..., 2]) & np.isfinite(zj) & \
+            (np.abs(zj - zn) < 0.02 * zj + 0.005)
+        sel = np.flatnonzero(ok)  # grid pixels verified against the fit
+        P_s = P.reshape(-1, 3)[sel]  # float32: the verification's precision is ample
+        uv_s = uv.reshape(-1, 2)[sel]
+        z_s = zj.reshape(-1)[sel]
+        Q_s = np.stack([(uv_s[:, 0] - np.float32(K_j[0, 2])) * np.float32(1 / K_j[0, 0]) * z_s,
+                        (uv_s[:, 1] - np.float32(K_j[1, 2])) * np.float32(1 / K_j[1, 1]) * z_s, z_s], -1)
+        static_s = None if static_i is None else static_i[::st, ::st].reshape(-1)[sel]
+        cand = np.arange(len(sel)) if static_s is None else np.flatnonzero(static_s)
+        if len(cand) < c.min_inliers and static_s is not None:
+            cand = np.arange(len(sel))
+        empty = np.zeros((h, w), bool)
+        if len(cand) < c.min_inliers:
+            return None, empty, len(sel)
 
         def errors(T):
-            epx, ez = reprojection_errors(T[None, :3, :3], T[None, :3, 3], P_all[sel], Q_all[sel],
-                                          uv_all[sel], frame_j.K)
+            epx, ez = reprojection_errors(T[None, :3, :3], T[None, :3, 3], P_s, Q_s, uv_s, K_j)
             return epx[0], ez[0]
 
+        if init is None:
+            sub = cand if len(cand) <= c.ransac_samples else self.rng.choice(cand, c.ransac_samples, replace=False)
+            T, inl, thr = ransac_rigid(P_s[sub].astype(np.float64), Q_s[sub].astype(np.float64), uv_s[sub], K_j,
+                                       c.ransac_iterations, c.ransac_px_threshold, c.ransac_depth_threshold,
+                                       self.rng, c.refine_iterations, c.min_px_threshold)
+            n_fit = inl.sum()
+            epx, ez = errors(T)
+        else:
+            # verify the prediction on all candidates; the count is scaled to a RANSAC sample's
+            T, thr = np.asarray(init, dtype=np.float64), c.ransac_px_threshold
+            epx, ez = errors(T)
+            fit = (epx[cand] < thr) & (ez[cand] < c.ransac_depth_threshold)
+            n_fit = fit.sum() * min(1.0, c.ransac_samples / len(cand))
+        if n_fit < c.min_inliers:
+            return None, empty, len(sel)
         # flow near moving objects is dragged along with them (a halo a few px wide): exclude a band
         # around the pixels that clearly violate the rigid motion, then refit on what is left
-        epx, ez = errors(T)
         bad_sel = (epx > 3 * thr) | (ez > 3 * c.ransac_depth_threshold)
-        bad = np.zeros(h * w, np.uint8)
+        bad = np.zeros(gh * gw, np.uint8)
         bad[sel[bad_sel]] = 1
-        bad = bad.reshape(h, w)[::st, ::st]  # on the grid
-        bad = cv2.morphologyEx(bad, cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
+        bad = cv2.morphologyEx(bad.reshape(gh, gw), cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
         halo = max(1, int(round(c.halo_fraction * w / st)))
         excl = cv2.dilate(bad, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * halo + 1, 2 * halo + 1))) > 0
-        excl = np.repeat(np.repeat(excl, st, 0), st, 1)[:h, :w]
         keep = ~excl.reshape(-1)[sel]
-        if static_i is not None:
-            keep_s = keep & static_i.reshape(-1)[sel]
+        if static_s is not None:
+            keep_s = keep & static_s
             if keep_s.sum() >= c.min_inliers:
                 keep = keep_s
-        wz = 1.0 / np.maximum(P_all[sel, 2], 0.1) ** 2
+        wz = 1.0 / np.maximum(P_s[:, 2].astype(np.float64), 0.1) ** 2 if c.photometric_iterations <= 0 else None
         # refits on the flow (skipped when the direct refinement follows: it supersedes them)
         for _ in range(0 if c.photometric_iterations > 0 else 2):
             use = keep & (epx < thr) & (ez < c.ransac_depth_threshold)
@@ -225,29 +289,34 @@ class RGBDPredictor(PairPredictor):
                 break
             if len(idx) > c.ransac_samples * 4:
                 idx = self.rng.choice(idx, c.ransac_samples * 4, replace=False)
-            T = umeyama(P_all[sel[idx]].astype(np.float64), Q_all[sel[idx]].astype(np.float64), wz[idx])
+            T = umeyama(P_s[idx].astype(np.float64), Q_s[idx].astype(np.float64), wz[idx])
             epx, ez = errors(T)
             thr = float(np.clip(3.0 * 1.4826 * np.median(epx[use]), c.min_px_threshold, thr))
         inl_sel = keep & (epx < max(thr, 2 * c.min_px_threshold)) & (ez < c.ransac_depth_threshold)
-        inliers = np.zeros(h * w, bool)
-        inliers[sel[inl_sel]] = True
         if c.photometric_iterations > 0:
-            T = self._refine(frame_i, frame_j, pts_i, inliers, T)
-        return T, inliers.reshape(h, w), len(sel)  # n = verified pixels (grid), the base of inlier ratios
+            T = self._refine(frame_i, frame_j, sel[inl_sel], P_s[inl_sel], st, T)
+        g = np.zeros(gh * gw, bool)
+        g[sel[inl_sel]] = True
+        inliers = np.zeros((h, w), bool)
+        inliers[::st, ::st] = g.reshape(gh, gw)
+        return T, inliers, len(sel)  # n = verified pixels (grid), the base of inlier ratios
 
-    def _refine(self, frame_i, frame_j, pts_i, inliers, T):
-        """Direct photometric + depth refinement on textured static inlier pixels of i."""
+    def _refine(self, frame_i, frame_j, grid_idx, pts, st, T):
+        """Direct photometric + depth refinement on textured static inlier pixels of i.
+
+        grid_idx: (n,) flat indices of the inliers on i's stride-``st`` grid; pts: (n, 3) their points.
+        """
         c = self.cfg
-        gi = cv2.cvtColor(frame_i.rgb, cv2.COLOR_RGB2GRAY).astype(np.float32)
-        gj = cv2.cvtColor(frame_j.rgb, cv2.COLOR_RGB2GRAY).astype(np.float32)
-        gm = np.abs(cv2.Scharr(gi, cv2.CV_32F, 1, 0)) + np.abs(cv2.Scharr(gi, cv2.CV_32F, 0, 1))
-        cand = np.flatnonzero(inliers & (gm.reshape(-1) > 32.0 * c.min_gradient))
+        di = self._frame_data(frame_i)
+        gm = di['grad_mag'][::st, ::st].reshape(-1)[grid_idx]
+        cand = np.flatnonzero(gm > 32.0 * c.min_gradient)
         if len(cand) < c.min_inliers:
             return T
         if len(cand) > c.photometric_samples:
             cand = self.rng.choice(cand, c.photometric_samples, replace=False)
-        return photometric_refine(gi.reshape(-1)[cand], pts_i.reshape(-1, 3)[cand], gj, frame_j.depth,
-                                  frame_j.K, T, c.photometric_iterations)
+        gray_i = di['gray'][::st, ::st].reshape(-1)[grid_idx[cand]]
+        return photometric_refine(gray_i, pts[cand], None, frame_j.depth, frame_j.K, T, c.photometric_iterations,
+                                  stack=self._sample_stack(frame_j))
 
     def predict(self, frame_i, frame_j, flow, static_i: np.ndarray | None = None) -> PairPrediction:
         T, inliers, _ = self.relative_pose(frame_i, frame_j, flow, static_i)
@@ -274,9 +343,19 @@ def _se3_exp_left(xi: np.ndarray) -> np.ndarray:
     return T
 
 
-def photometric_refine(gray_i: np.ndarray, pts_i: np.ndarray, gray_j: np.ndarray, depth_j: np.ndarray,
+def _sampling_stack(gray: np.ndarray, gx: np.ndarray, gy: np.ndarray, depth: np.ndarray):
+    """Two (H, W, 3) float32 stacks [grey, d/dx, d/dy] and [depth, d/dx, d/dy] of an image j for
+    :func:`photometric_refine` (intensity gradients per pixel, Scharr / 32; OpenCV remaps up to 4
+    channels with exact float coordinates, more channels are quantised to 1/32 pixel: hence two)."""
+    dj = depth.astype(np.float32)
+    dgx = cv2.Sobel(dj, cv2.CV_32F, 1, 0, ksize=3) / 8.0
+    dgy = cv2.Sobel(dj, cv2.CV_32F, 0, 1, ksize=3) / 8.0
+    return np.dstack([gray, gx, gy]), np.dstack([dj, dgx, dgy])
+
+
+def photometric_refine(gray_i: np.ndarray, pts_i: np.ndarray, gray_j: np.ndarray | None, depth_j: np.ndarray,
                        K_j: np.ndarray, T_i_j: np.ndarray, iterations: int = 6, sigma_intensity: float = 4.0,
-                       sigma_depth_rel: float = 0.01, huber: float = 1.5) -> np.ndarray:
+                       sigma_depth_rel: float = 0.01, huber: float = 1.5, stack=None) -> np.ndarray:
     """Direct RGB-D refinement of T_i_j (pose of j in i) on selected pixels of i.
 
     Minimises, over a left increment of T_j_i, the robust sum of photometric residuals
@@ -287,17 +366,19 @@ def photometric_refine(gray_i: np.ndarray, pts_i: np.ndarray, gray_j: np.ndarray
     Args:
         gray_i: (n,) float32 intensities of the selected pixels of i; pts_i: (n, 3) their points.
         gray_j: (H, W) float32 image j; depth_j: (H, W) float32 metres (0 invalid); K_j (3, 3).
+        stack: optional precomputed :func:`_sampling_stack` of j (then gray_j may be None).
     Returns the refined (4, 4) T_i_j.
     """
-    h, w = gray_j.shape
-    gx = cv2.Scharr(gray_j, cv2.CV_32F, 1, 0) / 32.0
-    gy = cv2.Scharr(gray_j, cv2.CV_32F, 0, 1) / 32.0
-    dj = depth_j.astype(np.float32)
-    dgx = cv2.Sobel(dj, cv2.CV_32F, 1, 0, ksize=3) / 8.0
-    dgy = cv2.Sobel(dj, cv2.CV_32F, 0, 1, ksize=3) / 8.0
+    if stack is None:
+        gj = gray_j.astype(np.float32)
+        stack = _sampling_stack(gj, cv2.Scharr(gj, cv2.CV_32F, 1, 0) / 32.0,
+                                cv2.Scharr(gj, cv2.CV_32F, 0, 1) / 32.0, depth_j)
+    s_int, s_dep = stack
+    h, w = s_int.shape[:2]
     fx, fy, cx, cy = K_j[0, 0], K_j[1, 1], K_j[0, 2], K_j[1, 2]
     T_j_i = np.linalg.inv(T_i_j)
     X = pts_i.astype(np.float64)
+    gi = np.asarray(gray_i, dtype=np.float64)
     for _ in range(iterations):
         Y = X @ T_j_i[:3, :3].T + T_j_i[:3, 3]
         Z = Y[:, 2]
@@ -306,33 +387,39 @@ def photometric_refine(gray_i: np.ndarray, pts_i: np.ndarray, gray_j: np.ndarray
         ok = (Z > 0.05) & (u >= 1) & (u <= w - 2) & (v >= 1) & (v <= h - 2)
         if ok.sum() < 50:
             break
-        Yo, Zo, uo, vo = Y[ok], Z[ok], u[ok].astype(np.float32), v[ok].astype(np.float32)
-        samp = [cv2.remap(m, uo[:, None], vo[:, None], cv2.INTER_LINEAR)[:, 0]
-                for m in (gray_j, gx, gy, dj, dgx, dgy)]
-        Ij, Gx, Gy, Dj, DGx, DGy = samp
-        # d(u, v)/dY and dY/dxi = [I, -[Y]x]
+        Yo, Zo = Y[ok], Z[ok]
+        # one row of sample positions: OpenCV then runs the remap on one thread (splitting a few
+        # thousand samples over threads costs more than it saves, a lot more on a busy machine)
+        m = np.stack([u[ok], v[ok]], -1).astype(np.float32)[None]
+        Ij, Gx, Gy = cv2.remap(s_int, m, None, cv2.INTER_LINEAR)[0].astype(np.float64).T
+        Dj, DGx, DGy = cv2.remap(s_dep, m, None, cv2.INTER_LINEAR)[0].astype(np.float64).T
+        # d(u, v)/dY = [[fx/z, 0, -fx x/z^2], [0, fy/z, -fy y/z^2]] and dY/dxi = [I, -[Y]x]:
+        # a row a = (a0, a1, a2) of d/dY maps to (a, Y x a) in d/dxi
         iz = 1.0 / Zo
-        du = np.stack([fx * iz, np.zeros_like(iz), -fx * Yo[:, 0] * iz ** 2], 1)
-        dv = np.stack([np.zeros_like(iz), fy * iz, -fy * Yo[:, 1] * iz ** 2], 1)
+        x, y = Yo[:, 0], Yo[:, 1]
 
-        def jac(row):  # (n, 3) d/dY -> (n, 6) d/dxi
-            return np.concatenate([row, np.cross(Yo, row)], 1)
+        def jac(a0, a1, a2):  # (n,) x 3 d/dY -> (n, 6) d/dxi
+            return np.stack([a0, a1, a2, y * a2 - Zo * a1, Zo * a0 - x * a2, x * a1 - y * a0], 1)
 
-        Jp = jac(Gx[:, None] * du + Gy[:, None] * dv) / sigma_intensity
-        rp = (Ij - gray_i[ok]) / sigma_intensity
+        def dpix(gu, gv):  # d/dY of g(u, v) given its image gradient (gu, gv)
+            return gu * fx * iz, gv * fy * iz, -(gu * fx * x + gv * fy * y) * iz * iz
+
+        Jp = jac(*dpix(Gx, Gy)) / sigma_intensity
+        rp = (Ij - gi[ok]) / sigma_intensity
         dok = (Dj > 0) & (np.abs(DGx) + np.abs(DGy) < 0.05 * Zo)  # no depth residual across edges
+        a0, a1, a2 = dpix(DGx, DGy)
         sd = sigma_depth_rel * Zo
-        Jd = jac(DGx[:, None] * du + DGy[:, None] * dv - np.array([0.0, 0.0, 1.0])) / sd[:, None]
-        rd = (Dj - Zo) / sd
-        Jd, rd = Jd[dok], rd[dok]
+        Jd = jac(a0, a1, a2 - 1.0)[dok] / sd[dok, None]
+        rd = (Dj - Zo)[dok] / sd[dok]
         J = np.concatenate([Jp, Jd])
         r = np.concatenate([rp, rd])
         a = np.abs(r)
         wgt = np.where(a < huber, 1.0, huber / np.maximum(a, 1e-12))
-        H = (J * wgt[:, None]).T @ J
-        g = (J * wgt[:, None]).T @ r
+        Jw = J * wgt[:, None]
+        H = Jw.T @ J
+        g = Jw.T @ r
         xi = -np.linalg.solve(H + 1e-9 * np.eye(6), g)
         T_j_i = _se3_exp_left(xi) @ T_j_i
-        if np.abs(xi).max() < 1e-7:
+        if np.abs(xi).max() < 5e-6:  # converged: steps of a few micrometres / microradians
             break
     return np.linalg.inv(T_j_i)
