@@ -18,15 +18,16 @@ import numpy as np
 
 
 def parse_set(cfg, items):
-    import dataclasses
+    """Apply 'section.name=value' or 'name=value' (top-level) overrides, typed like the default."""
     for it in items:
         key, value = it.split('=', 1)
-        sec, name = key.split('.')
-        sub = getattr(cfg, sec)
+        *path, name = key.split('.')
+        sub = cfg
+        for part in path:
+            sub = getattr(sub, part)
         old = getattr(sub, name)
         typ = type(old)
         setattr(sub, name, (value.lower() in ('1', 'true', 'yes')) if typ is bool else typ(value))
-        assert dataclasses.is_dataclass(sub)
 
 
 def main() -> None:
