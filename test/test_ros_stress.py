@@ -27,6 +27,7 @@ import time
 import pytest
 
 pytest.importorskip('rclpy')
+from nav_msgs.msg import Path  # noqa: E402
 from sensor_msgs.msg import Image  # noqa: E402
 
 from dynrecon_ros.ros.node import default_fastdds_profile  # noqa: E402
@@ -78,6 +79,7 @@ def test_stress_30hz_vga_bounded_queue_and_memory():
     try:
         assert proc.wait_output('ready:', 60), proc.output()
         masks = ros.collect(Image, '/dynrecon/dynamic_mask', OUTPUT_QOS, keep=lambda m: m.header.stamp.sec)
+        paths = ros.collect(Path, '/dynrecon/path', OUTPUT_QOS, keep=lambda m: len(m.poses))
         pub = NodeProcess([sys.executable, '-m', 'dynrecon_ros.ros.testing', 'stream', str(SECONDS)], DOMAIN,
                           env=profile)
         assert pub.wait_output('streaming', 60), pub.output()
@@ -115,7 +117,8 @@ def test_stress_30hz_vga_bounded_queue_and_memory():
     step = max(5, round(elapsed / 12))
     print(f'\nstress {elapsed:.0f} s: sent {sent} frames ({sent / elapsed:.1f} Hz 640x480 rgb8+32FC1), node received '
           f'{received} (paired), processed {processed}, dropped {dropped} ({100 * dropped / max(received, 1):.0f} %), '
-          f'queue high water {high}/{QUEUE}, masks out {len(masks)}, drop-rate warnings {len(drop_warnings)}, '
+          f'queue high water {high}/{QUEUE}, masks out {len(masks)}, paths out {len(paths)}, '
+          f'drop-rate warnings {len(drop_warnings)}, '
           f'static map {voxels.group(1) if voxels else "?"} voxels (bound {MAP_VOXELS})\n'
           f'RSS sampled every {SAMPLE_S} s: {rss[0][1]:.0f} -> {rss[-1][1]:.0f} MiB '
           f'(max {max(k for _, k in rss):.0f}), '
@@ -126,6 +129,8 @@ def test_stress_30hz_vga_bounded_queue_and_memory():
     assert high <= QUEUE
     assert received >= 0.8 * sent, 'frames lost in transport (is the Fast DDS SHM profile in use?)'
     assert processed >= 1 and len(masks) >= 1
+    # ~/path (re-sent whole) goes out at publish_path_rate (2 Hz), not with every one of the masks' poses
+    assert 1 <= len(paths) <= 2.0 * elapsed + 5, (len(paths), len(masks))
     assert 0 <= received - processed - dropped <= QUEUE + 1  # every frame processed, dropped or still queued
     if processed / elapsed < 25:  # the worker could not keep up: the backlog must have been dropped, and said so
         assert dropped > 0 and drop_warnings
