@@ -154,6 +154,8 @@ def test_attention_mode_through_the_pipeline(seq):
     flagged = sum((res[k].mask > 0).sum() for k in moving)
     assert flagged > 0 and hit / flagged > 0.5, hit / flagged
     assert all((res[k].mask > 0).any() for k in moving)
+    still = [k for k in range(len(seq.frames)) if k not in moving]  # frames 8.. (movers gone)
+    assert still and not any((res[k].mask > 0).any() for k in still), [(res[k].mask > 0).mean() for k in still]
     # second pass: view 2's mover tokens are the ones suppressed (when view 2 has movers)
     calls = [(j, sel) for j, sel in net.zeroed if j in moving]
     covered = sum((sel & net.tokens(j)).sum() for j, sel in calls) / sum(net.tokens(j).sum() for j, _ in calls)
