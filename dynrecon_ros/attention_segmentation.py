@@ -11,9 +11,13 @@ fuse each (min-max over the tensor, mean over layers*heads, min-max); score =
 (1 - mean1) * std1 * mean2 * (1 - std2); per-frame min-max; optional k-means refinement on encoder
 tokens; multi-level Otsu threshold.
 
-When nothing moves the per-frame min-max still stretches noise to [0, 1]; a minimum-separation
-guard (:func:`otsu_multilevel_threshold`, ``min_separation``) then rejects the split so no false
-region appears (the mask is empty).
+When nothing moves the per-frame min-max still stretches noise to [0, 1] and Otsu splits it. Two
+guards keep such frames mask-free: the minimum-separation test of the Otsu split
+(:func:`otsu_multilevel_threshold`, ``min_separation``, on the normalised scores) and the raw-contrast
+test (:func:`raw_contrast`, ``min_raw_contrast``): per frame, the tokens above the threshold must stand
+out from the window's other tokens in the raw score (before the per-frame normalisation) by a robust
+z-score (median / MAD). Stretched noise reaches z ~ 2..13; a dynamic region, whose static background
+collapses the product of the four factors, reaches z >> 100.
 """
 from __future__ import annotations
 
@@ -142,28 +146,50 @@ def otsu_multilevel_threshold(scores, classes=(2, 3, 4), nbins: int = 64,
     return float(best_thr)
 
 
+def raw_contrast(raw, flagged) -> np.ndarray:
+    """Per-frame contrast of the flagged tokens in the raw (un-normalised) score.
+
+    raw: (N, h, w) score before the per-frame min-max. flagged: (N, h, w) bool, tokens above the
+    threshold. Returns (N,) robust z-scores: (mean raw of the frame's flagged tokens - median raw of
+    the window's unflagged tokens) / (1.4826 * MAD of the window's unflagged tokens); +inf for a
+    frame with nothing flagged or when no token is unflagged. The scale is the window's, so a frame
+    whose noise was stretched by its own min-max stays within the static bulk.
+    """
+    raw = _np(raw)
+    flagged = np.asarray(flagged, bool)
+    z = np.full(raw.shape[0], np.inf)
+    bulk = raw[~flagged]
+    if bulk.size == 0:
+        return z
+    med = np.median(bulk)
+    mad = max(1.4826 * np.median(np.abs(bulk - med)), 1e-12)
+    for t in range(raw.shape[0]):
+        if flagged[t].any():
+            z[t] = (raw[t][flagged[t]].mean() - med) / mad
+    return z
+
+
 def attention_masks(n_frames: int, pairs, cross_attn_1, cross_attn_2, image_size, enc_tokens=None,
                     threshold: float | None = None, min_separation: float = 4.0,
-                    min_raw_contrast: float = 0.0) -> np.ndarray:
+                    min_raw_contrast: float = 30.0) -> np.ndarray:
     """Dynamic masks (N, H, W) uint8 (255 = dynamic) from Easi3R token scores, upsampled to pixels.
 
     image_size: (H, W). threshold: fixed score threshold in [0, 1], default multi-level Otsu over
-    all frames' scores with the ``min_separation`` guard. min_raw_contrast: optional extra guard,
-    frames whose raw score range (max - min) is below it get an empty mask.
+    all frames' scores with the ``min_separation`` guard. min_raw_contrast: no-motion guard, a frame
+    whose flagged tokens' :func:`raw_contrast` is below it gets an empty mask (0 disables).
     """
     import cv2
     score, raw = dynamic_attention_scores(n_frames, pairs, cross_attn_1, cross_attn_2, enc_tokens,
                                           return_raw=True)
     H, W = int(image_size[0]), int(image_size[1])
     thr = otsu_multilevel_threshold(score, min_separation=min_separation) if threshold is None else threshold
+    flagged = score >= thr
+    if min_raw_contrast > 0:
+        flagged[raw_contrast(raw, flagged) < min_raw_contrast] = False
     # threshold on the token grid, then nearest upsampling: a token's patch is all in or all out
     # (bilinear score upsampling + a low Otsu level would grow the region by up to a patch)
-    tok = (score >= thr).astype(np.uint8) * 255
-    masks = np.stack([cv2.resize(t, (W, H), interpolation=cv2.INTER_NEAREST) for t in tok])
-    if min_raw_contrast > 0:
-        flat = raw.reshape(n_frames, -1)
-        masks[(flat.max(1) - flat.min(1)) < min_raw_contrast] = 0
-    return masks
+    tok = flagged.astype(np.uint8) * 255
+    return np.stack([cv2.resize(t, (W, H), interpolation=cv2.INTER_NEAREST) for t in tok])
 
 
 def token_mask_for_reweighting(masks, pairs, patch: int = 16) -> tuple[np.ndarray, np.ndarray]:

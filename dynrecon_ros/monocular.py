@@ -68,6 +68,7 @@ class MonocularWindow:
         self.cfg, self.pred, self.flows, self.segmenter, self.times = cfg, predictor, flows, segmenter, times
         self.mode = cfg.segmentation.mode
         self.segment_on = cfg.segmentation.enabled
+        self.att_min_contrast = cfg.segmentation.attention_min_contrast
         threads = cfg.alignment.threads if cfg.alignment.threads > 0 else None
         self.aligner = PointmapAligner(AlignConfig(iterations=b.align_iterations, warm_iterations=b.align_warm_iterations,
                                                    warm_mode=b.align_warm_mode, shared_focal=b.shared_focal,
@@ -164,7 +165,8 @@ class MonocularWindow:
             masks[t] = self.pred.to_network(prior.astype(np.float32), frame, nearest=True) > 0.5
         att_in = None
         if use_att:
-            att = attention_masks(n, pairs, out['cross_attn_1'], out['cross_attn_2'], (h, w)) > 0
+            att = attention_masks(n, pairs, out['cross_attn_1'], out['cross_attn_2'], (h, w),
+                                 min_raw_contrast=self.att_min_contrast) > 0
             masks |= att
             out = self.pred.reweighted(frames, pairs, att)
             if not self.pred.finite_views(out, pairs, t):

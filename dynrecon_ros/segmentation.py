@@ -69,6 +69,10 @@ class SegmentationConfig:
         forget_after_calls: a frame key not seen in this many calls is forgotten.
         threads: threads for the per-pair and per-frame work of one call (NumPy and OpenCV release
             the GIL in their loops, so a second core shares it); 1 = all on the calling thread.
+        attention_min_contrast: no-motion guard of the attention masks (modes 'attention' and
+            'both'): a frame's attention mask is kept only when its flagged tokens stand out from the
+            window's other tokens by this robust z-score in the raw dynamic-attention score (before
+            Easi3R's per-frame min-max, which stretches pure noise to 0..1); 0 disables.
     """
 
     enabled: bool = True
@@ -91,6 +95,7 @@ class SegmentationConfig:
     max_tracked_frames: int = 64
     forget_after_calls: int = 8
     threads: int = 2
+    attention_min_contrast: float = 30.0
 
     def __post_init__(self) -> None:
         if self.mode not in ('flow', 'attention', 'both'):

@@ -68,9 +68,10 @@ def seq():
                                            mover_speed=2.0))
 
 
-def _run(seq, segmentation=True, mode='flow', **backend):
+def _run(seq, segmentation=True, mode='flow', seg=None, **backend):
     cfg = ReconConfig.from_dict({'window': {'size': 6, 'neighbours': 2, 'keyframes': 2, 'output_lag': 2},
-                                 'segmentation': {'enabled': segmentation, 'mode': mode}, 'backend': backend})
+                                 'segmentation': {'enabled': segmentation, 'mode': mode, **(seg or {})},
+                                 'backend': backend})
     net = OracleNet(seq)
     rec = Reconstructor(cfg, predictor=Dust3rPredictor(net))
     res = []
@@ -147,13 +148,14 @@ def test_attention_mode_through_the_pipeline(seq):
     m = trajectory_metrics(seq.stamps, np.stack([r.pose for r in res]), seq.stamps, seq.poses)
     print(f"attention mode: ATE sim3 {m['ate_rmse_sim3'] * 1000:.2f} mm")
     assert m['ate_rmse_sim3'] <= 0.01
-    # frames with movers: token-sized (16 px) masks around them. (Windows without any mover get
-    # false regions: Easi3R's min-max normalisation stretches pure noise; see the report.)
+    # frames with movers: token-sized (16 px) masks around them
     moving = [k for k in range(len(seq.frames)) if net.tokens(k).any()]
     hit = sum((res[k].mask > 0)[seq.masks[k]].sum() for k in moving)
     flagged = sum((res[k].mask > 0).sum() for k in moving)
     assert flagged > 0 and hit / flagged > 0.5, hit / flagged
     assert all((res[k].mask > 0).any() for k in moving)
+    still = [k for k in range(len(seq.frames)) if k not in moving]  # frames 8.. (movers gone)
+    assert still and not any((res[k].mask > 0).any() for k in still), [(res[k].mask > 0).mean() for k in still]
     # second pass: view 2's mover tokens are the ones suppressed (when view 2 has movers)
     calls = [(j, sel) for j, sel in net.zeroed if j in moving]
     covered = sum((sel & net.tokens(j)).sum() for j, sel in calls) / sum(net.tokens(j).sum() for j, _ in calls)
@@ -161,3 +163,19 @@ def test_attention_mode_through_the_pipeline(seq):
     print(f'second pass: {len(net.zeroed)} pairs, {covered:.2f} of the mover tokens suppressed, '
           f'{precise:.2f} of the suppressed tokens are movers')
     assert calls and covered > 0.6 and precise > 0.5
+
+
+@pytest.mark.parametrize('seed', [0, 1])
+def test_attention_masks_empty_without_movers(seed):
+    """(c) A sequence without movers (the oracle's attention is noise only) gives empty attention
+    masks through the product path: segmentation.attention_min_contrast (default on) rejects the
+    noise that Easi3R's per-frame min-max stretches to 0..1; with the guard off it is flagged."""
+    still = render_sequence(SyntheticConfig(width=W, height=H, frames=10, seed=seed, movers=0, fps=10.0))
+    assert not still.masks.any()
+    res, _ = _run(still, mode='attention')
+    assert [r.status for r in res] == ['ok'] * len(still.frames), [r.reason for r in res]
+    assert not any((r.mask > 0).any() for r in res), [float((r.mask > 0).mean()) for r in res]
+    res_off, _ = _run(still, mode='attention', seg={'attention_min_contrast': 0.0})
+    flagged = [float((r.mask > 0).mean()) for r in res_off]
+    print(f'guard off: flagged fraction per frame {np.round(flagged, 2)}')
+    assert sum(f > 0 for f in flagged) >= len(flagged) // 2
