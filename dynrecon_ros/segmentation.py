@@ -113,6 +113,9 @@ class SegmentationConfig:
                 raise InputError(f'segmentation {name} must be >= 0, got {getattr(self, name)}')
         if self.max_tracked_frames < 1 or self.forget_after_calls < 1 or self.threads < 1:
             raise InputError('segmentation max_tracked_frames, forget_after_calls and threads must be >= 1')
+        if self.attention_min_contrast < 0:
+            raise InputError(f'segmentation attention_min_contrast must be >= 0 (0 = guard off), '
+                             f'got {self.attention_min_contrast}')
         if not 0.0 <= self.max_continuity <= 1.0 or not 0.0 <= self.min_area_frac < 1.0:
             raise InputError('segmentation max_continuity must be in [0, 1] and min_area_frac in [0, 1)')
 

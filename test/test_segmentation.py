@@ -234,6 +234,8 @@ def test_clean_mask_removes_specks_and_fills_holes():
 def test_bad_config_and_input_are_input_errors():
     with pytest.raises(InputError):
         SegmentationConfig(threshold=1.5)
+    with pytest.raises(InputError, match='attention_min_contrast'):
+        SegmentationConfig(attention_min_contrast=-1.0)
     with pytest.raises(InputError):
         MotionSegmenter().segment(['a'], np.ones((2, H, W), np.float32), K, np.stack([np.eye(4)] * 2), {})
     with pytest.raises(InputError):
