@@ -9,9 +9,12 @@ import dataclasses
 import pathlib
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from dynrecon_ros.errors import InputError
 from dynrecon_ros.segmentation import SegmentationConfig
 from dynrecon_ros.static_map import MapConfig
+from dynrecon_ros.window import rotation_angle_deg
 
 
 @dataclass
@@ -122,6 +125,18 @@ class ChecksConfig:
     max_speed_m_s: float = 2.0  # camera speed limits (motion / time since the previous accepted frame)
     max_angular_speed_deg_s: float = 180.0
     min_inlier_ratio: float = 0.15  # of the consistent correspondences; below = tracking lost
+
+    def jump(self, T_rel, gap: float, where: str = '', unit: str = 'm') -> str:
+        """'' or why the motion T_rel (4, 4) over ``gap`` seconds breaks the jump or speed limits
+        (``where`` is put after the motion, e.g. ' from frame K'; ``unit`` names the length unit)."""
+        dt, dr = float(np.linalg.norm(T_rel[:3, 3])), rotation_angle_deg(T_rel[:3, :3])
+        gap = max(gap, 1e-6)
+        if (dt > self.max_translation_m or dr > self.max_rotation_deg
+                or dt / gap > self.max_speed_m_s or dr / gap > self.max_angular_speed_deg_s):
+            return (f'sudden jump of {dt:.3f} {unit} / {dr:.1f} deg in {gap:.3f} s{where} (limits '
+                    f'{self.max_translation_m} {unit} / {self.max_rotation_deg} deg per frame, '
+                    f'{self.max_speed_m_s} {unit}/s / {self.max_angular_speed_deg_s} deg/s)')
+        return ''
 
 
 @dataclass

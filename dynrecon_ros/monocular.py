@@ -41,7 +41,6 @@ from dynrecon_ros.errors import InputError
 from dynrecon_ros.flow import warp
 from dynrecon_ros.intrinsics import default_principal_point, estimate_focal
 from dynrecon_ros.pointmap_alignment import AlignConfig, PointmapAligner, metric_scale_from_depth, transform_state
-from dynrecon_ros.window import rotation_angle_deg
 
 MAX_DYNAMIC_FRACTION = 0.9  # masks covering more of a frame are not used by the alignment
 
@@ -79,11 +78,6 @@ class MonocularWindow:
         self._first_depth = None  # (h, w) network-resolution depth of the first frame (stream units)
 
     # ------------------------------------------------------------------ helpers
-    def _timed(self, name: str, t0: float) -> float:
-        t = time.perf_counter()
-        self.times.add(name, (t - t0) * 1e3)
-        return t
-
     def _K_given(self, frame) -> bool:
         return frame.K is not None and frame.key not in self._estimated_K
 
@@ -113,17 +107,6 @@ class MonocularWindow:
         except InputError:
             return None
 
-    def _jump(self, prev_pose, pose, gap) -> str:
-        c = self.cfg.checks
-        rel = np.linalg.inv(prev_pose) @ pose
-        dt, dr = float(np.linalg.norm(rel[:3, 3])), rotation_angle_deg(rel[:3, :3])
-        gap = max(gap, 1e-6)
-        if (dt > c.max_translation_m or dr > c.max_rotation_deg or dt / gap > c.max_speed_m_s
-                or dr / gap > c.max_angular_speed_deg_s):
-            return (f'sudden jump of {dt:.3f} / {dr:.1f} deg in {gap:.3f} s (limits {c.max_translation_m} / '
-                    f'{c.max_rotation_deg} deg per frame, in the stream units)')
-        return ''
-
     # ------------------------------------------------------------------ the step
     def step(self, window, entry, published: set[int], world_pose: np.ndarray) -> str:
         """One window step for the newest ``entry`` of ``window`` (a SlidingWindow). ``published``:
@@ -150,7 +133,7 @@ class MonocularWindow:
         # optical flow: for the flow segmentation, and for MonST3R's flow term of the first window
         pflows = [self.flows.get(o.key, o.frame.rgb, entry.key, frame.rgb) for o, _ in newest_pairs] \
             if use_flow or self.state is None else []
-        t0 = self._timed('flow', t0)
+        t0 = self.times.lap('flow', t0)
         out = self.pred.predict_window(frames, pairs, attention=use_att)
         if not self.pred.finite_views(out, pairs, t):
             return 'network output is not finite'
@@ -176,14 +159,15 @@ class MonocularWindow:
         out = {k: out[k] for k in ('pts3d_1', 'conf_1', 'pts3d_2_in_1', 'conf_2')}
         # a mask over nearly the whole frame leaves it no static constraint: ignored by the alignment
         masks[masks.reshape(n, -1).mean(1) > MAX_DYNAMIC_FRACTION] = False
-        t0 = self._timed('network', t0)
+        t0 = self.times.lap('network', t0)
         state = self._align(entries, frames, pairs, out, masks if self.segment_on else None, newest_pairs, pflows,
                             published, t)
         if isinstance(state, str):
             return state
         prev = entries[t - 1]
         if prev.pose is not None:
-            reason = self._jump(prev.pose, state.poses[t], frame.stamp - prev.frame.stamp)
+            reason = self.cfg.checks.jump(np.linalg.inv(prev.pose) @ state.poses[t], frame.stamp - prev.frame.stamp,
+                                          unit='stream units')
             if reason:
                 return reason
         # commit: outputs of the unpublished frames at input resolution
@@ -200,9 +184,9 @@ class MonocularWindow:
             if not self._K_given(e.frame):
                 e.frame.K = self.pred.K_from_network(state.focals[k], state.pp, e.frame)
                 self._estimated_K.add(e.key)
-        t0 = self._timed('alignment', t0)
+        t0 = self.times.lap('alignment', t0)
         self._segment(entries, newest_pairs, pflows, att_in, use_flow, published)
-        self._timed('segmentation', t0)
+        self.times.lap('segmentation', t0)
         keep = {e.key for e in entries}
         self._estimated_K &= keep
         return ''

@@ -36,7 +36,7 @@ from dynrecon_ros.flow import DISFlow, FlowCache
 from dynrecon_ros.frames import Frame
 from dynrecon_ros.segmentation import MotionSegmenter, clean_mask, refine_upsampled_mask
 from dynrecon_ros.static_map import VoxelMap
-from dynrecon_ros.window import SlidingWindow, WindowEntry, rotation_angle_deg
+from dynrecon_ros.window import SlidingWindow, WindowEntry
 
 
 @dataclass
@@ -112,6 +112,12 @@ class StageTimes:
         acc = self._acc[name]
         acc[0] += ms
         acc[1] += 1
+
+    def lap(self, name: str, t0: float) -> float:
+        """Add the time since ``t0`` (time.perf_counter) to ``name``; returns now (the next lap's t0)."""
+        t = time.perf_counter()
+        self.add(name, (t - t0) * 1e3)
+        return t
 
     def means(self) -> dict[str, float]:
         return {k: total / n for k, (total, n) in list(self._acc.items()) if n}
@@ -251,11 +257,6 @@ class Reconstructor:
             return f'black or constant image (grey std {std:.2f})'
         return ''
 
-    def _timed(self, name: str, t0: float) -> float:
-        t = time.perf_counter()
-        self._times.add(name, (t - t0) * 1e3)
-        return t
-
     def _step(self, frame) -> None:
         reason = self._check(frame)
         if reason:
@@ -263,7 +264,7 @@ class Reconstructor:
         if frame.K is None:
             frame.K = self.default_K
         if self.monocular is not None:  # network backend: dynrecon_ros/monocular.py does the window step
-            pending = {id(e) for e in self._pending if isinstance(e, WindowEntry)}
+            pending = self._pending_ids()
             published = {e.index for e in self.window.all_entries() if id(e) not in pending}
             entry, _ = self.window.add(frame)
             reason = self.monocular.step(self.window, entry, published, self.world_pose)
@@ -273,7 +274,6 @@ class Reconstructor:
             self._accept(frame, entry)
             if self.window.is_keyframe(entry.pose, entry.index):
                 self.window.mark_keyframe(entry)
-            self.flows.keep_only({e.key for e in self.window.all_entries()})
             return
         if frame.depth is not None:
             frame.depth = np.where(np.isfinite(frame.depth) & (frame.depth > 0), frame.depth, 0).astype(np.float32)
@@ -293,7 +293,7 @@ class Reconstructor:
         t = time.perf_counter()
         pairs = self.window.pairs_for_newest()
         pflows = [self.flows.get(o.key, o.frame.rgb, entry.key, frame.rgb) for o, _ in pairs]
-        t = self._timed('flow', t)
+        t = self._times.lap('flow', t)
         rel = []
         for k, ((old, _), pf) in enumerate(zip(pairs, pflows)):
             static = None
@@ -305,7 +305,7 @@ class Reconstructor:
                 init = np.linalg.inv(old.pose) @ pairs[0][0].pose @ rel[0][0]
             T, inl, n = self.predictor.relative_pose(old.frame, frame, pf, static, init=init)
             rel.append((T, inl, n))
-        t = self._timed('pose', t)
+        t = self._times.lap('pose', t)
         T0, inl0, n0 = rel[0]
         c = self.cfg.checks
         prev = pairs[0][0]
@@ -314,15 +314,10 @@ class Reconstructor:
             got = 0 if T0 is None else int(inl0.sum())
             return self._skip(frame, f'tracking lost against frame {prev.key}: {got} of {n0} '
                                      'correspondences fit a rigid motion (sudden jump or unusable image)')
-        dt_ = np.linalg.norm(T0[:3, 3])
-        dr = rotation_angle_deg(T0[:3, :3])
-        gap = max(frame.stamp - self._last_stamp, 1e-6)
-        if (dt_ > c.max_translation_m or dr > c.max_rotation_deg
-                or dt_ / gap > c.max_speed_m_s or dr / gap > c.max_angular_speed_deg_s):
+        reason = c.jump(T0, frame.stamp - self._last_stamp, where=f' from frame {prev.key}')
+        if reason:
             self.window.pop_last()
-            return self._skip(frame, f'sudden jump of {dt_:.3f} m / {dr:.1f} deg in {gap:.3f} s from frame '
-                                     f'{prev.key} (limits {c.max_translation_m} m / {c.max_rotation_deg} deg per '
-                                     f'frame, {c.max_speed_m_s} m/s / {c.max_angular_speed_deg_s} deg/s)')
+            return self._skip(frame, reason)
         entry.pose = prev.pose @ T0
         self._accept(inp, entry)
         # store static correspondences of every pair that produced a pose
@@ -334,14 +329,13 @@ class Reconstructor:
         t = time.perf_counter()
         if self.cfg.alignment.enabled:
             self._align()
-        t = self._timed('alignment', t)
+        t = self._times.lap('alignment', t)
         self._segment(pairs, pflows)
-        t = self._timed('segmentation', t)
+        t = self._times.lap('segmentation', t)
         if self.window.is_keyframe(entry.pose, entry.index):
             self.window.mark_keyframe(entry)
         keep = {e.index for e in self.window.all_entries()}
         self._constraints = {k: v for k, v in self._constraints.items() if k[0] in keep and k[1] in keep}
-        self.flows.keep_only({e.key for e in self.window.all_entries()})
 
     def _work_factor(self, frame) -> int:
         """Downscale factor of the processing size (see ReconConfig.max_work_width); 1 = input size.
@@ -354,7 +348,7 @@ class Reconstructor:
             return 1
         return -(-w // mw)
 
-    def _map_submit(self, *args) -> None:
+    def _map_submit(self, depth, rgb, K, pose, static, conf, pixel_stride) -> None:
         """Integrate one frame into the map on the map thread (one frame at a time, in order).
 
         Integration (numpy / OpenCV, which release the GIL in their loops) overlaps the next
@@ -367,7 +361,7 @@ class Reconstructor:
 
         def job():
             t = time.perf_counter()
-            self.map.integrate(*args[:6], pixel_stride=args[6])
+            self.map.integrate(depth, rgb, K, pose, static, conf, pixel_stride=pixel_stride)
             self._times.add('map_integrate', (time.perf_counter() - t) * 1e3)
 
         self._map_job = self._map_pool.submit(job)
@@ -377,6 +371,10 @@ class Reconstructor:
         job, self._map_job = self._map_job, None
         if job is not None:
             job.result()
+
+    def _pending_ids(self) -> set[int]:
+        """ids of the accepted window entries whose results are not out yet."""
+        return {id(e) for e in self._pending if isinstance(e, WindowEntry)}
 
     def _accept(self, frame, entry: WindowEntry) -> None:
         self._last_stamp = frame.stamp
@@ -414,7 +412,7 @@ class Reconstructor:
         for (ia, ib), c in self._constraints.items():
             if ia in pos and ib in pos and len(c.weight):
                 cons.append(PairConstraint(pos[ia], pos[ib], c.pts_a, c.pts_b, c.uv_b, c.weight))
-        pending = {id(e) for e in self._pending if isinstance(e, WindowEntry)}
+        pending = self._pending_ids()
         fixed = np.array([id(e) not in pending or e.index == 0 for e in entries])
         if fixed.all() or not cons:
             return
@@ -436,7 +434,7 @@ class Reconstructor:
         # cleaned masks only for frames not emitted yet (older keyframes keep theirs as the pose
         # prior) and not for the newest frame: the next step refreshes it (its neighbour pair) and
         # cleans it then; until then its pose prior is the thresholded probability
-        pending = {id(e) for e in self._pending if isinstance(e, WindowEntry)}
+        pending = self._pending_ids()
         lag0 = self.cfg.window.output_lag == 0
         need = [id(e) in pending and (e is not new or lag0) for e in ents]
         probs, masks = self.segmenter.segment([e.key for e in ents], np.stack([e.frame.depth for e in ents]),
@@ -491,6 +489,6 @@ class Reconstructor:
         if f.depth is not None:
             stride = self.cfg.map.pixel_stride * s if self.cfg.map.pixel_stride > 0 else None
             self._map_submit(f.depth, f.rgb, f.K, e.pose.copy(), mask == 0, conf, stride)
-        self._timed('map', t)
+        self._times.lap('map', t)
         return FrameResult(stamp=f.stamp, key=f.key, status='ok', reason='', pose=e.pose.copy(),
                            depth=f.depth, mask=mask, dynamic_prob=prob, confidence=conf, K=f.K)

@@ -168,11 +168,7 @@ class Dust3rPredictor(PairPredictor):
             out = self._run(frames, [pairs[k] for k in todo], attention)
             for n, k in enumerate(todo):
                 self._pairs[keys[k]] = {name: np.asarray(out[name][n]) for name in names}
-        for key in keys:
-            self._pairs.move_to_end(key)
-        res = {name: np.stack([self._pairs[key][name] for key in keys]) for name in names}
-        self._bound(self._pairs, max(self.cfg.pair_cache, 2 * len(pairs)))
-        return res
+        return self._gather(self._pairs, keys, names)
 
     def reweighted(self, frames, pairs, masks) -> dict:
         """Easi3R's second pass for ``pairs``: decoder-1 cross-attention from static view-1 tokens to
@@ -184,7 +180,8 @@ class Dust3rPredictor(PairPredictor):
         keys = [(frames[i].key, frames[j].key, q[e].tobytes(), k[e].tobytes()) for e, (i, j) in enumerate(pairs)]
         todo = [e for e, key in enumerate(keys) if key not in self._second]
         plain = [e for e in todo if not k[e].any() or not q[e].any()]  # nothing to zero: the first pass
-        run = [e for e in todo if e not in set(plain)]
+        plain_set = set(plain)
+        run = [e for e in todo if e not in plain_set]
         if plain:
             first = self.predict_window(frames, [pairs[e] for e in plain])
             for n, e in enumerate(plain):
@@ -193,10 +190,15 @@ class Dust3rPredictor(PairPredictor):
             out = self._run(frames, [pairs[e] for e in run], False, zero=(q[run], k[run]))
             for n, e in enumerate(run):
                 self._second[keys[e]] = {name: np.asarray(out[name][n]) for name in KEYS}
+        return self._gather(self._second, keys, KEYS)
+
+    def _gather(self, cache: OrderedDict, keys: list, names) -> dict:
+        """{name: (P, ...) stacked} of the cached pair outputs under ``keys`` (all present), marked
+        recently used; then the cache is bounded (never below this call's pairs, both directions)."""
         for key in keys:
-            self._second.move_to_end(key)
-        res = {name: np.stack([self._second[key][name] for key in keys]) for name in KEYS}
-        self._bound(self._second, max(self.cfg.pair_cache, 2 * len(pairs)))
+            cache.move_to_end(key)
+        res = {name: np.stack([cache[key][name] for key in keys]) for name in names}
+        self._bound(cache, max(self.cfg.pair_cache, 2 * len(keys)))
         return res
 
     @staticmethod
