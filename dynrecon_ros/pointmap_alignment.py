@@ -22,8 +22,10 @@ Gauge: without a warm start the pairwise log-scales are normalised to mean log(0
     ``flow_weight_closed_form``; Lu-Hager-Mjolsness' orthogonal iteration for the poses; pixels
     gated by ``flow_max_px`` at the warm start, pairs dropped by ``flow_guard``), so every block stays
     a closed-form majorise-minimise step. The warm path has no camera smoothness term (off by
-    default in the Adam path too, see ``AlignConfig.smooth_weight``).
-    Either fixes frame and scale to the previous window's; no scale gauge then.
+    default in the Adam path too, see ``AlignConfig.smooth_weight``: it shortened translations).
+    The held frames fix the frame (and, when several, the scale: their depths keep their mean
+    log-depth); with one held frame the scale gauge is DUSt3R's (pairs' mean log-scale held at its
+    warm-start value). The focal is held in warm steps unless ``AlignConfig.warm_focal``.
 Init: maximum-confidence spanning tree over the pairs, chained weighted Procrustes (Umeyama, refitted
     without outlying points and with Horn's symmetric scale: :func:`robust_procrustes`) from the root, focal from the pointmaps (intrinsics.estimate_focal), depth = z of the registered
     camera-frame pointmap. In a warm start the tree grows from the frozen frames.
@@ -66,10 +68,10 @@ class AlignConfig:
     # (object-space distance to the flow's line of sight, see refine_closed_form) relative to one
     # pointmap pixel of confidence e in the data term. Measured (32x24, the new frame's pairs each
     # misled by ~1 deg, exact flow): its rotation error 1.03 -> 0.58 / 0.37 / 0.18 deg at weight
-    # 0.5 / 1 / 2; un-gated random flow (+-10 px) costs +3 / +6 / +14 mm. With the principal point
-    # assumed at the image centre but 1.3-1.5 px off (the synthetic TUM-like camera), exact pointmaps
-    # and DIS flow disagree systematically and the flow term costs a little (64x48 oracle, 0.2 %
-    # noise: ATE 5.77 -> 5.96 mm at 0.3, 6.40 at 1; 1 % noise: 7.37 -> 7.06 mm at 1): 0.5 is the compromise
+    # 0.5 / 1 / 2; un-gated random flow (+-10 px) costs +3 / +6 / +14 mm. Product path (64x48
+    # oracle pointmaps, DIS flow, principal point assumed at the centre but 1.3 px off): ATE
+    # 7.38 -> 7.23 mm at 1 % pointmap noise, 5.75 -> 6.05 mm at 0.2 % (there the pointmaps are as
+    # exact as the flow and the principal-point error dominates; 6.40 mm at weight 1)
     flow_start: float = 0.1        # fraction of the iterations before the flow term is on
     flow_max_px: float = 50.0      # per-pixel errors above this are ignored
     flow_guard: float = 25.0       # flow loss above this switches the term off
