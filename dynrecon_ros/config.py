@@ -60,7 +60,9 @@ class BackendConfig:
     the stream (false: one per frame) when no K is given; align_iterations: the first window (from
     MST init, Adam); align_warm_iterations: closed-form refinement sweeps of every later window
     step (warm start); align_warm_mode: 'refine' (all frames refined, published ones keep their
-    pose) or 'freeze' (every frame of the previous window is held, only the new frame's pairs count).
+    pose) or 'freeze' (every frame of the previous window is held, only the new frame's pairs count);
+    align_flow: MonST3R's flow term in the alignment (optical flow of the new frame's pairs, already
+    computed when segmentation.mode uses flow, else computed for it); false: data term only.
     """
 
     name: str = 'auto'
@@ -83,6 +85,7 @@ class BackendConfig:
     align_iterations: int = 300
     align_warm_iterations: int = 5
     align_warm_mode: str = 'refine'
+    align_flow: bool = True
 
     def __post_init__(self) -> None:
         if self.align_warm_mode not in ('refine', 'freeze'):

@@ -12,8 +12,11 @@ Per accepted frame t (:meth:`MonocularWindow.step`):
      MST init with the full Adam schedule (DUSt3R objective + MonST3R flow term on the new frame's
      pairs); every later one warm-started from the previous window's state: the new frame placed
      by the robust spanning-tree init, then ``backend.align_warm_iterations`` closed-form sweeps
-     over the whole window (data term) with the frames already published keeping their pose (they
-     fix frame and scale); dynamic pixels are excluded (old frames: their masks; the new frame: the
+     over the whole window (data term + MonST3R's flow term on the new frame's pairs, as the
+     object-space distance to the flow's line of sight) with the frames already published keeping
+     their pose (they fix frame and scale); the optical flow of the new frame's pairs is computed
+     for every window while ``backend.align_flow`` (default) or the flow segmentation needs it;
+     dynamic pixels are excluded (old frames: their masks; the new frame: the
      previous frame's mask carried along the optical flow, plus its attention mask; a mask over
      more than 90 % of a frame is ignored);
   4. frame and scale, fixed once at the first window: the first frame at ``world_pose``; metres
@@ -130,9 +133,11 @@ class MonocularWindow:
         use_flow = self.segment_on and self.mode in ('flow', 'both')
         use_att = self.segment_on and self.mode in ('attention', 'both')
         newest_pairs = window.pairs_for_newest()
-        # optical flow: for the flow segmentation, and for MonST3R's flow term of the first window
+        # optical flow of the new frame's pairs: for the flow segmentation and for MonST3R's flow term
+        # of the alignment (every window; backend.align_flow)
+        align_flow = self.cfg.backend.align_flow
         pflows = [self.flows.get(o.key, o.frame.rgb, entry.key, frame.rgb) for o, _ in newest_pairs] \
-            if use_flow or self.state is None else []
+            if use_flow or align_flow else []
         t0 = self.times.lap('flow', t0)
         out = self.pred.predict_window(frames, pairs, attention=use_att)
         if not self.pred.finite_views(out, pairs, t):
@@ -233,11 +238,16 @@ class MonocularWindow:
         elif self.state is not None:
             pp = self.state.pp
         flows = {}
-        for (o, _), pf in zip(newest_pairs, pflows):  # MonST3R's flow term on the new frame's pairs
+        for (o, _), pf in zip(newest_pairs, pflows if self.cfg.backend.align_flow else []):  # MonST3R's flow term
             k = entries.index(o)
-            for (a, b), fl in (((k, t), pf.fwd), ((t, k), pf.bwd)):
+            for (a, b), fl, valid in (((k, t), pf.fwd, pf.valid_fwd), ((t, k), pf.bwd, pf.valid_bwd)):
                 r = self.pred.network_input(frames[a])
-                flows[(a, b)] = self.pred.to_network(fl, frames[a]) * np.float32([r.scale_x, r.scale_y])
+                fl = self.pred.to_network(fl, frames[a]) * np.float32([r.scale_x, r.scale_y])
+                if self.state is not None and self.aligner.cfg.warm_optimizer == 'closed_form':
+                    # the closed-form warm step skips NaN flow: pixels failing the forward-backward check
+                    ok = self.pred.to_network(valid.astype(np.float32), frames[a], nearest=True) > 0.5
+                    fl = np.where(ok[..., None], fl, np.nan).astype(np.float32)
+                flows[(a, b)] = fl
         ids = [e.index for e in entries]
         try:
             if self.state is None:  # the first window: MST init, full schedule, then frame and scale

@@ -16,8 +16,16 @@ Gauge: without a warm start the pairwise log-scales are normalised to mean log(0
     from their previous pose and depth; 'freeze' mode keeps them all fixed (only pairs touching a
     new frame are optimised), 'refine' mode refines all and holds the pose of the oldest shared
     frame (or of the ``frozen_ids`` frames). Warm steps default to a few sweeps of closed-form
-    block-coordinate descent (:func:`refine_closed_form`) instead of Adam.
-    Either fixes frame and scale to the previous window's; no scale gauge then.
+    block-coordinate descent (:func:`refine_closed_form`) instead of Adam, on the data term plus
+    MonST3R's flow term in object space: the distance of a static pixel's world point to the line
+    of sight of its flow target in the other frame (a 3-D distance like the data term, weighted by
+    ``flow_weight_closed_form``; Lu-Hager-Mjolsness' orthogonal iteration for the poses; pixels
+    gated by ``flow_max_px`` at the warm start, pairs dropped by ``flow_guard``), so every block stays
+    a closed-form majorise-minimise step. The warm path has no camera smoothness term (off by
+    default in the Adam path too, see ``AlignConfig.smooth_weight``: it shortened translations).
+    The held frames fix the frame (and, when several, the scale: their depths keep their mean
+    log-depth); with one held frame the scale gauge is DUSt3R's (pairs' mean log-scale held at its
+    warm-start value). The focal is held in warm steps unless ``AlignConfig.warm_focal``.
 Init: maximum-confidence spanning tree over the pairs, chained weighted Procrustes (Umeyama, refitted
     without outlying points and with Horn's symmetric scale: :func:`robust_procrustes`) from the root, focal from the pointmaps (intrinsics.estimate_focal), depth = z of the registered
     camera-frame pointmap. In a warm start the tree grows from the frozen frames.
@@ -51,8 +59,19 @@ class AlignConfig:
     lr_min: float = 1e-6
     schedule: str = 'cosine'       # 'cosine' | 'linear'
     shared_focal: bool = True
+    warm_focal: bool = False       # closed-form warm steps refine the focal too (a closed-form block:
+    # the shared one, or per frame those of the frames not held; a given focal is always held). Off:
+    # bench/alignment.py N=8 loss ratio 1.0007 -> 1.0006 only, for ~20 % more time per step
     base_scale: float = 0.5
-    flow_weight: float = 0.01
+    flow_weight: float = 0.01      # Adam path: weight of the smooth-L1 pixel flow term (MonST3R's)
+    flow_weight_closed_form: float = 0.5  # closed-form warm steps: weight of one flow pair's pixel
+    # (object-space distance to the flow's line of sight, see refine_closed_form) relative to one
+    # pointmap pixel of confidence e in the data term. Measured (32x24, the new frame's pairs each
+    # misled by ~1 deg, exact flow): its rotation error 1.03 -> 0.58 / 0.37 / 0.18 deg at weight
+    # 0.5 / 1 / 2; un-gated random flow (+-10 px) costs +3 / +6 / +14 mm. Product path (64x48
+    # oracle pointmaps, DIS flow, principal point assumed at the centre but 1.3 px off): ATE
+    # 7.38 -> 7.23 mm at 1 % pointmap noise, 5.75 -> 6.05 mm at 0.2 % (there the pointmaps are as
+    # exact as the flow and the principal-point error dominates; 6.40 mm at weight 1)
     flow_start: float = 0.1        # fraction of the iterations before the flow term is on
     flow_max_px: float = 50.0      # per-pixel errors above this are ignored
     flow_guard: float = 25.0       # flow loss above this switches the term off
@@ -81,6 +100,7 @@ class AlignmentState:
     loss: float
     iterations: int = 0
     history: list = field(default_factory=list)
+    pair_sims: list | None = None  # [(s, R, t)] per pair after a closed-form refinement (else None)
 
     def world_points(self, n: int) -> np.ndarray:
         """(H, W, 3) world points of frame n."""
@@ -375,9 +395,18 @@ class PointmapAligner:
                 # held frames keep their pose; in 'refine' their depth is refined with its mean log-depth
                 # kept (the scale gauge: a free scale would let the objective shrink the world)
                 refine = cfg.warm_mode == 'refine'
+                # one held frame fixes only the frame: the scale gauge is then DUSt3R's (mean pair
+                # log-scale, so the window minimises the same objective as the plain schedule); more
+                # held frames fix the scale with their poses, and their depths keep their mean log
+                one = refine and len(frozen) == 1
                 state = refine_closed_form(st0, pairs, arr, None if masks is None else np.asarray(masks), frozen=frozen,
                                            sweeps=iters, pair_sims=pw, frozen_depth=[] if refine else None,
-                                           scale_anchor=frozen if refine else (), device=cfg.device)
+                                           scale_anchor=frozen if refine and not one else (), pair_scale_gauge=one,
+                                           device=cfg.device,
+                                           flows=flows, flow_weight=cfg.flow_weight_closed_form,
+                                           flow_max_px=cfg.flow_max_px, flow_guard=cfg.flow_guard,
+                                           focal='hold' if ff is not None or not cfg.warm_focal else
+                                           'shared' if cfg.shared_focal else 'per_frame')
                 state.iterations = iters
                 scales = np.full(len(all_pairs), np.nan)
                 scales[keep] = state.pair_scales
@@ -600,41 +629,263 @@ def _procrustes_batch(src, dst, w, scale: bool = True):
     return sc, R, md - sc[:, None] * torch.einsum('bij,bj->bi', R, ms)
 
 
-def refine_closed_form(state: AlignmentState, pairs, pair_outputs, masks=None, frozen=(), sweeps: int = 5,
-                       pair_sims=None, frozen_depth=None, scale_anchor=(), device: str = 'cpu') -> AlignmentState:
-    """Block-coordinate descent on the DUSt3R data term, each block solved in closed form (torch).
+def _rigid_from_moments(sw, sx, sy, sxy):
+    """Rigid (R, t) minimising sum w ||R x + t - y||^2 from the weighted moments: sw (B,), sx, sy (B, 3)
+    = sum w x, sum w y, sxy (B, 3, 3) = sum w y x^T (Umeyama without scale)."""
+    W = sw.clamp_min(1e-30)
+    mx, my = sx / W[:, None], sy / W[:, None]
+    cov = sxy / W[:, None, None] - my[:, :, None] * mx[:, None, :]
+    U, _, Vt = torch.linalg.svd(cov)
+    D = torch.ones_like(mx)
+    D[:, 2] = torch.sign(torch.linalg.det(U) * torch.linalg.det(Vt))
+    R = U @ torch.diag_embed(D) @ Vt
+    return R, my - torch.einsum('bij,bj->bi', R, mx)
 
-    Hand-written (no library does it): the objective sum w ||chi - s (R X + t)|| is a sum of 2-norms,
-    so each block has an iteratively re-weighted least-squares solution (a majorise-minimise step
-    that never increases the objective): per pair its similarity (weighted Umeyama), per frame its
-    pose (rigid Umeyama of its camera points to the mean of its targets) and per pixel its depth
-    (1-D weighted least squares along the ray); all pairs / frames / pixels of a block at once.
-    Focals and the ``frozen`` frames (local indices) are held. No autograd, no step size; used to
-    refine a warm-started window. float64 on CPU, float32 on CUDA.
+
+class _ClosedFormProblem:
+    """The objective of :func:`refine_closed_form` on a window: tensors and evaluation (see there)."""
+
+    def __init__(self, state, pairs, pair_outputs, masks, device, flows, flow_weight, flow_max_px, flow_guard,
+                 gate_state=None):
+        arr = PointmapAligner._check([tuple(p) for p in pairs], pair_outputs)
+        self.P, self.H, self.W = P, H, W = arr['conf_1'].shape
+        self.n = n = len(state.poses)
+        self.dev = dev = torch.device(device)
+        self.dt = dt = torch.float64 if dev.type == 'cpu' else torch.float32
+        T = self.T
+        static = np.ones((n, H, W)) if masks is None else (~(np.asarray(masks) > 0)).astype(np.float64)
+        ii = torch.tensor([p[0] for p in pairs], device=dev)
+        jj = torch.tensor([p[1] for p in pairs], device=dev)
+        self.fs = torch.cat([ii, jj])  # frame of each (pair, view) slot
+        v_, u_ = np.mgrid[0:H, 0:W].astype(np.float64)
+        self.uv = T(np.stack([u_, v_], -1)).reshape(-1, 2)
+        self.pp = T(state.pp)
+        self.uvc = self.uv - self.pp  # (HW, 2) pixel offsets from the principal point
+        self.set_focals(T(state.focals))
+        self.X = torch.cat([T(arr['pts3d_1']).reshape(P, -1, 3), T(arr['pts3d_2_in_1']).reshape(P, -1, 3)])  # (2P, HW, 3)
+        self.st = T(static).reshape(n, -1)
+        self.Wt = torch.cat([T(np.log(arr['conf_1']).clip(0)).reshape(P, -1),
+                             T(np.log(arr['conf_2']).clip(0)).reshape(P, -1)]) * self.st[self.fs]  # (2P, HW)
+        self.flow = None
+        keys = [k for k in sorted(flows or {}) if k[0] != k[1] and 0 <= k[0] < n and 0 <= k[1] < n]
+        if keys and flow_weight > 0:
+            for k in keys:
+                if np.shape(flows[k]) != (H, W, 2):
+                    raise InputError(f'flow {k} has shape {np.shape(flows[k])}, expected ({H}, {W}, 2)')
+            fa = torch.tensor([k[0] for k in keys], device=dev)
+            fb = torch.tensor([k[1] for k in keys], device=dev)
+            q = self.uv + T(np.stack([np.asarray(flows[k], np.float64) for k in keys])).reshape(len(keys), -1, 2)
+            finite = torch.isfinite(q).all(-1)  # NaN flow (e.g. failed forward-backward check): not used
+            q = torch.where(finite[..., None], q, self.uv)
+            self.qc = q - self.pp  # (F, HW, 2)
+            rq = torch.cat([self.qc / self.focals[fb][:, None, None], torch.ones_like(q[..., :1])], -1)
+            self.flow = (fa, fb, rq, (rq * rq).sum(-1), None)
+            # the gate (fixed for the whole refinement, so the objective is one fixed sum): static
+            # pixels of the source frame whose flow ends inside frame b, in front of camera b, with
+            # the ego flow of the gate state within flow_max_px of it; a pair whose mean smooth-L1
+            # error (px) exceeds flow_guard is dropped (MonST3R's guard: the flow disagrees wholesale)
+            gs = state if gate_state is None else gate_state
+            R, t = T(gs.poses[:, :3, :3]), T(gs.poses[:, :3, 3])
+            chi = self.world(R, t, T(gs.depths).reshape(n, -1))[fa]
+            Y = torch.einsum('fji,fmj->fmi', R[fb], chi - t[fb][:, None])
+            z = Y[..., 2]
+            proj = Y[..., :2] / z.clamp_min(1e-12)[..., None] * self.focals[fb][:, None, None] + self.pp
+            err = proj - q
+            inside = (q[..., 0] >= 0) & (q[..., 0] <= W - 1) & (q[..., 1] >= 0) & (q[..., 1] <= H - 1)
+            keep = finite & (self.st[fa] > 0) & (z > 0) & inside & (err.norm(dim=-1) < flow_max_px)
+            sl1 = torch.nn.functional.smooth_l1_loss(err, torch.zeros_like(err), reduction='none').sum(-1)
+            mean_err = (sl1 * keep).sum(1) / keep.sum(1).clamp_min(1)
+            keep &= (mean_err <= flow_guard)[:, None]
+            self.flow = (fa, fb, rq, (rq * rq).sum(-1), flow_weight * keep.to(dt))
+
+    def set_focals(self, focals):
+        """Focals (n,) (px): the rays of every pixel and of every flow target."""
+        n, HW = self.n, self.uvc.shape[0]
+        self.focals = focals
+        self.rays = torch.cat([self.uvc / focals[:, None, None],
+                               torch.ones(n, HW, 1, dtype=self.dt, device=self.dev)], -1)  # (n, HW, 3)
+        self.ray2 = (self.rays * self.rays).sum(-1)
+        if getattr(self, 'flow', None) is not None:
+            fa, fb, _, _, g = self.flow
+            rq = torch.cat([self.qc / focals[fb][:, None, None], torch.ones_like(self.qc[..., :1])], -1)
+            self.flow = (fa, fb, rq, (rq * rq).sum(-1), g)
+
+    def T(self, x):
+        return torch.as_tensor(np.asarray(x), dtype=self.dt, device=self.dev)
+
+    def world(self, R, t, d):
+        """(n, HW, 3) world points of depths d (n, HW) with poses R (n, 3, 3), t (n, 3)."""
+        return torch.einsum('nij,nmj->nmi', R, d[..., None] * self.rays) + t[:, None]
+
+    def targets(self, sims):
+        """(2P, HW, 3): each slot's pointmap mapped to the world by its pair's similarity."""
+        sc, Rp, tp = (torch.cat([x, x]) for x in sims)
+        return sc[:, None, None] * torch.einsum('sij,smj->smi', Rp, self.X) + tp[:, None]
+
+    def flow_geometry(self, R, t, chi):
+        """Per flow pair (a, b) and pixel p of a: X = chi_a(p) (F, HW, 3); c (F, HW, 3) its orthogonal
+        projection onto camera b's line of sight through q = p + flow(p), in camera b; L = the same
+        point in the world; dist = ||X - L||, the object-space reprojection error (F, HW)."""
+        fa, fb, rq, rq2, _ = self.flow
+        X = chi[fa]
+        Y = torch.einsum('fji,fmj->fmi', R[fb], X - t[fb][:, None])
+        c = rq * ((Y * rq).sum(-1) / rq2)[..., None]
+        L = torch.einsum('fij,fmj->fmi', R[fb], c) + t[fb][:, None]
+        return X, c, L, (X - L).norm(dim=-1)
+
+    def objective(self, R, t, d, sims):
+        """(data term, weighted flow term), both divided by P * H * W (floats)."""
+        chi = self.world(R, t, d)
+        norm = self.P * self.H * self.W
+        data = float((self.Wt * (chi[self.fs] - self.targets(sims)).norm(dim=-1)).sum()) / norm
+        flow = 0.0
+        if self.flow is not None:
+            flow = float((self.flow[4] * self.flow_geometry(R, t, chi)[3]).sum()) / norm
+        return data, flow
+
+
+def _focal_block(prob, mode, free, R, t, d, B, eps=1e-6):
+    """The closed-form focal update of :func:`refine_closed_form` (see there); sets prob's focals.
+    mode 'shared' (one k = 1 / f for all frames) or 'per_frame' (the ``free`` frames' own k).
+    B (2P, HW, 3): each slot's target in its frame's camera."""
+    n, fs, dt, dev = prob.n, prob.fs, prob.dt, prob.dev
+    z = torch.zeros(n, dtype=dt, device=dev)
+    # data: camera point (k g, d) with g = d (uv - pp)
+    cam = d[fs][..., None] * prob.rays[fs]
+    Wr = prob.Wt / (cam - B).norm(dim=-1).clamp_min(eps)
+    g = d[fs][..., None] * prob.uvc
+    num = z.index_add(0, fs, (Wr * (g * B[..., :2]).sum(-1)).sum(1))
+    den = z.index_add(0, fs, (Wr * (g * g).sum(-1)).sum(1))
+    if prob.flow is not None:
+        fa, fb, rq, rq2, gw = prob.flow
+        X, _, L, dist = prob.flow_geometry(R, t, prob.world(R, t, d))
+        lam = (torch.einsum('fji,fmj->fmi', R[fb], X - t[fb][:, None]) * rq).sum(-1) / rq2  # (F, HW)
+
+        def xy0(v):  # (F, HW, 2) -> (F, HW, 3) with z = 0
+            return torch.cat([v, torch.zeros_like(v[..., :1])], -1)
+        da = d[fa]
+        za = torch.zeros_like(X)
+        za[..., 2] = da
+        zb = torch.zeros_like(X)
+        zb[..., 2] = lam
+        Ra_z = torch.einsum('fij,fmj->fmi', R[fa], za) + t[fa][:, None]  # X = Ra_z + k_a ea1
+        ea1 = torch.einsum('fij,fmj->fmi', R[fa], xy0(da[..., None] * prob.uvc))
+        Rb_z = torch.einsum('fij,fmj->fmi', R[fb], zb) + t[fb][:, None]  # L = Rb_z + k_b eb1
+        eb1 = torch.einsum('fij,fmj->fmi', R[fb], xy0(lam[..., None] * prob.qc))
+        if mode == 'shared':  # X - L = (Ra_z - Rb_z) + k (ea1 - eb1)
+            om = gw / dist.clamp_min(eps)
+            e0, e1 = Ra_z - Rb_z, ea1 - eb1
+            num = num.index_add(0, fa, -(om * (e0 * e1).sum(-1)).sum(1))
+            den = den.index_add(0, fa, (om * (e1 * e1).sum(-1)).sum(1))
+        else:  # midpoint split, as for the poses
+            one = torch.ones_like(gw[:, 0])
+            beta = torch.where(~free[fa], one, torch.where(~free[fb], 0 * one, 0.5 * one))
+            m = L + beta[:, None, None] * (X - L)
+            for fr, ww, e0, e1 in ((fa, gw * free[fa][:, None] / ((1 - beta)[:, None] * dist).clamp_min(eps), Ra_z - m, ea1),
+                                   (fb, gw * free[fb][:, None] / (beta[:, None] * dist).clamp_min(eps), Rb_z - m, eb1)):
+                num = num.index_add(0, fr, -(ww * (e0 * e1).sum(-1)).sum(1))
+                den = den.index_add(0, fr, (ww * (e1 * e1).sum(-1)).sum(1))
+    k_old = 1 / prob.focals
+    if mode == 'shared':
+        k = num.sum() / den.sum().clamp_min(1e-30)
+        k_new = torch.where(k > 0, k, k_old[0]).expand(n)
+    else:
+        k = num / den.clamp_min(1e-30)
+        k_new = torch.where(free & (den > 0) & (k > 0), k, k_old)
+    prob.set_focals(1 / k_new)
+
+
+def _anchored_depth(dn, den, d_old, upd, newton: int = 8):
+    """Per row (a frame), the depth minimising sum den (d - dn)^2 over the pixels ``upd`` (the
+    others keep d_old) with the mean log-depth held at d_old's (the scale gauge). KKT:
+    2 den (d - dn) d = lam, so d = (dn + sqrt(dn^2 + 2 lam / den)) / 2, lam by Newton's method
+    from 0 (the unconstrained minimiser; the constraint moves it little); a row whose solution does
+    not beat d_old keeps d_old (so the step never increases the objective). dn, den, d_old (B, M),
+    upd (B, M) bool. Also used for the pair scales."""
+    den = torch.where(upd, den, torch.ones_like(den))
+    dn = torch.where(upd, dn, d_old)
+    C = torch.log(d_old).mean(1)
+    lo = torch.where(upd, -den * dn * dn / 2, torch.full_like(dn, -float('inf'))).amax(1)  # sqrt >= 0 above
+
+    def depth(lam):
+        root = torch.sqrt((dn * dn + 2 * lam[:, None] / den).clamp_min(1e-300))
+        return torch.where(upd, (dn + root) / 2, d_old), root
+
+    lam = torch.zeros_like(C)
+    for _ in range(newton):
+        d, root = depth(lam)
+        h = torch.log(d).mean(1) - C
+        dh = (upd / (den * root * d)).mean(1)  # d log d / d lam = 1 / (den root d)
+        lam = torch.maximum(lam - h / dh.clamp_min(1e-300), lo + 0.5 * (lam - lo))  # stay inside the domain
+    d = depth(lam)[0]
+    better = (den * (d - dn) ** 2 * upd).sum(1) <= (den * (d_old - dn) ** 2 * upd).sum(1)
+    return torch.where(better[:, None], d, d_old)
+
+
+def closed_form_objective(state: AlignmentState, pairs, pair_outputs, pair_sims, masks=None, flows=None,
+                          flow_weight: float = 1.0, flow_max_px: float = 50.0, flow_guard: float = 25.0,
+                          gate_state: AlignmentState | None = None, device: str = 'cpu') -> tuple[float, float]:
+    """The objective :func:`refine_closed_form` minimises, at ``state`` with pair similarities
+    ``pair_sims`` [(s, R, t)] (P): (data term, flow_weight * flow term), both / (P * H * W).
+    The flow term's pixel gate is taken at ``gate_state`` (default ``state``)."""
+    prob = _ClosedFormProblem(state, pairs, pair_outputs, masks, device, flows, flow_weight, flow_max_px,
+                              flow_guard, gate_state)
+    T = prob.T
+    sims = (T([p[0] for p in pair_sims]), T(np.stack([p[1] for p in pair_sims])), T(np.stack([p[2] for p in pair_sims])))
+    return prob.objective(T(state.poses[:, :3, :3]), T(state.poses[:, :3, 3]), T(state.depths).reshape(prob.n, -1),
+                          sims)
+
+
+def refine_closed_form(state: AlignmentState, pairs, pair_outputs, masks=None, frozen=(), sweeps: int = 5,
+                       pair_sims=None, frozen_depth=None, scale_anchor=(), device: str = 'cpu', flows=None,
+                       flow_weight: float = 1.0, flow_max_px: float = 50.0, flow_guard: float = 25.0,
+                       focal: str = 'hold', pair_scale_gauge: bool = False, history: bool = False,
+                       trace: list | None = None) -> AlignmentState:
+    """Block-coordinate descent on the DUSt3R data term plus MonST3R's flow term, each block solved
+    in closed form (torch).
+
+    Hand-written (no library does it). Objective (divided by P * H * W):
+        sum_slots w ||chi - s (R X + t)||  +  flow_weight * sum_(a,b) sum_p g ||X_a(p) - L_b(q)||
+    the data term as DUSt3R's, and the flow term in object space (Lu, Hager & Mjolsness' orthogonal
+    iteration): for a flow pair (a, b) and pixel p of frame a with q = p + flow(p), the distance of
+    its world point X_a(p) to frame b's line of sight through q (L_b(q): the closest point on that
+    line), a 3-D distance in the data term's unit. g: 1 on the gated pixels (static in a, q inside
+    frame b and in front of camera b, ego flow of the starting state within ``flow_max_px`` of the
+    given flow; a pair whose mean smooth-L1 error exceeds ``flow_guard`` px is dropped), 0 else;
+    the gate is fixed at the start so the objective is one fixed function.
+    Both terms are sums of 2-norms, so every block is an iteratively re-weighted least-squares
+    solution (a majorise-minimise step that never increases the objective):
+      pair similarities: weighted Umeyama (the flow term does not involve them);
+      frame poses: one rigid Umeyama per frame over its data correspondences (camera point ->
+        mean target) and its flow correspondences: ||X - L|| <= ||X - m|| + ||L' - m|| with
+        m = the midpoint of X and L (the end of a frozen frame when one is), L' = R_b c + t_b with c
+        the current projection onto the line in camera b (LHM's step), so frame a pulls its camera
+        point towards m and frame b its point c towards m; all frames at once (the split decouples them);
+      depths: per pixel, 1-D weighted least squares along the ray for the data targets and for the
+        distance to the flow lines (||e0 + d e1||, affine in d); for ``scale_anchor`` frames the
+        minimiser under the constraint of a fixed mean log-depth (exact, by a 1-D search on the
+        multiplier).
+      focal (``focal`` 'shared': one for all frames; 'per_frame': each frame not ``frozen``; 'hold':
+        none): with depths and poses fixed a camera point is (k d (u - cx), k d (v - cy), d) with
+        k = 1 / f, affine in k, and so is the flow residual with the current projection onto the
+        line held (per frame: split at the midpoint as for the poses): 1-D weighted least squares.
+    The ``frozen`` frames' poses (local indices) are held. No autograd, no step size; used
+    to refine a warm-started window. float64 on CPU, float32 on CUDA.
     pairs [(i, j)] (P); pair_outputs as :meth:`PointmapAligner.align`; masks (N, H, W) dynamic.
     pair_sims: optional initial [(s, R, t)] per pair (default: fitted in the first sweep).
     frozen_depth: frames whose depth is held (default: ``frozen``). scale_anchor: frames whose depth
-    is refined but rescaled after each update to keep its mean log-depth (a one-number scale gauge
-    like DUSt3R's, instead of holding the whole depth map).
+    is refined with its mean log-depth held (a one-number scale gauge). pair_scale_gauge: instead,
+    DUSt3R's gauge: the pairs' mean log-scale is held (at ``pair_sims``'), the similarity block
+    solved under that constraint (exact, like the anchored depths).
+    flows: optional {(a, b): (H, W, 2)} optical flow from frame a to b (px, pointmap resolution).
+    history: record the objective (data + flow) at the start of each sweep and at the end in the
+    returned state's ``history`` (costs one evaluation per sweep); trace: optional list that
+    receives it after every block update.
+    Returns the state with ``loss`` = the data term and ``pair_sims`` = the final similarities.
     """
-    arr = PointmapAligner._check([tuple(p) for p in pairs], pair_outputs)
-    P, H, W = arr['conf_1'].shape
-    n = len(state.poses)
-    dev = torch.device(device)
-    dt = torch.float64 if dev.type == 'cpu' else torch.float32
-    T = lambda x: torch.as_tensor(np.asarray(x), dtype=dt, device=dev)  # noqa: E731
-    static = np.ones((n, H, W)) if masks is None else (~(np.asarray(masks) > 0)).astype(np.float64)
-    ii = torch.tensor([p[0] for p in pairs], device=dev)
-    jj = torch.tensor([p[1] for p in pairs], device=dev)
-    fs = torch.cat([ii, jj])  # frame of each (pair, view) slot
-    v_, u_ = np.mgrid[0:H, 0:W].astype(np.float64)
-    f = state.focals[:, None, None]
-    rays = T(np.stack([(u_ - state.pp[0]) / f, (v_ - state.pp[1]) / f, np.ones((n, H, W))], -1).reshape(n, -1, 3))
-    ray2 = (rays * rays).sum(-1)
-    X = torch.cat([T(arr['pts3d_1']).reshape(P, -1, 3), T(arr['pts3d_2_in_1']).reshape(P, -1, 3)])  # (2P, HW, 3)
-    st = T(static).reshape(n, -1)
-    Wt = torch.cat([T(np.log(arr['conf_1']).clip(0)).reshape(P, -1),
-                    T(np.log(arr['conf_2']).clip(0)).reshape(P, -1)]) * st[fs]  # (2P, HW)
+    prob = _ClosedFormProblem(state, pairs, pair_outputs, masks, device, flows, flow_weight, flow_max_px, flow_guard)
+    T, P, H, W, n, dev, dt = prob.T, prob.P, prob.H, prob.W, prob.n, prob.dev, prob.dt
+    fs, X, Wt, rays, ray2 = prob.fs, prob.X, prob.Wt, prob.rays, prob.ray2
     R, t = T(state.poses[:, :3, :3]), T(state.poses[:, :3, 3])
     d = T(state.depths).reshape(n, -1).clone()
     free = torch.ones(n, dtype=torch.bool, device=dev)
@@ -643,51 +894,108 @@ def refine_closed_form(state: AlignmentState, pairs, pair_outputs, masks=None, f
     free_d[list(frozen if frozen_depth is None else frozen_depth)] = False
     anchor = torch.zeros(n, dtype=torch.bool, device=dev)
     anchor[list(scale_anchor)] = True
+    anchor &= free_d
     eps = 1e-6
     sims = None
     if pair_sims is not None:
         sims = (T([p[0] for p in pair_sims]), T(np.stack([p[1] for p in pair_sims])), T(np.stack([p[2] for p in pair_sims])))
+    hist = [] if history else None
 
-    def targets(sims):  # (2P, HW, 3): each slot's points mapped by its pair's similarity
-        sc, Rp, tp = (torch.cat([x, x]) for x in sims)
-        return sc[:, None, None] * torch.einsum('sij,smj->smi', Rp, X) + tp[:, None]
-
-    def world():
-        return torch.einsum('nij,nmj->nmi', R, d[..., None] * rays) + t[:, None]
+    def record(out):
+        if out is not None and sims is not None:
+            out.append(sum(prob.objective(R, t, d, sims)))
 
     for _ in range(sweeps):
-        chi = world()
+        record(hist)
+        chi = prob.world(R, t, d)
         dst = chi[fs]
         w = Wt
         if sims is not None:
-            w = Wt / (targets(sims) - dst).norm(dim=-1).clamp_min(eps)
+            w = Wt / (prob.targets(sims) - dst).norm(dim=-1).clamp_min(eps)
         # pair similarities: both views of a pair in one weighted Umeyama
         src2 = torch.cat([X[:P], X[P:]], 1)
         dst2 = torch.cat([dst[:P], dst[P:]], 1)
-        sims = _procrustes_batch(src2, dst2, torch.cat([w[:P], w[P:]], 1))
-        A = targets(sims)
-        # poses: rigid fit of each frame's camera points to its IRLS-weighted mean target
+        w2 = torch.cat([w[:P], w[P:]], 1)
+        s_old = None if sims is None else sims[0]
+        sims = _procrustes_batch(src2, dst2, w2)
+        if pair_scale_gauge and s_old is not None:
+            # DUSt3R's scale gauge: the pairs' mean log-scale held; per pair the majoriser is
+            # W var (s - s*)^2 in s (R does not depend on s, t follows), so the constrained
+            # minimiser is the one of the anchored depths
+            wn = w2 / w2.sum(1, keepdim=True).clamp_min(1e-30)
+            ms, md = torch.einsum('bm,bmi->bi', wn, src2), torch.einsum('bm,bmi->bi', wn, dst2)
+            var = torch.einsum('bm,bm->b', wn, ((src2 - ms[:, None]) ** 2).sum(-1))
+            sc = _anchored_depth(sims[0][None], (w2.sum(1) * var)[None], s_old[None],
+                                 torch.ones_like(s_old[None], dtype=torch.bool))[0]
+            sims = (sc, sims[1], md - sc[:, None] * torch.einsum('bij,bj->bi', sims[1], ms))
+        record(trace)
+        A = prob.targets(sims)
+        # poses: rigid fit of each frame's camera points to its IRLS-weighted mean targets (data),
+        # plus the flow correspondences (see the docstring); moments centred on the current camera
+        # centre for precision
         Wr = Wt / (chi[fs] - A).norm(dim=-1).clamp_min(eps)
         sw = torch.zeros(n, H * W, dtype=dt, device=dev).index_add_(0, fs, Wr)
-        sa = torch.zeros(n, H * W, 3, dtype=dt, device=dev).index_add_(0, fs, Wr[..., None] * A)
-        mean_t = sa / sw.clamp_min(1e-30)[..., None]
-        _, Rn, tn = _procrustes_batch(d[..., None] * rays, mean_t, sw, scale=False)
-        ok = free & ((sw > 0).sum(1) >= 3)
+        sa = torch.zeros(n, H * W, 3, dtype=dt, device=dev).index_add_(0, fs, Wr[..., None] * (A - t[fs][:, None]))
+        xc = d[..., None] * rays
+        cnt = (sw > 0).sum(1)
+        Mw, Mx, My, Mxy = sw.sum(1), torch.einsum('nm,nmi->ni', sw, xc), sa.sum(1), torch.einsum('nmi,nmj->nij', sa, xc)
+        if prob.flow is not None:
+            fa, fb, _, _, g = prob.flow
+            Xf, c, L, dist = prob.flow_geometry(R, t, chi)
+            fa_free, fb_free = free[fa], free[fb]
+            beta = torch.where(~fa_free, torch.ones_like(g[:, 0]),
+                               torch.where(~fb_free, torch.zeros_like(g[:, 0]), torch.full_like(g[:, 0], 0.5)))
+            m = L + beta[:, None, None] * (Xf - L)
+            wa = g * fa_free[:, None] / ((1 - beta)[:, None] * dist).clamp_min(eps)  # frame a: x = d r -> m
+            wb = g * fb_free[:, None] / (beta[:, None] * dist).clamp_min(eps)  # frame b: c -> m
+            ya = m - t[fa][:, None]
+            yb = m - t[fb][:, None]
+            xa = xc[fa]
+            for fr, ww, x, y in ((fa, wa, xa, ya), (fb, wb, c, yb)):
+                Mw = Mw.index_add(0, fr, ww.sum(1))
+                Mx = Mx.index_add(0, fr, torch.einsum('fm,fmi->fi', ww, x))
+                My = My.index_add(0, fr, torch.einsum('fm,fmi->fi', ww, y))
+                Mxy = Mxy.index_add(0, fr, torch.einsum('fm,fmi,fmj->fij', ww, y, x))
+                cnt = cnt.index_add(0, fr, (ww > 0).sum(1))
+        Rn, tn = _rigid_from_moments(Mw, Mx, My, Mxy)
+        ok = free & (cnt >= 3)
         R = torch.where(ok[:, None, None], Rn, R)
-        t = torch.where(ok[:, None], tn, t)
-        # depths: per pixel, 1-D IRLS along the ray to the targets expressed in the camera
+        t = torch.where(ok[:, None], tn + t, t)
+        record(trace)
+        # depths: per pixel, 1-D IRLS along the ray to the targets expressed in the camera, plus the
+        # distance to the flow lines
         B = torch.einsum('sji,smj->smi', R[fs], A - t[fs][:, None])
         Wr = Wt / (d[fs][..., None] * rays[fs] - B).norm(dim=-1).clamp_min(eps)
         num = torch.zeros(n, H * W, dtype=dt, device=dev).index_add_(0, fs, Wr * (B * rays[fs]).sum(-1))
         den = torch.zeros(n, H * W, dtype=dt, device=dev).index_add_(0, fs, Wr) * ray2
+        if prob.flow is not None:
+            fa, fb, rq, rq2, g = prob.flow
+            u = torch.einsum('fij,fmj->fmi', R[fb], rq)  # world direction of each line
+
+            def perp(x):  # component orthogonal to the line
+                return x - u * ((x * u).sum(-1) / rq2)[..., None]
+            e0 = perp((t[fa] - t[fb])[:, None].expand_as(u))
+            e1 = perp(torch.einsum('fij,fmj->fmi', R[fa], rays[fa]))
+            om = g / (e0 + d[fa][..., None] * e1).norm(dim=-1).clamp_min(eps)
+            num = num.index_add(0, fa, -om * (e0 * e1).sum(-1))
+            den = den.index_add(0, fa, om * (e1 * e1).sum(-1))
         dn = num / den.clamp_min(1e-30)
         upd = (den > 0) & (dn > 1e-6) & free_d[:, None]  # targets behind the camera (garbage): keep
-        before = torch.log(d).mean(1)
-        d = torch.where(upd, dn, d)
-        k = torch.exp(before - torch.log(d).mean(1))
-        d = d * torch.where(anchor, k, torch.ones_like(k))[:, None]
-    loss = float((Wt * (world()[fs] - targets(sims)).norm(dim=-1)).sum()) / (P * H * W) if sims else float('nan')
+        d_new = torch.where(upd, dn, d)
+        if anchor.any():
+            d_new[anchor] = _anchored_depth(dn[anchor], den[anchor], d[anchor], upd[anchor])
+        d = d_new
+        record(trace)
+        if focal != 'hold':
+            _focal_block(prob, focal, free, R, t, d, B)
+            record(trace)
+    record(hist)
+    loss = prob.objective(R, t, d, sims)[0] if sims else float('nan')
     poses = state.poses.copy()
     poses[:, :3, :3], poses[:, :3, 3] = R.cpu().double().numpy(), t.cpu().double().numpy()
-    return replace(state, poses=poses, depths=d.reshape(n, H, W).cpu().double().numpy(), loss=loss,
-                   pair_scales=sims[0].cpu().double().numpy() if sims else state.pair_scales)
+    out = replace(state, poses=poses, depths=d.reshape(n, H, W).cpu().double().numpy(), loss=loss, history=hist or [],
+                  focals=prob.focals.cpu().double().numpy(),
+                  pair_scales=sims[0].cpu().double().numpy() if sims else state.pair_scales)
+    if sims:
+        out.pair_sims = [(float(s), Rp, tp) for s, Rp, tp in zip(*(x.cpu().double().numpy() for x in sims))]
+    return out

@@ -68,11 +68,11 @@ def seq():
                                            mover_speed=2.0))
 
 
-def _run(seq, segmentation=True, mode='flow', seg=None, **backend):
+def _run(seq, segmentation=True, mode='flow', seg=None, noise=0.002, **backend):
     cfg = ReconConfig.from_dict({'window': {'size': 6, 'neighbours': 2, 'keyframes': 2, 'output_lag': 2},
                                  'segmentation': {'enabled': segmentation, 'mode': mode, **(seg or {})},
                                  'backend': backend})
-    net = OracleNet(seq)
+    net = OracleNet(seq, noise)
     rec = Reconstructor(cfg, predictor=Dust3rPredictor(net))
     res = []
     for f in seq.frames:  # monocular: no depth, no K
@@ -82,7 +82,9 @@ def _run(seq, segmentation=True, mode='flow', seg=None, **backend):
 
 
 def test_oracle_pointmaps_through_the_pipeline(seq):
-    res, net = _run(seq)
+    # 1 % pointmap noise: at 0.2 % the robust initialisation alone rejects most mover points and the
+    # masks' effect on the trajectory was within the run-to-run spread (~0.5 mm)
+    res, net = _run(seq, noise=0.01)
     assert [r.status for r in res] == ['ok'] * len(seq.frames), [r.reason for r in res]
     poses = np.stack([r.pose for r in res])
     m = trajectory_metrics(seq.stamps, poses, seq.stamps, seq.poses)
@@ -104,11 +106,10 @@ def test_oracle_pointmaps_through_the_pipeline(seq):
     # the network ran once per ordered pair (outputs cached across window steps)
     assert net.pairs_run <= 2 * 3 * len(seq.frames)
     # without masks the movers corrupt the alignment
-    res_off, _ = _run(seq, segmentation=False)
+    res_off, _ = _run(seq, segmentation=False, noise=0.01)
     m_off = trajectory_metrics(seq.stamps, np.stack([r.pose for r in res_off]), seq.stamps, seq.poses)
     print(f"ATE sim3 without masks {m_off['ate_rmse_sim3'] * 1000:.2f} mm")
-    # (the robust initialisation already rejects most mover points, so the gap is modest here)
-    assert m_off['ate_rmse_sim3'] > 1.1 * m['ate_rmse_sim3']
+    assert m_off['ate_rmse_sim3'] > 2 * m['ate_rmse_sim3']
 
 
 def test_metric_scale_parameter_and_given_K(seq):

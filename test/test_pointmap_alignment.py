@@ -5,8 +5,11 @@ import pytest
 from dynrecon_ros.data.synthetic import SyntheticConfig, render_sequence
 from dynrecon_ros.errors import InputError
 from dynrecon_ros.evaluation import trajectory_metrics
-from dynrecon_ros.pointmap_alignment import (AlignConfig, PointmapAligner, metric_scale_from_depth,
-                                             mover_ids_from_sequence, pairs_from_ground_truth, scale_state,
+from dataclasses import replace
+
+from dynrecon_ros.pointmap_alignment import (AlignConfig, AlignmentState, PointmapAligner, closed_form_objective,
+                                             metric_scale_from_depth, mover_ids_from_sequence,
+                                             pairs_from_ground_truth, refine_closed_form, scale_state,
                                              weighted_procrustes, window_pairs)
 
 # 32x24, 4 fast movers (~30 % dynamic pixels), 10 fps so the camera moves a few cm per frame
@@ -130,3 +133,166 @@ def test_weighted_procrustes_and_input_errors():
            'conf_1': np.full((2, 4, 4), 2.0), 'conf_2': np.full((2, 4, 4), 2.0)}
     with pytest.raises(InputError, match='connect'):
         PointmapAligner().align([(0, 1), (2, 3)], out)
+
+
+# ---------------------------------------------------------------------------------------------
+# MonST3R's flow term in the closed-form warm refinement
+
+def _gt_flow(seq, a, b):
+    """(H, W, 2) optical flow from frame a to b of the static scene: frame a's ground-truth depth
+    projected into frame b with the ground-truth poses (what an exact optical flow gives)."""
+    K, z = seq.K, seq.depth_gt[a].astype(np.float64)
+    h, w = z.shape
+    v, u = np.mgrid[0:h, 0:w].astype(np.float64)
+    cam = np.stack([(u - K[0, 2]) * z / K[0, 0], (v - K[1, 2]) * z / K[1, 1], z], -1)
+    rel = np.linalg.inv(seq.poses[b]) @ seq.poses[a]
+    pc = cam @ rel[:3, :3].T + rel[:3, 3]
+    return np.stack([pc[..., 0] / pc[..., 2] * K[0, 0] + K[0, 2] - u,
+                     pc[..., 1] / pc[..., 2] * K[1, 1] + K[1, 2] - v], -1)
+
+
+def _flow_window(seq, lo=1, n=8, bias=0.02, seed=2):
+    """Window lo..lo+n-1 whose new (last) frame's pairs are each made from a pose of it off by a
+    random rotation of ~``bias`` rad (the network misled, differently per pair), the previous
+    window's state from ground truth (frames lo-1..lo+n-2), and exact flows of the new frame's
+    pairs with its 3 predecessors (both directions), local indices."""
+    from scipy.spatial.transform import Rotation
+    pairs = window_pairs(n, 3)
+    ids = mover_ids_from_sequence(seq)[lo:lo + n]
+    poses = seq.poses[lo:lo + n]
+    args = (seq.K, pairs, ids, seq.mover_centers[lo:lo + n])
+    out = pairs_from_ground_truth(seq.depth_gt[lo:lo + n], poses, *args, seed=seed, mover_conf=20.0)
+    rng = np.random.default_rng(5)
+    for e, p in enumerate(pairs):
+        if n - 1 in p:
+            pb = poses.copy()
+            pb[n - 1, :3, :3] = pb[n - 1, :3, :3] @ Rotation.from_rotvec(rng.standard_normal(3) * bias).as_matrix()
+            ob = pairs_from_ground_truth(seq.depth_gt[lo:lo + n], pb, *args, seed=seed, mover_conf=20.0)
+            for k in out:
+                out[k][e] = ob[k][e]
+    f_gt = 0.5 * (seq.K[0, 0] + seq.K[1, 1])
+    m = lo - 1
+    prev = AlignmentState(poses=seq.poses[m:m + n].copy(), depths=seq.depth_gt[m:m + n].astype(np.float64),
+                          focals=np.full(n, f_gt), pp=seq.K[:2, 2].copy(), pair_scales=np.ones(len(pairs)),
+                          frame_ids=list(range(m, m + n)), loss=float('nan'))
+    flows = {}
+    for k in range(n - 4, n - 1):
+        flows[(k, n - 1)] = _gt_flow(seq, lo + k, lo + n - 1)
+        flows[(n - 1, k)] = _gt_flow(seq, lo + n - 1, lo + k)
+    return pairs, out, prev, flows
+
+
+def _new_frame_error(seq, st, lo=1):
+    """Rotation error (deg) of the new frame's pose relative to the previous frame (held)."""
+    from scipy.spatial.transform import Rotation
+    n = len(st.poses)
+    rel = np.linalg.inv(st.poses[n - 2]) @ st.poses[n - 1]
+    gt = np.linalg.inv(seq.poses[lo + n - 2]) @ seq.poses[lo + n - 1]
+    return float(np.degrees(np.linalg.norm(Rotation.from_matrix(rel[:3, :3].T @ gt[:3, :3]).as_rotvec())))
+
+
+# the product's gate (50 px, guard 25 px at 512 px wide) scaled to these 32 px wide images
+FLOW_GATE = dict(flow_max_px=4.0, flow_guard=2.0)
+
+
+@pytest.fixture
+def one_thread():
+    import torch  # small problems: 1 thread (the aligner does this itself; these tests call refine_closed_form)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize('frozen, focal', [([0], 'hold'), (list(range(7)), 'hold'), ([0], 'shared'),
+                                           ([0, 1], 'per_frame')])
+def test_closed_form_with_flow_never_increases_the_objective(seq12, frozen, focal, one_thread):
+    pairs, out, prev, flows = _flow_window(seq12)
+    masks = seq12.masks[1:9]
+    # start: the window from ground truth, the new frame's pose 1 degree and 1 cm off, depths 2 % noisy
+    from scipy.spatial.transform import Rotation
+    start = replace(prev, poses=seq12.poses[1:9].copy(), depths=seq12.depth_gt[1:9].astype(np.float64),
+                    frame_ids=list(range(1, 9)))
+    start.poses[7, :3, :3] = start.poses[7, :3, :3] @ Rotation.from_rotvec([0.01, -0.015, 0.005]).as_matrix()
+    start.poses[7, :3, 3] += [0.01, 0, 0]
+    start.depths = start.depths * (1 + 0.02 * np.random.default_rng(0).standard_normal(start.depths.shape))
+    trace = []
+    st = refine_closed_form(start, pairs, out, masks, frozen=frozen, frozen_depth=[], scale_anchor=frozen, sweeps=6,
+                            flows=flows, history=True, trace=trace, focal=focal, **FLOW_GATE)
+    h, tr = np.array(st.history), np.array(trace)
+    assert len(h) == 6 and len(tr) == 6 * (3 if focal == 'hold' else 4)  # sweeps 2..6 and the end; every block
+    assert np.all(np.diff(h) <= 1e-9 * h[0]) and np.all(np.diff(tr) <= 1e-9 * tr[0])
+    assert h[-1] < 0.95 * h[0]
+    data, flow = closed_form_objective(st, pairs, out, st.pair_sims, masks, flows, gate_state=start, **FLOW_GATE)
+    assert np.isclose(data + flow, h[-1], rtol=1e-9) and np.isclose(data, st.loss, rtol=1e-9)
+    # the flow term is part of the objective: large at the start (the new frame's pose is off), and
+    # refining without it (same start) ends with a larger flow term
+    if focal != 'hold':
+        return  # (the focal is held in closed_form_objective's state below only for 'hold')
+    _, f0 = closed_form_objective(start, pairs, out, st.pair_sims, masks, flows, **FLOW_GATE)
+    assert flow < 0.5 * f0
+    st0 = refine_closed_form(start, pairs, out, masks, frozen=frozen, frozen_depth=[], scale_anchor=frozen, sweeps=6)
+    assert closed_form_objective(st0, pairs, out, st0.pair_sims, masks, flows, gate_state=start, **FLOW_GATE)[1] > flow
+    np.testing.assert_allclose(st.poses[frozen], start.poses[frozen], atol=1e-12)  # held frames
+    for k in frozen:  # scale gauge: the mean log-depth of the anchored frames is held
+        assert np.isclose(np.log(st.depths[k]).mean(), np.log(start.depths[k]).mean(), atol=1e-9)
+
+
+def test_flow_term_corrects_a_misled_new_frame_and_wrong_flow_is_harmless(seq12):
+    pairs, out, prev, flows = _flow_window(seq12)
+    kw = dict(masks=seq12.masks[1:9], pp=seq12.K[:2, 2], frame_ids=list(range(1, 9)), init=prev,
+              frozen_ids=list(range(1, 8)))
+    al = PointmapAligner(AlignConfig(cpu_threads=1, **FLOW_GATE))  # product defaults (closed-form warm step)
+    assert al.cfg.warm_optimizer == 'closed_form' and al.cfg.flow_weight_closed_form > 0
+    no_flow = _new_frame_error(seq12, al.align(pairs, out, **kw))
+    with_flow = _new_frame_error(seq12, al.align(pairs, out, flows=flows, **kw))
+    assert no_flow > 0.3  # the biased pairs mislead the data term
+    print(f'new frame rotation error: {no_flow:.3f} deg without flow, {with_flow:.3f} deg with exact flow')
+    assert with_flow < 0.6 * no_flow, (no_flow, with_flow)
+    # random flow (uniform +-10 px): gated / guarded away, the result stays close to the no-flow one
+    rng = np.random.default_rng(0)
+    wrong = {k: rng.uniform(-10, 10, f.shape) for k, f in flows.items()}
+    wrong_err = _new_frame_error(seq12, al.align(pairs, out, flows=wrong, **kw))
+    print(f'with random flow {wrong_err:.3f} deg')
+    assert abs(wrong_err - no_flow) < 0.1 * no_flow
+    # even with gate and guard off, the L1 term's bounded pull keeps it from wrecking the pose
+    loose = PointmapAligner(AlignConfig(cpu_threads=1, flow_max_px=np.inf, flow_guard=np.inf))
+    loose_err = _new_frame_error(seq12, loose.align(pairs, out, flows=wrong, **kw))
+    print(f'with random flow, no gate: {loose_err:.3f} deg')
+    assert loose_err < 1.3 * no_flow
+    # also in 'refine' mode (only the oldest frame held)
+    kw['frozen_ids'] = None
+    no_flow = _new_frame_error(seq12, al.align(pairs, out, **kw))
+    with_flow = _new_frame_error(seq12, al.align(pairs, out, flows=flows, **kw))
+    print(f'refine mode: {no_flow:.3f} deg without flow, {with_flow:.3f} deg with exact flow')
+    assert with_flow < 0.7 * no_flow
+
+
+def test_closed_form_focal_block(seq12, one_thread):
+    """The warm step's focal block: a focal 2 % off moves back towards the truth (slowly: each sweep
+    the depths adapt to the focal of the previous one; shared: one value; per frame: the held
+    frames keep theirs); the aligner holds a given focal."""
+    pairs, out = _window(seq12, 0, 8)
+    f_gt = 0.5 * (seq12.K[0, 0] + seq12.K[1, 1])
+    start = AlignmentState(poses=seq12.poses[:8].copy(), depths=seq12.depth_gt[:8].astype(np.float64),
+                           focals=np.full(8, 1.02 * f_gt), pp=seq12.K[:2, 2].copy(), pair_scales=np.ones(len(pairs)),
+                           frame_ids=list(range(8)), loss=float('nan'))
+    kw = dict(masks=seq12.masks[:8], frozen=[0], frozen_depth=[], scale_anchor=[0], sweeps=10)
+    held = refine_closed_form(start, pairs, out, **kw)
+    np.testing.assert_allclose(held.focals, start.focals)
+    shared = refine_closed_form(start, pairs, out, focal='shared', **kw)
+    assert np.ptp(shared.focals) == 0 and f_gt < shared.focals[0] < f_gt * (1 + 0.95 * 0.02)
+    per = refine_closed_form(start, pairs, out, focal='per_frame', **kw)
+    assert per.focals[0] == start.focals[0] and np.all(per.focals[1:] < f_gt * (1 + 0.95 * 0.02))
+    assert np.ptp(per.focals[1:]) > 0
+    # through the aligner: warm_focal refines an estimated focal, a given one is held
+    a = PointmapAligner(AlignConfig(iterations=100, cpu_threads=1)).align(pairs, out, masks=seq12.masks[:8],
+                                                                          pp=seq12.K[:2, 2], frame_ids=list(range(8)))
+    pairs_b, out_b = _window(seq12, 1, 9, seed=2)
+    kw = dict(masks=seq12.masks[1:9], pp=seq12.K[:2, 2], frame_ids=list(range(1, 9)))
+    a_off = replace(a, focals=a.focals * 1.02)
+    b = PointmapAligner(AlignConfig(cpu_threads=1, warm_focal=True)).align(pairs_b, out_b, init=a_off, **kw)
+    assert abs(b.focals[0] / a.focals[0] - 1) < abs(a_off.focals[0] / a.focals[0] - 1)
+    c = PointmapAligner(AlignConfig(cpu_threads=1, warm_focal=True)).align(pairs_b, out_b, init=a_off,
+                                                                           fixed_focal=a_off.focals[0], **kw)
+    np.testing.assert_allclose(c.focals, a_off.focals[0])
