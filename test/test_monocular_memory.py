@@ -38,7 +38,10 @@ LOOSE = {'max_translation_m': 1000.0, 'max_rotation_deg': 180.0, 'max_speed_m_s'
 # bytes per frame the memory held by the Reconstructor may still grow by after the warm-up: well below
 # one frame's smallest per-frame item (its 64x48 colour image, 9 KiB; one pair's cached outputs are 98 KiB)
 MAX_SLOPE_BYTES_PER_FRAME = 2048
-SAMPLE_EVERY = 3  # frames between two memory samples
+KEYFRAME_GAP = 4  # the real-engine stream's keyframe period (keyframes by frame gap only)
+# frames between two memory samples: the cached pairs follow the keyframe cycle (the held memory
+# varies by ~1 MiB within a cycle), so every sample is taken at the same phase of it
+SAMPLE_EVERY = KEYFRAME_GAP
 
 
 def replay(seq, n, with_K):
@@ -187,7 +190,7 @@ def test_memory_bounded_real_engine(seq, tmp_path, n_frames):
     cfg = ReconConfig.from_dict({
         'checks': LOOSE, 'segmentation': {'mode': 'both'},
         # random geometry would make every frame a keyframe (a dense graph, slow): keyframes by frame gap
-        'window': {'keyframe_translation_m': 1e9, 'keyframe_rotation_deg': 1e9, 'keyframe_max_gap': 4},
+        'window': {'keyframe_translation_m': 1e9, 'keyframe_rotation_deg': 1e9, 'keyframe_max_gap': KEYFRAME_GAP},
         'backend': {'align_iterations': 20, 'align_warm_iterations': 2}})
     pred = Dust3rPredictor(load_network(ckpt, cache_frames=8), Dust3rConfig(checkpoint=ckpt, image_size=48,
                                                                            pair_cache=16))
