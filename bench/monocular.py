@@ -94,7 +94,7 @@ def write_random_checkpoint(path: Path, config: str, seed: int = 0) -> None:
     from dynrecon_ros.network import build_model, save_checkpoint
     torch.manual_seed(seed)
     model = build_model(config, 'cpu')
-    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    sd = model.state_dict()  # detached views of the parameters: edited in place
     for head in ('downstream_head1', 'downstream_head2'):
         if f'{head}.proj.weight' in sd:  # linear: channels (x, y, z, conf) x patch pixels (pixel shuffle)
             w, b = f'{head}.proj.weight', f'{head}.proj.bias'
