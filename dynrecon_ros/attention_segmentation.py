@@ -46,7 +46,10 @@ def _minmax(x: np.ndarray, axis=None) -> np.ndarray:
 def _fix_sink(a: np.ndarray) -> np.ndarray:
     """(..., h, w): replace the top-left token (attention sink) by the mean of its right/lower neighbours."""
     a = a.copy()
-    a[..., 0, 0] = 0.5 * (a[..., 0, 1] + a[..., 1, 0])
+    nb = [a[..., 0, 1]] if a.shape[-1] > 1 else []
+    nb += [a[..., 1, 0]] if a.shape[-2] > 1 else []
+    if nb:  # a 1x1 grid has no neighbour: left as is
+        a[..., 0, 0] = sum(nb) / len(nb)
     return a
 
 

@@ -193,3 +193,17 @@ def test_second_pass_suppresses_attention_to_masked_tokens(tmp_path):
     a0 = net.predict_pairs(imgs, [(0, 1)])['pts3d_1']
     b0 = net.predict_pairs(other, [(0, 1)])['pts3d_1']
     assert not np.allclose(a0, b0, atol=1e-4)
+
+
+@pytest.mark.parametrize('grid', [(1, 5), (4, 1), (1, 1)])
+def test_thin_token_grids(grid):
+    """A token grid one token high or wide (a 16- or 32-pixel network side) has no sink neighbour on
+    that side: the scores are computed, not an IndexError."""
+    gh, gw = grid
+    rng = np.random.default_rng(0)
+    pairs = _pairs()
+    a1 = 1.0 + 0.1 * rng.standard_normal((len(pairs), L, HEADS, gh, gw))
+    a2 = 1.0 + 0.1 * rng.standard_normal((len(pairs), L, HEADS, gh, gw))
+    a1[..., 0, 0] = a2[..., 0, 0] = 50.0
+    score = dynamic_attention_scores(N, pairs, a1, a2)
+    assert score.shape == (N, gh, gw) and np.isfinite(score).all()
