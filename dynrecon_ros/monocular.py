@@ -272,13 +272,7 @@ class MonocularWindow:
         if not self.segment_on:
             return
         if use_flow and newest_pairs:
-            ents = [o for o, _ in newest_pairs] + [newest_pairs[0][1]]
-            m = len(ents)
-            flows = {(m - 1, k): pf.bwd for k, pf in enumerate(pflows)}
-            valid = {(m - 1, k): pf.valid_bwd for k, pf in enumerate(pflows)}
-            probs, fmasks = self.segmenter.segment([e.key for e in ents], np.stack([e.frame.depth for e in ents]),
-                                                   np.stack([e.frame.K for e in ents]),
-                                                   np.stack([e.pose for e in ents]), flows, valid)
+            ents, probs, fmasks = self.segmenter.segment_newest(newest_pairs, pflows)
             for e, p, mk in zip(ents, probs, fmasks):
                 e.data['flow'] = (p, mk)
         for k, e in enumerate(entries):

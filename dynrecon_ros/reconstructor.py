@@ -425,22 +425,15 @@ class Reconstructor:
     def _segment(self, pairs, pflows) -> None:
         """Segment the newest frame from its pairs; the older frames of those pairs get refreshed."""
         new = pairs[0][1]
-        olds = [o for o, _ in pairs]
-        ents = olds + [new]
-        n = len(ents)
-        flows = {(n - 1, k): pf.bwd for k, pf in enumerate(pflows)}
-        valid = {(n - 1, k): pf.valid_bwd for k, pf in enumerate(pflows)}
-        back = {(n - 1, k): (pf.fwd, pf.valid_fwd) for k, pf in enumerate(pflows)}
+        ents = [o for o, _ in pairs] + [new]
         # cleaned masks only for frames not emitted yet (older keyframes keep theirs as the pose
         # prior) and not for the newest frame: the next step refreshes it (its neighbour pair) and
         # cleans it then; until then its pose prior is the thresholded probability
         pending = self._pending_ids()
         lag0 = self.cfg.window.output_lag == 0
         need = [id(e) in pending and (e is not new or lag0) for e in ents]
-        probs, masks = self.segmenter.segment([e.key for e in ents], np.stack([e.frame.depth for e in ents]),
-                                              np.stack([e.frame.K for e in ents]), np.stack([e.pose for e in ents]),
-                                              flows, valid, target_flows=back, need_masks=need,
-                                              skip_frames=[id(e) not in pending for e in ents])
+        _, probs, masks = self.segmenter.segment_newest(pairs, pflows, carry_back=True, need_masks=need,
+                                                        skip_frames=[id(e) not in pending for e in ents])
         for e, p, m, nd in zip(ents, probs, masks, need):
             if nd:
                 e.data['prob'] = p

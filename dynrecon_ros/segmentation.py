@@ -754,6 +754,30 @@ class MotionSegmenter:
             self._pool = ThreadPoolExecutor(max_workers=self.cfg.threads, thread_name_prefix='dynrecon-seg')
         return list(self._pool.map(fn, items))
 
+    def segment_newest(self, pairs, pair_flows, carry_back: bool = False, need_masks=None, skip_frames=None):
+        """:meth:`segment` over the newest frame of ``pairs`` and its pair partners (the one place that
+        assembles a window step's call; the RGB-D and the monocular step both use it).
+
+        Args:
+            pairs: [(older entry, newest entry)] of the newest frame's pairs; an entry has ``key``,
+                ``frame.depth`` (H, W), ``frame.K`` (3, 3) and ``pose`` (4, 4) camera-to-world.
+            pair_flows: one :class:`~dynrecon_ros.flow.PairFlow` per pair (older -> newest).
+            carry_back: evidence carried to the older frames along the reverse flow (target_flows).
+            need_masks, skip_frames: as :meth:`segment`, one per entry (older ones, then the newest).
+
+        Returns:
+            entries (older ones, then the newest), probs (N, H, W) float32, masks (N, H, W) uint8.
+        """
+        ents = [o for o, _ in pairs] + [pairs[0][1]]
+        n = len(ents)
+        flows = {(n - 1, k): pf.bwd for k, pf in enumerate(pair_flows)}
+        valid = {(n - 1, k): pf.valid_bwd for k, pf in enumerate(pair_flows)}
+        back = {(n - 1, k): (pf.fwd, pf.valid_fwd) for k, pf in enumerate(pair_flows)} if carry_back else None
+        probs, masks = self.segment([e.key for e in ents], np.stack([e.frame.depth for e in ents]),
+                                    np.stack([e.frame.K for e in ents]), np.stack([e.pose for e in ents]),
+                                    flows, valid, target_flows=back, need_masks=need_masks, skip_frames=skip_frames)
+        return ents, probs, masks
+
     def segment_frame(self, key: str, depth: np.ndarray, K: np.ndarray, pose: np.ndarray,
                       neighbours: list) -> tuple[np.ndarray, np.ndarray]:
         """Cheap path for one frame (e.g. the newest): its pairs with a few neighbours only.
