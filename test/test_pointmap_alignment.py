@@ -220,7 +220,8 @@ def test_closed_form_with_flow_never_increases_the_objective(seq12, frozen, foca
     st = refine_closed_form(start, pairs, out, masks, frozen=frozen, frozen_depth=[], scale_anchor=frozen, sweeps=6,
                             flows=flows, history=True, trace=trace, focal=focal, **FLOW_GATE)
     h, tr = np.array(st.history), np.array(trace)
-    assert len(h) == 6 and len(tr) == 6 * (3 if focal == 'hold' else 4)  # sweeps 2..6 and the end; every block
+    assert len(h) == 6 and len(tr) == 6 * 3 + 5  # sweeps 2..6 and the end; every block (the focal is in the
+    # depths'), and the extrapolation from the second sweep on
     assert np.all(np.diff(h) <= 1e-9 * h[0]) and np.all(np.diff(tr) <= 1e-9 * tr[0])
     assert h[-1] < 0.95 * h[0]
     data, flow = closed_form_objective(st, pairs, out, st.pair_sims, masks, flows, gate_state=start, **FLOW_GATE)
