@@ -9,7 +9,8 @@ would give them; pair graph: each frame with its next 3, both directions), then
           step averaged over ``--steps`` steps. Schedules (``--online``):
             closed_form: the product's default: new frame placed by the (robust) spanning-tree init
               from the previous window, then ``--sweeps`` sweeps of closed-form block-coordinate
-              descent (refine_closed_form) over every frame; the oldest keeps its pose (frame) and
+              descent (refine_closed_form, each sweep from the second followed by the monotone
+              extrapolation of the state along it) over every frame; the oldest keeps its pose (frame) and
               the pairs' mean log-scale is held (DUSt3R's scale gauge, as in the plain run); the
               focal is refined jointly with the depths (product default) unless ``--hold-focal``;
             adam_freeze / adam_refine: the previous schedule, ``--warm-iters`` Adam iterations
