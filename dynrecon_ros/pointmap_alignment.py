@@ -624,6 +624,11 @@ def _rot_t(R, X):
     return torch.bmm(X, R)
 
 
+def _dot(X, Y):
+    """(...,): X . Y over the last axis (as einsum: (X * Y).sum(-1) is ~4x slower on CPU)."""
+    return torch.einsum('...i,...i->...', X, Y)
+
+
 def _wsum(w, X):
     """(B, 3): sum_m w (B, M) X (B, M, 3)."""
     return torch.bmm(w[:, None], X)[:, 0]
@@ -641,7 +646,7 @@ def _procrustes_batch(src, dst, w, scale: bool = True):
     D[:, 2] = d
     R = U @ torch.diag_embed(D) @ Vt
     if scale:
-        sc = (S * D).sum(1) / torch.einsum('bm,bm->b', w, (a * a).sum(-1)).clamp_min(1e-30)
+        sc = (S * D).sum(1) / torch.einsum('bm,bm->b', w, _dot(a, a)).clamp_min(1e-30)
     else:
         sc = torch.ones_like(d)
     return sc, R, md - sc[:, None] * torch.einsum('bij,bj->bi', R, ms)
@@ -747,7 +752,7 @@ class _ClosedFormProblem:
         fa, fb, rq, rq2, _ = self.flow
         X = chi[fa]
         Y = _rot_t(R[fb], X - t[fb][:, None])
-        c = rq * ((Y * rq).sum(-1) / rq2)[..., None]
+        c = rq * (_dot(Y, rq) / rq2)[..., None]
         L = _rot(R[fb], c) + t[fb][:, None]
         return X, c, L, (X - L).norm(dim=-1)
 
@@ -812,7 +817,7 @@ def _depth_step(prob, parts, k, d, free_d, anchor):
     ``free_d`` keep d, ``anchor`` frames keep their mean log-depth. Returns (depths (n, HW), the
     majoriser's value per frame (n,), up to a constant)."""
     Wsum, a, b, fnum, fden = parts
-    r2 = (prob.uvc * prob.uvc).sum(-1)
+    r2 = _dot(prob.uvc, prob.uvc)
     num = k[:, None] * b + a + fnum
     den = Wsum * (1 + k[:, None] ** 2 * r2) + fden
     dn = num / den.clamp_min(1e-30)
@@ -1006,7 +1011,7 @@ def refine_closed_form(state: AlignmentState, pairs, pair_outputs, masks=None, f
             # minimiser is the one of the anchored depths
             wn = w2 / w2.sum(1, keepdim=True).clamp_min(1e-30)
             ms, md = _wsum(wn, src2), _wsum(wn, dst2)
-            var = torch.einsum('bm,bm->b', wn, ((src2 - ms[:, None]) ** 2).sum(-1))
+            var = torch.einsum('bm,bm->b', wn, _dot(src2 - ms[:, None], src2 - ms[:, None]))
             sc = _anchored_depth(sims[0][None], (w2.sum(1) * var)[None], s_old[None],
                                  torch.ones_like(s_old[None], dtype=torch.bool))[0]
             sims = (sc, sims[1], md - sc[:, None] * torch.einsum('bij,bj->bi', sims[1], ms))
@@ -1053,19 +1058,19 @@ def refine_closed_form(state: AlignmentState, pairs, pair_outputs, masks=None, f
         zero = torch.zeros(n, H * W, dtype=dt, device=dev)
         Wsum = zero.index_add(0, fs, Wr)
         a = zero.index_add(0, fs, Wr * B[..., 2])
-        b = zero.index_add(0, fs, Wr * (B[..., :2] * prob.uvc).sum(-1))
+        b = zero.index_add(0, fs, Wr * _dot(B[..., :2], prob.uvc.expand_as(B[..., :2])))
         fnum, fden = zero, zero
         if prob.flow is not None:
             fa, fb, rq, rq2, g = prob.flow
             u = _rot(R[fb], rq)  # world direction of each line
 
             def perp(x):  # component orthogonal to the line
-                return x - u * ((x * u).sum(-1) / rq2)[..., None]
+                return x - u * (_dot(x, u) / rq2)[..., None]
             e0 = perp((t[fa] - t[fb])[:, None].expand_as(u))
             e1 = perp(_rot(R[fa], prob.rays[fa]))
             om = g / (e0 + d[fa][..., None] * e1).norm(dim=-1).clamp_min(eps)
-            fnum = zero.index_add(0, fa, -om * (e0 * e1).sum(-1))
-            fden = zero.index_add(0, fa, om * (e1 * e1).sum(-1))
+            fnum = zero.index_add(0, fa, -om * _dot(e0, e1))
+            fden = zero.index_add(0, fa, om * _dot(e1, e1))
         parts = (Wsum, a, b, fnum, fden)
         d_std = _depth_step(prob, parts, 1 / prob.focals, d, free_d, anchor)[0]
         if focal == 'hold':
