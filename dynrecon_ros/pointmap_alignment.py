@@ -25,7 +25,7 @@ Gauge: without a warm start the pairwise log-scales are normalised to mean log(0
     default in the Adam path too, see ``AlignConfig.smooth_weight``: it shortened translations).
     The held frames fix the frame (and, when several, the scale: their depths keep their mean
     log-depth); with one held frame the scale gauge is DUSt3R's (pairs' mean log-scale held at its
-    warm-start value). The focal is held in warm steps unless ``AlignConfig.warm_focal``.
+    warm-start value). The focal is refined with the depths (``AlignConfig.warm_focal``).
 Init: maximum-confidence spanning tree over the pairs, chained weighted Procrustes (Umeyama, refitted
     without outlying points and with Horn's symmetric scale: :func:`robust_procrustes`) from the root, focal from the pointmaps (intrinsics.estimate_focal), depth = z of the registered
     camera-frame pointmap. In a warm start the tree grows from the frozen frames.
@@ -59,9 +59,11 @@ class AlignConfig:
     lr_min: float = 1e-6
     schedule: str = 'cosine'       # 'cosine' | 'linear'
     shared_focal: bool = True
-    warm_focal: bool = False       # closed-form warm steps refine the focal too (a closed-form block:
-    # the shared one, or per frame those of the frames not held; a given focal is always held). Off:
-    # bench/alignment.py N=8 loss ratio 1.0007 -> 1.0006 only, for ~20 % more time per step
+    warm_focal: bool = True        # closed-form warm steps refine the focal too, jointly with the
+    # depths (the shared one, or per frame those of the frames not held; a given focal is always
+    # held). bench/alignment.py (64x48, 5 sweeps): loss ratio online / plain N=8 1.00072 -> 1.00049,
+    # N=16 0.99885 -> 0.99865, N=32 0.99125 -> 0.99119; the last window's focal 53.336 -> 53.373 at
+    # N=8 (plain: 53.382). (A focal step with the depths held moved it to 1.0006 only.)
     base_scale: float = 0.5
     flow_weight: float = 0.01      # Adam path: weight of the smooth-L1 pixel flow term (MonST3R's)
     flow_weight_closed_form: float = 0.5  # closed-form warm steps: weight of one flow pair's pixel
@@ -611,19 +613,40 @@ def window_loss(state: AlignmentState, pairs, pair_outputs, masks=None) -> float
     return float(total / (P * H * W) * 0.5 / math.exp(np.mean(logs)))
 
 
+# batched 3x3 products as bmm: several times faster than the equivalent torch.einsum on CPU
+def _rot(R, X):
+    """(B, M, 3): R (B, 3, 3) applied to the points X (B, M, 3)."""
+    return torch.bmm(X, R.transpose(1, 2))
+
+
+def _rot_t(R, X):
+    """(B, M, 3): R^T applied to X."""
+    return torch.bmm(X, R)
+
+
+def _dot(X, Y):
+    """(...,): X . Y over the last axis (as einsum: (X * Y).sum(-1) is ~4x slower on CPU)."""
+    return torch.einsum('...i,...i->...', X, Y)
+
+
+def _wsum(w, X):
+    """(B, 3): sum_m w (B, M) X (B, M, 3)."""
+    return torch.bmm(w[:, None], X)[:, 0]
+
+
 def _procrustes_batch(src, dst, w, scale: bool = True):
     """Batched :func:`weighted_procrustes` in torch: src, dst (B, M, 3), w (B, M) -> s (B,), R (B, 3, 3),
     t (B, 3) with s R src + t ~ dst."""
     w = w / w.sum(1, keepdim=True).clamp_min(1e-30)
-    ms, md = torch.einsum('bm,bmi->bi', w, src), torch.einsum('bm,bmi->bi', w, dst)
+    ms, md = _wsum(w, src), _wsum(w, dst)
     a, b = src - ms[:, None], dst - md[:, None]
-    U, S, Vt = torch.linalg.svd(torch.einsum('bm,bmi,bmj->bij', w, b, a))
+    U, S, Vt = torch.linalg.svd(torch.bmm((b * w[..., None]).transpose(1, 2), a))
     d = torch.sign(torch.linalg.det(U) * torch.linalg.det(Vt))
     D = torch.ones_like(S)
     D[:, 2] = d
     R = U @ torch.diag_embed(D) @ Vt
     if scale:
-        sc = (S * D).sum(1) / torch.einsum('bm,bm->b', w, (a * a).sum(-1)).clamp_min(1e-30)
+        sc = (S * D).sum(1) / torch.einsum('bm,bm->b', w, _dot(a, a)).clamp_min(1e-30)
     else:
         sc = torch.ones_like(d)
     return sc, R, md - sc[:, None] * torch.einsum('bij,bj->bi', R, ms)
@@ -687,7 +710,7 @@ class _ClosedFormProblem:
             gs = state if gate_state is None else gate_state
             R, t = T(gs.poses[:, :3, :3]), T(gs.poses[:, :3, 3])
             chi = self.world(R, t, T(gs.depths).reshape(n, -1))[fa]
-            Y = torch.einsum('fji,fmj->fmi', R[fb], chi - t[fb][:, None])
+            Y = _rot_t(R[fb], chi - t[fb][:, None])
             z = Y[..., 2]
             proj = Y[..., :2] / z.clamp_min(1e-12)[..., None] * self.focals[fb][:, None, None] + self.pp
             err = proj - q
@@ -715,12 +738,12 @@ class _ClosedFormProblem:
 
     def world(self, R, t, d):
         """(n, HW, 3) world points of depths d (n, HW) with poses R (n, 3, 3), t (n, 3)."""
-        return torch.einsum('nij,nmj->nmi', R, d[..., None] * self.rays) + t[:, None]
+        return _rot(R, d[..., None] * self.rays) + t[:, None]
 
     def targets(self, sims):
         """(2P, HW, 3): each slot's pointmap mapped to the world by its pair's similarity."""
         sc, Rp, tp = (torch.cat([x, x]) for x in sims)
-        return sc[:, None, None] * torch.einsum('sij,smj->smi', Rp, self.X) + tp[:, None]
+        return sc[:, None, None] * _rot(Rp, self.X) + tp[:, None]
 
     def flow_geometry(self, R, t, chi):
         """Per flow pair (a, b) and pixel p of a: X = chi_a(p) (F, HW, 3); c (F, HW, 3) its orthogonal
@@ -728,71 +751,126 @@ class _ClosedFormProblem:
         point in the world; dist = ||X - L||, the object-space reprojection error (F, HW)."""
         fa, fb, rq, rq2, _ = self.flow
         X = chi[fa]
-        Y = torch.einsum('fji,fmj->fmi', R[fb], X - t[fb][:, None])
-        c = rq * ((Y * rq).sum(-1) / rq2)[..., None]
-        L = torch.einsum('fij,fmj->fmi', R[fb], c) + t[fb][:, None]
+        Y = _rot_t(R[fb], X - t[fb][:, None])
+        c = rq * (_dot(Y, rq) / rq2)[..., None]
+        L = _rot(R[fb], c) + t[fb][:, None]
         return X, c, L, (X - L).norm(dim=-1)
 
-    def objective(self, R, t, d, sims):
-        """(data term, weighted flow term), both divided by P * H * W (floats)."""
+    def objective(self, R, t, d, sims, parts: bool = False, targets=None):
+        """(data term, weighted flow term), both divided by P * H * W (floats); with ``parts`` also
+        the world points chi (n, HW, 3) and the data residuals' norms (2P, HW) (for reuse).
+        targets: optional ``self.targets(sims)`` when already at hand."""
         chi = self.world(R, t, d)
         norm = self.P * self.H * self.W
-        data = float((self.Wt * (chi[self.fs] - self.targets(sims)).norm(dim=-1)).sum()) / norm
+        res = (chi[self.fs] - (self.targets(sims) if targets is None else targets)).norm(dim=-1)
+        data = float((self.Wt * res).sum()) / norm
         flow = 0.0
         if self.flow is not None:
             flow = float((self.flow[4] * self.flow_geometry(R, t, chi)[3]).sum()) / norm
-        return data, flow
+        return (data, flow, chi, res) if parts else (data, flow)
 
 
-def _focal_block(prob, mode, free, R, t, d, B, eps=1e-6):
-    """The closed-form focal update of :func:`refine_closed_form` (see there); sets prob's focals.
-    mode 'shared' (one k = 1 / f for all frames) or 'per_frame' (the ``free`` frames' own k).
-    B (2P, HW, 3): each slot's target in its frame's camera."""
-    n, fs, dt, dev = prob.n, prob.fs, prob.dt, prob.dev
-    z = torch.zeros(n, dtype=dt, device=dev)
-    # data: camera point (k g, d) with g = d (uv - pp)
-    cam = d[fs][..., None] * prob.rays[fs]
-    Wr = prob.Wt / (cam - B).norm(dim=-1).clamp_min(eps)
-    g = d[fs][..., None] * prob.uvc
-    num = z.index_add(0, fs, (Wr * (g * B[..., :2]).sum(-1)).sum(1))
-    den = z.index_add(0, fs, (Wr * (g * g).sum(-1)).sum(1))
-    if prob.flow is not None:
-        fa, fb, rq, rq2, gw = prob.flow
-        X, _, L, dist = prob.flow_geometry(R, t, prob.world(R, t, d))
-        lam = (torch.einsum('fji,fmj->fmi', R[fb], X - t[fb][:, None]) * rq).sum(-1) / rq2  # (F, HW)
+# refine_closed_form's extrapolation of the state along each sweep's step (0: off). Measured
+# (bench/alignment.py, 64x48, 5 sweeps, focal refined): loss ratio online / plain at N=8
+# 1.00049 -> 1.00022, N=16 0.99865 -> 0.99838, N=32 0.99119 -> 0.98648
+EXTRAPOLATE = 1.0
+EXTRAPOLATE_MAX = 4.0
 
-        def xy0(v):  # (F, HW, 2) -> (F, HW, 3) with z = 0
-            return torch.cat([v, torch.zeros_like(v[..., :1])], -1)
-        da = d[fa]
-        za = torch.zeros_like(X)
-        za[..., 2] = da
-        zb = torch.zeros_like(X)
-        zb[..., 2] = lam
-        Ra_z = torch.einsum('fij,fmj->fmi', R[fa], za) + t[fa][:, None]  # X = Ra_z + k_a ea1
-        ea1 = torch.einsum('fij,fmj->fmi', R[fa], xy0(da[..., None] * prob.uvc))
-        Rb_z = torch.einsum('fij,fmj->fmi', R[fb], zb) + t[fb][:, None]  # L = Rb_z + k_b eb1
-        eb1 = torch.einsum('fij,fmj->fmi', R[fb], xy0(lam[..., None] * prob.qc))
-        if mode == 'shared':  # X - L = (Ra_z - Rb_z) + k (ea1 - eb1)
-            om = gw / dist.clamp_min(eps)
-            e0, e1 = Ra_z - Rb_z, ea1 - eb1
-            num = num.index_add(0, fa, -(om * (e0 * e1).sum(-1)).sum(1))
-            den = den.index_add(0, fa, (om * (e1 * e1).sum(-1)).sum(1))
-        else:  # midpoint split, as for the poses
-            one = torch.ones_like(gw[:, 0])
-            beta = torch.where(~free[fa], one, torch.where(~free[fb], 0 * one, 0.5 * one))
-            m = L + beta[:, None, None] * (X - L)
-            for fr, ww, e0, e1 in ((fa, gw * free[fa][:, None] / ((1 - beta)[:, None] * dist).clamp_min(eps), Ra_z - m, ea1),
-                                   (fb, gw * free[fb][:, None] / (beta[:, None] * dist).clamp_min(eps), Rb_z - m, eb1)):
-                num = num.index_add(0, fr, -(ww * (e0 * e1).sum(-1)).sum(1))
-                den = den.index_add(0, fr, (ww * (e1 * e1).sum(-1)).sum(1))
-    k_old = 1 / prob.focals
-    if mode == 'shared':
-        k = num.sum() / den.sum().clamp_min(1e-30)
-        k_new = torch.where(k > 0, k, k_old[0]).expand(n)
-    else:
-        k = num / den.clamp_min(1e-30)
-        k_new = torch.where(free & (den > 0) & (k > 0), k, k_old)
-    prob.set_focals(1 / k_new)
+
+def _rot_extrapolate(Rk, Rp, alpha):
+    """(B, 3, 3): Rk moved on by alpha times the rotation from Rp to Rk."""
+    from scipy.spatial.transform import Rotation
+    dR = (Rk @ Rp.transpose(-1, -2)).cpu().double().numpy()
+    Re = Rotation.from_rotvec(alpha * Rotation.from_matrix(dR).as_rotvec()).as_matrix()
+    return torch.as_tensor(Re, dtype=Rk.dtype, device=Rk.device) @ Rk
+
+
+def _extrapolate(prob, last, cur, alpha, targets=None):
+    """Extrapolation of the whole state along the last sweep's step (poses, log-depths, log-focals,
+    pair similarities with log-scales), kept only if it lowers the objective (so the descent stays
+    monotone). Linear in log-depth, log-scale and log-focal, so the gauges (held poses, the mean
+    log-depth of anchored frames, the pairs' mean log-scale) are kept. Returns ((R, t, d, sims), ok,
+    (world points, data residual norms) of the returned state, which the next sweep reuses).
+    targets: optional prob.targets(cur's sims)."""
+    R0, t0, d0, s0, f0 = last
+    R1, t1, d1, s1 = cur
+    f1 = prob.focals
+    Re = _rot_extrapolate(R1, R0, alpha)
+    te = t1 + alpha * (t1 - t0)
+    de = d1 * (d1 / d0) ** alpha
+    fe = f1 * (f1 / f0) ** alpha
+    se = (s1[0] * (s1[0] / s0[0]) ** alpha, _rot_extrapolate(s1[1], s0[1], alpha), s1[2] + alpha * (s1[2] - s0[2]))
+    *ref, chi1, res1 = prob.objective(R1, t1, d1, s1, parts=True, targets=targets)
+    prob.set_focals(fe)
+    *ext, chie, rese = prob.objective(Re, te, de, se, parts=True)
+    if sum(ext) < sum(ref):
+        return (Re, te, de, se), True, (chie, rese)
+    prob.set_focals(f1)
+    return cur, False, (chi1, res1)
+
+
+def _depth_step(prob, parts, k, d, free_d, anchor):
+    """The depth block of :func:`refine_closed_form` at k = 1 / focal (n,): per pixel the minimiser
+    of the IRLS majoriser den d^2 - 2 num d (+ const) with num = k b + a + fnum, den = W (1 + k^2
+    |uvc|^2) + fden (``parts`` = (W, a, b, fnum, fden), each (n, HW): the data term's weights and
+    moments and the flow term's, see there); pixels whose target is behind the camera and frames not
+    ``free_d`` keep d, ``anchor`` frames keep their mean log-depth. Returns (depths (n, HW), the
+    majoriser's value per frame (n,), up to a constant)."""
+    Wsum, a, b, fnum, fden = parts
+    r2 = _dot(prob.uvc, prob.uvc)
+    num = k[:, None] * b + a + fnum
+    den = Wsum * (1 + k[:, None] ** 2 * r2) + fden
+    dn = num / den.clamp_min(1e-30)
+    upd = (den > 0) & (dn > 1e-6) & free_d[:, None]  # targets behind the camera (garbage): keep
+    d_new = torch.where(upd, dn, d)
+    if anchor.any():
+        d_new[anchor] = _anchored_depth(dn[anchor], den[anchor], d[anchor], upd[anchor])
+    return d_new, (den * d_new * d_new - 2 * num * d_new).sum(1)
+
+
+def _focal_depth_block(prob, mode, free, parts, d, d_std, free_d, anchor, R, t, sims, iters: int = 2,
+                       span: float = 0.05):
+    """The joint focal + depth block of :func:`refine_closed_form`: the data term's majoriser is
+    quadratic in the depths for every focal, so the depths are re-solved in closed form for each
+    trial k = 1 / f and k found by ``iters`` Newton steps on log k (central differences, steps
+    within +-``span``) of the majoriser's minimum over the depths, a step kept only where it
+    lowers that minimum. mode 'shared' (one k) or 'per_frame' (the ``free`` frames' own k, searched side by side).
+    The flow term's part of the majoriser is taken at the current focal (its lines of sight move
+    with k), so with flow the result is checked on the objective and d_std (the depth step at the
+    current focal) kept when it is not lower. Sets prob's focals; returns the depths (n, HW).
+    Hand-written: batched over the frames (scipy's minimize_scalar does one scalar at a time)."""
+    k0 = 1 / prob.focals
+    vary = free if mode == 'per_frame' else torch.ones_like(free)
+    x0 = torch.log(k0[:1] if mode == 'shared' else k0)
+
+    def ks(x):
+        return torch.where(vary, torch.exp(x).expand(len(k0)), k0)
+
+    def f(x):
+        v = _depth_step(prob, parts, ks(x), d, free_d, anchor)[1]
+        return v.sum()[None] if mode == 'shared' else v
+
+    x, fx = x0, f(x0)
+    h = 1e-3
+    for _ in range(iters):  # Newton steps on log k, derivatives by central differences
+        fm, fp = f(x - h), f(x + h)
+        grad, curv = (fp - fm) / (2 * h), (fp - 2 * fx + fm) / h ** 2
+        step = torch.where(curv > 0, -grad / curv.clamp_min(1e-300), -span * torch.sign(grad)).clamp(-span, span)
+        fn = f(x + step)
+        better = fn < fx  # (so the block never increases the majoriser)
+        x, fx = torch.where(better, x + step, x), torch.where(better, fn, fx)
+    k = ks(x)
+    d_new = _depth_step(prob, parts, k, d, free_d, anchor)[0]
+    if prob.flow is None:
+        prob.set_focals(1 / k)
+        return d_new
+    f_old = prob.focals
+    ref = sum(prob.objective(R, t, d_std, sims))
+    prob.set_focals(1 / k)
+    if sum(prob.objective(R, t, d_new, sims)) <= ref:
+        return d_new
+    prob.set_focals(f_old)
+    return d_std
 
 
 def _anchored_depth(dn, den, d_old, upd, newton: int = 8):
@@ -866,9 +944,15 @@ def refine_closed_form(state: AlignmentState, pairs, pair_outputs, masks=None, f
         minimiser under the constraint of a fixed mean log-depth (exact, by a 1-D search on the
         multiplier).
       focal (``focal`` 'shared': one for all frames; 'per_frame': each frame not ``frozen``; 'hold':
-        none): with depths and poses fixed a camera point is (k d (u - cx), k d (v - cy), d) with
-        k = 1 / f, affine in k, and so is the flow residual with the current projection onto the
-        line held (per frame: split at the midpoint as for the poses): 1-D weighted least squares.
+        none), jointly with the depths: a camera point is d (k (u - cx), k (v - cy), 1) with
+        k = 1 / f, so for every k the depths' majoriser is minimised in closed form per pixel, and
+        k is found by a 1-D search on that minimum (:func:`_focal_depth_block`; a focal step with
+        the depths held barely moves, the depths re-adapting to the old focal each sweep);
+      extrapolation (``EXTRAPOLATE`` > 0): after each sweep from the second, the whole state is
+        moved on along the sweep's step (``EXTRAPOLATE`` times it, doubled after each success up
+        to ``EXTRAPOLATE_MAX``, reset after a failure) and kept only if the objective is lower
+        (:func:`_extrapolate`): the blocks' zig-zag along coupled directions (poses and depths)
+        makes plain block-coordinate descent converge slowly.
     The ``frozen`` frames' poses (local indices) are held. No autograd, no step size; used
     to refine a warm-started window. float64 on CPU, float32 on CUDA.
     pairs [(i, j)] (P); pair_outputs as :meth:`PointmapAligner.align`; masks (N, H, W) dynamic.
@@ -885,7 +969,7 @@ def refine_closed_form(state: AlignmentState, pairs, pair_outputs, masks=None, f
     """
     prob = _ClosedFormProblem(state, pairs, pair_outputs, masks, device, flows, flow_weight, flow_max_px, flow_guard)
     T, P, H, W, n, dev, dt = prob.T, prob.P, prob.H, prob.W, prob.n, prob.dev, prob.dt
-    fs, X, Wt, rays, ray2 = prob.fs, prob.X, prob.Wt, prob.rays, prob.ray2
+    fs, X, Wt = prob.fs, prob.X, prob.Wt
     R, t = T(state.poses[:, :3, :3]), T(state.poses[:, :3, 3])
     d = T(state.depths).reshape(n, -1).clone()
     free = torch.ones(n, dtype=torch.bool, device=dev)
@@ -905,13 +989,16 @@ def refine_closed_form(state: AlignmentState, pairs, pair_outputs, masks=None, f
         if out is not None and sims is not None:
             out.append(sum(prob.objective(R, t, d, sims)))
 
+    last, alpha, cached = None, EXTRAPOLATE, None
     for _ in range(sweeps):
         record(hist)
-        chi = prob.world(R, t, d)
+        chi, res = cached if cached is not None else (prob.world(R, t, d), None)
+        cached = None
         dst = chi[fs]
         w = Wt
         if sims is not None:
-            w = Wt / (prob.targets(sims) - dst).norm(dim=-1).clamp_min(eps)
+            res = (prob.targets(sims) - dst).norm(dim=-1) if res is None else res
+            w = Wt / res.clamp_min(eps)
         # pair similarities: both views of a pair in one weighted Umeyama
         src2 = torch.cat([X[:P], X[P:]], 1)
         dst2 = torch.cat([dst[:P], dst[P:]], 1)
@@ -923,8 +1010,8 @@ def refine_closed_form(state: AlignmentState, pairs, pair_outputs, masks=None, f
             # W var (s - s*)^2 in s (R does not depend on s, t follows), so the constrained
             # minimiser is the one of the anchored depths
             wn = w2 / w2.sum(1, keepdim=True).clamp_min(1e-30)
-            ms, md = torch.einsum('bm,bmi->bi', wn, src2), torch.einsum('bm,bmi->bi', wn, dst2)
-            var = torch.einsum('bm,bm->b', wn, ((src2 - ms[:, None]) ** 2).sum(-1))
+            ms, md = _wsum(wn, src2), _wsum(wn, dst2)
+            var = torch.einsum('bm,bm->b', wn, _dot(src2 - ms[:, None], src2 - ms[:, None]))
             sc = _anchored_depth(sims[0][None], (w2.sum(1) * var)[None], s_old[None],
                                  torch.ones_like(s_old[None], dtype=torch.bool))[0]
             sims = (sc, sims[1], md - sc[:, None] * torch.einsum('bij,bj->bi', sims[1], ms))
@@ -936,9 +1023,9 @@ def refine_closed_form(state: AlignmentState, pairs, pair_outputs, masks=None, f
         Wr = Wt / (chi[fs] - A).norm(dim=-1).clamp_min(eps)
         sw = torch.zeros(n, H * W, dtype=dt, device=dev).index_add_(0, fs, Wr)
         sa = torch.zeros(n, H * W, 3, dtype=dt, device=dev).index_add_(0, fs, Wr[..., None] * (A - t[fs][:, None]))
-        xc = d[..., None] * rays
+        xc = d[..., None] * prob.rays  # (current focal)
         cnt = (sw > 0).sum(1)
-        Mw, Mx, My, Mxy = sw.sum(1), torch.einsum('nm,nmi->ni', sw, xc), sa.sum(1), torch.einsum('nmi,nmj->nij', sa, xc)
+        Mw, Mx, My, Mxy = sw.sum(1), _wsum(sw, xc), sa.sum(1), torch.bmm(sa.transpose(1, 2), xc)
         if prob.flow is not None:
             fa, fb, _, _, g = prob.flow
             Xf, c, L, dist = prob.flow_geometry(R, t, chi)
@@ -953,9 +1040,9 @@ def refine_closed_form(state: AlignmentState, pairs, pair_outputs, masks=None, f
             xa = xc[fa]
             for fr, ww, x, y in ((fa, wa, xa, ya), (fb, wb, c, yb)):
                 Mw = Mw.index_add(0, fr, ww.sum(1))
-                Mx = Mx.index_add(0, fr, torch.einsum('fm,fmi->fi', ww, x))
-                My = My.index_add(0, fr, torch.einsum('fm,fmi->fi', ww, y))
-                Mxy = Mxy.index_add(0, fr, torch.einsum('fm,fmi,fmj->fij', ww, y, x))
+                Mx = Mx.index_add(0, fr, _wsum(ww, x))
+                My = My.index_add(0, fr, _wsum(ww, y))
+                Mxy = Mxy.index_add(0, fr, torch.bmm((y * ww[..., None]).transpose(1, 2), x))
                 cnt = cnt.index_add(0, fr, (ww > 0).sum(1))
         Rn, tn = _rigid_from_moments(Mw, Mx, My, Mxy)
         ok = free & (cnt >= 3)
@@ -964,31 +1051,39 @@ def refine_closed_form(state: AlignmentState, pairs, pair_outputs, masks=None, f
         record(trace)
         # depths: per pixel, 1-D IRLS along the ray to the targets expressed in the camera, plus the
         # distance to the flow lines
-        B = torch.einsum('sji,smj->smi', R[fs], A - t[fs][:, None])
-        Wr = Wt / (d[fs][..., None] * rays[fs] - B).norm(dim=-1).clamp_min(eps)
-        num = torch.zeros(n, H * W, dtype=dt, device=dev).index_add_(0, fs, Wr * (B * rays[fs]).sum(-1))
-        den = torch.zeros(n, H * W, dtype=dt, device=dev).index_add_(0, fs, Wr) * ray2
+        B = _rot_t(R[fs], A - t[fs][:, None])
+        Wr = Wt / (d[fs][..., None] * prob.rays[fs] - B).norm(dim=-1).clamp_min(eps)
+        # the data part split by its dependence on k = 1 / f (ray = (k uvc, 1)):
+        # num = k b + a, den = W (1 + k^2 |uvc|^2)
+        zero = torch.zeros(n, H * W, dtype=dt, device=dev)
+        Wsum = zero.index_add(0, fs, Wr)
+        a = zero.index_add(0, fs, Wr * B[..., 2])
+        b = zero.index_add(0, fs, Wr * _dot(B[..., :2], prob.uvc.expand_as(B[..., :2])))
+        fnum, fden = zero, zero
         if prob.flow is not None:
             fa, fb, rq, rq2, g = prob.flow
-            u = torch.einsum('fij,fmj->fmi', R[fb], rq)  # world direction of each line
+            u = _rot(R[fb], rq)  # world direction of each line
 
             def perp(x):  # component orthogonal to the line
-                return x - u * ((x * u).sum(-1) / rq2)[..., None]
+                return x - u * (_dot(x, u) / rq2)[..., None]
             e0 = perp((t[fa] - t[fb])[:, None].expand_as(u))
-            e1 = perp(torch.einsum('fij,fmj->fmi', R[fa], rays[fa]))
+            e1 = perp(_rot(R[fa], prob.rays[fa]))
             om = g / (e0 + d[fa][..., None] * e1).norm(dim=-1).clamp_min(eps)
-            num = num.index_add(0, fa, -om * (e0 * e1).sum(-1))
-            den = den.index_add(0, fa, om * (e1 * e1).sum(-1))
-        dn = num / den.clamp_min(1e-30)
-        upd = (den > 0) & (dn > 1e-6) & free_d[:, None]  # targets behind the camera (garbage): keep
-        d_new = torch.where(upd, dn, d)
-        if anchor.any():
-            d_new[anchor] = _anchored_depth(dn[anchor], den[anchor], d[anchor], upd[anchor])
-        d = d_new
+            fnum = zero.index_add(0, fa, -om * _dot(e0, e1))
+            fden = zero.index_add(0, fa, om * _dot(e1, e1))
+        parts = (Wsum, a, b, fnum, fden)
+        d_std = _depth_step(prob, parts, 1 / prob.focals, d, free_d, anchor)[0]
+        if focal == 'hold':
+            d = d_std
+        else:
+            d = _focal_depth_block(prob, focal, free, parts, d, d_std, free_d, anchor, R, t, sims)
         record(trace)
-        if focal != 'hold':
-            _focal_block(prob, focal, free, R, t, d, B)
-            record(trace)
+        if EXTRAPOLATE > 0:
+            if last is not None:
+                (R, t, d, sims), ok, cached = _extrapolate(prob, last, (R, t, d, sims), alpha, A)
+                alpha = min(2 * alpha, EXTRAPOLATE_MAX) if ok else EXTRAPOLATE
+                record(trace)
+            last = (R, t, d, sims, prob.focals)
     record(hist)
     loss = prob.objective(R, t, d, sims)[0] if sims else float('nan')
     poses = state.poses.copy()

@@ -220,7 +220,8 @@ def test_closed_form_with_flow_never_increases_the_objective(seq12, frozen, foca
     st = refine_closed_form(start, pairs, out, masks, frozen=frozen, frozen_depth=[], scale_anchor=frozen, sweeps=6,
                             flows=flows, history=True, trace=trace, focal=focal, **FLOW_GATE)
     h, tr = np.array(st.history), np.array(trace)
-    assert len(h) == 6 and len(tr) == 6 * (3 if focal == 'hold' else 4)  # sweeps 2..6 and the end; every block
+    assert len(h) == 6 and len(tr) == 6 * 3 + 5  # sweeps 2..6 and the end; every block (the focal is in the
+    # depths'), and the extrapolation from the second sweep on
     assert np.all(np.diff(h) <= 1e-9 * h[0]) and np.all(np.diff(tr) <= 1e-9 * tr[0])
     assert h[-1] < 0.95 * h[0]
     data, flow = closed_form_objective(st, pairs, out, st.pair_sims, masks, flows, gate_state=start, **FLOW_GATE)
@@ -269,9 +270,10 @@ def test_flow_term_corrects_a_misled_new_frame_and_wrong_flow_is_harmless(seq12)
 
 
 def test_closed_form_focal_block(seq12, one_thread):
-    """The warm step's focal block: a focal 2 % off moves back towards the truth (slowly: each sweep
-    the depths adapt to the focal of the previous one; shared: one value; per frame: the held
-    frames keep theirs); the aligner holds a given focal."""
+    """The warm step's focal (solved jointly with the depths, with the sweeps' extrapolation): a
+    focal 2 % off moves back towards the truth (10 sweeps: to 1.15 % shared, <= 1.5 % per frame;
+    the earlier focal step with the depths held reached only 1.79 % / 1.89 %); shared: one value;
+    per frame: the held frames keep theirs; the aligner holds a given focal."""
     pairs, out = _window(seq12, 0, 8)
     f_gt = 0.5 * (seq12.K[0, 0] + seq12.K[1, 1])
     start = AlignmentState(poses=seq12.poses[:8].copy(), depths=seq12.depth_gt[:8].astype(np.float64),
@@ -281,9 +283,9 @@ def test_closed_form_focal_block(seq12, one_thread):
     held = refine_closed_form(start, pairs, out, **kw)
     np.testing.assert_allclose(held.focals, start.focals)
     shared = refine_closed_form(start, pairs, out, focal='shared', **kw)
-    assert np.ptp(shared.focals) == 0 and f_gt < shared.focals[0] < f_gt * (1 + 0.95 * 0.02)
+    assert np.ptp(shared.focals) == 0 and f_gt < shared.focals[0] < f_gt * (1 + 0.65 * 0.02)
     per = refine_closed_form(start, pairs, out, focal='per_frame', **kw)
-    assert per.focals[0] == start.focals[0] and np.all(per.focals[1:] < f_gt * (1 + 0.95 * 0.02))
+    assert per.focals[0] == start.focals[0] and np.all(per.focals[1:] < f_gt * (1 + 0.85 * 0.02))
     assert np.ptp(per.focals[1:]) > 0
     # through the aligner: warm_focal refines an estimated focal, a given one is held
     a = PointmapAligner(AlignConfig(iterations=100, cpu_threads=1)).align(pairs, out, masks=seq12.masks[:8],
