@@ -17,6 +17,7 @@ script measures an old and a new version of the package (run it from an old chec
   align: _init_tree      the spanning-tree placement of the new frame and pair similarities (numpy)
   align: problem setup   _ClosedFormProblem.__init__ (tensors, weights, flow gate)
   align: sweeps          refine_closed_form minus its problem setup: the aligner's math
+in wall-clock ms and in process CPU ms (all threads: comparable under other jobs' load).
 The first six are the host overhead this bench isolates; the sweeps are the closed-form math
 (float64 on CPU), reported separately and limited by ``--sweeps`` (default 1; the product's 5 cost
 5x that figure). The first window uses ``--first-iterations`` Adam steps (default 10: only frame 2).
@@ -39,7 +40,8 @@ import numpy as np
 if 'PYTHONPATH' not in os.environ:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-TIMES: dict = collections.defaultdict(list)  # name -> [ms per call]
+TIMES: dict = collections.defaultdict(list)  # name -> [ms per call] (wall clock)
+CPU: dict = collections.defaultdict(list)  # name -> [ms per call] (process CPU time: all threads)
 ACTIVE = {'on': False}
 
 
@@ -53,12 +55,13 @@ def timed(owner, name: str, label: str) -> bool:
 
     @functools.wraps(f)
     def wrapper(*a, **k):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         try:
             return f(*a, **k)
         finally:
             if ACTIVE['on']:
                 TIMES[label].append((time.perf_counter() - t) * 1e3)
+                CPU[label].append((time.process_time() - c) * 1e3)
     setattr(owner, name, staticmethod(wrapper) if is_static else wrapper)
     return True
 
@@ -123,6 +126,7 @@ def main() -> None:
         (pa.PointmapAligner, '_check', 'align: _check'),
         (pa.PointmapAligner, '_init_tree', 'align: _init_tree'),
         (pa._ClosedFormProblem, '__init__', 'align: problem setup'),
+        (pa, '_slot_tensors', '  of which slot tensors (conversion)'),
         (pa, 'refine_closed_form', 'refine_closed_form'),
     ) if timed(owner, name, label)]
     cfg = ReconConfig.from_dict({'window': {'size': 8, 'keyframe_translation_m': 1e9, 'keyframe_rotation_deg': 1e9},
@@ -142,7 +146,6 @@ def main() -> None:
         key = f'{stamp:.6f}'
         net.frame_of[key] = i
         ACTIVE['on'] = k >= args.warmup
-        before = {lab: len(v) for lab, v in TIMES.items()}
         t = time.perf_counter()
         rec.push(Frame(stamp=stamp, rgb=seq.frames[i].rgb, depth=None, K=seq.K.copy(), key=key, meta={}))
         if ACTIVE['on']:
@@ -151,9 +154,16 @@ def main() -> None:
             mono = rec.monocular
             if mono is not None and mono.state is not None:
                 pairs_per_step.append(len(rec.window.graph()) * 2)
-        del before
     n = max(steps, 1)
-    tot = {lab: sum(v) / n for lab, v in TIMES.items()}
+    for clock, times in (('wall clock', TIMES), ('process CPU time, all threads', CPU)):
+        report(args, steps, W, H, pairs_per_step, wrapped, {lab: sum(v) / n for lab, v in times.items()}, clock)
+    for name, ms in sorted(rec._times.means().items()):
+        print(f'  stage {name:36s} {ms:8.1f}  (Reconstructor StageTimes, all frames, wall)')
+    print(f'  {"whole push (wall)":42s} {np.mean(step_ms) if step_ms else 0:8.1f}')
+    print(f'cache sizes: pairs {len(rec.predictor._pairs)}; load average {os.getloadavg()[0]:.2f} at the end')
+
+
+def report(args, steps, W, H, pairs_per_step, wrapped, tot, clock) -> None:
     host = {
         'predict_window (host, minus oracle net)': tot.get('predict_window', 0) - tot.get('oracle net', 0),
         'finite_views': tot.get('finite_views', 0),
@@ -164,30 +174,28 @@ def main() -> None:
     }
     print(f'{steps} steady-state steps at {W}x{H}, ~{np.mean(pairs_per_step) if pairs_per_step else 0:.0f} ordered '
           f'pairs aligned per step, {args.sweeps} closed-form sweep(s); timers: {", ".join(wrapped)}')
-    print('mean ms per step (host overhead isolated by this bench):')
+    print(f'mean ms per step, {clock} (host overhead isolated by this bench):')
     for lab, v in host.items():
         print(f'  {lab:42s} {v:8.1f}')
-    for lab in ('  of which _gather', '  of which _entry (new pairs)'):
+    for lab in ('  of which _gather', '  of which _entry (new pairs)', '  of which slot tensors (conversion)'):
         if lab in tot:
             print(f'  {lab:42s} {tot[lab]:8.1f}')
     print(f'  {"TOTAL host overhead":42s} {sum(host.values()):8.1f}')
+    print(f'  {"TOTAL without _init_tree":42s} {sum(host.values()) - host["align: _init_tree"]:8.1f}')
     sweeps = tot.get('refine_closed_form', 0) - tot.get('align: problem setup', 0)
     print('separately:')
     print(f'  {"align: closed-form sweeps (math)":42s} {sweeps:8.1f}  ({sweeps / max(args.sweeps, 1):.1f} per sweep)')
-    print(f'  {"oracle net (dictionary look-up)":42s} {tot.get("oracle net", 0):8.1f}')
-    for name, ms in sorted(rec._times.means().items()):
-        print(f'  stage {name:36s} {ms:8.1f}  (Reconstructor StageTimes, all frames)')
-    print(f'  {"whole push":42s} {np.mean(step_ms) if step_ms else 0:8.1f}')
-    print(f'cache sizes: pairs {len(rec.predictor._pairs)}; load average {os.getloadavg()[0]:.2f} at the end')
+    print(f'  {"oracle net (pairs made once, then looked up)":42s} {tot.get("oracle net", 0):8.1f}')
 
 
 def _timed_call(label, fn, *a, **k):
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     try:
         return fn(*a, **k)
     finally:
         if ACTIVE['on']:
             TIMES[label].append((time.perf_counter() - t) * 1e3)
+            CPU[label].append((time.process_time() - c) * 1e3)
 
 
 if __name__ == '__main__':

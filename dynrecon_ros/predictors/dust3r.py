@@ -209,7 +209,7 @@ class Dust3rPredictor(PairPredictor):
         e['finite'] = np.array(finite)
         if attention:
             for name in ('cross_attn_1', 'cross_attn_2'):
-                e[name] = np.asarray(_host(out[name][n]))
+                e[name] = np.array(_host(out[name][n]))  # own copy: the batch output is not kept
         if self.tensor_device is not None:
             import torch
             e['dev'] = {k: torch.from_numpy(e[k]).to(self.tensor_device, torch.float32)
