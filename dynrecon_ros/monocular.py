@@ -38,6 +38,7 @@ from __future__ import annotations
 import time
 
 import numpy as np
+import torch
 
 from dynrecon_ros.attention_segmentation import attention_masks, combine_masks
 from dynrecon_ros.errors import InputError
@@ -75,6 +76,8 @@ class MonocularWindow:
         self.aligner = PointmapAligner(AlignConfig(iterations=b.align_iterations, warm_iterations=b.align_warm_iterations,
                                                    warm_mode=b.align_warm_mode, shared_focal=b.shared_focal,
                                                    device=device, cpu_threads=threads))
+        if torch.device(device).type == 'cuda' and hasattr(predictor, 'tensor_device'):
+            predictor.tensor_device = device  # pair outputs kept on the aligner's device: a step uploads its new pairs only
         self.state = None  # AlignmentState of the last window (network resolution)
         self.world_pose = None
         self._estimated_K: set[str] = set()  # keys of frames whose K this module estimated
@@ -161,7 +164,7 @@ class MonocularWindow:
                 return 'network output (second pass) is not finite'
             att_in = [self.pred.to_input(att[k].astype(np.float32), f, nearest=True) for k, f in enumerate(frames)]
             att_in = [(m > 0.5) & inside for m, inside in att_in]
-        out = {k: out[k] for k in ('pts3d_1', 'conf_1', 'pts3d_2_in_1', 'conf_2')}
+        out = {k: v for k, v in out.items() if not k.startswith('cross_attn')}
         # a mask over nearly the whole frame leaves it no static constraint: ignored by the alignment
         masks[masks.reshape(n, -1).mean(1) > MAX_DYNAMIC_FRACTION] = False
         t0 = self.times.lap('network', t0)
@@ -224,13 +227,8 @@ class MonocularWindow:
         return ''
 
     def _align(self, entries, frames, pairs, out, masks, newest_pairs, pflows, published, t):
-        n = len(entries)
-        h, w = out['conf_1'].shape[1:]
-        for name in ('pts3d_1', 'pts3d_2_in_1'):  # non-finite outputs of old frames: no weight
-            bad = ~np.isfinite(out[name]).all(-1) | ~np.isfinite(out['conf_' + name[-1]])
-            if bad.any():
-                out[name] = np.where(bad[..., None], [0, 0, 1], out[name]).astype(np.float32)
-                out['conf_' + name[-1]] = np.where(bad, 1, out['conf_' + name[-1]]).astype(np.float32)
+        # non-finite outputs of old frames have no weight: the predictor fixed them once, when each
+        # pair entered its cache (Dust3rPredictor._entry), with the log-confidence weights 'logw_*'
         fixed_focal, pp = None, None
         if all(self._K_given(f) for f in frames):
             fp = [self.pred.K_to_network(f.K, f) for f in frames]

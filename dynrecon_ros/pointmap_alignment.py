@@ -239,14 +239,35 @@ class PointmapAligner:
     # -- input checks ------------------------------------------------------------------------
     @staticmethod
     def _check(pairs, out):
+        """The pair outputs as host arrays, without a copy where they are float32 or float64 numpy
+        arrays already (other dtypes: float32; torch tensors: copied to the host, and kept as they
+        are under the name + '_t', which the tensor builders use). Optional, passed through:
+        'logw_1', 'logw_2' (P, H, W) precomputed log-confidence weights log(max(conf, 1)), and the
+        device tensors 'pts3d_1_t', 'pts3d_2_in_1_t' (P, H, W, 3), 'logw_1_t', 'logw_2_t' (P, H, W)
+        (see :func:`_slot_tensors`)."""
         for k in ('pts3d_1', 'conf_1', 'pts3d_2_in_1', 'conf_2'):
             if k not in out:
                 raise InputError(f'pair outputs lack {k!r}')
         P = len(pairs)
-        arr = {k: np.asarray(out[k].detach().cpu().numpy() if hasattr(out[k], 'detach') else out[k], np.float64)
-               for k in ('pts3d_1', 'conf_1', 'pts3d_2_in_1', 'conf_2')}
+        arr = {}
+        for k in ('pts3d_1', 'conf_1', 'pts3d_2_in_1', 'conf_2', 'logw_1', 'logw_2'):
+            if k not in out:
+                continue
+            v = out[k]
+            if hasattr(v, 'detach'):
+                arr.setdefault(k + '_t', v.detach())
+                v = v.detach().cpu().numpy()
+            v = np.asarray(v)
+            arr[k] = v if v.dtype in (np.float32, np.float64) else v.astype(np.float32)
+        for k in ('pts3d_1_t', 'pts3d_2_in_1_t', 'logw_1_t', 'logw_2_t'):
+            if k in out:
+                arr[k] = out[k]
         if arr['pts3d_1'].ndim != 4 or arr['pts3d_1'].shape[0] != P or arr['pts3d_1'].shape[-1] != 3:
             raise InputError(f'pts3d_1 must be (P={P}, H, W, 3), got {arr["pts3d_1"].shape}')
+        for k, v in arr.items():
+            want = arr['pts3d_1'].shape[:3] + ((3,) if k.startswith('pts3d') else ())
+            if tuple(v.shape) != want:
+                raise InputError(f'{k} must be {want}, got {tuple(v.shape)}')
         return arr
 
     # -- initialisation ----------------------------------------------------------------------
@@ -437,10 +458,11 @@ class PointmapAligner:
         P = len(pairs)
         ii = torch.tensor([p[0] for p in pairs], device=dev)
         jj = torch.tensor([p[1] for p in pairs], device=dev)
-        X1, X2 = T(arr['pts3d_1']), T(arr['pts3d_2_in_1'])
+        X, L = _slot_tensors(arr, dev, torch.float32)
+        X1, X2 = X[:P].reshape(P, H, W, 3), X[P:].reshape(P, H, W, 3)
         st = T(static)
-        w1 = T(np.log(arr['conf_1']).clip(0)) * st[ii]
-        w2 = T(np.log(arr['conf_2']).clip(0)) * st[jj]
+        w1 = L[:P].reshape(P, H, W) * st[ii]
+        w2 = L[P:].reshape(P, H, W) * st[jj]
         v, u = torch.meshgrid(torch.arange(H, device=dev, dtype=torch.float32),
                               torch.arange(W, device=dev, dtype=torch.float32), indexing='ij')
         ppt = T(pp)
@@ -634,6 +656,31 @@ def _wsum(w, X):
     return torch.bmm(w[:, None], X)[:, 0]
 
 
+def _slot_tensors(arr, device, dtype):
+    """(X (2P, H*W, 3), logw (2P, H*W)) of checked pair outputs ``arr`` (:meth:`PointmapAligner._check`)
+    on ``device`` in ``dtype``: slot p < P is view 1 of pair p, slot P + p its view 2; logw =
+    log(max(conf, 1)), DUSt3R's 'log' confidence transform (0 for conf <= 1).
+
+    Each is made by one copy: from the device tensors '*_t' when given (a copy on the device when
+    they are on it already: no host->device transfer), else from the host arrays, converting while
+    copying; the weights from the precomputed 'logw_*' when given, else from the confidences."""
+    dev = torch.device(device)
+    P, H, W = arr['conf_1'].shape
+    X = torch.empty(2 * P, H * W, 3, dtype=dtype, device=dev)
+    L = torch.empty(2 * P, H * W, dtype=dtype, device=dev)
+    for v, (p, c) in enumerate((('pts3d_1', 'conf_1'), ('pts3d_2_in_1', 'conf_2'))):
+        sl = slice(v * P, (v + 1) * P)
+        pts = arr.get(p + '_t')
+        X[sl] = (torch.from_numpy(np.ascontiguousarray(arr[p])) if pts is None else pts).reshape(P, -1, 3)
+        lw = arr.get(f'logw_{v + 1}_t')
+        if lw is None:
+            lw = arr.get(f'logw_{v + 1}')
+            lw = np.log(np.maximum(arr[c], 1)) if lw is None else lw
+            lw = torch.from_numpy(np.ascontiguousarray(lw))
+        L[sl] = lw.reshape(P, -1)
+    return X, L
+
+
 def _procrustes_batch(src, dst, w, scale: bool = True):
     """Batched :func:`weighted_procrustes` in torch: src, dst (B, M, 3), w (B, M) -> s (B,), R (B, 3, 3),
     t (B, 3) with s R src + t ~ dst."""
@@ -685,10 +732,9 @@ class _ClosedFormProblem:
         self.pp = T(state.pp)
         self.uvc = self.uv - self.pp  # (HW, 2) pixel offsets from the principal point
         self.set_focals(T(state.focals))
-        self.X = torch.cat([T(arr['pts3d_1']).reshape(P, -1, 3), T(arr['pts3d_2_in_1']).reshape(P, -1, 3)])  # (2P, HW, 3)
+        self.X, logw = _slot_tensors(arr, dev, dt)  # (2P, HW, 3), (2P, HW)
         self.st = T(static).reshape(n, -1)
-        self.Wt = torch.cat([T(np.log(arr['conf_1']).clip(0)).reshape(P, -1),
-                             T(np.log(arr['conf_2']).clip(0)).reshape(P, -1)]) * self.st[self.fs]  # (2P, HW)
+        self.Wt = logw.mul_(self.st[self.fs])  # (2P, HW)
         self.flow = None
         keys = [k for k in sorted(flows or {}) if k[0] != k[1] and 0 <= k[0] < n and 0 <= k[1] < n]
         if keys and flow_weight > 0:

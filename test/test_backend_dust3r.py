@@ -277,3 +277,36 @@ def test_reconstructor_with_pointmap_predictor_skips_non_finite():
         assert np.isfinite(r.pose).all() and np.isfinite(r.depth).all() and np.isfinite(r.confidence).all()
         gt = np.linalg.inv(seq.poses[0]) @ seq.poses[k]
         assert np.linalg.norm(r.pose[:3, 3] - scale * gt[:3, 3]) < 0.02 * scale + 1e-3, (k, r.pose, gt)
+
+
+def test_pair_cache_entry_made_once_non_finite_zero_weight_and_bound():
+    """A pair's cached entry is made once when it enters the cache: float32, a non-finite pixel
+    fixed with log-confidence weight 0 and the view flagged (finite_views), the weights
+    log(max(conf, 1)); later steps reuse it without the network; the cache keeps the last call's
+    ordered pairs (pair_cache at least), no more; tensor_device keeps the same arrays as tensors."""
+    from dynrecon_ros.predictors.dust3r import Dust3rConfig
+    seq = render_sequence(SyntheticConfig(width=W, height=H, frames=4, seed=3, movers=0))
+    net = ExactNet(seq)
+    pts, pose = net.by_key[seq.frames[2].key]
+    pts = pts.copy()
+    pts[5, 7, 1] = np.nan
+    net.by_key[seq.frames[2].key] = (pts, pose)
+    pred = Dust3rPredictor(net, Dust3rConfig(pair_cache=2))
+    pred.tensor_device = 'cpu'
+    frames = [Frame(stamp=f.stamp, rgb=f.rgb, depth=None, K=None, key=f.key, meta={}) for f in seq.frames]
+    pairs = [(0, 1), (1, 0), (1, 2), (2, 1)]
+    out = pred.predict_window(frames, pairs)
+    assert net.calls == 4 and out['pts3d_1'].dtype == np.float32
+    np.testing.assert_array_equal(out['finite'], [[True, True], [True, True], [True, False], [False, True]])
+    assert pred.finite_views(out, pairs, 1) and not pred.finite_views(out, pairs, 2)
+    for e, name, v in ((2, 'pts3d_2_in_1', 2), (3, 'pts3d_1', 1)):
+        assert np.isfinite(out[name][e]).all() and out[f'logw_{v}'][e, 5, 7] == 0 and out[f'conf_{v}'][e, 5, 7] == 1
+        assert np.allclose(out[f'logw_{v}'][e, 0, 0], np.log(3.0))
+        np.testing.assert_array_equal(out[name + '_t'][e].numpy(), out[name][e])
+    again = pred.predict_window(frames, pairs[:2])
+    assert net.calls == 4 and np.array_equal(again['pts3d_2_in_1'], out['pts3d_2_in_1'][:2])
+    assert len(pred._pairs) == 2  # the last call's pairs (pair_cache 2)
+    pred.predict_window(frames, pairs + [(0, 2), (2, 0)])
+    assert net.calls == 8 and len(pred._pairs) == 6
+    # the PairPredictor interface still reports the network's non-finite pixels as such (NaN)
+    assert not np.isfinite(pred.predict(frames[1], frames[2]).pts_j_in_i).all()

@@ -84,14 +84,14 @@ def sizes(rec) -> dict:
 
 def bounds(rec, max_call_pairs: int) -> dict:
     """The named bound of each container in :func:`sizes` (max_call_pairs: the most ordered pairs one
-    predictor call has asked for so far, i.e. a window step's pair graph; the pair caches keep at
-    least twice a call's pairs)."""
+    predictor call has asked for so far, i.e. a window step's pair graph in both directions; the pair
+    caches keep a call's pairs, what the next step can reuse)."""
     c, p = rec.cfg, rec.predictor
     w = c.window
     # window frames + the keyframes kept outside it + keyframes that left the window since the last
     # keyframe was marked (trimmed at the next mark, at most keyframe_max_gap frames later)
     per_window = w.size + w.keyframes + w.size
-    out = {'pairs': max(p.cfg.pair_cache, 2 * max_call_pairs), 'second': max(p.cfg.pair_cache, 2 * max_call_pairs),
+    out = {'pairs': max(p.cfg.pair_cache, max_call_pairs), 'second': max(p.cfg.pair_cache, max_call_pairs),
            'inputs': max(64, getattr(p.net, 'cache_frames', 0)), 'grids': 2, 'estimated_K': per_window,
            'state': per_window, 'window': w.size, 'keyframes': per_window, 'entries': per_window,
            'entry_data': 5, 'pending': w.size + w.output_lag, 'flows': 0, 'constraints': 0,

@@ -298,3 +298,42 @@ def test_closed_form_focal_block(seq12, one_thread):
     c = PointmapAligner(AlignConfig(cpu_threads=1, warm_focal=True)).align(pairs_b, out_b, init=a_off,
                                                                            fixed_focal=a_off.focals[0], **kw)
     np.testing.assert_allclose(c.focals, a_off.focals[0])
+
+
+def test_float32_and_device_tensor_inputs_align_as_float64(seq12, one_thread):
+    """The aligner takes the network's float32 outputs as they are (no float64 copy of the window in
+    _check), torch tensors, and precomputed log-confidence weights: the closed-form refinement and
+    the Adam schedule give the float64 inputs' result up to float rounding."""
+    import torch
+    pairs, out, prev, flows = _flow_window(seq12)
+    masks = seq12.masks[1:9]
+    assert out['pts3d_1'].dtype == np.float32
+    arr = PointmapAligner._check(pairs, out)
+    assert all(np.shares_memory(arr[k], out[k]) for k in out)  # no copy
+    out64 = {k: v.astype(np.float64) for k, v in out.items()}
+    logw = {f'logw_{v}': np.log(np.maximum(out[f'conf_{v}'], 1)) for v in (1, 2)}
+    dev = {k + '_t': torch.from_numpy(v) for k, v in dict(out, **logw).items() if k != 'conf_1' and k != 'conf_2'}
+    start = replace(prev, poses=seq12.poses[1:9].copy(), depths=seq12.depth_gt[1:9].astype(np.float64),
+                    frame_ids=list(range(1, 9)))
+    start.poses[7, :3, 3] += [0.01, 0, 0]
+    kw = dict(frozen=[0], frozen_depth=[], scale_anchor=[0], sweeps=3, flows=flows, focal='shared', **FLOW_GATE)
+    ref = refine_closed_form(start, pairs, out64, masks, **kw)
+    tensors = {k: torch.from_numpy(v) for k, v in out.items()}
+    for given in (out, dict(out, **logw), dict(out, **logw, **dev), tensors):
+        st = refine_closed_form(start, pairs, given, masks, **kw)
+        np.testing.assert_allclose(st.poses, ref.poses, rtol=0, atol=1e-9)
+        np.testing.assert_allclose(st.depths, ref.depths, rtol=1e-9)
+        assert np.isclose(st.loss, ref.loss, rtol=1e-9)
+    # a corrupt weight (one pixel of every view given a huge log-confidence) changes the result: the
+    # precomputed weights are what the refinement uses
+    bad = {k: v.copy() for k, v in logw.items()}
+    bad['logw_1'][:, 3, 3] = 1e6
+    assert not np.allclose(refine_closed_form(start, pairs, dict(out, **bad), masks, **kw).depths, ref.depths, rtol=1e-6)
+    # the Adam schedule (float32 tensors): float32 inputs and device tensors as float64 ones, to float rounding
+    al = _aligner()
+    a64 = al.align(pairs, out64, masks=masks, iterations=20)
+    for given in (out, dict(out, **logw, **dev)):
+        a32 = al.align(pairs, given, masks=masks, iterations=20)
+        np.testing.assert_allclose(a32.poses, a64.poses, rtol=0, atol=1e-4)
+    with pytest.raises(InputError, match='logw_1'):
+        PointmapAligner._check(pairs, dict(out, logw_1=logw['logw_1'][:, :-1]))

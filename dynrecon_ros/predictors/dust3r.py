@@ -10,14 +10,24 @@ What lives here is the network I/O:
     scale and crop offset (:meth:`Dust3rPredictor.to_input`, :meth:`to_network`), intrinsics too
     (:meth:`K_to_network`, :meth:`K_from_network`);
   * encoder tokens are cached by ``frame.key`` in the engine; the outputs of every ordered pair are
-    cached here (``pair_cache``, at least the window's pairs), so a window step runs the decoder
-    only for the new frame's pairs;
+    cached here (``pair_cache``, at least the last window step's pairs), so a window step runs the
+    decoder only for the new frame's pairs;
+  * what the alignment needs per pair is made once, when the pair enters the cache
+    (:meth:`Dust3rPredictor._entry`): float32 arrays, the non-finite check (a flag per view) and fix
+    (a non-finite pixel gets the point (0, 0, 1) and confidence 1, i.e. log-confidence weight 0), and
+    the log-confidence weights ``logw = log(max(conf, 1))`` (DUSt3R's 'log' transform); with
+    ``tensor_device`` set (the monocular step sets it to the aligner's CUDA device) the points and
+    weights are also kept as float32 tensors on that device, so a window step uploads only its new
+    pairs. Memory per cached ordered pair at network resolution h x w: 40 h w bytes on the host
+    (points 2 x 12, confidences 2 x 4, weights 2 x 4 bytes per pixel: 7.9 MB at 512x384), plus
+    32 h w bytes (6.3 MB) on the device with ``tensor_device``;
   * the decoder cross-attention maps come with the pointmaps of the same pass when asked for
     (Easi3R segmentation), and :meth:`reweighted` runs Easi3R's second pass (decoder-1 attention
     from static view-1 tokens to dynamic view-2 tokens zeroed), cached per pair and token mask.
 
 All arrays are float32 at network resolution (h, w); non-finite network outputs are reported by
-:meth:`finite_views` so the window step can skip the frame with a reason.
+:meth:`finite_views` (from the flags made at cache entry) so the window step can skip the frame
+with a reason.
 """
 from __future__ import annotations
 
@@ -36,11 +46,13 @@ KEYS = ('pts3d_1', 'conf_1', 'pts3d_2_in_1', 'conf_2')
 @dataclass
 class Dust3rConfig:
     """image_size: network input size (0 = the model's, 512 or 224). pair_cache: ordered pairs whose
-    outputs are kept (grows to the window's pair count when that is larger)."""
+    outputs are kept at least; the caches always keep the last call's ordered pairs, which is all
+    the next window step can reuse (default 0: exactly those; 7.9 MB per pair at 512x384, e.g.
+    ~0.4 GB for the 51 ordered pairs of a window of 8; see the module docstring)."""
 
     checkpoint: str = ''
     image_size: int = 0
-    pair_cache: int = 64
+    pair_cache: int = 0
 
 
 class Dust3rPredictor(PairPredictor):
@@ -65,6 +77,7 @@ class Dust3rPredictor(PairPredictor):
         self._pairs: OrderedDict = OrderedDict()  # (key_i, key_j) -> {name: array}
         self._second: OrderedDict = OrderedDict()  # (key_i, key_j, mask bytes) -> {name: array}
         self._grids: dict = {}
+        self.tensor_device = None  # e.g. 'cuda': cached points and weights also kept there (module docstring)
 
     # ------------------------------------------------------------------ resolution mapping
     def network_input(self, frame):
@@ -161,14 +174,48 @@ class Dust3rPredictor(PairPredictor):
         Only pairs not in the cache reach the network.
         """
         names = KEYS + (('cross_attn_1', 'cross_attn_2') if attention else ())
+        keys = self._ensure(frames, pairs, attention)
+        return self._gather(self._pairs, keys, names)
+
+    def _ensure(self, frames, pairs, attention: bool) -> list:
+        """Run the network for the ``pairs`` not in the pair cache (or cached without the attention
+        maps when ``attention``) and cache their entries; returns the pairs' cache keys."""
         keys = [(frames[i].key, frames[j].key) for i, j in pairs]
         todo = [k for k, key in enumerate(keys) if key not in self._pairs
                 or (attention and 'cross_attn_1' not in self._pairs[key])]
         if todo:
             out = self._run(frames, [pairs[k] for k in todo], attention)
             for n, k in enumerate(todo):
-                self._pairs[keys[k]] = {name: np.asarray(out[name][n]) for name in names}
-        return self._gather(self._pairs, keys, names)
+                self._pairs[keys[k]] = self._entry(out, n, attention)
+        return keys
+
+    def _entry(self, out: dict, n: int, attention: bool = False) -> dict:
+        """The cache entry of pair ``n`` of a network output, made once per pair (module docstring):
+        {'pts3d_1', 'pts3d_2_in_1': (h, w, 3), 'conf_1', 'conf_2', 'logw_1', 'logw_2': (h, w)} float32
+        with non-finite pixels fixed, 'finite': (2,) bool (view 1, view 2 all finite), 'bad_1' /
+        'bad_2': (h, w) bool only where a view had non-finite pixels, the attention maps when
+        ``attention``, and 'dev': {name: float32 tensor} on ``tensor_device`` when that is set."""
+        e = {}
+        finite = []
+        for v, (p, c) in enumerate((('pts3d_1', 'conf_1'), ('pts3d_2_in_1', 'conf_2')), 1):
+            pts = np.array(_host(out[p][n]), dtype=np.float32)  # own copy: the batch output is not kept
+            conf = np.array(_host(out[c][n]), dtype=np.float32)
+            bad = ~np.isfinite(pts).all(-1) | ~np.isfinite(conf)
+            if bad.any():  # no weight: log(1) = 0; the point is any finite one
+                pts[bad] = (0, 0, 1)
+                conf[bad] = 1
+                e[f'bad_{v}'] = bad
+            finite.append(not bad.any())
+            e[p], e[c], e[f'logw_{v}'] = pts, conf, np.log(np.maximum(conf, 1))
+        e['finite'] = np.array(finite)
+        if attention:
+            for name in ('cross_attn_1', 'cross_attn_2'):
+                e[name] = np.array(_host(out[name][n]))  # own copy: the batch output is not kept
+        if self.tensor_device is not None:
+            import torch
+            e['dev'] = {k: torch.from_numpy(e[k]).to(self.tensor_device, torch.float32)
+                        for k in ('pts3d_1', 'pts3d_2_in_1', 'logw_1', 'logw_2')}
+        return e
 
     def reweighted(self, frames, pairs, masks) -> dict:
         """Easi3R's second pass for ``pairs``: decoder-1 cross-attention from static view-1 tokens to
@@ -182,28 +229,44 @@ class Dust3rPredictor(PairPredictor):
         plain = [e for e in todo if not k[e].any() or not q[e].any()]  # nothing to zero: the first pass
         plain_set = set(plain)
         run = [e for e in todo if e not in plain_set]
-        if plain:
-            first = self.predict_window(frames, [pairs[e] for e in plain])
-            for n, e in enumerate(plain):
-                self._second[keys[e]] = {name: first[name][n] for name in KEYS}
+        if plain:  # the first pass's entry itself (shared, no copy)
+            first = self._ensure(frames, [pairs[e] for e in plain], False)
+            for key, e in zip(first, plain):
+                self._second[keys[e]] = self._pairs[key]
         if run:
             out = self._run(frames, [pairs[e] for e in run], False, zero=(q[run], k[run]))
             for n, e in enumerate(run):
-                self._second[keys[e]] = {name: np.asarray(out[name][n]) for name in KEYS}
+                self._second[keys[e]] = self._entry(out, n)
         return self._gather(self._second, keys, KEYS)
 
     def _gather(self, cache: OrderedDict, keys: list, names) -> dict:
-        """{name: (P, ...) stacked} of the cached pair outputs under ``keys`` (all present), marked
-        recently used; then the cache is bounded (never below this call's pairs, both directions)."""
+        """{name: (P, ...) stacked} of the cached pair outputs under ``keys`` (all present), plus
+        'logw_1', 'logw_2' (P, h, w) and 'finite' (P, 2), and the device tensors of the same names
+        with a '_t' suffix when every entry has them (stacked on the device: no host->device copy),
+        marked recently used; then the cache is bounded.
+
+        The bound: ``keys`` already holds both directions of every pair of this step; the next step
+        can reuse only pairs among the frames that stay in the window, a subset of this step's pairs
+        (the new frame's pairs are new), so the cache keeps this step's pairs (``pair_cache`` at
+        least) and nothing more."""
         for key in keys:
             cache.move_to_end(key)
-        res = {name: np.stack([cache[key][name] for key in keys]) for name in names}
-        self._bound(cache, max(self.cfg.pair_cache, 2 * len(keys)))
+        entries = [cache[key] for key in keys]
+        res = {name: np.stack([en[name] for en in entries]) for name in tuple(names) + ('logw_1', 'logw_2', 'finite')}
+        if all('dev' in en for en in entries):
+            import torch
+            for name in entries[0]['dev']:
+                res[name + '_t'] = torch.stack([en['dev'][name] for en in entries])
+        self._bound(cache, max(self.cfg.pair_cache, len(keys)))
         return res
 
     @staticmethod
     def finite_views(out: dict, pairs, frame: int) -> bool:
-        """True when every output of ``pairs`` for local frame ``frame`` is finite."""
+        """True when every output of ``pairs`` for local frame ``frame`` is finite (from the flags
+        'finite' (P, 2) made at cache entry when ``out`` has them)."""
+        if 'finite' in out:
+            fin = out['finite']
+            return all(fin[e, v] for e, p in enumerate(pairs) for v in (0, 1) if p[v] == frame)
         for e, (i, j) in enumerate(pairs):
             for view, (p, c) in ((i, ('pts3d_1', 'conf_1')), (j, ('pts3d_2_in_1', 'conf_2'))):
                 if view == frame and not (np.isfinite(out[p][e]).all() and np.isfinite(out[c][e]).all()):
@@ -215,7 +278,11 @@ class Dust3rPredictor(PairPredictor):
         """The raw pair outputs (network units, arbitrary per-pair scale) at input size, in i's frame.
         The pose of j in i is not known from one pair alone (None): the window step aligns pairs."""
         out = self.predict_window([frame_i, frame_j], [(0, 1)])
+        entry = self._pairs[(frame_i.key, frame_j.key)]
         nan = np.float32('nan')
+        for v, name in ((1, 'pts3d_1'), (2, 'pts3d_2_in_1')):  # the network's non-finite pixels: NaN again
+            if f'bad_{v}' in entry:
+                out[name][0][entry[f'bad_{v}']] = nan
         pi, inside_i = self.to_input(out['pts3d_1'][0], frame_i)
         pj, inside_j = self.to_input(out['pts3d_2_in_1'][0], frame_j)
         ci, _ = self.to_input(out['conf_1'][0], frame_i)
@@ -224,6 +291,11 @@ class Dust3rPredictor(PairPredictor):
                               pts_j_in_i=np.where(inside_j[..., None], pj, nan).astype(np.float32),
                               conf_i=np.maximum(np.nan_to_num(ci, nan=1.0), 1).astype(np.float32),
                               conf_j=np.maximum(np.nan_to_num(cj, nan=1.0), 1).astype(np.float32), metric=False)
+
+
+def _host(x):
+    """A network output (numpy array or torch tensor, any device) as a numpy array."""
+    return x.detach().cpu().numpy() if hasattr(x, 'detach') else np.asarray(x)
 
 
 def make(config=None, checkpoint: str | None = None, device: str = 'cpu') -> Dust3rPredictor:
