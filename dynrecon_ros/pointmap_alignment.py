@@ -335,16 +335,32 @@ class PointmapAligner:
             poses[f, :3, :3], poses[f, :3, 3] = R, t
             depths[f] = np.clip(s * cam[..., 2], 1e-4, None)
         depths = np.stack(depths)
-        # pair similarities from the init world points
-        pw = []
-        for e, (i, j) in enumerate(pairs):
-            src = np.concatenate([arr['pts3d_1'][e].reshape(-1, 3), arr['pts3d_2_in_1'][e].reshape(-1, 3)])
-            wi = (np.log(arr['conf_1'][e]).clip(0) * static[i]).reshape(-1)
-            wj = (np.log(arr['conf_2'][e]).clip(0) * static[j]).reshape(-1)
-            dst = np.concatenate([_unproject(depths[i], focals[i], pp).reshape(-1, 3) @ poses[i, :3, :3].T + poses[i, :3, 3],
-                                  _unproject(depths[j], focals[j], pp).reshape(-1, 3) @ poses[j, :3, :3].T + poses[j, :3, 3]])
-            pw.append(weighted_procrustes(src, dst, np.concatenate([wi, wj])))
-        return poses, depths, focals, pw
+        return poses, depths, focals, self._pair_similarities(pairs, arr, static, poses, depths, focals, pp)
+
+    def _pair_similarities(self, pairs, arr, static, poses, depths, focals, pp, chunk: int = 8):
+        """[(s, R (3, 3), t (3,))] per pair: the weighted Umeyama fit of the pair's two pointmaps to its
+        frames' world points (weights log-confidence x static), batched in torch on the aligner's device,
+        ``chunk`` pairs at a time (float64 on CPU). poses (N, 4, 4), depths (N, H, W), focals (N,)."""
+        dev = torch.device(self.cfg.device)
+        dt = torch.float64 if dev.type == 'cpu' else torch.float32
+        T = lambda x: torch.as_tensor(np.asarray(x), dtype=dt, device=dev)  # noqa: E731
+        n, H, W = depths.shape
+        v, u = np.mgrid[0:H, 0:W].astype(np.float64)
+        f = np.asarray(focals, np.float64)[:, None, None]
+        cam = T(np.stack([(u - pp[0]) / f * depths, (v - pp[1]) / f * depths, depths], -1)).reshape(n, -1, 3)
+        world = _rot(T(poses[:, :3, :3]), cam) + T(poses[:, :3, 3])[:, None]  # (N, HW, 3)
+        st = T(static).reshape(n, -1)
+        ii = torch.tensor([p[0] for p in pairs], device=dev)
+        jj = torch.tensor([p[1] for p in pairs], device=dev)
+        out = []
+        for e0 in range(0, len(pairs), chunk):
+            X, L = _slot_tensors({k: a[e0:e0 + chunk] for k, a in arr.items()}, dev, dt)  # (2p, HW, 3), (2p, HW)
+            p = X.shape[0] // 2
+            i_, j_ = ii[e0:e0 + p], jj[e0:e0 + p]
+            sc, R, t = _procrustes_batch(torch.cat([X[:p], X[p:]], 1), torch.cat([world[i_], world[j_]], 1),
+                                         torch.cat([L[:p] * st[i_], L[p:] * st[j_]], 1))
+            out += [(float(sc[k]), R[k].cpu().double().numpy(), t[k].cpu().double().numpy()) for k in range(p)]
+        return out
 
     # -- main entry ---------------------------------------------------------------------------
     def align(self, pairs, pair_outputs, masks=None, flows=None, init: AlignmentState | None = None,

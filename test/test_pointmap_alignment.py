@@ -337,3 +337,26 @@ def test_float32_and_device_tensor_inputs_align_as_float64(seq12, one_thread):
         np.testing.assert_allclose(a32.poses, a64.poses, rtol=0, atol=1e-4)
     with pytest.raises(InputError, match='logw_1'):
         PointmapAligner._check(pairs, dict(out, logw_1=logw['logw_1'][:, :-1]))
+
+
+def test_batched_pair_similarities_match_the_per_pair_fit(seq12):
+    """The init's pair similarities (batched in torch, a chunk of pairs at a time) equal the per-pair
+    weighted Umeyama (numpy) of each pair's pointmaps to its frames' world points, masks included."""
+    pairs, out = _window(seq12, 0, 6)
+    n = 6
+    rng = np.random.default_rng(3)
+    poses, depths = seq12.poses[:n], seq12.depth_gt[:n] * rng.uniform(0.9, 1.1, (n, 1, 1))
+    focals, pp = np.full(n, seq12.K[0, 0]) * rng.uniform(0.95, 1.05, n), seq12.K[:2, 2]
+    static = (~seq12.masks[:n]).astype(np.float64)
+    arr = PointmapAligner._check(pairs, out)
+    got = PointmapAligner(AlignConfig())._pair_similarities(pairs, arr, static, poses, depths, focals, pp, chunk=4)
+    st = AlignmentState(poses=poses, depths=depths, focals=focals, pp=pp, pair_scales=np.ones(len(pairs)),
+                        frame_ids=list(range(n)), loss=0.0)
+    world = [st.world_points(k).reshape(-1, 3) for k in range(n)]
+    for e, (i, j) in enumerate(pairs):
+        src = np.concatenate([out['pts3d_1'][e].reshape(-1, 3), out['pts3d_2_in_1'][e].reshape(-1, 3)])
+        w = np.concatenate([(np.log(out['conf_1'][e]).clip(0) * static[i]).reshape(-1),
+                            (np.log(out['conf_2'][e]).clip(0) * static[j]).reshape(-1)])
+        s, R, t = weighted_procrustes(src.astype(np.float64), np.concatenate([world[i], world[j]]), w)
+        assert np.isclose(got[e][0], s, rtol=1e-6) and np.allclose(got[e][1], R, atol=1e-6)
+        assert np.allclose(got[e][2], t, atol=1e-6 * (1 + np.abs(t).max()))
