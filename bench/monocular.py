@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import ctypes
 import gc
 import importlib.util
 import os
@@ -140,16 +139,6 @@ def gt_keyframe_gap(seq, n: int, w) -> float:
     return float(np.diff(kf).mean()) if len(kf) > 1 else float(n)
 
 
-def rss_bytes() -> int:
-    """Resident bytes after glibc hands freed heap back (as the node's trim_memory_period does)."""
-    try:
-        ctypes.CDLL('libc.so.6').malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-    with open('/proc/self/statm') as f:
-        return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
-
-
 def theil_sen(xs, ys) -> float:
     from scipy.stats import theilslopes
     return float(theilslopes(ys, xs)[0]) if len(xs) > 1 else 0.0
@@ -166,6 +155,7 @@ def cache_sizes(rec) -> dict:
 def run_mode(mode: str, args, ckpt: str, seq, device: str, fps: float) -> dict:
     import torch
     from dynrecon_ros.config import ReconConfig
+    from dynrecon_ros.memory import resident_after_trim
     from dynrecon_ros.reconstructor import Reconstructor
 
     cuda = device == 'cuda'
@@ -223,7 +213,7 @@ def run_mode(mode: str, args, ckpt: str, seq, device: str, fps: float) -> dict:
             graph.append((len(w.entries), len(w.all_entries()), len(w.graph())))
         if (k + 1) % args.every == 0 or k + 1 == args.frames:
             gc.collect()
-            s = {'frames': k + 1, 'rss': rss_bytes(), **cache_sizes(rec)}
+            s = {'frames': k + 1, 'rss': resident_after_trim(), **cache_sizes(rec)}
             if cuda:
                 s.update(alloc=torch.cuda.memory_allocated(), max_alloc=torch.cuda.max_memory_allocated(),
                          reserved=torch.cuda.memory_reserved())

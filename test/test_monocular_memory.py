@@ -13,7 +13,6 @@ malloc_trim (a looser check that also sees module globals and native memory). Ch
 an eviction is removed (predictor pair caches, input cache, engine token cache, _estimated_K trim,
 flow-cache clear, segmenter forgetting) and with an injected leak outside any named container.
 """
-import ctypes
 import gc
 import os
 import sys
@@ -27,6 +26,7 @@ from scipy.stats import theilslopes
 from dynrecon_ros.config import ReconConfig
 from dynrecon_ros.data.synthetic import SyntheticConfig, render_sequence
 from dynrecon_ros.frames import Frame
+from dynrecon_ros.memory import resident_after_trim
 from dynrecon_ros.network import load_network
 from dynrecon_ros.predictors.dust3r import Dust3rConfig, Dust3rPredictor
 from dynrecon_ros.reconstructor import Reconstructor
@@ -134,14 +134,9 @@ def held_bytes(root) -> int:
 
 
 def rss_after_trim() -> int:
-    """Resident bytes after glibc hands freed heap back (as the node's trim_memory_period does)."""
+    """Resident bytes after a gc pass and glibc's malloc_trim (as the node's trim_memory_period does)."""
     gc.collect()
-    try:
-        ctypes.CDLL('libc.so.6').malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-    with open('/proc/self/statm') as f:
-        return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
+    return resident_after_trim()
 
 
 def run_stream(rec, frames, warmup):

@@ -8,8 +8,6 @@ thread runs the pipeline (see :mod:`dynrecon_ros.ros.worker`).
 from __future__ import annotations
 
 import collections
-import ctypes
-import ctypes.util
 import os
 import pathlib
 import re
@@ -35,6 +33,7 @@ from std_srvs.srv import Trigger
 
 from dynrecon_ros.errors import InputError
 from dynrecon_ros.frames import Frame
+from dynrecon_ros.memory import MALLOC_TRIM, resident_mib, trim_heap
 from dynrecon_ros.ros import conversions as conv
 from dynrecon_ros.ros.qos import MAP_QOS, OUTPUT_QOS, input_qos
 from dynrecon_ros.ros.tf import MODES, ExtrinsicSource, TransformBroadcaster, body_twist, navigation_pose, stamped
@@ -90,29 +89,6 @@ NODE_PARAMETERS: dict[str, tuple[object, str]] = {
                            '(glibc malloc_trim; no effect elsewhere), so resident memory follows what is in '
                            'use (0: never).'),
 }
-
-
-def _load_malloc_trim():
-    """glibc's ``malloc_trim`` (None where the C library has none, e.g. musl or macOS).
-
-    glibc keeps freed blocks of the worker's arena (many MB-sized image temporaries per frame) for reuse
-    instead of returning them; ``malloc_trim(0)`` returns the free pages (a few ms here)."""
-    try:
-        return ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6').malloc_trim
-    except (OSError, AttributeError):
-        return None
-
-
-_MALLOC_TRIM = _load_malloc_trim()
-
-
-def resident_mib() -> float:
-    """This process's resident memory in MiB (Linux /proc; 0 elsewhere)."""
-    try:
-        with open('/proc/self/statm') as f:
-            return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 2 ** 20
-    except (OSError, ValueError, IndexError):
-        return 0.0
 
 
 def default_fastdds_profile() -> pathlib.Path | None:
@@ -492,10 +468,10 @@ class ReconNode(Node):
         """Worker thread: return freed heap memory to the OS every ``trim_memory_period`` s."""
         period = float(self._param('trim_memory_period'))
         now = time.monotonic()
-        if _MALLOC_TRIM is None or period <= 0 or now - self._last_trim < period:
+        if MALLOC_TRIM is None or period <= 0 or now - self._last_trim < period:
             return
         self._last_trim = now
-        _MALLOC_TRIM(0)
+        trim_heap()
         self.get_logger().debug(f'memory: resident {resident_mib():.1f} MiB after malloc_trim')
 
     def _flush(self) -> None:
