@@ -55,13 +55,7 @@ def timed(owner, name: str, label: str) -> bool:
 
     @functools.wraps(f)
     def wrapper(*a, **k):
-        t, c = time.perf_counter(), time.process_time()
-        try:
-            return f(*a, **k)
-        finally:
-            if ACTIVE['on']:
-                TIMES[label].append((time.perf_counter() - t) * 1e3)
-                CPU[label].append((time.process_time() - c) * 1e3)
+        return _timed_call(label, f, *a, **k)
     setattr(owner, name, staticmethod(wrapper) if is_static else wrapper)
     return True
 

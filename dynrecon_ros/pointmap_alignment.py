@@ -697,21 +697,23 @@ def _slot_tensors(arr, device, dtype):
     return X, L
 
 
-def _procrustes_batch(src, dst, w, scale: bool = True):
+def _svd_rotation(cov):
+    """The rotation R (B, 3, 3) maximising tr(R^T cov) for cov (B, 3, 3) (Umeyama's reflection-safe SVD
+    solution), and sum(S * D) (B,), the numerator of Umeyama's scale."""
+    U, S, Vt = torch.linalg.svd(cov)
+    D = torch.ones_like(S)
+    D[:, 2] = torch.sign(torch.linalg.det(U) * torch.linalg.det(Vt))
+    return U @ torch.diag_embed(D) @ Vt, (S * D).sum(1)
+
+
+def _procrustes_batch(src, dst, w):
     """Batched :func:`weighted_procrustes` in torch: src, dst (B, M, 3), w (B, M) -> s (B,), R (B, 3, 3),
     t (B, 3) with s R src + t ~ dst."""
     w = w / w.sum(1, keepdim=True).clamp_min(1e-30)
     ms, md = _wsum(w, src), _wsum(w, dst)
     a, b = src - ms[:, None], dst - md[:, None]
-    U, S, Vt = torch.linalg.svd(torch.bmm((b * w[..., None]).transpose(1, 2), a))
-    d = torch.sign(torch.linalg.det(U) * torch.linalg.det(Vt))
-    D = torch.ones_like(S)
-    D[:, 2] = d
-    R = U @ torch.diag_embed(D) @ Vt
-    if scale:
-        sc = (S * D).sum(1) / torch.einsum('bm,bm->b', w, _dot(a, a)).clamp_min(1e-30)
-    else:
-        sc = torch.ones_like(d)
+    R, sd = _svd_rotation(torch.bmm((b * w[..., None]).transpose(1, 2), a))
+    sc = sd / torch.einsum('bm,bm->b', w, _dot(a, a)).clamp_min(1e-30)
     return sc, R, md - sc[:, None] * torch.einsum('bij,bj->bi', R, ms)
 
 
@@ -720,11 +722,7 @@ def _rigid_from_moments(sw, sx, sy, sxy):
     = sum w x, sum w y, sxy (B, 3, 3) = sum w y x^T (Umeyama without scale)."""
     W = sw.clamp_min(1e-30)
     mx, my = sx / W[:, None], sy / W[:, None]
-    cov = sxy / W[:, None, None] - my[:, :, None] * mx[:, None, :]
-    U, _, Vt = torch.linalg.svd(cov)
-    D = torch.ones_like(mx)
-    D[:, 2] = torch.sign(torch.linalg.det(U) * torch.linalg.det(Vt))
-    R = U @ torch.diag_embed(D) @ Vt
+    R, _ = _svd_rotation(sxy / W[:, None, None] - my[:, :, None] * mx[:, None, :])
     return R, my - torch.einsum('bij,bj->bi', R, mx)
 
 

@@ -169,7 +169,8 @@ class Dust3rPredictor(PairPredictor):
         """Pairwise outputs for ordered ``pairs`` [(i, j)] of ``frames`` (local indices).
 
         Returns {'pts3d_1', 'pts3d_2_in_1': (P, h, w, 3), 'conf_1', 'conf_2': (P, h, w)} float32 at
-        network resolution (raw: may hold non-finite values, see :meth:`finite_views`), plus
+        network resolution (non-finite network outputs fixed with weight 0 and flagged: 'finite' (P, 2)
+        and :meth:`finite_views`; 'logw_1', 'logw_2' (P, h, w) the log-confidence weights), plus
         'cross_attn_1', 'cross_attn_2' (P, layers, heads, h/16, w/16) when ``attention``.
         Only pairs not in the cache reach the network.
         """
@@ -262,16 +263,11 @@ class Dust3rPredictor(PairPredictor):
 
     @staticmethod
     def finite_views(out: dict, pairs, frame: int) -> bool:
-        """True when every output of ``pairs`` for local frame ``frame`` is finite (from the flags
-        'finite' (P, 2) made at cache entry when ``out`` has them)."""
-        if 'finite' in out:
-            fin = out['finite']
-            return all(fin[e, v] for e, p in enumerate(pairs) for v in (0, 1) if p[v] == frame)
-        for e, (i, j) in enumerate(pairs):
-            for view, (p, c) in ((i, ('pts3d_1', 'conf_1')), (j, ('pts3d_2_in_1', 'conf_2'))):
-                if view == frame and not (np.isfinite(out[p][e]).all() and np.isfinite(out[c][e]).all()):
-                    return False
-        return True
+        """True when the network gave finite outputs for every view of local frame ``frame`` in
+        ``pairs``; ``out`` from :meth:`predict_window` or :meth:`reweighted` (their 'finite' (P, 2)
+        flags, made at cache entry)."""
+        fin = out['finite']
+        return all(fin[e, v] for e, p in enumerate(pairs) for v in (0, 1) if p[v] == frame)
 
     # ------------------------------------------------------------------ PairPredictor interface
     def predict(self, frame_i, frame_j, flow=None, static_i: np.ndarray | None = None) -> PairPrediction:
