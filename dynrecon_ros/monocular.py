@@ -15,7 +15,9 @@ Per accepted frame t (:meth:`MonocularWindow.step`):
      over the whole window (data term + MonST3R's flow term on the new frame's pairs, as the
      object-space distance to the flow's line of sight) with the frames already published keeping
      their pose (they fix frame and scale); the optical flow of the new frame's pairs is computed
-     for every window while ``backend.align_flow`` (default) or the flow segmentation needs it;
+     for every window while ``backend.align_flow`` (default) or the flow segmentation needs it, and
+     its pixels that fail the forward-backward check are left out of the flow term (passed as NaN,
+     first window and warm steps alike);
      dynamic pixels are excluded (old frames: their masks; the new frame: the
      previous frame's mask carried along the optical flow, plus its attention mask; a mask over
      more than 90 % of a frame is ignored);
@@ -241,11 +243,9 @@ class MonocularWindow:
             for (a, b), fl, valid in (((k, t), pf.fwd, pf.valid_fwd), ((t, k), pf.bwd, pf.valid_bwd)):
                 r = self.pred.network_input(frames[a])
                 fl = self.pred.to_network(fl, frames[a]) * np.float32([r.scale_x, r.scale_y])
-                if self.state is not None and self.aligner.cfg.warm_optimizer == 'closed_form':
-                    # the closed-form warm step skips NaN flow: pixels failing the forward-backward check
-                    ok = self.pred.to_network(valid.astype(np.float32), frames[a], nearest=True) > 0.5
-                    fl = np.where(ok[..., None], fl, np.nan).astype(np.float32)
-                flows[(a, b)] = fl
+                # pixels failing the forward-backward check: NaN = no flow there (both alignment paths)
+                ok = self.pred.to_network(valid.astype(np.float32), frames[a], nearest=True) > 0.5
+                flows[(a, b)] = np.where(ok[..., None], fl, np.nan).astype(np.float32)
         ids = [e.index for e in entries]
         try:
             if self.state is None:  # the first window: MST init, full schedule, then frame and scale

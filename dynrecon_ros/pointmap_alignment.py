@@ -371,7 +371,9 @@ class PointmapAligner:
         pairs: [(i, j)] local frame indices 0..N-1 (P pairs). pair_outputs: dict with pts3d_1,
         pts3d_2_in_1 (P, H, W, 3) and conf_1, conf_2 (P, H, W) (the network's output).
         masks: optional (N, H, W) dynamic masks (True/>0 = dynamic, excluded from the loss).
-        flows: optional dict {(i, j): (H, W, 2)} optical flow from frame i to j (pixels).
+        flows: optional dict {(i, j): (H, W, 2)} optical flow from frame i to j (pixels); a NaN
+        (non-finite) pixel means no flow there (e.g. it failed the forward-backward check): it has
+        no weight in the flow term nor in its guard, in the Adam and the closed-form path alike.
         init: previous window's state; frames with the same id (``frame_ids`` (N,), default
         0..N-1) are frozen to it. fixed_focal: a focal (px) from camera_info, kept fixed.
         pp: (2,) principal point, default the image centre. iterations: overrides the config.
@@ -503,7 +505,12 @@ class PointmapAligner:
             fe = [(e, torch.as_tensor(np.asarray(flows[p]), dtype=torch.float32, device=dev))
                   for e, p in enumerate(pairs) if p in flows]
             if fe:
-                fl = (torch.tensor([e for e, _ in fe], device=dev), torch.stack([f for _, f in fe]))
+                fs = torch.stack([f for _, f in fe])
+                # NaN (or inf) flow = no flow at that pixel (e.g. it failed the forward-backward
+                # check): zero weight in the term and the guard; set to 0 here so no NaN reaches
+                # the loss or a gradient (0 * NaN = NaN)
+                fok = torch.isfinite(fs).all(-1)
+                fl = (torch.tensor([e for e, _ in fe], device=dev), torch.where(fok[..., None], fs, 0.0), fok)
         free_f = free.float()[:, None, None]
         free_p = free.float()[:, None]
         flow_on = True
@@ -532,7 +539,7 @@ class PointmapAligner:
                 sm = ((dR - eye).flatten(1).norm(dim=-1) + cfg.smooth_trans_weight * dt.norm(dim=-1)).sum()
                 total = total + cfg.smooth_weight * sm
             if fl is not None and flow_on and it_frac >= cfg.flow_start and cfg.flow_weight > 0:
-                e_idx, flow = fl
+                e_idx, flow, fok = fl
                 i_, j_ = ii[e_idx], jj[e_idx]
                 Rj, tj = R[j_], tr[j_]
                 pc = torch.einsum('pji,phwj->phwi', Rj, world[i_] - tj[:, None, None, :])
@@ -540,7 +547,7 @@ class PointmapAligner:
                 proj = pc[..., :2] / z[..., None] * f[j_][:, None, None, None] + ppt
                 ego = proj - torch.stack([u, v], -1)
                 err = torch.nn.functional.smooth_l1_loss(ego, flow, reduction='none').sum(-1)
-                keep = (st[i_] > 0) & ((ego - flow).norm(dim=-1) < cfg.flow_max_px)
+                keep = fok & (st[i_] > 0) & ((ego - flow).norm(dim=-1) < cfg.flow_max_px)
                 fterm = (err * keep).sum() / keep.sum().clamp(min=1)
                 total = total + cfg.flow_weight * fterm
                 return total, loss, world, R, tr, f, s, fterm

@@ -116,6 +116,68 @@ def test_flow_term_and_fixed_focal(seq12):
     assert np.isfinite(st2.loss)
 
 
+def _first_window_flows(seq, n=6):
+    """Window 0..n-1 (no warm start) with the exact static-scene flow of every pair."""
+    pairs, out = _window(seq, 0, n)
+    return pairs, out, {p: _gt_flow(seq, *p) for p in pairs}
+
+
+def test_adam_path_treats_nan_flow_as_no_flow(seq12):
+    """The first window (Adam schedule): a non-finite flow pixel (NaN in either component, inf) has
+    no weight in the flow term nor in its guard, and no NaN reaches a gradient: the run equals the
+    one where the same pixels are excluded by the flow_max_px gate instead (flow + 1e6 px)."""
+    n = 6
+    pairs, out, flows = _first_window_flows(seq12, n)
+    rng = np.random.default_rng(4)
+    nan_f, far_f = {}, {}
+    for p, f in flows.items():
+        drop = rng.random(f.shape[:2]) < 0.25
+        drop[4:16, 6:20] = True
+        kind = rng.integers(0, 3, drop.shape)
+        g = f.copy()
+        g[drop & (kind == 0), 0] = np.nan
+        g[drop & (kind == 1), 1] = np.nan
+        g[drop & (kind == 2)] = np.inf
+        nan_f[p] = g
+        far_f[p] = np.where(drop[..., None], f + 1e6, f)
+    al = _aligner(flow_weight=0.1)
+    kw = dict(masks=seq12.masks[:n], pp=seq12.K[:2, 2], iterations=60)
+    a = al.align(pairs, out, flows=nan_f, **kw)
+    b = al.align(pairs, out, flows=far_f, **kw)
+    for x in (a.poses, a.depths, a.focals, a.pair_scales, a.history, [a.loss]):
+        assert np.all(np.isfinite(x))
+    np.testing.assert_allclose(a.poses, b.poses, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(a.depths, b.depths, rtol=1e-9)
+    np.testing.assert_allclose(a.focals, b.focals, rtol=1e-9)
+    np.testing.assert_allclose(a.pair_scales, b.pair_scales, rtol=1e-9)
+    # not vacuous: the flow term is on, and the dropped pixels would have changed the result
+    clean = al.align(pairs, out, flows=flows, **kw)
+    none = al.align(pairs, out, **kw)
+    assert not np.allclose(a.poses, clean.poses, rtol=0, atol=1e-5)
+    assert not np.allclose(a.poses, none.poses, rtol=0, atol=1e-5)
+
+
+def test_nan_marked_garbage_flow_does_not_mislead_the_first_window(seq12):
+    """Garbage flow in a block (what a failed forward-backward check flags), within the 50 px gate
+    of the estimate, pulls the first window's poses away from the clean-flow result; the same
+    garbage marked NaN does not (the block simply has no flow)."""
+    n = 6
+    pairs, out, flows = _first_window_flows(seq12, n)
+    block = np.zeros(seq12.depth_gt.shape[1:], bool)
+    block[4:16, 6:20] = True
+    garbage = {p: np.where(block[..., None], f + [12.0, -9.0], f) for p, f in flows.items()}
+    marked = {p: np.where(block[..., None], np.nan, f) for p, f in garbage.items()}
+    al = _aligner(flow_weight=0.1)  # 10x the default: the flow term's pull is clear in 60 iterations
+    assert al.cfg.flow_max_px > 2 * 15 and al.cfg.flow_guard > 15  # the garbage (15 px off) passes the gate
+    kw = dict(masks=seq12.masks[:n], pp=seq12.K[:2, 2], iterations=60)
+    clean = al.align(pairs, out, flows=flows, **kw)
+    off = {k: np.abs(al.align(pairs, out, flows=f, **kw).poses[:, :3, 3] - clean.poses[:, :3, 3]).max()
+           for k, f in (('garbage', garbage), ('marked', marked))}
+    print(f"first window: max translation off the clean-flow result {off['garbage']:.2e} with the garbage, "
+          f"{off['marked']:.2e} with it marked NaN")
+    assert off['marked'] < 0.3 * off['garbage'], off
+
+
 def test_weighted_procrustes_and_input_errors():
     rng = np.random.default_rng(0)
     src = rng.standard_normal((50, 3))
