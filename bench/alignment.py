@@ -12,7 +12,7 @@ would give them; pair graph: each frame with its next 3, both directions), then
               descent (refine_closed_form, each sweep from the second followed by the monotone
               extrapolation of the state along it) over every frame; the oldest keeps its pose (frame) and
               the pairs' mean log-scale is held (DUSt3R's scale gauge, as in the plain run); the
-              focal is refined jointly with the depths (product default) unless ``--hold-focal``;
+              shared focal is held (product default) unless ``--warm-focal`` (refined with the depths);
             adam_freeze / adam_refine: the previous schedule, ``--warm-iters`` Adam iterations
               (lr 0.002) on the new frame's pairs only / on all frames.
 Losses: ``window_loss`` of both on the last window (same data, same gauge: each pair's similarity
@@ -44,7 +44,7 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def run(n, size, device, steps, warm_iters, threads, online, sweeps, hold_focal=False, plain_iters=300):
+def run(n, size, device, steps, warm_iters, threads, online, sweeps, warm_focal=False, plain_iters=300):
     w, h = size
     seq = render_sequence(SyntheticConfig(width=w, height=h, frames=n + steps, movers=2, seed=0, fps=10.0))
     ids = mover_ids_from_sequence(seq)
@@ -53,7 +53,7 @@ def run(n, size, device, steps, warm_iters, threads, online, sweeps, hold_focal=
     if online == 'closed_form':
         cfg = AlignConfig(iterations=plain_iters, warm_iterations=sweeps, warm_mode='refine',
                           warm_optimizer='closed_form', device=device, cpu_threads=threads)
-        cfg.warm_focal = cfg.warm_focal and not hold_focal
+        cfg.warm_focal = cfg.warm_focal or warm_focal
     else:
         cfg = AlignConfig(iterations=plain_iters, warm_iterations=warm_iters, warm_mode=online.split('_')[1],
                           warm_optimizer='adam', device=device, cpu_threads=threads)
@@ -96,8 +96,8 @@ def main():
     ap.add_argument('--online', nargs='+', default=['closed_form'],
                     choices=['closed_form', 'adam_freeze', 'adam_refine'])
     ap.add_argument('--sweeps', type=int, default=5, help='closed-form sweeps per online step')
-    ap.add_argument('--hold-focal', action='store_true', help='closed_form: hold the focal (default: the product '
-                    'default, AlignConfig.warm_focal: refined with the depths)')
+    ap.add_argument('--warm-focal', action='store_true', help='closed_form: refine the shared focal with the depths '
+                    '(AlignConfig.warm_focal; default: the product default, held after the first window)')
     ap.add_argument('--warm-iters', type=int, default=30, help='Adam iterations per online step (adam_*)')
     ap.add_argument('--threads', type=int, default=1, help='torch CPU threads (default 1: fastest at these sizes)')
     a = ap.parse_args()
@@ -111,7 +111,7 @@ def main():
     for dev in devices:
         for n in a.windows:
             for online in a.online:
-                r = run(n, size, dev, a.steps, a.warm_iters, a.threads, online, a.sweeps, a.hold_focal)
+                r = run(n, size, dev, a.steps, a.warm_iters, a.threads, online, a.sweeps, a.warm_focal)
                 print(f'{dev:5} {online:12} {n:3d} {r["pairs"]:5d} {r["t_plain"]:8.3f} {r["t_step"]:8.4f} '
                       f'{r["t_plain"] / r["t_step"]:7.1f}x {r["loss_plain"]:11.7f} {r["loss_online"]:11.7f} '
                       f'{r["loss_online"] / r["loss_plain"]:7.4f} {r["ate_plain"] * 1000:7.2f}mm '

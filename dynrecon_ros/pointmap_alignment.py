@@ -25,7 +25,8 @@ Gauge: without a warm start the pairwise log-scales are normalised to mean log(0
     default in the Adam path too, see ``AlignConfig.smooth_weight``: it shortened translations).
     The held frames fix the frame (and, when several, the scale: their depths keep their mean
     log-depth); with one held frame the scale gauge is DUSt3R's (pairs' mean log-scale held at its
-    warm-start value). The focal is refined with the depths (``AlignConfig.warm_focal``).
+    warm-start value). A shared focal is held after the first window (``AlignConfig.warm_focal``);
+    per-frame focals of the frames not held are refined jointly with the depths.
 Init: maximum-confidence spanning tree over the pairs, chained weighted Procrustes (Umeyama, refitted
     without outlying points and with Horn's symmetric scale: :func:`robust_procrustes`) from the root, focal from the pointmaps (intrinsics.estimate_focal), depth = z of the registered
     camera-frame pointmap. In a warm start the tree grows from the frozen frames.
@@ -59,11 +60,14 @@ class AlignConfig:
     lr_min: float = 1e-6
     schedule: str = 'cosine'       # 'cosine' | 'linear'
     shared_focal: bool = True
-    warm_focal: bool = True        # closed-form warm steps refine the focal too, jointly with the
-    # depths (the shared one, or per frame those of the frames not held; a given focal is always
-    # held). bench/alignment.py (64x48, 5 sweeps): loss ratio online / plain N=8 1.00072 -> 1.00049,
-    # N=16 0.99885 -> 0.99865, N=32 0.99125 -> 0.99119; the last window's focal 53.336 -> 53.373 at
-    # N=8 (plain: 53.382). (A focal step with the depths held moved it to 1.0006 only.)
+    warm_focal: bool = False       # closed-form warm steps refine the shared focal too, jointly
+    # with the depths (per-frame focals of the frames not held are always refined; a given focal is
+    # always held). Off: in a stream the shared focal then ratchets, each window's estimate
+    # conditioned on the held frames' poses fitted under the previous one (product path, 64x48
+    # oracle pointmaps, no K, 40 frames: focal error +4.1 % at the end at 1 % pointmap noise, ATE
+    # 29.6 mm; held after the first window: -0.14 % throughout, ATE 21.2 mm; at 0.2 % noise +1.4 %
+    # vs -0.02 %). bench/alignment.py's loss ratios barely differ (N=8 / 16 / 32: 1.0002 / 0.9984 /
+    # 0.9865 refined, 1.0004 / 0.9986 / 0.9866 held). Useful when the first window's focal is poor.
     base_scale: float = 0.5
     flow_weight: float = 0.01      # Adam path: weight of the smooth-L1 pixel flow term (MonST3R's)
     flow_weight_closed_form: float = 0.5  # closed-form warm steps: weight of one flow pair's pixel
@@ -446,8 +450,8 @@ class PointmapAligner:
                                            device=cfg.device,
                                            flows=flows, flow_weight=cfg.flow_weight_closed_form,
                                            flow_max_px=cfg.flow_max_px, flow_guard=cfg.flow_guard,
-                                           focal='hold' if ff is not None or not cfg.warm_focal else
-                                           'shared' if cfg.shared_focal else 'per_frame')
+                                           focal='hold' if ff is not None or (cfg.shared_focal and not cfg.warm_focal)
+                                           else 'shared' if cfg.shared_focal else 'per_frame')
                 state.iterations = iters
                 scales = np.full(len(all_pairs), np.nan)
                 scales[keep] = state.pair_scales

@@ -92,7 +92,9 @@ def test_oracle_pointmaps_through_the_pipeline(seq):
     focal = np.array([r.K[0, 0] for r in res])
     print(f"ATE sim3 {m['ate_rmse_sim3'] * 1000:.2f} mm, focal {focal.mean():.3f} vs {f_gt:.3f}")
     assert m['ate_rmse_sim3'] <= 0.01
-    assert np.all(np.abs(focal / f_gt - 1) <= 0.02)
+    # the focal of every output frame: estimated on the first window, then held (refining a shared
+    # focal in each warm step ratcheted it up by ~0.15 % per frame: 1.99 % at the last frame here)
+    assert np.all(np.abs(focal / f_gt - 1) <= 0.005), focal / f_gt - 1
     # depth on one scale: the median ratio to the truth is the same for every frame (static pixels)
     ratios = [np.median(r.depth[~seq.masks[k] & (r.depth > 0)] / seq.depth_gt[k][~seq.masks[k] & (r.depth > 0)])
               for k, r in enumerate(res)]
