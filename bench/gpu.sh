@@ -90,6 +90,7 @@ run() {
   local rc=${PIPESTATUS[0]}
   local why=''
   [ "$rc" = 124 ] || [ "$rc" = 137 ] && why=' (TIMED OUT)'
+  echo | tee -a "$OUT/$name.log"  # (progress lines end without a newline)
   echo "== $name rc=$rc$why in $((SECONDS - s))s (elapsed $((SECONDS - T0))s)" | tee -a "$OUT/$name.log" "$SUMMARY"
   grep -hE 'TARGET|speed-up|online step \(1|steady state \(frames|^(cuda|cpu) +closed_form|Traceback|Error' \
     "$OUT/$name.log" | grep -v '^==' | sed "s/^/  [$name] /" >>"$SUMMARY"
@@ -105,9 +106,11 @@ if [ $QUICK = 1 ]; then
   run monocular_host 90 $PY bench/monocular_host.py --device cuda --frames 12 --warmup 9
   run alignment 120 $PY bench/alignment.py --device cuda --size 512x384 --windows 8 --steps 1
 else
-  run network 150 $PY bench/network.py --configs '' --gpu-reps 5
-  # 160 frames per mode, time-boxed: memory slope over frames > 80 (the 64-frame input cache full)
-  run monocular 300 $PY bench/monocular.py --frames 160 --every 16 --modes flow,attention,both --max-seconds 70
+  run network 120 $PY bench/network.py --configs '' --gpu-reps 5
+  # up to 200 frames per mode, time-boxed (flow, the product default, longest: its memory slope is taken over
+  # the frames after the 64-frame input cache is full)
+  run monocular 300 $PY bench/monocular.py --frames 200 --every 20 --modes flow,attention,both \
+    --max-seconds 130,50,50
   run monocular_host 60 $PY bench/monocular_host.py --device cuda --frames 20 --warmup 9 --sweeps 5
   run alignment 150 $PY bench/alignment.py --device cuda --size 512x384 --windows 8 16 32 --steps 3
 fi

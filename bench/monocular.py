@@ -39,7 +39,7 @@ alignment + segmentation + flow + output / map hand-off), for the CUDA config on
 Usage: python bench/monocular.py [--device auto|cpu|cuda] [--frames N] [--modes flow,attention,both]
        [--size WxH] [--window 8] [--every N] [--render 60] [--warmup N] [--checkpoint FILE]
        [--k given|none] [--keyframes gap|motion] [--set section.name=value ...]
-       [--model auto|vitl512dpt|small] [--max-seconds S] [--threads T]
+       [--model auto|vitl512dpt|small] [--max-seconds S[,S2,..]] [--threads T]
 Defaults: CUDA when available (--frames 300, all three modes), else CPU (--frames 96, mode flow
 only; ~1-2 min on 2 cores).
 """
@@ -205,10 +205,12 @@ def run_mode(mode: str, args, ckpt: str, seq, device: str, fps: float) -> dict:
     print(f'  [{mode}] frames: ', end='', flush=True)
     t_all = time.perf_counter()
     n_done = 0
+    modes = args.modes.split(',')
+    budget = args.max_seconds[min(modes.index(mode), len(args.max_seconds) - 1)] if args.max_seconds else 0
     for k, frame in enumerate(stream(seq, args.frames, fps, args.k == 'given')):
-        if (args.max_seconds and k >= args.warmup + 3 and k < args.frames - 1
-                and time.perf_counter() - t_all > args.max_seconds):
-            print(f'(time budget --max-seconds {args.max_seconds:g} s reached: stopped after {k} frames) ', end='')
+        if (budget and k >= args.warmup + 3 and k < args.frames - 1
+                and time.perf_counter() - t_all > budget):
+            print(f'(time budget {budget:g} s reached: stopped after {k} frames) ', end='')
             if not samples or samples[-1]['frames'] != k:
                 samples.append(_sample(rec, k, cuda))
             break
@@ -350,9 +352,10 @@ def main() -> None:
     ap.add_argument('--model', choices=['auto', 'vitl512dpt', 'small'], default='auto',
                     help="random-weight model: 'auto' (CUDA vitl512dpt, CPU small) or either by name (vitl512dpt on "
                          "CPU rehearses the GPU configuration; slow: ~1 min per frame on 1 thread)")
-    ap.add_argument('--max-seconds', type=float, default=0,
-                    help='time budget per mode (s, 0 = none): stop pushing frames once it is spent (after at least '
-                         'warmup + 3 frames) and report the frames pushed so far')
+    ap.add_argument('--max-seconds', type=lambda v: [float(x) for x in v.split(',')], default=[],
+                    help='time budget per mode (s, 0 = none; S or S1,S2,.. one per mode, the last repeated): stop '
+                         'pushing frames once it is spent (after at least warmup + 3 frames) and report the frames '
+                         'pushed so far')
     ap.add_argument('--threads', type=int, default=0, help='torch CPU threads (0: leave as is)')
     args = ap.parse_args()
 
