@@ -59,10 +59,22 @@ def run(n, size, device, steps, warm_iters, threads, online, sweeps, warm_focal=
                           warm_optimizer='adam', device=device, cpu_threads=threads)
     al = PointmapAligner(cfg)
 
+    made = {}
+
+    def pair_output(a, b):
+        """Frames a, b's pair output, made once: the same frame pair gives the same output in every window
+        (the network is deterministic). Only the two frames' slices go in (the function reads no other
+        frame; same seed, same output): with the whole sequence it transformed every frame per pair."""
+        if (a, b) not in made:
+            f = [a, b]
+            made[(a, b)] = pairs_from_ground_truth(seq.depth_gt[f], seq.poses[f], seq.K, [(0, 1)], ids[f],
+                                                   seq.mover_centers[f], seed=1000 * a + b)
+        return made[(a, b)]
+
     def window(lo):
-        # the same frame pair gives the same output in every window (the network is deterministic)
-        outs = [pairs_from_ground_truth(seq.depth_gt, seq.poses, seq.K, [(lo + i, lo + j)], ids, seq.mover_centers,
-                                        seed=1000 * (lo + i) + lo + j) for i, j in pairs]
+        for key in [key for key in made if min(key) < lo]:  # pairs of frames that left the window
+            del made[key]
+        outs = [pair_output(lo + i, lo + j) for i, j in pairs]
         return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}, seq.masks[lo:lo + n]
 
     def timed(**kw):

@@ -39,6 +39,7 @@ alignment + segmentation + flow + output / map hand-off), for the CUDA config on
 Usage: python bench/monocular.py [--device auto|cpu|cuda] [--frames N] [--modes flow,attention,both]
        [--size WxH] [--window 8] [--every N] [--render 60] [--warmup N] [--checkpoint FILE]
        [--k given|none] [--keyframes gap|motion] [--set section.name=value ...]
+       [--model auto|vitl512dpt|small] [--max-seconds S[,S2,..]] [--threads T]
 Defaults: CUDA when available (--frames 300, all three modes), else CPU (--frames 96, mode flow
 only; ~1-2 min on 2 cores).
 """
@@ -73,11 +74,13 @@ def _network_configs() -> dict:
     return mod.CONFIGS
 
 
-def bench_config(device: str, size: str | None) -> tuple[str, str, int, int]:
+def bench_config(device: str, size: str | None, model: str = 'auto') -> tuple[str, str, int, int]:
     """(name, model config string, image width, image height) for the device; ``size`` 'WxH' overrides
-    the image size (CPU: the network input follows it; CUDA: the released 512-pixel input)."""
+    the image size (CPU: the network input follows it; CUDA: the released 512-pixel input). ``model``
+    'vitl512dpt' / 'small' picks the model whatever the device ('auto': CUDA vitl512dpt, CPU small;
+    vitl512dpt on CPU rehearses the GPU configuration, slowly)."""
     cfgs = _network_configs()
-    if device == 'cuda':
+    if model == 'vitl512dpt' or (model == 'auto' and device == 'cuda'):
         s, (h, w) = cfgs['vitl512dpt']
         if size:
             w, h = (int(v) for v in size.split('x'))
@@ -152,10 +155,21 @@ def cache_sizes(rec) -> dict:
             'seg': len(rec.segmenter), 'estK': len(m._estimated_K)}
 
 
+def _sample(rec, frames: int, cuda: bool) -> dict:
+    """One memory sample after ``frames`` pushed frames (RSS after malloc_trim, cache sizes, CUDA)."""
+    from dynrecon_ros.memory import resident_after_trim
+    gc.collect()
+    s = {'frames': frames, 'rss': resident_after_trim(), **cache_sizes(rec)}
+    if cuda:
+        import torch
+        s.update(alloc=torch.cuda.memory_allocated(), max_alloc=torch.cuda.max_memory_allocated(),
+                 reserved=torch.cuda.memory_reserved())
+    return s
+
+
 def run_mode(mode: str, args, ckpt: str, seq, device: str, fps: float) -> dict:
     import torch
     from dynrecon_ros.config import ReconConfig
-    from dynrecon_ros.memory import resident_after_trim
     from dynrecon_ros.reconstructor import Reconstructor
 
     cuda = device == 'cuda'
@@ -190,7 +204,17 @@ def run_mode(mode: str, args, ckpt: str, seq, device: str, fps: float) -> dict:
     hw = rec.predictor.network_shape(next(stream(seq, 1, fps, False)))
     print(f'  [{mode}] frames: ', end='', flush=True)
     t_all = time.perf_counter()
+    n_done = 0
+    modes = args.modes.split(',')
+    budget = args.max_seconds[min(modes.index(mode), len(args.max_seconds) - 1)] if args.max_seconds else 0
     for k, frame in enumerate(stream(seq, args.frames, fps, args.k == 'given')):
+        if (budget and k >= args.warmup + 3 and k < args.frames - 1
+                and time.perf_counter() - t_all > budget):
+            print(f'(time budget {budget:g} s reached: stopped after {k} frames) ', end='')
+            if not samples or samples[-1]['frames'] != k:
+                samples.append(_sample(rec, k, cuda))
+            break
+        n_done = k + 1
         if k == args.warmup:
             steady_acc = {n: list(v) for n, v in rec._times._acc.items()}  # StageTimes so far (subtracted)
         d0, e0 = decoded[0], net.stats['encoded']
@@ -212,12 +236,7 @@ def run_mode(mode: str, args, ckpt: str, seq, device: str, fps: float) -> dict:
             w = rec.window
             graph.append((len(w.entries), len(w.all_entries()), len(w.graph())))
         if (k + 1) % args.every == 0 or k + 1 == args.frames:
-            gc.collect()
-            s = {'frames': k + 1, 'rss': resident_after_trim(), **cache_sizes(rec)}
-            if cuda:
-                s.update(alloc=torch.cuda.memory_allocated(), max_alloc=torch.cuda.max_memory_allocated(),
-                         reserved=torch.cuda.memory_reserved())
-            samples.append(s)
+            samples.append(_sample(rec, k + 1, cuda))
             print(k + 1, end=' ', flush=True)
     for r in rec.flush():
         if r.status == 'ok':
@@ -233,7 +252,7 @@ def run_mode(mode: str, args, ckpt: str, seq, device: str, fps: float) -> dict:
         if cnt > c0:
             stages[n] = (tot - t0) / (cnt - c0)
     steady = push_s[args.warmup:]
-    res = {'mode': mode, 'ok': ok, 'skipped': skipped, 'reasons': reasons, 'samples': samples, 'stages': stages,
+    res = {'mode': mode, 'frames': n_done, 'ok': ok, 'skipped': skipped, 'reasons': reasons, 'samples': samples, 'stages': stages,
            'fps': len(steady) / sum(steady) if steady else float('nan'),
            'ms_median': 1e3 * float(np.median(steady)) if steady else float('nan'),
            'ms_p90': 1e3 * float(np.percentile(steady, 90)) if steady else float('nan'),
@@ -272,7 +291,7 @@ def report(r: dict, device: str, args, size: str) -> None:
               '--set segmentation.attention_min_contrast=0 runs it on the random masks')
     print(f'    frames: {r["ok"]} ok, {r["skipped"]} skipped' +
           (''.join(f'\n      skipped x{c}: {why}' for why, c in r['reasons'].most_common())))
-    print(f'    steady state (frames {args.warmup + 1}..{args.frames}): {r["fps"]:.2f} frames/s of the whole push '
+    print(f'    steady state (frames {args.warmup + 1}..{r["frames"]}): {r["fps"]:.2f} frames/s of the whole push '
           f'(median {r["ms_median"]:.1f} ms, p90 {r["ms_p90"]:.1f} ms)')
     st = r['stages']
     order = ['flow', 'network', 'alignment', 'segmentation', 'map', 'total', 'map_integrate']
@@ -294,7 +313,7 @@ def report(r: dict, device: str, args, size: str) -> None:
                                                      'seg', 'estK'))
         print(line)
     # after the caches are full (the network-input cache keeps 64 frames) and over the second half
-    half = [s for s in r['samples'] if s['frames'] > max(args.frames / 2, 64 + args.window)]
+    half = [s for s in r['samples'] if s['frames'] > max(r['frames'] / 2, 64 + args.window)]
     if len(half) >= 3:
         x = [s['frames'] for s in half]
         parts = [f'RSS {100 * theil_sen(x, [s["rss"] / MiB for s in half]):+.1f}']
@@ -330,9 +349,19 @@ def main() -> None:
                          "default: gap with random weights (their meaningless poses make every frame a keyframe "
                          "under the motion rule: a dense pair graph no real stream has), motion with --checkpoint")
     ap.add_argument('--set', nargs='*', default=[], help='config overrides section.name=value')
+    ap.add_argument('--model', choices=['auto', 'vitl512dpt', 'small'], default='auto',
+                    help="random-weight model: 'auto' (CUDA vitl512dpt, CPU small) or either by name (vitl512dpt on "
+                         "CPU rehearses the GPU configuration; slow: ~1 min per frame on 1 thread)")
+    ap.add_argument('--max-seconds', type=lambda v: [float(x) for x in v.split(',')], default=[],
+                    help='time budget per mode (s, 0 = none; S or S1,S2,.. one per mode, the last repeated): stop '
+                         'pushing frames once it is spent (after at least warmup + 3 frames) and report the frames '
+                         'pushed so far')
+    ap.add_argument('--threads', type=int, default=0, help='torch CPU threads (0: leave as is)')
     args = ap.parse_args()
 
     import torch
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = ('cuda' if torch.cuda.is_available() else 'cpu') if args.device == 'auto' else args.device
     if device == 'cuda' and not torch.cuda.is_available():
         sys.exit('CUDA not available')
@@ -343,7 +372,7 @@ def main() -> None:
     args.keyframes = args.keyframes or ('motion' if args.checkpoint else 'gap')
     args.every = args.every or max(1, args.frames // 10)
     args.warmup = args.warmup if args.warmup is not None else 2 * args.window
-    name, config, W, H = bench_config(device, args.size)
+    name, config, W, H = bench_config(device, args.size, args.model)
     print(f'torch {torch.__version__}, device {device}' +
           (f' ({torch.cuda.get_device_name(0)})' if cuda else f', {os.cpu_count()} CPUs visible') +
           f', load average {os.getloadavg()[0]:.1f} at start')
@@ -370,10 +399,10 @@ def main() -> None:
             print(f'model: {name}, RANDOM weights (written to a released-format checkpoint in '
                   f'{time.perf_counter() - t:.0f} s, loaded by load_network like a real one): geometry is '
                   f'meaningless, jump/speed/tracking checks opened wide')
-        results = [run_mode(m, args, ckpt, seq, device, fps) for m in args.modes.split(',')]
-    print(f'== results ({device}, {W}x{H}, load average {os.getloadavg()[0]:.1f} at the end)')
-    for r in results:
-        report(r, device, args, f'{W}x{H}')
+        for m in args.modes.split(','):  # each mode's report as soon as it is done (a time limit keeps those)
+            r = run_mode(m, args, ckpt, seq, device, fps)
+            print(f'== results ({device}, {W}x{H}, load average {os.getloadavg()[0]:.1f})')
+            report(r, device, args, f'{W}x{H}')
     if not cuda:
         print(f'TARGET (issue 7): >= {TARGET_FPS:.0f} frames/s on an H100 at ViT-L/512 DPT, 8-frame window, 512x384: '
               'not measurable here (no CUDA device); run `python bench/monocular.py` on a GPU machine')

@@ -22,7 +22,12 @@ The first six are the host overhead this bench isolates; the sweeps are the clos
 (float64 on CPU), reported separately and limited by ``--sweeps`` (default 1; the product's 5 cost
 5x that figure). The first window uses ``--first-iterations`` Adam steps (default 10: only frame 2).
 
+With ``--device cuda`` the aligner runs on the GPU (float32) and the predictor keeps its cached pair
+tensors there (``tensor_device``), as in the product on a GPU; every timer then synchronises the GPU
+at its start and end, so each figure holds the GPU work launched inside it.
+
 Usage: python bench/monocular_host.py [--frames 16] [--warmup 9] [--sweeps 1] [--size 512x384]
+       [--device cpu|cuda]
 """
 from __future__ import annotations
 
@@ -37,12 +42,16 @@ from types import SimpleNamespace
 
 import numpy as np
 
-if 'PYTHONPATH' not in os.environ:
+import importlib.util  # noqa: E402
+
+# this checkout's package, unless PYTHONPATH names another one (to measure an old checkout); also when
+# PYTHONPATH holds no dynrecon_ros at all (the device's carried-wheel folder, bench/gpu.sh)
+if 'PYTHONPATH' not in os.environ or importlib.util.find_spec('dynrecon_ros') is None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 TIMES: dict = collections.defaultdict(list)  # name -> [ms per call] (wall clock)
 CPU: dict = collections.defaultdict(list)  # name -> [ms per call] (process CPU time: all threads)
-ACTIVE = {'on': False}
+ACTIVE = {'on': False, 'sync': None}  # sync: torch.cuda.synchronize with --device cuda (timers wait for the GPU)
 
 
 def timed(owner, name: str, label: str) -> bool:
@@ -78,9 +87,10 @@ class Oracle:
         outs = []
         for i, j in pairs:
             gi, gj = self.frame_of[frame_ids[i]], self.frame_of[frame_ids[j]]
-            if (gi, gj) not in self.made:
-                self.made[(gi, gj)] = pairs_from_ground_truth(s.depth_gt, s.poses, s.K, [(gi, gj)], self.ids,
-                                                              s.mover_centers, noise=0.002, seed=1000 * gi + gj)
+            if (gi, gj) not in self.made:  # only the two frames' slices go in (same output, less work)
+                f = [gi, gj]
+                self.made[(gi, gj)] = pairs_from_ground_truth(s.depth_gt[f], s.poses[f], s.K, [(0, 1)], self.ids[f],
+                                                              s.mover_centers[f], noise=0.002, seed=1000 * gi + gj)
             outs.append(self.made[(gi, gj)])
         return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
 
@@ -93,8 +103,13 @@ def main() -> None:
     ap.add_argument('--first-iterations', type=int, default=10, help='backend.align_iterations (first window)')
     ap.add_argument('--size', default='512x384')
     ap.add_argument('--render', type=int, default=10, help='synthetic frames rendered (replayed back and forth)')
+    ap.add_argument('--device', default='cpu', choices=['cpu', 'cuda'], help='alignment device (default cpu)')
     args = ap.parse_args()
     import torch
+    if args.device == 'cuda':
+        if not torch.cuda.is_available():
+            sys.exit('CUDA not available')
+        ACTIVE['sync'] = torch.cuda.synchronize
     import dynrecon_ros
     from dynrecon_ros import monocular, pointmap_alignment as pa
     from dynrecon_ros.config import ReconConfig
@@ -105,7 +120,8 @@ def main() -> None:
 
     W, H = (int(v) for v in args.size.split('x'))
     print(f'package {Path(dynrecon_ros.__file__).parent}, torch {torch.__version__}, {torch.get_num_threads()} '
-          f'threads, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start')
+          f'threads, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start; alignment device '
+          f'{args.device}' + (f' ({torch.cuda.get_device_name(0)})' if args.device == 'cuda' else ''))
     seq = render_sequence(SyntheticConfig(width=W, height=H, frames=args.render, fps=30.0, movers=2, seed=0))
     net = Oracle(seq, W)
     plain = net.predict_pairs
@@ -129,7 +145,7 @@ def main() -> None:
                                              'align_iterations': args.first_iterations},
                                  'checks': {'max_translation_m': 1000.0, 'max_rotation_deg': 180.0, 'max_speed_m_s': 1e5,
                                             'max_angular_speed_deg_s': 1e5, 'min_inlier_ratio': 0.0}})
-    rec = Reconstructor(cfg, predictor=dust3r.Dust3rPredictor(net))
+    rec = Reconstructor(cfg, predictor=dust3r.Dust3rPredictor(net), device=args.device)
     m = len(seq.frames)
     period = 2 * (m - 1)
     steps, pairs_per_step, step_ms, skipped = 0, [], [], collections.Counter()
@@ -140,8 +156,12 @@ def main() -> None:
         key = f'{stamp:.6f}'
         net.frame_of[key] = i
         ACTIVE['on'] = k >= args.warmup
+        if ACTIVE['sync']:
+            ACTIVE['sync']()
         t = time.perf_counter()
         rec.push(Frame(stamp=stamp, rgb=seq.frames[i].rgb, depth=None, K=seq.K.copy(), key=key, meta={}))
+        if ACTIVE['sync']:
+            ACTIVE['sync']()
         if ACTIVE['on']:
             step_ms.append((time.perf_counter() - t) * 1e3)
             steps += 1
@@ -183,10 +203,15 @@ def report(args, steps, W, H, pairs_per_step, wrapped, tot, clock) -> None:
 
 
 def _timed_call(label, fn, *a, **k):
+    sync = ACTIVE['sync'] if ACTIVE['on'] else None
+    if sync:
+        sync()
     t, c = time.perf_counter(), time.process_time()
     try:
         return fn(*a, **k)
     finally:
+        if sync:
+            sync()
         if ACTIVE['on']:
             TIMES[label].append((time.perf_counter() - t) * 1e3)
             CPU[label].append((time.process_time() - c) * 1e3)

@@ -13,7 +13,9 @@ head, 224x224 (encoder/decoder cost ratio close to ViT-L/Base); CPU 'parity-smal
 references' decoder-heavy shape (192x4 encoder, 128x12 decoders, linear); CUDA: ViT-L/512 dpt at
 512x384 (the released DUSt3R/MonST3R shape), random weights.
 
-Usage: python bench/network.py [--reps N] [--threads T]
+Usage: python bench/network.py [--reps N] [--threads T] [--configs small,parity-small] [--gpu-reps N]
+  --configs '' skips the CPU configs (the GPU run of bench/gpu.sh); --gpu-reps sets the CUDA reps
+  (default max(reps, 5)); --no-cuda skips the CUDA config.
 """
 from __future__ import annotations
 
@@ -130,22 +132,38 @@ def report(config, device, reps):
     print(f'  online step (1 encode + 6 pairs): {onl["sec"] * 1000:.1f} ms  ({1 / onl["sec"]:.1f} frames/s)  {mem(onl)}')
     if device == 'cpu':
         print(f'  peak RSS of the process (weights + all three runs): {naive["peak_bytes"] / gib:.2f} GiB')
+    else:
+        import torch
+        gpu = torch.cuda.get_device_name(0)
+        mem = max(eng['peak_bytes'], onl['peak_bytes']) / gib
+        ok = (epps / npps >= 3, onl['sec'] <= 0.033, mem <= 8)
+        print(f'  TARGET (issue 6, on an H100, ViT-L/512): engine >= 3x naive pairs/s: {epps / npps:.2f}x '
+              f'{"MET" if ok[0] else "NOT met"}; online step <= 33 ms: {onl["sec"] * 1000:.1f} ms '
+              f'{"MET" if ok[1] else "NOT met"}; memory <= 8 GiB (engine and online, GPU max allocated incl. '
+              f'the fp32 weights): {mem:.2f} GiB {"MET" if ok[2] else "NOT met"} -- on {gpu}'
+              f'{"" if "H100" in gpu else " (not an H100: the targets are stated for an H100)"}')
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument('--reps', type=int, default=3)
     ap.add_argument('--threads', type=int, default=2)
-    ap.add_argument('--configs', default='small,parity-small', help='CPU configs to run')
+    ap.add_argument('--configs', default='small,parity-small', help="CPU configs to run ('' for none)")
+    ap.add_argument('--gpu-reps', type=int, default=None, help='reps of the CUDA config (default max(reps, 5))')
+    ap.add_argument('--no-cuda', action='store_true', help='skip the CUDA config even when CUDA is available')
     args = ap.parse_args()
     import torch
     torch.set_num_threads(args.threads)
     print(f'torch {torch.__version__}, CPU threads {args.threads}, reps {args.reps} (best of)')
-    for config in args.configs.split(','):
+    for config in filter(None, args.configs.split(',')):
+        if config not in CONFIGS:
+            ap.error(f'unknown config {config!r} (known: {", ".join(CONFIGS)})')
         report(config, 'cpu', args.reps)
-    if torch.cuda.is_available():
-        print(f'CUDA device: {torch.cuda.get_device_name(0)}')
-        report('vitl512dpt', 'cuda', max(args.reps, 5))
+    if args.no_cuda:
+        print('CUDA config skipped (--no-cuda)')
+    elif torch.cuda.is_available():
+        print(f'CUDA device: {torch.cuda.get_device_name(0)}, torch CUDA {torch.version.cuda}')
+        report('vitl512dpt', 'cuda', args.gpu_reps or max(args.reps, 5))
     else:
         print('CUDA not available: ViT-L/512 dpt GPU figures skipped')
 

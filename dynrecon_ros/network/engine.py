@@ -179,17 +179,17 @@ class PairNetwork:
                     feats1, feats2, lg1, lg2 = self.model.decode(f1, f2, (H, W), (H, W), return_attention, z)
                 r1, r2 = self.model.heads(feats1, feats2, (H, W), (H, W))
                 e = s + len(chunk)
-                res['pts3d_1'][s:e] = r1['pts3d'].cpu().numpy()
-                res['pts3d_2_in_1'][s:e] = r2['pts3d'].cpu().numpy()
+                res['pts3d_1'][s:e] = _host(r1['pts3d'])
+                res['pts3d_2_in_1'][s:e] = _host(r2['pts3d'])
                 if self.cfg.has_conf:
-                    res['conf_1'][s:e] = r1['conf'].cpu().numpy()
-                    res['conf_2'][s:e] = r2['conf'].cpu().numpy()
+                    res['conf_1'][s:e] = _host(r1['conf'])
+                    res['conf_2'][s:e] = _host(r2['conf'])
                 else:
                     res['conf_1'][s:e] = 1.0
                     res['conf_2'][s:e] = 1.0
-                if return_attention:
-                    res['cross_attn_1'][s:e] = torch.stack(lg1, 1).reshape(-1, L, nh, h, w).cpu().numpy()
-                    res['cross_attn_2'][s:e] = torch.stack(lg2, 1).reshape(-1, L, nh, h, w).cpu().numpy()
+                if return_attention:  # the logits come out of autocast's matmul in bf16/fp16 under amp
+                    res['cross_attn_1'][s:e] = _host(torch.stack(lg1, 1).reshape(-1, L, nh, h, w))
+                    res['cross_attn_2'][s:e] = _host(torch.stack(lg2, 1).reshape(-1, L, nh, h, w))
         return res
 
     # ------------------------------------------------------------------ checks
@@ -220,3 +220,9 @@ class PairNetwork:
         if not out:
             raise InputError('no pairs given')
         return out
+
+
+def _host(t: torch.Tensor) -> np.ndarray:
+    """A network output tensor (any device, any float dtype) as a float32 host array (numpy has no
+    bfloat16: ``.numpy()`` of a bf16 tensor raises)."""
+    return t.float().cpu().numpy()
