@@ -99,7 +99,8 @@ class CrossAttention(nn.Module):
         scale = (C // h) ** -0.5
         logits = None
         if want_logits:
-            logits = (q.float().mean(dim=2, keepdim=True) @ k.float().transpose(-2, -1)).squeeze(2) * scale
+            with torch.autocast(device_type=q.device.type, enabled=False):  # float32 product under bf16 autocast
+                logits = (q.float().mean(dim=2, keepdim=True) @ k.float().transpose(-2, -1)).squeeze(2) * scale
         if zero is None:
             out = F.scaled_dot_product_attention(q, k, v)
         else:
