@@ -9,8 +9,8 @@ from dataclasses import replace
 
 from dynrecon_ros.pointmap_alignment import (AlignConfig, AlignmentState, PointmapAligner, closed_form_objective,
                                              metric_scale_from_depth, mover_ids_from_sequence,
-                                             pairs_from_ground_truth, refine_closed_form, scale_state,
-                                             weighted_procrustes, window_pairs)
+                                             pairs_from_ground_truth, refine_closed_form, robust_procrustes,
+                                             scale_state, weighted_procrustes, window_pairs)
 
 # 32x24, 4 fast movers (~30 % dynamic pixels), 10 fps so the camera moves a few cm per frame
 CFG = dict(width=32, height=24, movers=4, seed=0, fps=10.0, mover_speed=3.0)
@@ -51,7 +51,9 @@ def test_recovers_trajectory_and_focal_and_degrades_without_mask(seq12):
     assert np.isclose(np.exp(np.log(good.pair_scales).mean()), 0.5, rtol=1e-4)  # the scale gauge
     bad = _aligner().align(pairs, out, masks=None, pp=pp)
     mb = _ate(seq12, bad.poses)
-    assert mb['ate_rmse_sim3'] > 2 * m['ate_rmse_sim3'] and mb['ate_rmse_sim3'] > 0.01
+    # the consensus seed of the init (robust_procrustes) absorbs much of the movers' harm by itself
+    # (without masks 17.1 -> 8.7 mm, with masks 3.9 -> 3.5 mm), but the masks still matter clearly
+    assert mb['ate_rmse_sim3'] > 2 * m['ate_rmse_sim3'], (mb['ate_rmse_sim3'], m['ate_rmse_sim3'])
     # static-pixel depth also recovered up to the one global scale
     st = ~seq12.masks[:8]
     ratio = seq12.depth_gt[:8][st] / good.depths[st]
@@ -195,6 +197,34 @@ def test_weighted_procrustes_and_input_errors():
            'conf_1': np.full((2, 4, 4), 2.0), 'conf_2': np.full((2, 4, 4), 2.0)}
     with pytest.raises(InputError, match='connect'):
         PointmapAligner().align([(0, 1), (2, 3)], out)
+
+
+@pytest.mark.parametrize('mover_fraction', [0.2, 0.45])
+def test_robust_procrustes_finds_the_static_majority_under_a_large_coherent_mover(mover_fraction):
+    """A moving object as a static-scene network gives it: a coherent block of the points shifted
+    together (here 0.2 m with camera-scale motion ~0.03 m). Trimming by the median residual of a fit
+    to all points cannot recover once the block is large; the least-quantile seed does."""
+    from scipy.spatial.transform import Rotation
+    rng = np.random.default_rng(3)
+    n = 3000
+    src = np.c_[rng.uniform(-2, 2, (n, 2)), rng.uniform(3, 6, n)]
+    R = Rotation.from_rotvec([0.01, -0.02, 0.015]).as_matrix()
+    t = np.array([0.03, -0.01, 0.02])
+    dst = 1.7 * (src @ R.T + t)
+    dst *= 1 + 0.002 * rng.standard_normal(dst.shape)
+    mover = np.arange(n) < int(mover_fraction * n)  # one coherent object
+    dst[mover] += [0.2 * 1.7, 0.05, 0.0]
+    w = rng.uniform(0.5, 1.5, n)
+
+    def err(fit):
+        s_, R_, t_ = fit
+        return abs(s_ / 1.7 - 1), np.degrees(Rotation.from_matrix(R_.T @ R).magnitude()), np.linalg.norm(t_ / 1.7 - t)
+
+    se, re, te = err(robust_procrustes(src, dst, w))
+    assert se < 2e-3 and re < 0.05 and te < 3e-3, (se, re, te)
+    if mover_fraction > 0.4:  # the median-trimmed fit alone is pulled off by the block
+        _, _, te0 = err(robust_procrustes(src, dst, w, quantile=None))
+        assert te0 > 10 * te, (te0, te)
 
 
 # ---------------------------------------------------------------------------------------------
