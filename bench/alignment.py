@@ -44,7 +44,8 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def run(n, size, device, steps, warm_iters, threads, online, sweeps, warm_focal=False, plain_iters=300):
+def run(n, size, device, steps, warm_iters, threads, online, sweeps, warm_focal=False, plain_iters=300,
+        given_focal=False, joint_sweeps=None):
     w, h = size
     seq = render_sequence(SyntheticConfig(width=w, height=h, frames=n + steps, movers=2, seed=0, fps=10.0))
     ids = mover_ids_from_sequence(seq)
@@ -54,6 +55,8 @@ def run(n, size, device, steps, warm_iters, threads, online, sweeps, warm_focal=
         cfg = AlignConfig(iterations=plain_iters, warm_iterations=sweeps, warm_mode='refine',
                           warm_optimizer='closed_form', device=device, cpu_threads=threads)
         cfg.warm_focal = cfg.warm_focal or warm_focal
+        if joint_sweeps is not None:
+            cfg.warm_joint_sweeps = joint_sweeps
     else:
         cfg = AlignConfig(iterations=plain_iters, warm_iterations=warm_iters, warm_mode=online.split('_')[1],
                           warm_optimizer='adam', device=device, cpu_threads=threads)
@@ -78,6 +81,8 @@ def run(n, size, device, steps, warm_iters, threads, online, sweeps, warm_focal=
         return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}, seq.masks[lo:lo + n]
 
     def timed(**kw):
+        if given_focal:
+            kw['fixed_focal'] = 0.5 * (seq.K[0, 0] + seq.K[1, 1])
         _sync(device)
         t = time.perf_counter()
         st = al.align(pairs, **kw)
@@ -110,6 +115,10 @@ def main():
     ap.add_argument('--sweeps', type=int, default=5, help='closed-form sweeps per online step')
     ap.add_argument('--warm-focal', action='store_true', help='closed_form: refine the shared focal with the depths '
                     '(AlignConfig.warm_focal; default: the product default, held after the first window)')
+    ap.add_argument('--given-focal', action='store_true', help='both schedules hold the true focal (camera_info '
+                    'K given), so both minimise over the same unknowns')
+    ap.add_argument('--joint-sweeps', type=int, default=None, help='closed_form: sweeps that are joint Gauss-Newton '
+                    'steps (AlignConfig.warm_joint_sweeps; default: the product default)')
     ap.add_argument('--warm-iters', type=int, default=30, help='Adam iterations per online step (adam_*)')
     ap.add_argument('--threads', type=int, default=1, help='torch CPU threads (default 1: fastest at these sizes)')
     a = ap.parse_args()
@@ -123,7 +132,8 @@ def main():
     for dev in devices:
         for n in a.windows:
             for online in a.online:
-                r = run(n, size, dev, a.steps, a.warm_iters, a.threads, online, a.sweeps, a.warm_focal)
+                r = run(n, size, dev, a.steps, a.warm_iters, a.threads, online, a.sweeps, a.warm_focal,
+                        given_focal=a.given_focal, joint_sweeps=a.joint_sweeps)
                 print(f'{dev:5} {online:12} {n:3d} {r["pairs"]:5d} {r["t_plain"]:8.3f} {r["t_step"]:8.4f} '
                       f'{r["t_plain"] / r["t_step"]:7.1f}x {r["loss_plain"]:11.7f} {r["loss_online"]:11.7f} '
                       f'{r["loss_online"] / r["loss_plain"]:7.4f} {r["ate_plain"] * 1000:7.2f}mm '

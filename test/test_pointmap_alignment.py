@@ -392,6 +392,118 @@ def test_closed_form_focal_block(seq12, one_thread):
     np.testing.assert_allclose(c.focals, a_off.focals[0])
 
 
+def _perturbed_start(seq, n, pairs):
+    """The window 0..n-1 from ground truth with 2 % depth noise and the last frame 1 cm off."""
+    f_gt = 0.5 * (seq.K[0, 0] + seq.K[1, 1])
+    rng = np.random.default_rng(0)
+    depths = seq.depth_gt[:n].astype(np.float64)
+    st = AlignmentState(poses=seq.poses[:n].copy(), focals=np.full(n, f_gt), pp=seq.K[:2, 2].copy(),
+                        depths=depths * (1 + 0.02 * rng.standard_normal(depths.shape)),
+                        pair_scales=np.ones(len(pairs)), frame_ids=list(range(n)), loss=float('nan'))
+    st.poses[n - 1, :3, 3] += [0.01, 0, 0]
+    return st
+
+
+@pytest.mark.parametrize('frozen, anchor, pair_gauge, held_depth', [([0], [], True, []), ([0, 1], [0, 1], False, []),
+                                                                    ([0, 1], [], False, [0, 1])])
+def test_joint_step_is_the_constrained_gauss_newton_solution(seq12, frozen, anchor, pair_gauge, held_depth,
+                                                             one_thread):
+    """_joint_delta (moments, Schur complement over the depths, Lagrange multipliers for the gauges)
+    equals the dense solution: autograd Jacobian of every residual in every unknown, the IRLS
+    quadratic at the current state minimised under the same linear constraints. Gauges as the aligner
+    uses them: one held frame + the pairs' mean log-scale; held frames + their mean log-depths; held
+    frames with held depths ('freeze' mode)."""
+    import torch
+    from dynrecon_ros.pointmap_alignment import _ClosedFormProblem, _joint_delta, _skew
+    n, pairs = 4, window_pairs(4, 1)
+    pairs_all, out_all = _window(seq12, 0, 4)
+    keep = [pairs_all.index(p) for p in pairs]
+    out = {k: v[keep][:, :12, :16] for k, v in out_all.items()}  # a 16x12 crop keeps the dense Jacobian small
+    start = _perturbed_start(seq12, n, pairs)
+    start.depths = start.depths[:, :12, :16]
+    # the pair similarities after 2 sweeps (a state off the optimum, every unknown in play)
+    masks = seq12.masks[:n, :12, :16]
+    st = refine_closed_form(start, pairs, out, masks, frozen=frozen, frozen_depth=held_depth, sweeps=2,
+                            joint_sweeps=0,
+                            scale_anchor=anchor, pair_scale_gauge=pair_gauge)
+    prob = _ClosedFormProblem(st, pairs, out, masks, 'cpu', None, 0.0, 50.0, 25.0)
+    T = prob.T
+    R, t = T(st.poses[:, :3, :3]), T(st.poses[:, :3, 3])
+    d = T(st.depths).reshape(n, -1)
+    sims = prob.sim_tensors(st.pair_sims)
+    free = torch.ones(n, dtype=torch.bool)
+    free[frozen] = False
+    anc = torch.zeros(n, dtype=torch.bool)
+    anc[anchor] = True
+    free_d = torch.ones(n, dtype=torch.bool)
+    free_d[held_depth] = False
+    dpose, dsim, dd, _ = _joint_delta(prob, R, t, d, sims, free, free_d, anc, pair_gauge)
+    # dense: unknowns (free poses 6 each, pairs 7 each, every depth that has weight)
+    P, HW, nf = len(pairs), d.shape[1], int(free.sum())
+    has_w = torch.zeros(n, HW, dtype=torch.bool).index_put_((prob.fs,), prob.Wt > 0, accumulate=True)
+    has_w &= free_d[:, None]
+    nd = int(has_w.sum())
+
+    def residuals(theta):
+        dp, ds, ddv = theta[:6 * nf].reshape(nf, 6), theta[6 * nf:6 * nf + 7 * P].reshape(P, 7), theta[6 * nf + 7 * P:]
+        Rn = torch.cat([R[~free], torch.linalg.matrix_exp(_skew(dp[:, :3])) @ R[free]])[torch.argsort(torch.cat(
+            [(~free).nonzero()[:, 0], free.nonzero()[:, 0]]))]
+        tn = t.clone().index_put((free.nonzero()[:, 0],), t[free] + dp[:, 3:])
+        dn = d.clone().index_put((has_w.nonzero(as_tuple=True)), d[has_w] + ddv)
+        sn = (sims[0] * torch.exp(ds[:, 3]), torch.linalg.matrix_exp(_skew(ds[:, :3])) @ sims[1], sims[2] + ds[:, 4:])
+        return (prob.world(Rn, tn, dn)[prob.fs] - prob.targets(sn)).reshape(-1)
+
+    theta0 = torch.zeros(6 * nf + 7 * P + nd, dtype=torch.float64)
+    r0 = residuals(theta0)
+    J = torch.autograd.functional.jacobian(residuals, theta0, vectorize=True, strategy='forward-mode')
+    w = (prob.Wt / r0.reshape(2 * P, HW, 3).norm(dim=-1).clamp_min(1e-6)).repeat_interleave(3, 1).reshape(-1)
+    H, g = J.T @ (w[:, None] * J), J.T @ (w * r0)
+    cons = []
+    if pair_gauge:
+        c = torch.zeros_like(theta0)
+        c[6 * nf + 3:6 * nf + 7 * P:7] = 1
+        cons.append(c)
+    didx = has_w.nonzero()
+    for f in anchor:
+        c = torch.zeros_like(theta0)
+        sel = didx[:, 0] == f
+        c[6 * nf + 7 * P:][sel] = 1 / d[f][didx[sel, 1]]
+        cons.append(c)
+    C = torch.stack(cons, 1) if cons else torch.zeros(len(theta0), 0, dtype=torch.float64)
+    m = C.shape[1]
+    K = torch.cat([torch.cat([H, C], 1), torch.cat([C.T, torch.zeros(m, m, dtype=torch.float64)], 1)])
+    delta = torch.linalg.solve(K, torch.cat([-g, torch.zeros(m, dtype=torch.float64)]))[:len(theta0)]
+    ref = torch.cat([dpose.reshape(-1), dsim.reshape(-1),
+                     torch.stack([dd.get(f, torch.zeros(HW, dtype=torch.float64)) for f in range(n)])[has_w]])
+    scale = float(delta.abs().max())
+    assert scale > 1e-6  # the state is off the optimum: a real step
+    np.testing.assert_allclose(ref.numpy(), delta.numpy(), rtol=0, atol=1e-5 * scale)
+
+
+def test_joint_steps_converge_faster_than_block_sweeps(seq12, one_thread):
+    """The last two of five sweeps as joint Gauss-Newton steps: the objective never rises and ends much
+    closer to the optimum (200 block sweeps) than five block sweeps; the gauges are held."""
+    pairs, out = _window(seq12, 0, 8)
+    start = _perturbed_start(seq12, 8, pairs)
+    for kw in (dict(frozen=[0], pair_scale_gauge=True), dict(frozen=[0, 1], scale_anchor=[0, 1])):
+        kw.update(frozen_depth=[])
+        trace = []
+        joint = refine_closed_form(start, pairs, out, seq12.masks[:8], sweeps=5, joint_sweeps=2, history=True,
+                                   trace=trace, **kw)
+        blocks = refine_closed_form(start, pairs, out, seq12.masks[:8], sweeps=5, joint_sweeps=0, history=True, **kw)
+        opt = refine_closed_form(start, pairs, out, seq12.masks[:8], sweeps=200, joint_sweeps=0, history=True, **kw)
+        gap_joint, gap_blocks = joint.history[-1] - opt.history[-1], blocks.history[-1] - opt.history[-1]
+        print(f'gap to the optimum after 5 sweeps: {gap_joint:.2e} with joint steps, {gap_blocks:.2e} blocks only')
+        assert np.all(np.diff(trace) <= 1e-12 * trace[0])
+        assert 0 <= gap_joint < 0.5 * gap_blocks  # measured 0.11 and 0.33
+        np.testing.assert_allclose(joint.poses[kw['frozen']], start.poses[kw['frozen']], atol=1e-12)
+        if kw.get('pair_scale_gauge'):  # the joint steps hold the pairs' mean log-scale exactly
+            before = refine_closed_form(start, pairs, out, seq12.masks[:8], sweeps=3, joint_sweeps=0, **kw)
+            assert np.isclose(np.log(joint.pair_scales).mean(), np.log(before.pair_scales).mean(), rtol=0, atol=1e-12)
+        for k in kw.get('scale_anchor', []):
+            assert np.isclose(np.log(joint.depths[k]).mean(), np.log(start.depths[k]).mean(), atol=1e-5)
+
+
 def test_float32_and_device_tensor_inputs_align_as_float64(seq12, one_thread):
     """The aligner takes the network's float32 outputs as they are (no float64 copy of the window in
     _check), torch tensors, and precomputed log-confidence weights: the closed-form refinement and
