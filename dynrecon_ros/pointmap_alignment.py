@@ -1171,8 +1171,8 @@ def _joint_delta(prob, R, t, d, sims, free, free_d, anchor, pair_gauge, eps: flo
     chi = prob.world(R, t, d)
     z = prob.targets(sims, translate=False)  # (2P, HW, 3)
     c = t[fs] - tp[pe]  # (2P, 3)
-    y = chi[fs] - t[fs][:, None]  # (2P, HW, 3) the slot's world point relative to its camera centre
-    r = y - z + c[:, None]
+    y = (chi - t[:, None])[fs]  # (2P, HW, 3) the slot's world point relative to its camera centre
+    r = (y - z).add_(c[:, None])
     rn = r.norm(dim=-1)
     w = prob.Wt / rn.clamp_min(eps)  # (2P, HW) IRLS weights
     ref = float((prob.Wt * rn).sum()) / (P * prob.H * prob.W)  # the objective now (no flow term here)
@@ -1189,17 +1189,24 @@ def _joint_delta(prob, R, t, d, sims, free, free_d, anchor, pair_gauge, eps: flo
         if k == 0:
             continue
         af = a[f]
-        ws = w[sl]  # (k, HW)
-        # the depth's coupling (HW, 6 + 7k): pose [y x a = 0, a sum w], per slot w [-(z x a), -z.a, -a]
-        za = torch.linalg.cross(z[sl], af.expand_as(z[sl]))
-        per = torch.cat([-za, -_dot(z[sl], af)[..., None], -af.expand_as(za)], -1) * ws[..., None]  # (k, HW, 7)
-        B = torch.cat([torch.zeros_like(af), af * ws.sum(0)[:, None], per.permute(1, 0, 2).reshape(-1, 7 * k)], 1)
-        h = ws.sum(0) * (af * af).sum(-1)
-        gd = (ws[..., None] * r[sl]).sum(0).mul(af).sum(-1)
+        ws = w[sl].T  # (HW, k)
+        zs = z[sl].transpose(0, 1)  # (HW, k, 3)
+        # the depth's coupling B (HW, 6 + 7k): pose [y x a = 0, a sum w], per slot w [-(z x a), -z.a, -a],
+        # written in place (pixel-major, so no copies to concatenate)
+        wsum = ws.sum(1)
+        B = torch.zeros(len(af), 6 + 7 * k, dtype=dt, device=dev)
+        B[:, 3:6] = af * wsum[:, None]
+        per = B[:, 6:].view(-1, k, 7)
+        torch.mul(torch.linalg.cross(af[:, None].expand_as(zs), zs), ws[..., None], out=per[..., :3])  # -(z x a) w
+        torch.mul(_dot(zs, af[:, None]), ws, out=per[..., 3]).neg_()
+        torch.mul(af[:, None], ws[..., None], out=per[..., 4:]).neg_()
+        h = wsum * (af * af).sum(-1)
+        gd = torch.einsum('mk,kmi,mi->m', ws, r[sl], af)
         bc = torch.cat([cols[sl[0], :6], cols[sl, 6:].reshape(-1)])
         hinv = torch.where(h > 0, 1 / h.clamp_min(torch.finfo(dt).tiny), torch.zeros_like(h))
-        Hg.index_put_((bc[:, None].expand(-1, len(bc)), bc[None].expand(len(bc), -1)),
-                      -(B.T * hinv) @ B, accumulate=True)
+        # no index repeats within a frame's columns except the held-pose dummy (discarded), so no
+        # accumulating scatter is needed
+        Hg[bc[:, None], bc[None]] -= B.T @ (B * hinv[:, None])
         kept.append((f, bc, B, hinv, gd))
     S = Hg[:G, :G]
     # right-hand sides: the gradient, then one column per gauge constraint (global part, depth part)
