@@ -14,8 +14,8 @@ Per accepted frame t (:meth:`MonocularWindow.step`):
      by the robust spanning-tree init, then ``backend.align_warm_iterations`` closed-form sweeps
      over the whole window (data term + MonST3R's flow term on the new frame's pairs, as the
      object-space distance to the flow's line of sight) with the frames already published keeping
-     their pose (they fix frame and scale; without a flow term, ``backend.align_flow: false`` and no
-     flow segmentation, the last two sweeps are joint Gauss-Newton steps on all unknowns); the optical flow of the new frame's pairs is computed
+     their pose (they fix frame and scale; with ``backend.align_flow: false`` (no flow term)
+     and the focal held, the last two sweeps are joint Gauss-Newton steps on all unknowns); the optical flow of the new frame's pairs is computed
      for every window while ``backend.align_flow`` (default) or the flow segmentation needs it, and
      its pixels that fail the forward-backward check are left out of the flow term (passed as NaN,
      first window and warm steps alike);
