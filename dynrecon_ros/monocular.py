@@ -15,8 +15,8 @@ Per accepted frame t (:meth:`MonocularWindow.step`):
      over the whole window (data term + MonST3R's flow term on the new frame's pairs, as the
      object-space distance to the flow's line of sight) with the frames already published keeping
      their pose (they fix frame and scale; with ``backend.align_flow: false`` (no flow term)
-     and the focal held, the last two sweeps are joint Gauss-Newton steps on all unknowns); the optical flow of the new frame's pairs is computed
-     for every window while ``backend.align_flow`` (default) or the flow segmentation needs it, and
+     and the focal held, the last two sweeps are joint Gauss-Newton steps on all unknowns); the
+     optical flow of the new frame's pairs is computed for every window while ``backend.align_flow`` (default) or the flow segmentation needs it, and
      its pixels that fail the forward-backward check are left out of the flow term (passed as NaN,
      first window and warm steps alike);
      dynamic pixels are excluded (old frames: their masks; the new frame: the
