@@ -16,9 +16,9 @@ Per accepted frame t (:meth:`MonocularWindow.step`):
      object-space distance to the flow's line of sight) with the frames already published keeping
      their pose (they fix frame and scale; with ``backend.align_flow: false`` (no flow term)
      and the focal held, the last two sweeps are joint Gauss-Newton steps on all unknowns); the
-     optical flow of the new frame's pairs is computed for every window while ``backend.align_flow`` (default) or the flow segmentation needs it, and
-     its pixels that fail the forward-backward check are left out of the flow term (passed as NaN,
-     first window and warm steps alike);
+     optical flow of the new frame's pairs is computed for every window while ``backend.align_flow``
+     (default) or the flow segmentation needs it, and its pixels that fail the forward-backward
+     check are left out of the flow term (passed as NaN, first window and warm steps alike);
      dynamic pixels are excluded (old frames: their masks; the new frame: the
      previous frame's mask carried along the optical flow, plus its attention mask; a mask over
      more than 90 % of a frame is ignored);
