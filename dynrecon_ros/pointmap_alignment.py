@@ -49,7 +49,13 @@ class AlignConfig:
     iterations: int = 300          # from MST init (DUSt3R/MonST3R demo default)
     warm_iterations: int = 5       # when warm-started from the previous window (closed-form sweeps or Adam steps)
     warm_joint_sweeps: int = 2     # closed-form warm steps: the last sweeps are joint Gauss-Newton steps
-    # on all unknowns (see refine_closed_form; not with a flow term, nor when the focal is refined)
+    # on all unknowns (see refine_closed_form; not with a flow term, nor when the focal is refined).
+    # They bring each window much closer to the objective's optimum (bench/alignment.py, one held
+    # frame: N=32 ATE 13.9 -> 3.9 mm). In the product path (published frames held, align_flow off,
+    # 64x48 oracle pointmaps, 40 frames) that optimum is not always the better trajectory: ATE at
+    # 0.2 % pointmap noise 10.1 -> 8.6 mm (no K), 5.7 -> 5.9 mm (K given); at 1 % noise 11.9 -> 17.0
+    # and 12.8 -> 16.9 mm, as with 20 block sweeps instead (15.8 mm): there the early stop of 5 block
+    # sweeps acts as a regulariser. The product default (align_flow on) does not run them.
     warm_mode: str = 'refine'      # 'freeze': frames shared with the previous window keep pose and depth,
     # only pairs with a new frame are optimised (cheapest); 'refine': all frames start from the
     # previous estimate and are refined, only the oldest shared frame is frozen (fixes frame + scale)
