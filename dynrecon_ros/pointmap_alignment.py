@@ -1076,13 +1076,14 @@ def _skew(v):
                         torch.stack([-v[..., 1], v[..., 0], z], -1)], -2)
 
 
-def _slot_normal_equations(w, y, z, c):
+def _slot_normal_equations(w, y, z, c, r):
     """Per slot, the Gauss-Newton normal equations (H (2P, 13, 13), g (2P, 13)) of sum_px w |r|^2,
     r = y - z + c, in the slot's 13 unknowns: its frame's pose (rotation increment, translation) and
     its pair's similarity (rotation increment, log-scale, translation), Jacobian
-    [-[y]x, I, [z]x, -z, -I]; w (2P, HW), y, z (2P, HW, 3), c (2P, 3) (per slot: camera centre minus
-    the similarity's translation). J^T J and J^T r written out blockwise from weighted moments
-    (forming J per pixel cost 20x more)."""
+    [-[y]x, I, [z]x, -z, -I]; w (2P, HW), y, z, r (2P, HW, 3), c (2P, 3) (per slot: camera centre
+    minus the similarity's translation). J^T J written out blockwise from weighted moments (forming
+    J per pixel cost 20x more); J^T r too in float64, but from r in float32 (the moments of y and z
+    cancel to the residual's size: 3-4 digits lost, the step 1.6 % off on a test window)."""
     B = w.shape[0]
     W0 = w.sum(1)
     wy, wz = y * w[..., None], z * w[..., None]
@@ -1110,12 +1111,17 @@ def _slot_normal_equations(w, y, z, c):
     H[:, 9, 10:13] = Sz
     H[:, 10:13, 10:13] = W0I
     H = torch.triu(H) + torch.triu(H, 1).transpose(1, 2)
-    Sr = Sy - Sz + W0[:, None] * c  # sum w r
-    g = torch.cat([torch.linalg.cross(Sy, c) - yxz,  # sum w y x r
-                   Sr,
-                   yxz - torch.linalg.cross(Sz, c),  # -sum w z x r
-                   (tr(Szz) - tr(Szy) - _dot(Sz, c))[:, None],  # -sum w z . r
-                   -Sr], 1)
+    if w.dtype == torch.float64:
+        Sr = Sy - Sz + W0[:, None] * c  # sum w r
+        g = torch.cat([torch.linalg.cross(Sy, c) - yxz,  # sum w y x r
+                       Sr,
+                       yxz - torch.linalg.cross(Sz, c),  # -sum w z x r
+                       (tr(Szz) - tr(Szy) - _dot(Sz, c))[:, None],  # -sum w z . r
+                       -Sr], 1)
+    else:
+        Sr = _wsum(w, r)
+        g = torch.cat([_wsum(w, torch.linalg.cross(y, r)), Sr, -_wsum(w, torch.linalg.cross(z, r)),
+                       -torch.einsum('bm,bm->b', w, _dot(z, r))[:, None], -Sr], 1)
     return H, g
 
 
@@ -1161,8 +1167,12 @@ def _joint_delta(prob, R, t, d, sims, free, free_d, anchor, pair_gauge, eps: flo
     dd / d = 0 (its mean log-depth, to first order).
     Hand-written: a bundle-adjustment-like sparse solve on these tensors that no installed library does.
     Returns (pose increments (n_free, 6), similarity increments (P, 7), {frame: depth increments (HW,)},
-    the objective now), or None when the system is not positive definite."""
-    dt, dev, n, P = prob.dt, prob.dev, prob.n, prob.P
+    the objective now), or None when the system is not positive definite. Per-pixel terms in the
+    problem's dtype; the assembled system (Schur complement, damping, solves: a few hundred to a few
+    thousand unknowns) in float64 whatever it is (float32 on CUDA), since its 1e-9 relative damping
+    of the gauge directions is below float32's precision (a float32 problem at 32x24 gave the same
+    steps to 1e-7 either way; not measured at 512x384)."""
+    dt, sd, dev, n, P = prob.dt, torch.float64, prob.dev, prob.n, prob.P
     fs = prob.fs
     pe = torch.arange(2 * P, device=dev) // 2  # each slot's pair
     nfree = int(free.sum())
@@ -1173,22 +1183,23 @@ def _joint_delta(prob, R, t, d, sims, free, free_d, anchor, pair_gauge, eps: flo
     ar6, ar7 = torch.arange(6, device=dev), torch.arange(7, device=dev)
     pcols = torch.where(pose_base[fs][:, None] >= 0, pose_base[fs][:, None] + ar6, torch.full_like(ar6, G))
     cols = torch.cat([pcols, 6 * nfree + 7 * pe[:, None] + ar7], 1)  # (2P, 13)
-    sc, Rp, tp = sims
     chi = prob.world(R, t, d)
     z = prob.targets(sims, translate=False)  # (2P, HW, 3)
-    c = t[fs] - tp[pe]  # (2P, 3)
+    Wt = prob.Wt
+    c = t[fs] - sims[2][pe]  # (2P, 3)
     y = (chi - t[:, None])[fs]  # (2P, HW, 3) the slot's world point relative to its camera centre
     r = (y - z).add_(c[:, None])
     rn = r.norm(dim=-1)
-    w = prob.Wt / rn.clamp_min(eps)  # (2P, HW) IRLS weights
-    ref = float((prob.Wt * rn).sum()) / (P * prob.H * prob.W)  # the objective now (no flow term here)
+    w = Wt / rn.clamp_min(eps)  # (2P, HW) IRLS weights
+    ref = float((Wt * rn).sum()) / (P * prob.H * prob.W)  # the objective now (no flow term here)
     a = _rot(R, prob.rays)  # (n, HW, 3) d chi / d depth
-    Hg = torch.zeros(G + 1, G + 1, dtype=dt, device=dev)
-    gg = torch.zeros(G + 1, dtype=dt, device=dev)
-    kept = []  # per frame with free depths: (its columns, B (HW, c), 1 / h (HW,), g_d (HW,))
-    Hs, gs = _slot_normal_equations(w, y, z, c)
-    Hg.index_put_((cols[:, :, None].expand(-1, 13, 13), cols[:, None, :].expand(-1, 13, 13)), Hs, accumulate=True)
-    gg.index_put_((cols,), gs, accumulate=True)
+    Hg = torch.zeros(G + 1, G + 1, dtype=sd, device=dev)
+    gg = torch.zeros(G + 1, dtype=sd, device=dev)
+    kept = []  # per frame with free depths: (its columns, B (HW, c), 1 / h (HW,), g_d (HW,)), float64
+    Hs, gs = _slot_normal_equations(w, y, z, c, r)
+    Hg.index_put_((cols[:, :, None].expand(-1, 13, 13), cols[:, None, :].expand(-1, 13, 13)), Hs.to(sd),
+                  accumulate=True)
+    gg.index_put_((cols,), gs.to(sd), accumulate=True)
     for f in free_d.nonzero()[:, 0].tolist():
         sl = (fs == f).nonzero()[:, 0]
         k = sl.numel()
@@ -1206,28 +1217,29 @@ def _joint_delta(prob, R, t, d, sims, free, free_d, anchor, pair_gauge, eps: flo
         torch.mul(torch.linalg.cross(af[:, None].expand_as(zs), zs), ws[..., None], out=per[..., :3])  # -(z x a) w
         torch.mul(_dot(zs, af[:, None]), ws, out=per[..., 3]).neg_()
         torch.mul(af[:, None], ws[..., None], out=per[..., 4:]).neg_()
-        h = wsum * (af * af).sum(-1)
-        gd = torch.einsum('mk,kmi,mi->m', ws, r[sl], af)
+        B = B.to(sd)  # (no copy on CPU)
+        h = (wsum * (af * af).sum(-1)).to(sd)
+        gd = torch.einsum('mk,kmi,mi->m', ws, r[sl], af).to(sd)
         bc = torch.cat([cols[sl[0], :6], cols[sl, 6:].reshape(-1)])
-        hinv = torch.where(h > 0, 1 / h.clamp_min(torch.finfo(dt).tiny), torch.zeros_like(h))
+        hinv = torch.where(h > 0, 1 / h.clamp_min(torch.finfo(sd).tiny), torch.zeros_like(h))
         # no index repeats within a frame's columns except the held-pose dummy (discarded), so no
         # accumulating scatter is needed
         Hg[bc[:, None], bc[None]] -= B.T @ (B * hinv[:, None])
         kept.append((f, bc, B, hinv, gd))
     S = Hg[:G, :G]
     # right-hand sides: the gradient, then one column per gauge constraint (global part, depth part)
-    Cg = [torch.zeros(G, dtype=dt, device=dev)]
+    Cg = [torch.zeros(G, dtype=sd, device=dev)]
     Cd = [{}]
     if pair_gauge:
-        cg = torch.zeros(G, dtype=dt, device=dev)
+        cg = torch.zeros(G, dtype=sd, device=dev)
         cg[6 * nfree + 7 * torch.arange(P, device=dev) + 3] = 1
         Cg.append(cg)
         Cd.append({})
     for f in (anchor & free_d).nonzero()[:, 0].tolist():
-        Cg.append(torch.zeros(G, dtype=dt, device=dev))
-        Cd.append({f: 1 / d[f]})
+        Cg.append(torch.zeros(G, dtype=sd, device=dev))
+        Cd.append({f: 1 / d[f].to(sd)})
     m = len(Cg)
-    rg = torch.cat([torch.stack(Cg, 1), torch.zeros(1, m, dtype=dt, device=dev)])  # (G + 1, m), row G: dummy
+    rg = torch.cat([torch.stack(Cg, 1), torch.zeros(1, m, dtype=sd, device=dev)])  # (G + 1, m), row G: dummy
     rg[:, 0] = gg
     rd = {}
     for f, bc, B, hinv, gd in kept:
@@ -1242,7 +1254,7 @@ def _joint_delta(prob, R, t, d, sims, free, free_d, anchor, pair_gauge, eps: flo
     if int(info) != 0:
         return None
     Xg = torch.cholesky_solve(rg[:G], L)  # (G, m)
-    Xd = {f: hinv[:, None] * (rd[f] - B @ (Xg[bc.clamp_max(G - 1)] * (bc < G)[:, None].to(dt)))
+    Xd = {f: hinv[:, None] * (rd[f] - B @ (Xg[bc.clamp_max(G - 1)] * (bc < G)[:, None].to(sd)))
           for f, bc, B, hinv, _ in kept}
     # H^-1 g = column 0, H^-1 C = the rest; Lagrange: delta = -(y0 + Yc lam), C^T delta = 0
     if m > 1:
@@ -1257,7 +1269,8 @@ def _joint_delta(prob, R, t, d, sims, free, free_d, anchor, pair_gauge, eps: flo
     else:
         dg = -Xg[:, 0]
         dd = {f: -x[:, 0] for f, x in Xd.items()}
-    return dg[:6 * nfree].reshape(nfree, 6), dg[6 * nfree:].reshape(P, 7), dd, ref
+    return (dg[:6 * nfree].reshape(nfree, 6).to(dt), dg[6 * nfree:].reshape(P, 7).to(dt),
+            {f: x.to(dt) for f, x in dd.items()}, ref)
 
 
 def closed_form_objective(state: AlignmentState, pairs, pair_outputs, pair_sims, masks=None, flows=None,

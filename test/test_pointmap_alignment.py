@@ -478,6 +478,16 @@ def test_joint_step_is_the_constrained_gauss_newton_solution(seq12, frozen, anch
     scale = float(delta.abs().max())
     assert scale > 1e-6  # the state is off the optimum: a real step
     np.testing.assert_allclose(ref.numpy(), delta.numpy(), rtol=0, atol=1e-5 * scale)
+    # the CUDA dtype (float32 problem, float64 system) on the CPU: the same step to float32 rounding
+    for k in ('X', 'Wt', 'rays', 'ray2', 'uvc', 'pp', 'focals'):
+        setattr(prob, k, getattr(prob, k).float())
+    prob.dt = torch.float32
+    f32 = _joint_delta(prob, R.float(), t.float(), d.float(), tuple(x.float() for x in sims), free, free_d, anc,
+                       pair_gauge)
+    assert f32[0].dtype == torch.float32 and all(x.dtype == torch.float32 for x in f32[2].values())
+    ref32 = torch.cat([f32[0].reshape(-1), f32[1].reshape(-1),
+                       torch.stack([f32[2].get(f, torch.zeros(HW)) for f in range(n)])[has_w]]).double()
+    np.testing.assert_allclose(ref32.numpy(), delta.numpy(), rtol=0, atol=1e-3 * scale)
 
 
 def test_joint_steps_converge_faster_than_block_sweeps(seq12, one_thread):
