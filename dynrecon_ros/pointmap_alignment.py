@@ -54,8 +54,10 @@ class AlignConfig:
     # frame: N=32 ATE 13.9 -> 3.9 mm). In the product path (published frames held, align_flow off,
     # 64x48 oracle pointmaps, 40 frames) that optimum is not always the better trajectory: ATE at
     # 0.2 % pointmap noise 10.1 -> 8.6 mm (no K), 5.7 -> 5.9 mm (K given); at 1 % noise 11.9 -> 17.0
-    # and 12.8 -> 16.9 mm, as with 20 block sweeps instead (15.8 mm): there the early stop of 5 block
-    # sweeps acts as a regulariser. The product default (align_flow on) does not run them.
+    # and 12.8 -> 16.9 mm, as with 20 block sweeps instead (15.8 mm): the objective's optimum there
+    # is pulled by mover pixels the new frame's carried-over mask misses (without movers, 1 %, K
+    # given: 5.8 -> 6.4 mm only), which the robust placement plus 5 block sweeps leave mostly
+    # unfitted. The product default (align_flow on) does not run them.
     warm_mode: str = 'refine'      # 'freeze': frames shared with the previous window keep pose and depth,
     # only pairs with a new frame are optimised (cheapest); 'refine': all frames start from the
     # previous estimate and are refined, only the oldest shared frame is frozen (fixes frame + scale)
