@@ -49,8 +49,9 @@ class AlignmentResult:
     info: dict = field(default_factory=dict)
 
 
-def _hat(w: torch.Tensor) -> torch.Tensor:
-    """(..., 3) -> (..., 3, 3) skew-symmetric."""
+def hat(w: torch.Tensor) -> torch.Tensor:
+    """(..., 3) -> (..., 3, 3) skew-symmetric: the cross-product matrix [w]x (also used by
+    pointmap_alignment's joint step)."""
     z = torch.zeros_like(w[..., 0])
     return torch.stack([torch.stack([z, -w[..., 2], w[..., 1]], -1),
                         torch.stack([w[..., 2], z, -w[..., 0]], -1),
@@ -149,7 +150,7 @@ class WindowAligner:
             JY = torch.empty(n, 3, 12, dtype=dt, device=dev)
             JY[:, :, 0:3] = -_hat_mul(_rot(RbTRa, Pa), RbTRa)
             JY[:, :, 3:6] = RbTRa
-            JY[:, :, 6:9] = _hat(Y)
+            JY[:, :, 6:9] = hat(Y)
             JY[:, :, 9:12] = -torch.eye(3, dtype=dt, device=dev)
             sf = hf.sqrt()
             J[:, 3] = ((fx * iz * sf / self.sigma_flow)[:, None]) * (JY[:, 0] - (Y[:, 0] * iz)[:, None] * JY[:, 2])
@@ -174,7 +175,7 @@ class WindowAligner:
             # residuals: autodiff is fine here)
             def fun(delta):
                 d = delta.view(F, 6)
-                R = poses[:, :3, :3] @ (torch.eye(3, dtype=dt, device=dev) + _hat(d[:, :3]))
+                R = poses[:, :3, :3] @ (torch.eye(3, dtype=dt, device=dev) + hat(d[:, :3]))
                 t = poses[:, :3, 3] + torch.einsum('nij,nj->ni', poses[:, :3, :3], d[:, 3:])
                 dR = R[:-1].transpose(1, 2) @ R[1:]
                 dtr = torch.einsum('nji,nj->ni', R[:-1], t[1:] - t[:-1])

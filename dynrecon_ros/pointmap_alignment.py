@@ -40,6 +40,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
+from dynrecon_ros.alignment import hat
 from dynrecon_ros.errors import InputError
 from dynrecon_ros.intrinsics import default_principal_point, estimate_focal
 
@@ -521,7 +522,8 @@ class PointmapAligner:
                                            device=cfg.device,
                                            flows=flows, flow_weight=cfg.flow_weight_closed_form,
                                            flow_max_px=cfg.flow_max_px, flow_guard=cfg.flow_guard,
-                                           joint_sweeps=cfg.warm_joint_sweeps, focal='hold' if ff is not None or (cfg.shared_focal and not cfg.warm_focal)
+                                           joint_sweeps=cfg.warm_joint_sweeps,
+                                           focal='hold' if ff is not None or (cfg.shared_focal and not cfg.warm_focal)
                                            else 'shared' if cfg.shared_focal else 'per_frame')
                 state.iterations = iters
                 scales = np.full(len(all_pairs), np.nan)
@@ -1070,14 +1072,6 @@ def _anchored_depth(dn, den, d_old, upd, newton: int = 8):
     return torch.where(better[:, None], d, d_old)
 
 
-def _skew(v):
-    """(..., 3, 3): the cross-product matrix [v]x of v (..., 3)."""
-    z = torch.zeros_like(v[..., 0])
-    return torch.stack([torch.stack([z, -v[..., 2], v[..., 1]], -1),
-                        torch.stack([v[..., 2], z, -v[..., 0]], -1),
-                        torch.stack([-v[..., 1], v[..., 0], z], -1)], -2)
-
-
 def _slot_normal_equations(w, y, z, c, r):
     """Per slot, the Gauss-Newton normal equations (H (2P, 13, 13), g (2P, 13)) of sum_px w |r|^2,
     r = y - z + c, in the slot's 13 unknowns: its frame's pose (rotation increment, translation) and
@@ -1096,7 +1090,7 @@ def _slot_normal_equations(w, y, z, c, r):
     eye = torch.eye(3, dtype=w.dtype, device=w.device).expand(B, 3, 3)
     tr = lambda m: m.diagonal(dim1=1, dim2=2).sum(1)  # noqa: E731
     yxz = torch.stack([Szy[:, 2, 1] - Szy[:, 1, 2], Szy[:, 0, 2] - Szy[:, 2, 0], Szy[:, 1, 0] - Szy[:, 0, 1]], 1)
-    Sy_x, Sz_x, W0I = _skew(Sy), _skew(Sz), W0[:, None, None] * eye
+    Sy_x, Sz_x, W0I = hat(Sy), hat(Sz), W0[:, None, None] * eye
     H = w.new_zeros(B, 13, 13)
     H[:, 0:3, 0:3] = tr(Syy)[:, None, None] * eye - Syy
     H[:, 0:3, 3:6] = Sy_x
@@ -1138,14 +1132,14 @@ def _joint_step(prob, R, t, d, sims, free, free_d, anchor, pair_gauge):
     for step in (1.0, 0.5):
         Rn, tn, dn = R.clone(), t.clone(), d.clone()
         if len(dpose):
-            Rn[free] = torch.linalg.matrix_exp(_skew(step * dpose[:, :3])) @ R[free]
+            Rn[free] = torch.linalg.matrix_exp(hat(step * dpose[:, :3])) @ R[free]
             tn[free] = t[free] + step * dpose[:, 3:]
         for f, x in dd.items():
             dn[f] = torch.maximum(d[f] + step * x, 0.5 * d[f])  # (a pixel pushed behind the camera: half way)
             if anchor[f]:  # the gauge held exactly (the step holds it to first order)
                 dn[f] = dn[f] * torch.exp(torch.log(d[f]).mean() - torch.log(dn[f]).mean())
         ds = step * dsim
-        sn = (sc * torch.exp(ds[:, 3]), torch.linalg.matrix_exp(_skew(ds[:, :3])) @ Rp, tp + ds[:, 4:])
+        sn = (sc * torch.exp(ds[:, 3]), torch.linalg.matrix_exp(hat(ds[:, :3])) @ Rp, tp + ds[:, 4:])
         if sum(prob.objective(Rn, tn, dn, sn)) < ref:
             return (Rn, tn, dn, sn), True
     return (R, t, d, sims), False
@@ -1197,7 +1191,7 @@ def _joint_delta(prob, R, t, d, sims, free, free_d, anchor, pair_gauge, eps: flo
     a = _rot(R, prob.rays)  # (n, HW, 3) d chi / d depth
     Hg = torch.zeros(G + 1, G + 1, dtype=sd, device=dev)
     gg = torch.zeros(G + 1, dtype=sd, device=dev)
-    kept = []  # per frame with free depths: (its columns, B (HW, c), 1 / h (HW,), g_d (HW,)), float64
+    kept = []  # per frame with free depths: (frame, its columns, B (HW, c), 1 / h (HW,), g_d (HW,)), float64
     Hs, gs = _slot_normal_equations(w, y, z, c, r)
     Hg.index_put_((cols[:, :, None].expand(-1, 13, 13), cols[:, None, :].expand(-1, 13, 13)), Hs.to(sd),
                   accumulate=True)

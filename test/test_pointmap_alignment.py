@@ -414,7 +414,8 @@ def test_joint_step_is_the_constrained_gauss_newton_solution(seq12, frozen, anch
     uses them: one held frame + the pairs' mean log-scale; held frames + their mean log-depths; held
     frames with held depths ('freeze' mode)."""
     import torch
-    from dynrecon_ros.pointmap_alignment import _ClosedFormProblem, _joint_delta, _skew
+    from dynrecon_ros.alignment import hat
+    from dynrecon_ros.pointmap_alignment import _ClosedFormProblem, _joint_delta
     n, pairs = 4, window_pairs(4, 1)
     pairs_all, out_all = _window(seq12, 0, 4)
     keep = [pairs_all.index(p) for p in pairs]
@@ -446,11 +447,11 @@ def test_joint_step_is_the_constrained_gauss_newton_solution(seq12, frozen, anch
 
     def residuals(theta):
         dp, ds, ddv = theta[:6 * nf].reshape(nf, 6), theta[6 * nf:6 * nf + 7 * P].reshape(P, 7), theta[6 * nf + 7 * P:]
-        Rn = torch.cat([R[~free], torch.linalg.matrix_exp(_skew(dp[:, :3])) @ R[free]])[torch.argsort(torch.cat(
+        Rn = torch.cat([R[~free], torch.linalg.matrix_exp(hat(dp[:, :3])) @ R[free]])[torch.argsort(torch.cat(
             [(~free).nonzero()[:, 0], free.nonzero()[:, 0]]))]
         tn = t.clone().index_put((free.nonzero()[:, 0],), t[free] + dp[:, 3:])
         dn = d.clone().index_put((has_w.nonzero(as_tuple=True)), d[has_w] + ddv)
-        sn = (sims[0] * torch.exp(ds[:, 3]), torch.linalg.matrix_exp(_skew(ds[:, :3])) @ sims[1], sims[2] + ds[:, 4:])
+        sn = (sims[0] * torch.exp(ds[:, 3]), torch.linalg.matrix_exp(hat(ds[:, :3])) @ sims[1], sims[2] + ds[:, 4:])
         return (prob.world(Rn, tn, dn)[prob.fs] - prob.targets(sn)).reshape(-1)
 
     theta0 = torch.zeros(6 * nf + 7 * P + nd, dtype=torch.float64)
