@@ -12,7 +12,8 @@ would give them; pair graph: each frame with its next 3, both directions), then
               descent (refine_closed_form, each sweep from the second followed by the monotone
               extrapolation of the state along it) over every frame; the oldest keeps its pose (frame) and
               the pairs' mean log-scale is held (DUSt3R's scale gauge, as in the plain run); the
-              shared focal is held (product default) unless ``--warm-focal`` (refined with the depths);
+              shared focal is refined (AlignConfig.warm_focal's default with one held frame: the
+              window's objective is then the plain run's) unless ``--warm-focal hold``;
             adam_freeze / adam_refine: the previous schedule, ``--warm-iters`` Adam iterations
               (lr 0.002) on the new frame's pairs only / on all frames.
 Losses: ``window_loss`` of both on the last window (same data, same gauge: each pair's similarity
@@ -44,7 +45,7 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def run(n, size, device, steps, warm_iters, threads, online, sweeps, warm_focal=False, plain_iters=300,
+def run(n, size, device, steps, warm_iters, threads, online, sweeps, warm_focal='auto', plain_iters=300,
         given_focal=False, joint_sweeps=None):
     w, h = size
     seq = render_sequence(SyntheticConfig(width=w, height=h, frames=n + steps, movers=2, seed=0, fps=10.0))
@@ -54,7 +55,7 @@ def run(n, size, device, steps, warm_iters, threads, online, sweeps, warm_focal=
     if online == 'closed_form':
         cfg = AlignConfig(iterations=plain_iters, warm_iterations=sweeps, warm_mode='refine',
                           warm_optimizer='closed_form', device=device, cpu_threads=threads)
-        cfg.warm_focal = cfg.warm_focal or warm_focal
+        cfg.warm_focal = {'auto': None, 'refine': True, 'hold': False}[warm_focal]
         if joint_sweeps is not None:
             cfg.warm_joint_sweeps = joint_sweeps
     else:
@@ -113,8 +114,9 @@ def main():
     ap.add_argument('--online', nargs='+', default=['closed_form'],
                     choices=['closed_form', 'adam_freeze', 'adam_refine'])
     ap.add_argument('--sweeps', type=int, default=5, help='closed-form sweeps per online step')
-    ap.add_argument('--warm-focal', action='store_true', help='closed_form: refine the shared focal with the depths '
-                    '(AlignConfig.warm_focal; default: the product default, held after the first window)')
+    ap.add_argument('--warm-focal', default='auto', choices=['auto', 'refine', 'hold'],
+                    help="closed_form: the shared focal in the warm steps (AlignConfig.warm_focal None / True / "
+                    "False; default 'auto': refined, since one frame is held)")
     ap.add_argument('--given-focal', action='store_true', help='both schedules hold the true focal (camera_info '
                     'K given), so both minimise over the same unknowns')
     ap.add_argument('--joint-sweeps', type=int, default=None, help='closed_form: sweeps that are joint Gauss-Newton '
@@ -128,7 +130,7 @@ def main():
     print(f'pointmaps {size[0]}x{size[1]}, pair graph: next 3 frames both directions, online step = 1 new frame, '
           f'plain = 300 Adam it from MST; torch threads {a.threads}; load average {os.getloadavg()[0]:.2f}')
     print(f'{"dev":5} {"online":12} {"N":>3} {"pairs":>5} {"plain s":>8} {"step s":>8} {"speedup":>8} '
-          f'{"loss plain":>11} {"loss online":>11} {"ratio":>7} {"ATE plain":>9} {"ATE online":>10}')
+          f'{"loss plain":>11} {"loss online":>11} {"ratio":>8} {"ATE plain":>9} {"ATE online":>10}')
     for dev in devices:
         for n in a.windows:
             for online in a.online:
@@ -136,7 +138,7 @@ def main():
                         given_focal=a.given_focal, joint_sweeps=a.joint_sweeps)
                 print(f'{dev:5} {online:12} {n:3d} {r["pairs"]:5d} {r["t_plain"]:8.3f} {r["t_step"]:8.4f} '
                       f'{r["t_plain"] / r["t_step"]:7.1f}x {r["loss_plain"]:11.7f} {r["loss_online"]:11.7f} '
-                      f'{r["loss_online"] / r["loss_plain"]:7.4f} {r["ate_plain"] * 1000:7.2f}mm '
+                      f'{r["loss_online"] / r["loss_plain"]:8.5f} {r["ate_plain"] * 1000:7.2f}mm '
                       f'{r["ate_online"] * 1000:8.2f}mm', flush=True)
     print(f'load average at the end {os.getloadavg()[0]:.2f}')
 
