@@ -1078,6 +1078,11 @@ def _anchored_depth(dn, den, d_old, upd, newton: int = 8):
     return torch.where(better[:, None], d, d_old)
 
 
+def _vee(M):
+    """(B, 3): sum a x b from M = sum a b^T (B, 3, 3)."""
+    return torch.stack([M[:, 1, 2] - M[:, 2, 1], M[:, 2, 0] - M[:, 0, 2], M[:, 0, 1] - M[:, 1, 0]], 1)
+
+
 def _slot_normal_equations(w, y, z, c, r):
     """Per slot, the Gauss-Newton normal equations (H (2P, 13, 13), g (2P, 13)) of sum_px w |r|^2,
     r = y - z + c, in the slot's 13 unknowns: its frame's pose (rotation increment, translation) and
@@ -1095,7 +1100,7 @@ def _slot_normal_equations(w, y, z, c, r):
     Szy = torch.bmm(wz.transpose(1, 2), y)  # sum w z y^T
     eye = torch.eye(3, dtype=w.dtype, device=w.device).expand(B, 3, 3)
     tr = lambda m: m.diagonal(dim1=1, dim2=2).sum(1)  # noqa: E731
-    yxz = torch.stack([Szy[:, 2, 1] - Szy[:, 1, 2], Szy[:, 0, 2] - Szy[:, 2, 0], Szy[:, 1, 0] - Szy[:, 0, 1]], 1)
+    yxz = _vee(Szy.transpose(1, 2))  # sum w y x z
     Sy_x, Sz_x, W0I = hat(Sy), hat(Sz), W0[:, None, None] * eye
     H = w.new_zeros(B, 13, 13)
     H[:, 0:3, 0:3] = tr(Syy)[:, None, None] * eye - Syy
@@ -1154,11 +1159,6 @@ def _joint_step(prob, R, t, d, sims, free, free_d, anchor, pair_gauge, fcol=None
             return (Rn, tn, dn, sn), True
     prob.set_focals(f_old)
     return (R, t, d, sims), False
-
-
-def _vee(M):
-    """(B, 3): sum a x b from M = sum a b^T (B, 3, 3)."""
-    return torch.stack([M[:, 1, 2] - M[:, 2, 1], M[:, 2, 0] - M[:, 0, 2], M[:, 0, 1] - M[:, 1, 0]], 1)
 
 
 def _joint_delta(prob, R, t, d, sims, free, free_d, anchor, pair_gauge, fcol=None, eps: float = 1e-6):
