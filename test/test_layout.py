@@ -51,3 +51,10 @@ def test_setup_installs_share_files_and_console_scripts():
     for needed in ("'share/ament_index/resource_index/packages'", "launch/*.launch.py", "config/*.yaml",
                    "'recon_node = dynrecon_ros.ros.node:main'", "'dynrecon = dynrecon_ros.cli:main'"):
         assert needed in text, needed
+
+
+def test_parameter_table_is_importable_without_rclpy():
+    """The node's parameter table (and the params file writer) serve docs and tests on machines without ROS."""
+    for name in ('parameters.py', 'params_file.py'):
+        roots = _imported_roots(PKG / 'ros' / name)
+        assert not roots & ROS_ONLY, f'dynrecon_ros/ros/{name} imports {sorted(roots & ROS_ONLY)}'

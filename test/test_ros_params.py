@@ -9,7 +9,7 @@ import yaml
 pytest.importorskip('rclpy')
 from rcl_interfaces.srv import DescribeParameters, ListParameters  # noqa: E402
 
-from dynrecon_ros.ros.node import CONFIG_AT_NODE_LEVEL, NODE_PARAMETERS, PIPELINE_PREFIX, _ros_value, pipeline_defaults  # noqa: E402
+from dynrecon_ros.ros.parameters import CONFIG_AT_NODE_LEVEL, NODE_PARAMETERS, PIPELINE_PREFIX, ros_value, pipeline_defaults  # noqa: E402
 from dynrecon_ros.ros.params_file import params_yaml  # noqa: E402
 from dynrecon_ros.ros.testing import ROOT, NodeProcess, RosHarness, domain_id_for, node_command, node_env  # noqa: E402
 
@@ -28,7 +28,7 @@ def flat(d, prefix=''):
 
 def expected_parameters():
     want = {k: d for k, (d, _) in NODE_PARAMETERS.items()}
-    want.update({PIPELINE_PREFIX + k: _ros_value(d) for k, (d, _) in pipeline_defaults().items()
+    want.update({PIPELINE_PREFIX + k: ros_value(d) for k, (d, _) in pipeline_defaults().items()
                  if k not in CONFIG_AT_NODE_LEVEL})
     want['use_sim_time'] = False
     return want

@@ -12,7 +12,7 @@ import textwrap
 
 import yaml
 
-from dynrecon_ros.ros.node import CONFIG_AT_NODE_LEVEL, NODE_PARAMETERS, _ros_value
+from dynrecon_ros.ros.parameters import CONFIG_AT_NODE_LEVEL, NODE_PARAMETERS, ros_value
 
 HEADER = """\
 # recon_node parameters: every parameter the node declares, with its default and what it does.
@@ -24,7 +24,7 @@ HEADER = """\
 
 
 def _value(x) -> str:
-    return yaml.safe_dump(_ros_value(x), default_flow_style=True).strip().removesuffix('...').strip()
+    return yaml.safe_dump(ros_value(x), default_flow_style=True).strip().removesuffix('...').strip()
 
 
 def _comment(text: str, indent: int) -> list[str]:
