@@ -3,8 +3,9 @@ import numpy as np
 import pytest
 
 from dynrecon_ros.errors import InputError
+from dynrecon_ros.flow import fb_consistency
 from dynrecon_ros.segmentation import (MotionSegmenter, SegmentationConfig, clean_mask, ego_flow,
-                                       forward_backward_valid, pair_dynamic_probability)
+                                       pair_dynamic_probability)
 
 F, W, H = 150.0, 160, 120
 K = np.array([[F, 0, W / 2], [0, F, H / 2], [0, 0, 1]])
@@ -57,17 +58,6 @@ def test_ego_flow_nan_for_invalid_depth_and_points_behind_camera():
     np.testing.assert_allclose(flow[1:], 0, atol=1e-4)
     behind = ego_flow(np.full((H, W), 1.0, np.float32), K, _T(t=(0, 0, -2.0)))
     assert np.isnan(behind).all()
-
-
-def test_forward_backward_valid_flags_inconsistent_pixels():
-    fwd = np.zeros((H, W, 2), np.float32)
-    fwd[..., 0] = 3
-    bwd = -fwd.copy()
-    bwd[50:60, 50:60] = 10  # occlusion-like inconsistency where forward flow lands
-    ok = forward_backward_valid(fwd, bwd, 1.0)
-    assert ok[:, :W - 4].sum() > 0.9 * H * (W - 4)
-    assert not ok[55, 50:55].any()
-    assert not ok[:, W - 3:].any()  # leaves the image
 
 
 # ---------------------------------------------------------------- synthetic wall + moving box scene
@@ -268,7 +258,7 @@ def segment_sequence(seq, cfg=None, window=5, reach=2):
         idx = list(range(start, start + window))
         pairs = [(a, b) for a in range(window) for b in range(window) if a != b and abs(a - b) <= reach]
         flows = {(a, b): flow(idx[a], idx[b]) for a, b in pairs}
-        valid = {(a, b): forward_backward_valid(flows[(a, b)], flows[(b, a)], seg.cfg.fb_tolerance_px)
+        valid = {(a, b): fb_consistency(flows[(a, b)], flows[(b, a)])
                  for a, b in pairs}
         _, masks = seg.segment([seq.keys[k] for k in idx], depths[idx], seq.K, seq.poses[idx], flows, valid)
         out[idx] = masks
@@ -325,17 +315,24 @@ def test_background_smeared_between_and_beside_movers_is_dropped():
     assert _iou(drop_background_segments(both, d2, 0.6) > 0, both > 0) > 0.97
 
 
-def test_segment_frame_cheap_path_matches_window_result():
+def test_segment_newest_matches_the_window_result():
+    """The reconstructor's call (the newest frame with its older pair partners, PairFlow objects)."""
+    from types import SimpleNamespace
+
+    from dynrecon_ros.flow import PairFlow
+
     depths, poses, gt, flow = _scene(n=3)
-    seg = MotionSegmenter()
-    prob, mask = seg.segment_frame('new', depths[2], K, poses[2],
-                                   [(poses[1], flow(2, 1), None), (poses[0], flow(2, 0), None)])
-    assert prob.shape == (H, W) and mask.dtype == np.uint8
-    assert _iou(mask > 0, gt[2]) >= 0.9
-    assert len(seg) == 1
+    ents = [SimpleNamespace(key=str(k), pose=poses[k], frame=SimpleNamespace(depth=depths[k], K=K)) for k in range(3)]
+    pairs = [(ents[1], ents[2]), (ents[0], ents[2])]
+    pflows = [PairFlow(flow(o, 2), flow(2, o), None, None) for o in (1, 0)]
+    got, probs, masks = MotionSegmenter().segment_newest(pairs, pflows, carry_back=True)
+    assert [e.key for e in got] == ['1', '0', '2'] and masks.dtype == np.uint8
+    for m, k in zip(masks, (1, 0, 2)):
+        assert _iou(m > 0, gt[k]) >= 0.9, (k, _iou(m > 0, gt[k]))
     # a static scene through the same path flags nothing
     d0, p0, _, f0 = _scene(n=2, box_speed=0.0)
-    _, m0 = MotionSegmenter().segment_frame('s', d0[1], K, p0[1], [(p0[0], f0(1, 0), None)])
+    e0 = [SimpleNamespace(key=f's{k}', pose=p0[k], frame=SimpleNamespace(depth=d0[k], K=K)) for k in range(2)]
+    _, _, m0 = MotionSegmenter().segment_newest([(e0[0], e0[1])], [PairFlow(f0(0, 1), f0(1, 0), None, None)])
     assert not m0.any()
 
 
@@ -348,7 +345,7 @@ def test_refine_relative_pose_recovers_pose_despite_movers(rendered):
     g0, g2 = (cv2.cvtColor(seq.frames[k].rgb, cv2.COLOR_RGB2GRAY) for k in (0, 2))
     dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
     f02, f20 = dis.calc(g0, g2, None), dis.calc(g2, g0, None)
-    valid = forward_backward_valid(f02, f20)
+    valid = fb_consistency(f02, f20)
     T_true = np.linalg.inv(seq.poses[2]) @ seq.poses[0]
     c, s_ = np.cos(np.deg2rad(0.4)), np.sin(np.deg2rad(0.4))
     T_init = _T(np.array([[c, 0, s_], [0, 1, 0], [-s_, 0, c]]) @ T_true[:3, :3], T_true[:3, 3] + [0.01, -0.005, 0.003])
@@ -362,7 +359,7 @@ def test_refine_relative_pose_recovers_pose_despite_movers(rendered):
     # segmentation fed the perturbed pose: refinement keeps the background static
     depths = np.stack([seq.frames[k].depth for k in (0, 2)])
     P = np.stack([seq.poses[0], seq.poses[0] @ np.linalg.inv(T_init)])
-    flows, fv = {(0, 1): f02, (1, 0): f20}, {(0, 1): valid, (1, 0): forward_backward_valid(f20, f02)}
+    flows, fv = {(0, 1): f02, (1, 0): f20}, {(0, 1): valid, (1, 0): fb_consistency(f20, f02)}
     _, refined = MotionSegmenter(SegmentationConfig(refine_pose=True)).segment(['a', 'b'], depths, seq.K, P, flows, fv)
     _, raw = MotionSegmenter(SegmentationConfig(refine_pose=False)).segment(['a', 'b'], depths, seq.K, P, flows, fv)
     gt = seq.masks[0]

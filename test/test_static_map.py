@@ -144,7 +144,8 @@ def _segment(seq, window=5, reach=2):
     """Sliding-window motion masks (N, H, W) bool from GT poses, noisy depth and OpenCV DIS flow."""
     import cv2
 
-    from dynrecon_ros.segmentation import MotionSegmenter, forward_backward_valid
+    from dynrecon_ros.flow import fb_consistency
+    from dynrecon_ros.segmentation import MotionSegmenter
 
     dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
     gray = [cv2.cvtColor(f.rgb, cv2.COLOR_RGB2GRAY) for f in seq.frames]
@@ -158,7 +159,7 @@ def _segment(seq, window=5, reach=2):
             if (idx[a], idx[b]) not in cache:
                 cache[(idx[a], idx[b])] = dis.calc(gray[idx[a]], gray[idx[b]], None)
         flows = {(a, b): cache[(idx[a], idx[b])] for a, b in pairs}
-        valid = {(a, b): forward_backward_valid(flows[(a, b)], flows[(b, a)]) for a, b in pairs}
+        valid = {(a, b): fb_consistency(flows[(a, b)], flows[(b, a)]) for a, b in pairs}
         _, masks = seg.segment([seq.keys[k] for k in idx], depths[idx], seq.K, seq.poses[idx], flows, valid)
         out[idx] = masks > 0
     return out
