@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING
 import cv2
 import numpy as np
 
+from dynrecon_ros.depth_cue import fill_candidates
+
 if TYPE_CHECKING:
     from dynrecon_ros.segmentation import SegmentationConfig
 
@@ -222,32 +224,52 @@ def refine_relative_pose(depth_i: np.ndarray, K_i: np.ndarray, T_j_i: np.ndarray
     return T
 
 
-def pair_probability(depth_i, K_i, T_j_i, flow, valid, cfg, K_j=None) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`pair_dynamic_probability` plus the (H, W) depth of frame i's points in camera j."""
+def _soft_step(err: np.ndarray, eu: np.ndarray, ev: np.ndarray, cfg: 'SegmentationConfig') -> np.ndarray:
+    """(H, W) float32 ``r^s / (1 + r^s)`` of the flow error ``err`` against the tolerance of the ego flow."""
+    tol = np.float32(cfg.min_flow_px) + np.float32(cfg.flow_rel_tol) * np.sqrt(eu * eu + ev * ev)
+    with np.errstate(invalid='ignore', over='ignore', divide='ignore'):
+        rs = (err / tol) ** np.float32(cfg.steepness)
+        prob = rs / (1.0 + rs)
+        prob[np.isinf(rs)] = 1.0
+    return prob
+
+
+def pair_probability(depth_i, K_i, T_j_i, flow, valid, cfg, K_j=None) -> tuple[np.ndarray, np.ndarray, tuple]:
+    """:func:`pair_dynamic_probability` plus the (H, W) depth of frame i's points in camera j and
+    their ego flow ``(eu, ev)`` ((H, W) each; NaN where frame i has no depth).
+
+    Pixels of frame i without a depth reading (within ``cfg.hole_fill_px`` of one) are judged too:
+    their flow is compared with the ego flow of the nearest and of the farthest reading around
+    the hole (:func:`~dynrecon_ros.depth_cue.fill_candidates`) and the better fit counts, so a hole
+    on a silhouette is static only if its flow moves with one of the two surfaces it borders.
+    """
     if cfg.refine_pose:
         T_j_i = refine_relative_pose(np.asarray(depth_i, dtype=np.float32), K_i, T_j_i, flow, valid, K_j)
     eu, ev, zj = _ego_planes(depth_i, K_i, T_j_i, K_j)
     flow = np.asarray(flow, dtype=np.float32)
     fu, fv = flow[..., 0], flow[..., 1]
     err = _edge_tolerant_error(eu, ev, fu, fv, cfg.edge_radius_px)
-    tol = np.float32(cfg.min_flow_px) + np.float32(cfg.flow_rel_tol) * np.sqrt(eu * eu + ev * ev)
-    with np.errstate(invalid='ignore', over='ignore', divide='ignore'):
-        rs = (err / tol) ** np.float32(cfg.steepness)
-        prob = rs / (1.0 + rs)
-        prob[np.isinf(rs)] = 1.0
-        h, w = prob.shape
-        u, v = _pixel_grid(h, w)
-        # flow that leaves the image cannot be checked: no evidence. Ego flow may leave it: a pixel
-        # whose flow finds a consistent match inside the image where the static hypothesis says it
-        # was out of view (a mover entering at the border, following the camera) is evidence of motion
-        bad = ~np.isfinite(prob)
-        for du, dv in ((fu, fv),):
-            tu, tv = u + du, v + dv
-            bad |= ~((tu >= 0) & (tu <= w - 1) & (tv >= 0) & (tv <= h - 1))
+    prob = _soft_step(err, eu, ev, cfg)
+    if cfg.hole_fill_px > 0:
+        holes, near, far = fill_candidates(np.asarray(depth_i, dtype=np.float32), cfg.hole_fill_px)
+        if holes.any():
+            fits = []
+            for cand in (near, far):
+                cu, cv_, _ = _ego_planes(np.where(holes, cand, 0).astype(np.float32), K_i, T_j_i, K_j)
+                fits.append(_soft_step(np.sqrt((cu - fu) ** 2 + (cv_ - fv) ** 2), cu, cv_, cfg))
+            prob[holes] = np.fmin(fits[0], fits[1])[holes]
+    h, w = prob.shape
+    u, v = _pixel_grid(h, w)
+    # flow that leaves the image cannot be checked: no evidence. Ego flow may leave it: a pixel
+    # whose flow finds a consistent match inside the image where the static hypothesis says it
+    # was out of view (a mover entering at the border, following the camera) is evidence of motion
+    bad = ~np.isfinite(prob)
+    tu, tv = u + fu, v + fv
+    bad |= ~((tu >= 0) & (tu <= w - 1) & (tv >= 0) & (tv <= h - 1))
     if valid is not None:
         bad |= ~np.asarray(valid, dtype=bool)
     prob[bad] = np.nan
-    return prob.astype(np.float32, copy=False), zj
+    return prob.astype(np.float32, copy=False), zj, (eu, ev)
 
 
 def pull_from_source(prob_i: np.ndarray, flow_ji: np.ndarray, valid_ji: np.ndarray | None) -> np.ndarray:

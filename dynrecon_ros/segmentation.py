@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dynrecon_ros.depth_cue import nearest_reading, pair_depth_probability
 from dynrecon_ros.errors import InputError
 from dynrecon_ros.flow_cue import (ego_flow, pair_dynamic_probability, pair_probability, pull_from_source,  # noqa: F401
                                    refine_relative_pose, splat_to_target)
@@ -65,6 +66,19 @@ class SegmentationConfig:
             'both'): a frame's attention mask is kept only when its flagged tokens stand out from the
             window's other tokens by this robust z-score in the raw dynamic-attention score (before
             Easi3R's per-frame min-max, which stretches pure noise to 0..1); 0 disables.
+        depth_cue: the geometric cue (:mod:`dynrecon_ros.depth_cue`) beside the flow cue: a pixel
+            whose point, moved by the camera motion, lies clearly in front of what the pair's other
+            frame measures there is dynamic (movers along the line of sight, textureless or
+            camouflaged movers, whose optical flow says little).
+        depth_sigma_a, depth_sigma_b: the depth noise model of that cue, ``sigma(z) = a + b (z - 0.4)^2``
+            metres (Kinect v1, Nguyen et al. 2012; a stereo or time-of-flight camera: fit a and b to
+            its datasheet).
+        depth_tol_sigmas: the depth difference reaches the cue's tolerance at this many sigmas.
+        depth_rel_tol: extra tolerance of that cue as a fraction of the depth (pose error, depth
+            taken a few ms off the colour).
+        hole_fill_px: pixels without depth within this many pixels of a reading still get flow
+            evidence (their flow against the ego flow of the nearest and of the farthest reading
+            around the hole); 0 = no evidence there.
     """
 
     enabled: bool = True
@@ -88,6 +102,12 @@ class SegmentationConfig:
     forget_after_calls: int = 8
     threads: int = 2
     attention_min_contrast: float = 30.0
+    depth_cue: bool = True
+    depth_sigma_a: float = 0.0012
+    depth_sigma_b: float = 0.0019
+    depth_tol_sigmas: float = 3.0
+    depth_rel_tol: float = 0.01
+    hole_fill_px: int = 8
 
     def __post_init__(self) -> None:
         if self.mode not in ('flow', 'attention', 'both'):
@@ -100,7 +120,10 @@ class SegmentationConfig:
             raise InputError('segmentation min_flow_px and steepness must be > 0, flow_rel_tol >= 0')
         if not 0.0 <= self.temporal_weight < 1.0:
             raise InputError(f'segmentation temporal_weight must be in [0, 1), got {self.temporal_weight}')
-        for name in ('edge_radius_px', 'open_px', 'close_px', 'snap_px', 'dilate_px'):
+        if self.depth_sigma_a <= 0 or self.depth_sigma_b < 0 or self.depth_tol_sigmas <= 0 or self.depth_rel_tol < 0:
+            raise InputError('segmentation depth_sigma_a and depth_tol_sigmas must be > 0, depth_sigma_b and '
+                             'depth_rel_tol >= 0')
+        for name in ('edge_radius_px', 'open_px', 'close_px', 'snap_px', 'dilate_px', 'hole_fill_px'):
             if getattr(self, name) < 0:
                 raise InputError(f'segmentation {name} must be >= 0, got {getattr(self, name)}')
         if self.max_tracked_frames < 1 or self.forget_after_calls < 1 or self.threads < 1:
@@ -172,14 +195,16 @@ class MotionSegmenter:
         if not self.cfg.enabled:
             return np.zeros((n, h, w), np.float32), np.zeros((n, h, w), np.uint8)
         flow_valid = flow_valid or {}
-        psum = np.zeros((n, h, w), np.float32)
-        pcnt = np.zeros((n, h, w), np.float32)
+        # per cue (0 flow, 1 depth): sum and count of the pairs' evidence of each frame; a cue that
+        # has no evidence in a pair (NaN) does not dilute the other pairs' evidence
+        psum = np.zeros((2, n, h, w), np.float32)
+        pcnt = np.zeros((2, n, h, w), np.float32)
         inv = np.linalg.inv(poses)
 
-        def add(k: int, p: np.ndarray) -> None:
+        def add(c: int, k: int, p: np.ndarray) -> None:
             ok = np.isfinite(p)
-            psum[k] += np.where(ok, p, np.float32(0))
-            pcnt[k] += ok
+            psum[c, k] += np.where(ok, p, np.float32(0))
+            pcnt[c, k] += ok
 
         for (i, j), flow in flows.items():
             if not (0 <= i < n and 0 <= j < n) or i == j:
@@ -188,32 +213,43 @@ class MotionSegmenter:
                 raise InputError(f'segment: flow ({i}, {j}) has shape {np.shape(flow)}, expected {(h, w, 2)}')
 
         skip = [False] * n if skip_frames is None else [bool(x) for x in skip_frames]
+        near = None
+        if self.cfg.depth_cue:
+            targets = sorted({j for _, j in flows})
+            near = dict(zip(targets, self._map(nearest_reading, [depths[j] for j in targets])))
 
-        def pair(item):  # evidence of one pair: [(frame, probability)]
+        def pair(item):  # evidence of one pair: [(cue, frame, probability)]
             (i, j), flow = item
             carry = (j, i) not in flows and not skip[j]  # frame j gets the evidence carried along the flow
             if skip[i] and not carry:
                 return []
             flow = np.asarray(flow, dtype=np.float32)
-            p, zj = pair_probability(depths[i], Ks[i], inv[j] @ poses[i], flow, flow_valid.get((i, j)),
-                                      self.cfg, Ks[j])
-            out = [] if skip[i] else [(i, p)]
+            p, zj, (eu, ev) = pair_probability(depths[i], Ks[i], inv[j] @ poses[i], flow, flow_valid.get((i, j)),
+                                               self.cfg, Ks[j])
+            cues = [p] if near is None else [p, pair_depth_probability(zj, eu, ev, near[j], self.cfg)]
+            out = [] if skip[i] else [(c, i, pc) for c, pc in enumerate(cues)]
             if carry:
-                if target_flows and (i, j) in target_flows:
-                    back, back_valid = target_flows[(i, j)]
-                    out.append((j, pull_from_source(p, back, back_valid)))
-                else:
-                    out.append((j, splat_to_target(p, flow, zj)))
+                for c, pc in enumerate(cues):
+                    if target_flows and (i, j) in target_flows:
+                        back, back_valid = target_flows[(i, j)]
+                        out.append((c, j, pull_from_source(pc, back, back_valid)))
+                    else:
+                        out.append((c, j, splat_to_target(pc, flow, zj)))
             return out
 
         for ev in self._map(pair, list(flows.items())):  # summed in pair order: deterministic
-            for k, p in ev:
-                add(k, p)
+            for c, k, p in ev:
+                add(c, k, p)
         probs = np.zeros((n, h, w), np.float32)
         masks = np.zeros((n, h, w), np.uint8)
+        with np.errstate(invalid='ignore', divide='ignore'):
+            cue_means = psum / pcnt  # NaN where a cue has no evidence
         for k, key in enumerate(keys):
             if not skip[k]:
-                probs[k] = self._remember(key, psum[k], pcnt[k])
+                # either cue's motion evidence counts (the geometric cue sees what the flow cannot)
+                p = np.fmax(cue_means[0, k], cue_means[1, k])
+                has = np.isfinite(p)
+                probs[k] = self._remember(key, np.where(has, p, 0).astype(np.float32), has.astype(np.float32))
         todo = [k for k in range(n) if (need_masks is None or need_masks[k]) and not skip[k]]
         for k, m in zip(todo, self._map(lambda k: clean_mask(probs[k], self.cfg, depths[k]), todo)):
             masks[k] = m
