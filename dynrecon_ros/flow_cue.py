@@ -22,6 +22,7 @@ import cv2
 import numpy as np
 
 from dynrecon_ros.depth_cue import fill_candidates
+from dynrecon_ros.flow import pixel_grid
 
 if TYPE_CHECKING:
     from dynrecon_ros.segmentation import SegmentationConfig
@@ -232,6 +233,42 @@ def _soft_step(err: np.ndarray, eu: np.ndarray, ev: np.ndarray, cfg: 'Segmentati
         prob = rs / (1.0 + rs)
         prob[np.isinf(rs)] = 1.0
     return prob
+
+
+def ego_explains_appearance(gray_i: np.ndarray, gray_j: np.ndarray, eu: np.ndarray, ev: np.ndarray,
+                            flow: np.ndarray, radius: int = 2) -> np.ndarray:
+    """(H, W) float32: how much better frame j seen through the ego flow looks like frame i than
+    seen through the optical flow: the difference of their sums of absolute differences over
+    (2 radius + 1)^2 pixels, after one gain for the pair, per pixel of the window (grey levels;
+    > 0: the ego flow explains the appearance better; NaN where either warp leaves the image).
+
+    Such a pixel's flow disagreement is a flow failure (DIS losing a large displacement on weak
+    texture ends near zero and passes the forward-backward check), not motion: a mover seen through
+    the ego flow shows the wrong content. The gain (median ratio of the ego-warped pixels) makes it
+    blind to exposure changes between the frames.
+
+    Args:
+        gray_i, gray_j: (H, W) uint8 grey images of frames i and j.
+        eu, ev: (H, W) float32 ego flow of frame i into j (NaN = none).
+        flow: (H, W, 2) float32 optical flow i -> j.
+        radius: half-size of the summing window.
+    """
+    h, w = gray_i.shape
+    g = pixel_grid(h, w)
+    gi = gray_i.astype(np.float32)
+    gj = gray_j.astype(np.float32)
+    ego = cv2.remap(gj, np.nan_to_num(g + np.dstack([eu, ev]), nan=-1e4), None, cv2.INTER_LINEAR,
+                    borderMode=cv2.BORDER_CONSTANT, borderValue=np.nan)
+    opt = cv2.remap(gj, g + flow, None, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=np.nan)
+    ok = np.isfinite(ego) & (gi > 8)
+    gain = 1.0
+    if np.count_nonzero(ok) > 100:
+        gain = float(np.median(ego[ok][::7] / gi[ok][::7]))
+        gain = gain if 0.2 < gain < 5 else 1.0
+    win = (2 * radius + 1, 2 * radius + 1)
+    sad_ego = cv2.boxFilter(np.abs(ego - gain * gi), -1, win)
+    sad_opt = cv2.boxFilter(np.abs(opt - gain * gi), -1, win)
+    return sad_opt - sad_ego
 
 
 def pair_probability(depth_i, K_i, T_j_i, flow, valid, cfg, K_j=None) -> tuple[np.ndarray, np.ndarray, tuple]:

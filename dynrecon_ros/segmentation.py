@@ -20,7 +20,8 @@ import numpy as np
 
 from dynrecon_ros.depth_cue import nearest_reading, pair_depth_probability
 from dynrecon_ros.errors import InputError
-from dynrecon_ros.flow_cue import (ego_flow, pair_dynamic_probability, pair_probability, pull_from_source,  # noqa: F401
+from dynrecon_ros.flow import to_gray
+from dynrecon_ros.flow_cue import (ego_explains_appearance, ego_flow, pair_dynamic_probability, pair_probability, pull_from_source,  # noqa: F401
                                    refine_relative_pose, splat_to_target)
 from dynrecon_ros.mask_cleanup import (clean_mask, drop_background_segments, refine_upsampled_mask,  # noqa: F401
                                        snap_to_depth_edges)
@@ -79,6 +80,16 @@ class SegmentationConfig:
         hole_fill_px: pixels without depth within this many pixels of a reading still get flow
             evidence (their flow against the ego flow of the nearest and of the farthest reading
             around the hole); 0 = no evidence there.
+        photometric_check: a pair's flow evidence counts only where the optical flow explains the
+            other frame's appearance better than the ego flow (gain-compensated sums of absolute
+            differences; DIS losing a large displacement otherwise flags static background).
+        grow_fraction: region completion (:func:`~dynrecon_ros.mask_cleanup.complete_regions`): a
+            smooth depth-connected surface that the mask covers for at least this fraction joins it
+            whole (a mover whose motion shows only at its edges); 1 disables.
+        grow_static: pixels whose evidence (either cue) stays below this probability are known
+            static and never joined by region completion (the textured floor a mover stands on).
+        crease: relative second difference of inverse depth over 3 pixels that separates two
+            surfaces meeting at an angle (a mover's feet and the floor), so completion stops there.
     """
 
     enabled: bool = True
@@ -108,6 +119,10 @@ class SegmentationConfig:
     depth_tol_sigmas: float = 3.0
     depth_rel_tol: float = 0.01
     hole_fill_px: int = 8
+    grow_fraction: float = 0.2
+    photometric_check: bool = True
+    grow_static: float = 0.1
+    crease: float = 0.01
 
     def __post_init__(self) -> None:
         if self.mode not in ('flow', 'attention', 'both'):
@@ -131,6 +146,10 @@ class SegmentationConfig:
         if self.attention_min_contrast < 0:
             raise InputError(f'segmentation attention_min_contrast must be >= 0 (0 = guard off), '
                              f'got {self.attention_min_contrast}')
+        if not 0.0 < self.grow_fraction <= 1.0 or self.crease <= 0:
+            raise InputError('segmentation grow_fraction must be in (0, 1] and crease > 0')
+        if not 0.0 <= self.grow_static < self.threshold:
+            raise InputError('segmentation grow_static must be in [0, threshold)')
         if not 0.0 <= self.max_continuity <= 1.0 or not 0.0 <= self.min_area_frac < 1.0:
             raise InputError('segmentation max_continuity must be in [0, 1] and min_area_frac in [0, 1)')
 
@@ -160,7 +179,8 @@ class MotionSegmenter:
                 flows: dict, flow_valid: dict | None = None,
                 target_flows: dict | None = None,
                 need_masks: list[bool] | None = None,
-                skip_frames: list[bool] | None = None) -> tuple[np.ndarray, np.ndarray]:
+                skip_frames: list[bool] | None = None,
+                images: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Dynamic probability and mask of every frame of a window.
 
         Args:
@@ -180,6 +200,9 @@ class MotionSegmenter:
             skip_frames: optional N bools: frames whose evidence is not needed at all (True; e.g.
                 frames already output, in the window as anchors): nothing is carried to them, their
                 memory is not updated, their probability and mask come back all zero.
+            images: optional (N, H, W) uint8 grey images: with them (and ``cfg.photometric_check``)
+                a pair's flow evidence is dropped where the ego flow explains the appearance at
+                least as well as the optical flow (:func:`~dynrecon_ros.flow_cue.ego_explains_appearance`).
 
         Returns:
             probs (N, H, W) float32 in [0, 1] and masks (N, H, W) uint8 (255 = dynamic).
@@ -226,6 +249,13 @@ class MotionSegmenter:
             flow = np.asarray(flow, dtype=np.float32)
             p, zj, (eu, ev) = pair_probability(depths[i], Ks[i], inv[j] @ poses[i], flow, flow_valid.get((i, j)),
                                                self.cfg, Ks[j])
+            if images is not None and self.cfg.photometric_check:
+                # the ego flow explains the appearance clearly better: a flow failure, static evidence;
+                # about as well (a uniform surface, where flow means little): no evidence
+                better = ego_explains_appearance(images[i], images[j], eu, ev, flow)
+                with np.errstate(invalid='ignore'):
+                    p[better >= 1.0] = 0
+                    p[(better >= 0) & (better < 1.0)] = np.nan
             cues = [p] if near is None else [p, pair_depth_probability(zj, eu, ev, near[j], self.cfg)]
             out = [] if skip[i] else [(c, i, pc) for c, pc in enumerate(cues)]
             if carry:
@@ -251,7 +281,12 @@ class MotionSegmenter:
                 has = np.isfinite(p)
                 probs[k] = self._remember(key, np.where(has, p, 0).astype(np.float32), has.astype(np.float32))
         todo = [k for k in range(n) if (need_masks is None or need_masks[k]) and not skip[k]]
-        for k, m in zip(todo, self._map(lambda k: clean_mask(probs[k], self.cfg, depths[k]), todo)):
+
+        def clean(k):  # pixels without any evidence enter the cleaning as NaN (not known static)
+            has = self._state[keys[k]][1] > 0
+            return clean_mask(np.where(has, probs[k], np.nan), self.cfg, depths[k])
+
+        for k, m in zip(todo, self._map(clean, todo)):
             masks[k] = m
         self._forget()
         return probs, masks
@@ -286,7 +321,9 @@ class MotionSegmenter:
         back = {(n - 1, k): (pf.fwd, pf.valid_fwd) for k, pf in enumerate(pair_flows)} if carry_back else None
         probs, masks = self.segment([e.key for e in ents], np.stack([e.frame.depth for e in ents]),
                                     np.stack([e.frame.K for e in ents]), np.stack([e.pose for e in ents]),
-                                    flows, valid, target_flows=back, need_masks=need_masks, skip_frames=skip_frames)
+                                    flows, valid, target_flows=back, need_masks=need_masks, skip_frames=skip_frames,
+                                    images=np.stack([to_gray(e.frame.rgb) for e in ents])
+                                    if all(getattr(e.frame, 'rgb', None) is not None for e in ents) else None)
         return ents, probs, masks
 
     def _remember(self, key: str, psum: np.ndarray, pcnt: np.ndarray) -> np.ndarray:
