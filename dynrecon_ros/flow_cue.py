@@ -49,10 +49,10 @@ def ego_flow(depth: np.ndarray, K: np.ndarray, T_j_i: np.ndarray, K_j: np.ndarra
         (H, W, 2) float32 ``(du, dv)``; NaN where the depth is invalid or the point is not in front
         of camera j.
     """
-    return _ego_flow_and_depth(depth, K, T_j_i, K_j)[0]
+    return ego_flow_and_depth(depth, K, T_j_i, K_j)[0]
 
 
-def _ego_flow_and_depth(depth, K, T_j_i, K_j=None) -> tuple[np.ndarray, np.ndarray]:
+def ego_flow_and_depth(depth, K, T_j_i, K_j=None) -> tuple[np.ndarray, np.ndarray]:
     """:func:`ego_flow` plus the (H, W) depth of each point in camera j."""
     du, dv, zj = _ego_planes(depth, K, T_j_i, K_j)
     return np.stack([du, dv], axis=-1), zj

@@ -23,6 +23,7 @@ from dynrecon_ros.errors import InputError
 from dynrecon_ros.flow import to_gray
 from dynrecon_ros.flow_cue import (ego_explains_appearance, ego_flow, pair_dynamic_probability, pair_probability, pull_from_source,  # noqa: F401
                                    refine_relative_pose, splat_to_target)
+from dynrecon_ros.permanence import carry_hold, held_pixels, update_hold
 from dynrecon_ros.mask_cleanup import (clean_mask, drop_background_segments, refine_upsampled_mask,  # noqa: F401
                                        snap_to_depth_edges)
 
@@ -88,6 +89,13 @@ class SegmentationConfig:
             whole (a mover whose motion shows only at its edges); 1 disables.
         grow_static: pixels whose evidence (either cue) stays below this probability are known
             static and never joined by region completion (the textured floor a mover stands on).
+        still_after_s: object permanence (:mod:`dynrecon_ros.permanence`): a region seen moving
+            stays dynamic while it stands still (followed by flow and depth) until it leaves, or
+            until it has not moved for this many seconds: then it counts as scenery (a parked cart,
+            a person who sat down for good); 0 disables.
+        hold_grey_tol: a held pixel loses its hold where the frame it inherits from does not look
+            the same there (5 x 5 mean absolute grey difference after one gain above this): the
+            held thing left, uncovering background at about its depth.
         crease: relative second difference of inverse depth over 3 pixels that separates two
             surfaces meeting at an angle (a mover's feet and the floor), so completion stops there.
     """
@@ -122,6 +130,8 @@ class SegmentationConfig:
     grow_fraction: float = 0.2
     photometric_check: bool = True
     grow_static: float = 0.1
+    still_after_s: float = 5.0
+    hold_grey_tol: float = 12.0
     crease: float = 0.01
 
     def __post_init__(self) -> None:
@@ -148,6 +158,8 @@ class SegmentationConfig:
                              f'got {self.attention_min_contrast}')
         if not 0.0 < self.grow_fraction <= 1.0 or self.crease <= 0:
             raise InputError('segmentation grow_fraction must be in (0, 1] and crease > 0')
+        if self.still_after_s < 0:
+            raise InputError(f'segmentation still_after_s must be >= 0 (0 = off), got {self.still_after_s}')
         if not 0.0 <= self.grow_static < self.threshold:
             raise InputError('segmentation grow_static must be in [0, threshold)')
         if not 0.0 <= self.max_continuity <= 1.0 or not 0.0 <= self.min_area_frac < 1.0:
@@ -164,6 +176,8 @@ class MotionSegmenter:
     def __init__(self, cfg: SegmentationConfig | None = None):
         self.cfg = cfg or SegmentationConfig()
         self._state: OrderedDict[str, tuple[np.ndarray, np.ndarray, int]] = OrderedDict()
+        # key -> (inherited hold map or None, hold map after the frame's last cleaning or None, call)
+        self._holds: OrderedDict[str, tuple] = OrderedDict()
         self._calls = 0
         self._pool = None  # worker threads (cfg.threads > 1), started on first use
 
@@ -173,6 +187,7 @@ class MotionSegmenter:
 
     def reset(self) -> None:
         self._state.clear()
+        self._holds.clear()
         self._calls = 0
 
     def segment(self, keys: list[str], depths: np.ndarray, K: np.ndarray, poses: np.ndarray,
@@ -180,7 +195,8 @@ class MotionSegmenter:
                 target_flows: dict | None = None,
                 need_masks: list[bool] | None = None,
                 skip_frames: list[bool] | None = None,
-                images: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                images: np.ndarray | None = None,
+                stamps: list[float] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Dynamic probability and mask of every frame of a window.
 
         Args:
@@ -203,6 +219,8 @@ class MotionSegmenter:
             images: optional (N, H, W) uint8 grey images: with them (and ``cfg.photometric_check``)
                 a pair's flow evidence is dropped where the ego flow explains the appearance at
                 least as well as the optical flow (:func:`~dynrecon_ros.flow_cue.ego_explains_appearance`).
+            stamps: optional N frame times (seconds): with them (and ``cfg.still_after_s`` > 0) object
+                permanence holds regions seen moving while they stand still (:mod:`dynrecon_ros.permanence`).
 
         Returns:
             probs (N, H, W) float32 in [0, 1] and masks (N, H, W) uint8 (255 = dynamic).
@@ -282,12 +300,40 @@ class MotionSegmenter:
                 probs[k] = self._remember(key, np.where(has, p, 0).astype(np.float32), has.astype(np.float32))
         todo = [k for k in range(n) if (need_masks is None or need_masks[k]) and not skip[k]]
 
+        permanence = stamps is not None and self.cfg.still_after_s > 0
+
+        def inherit(k):  # the hold map of frame k's pair partner nearest in time, carried to k
+            partners = [j for (i, j) in flows if i == k and self._holds.get(keys[j], (None, None))[1] is not None]
+            if not partners:
+                return None
+            j = min(partners, key=lambda j: abs(stamps[j] - stamps[k]))
+            return carry_hold(self._holds[keys[j]][1], depths[k], Ks[k], depths[j], Ks[j], inv[j] @ poses[k], self.cfg,
+                              None if images is None else images[k], None if images is None else images[j])
+
+        holds = {}  # what each frame to clean inherited (never its own earlier verdict: no self-locking)
+        if permanence:
+            for k in todo:
+                holds[k] = self._holds[keys[k]][0] if keys[k] in self._holds else inherit(k)
+
         def clean(k):  # pixels without any evidence enter the cleaning as NaN (not known static)
             has = self._state[keys[k]][1] > 0
-            return clean_mask(np.where(has, probs[k], np.nan), self.cfg, depths[k])
+            p = np.where(has, probs[k], np.nan)
+            held = held_pixels(holds.get(k), stamps[k], self.cfg.still_after_s) if permanence else None
+            if held is not None:
+                p[held] = 1.0
+            return clean_mask(p, self.cfg, depths[k])
 
         for k, m in zip(todo, self._map(clean, todo)):
             masks[k] = m
+            if permanence:
+                self._holds[keys[k]] = (holds[k], update_hold(holds[k], m, probs[k] > self.cfg.threshold, stamps[k]),
+                                        self._calls)
+        if permanence:  # frames not cleaned now (the newest) inherit the holds just updated
+            for k in range(n):
+                if k not in holds and not skip[k]:
+                    h_k = inherit(k)
+                    if h_k is not None:
+                        self._holds[keys[k]] = (h_k, None, self._calls)
         self._forget()
         return probs, masks
 
@@ -323,7 +369,9 @@ class MotionSegmenter:
                                     np.stack([e.frame.K for e in ents]), np.stack([e.pose for e in ents]),
                                     flows, valid, target_flows=back, need_masks=need_masks, skip_frames=skip_frames,
                                     images=np.stack([to_gray(e.frame.rgb) for e in ents])
-                                    if all(getattr(e.frame, 'rgb', None) is not None for e in ents) else None)
+                                    if all(getattr(e.frame, 'rgb', None) is not None for e in ents) else None,
+                                    stamps=[float(e.frame.stamp) for e in ents]
+                                    if all(hasattr(e.frame, 'stamp') for e in ents) else None)
         return ents, probs, masks
 
     def _remember(self, key: str, psum: np.ndarray, pcnt: np.ndarray) -> np.ndarray:
@@ -345,8 +393,8 @@ class MotionSegmenter:
         return np.clip(prob, 0.0, 1.0).astype(np.float32)
 
     def _forget(self) -> None:
-        stale = [k for k, (_, _, seen) in self._state.items() if self._calls - seen >= self.cfg.forget_after_calls]
-        for k in stale:
-            del self._state[k]
-        while len(self._state) > self.cfg.max_tracked_frames:
-            self._state.popitem(last=False)
+        for state, when in ((self._state, lambda v: v[2]), (self._holds, lambda v: v[2])):
+            for k in [k for k, v in state.items() if self._calls - when(v) >= self.cfg.forget_after_calls]:
+                del state[k]
+            while len(state) > self.cfg.max_tracked_frames:
+                state.popitem(last=False)
