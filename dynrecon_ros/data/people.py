@@ -1,6 +1,6 @@
 """Articulated walking people for the synthetic renderer: body model, gait, paths, ray casting.
 
-A person is eleven capsules (a segment a-b swept by a sphere of radius r): torso, head, upper and
+A person is ten capsules (a segment a-b swept by a sphere of radius r): torso, head, upper and
 lower arms, thighs and shins. Legs swing about the hips and bend at the knees, arms swing opposite
 to the legs, the body bobs; the gait phase advances with the distance walked, so a person who stops
 stands still (limbs blend to a standing pose). Every part carries its own texture in its own local
@@ -10,7 +10,8 @@ Paths (world xy on the floor, z up; see synthetic.py for conventions):
     walkers: closed elliptic loops in front of the camera at ~1.1-1.4 m/s; with ``stop_and_go``
         each walker stops for ~1.5 s (staggered) and walks on.
     close crossing: a person crossing the view ~1 m in front of the camera (up to half the view).
-    toward camera: a person walking straight toward the camera, from ~4 m to ~0.9 m.
+    toward camera: a person walking straight toward the camera, from 4 m in front of it at the start to
+        0.9 m in front of it at the end of the sequence.
 
 Ray casting is vectorised numpy over the rays of each part's screen rectangle (nothing renders
 capsules with exact masks and body-attached texture on a CPU without a GPU, hence hand-written).
@@ -192,11 +193,13 @@ class Crowd:
             perp = np.array([fwd[1], -fwd[0]]) * rng.choice([-1.0, 1.0])
             v = 1.2 * speed
             self.paths.append((_line_path(centre - v * t_mid * perp, perp), v, None))
-        if toward_camera:
-            P = camera(np.array([0.0]))[0]
-            fwd = P[:2, 2] / np.linalg.norm(P[:2, 2])
-            start = P[:2, 3] + 4.0 * fwd
-            self.paths.append((_line_path(start, -fwd, max_s=3.1), 1.0 * speed, None))
+        if toward_camera:  # from 4 m in front of the camera at the start to 0.9 m in front of it at the end
+            P0, P1 = camera(np.array([0.0, duration]))
+            f0, f1 = (P[:2, 2] / np.linalg.norm(P[:2, 2]) for P in (P0, P1))
+            start, end = P0[:2, 3] + 4.0 * f0, P1[:2, 3] + 0.9 * f1
+            length = float(np.linalg.norm(end - start))
+            v = float(np.clip(length / duration, 0.8, 1.5)) * speed
+            self.paths.append((_line_path(start, (end - start) / length, max_s=length), v, None))
         clothes = np.random.default_rng([seed, _CLOTHES]).uniform(0.1, 0.9, size=(len(self.paths), 3, 3))
         clothes[:, 2] = [0.85, 0.62, 0.5] * np.random.default_rng([seed, _CLOTHES, 1]).uniform(
             0.5, 1.1, size=(len(self.paths), 1))  # skin tones
