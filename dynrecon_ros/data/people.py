@@ -9,7 +9,7 @@ frame (angle around and position along its axis), so the texture moves and turns
 Paths (world xy on the floor, z up; see synthetic.py for conventions):
     walkers: closed elliptic loops in front of the camera at ~1.1-1.4 m/s; with ``stop_and_go``
         each walker stops for ~1.5 s (staggered) and walks on.
-    close crossing: a person crossing the view ~1 m in front of the camera (up to half the view).
+    close crossing: a person crossing the view 0.85 m in front of the camera (up to half the view).
     toward camera: a person walking straight toward the camera, from 4 m in front of it at the start to
         0.9 m in front of it at the end of the sequence.
 
@@ -91,10 +91,11 @@ def _loop_path(rng: np.random.Generator, k: int, count: int):
     cy = 0.55 + rng.uniform(-0.25, 0.25)
     rx, ry = rng.uniform(1.2, 1.6), rng.uniform(0.45, 0.8)
     theta0, sense = rng.uniform(0, 2 * np.pi), rng.choice([-1.0, 1.0])
-    r_mean = 0.5 * (rx + ry)
+    grid = theta0 + sense * np.linspace(0.0, 2 * np.pi, 2049)  # arc-length parametrisation: constant speed
+    arc = np.concatenate([[0.0], np.cumsum(np.hypot(rx * np.diff(np.cos(grid)), ry * np.diff(np.sin(grid))))])
 
     def at(s):
-        th = theta0 + sense * s / r_mean
+        th = np.interp(np.mod(s, arc[-1]), arc, grid)
         xy = np.stack([cx + rx * np.cos(th), cy + ry * np.sin(th)], axis=-1)
         tangent = sense * np.stack([-rx * np.sin(th), ry * np.cos(th)], axis=-1)
         return xy, np.arctan2(tangent[..., 1], tangent[..., 0]), np.ones_like(s)
@@ -189,7 +190,7 @@ class Crowd:
             t_mid = 0.5 * duration
             P = camera(np.array([t_mid]))[0]
             fwd = P[:2, 2] / np.linalg.norm(P[:2, 2])
-            centre = P[:2, 3] + 1.0 * fwd  # ~1 m in front of the camera when it crosses the optical axis
+            centre = P[:2, 3] + 0.85 * fwd  # ~1 m in front of the camera when it crosses the optical axis
             perp = np.array([fwd[1], -fwd[0]]) * rng.choice([-1.0, 1.0])
             v = 1.2 * speed
             self.paths.append((_line_path(centre - v * t_mid * perp, perp), v, None))

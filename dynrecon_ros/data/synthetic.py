@@ -237,6 +237,16 @@ def _check_config(cfg: SyntheticConfig) -> None:
         raise ValueError(f'negative sensor effect in {cfg}')
 
 
+def make_crowd(cfg: SyntheticConfig) -> people.Crowd | None:
+    """The articulated people of a config (None without people): ``make_crowd(cfg).state(t)`` gives their
+    body parts at times t (seconds from the first frame), as rendered."""
+    if not (cfg.people or cfg.close_crossing or cfg.toward_camera):
+        return None
+    return people.Crowd(cfg.people, stop_and_go=cfg.stop_and_go, close_crossing=cfg.close_crossing,
+                        toward_camera=cfg.toward_camera, camera=lambda tt: camera_poses(cfg, tt),
+                        duration=cfg.frames / cfg.fps, seed=cfg.seed, speed=cfg.mover_speed)
+
+
 class _Renderer:
     """Renders rays of one frame at one instant: static scene, cylinder movers, people, camouflage."""
 
@@ -319,12 +329,8 @@ def render_sequence(cfg: SyntheticConfig | None = None) -> SyntheticSequence:
     poses = cams[:, 0].copy()
     centres, headings = mover_paths(cfg, times)
     centres, headings = centres.reshape(n, q_count, -1, 2), headings.reshape(n, q_count, -1)
-    state = None
-    if cfg.people or cfg.close_crossing or cfg.toward_camera:
-        crowd = people.Crowd(cfg.people, stop_and_go=cfg.stop_and_go, close_crossing=cfg.close_crossing,
-                             toward_camera=cfg.toward_camera, camera=lambda tt: camera_poses(cfg, tt),
-                             duration=n / cfg.fps, seed=cfg.seed, speed=cfg.mover_speed)
-        state = crowd.state(times)
+    crowd = make_crowd(cfg)
+    state = crowd.state(times) if crowd is not None else None
     renderer = _Renderer(cfg, K, _Texture(cfg.seed), cams, centres, headings, state)
     gains = sensor_model.exposure_gains(t, cfg.seed, cfg.exposure_flicker) if cfg.exposure_flicker else None
     kinect = cfg.kinect or cfg.silhouette_holes or cfg.max_range > 0
