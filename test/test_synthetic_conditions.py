@@ -91,7 +91,7 @@ def test_body_attached_texture_moves_with_the_limbs(crowd_seq):
         q = np.argmin(np.abs(_capsule_distance(pts, state.a[i], state.b[i]) - state.radius[None]), axis=1)
         local = np.einsum('kji,kj->ki', state.frames[i, q], pts - state.a[i, q])
         return state.a[j, q] + np.einsum('kij,kj->ki', state.frames[j, q], local)
-    assert _track_colour(s, i, j, follow) < 6
+    assert _track_colour(s, i, j, follow) < 4  # (a texture fixed in the world instead: 10)
     assert _track_colour(s, i, j, lambda p: p) > 10  # the same world points show other things: people move
 
 
@@ -126,9 +126,10 @@ def test_kinect_noise_follows_the_z2_model():
     z = np.repeat(np.linspace(0.6, 5.0, 12), 4000).reshape(12, 4000).astype(np.float32)
     rng = np.random.default_rng(0)
     d = sensor_model.kinect_depth(z, rng, 300.0, 320, quantise=False, silhouettes=False)
-    rel_std = (d - z).std(axis=1) / sensor_model.kinect_sigma(z[:, 0])
+    nguyen = 0.0012 + 0.0019 * (z[:, 0].astype(np.float64) - 0.4) ** 2  # Nguyen et al. 2012, metres
+    rel_std = (d - z).std(axis=1) / nguyen
     assert np.all(np.abs(rel_std - 1) < 0.06), rel_std
-    assert abs((d - z).mean(axis=1) / sensor_model.kinect_sigma(z[:, 0])).max() < 0.06
+    assert abs((d - z).mean(axis=1) / nguyen).max() < 0.06
     # quantised: on the 1/8 px disparity grid of the native sensor
     q = sensor_model.kinect_depth(z, rng, 300.0, 320, silhouettes=False)
     disp = sensor_model.KINECT_FOCAL_NATIVE * sensor_model.KINECT_BASELINE / q[q > 0].astype(np.float64) * 8
@@ -143,7 +144,7 @@ def test_rendered_kinect_depth_noise_and_holes():
         valid = d > 0
         assert not valid[g > 4.5].any() and valid.mean() > 0.3
         step = g[valid] ** 2 / (sensor_model.KINECT_FOCAL_NATIVE * sensor_model.KINECT_BASELINE * 8)
-        expected = np.sqrt(sensor_model.kinect_sigma(g[valid]) ** 2 + step ** 2 / 12)
+        expected = np.sqrt((0.0012 + 0.0019 * (g[valid] - 0.4) ** 2) ** 2 + step ** 2 / 12)
         r = (d[valid] - g[valid]) / expected
         assert 0.85 < r.std() < 1.15 and abs(r.mean()) < 0.1
         model = (sensor_model.projector_shadow(g, s.K[0, 0]) | sensor_model.discontinuity_band(g, 1)
