@@ -72,8 +72,8 @@ def run_one(scenario: str, seed: int, quick: bool, device: str, sets: list[str])
     return dict(ate=tm['ate_rmse_se3'] * 1000, iou=mm['iou'], precision=mm['precision'], recall=mm['recall'],
                 off=100 * float((d > 0.05).mean()) if len(d) else float('nan'), points=len(pts),
                 flagged=int(sum(int(m.sum()) for m in pred.values())), frames=len(seq.frames), ok=len(ok),
-                size=f'{cfg.width}x{cfg.height}', pixels=cfg.width * cfg.height * len(ok), dynamic=100 * float(seq.masks.mean()), t_render=t_render,
-                t_pipe=t_pipe)
+                size=f'{cfg.width}x{cfg.height}', pixels=cfg.width * cfg.height * len(ok),
+                dynamic=100 * float(seq.masks.mean()), t_render=t_render, t_pipe=t_pipe)
 
 
 def main() -> None:
@@ -113,7 +113,8 @@ def main() -> None:
             flagged.append(r['flagged'])
             print(f'{"static scene, every sensor effect":58s} {seed:5d} {r["size"]:>8s} {r["dynamic"]:5.1f} '
                   f'{r["ate"]:7.2f} flagged pixels {r["flagged"]} ({100 * r["flagged"] / r["pixels"]:.3f} % of '
-                  f'the frames\' pixels)  map>5cm {r["off"]:.2f} %  render {r["t_render"]:.1f} s pipe {r["t_pipe"]:.1f} s',
+                  f'the frames\' pixels)  map>5cm {r["off"]:.2f} %  render {r["t_render"]:.1f} s '
+                  f'pipe {r["t_pipe"]:.1f} s',
                   flush=True)
     print(f'\nmean over seeds {seeds}:')
     print(f'{"condition":58s} {"ATE mm":>7s} {"IoU":>6s} {"prec":>6s} {"recall":>6s} {"map>5cm%":>8s}')
