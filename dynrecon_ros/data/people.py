@@ -178,7 +178,7 @@ class Crowd:
                  toward_camera: bool = False, camera=None, duration: float = 3.0, seed: int = 0,
                  speed: float = 1.0):
         rng = np.random.default_rng([seed, _PEOPLE])
-        self.paths = []  # (path function s -> xy, heading; metres/s; stop time or None)
+        self.paths = []  # (path function s -> (xy, heading, moving); metres/s; stop time or None)
         for k in range(walkers):
             v = rng.uniform(1.1, 1.4) * speed
             stop = 0.5 + 0.45 * k + rng.uniform(0.0, 0.2) if stop_and_go else None
@@ -190,7 +190,7 @@ class Crowd:
             t_mid = 0.5 * duration
             P = camera(np.array([t_mid]))[0]
             fwd = P[:2, 2] / np.linalg.norm(P[:2, 2])
-            centre = P[:2, 3] + 0.85 * fwd  # ~1 m in front of the camera when it crosses the optical axis
+            centre = P[:2, 3] + 0.85 * fwd  # in front of the camera when it crosses the optical axis
             perp = np.array([fwd[1], -fwd[0]]) * rng.choice([-1.0, 1.0])
             v = 1.2 * speed
             self.paths.append((_line_path(centre - v * t_mid * perp, perp), v, None))

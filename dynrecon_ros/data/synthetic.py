@@ -50,9 +50,9 @@ class SyntheticConfig:
     Conditions (all off by default; the default sequence does not change; see data/scenarios.py for
     named presets, data/people.py and data/sensor_model.py for the models):
         people: articulated walking people (body-attached texture, clothing colours); stop_and_go: they
-            stop ~1.5 s and walk on; close_crossing: one more person crossing ~1 m in front of the
+            stop ~1.5 s and walk on; close_crossing: one more person crossing 0.85 m in front of the
             camera; toward_camera: one more walking straight toward the camera.
-        camouflage: '' (textured movers), 'uniform' (one flat colour per mover) or 'background' (a
+        camouflage: '' (textured movers), 'uniform' (one flat grey-brown colour) or 'background' (a
             background-like texture fixed in the world, so it does not move with the movers).
         kinect: Kinect v1 axial noise sigma(z) = 0.0012 + 0.0019 (z - 0.4)^2 and 1/8 px disparity
             quantisation; silhouette_holes: no depth in the projector's shadow and on depth
