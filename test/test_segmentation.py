@@ -489,3 +489,76 @@ def test_region_completion_masks_the_whole_mover_but_not_the_floor(grow_fraction
     else:
         assert _iou(m, box) < 0.8, _iou(m, box)
     assert (m & ~box).sum() < 0.01 * box.sum()  # the floor it stands on stays static
+
+
+# ---------------------------------------------------------------- object permanence
+def _stop_and_go(n=14, move_until=5, speed_px=4, fps=30.0):
+    """A static camera, a wall at 3 m and a textured box at 1.5 m that moves right by ``speed_px``
+    per frame up to frame ``move_until`` and then stands still. Returns entries as the reconstructor
+    keeps them (key, pose, frame with depth, K, stamp), gt masks and the exact flow function."""
+    from types import SimpleNamespace
+
+    xs = [20 + speed_px * min(k, move_until) for k in range(n)]
+    gt = np.zeros((n, H, W), bool)
+    depths = np.full((n, H, W), WALL_Z, np.float32)
+    for k in range(n):
+        gt[k, 30:90, xs[k]:xs[k] + 40] = True
+        depths[k][gt[k]] = BOX_Z
+    ents = [SimpleNamespace(key=f'{k}', pose=np.eye(4), frame=SimpleNamespace(depth=depths[k], K=K, stamp=k / fps))
+            for k in range(n)]
+
+    def flow(i, j):
+        f = np.zeros((H, W, 2), np.float32)
+        f[gt[i], 0] = xs[j] - xs[i]
+        return f
+
+    return ents, gt, flow
+
+
+def _run_like_the_reconstructor(seg, ents, flow, neighbours=2):
+    """One segment_newest call per new frame with its previous ``neighbours`` frames; returns each
+    frame's last cleaned mask (N, H, W) bool."""
+    from dynrecon_ros.flow import PairFlow
+
+    out = np.zeros((len(ents), H, W), bool)
+    for t in range(1, len(ents)):
+        older = [ents[t - d] for d in range(1, neighbours + 1) if t - d >= 0]
+        pairs = [(o, ents[t]) for o in older]
+        pfs = [PairFlow(flow(int(o.key), t), flow(t, int(o.key)), None, None) for o in older]
+        got, _, masks = seg.segment_newest(pairs, pfs, carry_back=True,
+                                           need_masks=[True] * len(older) + [False])
+        for e, m in zip(got[:-1], masks[:-1]):
+            out[int(e.key)] = m > 0
+    return out
+
+
+@pytest.mark.parametrize('still_after_s', [5.0, 0.0])
+def test_object_permanence_holds_a_mover_that_stopped(still_after_s):
+    ents, gt, flow = _stop_and_go()
+    masks = _run_like_the_reconstructor(MotionSegmenter(SegmentationConfig(still_after_s=still_after_s)), ents, flow)
+    moving = [_iou(masks[k], gt[k]) for k in range(1, 5)]
+    assert min(moving) >= 0.9, moving  # seen moving: found by the cues either way
+    stopped = [_iou(masks[k], gt[k]) for k in range(9, 13)]  # stood still for 4+ frames
+    if still_after_s:
+        assert min(stopped) >= 0.9, stopped
+    else:
+        assert max(stopped) < 0.1, stopped
+
+
+def test_object_permanence_lets_go_after_still_after_s_and_when_the_mover_leaves():
+    ents, gt, flow = _stop_and_go()
+    masks = _run_like_the_reconstructor(MotionSegmenter(SegmentationConfig(still_after_s=0.2)), ents, flow)
+    assert _iou(masks[8], gt[8]) >= 0.9  # stopped at frame 5 (0.167 s): still held at 0.1 s of standing
+    assert not masks[12].any()  # 0.23 s later: scenery
+    # a mover that stood still and then left: its old place is not held (the wall is farther)
+    ents, gt, flow = _stop_and_go(n=14, move_until=5)
+    for k in range(10, 14):  # frames 10..13: the box is gone (walked out of view)
+        ents[k].frame.depth = np.full((H, W), WALL_Z, np.float32)
+        gt[k] = False
+
+    def flow2(i, j):
+        return np.zeros((H, W, 2), np.float32) if i >= 10 or j >= 10 else flow(i, j)
+
+    # (max_continuity 1: the cleaning does not drop a held patch of the wall by itself)
+    masks = _run_like_the_reconstructor(MotionSegmenter(SegmentationConfig(max_continuity=1.0)), ents, flow2)
+    assert _iou(masks[9], gt[9]) >= 0.9 and not masks[11:13].any()
