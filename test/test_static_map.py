@@ -60,6 +60,26 @@ def test_person_that_walked_away_leaves_no_trail():
     assert len(pts) > 1000 and np.abs(pts[:, 2] - 2.0).max() <= 0.01
 
 
+def test_person_who_paused_long_and_left_leaves_no_trace():
+    """A person stands unmasked for 3 s (90 frames: their voxels reach max_weight), then walks off:
+    once the wall behind them has been seen for max_weight - min_weight + 1 frames (0.63 s at 30 fps),
+    nothing of them is left, even with depth holes on the uncovered wall."""
+    cfg = MapConfig()
+    m = VoxelMap(cfg)
+    for k in range(90):
+        m.integrate(_with_person(_wall()), RGB, K, _pose(0.001 * (k % 5)), np.ones((H, W), bool))
+    assert (m.points()[:, 2] < 1.5).sum() > 100
+    n_clear = int(cfg.max_weight - cfg.min_weight) + 1
+    rng = np.random.default_rng(0)
+    for k in range(n_clear):
+        wall = _wall()
+        wall[rng.random((H, W)) < 0.1] = 0  # 10 % of the readings missing
+        m.integrate(wall, RGB, K, _pose(0.001 * (k % 5)), np.ones((H, W), bool))
+        if k == n_clear - 3:
+            assert (m.points()[:, 2] < 1.5).sum() > 0  # not gone before its time: the bound is tight
+    assert (m.points()[:, 2] < 1.9).sum() == 0, 'the paused person left a trace'
+
+
 def test_voxels_seen_as_dynamic_lose_weight():
     m = VoxelMap(MapConfig(free_weight=1.0))
     for k in range(4):
