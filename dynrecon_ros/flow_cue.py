@@ -72,13 +72,13 @@ def _ego_planes(depth, K, T_j_i, K_j=None) -> tuple[np.ndarray, np.ndarray, np.n
     z = depth
     R = T[:3, :3].astype(np.float32)
     t = T[:3, 3].astype(np.float32)
-    xj = z * (R[0, 0] * x + R[0, 1] * y + R[0, 2]) + t[0]
-    yj = z * (R[1, 0] * x + R[1, 1] * y + R[1, 2]) + t[1]
-    zj = z * (R[2, 0] * x + R[2, 1] * y + R[2, 2]) + t[2]
-    with np.errstate(invalid='ignore'):
-        invalid = ~(np.isfinite(z) & (z > 0) & (zj > 1e-6))
+    with np.errstate(over='ignore', invalid='ignore'):  # absurd depths (inf, 1e38) end invalid below
+        xj = z * (R[0, 0] * x + R[0, 1] * y + R[0, 2]) + t[0]
+        yj = z * (R[1, 0] * x + R[1, 1] * y + R[1, 2]) + t[1]
+        zj = z * (R[2, 0] * x + R[2, 1] * y + R[2, 2]) + t[2]
+        invalid = ~(np.isfinite(z) & (z > 0) & (zj > 1e-6) & np.isfinite(zj))
     zj[invalid] = np.nan
-    with np.errstate(divide='ignore', invalid='ignore'):
+    with np.errstate(divide='ignore', invalid='ignore', over='ignore'):
         iz = 1.0 / zj
         du = np.float32(K_j[0, 0]) * xj * iz + np.float32(K_j[0, 1]) * yj * iz + np.float32(K_j[0, 2]) - u
         dv = np.float32(K_j[1, 1]) * yj * iz + np.float32(K_j[1, 2]) - v
