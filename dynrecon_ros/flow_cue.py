@@ -266,9 +266,17 @@ def ego_explains_appearance(gray_i: np.ndarray, gray_j: np.ndarray, eu: np.ndarr
         gain = float(np.median(ego[ok][::7] / gi[ok][::7]))
         gain = gain if 0.2 < gain < 5 else 1.0
     win = (2 * radius + 1, 2 * radius + 1)
-    sad_ego = cv2.boxFilter(np.abs(ego - gain * gi), -1, win)
-    sad_opt = cv2.boxFilter(np.abs(opt - gain * gi), -1, win)
-    return sad_opt - sad_ego
+    return nan_box_mean(np.abs(opt - gain * gi), win) - nan_box_mean(np.abs(ego - gain * gi), win)
+
+
+def nan_box_mean(x: np.ndarray, win: tuple[int, int]) -> np.ndarray:
+    """(H, W) float32 mean of the finite values of ``x`` in each ``win`` box; NaN where fewer than
+    half are finite (OpenCV's box filter runs sums along rows: one NaN would spread over the image)."""
+    ok = np.isfinite(x)
+    s = cv2.boxFilter(np.where(ok, x, 0).astype(np.float32), -1, win, normalize=False)
+    n = cv2.boxFilter(ok.astype(np.float32), -1, win, normalize=False)
+    with np.errstate(invalid='ignore', divide='ignore'):
+        return np.where(n >= 0.5 * win[0] * win[1], s / n, np.nan).astype(np.float32)
 
 
 def pair_probability(depth_i, K_i, T_j_i, flow, valid, cfg, K_j=None) -> tuple[np.ndarray, np.ndarray, tuple]:

@@ -20,7 +20,7 @@ import numpy as np
 
 from dynrecon_ros.depth_cue import depth_sigma
 from dynrecon_ros.flow import pixel_grid
-from dynrecon_ros.flow_cue import ego_flow_and_depth
+from dynrecon_ros.flow_cue import ego_flow_and_depth, nan_box_mean
 
 if TYPE_CHECKING:
     from dynrecon_ros.segmentation import SegmentationConfig
@@ -64,7 +64,7 @@ def carry_hold(hold_j: np.ndarray, depth_k: np.ndarray, K_k: np.ndarray, depth_j
         gain = float(np.median(seen[ok][::7] / gk[ok][::7])) if np.count_nonzero(ok) > 100 else 1.0
         gain = gain if 0.2 < gain < 5 else 1.0
         with np.errstate(invalid='ignore'):
-            same &= cv2.blur(np.abs(seen - gain * gk), (5, 5)) <= cfg.hold_grey_tol
+            same &= nan_box_mean(np.abs(seen - gain * gk), (5, 5)) <= cfg.hold_grey_tol
     return np.where(same, held, np.nan).astype(np.float32)
 
 
