@@ -2,14 +2,22 @@
 
 The stages, one module each:
   - :mod:`dynrecon_ros.flow_cue`: optical flow against the ego flow that the aligned poses and depth
-    induce (MonST3R style), per pair; evidence carried along the flow to the pair's other frame;
+    induce (MonST3R style), per pair, checked photometrically (a flow failure is not motion); pixels
+    without depth judged against the surfaces around them; evidence carried along the flow to the
+    pair's other frame;
+  - :mod:`dynrecon_ros.depth_cue`: the geometric cue, measured depth against the depth that the
+    camera motion predicts from the pair's other frame, with a z^2 noise model (movers along the
+    line of sight, textureless and camouflaged movers);
   - :mod:`dynrecon_ros.mask_cleanup`: threshold with hysteresis, morphology, boundaries snapped to
-    depth edges, background smeared by the flow dropped.
+    depth edges, background smeared by the flow dropped, region completion over depth-connected
+    smooth surfaces;
+  - :mod:`dynrecon_ros.permanence`: object permanence, a region seen moving stays dynamic while it
+    stands still.
 
-:class:`MotionSegmenter` ties them: every pair's evidence is averaged per frame (a frame that is
-only ever the target j of a pair gets the evidence carried along the flow), smoothed over time
-(state keyed by frame key, so a frame seen by several overlapping windows gets a stable mask) and
-cleaned.
+:class:`MotionSegmenter` ties them: each cue's pair evidence is averaged per frame over the pairs
+where it has any (a frame that is only ever the target j of a pair gets the evidence carried along
+the flow) and the larger of the two counts, smoothed over time (state keyed by frame key, so a frame
+seen by several overlapping windows gets a stable mask), held where permanence says so and cleaned.
 """
 from __future__ import annotations
 
@@ -21,11 +29,11 @@ import numpy as np
 from dynrecon_ros.depth_cue import nearest_reading, pair_depth_probability
 from dynrecon_ros.errors import InputError
 from dynrecon_ros.flow import to_gray
-from dynrecon_ros.flow_cue import (ego_explains_appearance, ego_flow, pair_dynamic_probability, pair_probability, pull_from_source,  # noqa: F401
-                                   refine_relative_pose, splat_to_target)
+from dynrecon_ros.flow_cue import (ego_explains_appearance, ego_flow, pair_dynamic_probability,  # noqa: F401
+                                   pair_probability, pull_from_source, refine_relative_pose, splat_to_target)
+from dynrecon_ros.mask_cleanup import (clean_mask, complete_regions, drop_background_segments,  # noqa: F401
+                                       refine_upsampled_mask, snap_to_depth_edges)
 from dynrecon_ros.permanence import carry_hold, held_pixels, update_hold
-from dynrecon_ros.mask_cleanup import (clean_mask, drop_background_segments, refine_upsampled_mask,  # noqa: F401
-                                       snap_to_depth_edges)
 
 @dataclass
 class SegmentationConfig:
