@@ -225,7 +225,8 @@ def complete_regions(mask: np.ndarray, depth: np.ndarray, fraction: float, creas
     return out
 
 
-def clean_mask(prob: np.ndarray, cfg: SegmentationConfig, depth: np.ndarray | None = None) -> np.ndarray:
+def clean_mask(prob: np.ndarray, cfg: SegmentationConfig, depth: np.ndarray | None = None,
+               evidence: np.ndarray | None = None) -> np.ndarray:
     """Threshold (with hysteresis, ``cfg.hysteresis``) and clean one probability map.
 
     Args:
@@ -233,6 +234,9 @@ def clean_mask(prob: np.ndarray, cfg: SegmentationConfig, depth: np.ndarray | No
         cfg: threshold and morphology parameters.
         depth: optional (H, W) float32 metres; when given, boundaries snap to depth edges
             (:func:`snap_to_depth_edges`, ``cfg.snap_px``).
+        evidence: optional (H, W) bool pixels with any evidence: region completion
+            (``cfg.grow_fraction``) never joins pixels known static, i.e. below ``cfg.grow_static``
+            with evidence (without this map: below it and not NaN).
 
     Returns:
         (H, W) uint8, 255 = dynamic.
@@ -266,6 +270,8 @@ def clean_mask(prob: np.ndarray, cfg: SegmentationConfig, depth: np.ndarray | No
     if depth is not None and cfg.grow_fraction < 1.0:  # seeds: what survived the cleaning
         with np.errstate(invalid='ignore'):
             known_static = prob < cfg.grow_static  # NaN (no evidence) is not known static
+        if evidence is not None:
+            known_static &= evidence
         m = complete_regions(m, depth, cfg.grow_fraction, cfg.crease, known_static)
     if cfg.dilate_px:
         m = cv2.dilate(m, _kernel(cfg.dilate_px))
