@@ -236,37 +236,53 @@ def _soft_step(err: np.ndarray, eu: np.ndarray, ev: np.ndarray, cfg: 'Segmentati
 
 
 def ego_explains_appearance(gray_i: np.ndarray, gray_j: np.ndarray, eu: np.ndarray, ev: np.ndarray,
-                            flow: np.ndarray, radius: int = 2) -> np.ndarray:
+                            flow: np.ndarray, radius: int = 2, where: np.ndarray | None = None) -> np.ndarray:
     """(H, W) float32: how much better frame j seen through the ego flow looks like frame i than
-    seen through the optical flow: the difference of their sums of absolute differences over
-    (2 radius + 1)^2 pixels, after one gain for the pair, per pixel of the window (grey levels;
-    > 0: the ego flow explains the appearance better; NaN where either warp leaves the image).
+    seen through the optical flow: the difference of their mean absolute differences over
+    (2 radius + 1)^2 pixels, after one gain for the pair (grey levels; > 0: the ego flow explains
+    the appearance better; NaN where either warp leaves the image).
 
     Such a pixel's flow disagreement is a flow failure (DIS losing a large displacement on weak
     texture ends near zero and passes the forward-backward check), not motion: a mover seen through
-    the ego flow shows the wrong content. The gain (median ratio of the ego-warped pixels) makes it
-    blind to exposure changes between the frames.
+    the ego flow shows the wrong content. The gain (median ratio of the ego-warped pixels, sampled
+    over the whole image) makes it blind to exposure changes between the frames.
 
     Args:
         gray_i, gray_j: (H, W) uint8 grey images of frames i and j.
         eu, ev: (H, W) float32 ego flow of frame i into j (NaN = none).
         flow: (H, W, 2) float32 optical flow i -> j.
-        radius: half-size of the summing window.
+        radius: half-size of the window.
+        where: optional (H, W) bool pixels that need the answer: only their bounding box (plus the
+            window) is computed, the rest is NaN (the check costs 2 remaps and 4 box filters).
     """
     h, w = gray_i.shape
+    out = np.full((h, w), np.nan, np.float32)
+    if where is not None and not where.any():
+        return out
     g = pixel_grid(h, w)
-    gi = gray_i.astype(np.float32)
+    ego_m = np.nan_to_num(g + np.dstack([eu, ev]), nan=-1e4)
     gj = gray_j.astype(np.float32)
-    ego = cv2.remap(gj, np.nan_to_num(g + np.dstack([eu, ev]), nan=-1e4), None, cv2.INTER_LINEAR,
+    # one gain for the pair, from every 7th pixel of the image
+    ms = ego_m[3::7, 3::7]
+    gs = gray_i[3::7, 3::7].astype(np.float32)
+    es = cv2.remap(gj, ms, None, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=np.nan)
+    ok = np.isfinite(es) & (gs > 8)
+    gain = float(np.median(es[ok] / gs[ok])) if np.count_nonzero(ok) > 100 else 1.0
+    gain = gain if 0.2 < gain < 5 else 1.0
+    y0, y1, x0, x1 = 0, h, 0, w
+    if where is not None:
+        rows, cols = np.flatnonzero(where.any(1)), np.flatnonzero(where.any(0))
+        y0, y1 = max(rows[0] - radius, 0), min(rows[-1] + radius + 1, h)
+        x0, x1 = max(cols[0] - radius, 0), min(cols[-1] + radius + 1, w)
+    box = (slice(y0, y1), slice(x0, x1))
+    gi = gain * gray_i[box].astype(np.float32)
+    ego = cv2.remap(gj, np.ascontiguousarray(ego_m[box]), None, cv2.INTER_LINEAR,
                     borderMode=cv2.BORDER_CONSTANT, borderValue=np.nan)
-    opt = cv2.remap(gj, g + flow, None, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=np.nan)
-    ok = np.isfinite(ego) & (gi > 8)
-    gain = 1.0
-    if np.count_nonzero(ok) > 100:
-        gain = float(np.median(ego[ok][::7] / gi[ok][::7]))
-        gain = gain if 0.2 < gain < 5 else 1.0
+    opt = cv2.remap(gj, np.ascontiguousarray(g[box] + flow[box]), None, cv2.INTER_LINEAR,
+                    borderMode=cv2.BORDER_CONSTANT, borderValue=np.nan)
     win = (2 * radius + 1, 2 * radius + 1)
-    return nan_box_mean(np.abs(opt - gain * gi), win) - nan_box_mean(np.abs(ego - gain * gi), win)
+    out[box] = nan_box_mean(np.abs(opt - gi), win) - nan_box_mean(np.abs(ego - gi), win)
+    return out
 
 
 def nan_box_mean(x: np.ndarray, win: tuple[int, int]) -> np.ndarray:

@@ -283,7 +283,9 @@ class MotionSegmenter:
             if images is not None and self.cfg.photometric_check and measured_depth:
                 # the ego flow explains the appearance clearly better: a flow failure, static evidence;
                 # about as well (a uniform surface, where flow means little): no evidence
-                better = ego_explains_appearance(images[i], images[j], eu, ev, flow)
+                with np.errstate(invalid='ignore'):
+                    suspect = p > 0.01  # only flow evidence of motion needs the check
+                better = ego_explains_appearance(images[i], images[j], eu, ev, flow, where=suspect)
                 with np.errstate(invalid='ignore'):
                     p[better >= 1.0] = 0
                     p[(better >= 0) & (better < 1.0)] = np.nan
