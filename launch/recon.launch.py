@@ -46,16 +46,17 @@ def node_arguments(config: str | os.PathLike, backend: str = '', checkpoint: str
     """The node's arguments: ``--ros-args --params-file CONFIG -r __ns:=NS -r from:=to ... -p name:=value``.
 
     Remappings come from the config's ``dynrecon_remappings`` section, then ``remappings`` (which win).
-    Empty ``backend``/``checkpoint``/``namespace`` leave the params file's values alone.
+    An empty remapping (a launch argument left at its default ``''``) leaves the config's alone, as empty
+    ``backend``/``checkpoint``/``namespace`` leave the params file's values alone.
     """
     args = ['--ros-args', '--params-file', str(config)]
     remaps = dict(config_remappings(config))
-    remaps.update(dict(remappings.items() if isinstance(remappings, dict) else (remappings or [])))
+    given = remappings.items() if isinstance(remappings, dict) else (remappings or [])
+    remaps.update({src: dst for src, dst in given if dst})
     if namespace:
         args += ['-r', f"__ns:=/{namespace.strip('/')}"]
     for src, dst in remaps.items():
-        if dst:
-            args += ['-r', f'{src}:={dst}']
+        args += ['-r', f'{src}:={dst}']
     if backend:
         args += ['-p', f'backend:={backend}']
     if checkpoint:
@@ -85,7 +86,7 @@ def launch_arguments():
         ('checkpoint', '', 'checkpoint file (empty: from config)'),
         ('namespace', '', 'namespace of the node'),
         ('use_sim_time', 'false', 'use /clock (bag replay with --clock)'),
-    ] + [(t.replace('/', '_'), '', f'topic to remap the input `{t}` to (empty: no remap)') for t in TOPICS]
+    ] + [(t.replace('/', '_'), '', f"topic to remap the input `{t}` to (empty: the config's remap, if any)") for t in TOPICS]
 
 
 def node_action(context):
