@@ -3,6 +3,8 @@
     ros2 launch dynrecon_ros recon.launch.py config:=/path/to/recon.yaml backend:=... checkpoint:=... \
         namespace:=robot1 use_sim_time:=true image:=/camera/color/image_raw depth:=/camera/depth/image_rect_raw \
         camera_info:=/camera/color/camera_info
+    # compressed inputs (a remote robot): a config with use_compressed / use_compressed_depth true, and
+    #   image_compressed:=/camera/color/image_raw/compressed depth_compressedDepth:=/camera/.../compressedDepth
 
 The node's command line is built by the pure function :func:`node_arguments` (no launch import), so it
 is testable where `launch` is not installable; the launch description only wraps it.
@@ -16,7 +18,9 @@ import shutil
 PACKAGE = 'dynrecon_ros'
 EXECUTABLE = 'recon_node'
 NODE_NAME = 'dynrecon'
-TOPICS = ('image', 'image/compressed', 'depth', 'camera_info')
+# Input names the node subscribes (image/compressed with use_compressed, depth/compressedDepth with
+# use_compressed_depth); each gets a launch argument, `/` written `_` (image_compressed, depth_compressedDepth).
+TOPICS = ('image', 'image/compressed', 'depth', 'depth/compressedDepth', 'camera_info')
 # A params file may carry remappings for the node under this pseudo-node name (tum.yaml does): no node
 # has this name, so the ROS params parser ignores it; node_arguments turns it into `-r from:=to`.
 REMAP_SECTION = 'dynrecon_remappings'

@@ -72,7 +72,8 @@ def test_launch_description_builds_where_launch_imports():
         pytest.skip('ROS launch is not installed here')
     ld = recon_launch.generate_launch_description()
     names = [a.name for a in ld.entities if hasattr(a, 'name') and hasattr(a, 'default_value')]
-    assert {'config', 'backend', 'checkpoint', 'namespace', 'use_sim_time'} <= set(names)
+    assert {'config', 'backend', 'checkpoint', 'namespace', 'use_sim_time', 'image', 'image_compressed', 'depth',
+            'depth_compressedDepth', 'camera_info'} <= set(names)
 
 
 def recon_node_executable() -> list[str]:
