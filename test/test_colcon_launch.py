@@ -54,7 +54,11 @@ def launched_node(ws, env, args, log, name='/dynrecon'):
     """Start `ros2 launch dynrecon_ros ARGS`, wait for the node, return (Launch, parsed `ros2 node info`)."""
     launch = ros_stack.Launch(ws, ['dynrecon_ros', *args], env, log)
     assert launch.wait_output('ready:', 90), launch.output()
-    info = ros_stack.node_info(ros_stack.ros2(ws, env, 'node', 'info', name, *ros_stack.NO_DAEMON))
+    for _ in range(3):  # discovery within --spin-time may be incomplete on a loaded machine: ask again
+        p = ros_stack.run(ros_stack.sourced(ws, ['ros2', 'node', 'info', name, *ros_stack.NO_DAEMON]), env, ws)
+        info = ros_stack.node_info(p.stdout)
+        if p.returncode == 0 and info.get('Subscribers') and info.get('Publishers'):
+            break
     return launch, info
 
 
