@@ -1,9 +1,10 @@
 """`recon_node`: the ROS 2 node, a thin adapter over :class:`dynrecon_ros.reconstructor.Reconstructor`.
 
-Inputs (relative names, remap them): ``image`` (or ``image/compressed``), ``depth``, ``camera_info``.
-Outputs: ``/tf``, ``~/dynamic_mask``, ``~/depth``, ``~/camera_info``, ``~/pose``, ``~/path``, ``~/odom``,
-``~/static_map``; service ``~/save_map``. Callbacks only validate, convert and enqueue; one worker
-thread runs the pipeline (see :mod:`dynrecon_ros.ros.worker`).
+Inputs (relative names, remap them): ``image`` (or ``image/compressed``), ``depth`` (or
+``depth/compressedDepth``), ``camera_info``. Outputs (:mod:`dynrecon_ros.ros.publishers`, which states
+their QoS): ``/tf``, ``~/dynamic_mask``, ``~/depth``, ``~/camera_info``, ``~/pose``, ``~/path``,
+``~/odom``, ``~/static_map``; service ``~/save_map``. Callbacks only validate, convert and enqueue; one
+worker thread runs the pipeline (see :mod:`dynrecon_ros.ros.worker`).
 """
 from __future__ import annotations
 
@@ -17,17 +18,14 @@ import threading
 import time
 from dataclasses import dataclass
 
-import cv2
 import numpy as np
 import rclpy
 import rclpy.duration
-from geometry_msgs.msg import PoseStamped
-from nav_msgs.msg import Odometry, Path
 from rcl_interfaces.msg import ParameterDescriptor
 from rclpy.exceptions import ParameterException
 from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
-from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 from std_msgs.msg import Header
 from std_srvs.srv import Trigger
 
@@ -37,8 +35,10 @@ from dynrecon_ros.memory import MALLOC_TRIM, resident_mib, trim_heap
 from dynrecon_ros.ros import conversions as conv
 from dynrecon_ros.ros.parameters import (CONFIG_AT_NODE_LEVEL, NODE_PARAMETERS, PIPELINE_PREFIX, flatten,
                                         from_ros, pipeline_defaults, ros_value, unflatten)
-from dynrecon_ros.ros.qos import MAP_QOS, OUTPUT_QOS, input_qos
-from dynrecon_ros.ros.tf import MODES, ExtrinsicSource, TransformBroadcaster, body_twist, navigation_pose, stamped
+from dynrecon_ros.ros.publishers import (FrameImagePublisher, MapPublisher, OdometryPublisher, PathPublisher,
+                                        PosePublisher)
+from dynrecon_ros.ros.qos import input_qos
+from dynrecon_ros.ros.tf import MODES, ExtrinsicSource, TransformBroadcaster, navigation_pose, stamped
 from dynrecon_ros.ros.worker import DropOldestQueue, Worker
 
 NODE_NAME = 'dynrecon'
@@ -107,23 +107,17 @@ class ReconNode(Node):
         self._headers: collections.OrderedDict = collections.OrderedDict()  # key -> (header, (W, H), info)
         self._drop_report = (time.monotonic(), 0, 0)
         self._last_map_pub = 0.0
-        self._last_path_pub = 0.0
-        self._path_dirty = False
         self._last_trim = time.monotonic()
         self._nav_origin: np.ndarray | None = None
-        self._prev_base: tuple[float, np.ndarray] | None = None
         self.extrinsic = ExtrinsicSource(self, p('base_to_camera'))
 
         # outputs
         self.tf = TransformBroadcaster(self)
-        self.pub_mask = self.create_publisher(Image, '~/dynamic_mask', OUTPUT_QOS)
-        self.pub_depth = self.create_publisher(Image, '~/depth', OUTPUT_QOS)
-        self.pub_info = self.create_publisher(CameraInfo, '~/camera_info', OUTPUT_QOS)
-        self.pub_pose = self.create_publisher(PoseStamped, '~/pose', OUTPUT_QOS)
-        self.pub_path = self.create_publisher(Path, '~/path', OUTPUT_QOS)
-        self.pub_odom = self.create_publisher(Odometry, '~/odom', OUTPUT_QOS)
-        self.pub_map = self.create_publisher(PointCloud2, '~/static_map', MAP_QOS)
-        self.path = Path()
+        self.images = FrameImagePublisher(self)
+        self.pose = PosePublisher(self)
+        self.path = PathPublisher(self, p)
+        self.odom = OdometryPublisher(self, p)
+        self.map = MapPublisher(self)
         self.srv_save = self.create_service(Trigger, '~/save_map', self._on_save_map)
 
         # inputs
@@ -133,8 +127,12 @@ class ReconNode(Node):
         else:
             self.sub_image = self.create_subscription(Image, 'image', self._on_image, qos)
         self.sub_info = self.create_subscription(CameraInfo, 'camera_info', self._on_info, qos)
-        self.sub_depth = (self.create_subscription(Image, 'depth', self._on_depth, qos)
-                          if p('use_depth') else None)
+        self.sub_depth = None
+        if p('use_depth') and p('use_compressed_depth'):
+            self.sub_depth = self.create_subscription(CompressedImage, 'depth/compressedDepth',
+                                                      self._on_compressed_depth, qos)
+        elif p('use_depth'):
+            self.sub_depth = self.create_subscription(Image, 'depth', self._on_depth, qos)
 
         self.queue = DropOldestQueue(p('queue_size'))
         self.worker = Worker(self.queue, self._process, self._on_worker_error, on_idle=self._flush,
@@ -242,13 +240,19 @@ class ReconNode(Node):
             self._accept_rgb(topic, msg.header, rgb)
 
     def _on_depth(self, msg: Image) -> None:
+        self._accept_depth(msg.header, self._convert(self._topic(self.sub_depth), conv.image_to_depth, msg))
+
+    def _on_compressed_depth(self, msg: CompressedImage) -> None:
+        self._accept_depth(msg.header, self._convert(self._topic(self.sub_depth), conv.compressed_depth_to_depth,
+                                                     msg))
+
+    def _accept_depth(self, header: Header, depth: np.ndarray | None) -> None:
         topic = self._topic(self.sub_depth)
-        depth = self._convert(topic, conv.image_to_depth, msg)
         if depth is None:
             return
-        if not self._check_stamp(topic, msg.header):
+        if not self._check_stamp(topic, header):
             return
-        t = conv.stamp_to_sec(msg.header.stamp)
+        t = conv.stamp_to_sec(header.stamp)
         match = self._take_match(self._pending_rgb, t)
         if match is None:
             self._pending_depth.append((t, depth))
@@ -342,9 +346,9 @@ class ReconNode(Node):
             with self._lock:
                 self._rec = self._make_reconstructor()
             self._nav_origin = None
-            self._prev_base = None
+            self.odom.reset()
             self._headers.clear()
-            self.path = Path()
+            self.path.reset()
             return
         rgb, depth, K = item.rgb, item.depth, item.K
         if K is not None and item.D is not None and self._param('undistort') and np.any(item.D):
@@ -361,7 +365,7 @@ class ReconNode(Node):
         with self._lock:
             results = self._rec.push(frame)
         self._publish_results(results)
-        self._maybe_publish_path()
+        self.path.maybe_publish()
         self._maybe_publish_map()
         self._maybe_trim_memory()
 
@@ -380,7 +384,7 @@ class ReconNode(Node):
         with self._lock:
             results = self._rec.flush()
         self._publish_results(results)
-        self._maybe_publish_path(force=True)
+        self.path.maybe_publish(force=True)
         self.publish_map()
         self._maybe_trim_memory()
         q = self.queue
@@ -399,30 +403,12 @@ class ReconNode(Node):
             self._publish_frame(r, header, size, K_in)
 
     def _publish_frame(self, r, header: Header, size: tuple[int, int], K_in) -> None:
-        w, h = size
         T_w_c = np.asarray(r.pose, dtype=np.float64)
         if not np.all(np.isfinite(T_w_c)):
             self.get_logger().warning(f'frame {r.key}: non-finite pose from the pipeline; not published')
             return
         camera = self.camera_frame or header.frame_id or 'camera'
-        if r.mask is not None:
-            mask = np.asarray(r.mask, dtype=np.uint8)
-            if mask.shape != (h, w):
-                mask = cv2.resize(mask, (w, h), interpolation=cv2.INTER_NEAREST)
-            self.pub_mask.publish(conv.numpy_to_image(mask, 'mono8', header))
-        if r.depth is not None:
-            depth = np.asarray(r.depth, dtype=np.float32)
-            K = np.asarray(r.K if r.K is not None else K_in, dtype=np.float64) if (r.K is not None or K_in is not None) else None
-            if depth.shape != (h, w):
-                if K is not None:
-                    K = K.copy()
-                    K[0] *= w / depth.shape[1]
-                    K[1] *= h / depth.shape[0]
-                depth = cv2.resize(depth, (w, h), interpolation=cv2.INTER_NEAREST)
-            self.pub_depth.publish(conv.numpy_to_image(depth, '32FC1', header))
-            if K is not None:
-                self.pub_info.publish(conv.numpy_to_camera_info(K, (w, h), header))
-
+        self.images.publish(header, size, r.mask, r.depth, r.K, K_in)
         if self.tf_mode == 'navigation':
             T_b_c = self.extrinsic.lookup(self.base_frame, camera)
             if self._nav_origin is None:
@@ -430,43 +416,15 @@ class ReconNode(Node):
             T_o_b = navigation_pose(self._nav_origin, T_w_c, T_b_c)
             odom_header = Header(stamp=header.stamp, frame_id=self.odom_frame)
             self.tf.send_transform(stamped(T_o_b, odom_header, self.base_frame))
-            self._publish_odom(odom_header, T_o_b)
+            self.odom.publish(odom_header, T_o_b, self.base_frame)
             pose_header, T_pose = odom_header, T_o_b @ T_b_c
         else:
             pose_header = Header(stamp=header.stamp, frame_id=self.map_frame)
             T_pose = T_w_c
             if self.tf_mode == 'standalone':
                 self.tf.send_transform(stamped(T_w_c, pose_header, camera))
-            self._publish_odom(pose_header, T_w_c, child=camera)
-        pose = PoseStamped(header=pose_header, pose=conv.matrix_to_pose(T_pose))
-        self.pub_pose.publish(pose)
-        self.path.header = pose_header
-        self.path.poses.append(pose)
-        if len(self.path.poses) > int(self._param('max_path_length')):
-            del self.path.poses[0]
-        self._path_dirty = True
-
-    def _publish_odom(self, header: Header, T: np.ndarray, child: str | None = None) -> None:
-        odom = Odometry(header=header, child_frame_id=child or self.base_frame)
-        odom.pose.pose = conv.matrix_to_pose(T)
-        odom.pose.covariance = np.diag(np.asarray(self._param('odom_pose_variance'), float)).ravel()
-        t = conv.stamp_to_sec(header.stamp)
-        if self._prev_base is not None:
-            v, w = body_twist(self._prev_base[1], T, t - self._prev_base[0])
-            odom.twist.twist.linear.x, odom.twist.twist.linear.y, odom.twist.twist.linear.z = map(float, v)
-            odom.twist.twist.angular.x, odom.twist.twist.angular.y, odom.twist.twist.angular.z = map(float, w)
-        odom.twist.covariance = np.diag(np.asarray(self._param('odom_twist_variance'), float)).ravel()
-        self._prev_base = (t, T)
-        self.pub_odom.publish(odom)
-
-    def _maybe_publish_path(self, force: bool = False) -> None:
-        rate = float(self._param('publish_path_rate'))
-        now = time.monotonic()
-        if not self._path_dirty or (not force and rate > 0 and now - self._last_path_pub < 1.0 / rate):
-            return
-        self._last_path_pub = now
-        self._path_dirty = False
-        self.pub_path.publish(self.path)
+            self.odom.publish(pose_header, T_w_c, camera)
+        self.path.append(self.pose.publish(pose_header, T_pose))
 
     def _maybe_publish_map(self, force: bool = False) -> None:
         rate = float(self._param('publish_map_rate'))
@@ -480,10 +438,10 @@ class ReconNode(Node):
         with self._lock:
             points = self._rec.static_map()
         header = Header(stamp=self._last_output_stamp(), frame_id=self.map_frame)
-        self.pub_map.publish(conv.xyzrgb_to_cloud(points, header))
+        self.map.publish(points, header)
 
     def _last_output_stamp(self):
-        return self.path.poses[-1].header.stamp if self.path.poses else self.get_clock().now().to_msg()
+        return self.path.last_stamp() or self.get_clock().now().to_msg()
 
     def _on_save_map(self, request, response):
         path = self._param('save_map_path') or 'static_map.ply'
@@ -508,9 +466,9 @@ class ReconNode(Node):
         if publish:
             try:
                 self._publish_results(results)
-                self._maybe_publish_path(force=True)
+                self.path.maybe_publish(force=True)
                 self.publish_map()
-                for pub in (self.pub_map, self.pub_mask, self.tf.pub):  # let reliable subscribers get the tail
+                for pub in (self.map.pub, self.images.mask, self.tf.pub):  # let reliable subscribers get the tail
                     pub.wait_for_all_acked(rclpy.duration.Duration(seconds=2.0))
             except Exception as exc:  # noqa: BLE001 - shutting down: report, still save the map
                 print(f'[{self.get_name()}] final publish failed: {exc!r}', file=sys.stderr, flush=True)
