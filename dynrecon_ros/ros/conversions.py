@@ -136,13 +136,37 @@ def compressed_to_rgb(msg: CompressedImage) -> np.ndarray:
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
-def rgb_to_compressed(rgb: np.ndarray, fmt: str = 'png', header: Header | None = None) -> CompressedImage:
-    ok, buf = cv2.imencode('.' + fmt, cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2BGR))
+def rgb_to_compressed(rgb: np.ndarray, fmt: str = 'png', header: Header | None = None, params=(),
+                      format_string: str | None = None) -> CompressedImage:
+    """(H, W, 3) uint8 RGB -> CompressedImage (``fmt`` 'png', 'jpeg' or 'jpg'; ``params`` cv2.IMWRITE_*
+    pairs); ``format`` is ``format_string`` or ``fmt``."""
+    ok, buf = cv2.imencode('.' + fmt, cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2BGR), list(params))
     if not ok:
         raise ConversionError(f'cannot encode {fmt}')
-    msg = CompressedImage(header=header or Header(), format=fmt)
+    msg = CompressedImage(header=header or Header(), format=format_string or fmt)
     msg.data = _bytes_array(buf.tobytes())
     return msg
+
+
+# image_transport's compressed plugin defaults: jpeg_quality 95, png_level 9 (lossless either way).
+COMPRESSED_PARAMS = {'jpeg': (cv2.IMWRITE_JPEG_QUALITY, 95), 'png': (cv2.IMWRITE_PNG_COMPRESSION, 9)}
+
+
+def image_to_compressed(msg: Image, fmt: str = 'png') -> CompressedImage:
+    """Colour/mono Image -> CompressedImage as image_transport's ``compressed`` plugin publishes it:
+    encoded from bgr8, ``format`` ``"<encoding>; <jpeg|png> compressed bgr8"``, the plugin's default
+    quality/level."""
+    if fmt not in COMPRESSED_PARAMS:
+        raise ConversionError(f"compressed format must be 'png' or 'jpeg', got '{fmt}'")
+    return rgb_to_compressed(image_to_rgb(msg), fmt, msg.header, COMPRESSED_PARAMS[fmt],
+                             f'{msg.encoding}; {fmt} compressed bgr8')
+
+
+def image_to_compressed_depth(msg: Image) -> CompressedImage:
+    """16UC1 or 32FC1 depth Image -> compressedDepth CompressedImage (the plugin's default parameters)."""
+    if msg.encoding not in compressed_depth.ENCODINGS:
+        raise ConversionError(f"compressedDepth takes 16UC1 or 32FC1 depth, not '{msg.encoding}'")
+    return depth_to_compressed_depth(image_to_numpy(msg), msg.encoding, msg.header)
 
 
 def compressed_depth_to_depth(msg: CompressedImage) -> np.ndarray:
