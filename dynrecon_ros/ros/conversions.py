@@ -148,8 +148,8 @@ def rgb_to_compressed(rgb: np.ndarray, fmt: str = 'png', header: Header | None =
     return msg
 
 
-# image_transport's compressed plugin defaults: jpeg_quality 95, png_level 9 (lossless either way).
-COMPRESSED_PARAMS = {'jpeg': (cv2.IMWRITE_JPEG_QUALITY, 95), 'png': (cv2.IMWRITE_PNG_COMPRESSION, 9)}
+# image_transport's compressed plugin defaults (compressed_publisher.cpp): jpeg_quality 95, png_level 3.
+COMPRESSED_PARAMS = {'jpeg': (cv2.IMWRITE_JPEG_QUALITY, 95), 'png': (cv2.IMWRITE_PNG_COMPRESSION, 3)}
 
 
 def image_to_compressed(msg: Image, fmt: str = 'png') -> CompressedImage:
