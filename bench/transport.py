@@ -57,12 +57,12 @@ def main():
     print(f"{'':38s}{'raw B':>10s}{'sent B':>10s}{'ratio':>7s}{'enc ms':>8s}{'dec ms':>8s}")
     for name, raw_b, cmp_b, t_enc, t_dec, note in rows:
         print(f'{name:38s}{raw_b:10,.0f}{cmp_b:10,.0f}{raw_b / cmp_b:7.1f}{t_enc:8.1f}{t_dec:8.1f}  {note}')
-    for colour, depth in ((0, 2), (1, 2)):
+    for colour, depth in ((0, 2), (1, 2), (0, 3), (1, 3)):
         raw_b = rows[colour][1] + rows[depth][1]
         cmp_b = rows[colour][2] + rows[depth][2]
-        print(f'frame = {rows[colour][0].split()[-1]} colour + 32FC1 compressedDepth: {raw_b:,.0f} -> {cmp_b:,.0f} B '
-              f'({raw_b / cmp_b:.1f}x); at 30 Hz {raw_b * 30 / 1e6:.1f} -> {cmp_b * 30 / 1e6:.1f} MB/s')
-
+        print(f'frame = {rows[colour][0].split()[-1]} colour + {rows[depth][0].split()[1]} compressedDepth: '
+              f'{raw_b:,.0f} -> {cmp_b:,.0f} B ({raw_b / cmp_b:.1f}x); at 30 Hz {raw_b * 30 / 1e6:.1f} -> '
+              f'{cmp_b * 30 / 1e6:.1f} MB/s')
 
 if __name__ == '__main__':
     main()
