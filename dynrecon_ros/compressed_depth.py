@@ -37,7 +37,8 @@ INV_DEPTH = 0  # compressionFormat::INV_DEPTH, the only format the plugin writes
 DEPTH_MAX = 10.0  # the plugin's default depth_max (m)
 DEPTH_QUANTIZATION = 100.0  # the plugin's default depth_quantization (z0)
 PNG_LEVEL = 9  # the plugin's default png_level
-ENCODINGS = ('16UC1', '32FC1')
+ENCODINGS = ('16UC1', '32FC1')  # what a depth camera publishes, and what encode() takes
+DECODED = ENCODINGS + ('mono16',)  # the plugin takes any 16-bit single-channel encoding
 
 
 class CompressedDepthError(InputError):
@@ -93,14 +94,14 @@ def parse_format(fmt: str) -> tuple[str, str]:
     if codec != 'png':
         raise CompressedDepthError(f"compressedDepth codec '{codec}' is not supported (only png; set the "
                                    "publisher's format parameter to png)")
-    if encoding not in ENCODINGS:
-        raise CompressedDepthError(f"compressedDepth of encoding '{encoding}' is not supported (16UC1, 32FC1)")
+    if encoding not in DECODED:
+        raise CompressedDepthError(f"compressedDepth of encoding '{encoding}' is not supported ({', '.join(DECODED)})")
     return encoding, codec
 
 
 def decode(fmt: str, data: bytes | bytearray | memoryview | np.ndarray) -> tuple[str, np.ndarray]:
     """(format, data) of a compressedDepth message -> (encoding, (H, W) array of that encoding):
-    uint16 millimetres for 16UC1, float32 metres with NaN for no reading for 32FC1."""
+    uint16 millimetres for 16UC1 (and mono16), float32 metres with NaN for no reading for 32FC1."""
     encoding, _ = parse_format(fmt)
     buf = np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) else data.view(np.uint8)
     if buf.size <= HEADER.size:
@@ -117,7 +118,7 @@ def decode(fmt: str, data: bytes | bytearray | memoryview | np.ndarray) -> tuple
     if img.dtype != np.uint16 or img.ndim != 2:
         raise CompressedDepthError(f'compressedDepth PNG is {img.dtype} with shape {img.shape}, not 16-bit '
                                    'single-channel')
-    if encoding == '16UC1':
+    if encoding != '32FC1':
         return encoding, img
     if not (np.isfinite(a) and np.isfinite(b) and a > 0):
         raise CompressedDepthError(f'compressedDepth header has invalid quantisation parameters A={a}, B={b}')

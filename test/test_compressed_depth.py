@@ -24,6 +24,7 @@ def test_hand_built_16uc1_payload():
     assert enc == '16UC1' and arr.dtype == np.uint16 and np.array_equal(arr, mm)
     # a publisher from before the '; compressedDepth <codec>' suffix: PNG
     assert np.array_equal(cd.decode('16UC1', data)[1], mm)
+    assert np.array_equal(cd.decode('mono16; compressedDepth png', data)[1], mm)  # any 16-bit mono, as the plugin
 
 
 def test_hand_built_32fc1_inverse_depth_payload():
