@@ -16,7 +16,6 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import rclpy
@@ -33,6 +32,7 @@ from dynrecon_ros.errors import InputError
 from dynrecon_ros.frames import Frame
 from dynrecon_ros.memory import MALLOC_TRIM, resident_mib, trim_heap
 from dynrecon_ros.ros import conversions as conv
+from dynrecon_ros.ros.inputs import InputFrame, StampPairer
 from dynrecon_ros.ros.parameters import (CONFIG_AT_NODE_LEVEL, NODE_PARAMETERS, PIPELINE_PREFIX, flatten,
                                         from_ros, pipeline_defaults, ros_value, unflatten)
 from dynrecon_ros.ros.publishers import (FrameImagePublisher, MapPublisher, OdometryPublisher, PathPublisher,
@@ -55,17 +55,6 @@ def default_fastdds_profile() -> pathlib.Path | None:
     candidates.append(pathlib.Path(__file__).resolve().parents[2] / 'config' / FASTDDS_PROFILE)
     candidates.append(pathlib.Path(sys.prefix) / 'share' / 'dynrecon_ros' / 'config' / FASTDDS_PROFILE)
     return next((p for p in candidates if p.is_file()), None)
-
-
-@dataclass
-class InputFrame:
-    """What a callback hands the worker: converted arrays plus the headers to stamp outputs with."""
-    header: Header
-    rgb: np.ndarray  # (H, W, 3) uint8
-    depth: np.ndarray | None  # (H, W) float32 m
-    K: np.ndarray | None  # (3, 3)
-    D: np.ndarray | None  # (N,)
-    reset: bool = False
 
 
 class ReconNode(Node):
@@ -99,8 +88,7 @@ class ReconNode(Node):
         # state touched by callbacks (single-threaded executor) and read by the worker
         self._last_info: tuple[np.ndarray, np.ndarray, tuple[int, int]] | None = None
         self._last_stamp: dict[str, float] = {}
-        self._pending_rgb: collections.deque = collections.deque(maxlen=8)
-        self._pending_depth: collections.deque = collections.deque(maxlen=8)
+        self._pairs = StampPairer(self.rgbd_slop)
         self._first_image_time: float | None = None
         self._last_pair_time: float | None = None  # monotonic time of the last image paired with a depth
         self._undistorter: conv.Undistorter | None = None
@@ -209,8 +197,7 @@ class ReconNode(Node):
         return True
 
     def _reset_inputs(self) -> None:
-        self._pending_rgb.clear()
-        self._pending_depth.clear()
+        self._pairs.clear()
         self.queue.put(InputFrame(Header(), np.zeros((1, 1, 3), np.uint8), None, None, None, reset=True))
 
     # ------------------------------------------------------------ callbacks (no inference here)
@@ -252,13 +239,9 @@ class ReconNode(Node):
             return
         if not self._check_stamp(topic, header):
             return
-        t = conv.stamp_to_sec(header.stamp)
-        match = self._take_match(self._pending_rgb, t)
-        if match is None:
-            self._pending_depth.append((t, depth))
-            return
-        _, (header, rgb) = match
-        self._pair(header, rgb, depth, topic)
+        match = self._pairs.add_depth(conv.stamp_to_sec(header.stamp), depth)
+        if match is not None:
+            self._pair(*match, depth, topic)
 
     def _accept_rgb(self, topic: str, header: Header, rgb: np.ndarray) -> None:
         if not self._check_stamp(topic, header):
@@ -268,31 +251,14 @@ class ReconNode(Node):
         if self.sub_depth is None:
             self._enqueue(header, rgb, None)
             return
-        t = conv.stamp_to_sec(header.stamp)
-        match = self._take_match(self._pending_depth, t)
-        if match is None:
-            self._pending_rgb.append((t, (header, rgb)))
+        depth = self._pairs.add_rgb(conv.stamp_to_sec(header.stamp), (header, rgb))
+        if depth is None:
             now = time.monotonic()
             if now - max(self._first_image_time, self._last_pair_time or 0.0) > 3.0:  # nothing paired for 3 s
                 self.warn(self._topic(self.sub_depth), 'no depth image paired with the images '
                           '(set use_depth:=false for monocular input or check rgbd_slop)')
             return
-        self._pair(header, rgb, match[1], self._topic(self.sub_depth))
-
-    def _take_match(self, pending: collections.deque, t: float):
-        """Remove and return the pending (stamp, item) closest to ``t`` within rgbd_slop; drop older ones."""
-        best = None
-        for i, (ts, _) in enumerate(pending):
-            if abs(ts - t) <= self.rgbd_slop and (best is None or abs(ts - t) < abs(pending[best][0] - t)):
-                best = i
-        if best is None:
-            while pending and pending[0][0] < t - self.rgbd_slop:  # can never pair any more
-                pending.popleft()
-            return None
-        item = pending[best]
-        for _ in range(best + 1):  # everything before the match is older: it will not pair either
-            pending.popleft()
-        return item
+        self._pair(header, rgb, depth, self._topic(self.sub_depth))
 
     def _pair(self, header: Header, rgb: np.ndarray, depth: np.ndarray, depth_topic: str) -> None:
         if depth.shape != rgb.shape[:2]:
