@@ -31,7 +31,8 @@ def test_bag_reader_refuses_8uc3_colour(tmp_path, monkeypatch):
     seq = render_sequence(SyntheticConfig(width=32, height=24, frames=3, movers=0, seed=1))
     path = tmp_path / 'c.bag'
     orig = bags._image_msg  # write the colour image with encoding 8UC3 (the same bytes as rgb8)
-    monkeypatch.setattr(bags, '_image_msg', lambda ts, hdr, arr, enc: orig(ts, hdr, arr, '8UC3' if enc == 'rgb8' else enc))
+    monkeypatch.setattr(bags, '_image_msg',
+                        lambda ts, hdr, arr, enc: orig(ts, hdr, arr, '8UC3' if enc == 'rgb8' else enc))
     bags.write_bag(seq, path)
     monkeypatch.undo()
     with pytest.raises(InputError, match=r"'8UC3' has no channel order.*\(/camera/rgb/image_color\)"):

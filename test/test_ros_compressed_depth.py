@@ -108,7 +108,8 @@ def test_compressed_depth_input_and_bad_payloads():
 def _replay_ate(bag, seq, compress: bool, domain: int):
     """Node on TUM's topics (compressed or raw inputs), the bag replayed into it; (ATE, poses, replay stdout)."""
     from dynrecon_ros.evaluation import trajectory_metrics
-    topics = {'image': '/camera/rgb/image_color', 'depth': '/camera/depth/image', 'camera_info': '/camera/rgb/camera_info'}
+    topics = {'image': '/camera/rgb/image_color', 'depth': '/camera/depth/image',
+              'camera_info': '/camera/rgb/camera_info'}
     if compress:
         topics = {'image/compressed': '/camera/rgb/image_color/compressed',
                   'depth/compressedDepth': '/camera/depth/image/compressedDepth',
