@@ -115,6 +115,26 @@ def test_recon_launch_with_tum_config_subscribes_to_tums_topics(ws, tmp_path):
         stop_cleanly(launch)
 
 
+@pytest.mark.slow
+def test_recon_launch_with_compressed_inputs_as_docs_ros_md_says(ws, tmp_path):
+    """docs/ROS.md's remote-GPU recipe: a config turning on both compressed inputs, their launch arguments."""
+    env = shell_env(ws, 'compressed')
+    cfg = tmp_path / 'remote.yaml'
+    cfg.write_text('/**:\n  ros__parameters:\n    use_compressed: true\n    use_compressed_depth: true\n')
+    topics = {'image_compressed': '/camera/color/image_raw/compressed',
+              'depth_compressedDepth': '/camera/aligned_depth_to_color/image_raw/compressedDepth',
+              'camera_info': '/camera/color/camera_info'}
+    launch, info = launched_node(ws, env, ['recon.launch.py', f'config:={cfg}'] + [f'{k}:={v}' for k, v in topics.items()],
+                                 tmp_path / 'launch.log')
+    try:
+        compressed = 'sensor_msgs/msg/CompressedImage'
+        assert info['Subscribers'] == {topics['image_compressed']: compressed,
+                                       topics['depth_compressedDepth']: compressed,
+                                       topics['camera_info']: INPUT_TYPES['camera_info']}, info
+    finally:
+        stop_cleanly(launch)
+
+
 def ate(traj: pathlib.Path, gt: pathlib.Path, env, cwd) -> dict:
     p = ros_stack.run(['dynrecon', 'eval', '--traj', str(traj), '--gt', str(gt), '--json'], env, cwd)
     assert p.returncode == 0, p.stderr
