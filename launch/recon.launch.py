@@ -90,7 +90,8 @@ def launch_arguments():
         ('checkpoint', '', 'checkpoint file (empty: from config)'),
         ('namespace', '', 'namespace of the node'),
         ('use_sim_time', 'false', 'use /clock (bag replay with --clock)'),
-    ] + [(t.replace('/', '_'), '', f"topic to remap the input `{t}` to (empty: the config's remap, if any)") for t in TOPICS]
+    ] + [(t.replace('/', '_'), '', f"topic to remap the input `{t}` to (empty: the config's remap, if any)")
+         for t in TOPICS]
 
 
 def node_action(context):

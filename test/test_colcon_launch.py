@@ -124,8 +124,8 @@ def test_recon_launch_with_compressed_inputs_as_docs_ros_md_says(ws, tmp_path):
     topics = {'image_compressed': '/camera/color/image_raw/compressed',
               'depth_compressedDepth': '/camera/aligned_depth_to_color/image_raw/compressedDepth',
               'camera_info': '/camera/color/camera_info'}
-    launch, info = launched_node(ws, env, ['recon.launch.py', f'config:={cfg}'] + [f'{k}:={v}' for k, v in topics.items()],
-                                 tmp_path / 'launch.log')
+    args = ['recon.launch.py', f'config:={cfg}'] + [f'{k}:={v}' for k, v in topics.items()]
+    launch, info = launched_node(ws, env, args, tmp_path / 'launch.log')
     try:
         compressed = 'sensor_msgs/msg/CompressedImage'
         assert info['Subscribers'] == {topics['image_compressed']: compressed,
