@@ -73,12 +73,14 @@ class SegmentationConfig:
             and 'both'; not Easi3R's, 0 = off, the default): a frame's attention mask is kept only
             when its flagged tokens stand out from the window's other tokens by this robust z-score
             in the raw dynamic-attention score (before Easi3R's per-frame min-max, which stretches
-            pure noise to 0..1). 30 clears motion-free windows and frames of the synthetic tests, but
-            also every mask on the reference's inputs (shared/parity/easi3r).
+            pure noise to 0..1). 30 clears the motion-free windows and frames of the synthetic tests;
+            on the reference's inputs (shared/parity/easi3r) it keeps the planted mover's mask and
+            removes the random network's (14-19 % of the pixels, which Easi3R flags).
         attention_min_separation: optional guard (not Easi3R's, 0 = off, the default): the window's
             attention masks are dropped unless the pixels above the Otsu level exceed those below by
-            this many standard deviations of the lower part (4 clears motion-free windows; one test
-            for the whole window, so a window where only some frames move loses all its masks).
+            this many standard deviations of the lower part (4 clears motion-free windows and acts
+            on the reference's inputs as the contrast guard; one test for the whole window, so a
+            window where only some frames move loses all its masks).
     """
 
     enabled: bool = True
