@@ -264,3 +264,9 @@ def test_attention_masks_empty_without_movers(seed):
     flagged = [float((r.mask > 0).mean()) for r in res_off]
     print(f'guard off (default): flagged fraction per frame {np.round(flagged, 2)}')
     assert sum(f > 0 for f in flagged) >= len(flagged) // 2
+    if seed == 0:  # the other guard, segmentation.attention_min_separation, reaches the step too; it is
+        # weaker here (one window test: a window whose Otsu split separates well keeps its masks)
+        sep = [float((r.mask > 0).mean()) for r in _run(still, mode='attention',
+                                                        seg={'attention_min_separation': 4.0})[0]]
+        print(f'separation guard: flagged fraction per frame {np.round(sep, 2)}')
+        assert sum(f > 0 for f in sep) <= sum(f > 0 for f in flagged) // 2
