@@ -89,6 +89,8 @@ def fill_candidates(depth: np.ndarray, max_radius: int = 8) -> tuple[np.ndarray,
         (the reading itself where there is one; NaN where neither).
     """
     ok = np.isfinite(depth) & (depth > 0)
+    if ok.all():
+        return np.zeros(depth.shape, bool), depth, depth
     near = np.where(ok, depth, np.float32(np.inf)).astype(np.float32)
     far = np.where(ok, depth, np.float32(0)).astype(np.float32)
     for _ in range(max_radius):
