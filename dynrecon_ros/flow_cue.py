@@ -266,9 +266,7 @@ def ego_explains_appearance(gray_i: np.ndarray, gray_j: np.ndarray, eu: np.ndarr
     ms = ego_m[3::7, 3::7]
     gs = gray_i[3::7, 3::7].astype(np.float32)
     es = cv2.remap(gj, ms, None, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=np.nan)
-    ok = np.isfinite(es) & (gs > 8)
-    gain = float(np.median(es[ok] / gs[ok])) if np.count_nonzero(ok) > 100 else 1.0
-    gain = gain if 0.2 < gain < 5 else 1.0
+    gain = exposure_gain(es, gs)
     y0, y1, x0, x1 = 0, h, 0, w
     if where is not None:
         rows, cols = np.flatnonzero(where.any(1)), np.flatnonzero(where.any(0))
@@ -283,6 +281,15 @@ def ego_explains_appearance(gray_i: np.ndarray, gray_j: np.ndarray, eu: np.ndarr
     win = (2 * radius + 1, 2 * radius + 1)
     out[box] = nan_box_mean(np.abs(opt - gi), win) - nan_box_mean(np.abs(ego - gi), win)
     return out
+
+
+def exposure_gain(seen_j: np.ndarray, gray_i: np.ndarray) -> float:
+    """One brightness gain between two frames: the median ratio of frame j's grey levels, sampled
+    where frame i's pixels should be (``seen_j``, NaN = none), to frame i's (``gray_i``, same shape);
+    1 when fewer than 100 samples or an implausible ratio (outside 0.2..5)."""
+    ok = np.isfinite(seen_j) & (gray_i > 8)
+    gain = float(np.median(seen_j[ok] / gray_i[ok])) if np.count_nonzero(ok) > 100 else 1.0
+    return gain if 0.2 < gain < 5 else 1.0
 
 
 def nan_box_mean(x: np.ndarray, win: tuple[int, int]) -> np.ndarray:

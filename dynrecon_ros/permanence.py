@@ -20,7 +20,7 @@ import numpy as np
 
 from dynrecon_ros.depth_cue import depth_sigma
 from dynrecon_ros.flow import pixel_grid
-from dynrecon_ros.flow_cue import ego_flow_and_depth, nan_box_mean
+from dynrecon_ros.flow_cue import ego_flow_and_depth, exposure_gain, nan_box_mean
 
 if TYPE_CHECKING:
     from dynrecon_ros.segmentation import SegmentationConfig
@@ -60,9 +60,7 @@ def carry_hold(hold_j: np.ndarray, depth_k: np.ndarray, K_k: np.ndarray, depth_j
         gk = gray_k.astype(np.float32)
         seen = cv2.remap(gray_j.astype(np.float32), m, None, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
                          borderValue=np.nan)
-        ok = np.isfinite(seen) & (gk > 8)
-        gain = float(np.median(seen[ok][::7] / gk[ok][::7])) if np.count_nonzero(ok) > 100 else 1.0
-        gain = gain if 0.2 < gain < 5 else 1.0
+        gain = exposure_gain(seen[::7, ::7], gk[::7, ::7])
         with np.errstate(invalid='ignore'):
             same &= nan_box_mean(np.abs(seen - gain * gk), (5, 5)) <= cfg.hold_grey_tol
     return np.where(same, held, np.nan).astype(np.float32)
