@@ -61,7 +61,7 @@ class SyntheticConfig:
         motion_blur: exposure time s (sub-frame averaging); exposure_flicker: relative auto-exposure gain
             changes; colour_noise: std in 8-bit levels; depth_delay: the depth image is taken this many
             s after the colour image (its stamp says so); rolling_shutter: readout time s, top to
-            bottom; jitter: hand-held jitter amplitude (1 = RMS 0.35 deg, 1.5 mm).
+            bottom, of colour and depth alike; jitter: hand-held jitter amplitude (1 = RMS 0.15 deg, 1 mm).
     Ground truth: poses and masks are those of the colour image at its stamp (the middle row under a
     rolling shutter, the middle of the exposure under motion blur: a pixel is in the mask iff the
     middle sub-frame saw a mover there); depth_gt is that sub-frame's noise-free depth.
@@ -114,7 +114,7 @@ class SyntheticSequence:
         mover_centers: (N, M, 2) float64 xy of each (cylinder) mover's axis on the floor.
         config: the SyntheticConfig used.
         depth_masks: (N, H, W) bool, True where the depth image saw a mover (``masks`` itself unless
-            depth_delay or rolling_shutter makes the depth image's instant differ from the colour's).
+            depth_delay makes the depth image's instant differ from the colour's).
     """
 
     frames: list[Frame]
@@ -321,8 +321,9 @@ def render_sequence(cfg: SyntheticConfig | None = None) -> SyntheticSequence:
     bands = sensor_model.shutter_bands(h, cfg.rolling_shutter)
     blur = sensor_model.blur_offsets(cfg.motion_blur)
     colour_plan = [[(r0, r1, slot(float(e) + off)) for r0, r1, off in bands] for e in blur]
-    own_depth = cfg.depth_delay != 0 or len(bands) > 1  # else the depth is the middle colour sub-frame's
-    depth_plan = [(0, h, slot(cfg.depth_delay))]
+    # The depth sensor reads its rows like the colour one (both rolling shutters on a Kinect v1), depth_delay later.
+    own_depth = cfg.depth_delay != 0  # else the depth is the middle colour sub-frame's
+    depth_plan = [(r0, r1, slot(cfg.depth_delay + off)) for r0, r1, off in bands]
     q_count = len(offsets)
     times = (t[:, None] + np.asarray(offsets)[None]).ravel()  # (N * Q,)
     cams = camera_poses(cfg, times).reshape(n, q_count, 4, 4)
