@@ -4,8 +4,9 @@ A textured static room (walls, floor, ceiling) with static boxes, people-sized v
 walking on the floor (textured with the same procedural texture as the background, so appearance
 alone cannot separate them) and a smooth hand-held camera path with small shake.
 
-Everything is vectorised numpy ray casting against analytic primitives (nothing else renders
-depth, masks and colour from one scene description without a GPU, hence hand-written).
+The scene and its ray casting are in scene.py; articulated people in people.py; sensor effects
+(Kinect depth, blur, exposure, noise, shutter, jitter) in sensor_model.py; named condition presets in
+scenarios.py. This module renders sequences from a SyntheticConfig and writes them.
 
 Conventions:
     world: z up, floor at z = 0, the room spans ``ROOM_LO``..``ROOM_HI`` metres.
@@ -22,30 +23,17 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
+from dynrecon_ros.data import people, sensor_model
+from dynrecon_ros.data.scene import (LIGHT, MOVER_HEIGHT, MOVER_RADIUS, ROOM_HI, ROOM_LO,  # noqa: F401 (re-exported)
+                                     STATIC_BOXES, _cast, _screen_cull, _Texture, static_surface_distance)
 from dynrecon_ros.data.bags import write_bag  # noqa: F401  (re-exported: synthetic.write_bag)
 from dynrecon_ros.data.tum import write_depth_png, write_masks, write_trajectory
 from dynrecon_ros.frames import Frame
 
-ROOM_LO = np.array([-3.0, -3.0, 0.0])
-ROOM_HI = np.array([3.0, 3.0, 2.8])
-# Static boxes (lo, hi) in world metres: table, a box on it, a cabinet, a crate, a shelf.
-STATIC_BOXES = np.array([
-    [[-2.6, 1.4, 0.0], [-1.2, 2.6, 0.75]],
-    [[-2.2, 1.8, 0.75], [-1.7, 2.2, 1.05]],
-    [[1.5, 2.2, 0.0], [2.8, 2.95, 1.9]],
-    [[2.2, -1.0, 0.0], [2.9, -0.3, 0.5]],
-    [[-0.6, 2.75, 0.9], [0.9, 3.0, 1.2]],
-])
-MOVER_RADIUS = 0.28
-MOVER_HEIGHT = 1.7
-# Texture octaves: lattice cell sizes in metres and weights (multi-scale value noise, not periodic
-# within a room: 256 cells per period).
-OCTAVES = ((0.6, 1.0), (0.25, 0.8), (0.1, 0.6), (0.045, 0.45), (0.02, 0.25))
-LIGHT = np.array([0.3, -0.5, 0.8]) / np.linalg.norm([0.3, -0.5, 0.8])
 BASE_STAMP = 1700000000.0
 
 # Stream ids for the per-seed random generators (keeps each random draw independent of the others).
-_TEXTURE, _CAMERA, _MOVERS, _NOISE, _STAMPS = range(5)
+_TEXTURE, _CAMERA, _MOVERS, _NOISE, _STAMPS, _COLOUR, _KINECT = range(7)
 
 
 @dataclass
@@ -56,7 +44,27 @@ class SyntheticConfig:
         structured-light sensor (sigma = depth_noise * z^2).
     depth_holes: fraction of pixels without depth reading (0 in the depth image), in smooth blobs.
     depth_stamp_jitter: colour and depth stamps differ by up to this many seconds (like TUM), so
-        readers must associate them; the depth image content is rendered at the colour instant.
+        readers must associate them; the depth image content is rendered at the colour instant
+        (plus ``depth_delay``).
+
+    Conditions (all off by default; the default sequence does not change; see data/scenarios.py for
+    named presets, data/people.py and data/sensor_model.py for the models):
+        people: articulated walking people (body-attached texture, clothing colours); stop_and_go: they
+            stop ~1.5 s and walk on; close_crossing: one more person crossing 0.85 m in front of the
+            camera; toward_camera: one more walking straight toward the camera.
+        camouflage: '' (textured movers), 'uniform' (one flat grey-brown colour) or 'background' (a
+            background-like texture fixed in the world, so it does not move with the movers).
+        kinect: Kinect v1 axial noise sigma(z) = 0.0012 + 0.0019 (z - 0.4)^2 and 1/8 px disparity
+            quantisation; silhouette_holes: no depth in the projector's shadow and on depth
+            discontinuities; max_range: no depth beyond this many metres (0 = none). depth_holes adds
+            random blobs.
+        motion_blur: exposure time s (sub-frame averaging); exposure_flicker: relative auto-exposure gain
+            changes; colour_noise: std in 8-bit levels; depth_delay: the depth image is taken this many
+            s after the colour image (its stamp says so); rolling_shutter: readout time s, top to
+            bottom, of colour and depth alike; jitter: hand-held jitter amplitude (1 = RMS 0.15 deg, 1 mm).
+    Ground truth: poses and masks are those of the colour image at its stamp (the middle row under a
+    rolling shutter, the middle of the exposure under motion blur: a pixel is in the mask iff the
+    middle sub-frame saw a mover there); depth_gt is that sub-frame's noise-free depth.
     """
 
     width: int = 320
@@ -70,6 +78,20 @@ class SyntheticConfig:
     depth_stamp_jitter: float = 0.008
     mover_speed: float = 1.0  # scales the walking speed (1.0 ~ 1.2 m/s peak)
     camera_motion: float = 1.0  # scales the hand-held camera motion amplitude
+    people: int = 0
+    stop_and_go: bool = False
+    close_crossing: bool = False
+    toward_camera: bool = False
+    camouflage: str = ''
+    kinect: bool = False
+    silhouette_holes: bool = False
+    max_range: float = 0.0
+    motion_blur: float = 0.0
+    exposure_flicker: float = 0.0
+    colour_noise: float = 0.0
+    depth_delay: float = 0.0
+    rolling_shutter: float = 0.0
+    jitter: float = 0.0
 
     def intrinsics(self) -> np.ndarray:
         """(3, 3) K: the TUM fr3 colour camera scaled to width x height."""
@@ -89,8 +111,10 @@ class SyntheticSequence:
         K: (3, 3) float64 intrinsics.
         stamps: (N,) float64 colour stamps (seconds); ``frames[i].key`` is ``f'{stamps[i]:.6f}'``.
         depth_stamps: (N,) float64 depth stamps as written to depth.txt (a few ms off the colour).
-        mover_centers: (N, M, 2) float64 xy of each mover's axis on the floor.
+        mover_centers: (N, M, 2) float64 xy of each (cylinder) mover's axis on the floor.
         config: the SyntheticConfig used.
+        depth_masks: (N, H, W) bool, True where the depth image saw a mover (``masks`` itself unless
+            depth_delay makes the depth image's instant differ from the colour's).
     """
 
     frames: list[Frame]
@@ -102,6 +126,7 @@ class SyntheticSequence:
     depth_stamps: np.ndarray
     mover_centers: np.ndarray
     config: SyntheticConfig = field(default_factory=SyntheticConfig)
+    depth_masks: np.ndarray | None = None
 
     @property
     def keys(self) -> list[str]:
@@ -126,21 +151,6 @@ def backproject(depth: np.ndarray, K: np.ndarray, pose: np.ndarray, mask: np.nda
     y = (v[sel] - K[1, 2]) / K[1, 1] * z
     pc = np.stack([x, y, z], axis=1)
     return pc @ pose[:3, :3].T + pose[:3, 3]
-
-
-def _box_sdf(points: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
-    """(M, 3) -> (M,) signed distance to an axis-aligned box (negative inside)."""
-    q = np.abs(points - (lo + hi) / 2) - (hi - lo) / 2
-    return np.linalg.norm(np.maximum(q, 0.0), axis=1) + np.minimum(q.max(axis=1), 0.0)
-
-
-def static_surface_distance(points: np.ndarray) -> np.ndarray:
-    """(M, 3) world points -> (M,) unsigned distance in metres to the static scene surfaces."""
-    points = np.asarray(points, dtype=np.float64).reshape(-1, 3)
-    d = np.abs(_box_sdf(points, ROOM_LO, ROOM_HI))
-    for lo, hi in STATIC_BOXES:
-        d = np.minimum(d, np.abs(_box_sdf(points, lo, hi)))
-    return d
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,7 +188,7 @@ def camera_poses(cfg: SyntheticConfig, t: np.ndarray) -> np.ndarray:
     right, down = c * right + s * down, -s * right + c * down
     poses = np.tile(np.eye(4), (len(t), 1, 1))
     poses[:, :3, 0], poses[:, :3, 1], poses[:, :3, 2], poses[:, :3, 3] = right, down, fwd, pos
-    return poses
+    return sensor_model.jitter_poses(poses, t, cfg.seed, cfg.jitter) if cfg.jitter > 0 else poses
 
 
 def _mover_centres(cfg: SyntheticConfig, t: np.ndarray) -> np.ndarray:
@@ -208,165 +218,6 @@ def mover_paths(cfg: SyntheticConfig, t: np.ndarray) -> tuple[np.ndarray, np.nda
     return centres, np.arctan2(vel[..., 1], vel[..., 0])
 
 
-# ---------------------------------------------------------------------------------------------
-# Texture
-
-
-class _Texture:
-    """Multi-scale value noise in surface coordinates, deterministic per seed."""
-
-    def __init__(self, seed: int):
-        rng = np.random.default_rng([seed, _TEXTURE])
-        self.tables = [rng.random(256 * 256, dtype=np.float32) for _ in OCTAVES]
-        self.tint_tables = [rng.random(256 * 256, dtype=np.float32) for _ in range(2)]
-
-    @staticmethod
-    def _noise(table: np.ndarray, u: np.ndarray, v: np.ndarray, cell: float) -> np.ndarray:
-        """(256*256,) flat lattice, (P,) u, v metres -> (P,) float32 smooth value noise in [0, 1]."""
-        x, y = u * (1.0 / cell), v * (1.0 / cell)
-        ix, iy = np.floor(x), np.floor(y)
-        fx, fy = (x - ix).astype(np.float32), (y - iy).astype(np.float32)
-        fx, fy = fx * fx * (3 - 2 * fx), fy * fy * (3 - 2 * fy)  # smoothstep: C1 continuous
-        ix, iy = ix.astype(np.int64) & 255, (iy.astype(np.int64) & 255) << 8
-        ix1, iy1 = (ix + 1) & 255, (iy + 256) & 0xFF00
-        top = table.take(iy + ix) * (1 - fx) + table.take(iy + ix1) * fx
-        bot = table.take(iy1 + ix) * (1 - fx) + table.take(iy1 + ix1) * fx
-        return top * (1 - fy) + bot * fy
-
-    def colour(self, u: np.ndarray, v: np.ndarray) -> np.ndarray:
-        """(P,) u, v metres -> (P, 3) float albedo in [0, 1]."""
-        lum = sum(w * self._noise(tab, u, v, cell) for tab, (cell, w) in zip(self.tables, OCTAVES))
-        lum = lum / sum(w for _, w in OCTAVES)
-        lum = np.clip(0.5 + (lum - 0.5) * 2.6, 0.0, 1.0)
-        c1 = self._noise(self.tint_tables[0], u, v, 0.9) - 0.5
-        c2 = self._noise(self.tint_tables[1], u, v, 0.7) - 0.5
-        tint = np.stack([1 + 0.6 * c1, 1 + 0.6 * c2, 1 - 0.6 * (c1 + c2)], axis=1)
-        return np.clip((0.12 + 0.85 * lum)[:, None] * tint, 0.0, 1.0)
-
-
-# ---------------------------------------------------------------------------------------------
-# Ray casting
-
-
-def _cast(origin: np.ndarray, d: np.ndarray, centres: np.ndarray, headings: np.ndarray, cull=None):
-    """Nearest hit of rays ``origin + t * d`` with the scene.
-
-    Args:
-        origin: (3,) world camera centre; d: (3, P) world directions whose optical-axis component is 1,
-            so the hit parameter t is the z-depth (component rows: faster than (P, 3) columns).
-        centres: (M, 2) mover xy; headings: (M,) mover yaw.
-        cull: optional function (lo (3,), hi (3,)) -> flat indices of the rays that can hit that world box,
-            or None for all; only an optimisation (results are identical without it).
-    Returns:
-        t (P,); cos_light (P,) = |normal . LIGHT|; u, v (P,) texture coordinates in metres; dynamic (P,) bool.
-    """
-    p_count = d.shape[1]
-    everything = np.arange(p_count)
-    with np.errstate(divide='ignore', invalid='ignore'):
-        inv = 1.0 / np.where(d == 0, 1e-12, d)
-    # Room, seen from inside: exit distance per axis.
-    t_axes = [np.where(d[a] > 0, (ROOM_HI[a] - origin[a]) * inv[a], (ROOM_LO[a] - origin[a]) * inv[a])
-              for a in range(3)]
-    t_best = np.minimum(np.minimum(t_axes[0], t_axes[1]), t_axes[2])
-    axis = np.where(t_best == t_axes[0], 0, np.where(t_best == t_axes[1], 1, 2))
-    surf = axis * 2 + (np.take_along_axis(d, axis[None], 0)[0] > 0)  # 0..5: room faces
-    kind = np.zeros(p_count, np.int8)  # 0 = axis-aligned face, 1 = mover side, 2 = mover cap
-    mover = np.full(p_count, -1, np.int64)
-
-    def candidates(lo, hi):
-        idx = cull(lo, hi) if cull is not None else None
-        return everything if idx is None else idx
-
-    # Static boxes (slab test).
-    for b, (lo, hi) in enumerate(STATIC_BOXES):
-        idx = candidates(lo, hi)
-        if not len(idx):
-            continue
-        dd, iv = d[:, idx], inv[:, idx]
-        tn, tf = [], []
-        for a in range(3):
-            t1, t2 = (lo[a] - origin[a]) * iv[a], (hi[a] - origin[a]) * iv[a]
-            tn.append(np.minimum(t1, t2))
-            tf.append(np.maximum(t1, t2))
-        t_in = np.maximum(np.maximum(tn[0], tn[1]), tn[2])
-        t_out = np.minimum(np.minimum(tf[0], tf[1]), tf[2])
-        sel = np.flatnonzero((t_in <= t_out) & (t_in > 1e-6) & (t_in < t_best[idx]))
-        if not len(sel):
-            continue
-        th = t_in[sel]
-        ax = np.where(th == tn[0][sel], 0, np.where(th == tn[1][sel], 1, 2))
-        hit = idx[sel]
-        t_best[hit] = th
-        axis[hit] = ax
-        surf[hit] = 10 + 6 * b + ax * 2 + (dd[ax, sel] > 0)
-    # Movers: vertical cylinders with a flat top.
-    for m, c in enumerate(centres):
-        idx = candidates(np.array([c[0] - MOVER_RADIUS, c[1] - MOVER_RADIUS, 0.0]),
-                         np.array([c[0] + MOVER_RADIUS, c[1] + MOVER_RADIUS, MOVER_HEIGHT]))
-        if not len(idx):
-            continue
-        dd, iv, tb = d[:, idx], inv[:, idx], t_best[idx]
-        ox, oy = origin[0] - c[0], origin[1] - c[1]
-        a = dd[0] * dd[0] + dd[1] * dd[1]
-        bq = 2 * (ox * dd[0] + oy * dd[1])
-        cq = ox * ox + oy * oy - MOVER_RADIUS ** 2
-        disc = bq * bq - 4 * a * cq
-        ok = (disc >= 0) & (a > 1e-12)
-        t_side = np.where(ok, (-bq - np.sqrt(np.maximum(disc, 0))) / (2 * np.maximum(a, 1e-12)), np.inf)
-        z_side = origin[2] + t_side * dd[2]
-        side = ok & (t_side > 1e-6) & (z_side >= 0) & (z_side <= MOVER_HEIGHT) & (t_side < tb)
-        tb = np.where(side, t_side, tb)
-        with np.errstate(divide='ignore', invalid='ignore'):
-            t_cap = (MOVER_HEIGHT - origin[2]) * iv[2]
-            px, py = ox + t_cap * dd[0], oy + t_cap * dd[1]
-        cap = np.isfinite(t_cap) & (t_cap > 1e-6) & (px * px + py * py <= MOVER_RADIUS ** 2) & (t_cap < tb)
-        tb = np.where(cap, t_cap, tb)
-        got = side | cap
-        hit = idx[got]
-        t_best[hit] = tb[got]
-        kind[hit] = np.where(cap[got], 2, 1)
-        mover[hit] = m
-
-    hx, hy, hz = (origin[a] + t_best * d[a] for a in range(3))
-    # Axis-aligned faces: texture in the two in-plane coordinates, normal along the axis (|n.L| = |L[axis]|).
-    u = np.where(axis == 0, hy, hx) + surf * 13.7
-    v = np.where(axis == 2, hy, hz) + surf * 29.3
-    cos_light = np.abs(LIGHT)[axis]
-    dyn = np.flatnonzero(mover >= 0)
-    if len(dyn):
-        m = mover[dyn]
-        lx, ly = hx[dyn] - centres[m, 0], hy[dyn] - centres[m, 1]
-        side = kind[dyn] == 1
-        cos_light[dyn] = np.where(side, np.abs(lx * LIGHT[0] + ly * LIGHT[1]) / MOVER_RADIUS, abs(LIGHT[2]))
-        # Texture moves with the mover: side uses (arc length, height), cap uses heading-rotated local xy.
-        c, s = np.cos(-headings[m]), np.sin(-headings[m])
-        u_side = (np.arctan2(ly, lx) - headings[m]) * MOVER_RADIUS
-        off = 200 + 2 * m + ~side
-        u[dyn] = np.where(side, u_side, c * lx - s * ly) + off * 13.7
-        v[dyn] = np.where(side, hz[dyn], s * lx + c * ly) + off * 29.3
-    return t_best, cos_light, u, v, mover >= 0
-
-
-def _screen_cull(pose: np.ndarray, K: np.ndarray, w: int, h: int):
-    """Ray culling for _cast: flat pixel indices of the screen rectangle that a world box projects into
-    (a convex box lies inside its projected corners' hull), or None when a corner is behind the camera."""
-    R, o = pose[:3, :3], pose[:3, 3]
-
-    def cull(lo: np.ndarray, hi: np.ndarray):
-        corners = np.array(np.meshgrid(*zip(lo, hi), indexing='ij')).reshape(3, -1).T
-        pc = (corners - o) @ R
-        if np.any(pc[:, 2] <= 1e-3):
-            return None
-        u = K[0, 0] * pc[:, 0] / pc[:, 2] + K[0, 2]
-        v = K[1, 1] * pc[:, 1] / pc[:, 2] + K[1, 2]
-        u0, u1 = max(int(np.floor(u.min())) - 1, 0), min(int(np.ceil(u.max())) + 1, w - 1)
-        v0, v1 = max(int(np.floor(v.min())) - 1, 0), min(int(np.ceil(v.max())) + 1, h - 1)
-        if u0 > u1 or v0 > v1:
-            return np.zeros(0, np.int64)
-        return (np.arange(v0, v1 + 1)[:, None] * w + np.arange(u0, u1 + 1)[None, :]).ravel()
-    return cull
-
-
 def _holes(rng: np.random.Generator, h: int, w: int, fraction: float) -> np.ndarray:
     """(H, W) bool, True for `fraction` of the pixels, in smooth blobs."""
     coarse = rng.random((max(h // 12, 2), max(w // 12, 2))).astype(np.float32)
@@ -374,11 +225,83 @@ def _holes(rng: np.random.Generator, h: int, w: int, fraction: float) -> np.ndar
     return field_ > np.quantile(field_, 1.0 - fraction)
 
 
+def _check_config(cfg: SyntheticConfig) -> None:
+    if cfg.width < 8 or cfg.height < 8 or cfg.frames < 1 or cfg.fps <= 0 or cfg.movers < 0 or cfg.people < 0:
+        raise ValueError(f'invalid synthetic config: {cfg}')
+    if cfg.camouflage not in ('', 'uniform', 'background'):
+        raise ValueError(f"camouflage must be '', 'uniform' or 'background', got {cfg.camouflage!r}")
+    if cfg.kinect and cfg.depth_noise > 0:
+        raise ValueError('kinect replaces depth_noise: set one of them')
+    if min(cfg.max_range, cfg.motion_blur, cfg.exposure_flicker, cfg.colour_noise, cfg.depth_delay,
+           cfg.rolling_shutter, cfg.jitter) < 0:
+        raise ValueError(f'negative sensor effect in {cfg}')
+
+
+def make_crowd(cfg: SyntheticConfig) -> people.Crowd | None:
+    """The articulated people of a config (None without people): ``make_crowd(cfg).state(t)`` gives their
+    body parts at times t (seconds from the first frame), as rendered."""
+    if not (cfg.people or cfg.close_crossing or cfg.toward_camera):
+        return None
+    return people.Crowd(cfg.people, stop_and_go=cfg.stop_and_go, close_crossing=cfg.close_crossing,
+                        toward_camera=cfg.toward_camera, camera=lambda tt: camera_poses(cfg, tt),
+                        duration=cfg.frames / cfg.fps, seed=cfg.seed, speed=cfg.mover_speed)
+
+
+class _Renderer:
+    """Renders rays of one frame at one instant: static scene, cylinder movers, people, camouflage."""
+
+    def __init__(self, cfg, K, tex, cams, centres, headings, people_state):
+        self.cfg, self.K, self.tex = cfg, K, tex
+        self.cams, self.centres, self.headings, self.people = cams, centres, headings, people_state
+        h, w = cfg.height, cfg.width
+        v, u = np.mgrid[0:h, 0:w]
+        self.rays_cam = np.stack([(u.ravel() - K[0, 2]) / K[0, 0], (v.ravel() - K[1, 2]) / K[1, 1],
+                                  np.ones(h * w)])  # (3, P)
+
+    def rows(self, i: int, bands: list[tuple[int, int, int]], shade: bool = True):
+        """Frame i, bands [(row0, row1, instant q)] covering the image -> colour (P, 3) float 0..255 before
+        quantisation (None without shade), depth (P,), dynamic (P,) bool."""
+        cfg, w = self.cfg, self.cfg.width
+        parts = []
+        for r0, r1, q in bands:
+            one = len(bands) == 1
+            rays = self.rays_cam if one else self.rays_cam[:, r0 * w:r1 * w]
+            K = self.K if one else self.K - np.array([[0, 0, 0], [0, 0, r0], [0, 0, 0]])
+            pose = self.cams[i, q]
+            R, o = pose[:3, :3], pose[:3, 3]
+            d = R @ rays
+            cull = _screen_cull(pose, K, w, r1 - r0)
+            tt, cos_light, tu, tv, dyn = _cast(o, d, self.centres[i, q], self.headings[i, q], cull=cull)
+            hit = np.zeros(0, np.int64)
+            if self.people is not None:
+                hit, part, normal, local = people.cast_people(o, d, tt, self.people, i * self.cams.shape[1] + q,
+                                                              pose, K, w, r1 - r0)
+                cos_light[hit] = np.abs(normal @ LIGHT)
+                tu[hit] = np.arctan2(local[:, 1], local[:, 0]) * self.people.radius[part] + (300 + part) * 13.7
+                tv[hit] = local[:, 2] + (300 + part) * 29.3
+                dyn[hit] = True
+            col = None
+            if shade:
+                if cfg.camouflage == 'background':  # texture fixed in the world, not on the mover
+                    hx, hy, hz = (o[a] + tt[dyn] * d[a, dyn] for a in range(3))
+                    tu[dyn], tv[dyn] = hx + 0.7 * hy + 977.0, hz + 0.7 * hy + 1291.0
+                albedo = self.tex.colour(tu, tv)
+                if len(hit) and cfg.camouflage != 'background':
+                    albedo[hit] = 0.5 * albedo[hit] + 0.5 * self.people.albedo[part]
+                if cfg.camouflage == 'uniform':
+                    albedo[dyn] = (0.46, 0.43, 0.40)
+                col = albedo * ((0.6 + 0.4 * cos_light) * 255.0)[:, None]
+            parts.append((col, tt, dyn))
+        if len(parts) == 1:
+            return parts[0]
+        return (None if not shade else np.concatenate([p[0] for p in parts]),
+                np.concatenate([p[1] for p in parts]), np.concatenate([p[2] for p in parts]))
+
+
 def render_sequence(cfg: SyntheticConfig | None = None) -> SyntheticSequence:
     """Render a sequence. Deterministic: the same config gives bitwise-equal arrays."""
     cfg = cfg or SyntheticConfig()
-    if cfg.width < 8 or cfg.height < 8 or cfg.frames < 1 or cfg.fps <= 0 or cfg.movers < 0:
-        raise ValueError(f'invalid synthetic config: {cfg}')
+    _check_config(cfg)
     n, h, w = cfg.frames, cfg.height, cfg.width
     K = cfg.intrinsics()
     stamps = np.array([float(f'{BASE_STAMP + i / cfg.fps:.6f}') for i in range(n)])
@@ -386,34 +309,72 @@ def render_sequence(cfg: SyntheticConfig | None = None) -> SyntheticSequence:
     srng = np.random.default_rng([cfg.seed, _STAMPS])
     jit = min(cfg.depth_stamp_jitter, 0.25 / cfg.fps)  # stays well inside the association window
     jitter = srng.uniform(-jit, jit, size=n)
-    depth_stamps = np.array([float(f'{s + j:.6f}') for s, j in zip(stamps, jitter)])
-    poses = camera_poses(cfg, t)
-    centres, headings = mover_paths(cfg, t)
-    tex = _Texture(cfg.seed)
+    base = stamps + cfg.depth_delay if cfg.depth_delay else stamps
+    depth_stamps = np.array([float(f'{s + j:.6f}') for s, j in zip(base, jitter)])
+    # The instants (offsets from the colour stamp) a frame is rendered at; offset 0 (index 0) gives the GT pose.
+    offsets = [0.0]
 
-    v, u = np.mgrid[0:h, 0:w]
-    rays_cam = np.stack([(u.ravel() - K[0, 2]) / K[0, 0], (v.ravel() - K[1, 2]) / K[1, 1], np.ones(h * w)])  # (3, P)
+    def slot(x: float) -> int:
+        if x not in offsets:
+            offsets.append(x)
+        return offsets.index(x)
+    bands = sensor_model.shutter_bands(h, cfg.rolling_shutter)
+    blur = sensor_model.blur_offsets(cfg.motion_blur)
+    colour_plan = [[(r0, r1, slot(float(e) + off)) for r0, r1, off in bands] for e in blur]
+    # The depth sensor reads its rows like the colour one (both rolling shutters on a Kinect v1), depth_delay later.
+    own_depth = cfg.depth_delay != 0  # else the depth is the middle colour sub-frame's
+    depth_plan = [(r0, r1, slot(cfg.depth_delay + off)) for r0, r1, off in bands]
+    q_count = len(offsets)
+    times = (t[:, None] + np.asarray(offsets)[None]).ravel()  # (N * Q,)
+    cams = camera_poses(cfg, times).reshape(n, q_count, 4, 4)
+    poses = cams[:, 0].copy()
+    centres, headings = mover_paths(cfg, times)
+    centres, headings = centres.reshape(n, q_count, -1, 2), headings.reshape(n, q_count, -1)
+    crowd = make_crowd(cfg)
+    state = crowd.state(times) if crowd is not None else None
+    renderer = _Renderer(cfg, K, _Texture(cfg.seed), cams, centres, headings, state)
+    gains = sensor_model.exposure_gains(t, cfg.seed, cfg.exposure_flicker) if cfg.exposure_flicker else None
+    kinect = cfg.kinect or cfg.silhouette_holes or cfg.max_range > 0
+
     frames, masks, depth_gt = [], np.zeros((n, h, w), bool), np.zeros((n, h, w), np.float32)
+    depth_masks = np.zeros((n, h, w), bool) if own_depth else masks
     for i in range(n):
-        R, o = poses[i, :3, :3], poses[i, :3, 3]
-        tt, cos_light, tu, tv, dyn = _cast(o, R @ rays_cam, centres[i], headings[i],
-                                           cull=_screen_cull(poses[i], K, w, h))
-        shade = (0.6 + 0.4 * cos_light) * 255.0
-        rgb = np.clip(tex.colour(tu, tv) * shade[:, None] + 0.5, 0, 255).astype(np.uint8)
-        depth_gt[i] = tt.reshape(h, w).astype(np.float32)
-        masks[i] = dyn.reshape(h, w)
-        depth = depth_gt[i].copy()
+        acc = None
+        for k, plan in enumerate(colour_plan):
+            col, tt, dyn = renderer.rows(i, plan)
+            acc = col if acc is None else acc + col
+            if k == len(colour_plan) // 2:
+                depth_gt[i] = tt.reshape(h, w).astype(np.float32)
+                masks[i] = dyn.reshape(h, w)
+        if len(colour_plan) > 1:
+            acc /= len(colour_plan)
+        if gains is not None:
+            acc *= gains[i]
+        if cfg.colour_noise > 0:
+            acc = sensor_model.add_colour_noise(acc, np.random.default_rng([cfg.seed, _COLOUR, i]), cfg.colour_noise)
+        rgb = np.clip(acc + 0.5, 0, 255).astype(np.uint8)
+        clean = depth_gt[i]
+        if own_depth:
+            _, tt, dyn = renderer.rows(i, depth_plan, shade=False)
+            clean = tt.reshape(h, w).astype(np.float32)
+            depth_masks[i] = dyn.reshape(h, w)
+        depth = clean.copy()
         nrng = np.random.default_rng([cfg.seed, _NOISE, i])
         if cfg.depth_noise > 0:
-            depth += (nrng.standard_normal((h, w)) * cfg.depth_noise * depth_gt[i] ** 2).astype(np.float32)
+            depth += (nrng.standard_normal((h, w)) * cfg.depth_noise * clean ** 2).astype(np.float32)
             depth = np.maximum(depth, 0.0)
+        if kinect:
+            depth = sensor_model.kinect_depth(clean, np.random.default_rng([cfg.seed, _KINECT, i]), K[0, 0], w,
+                                              noise=cfg.kinect, quantise=cfg.kinect,
+                                              silhouettes=cfg.silhouette_holes, max_range=cfg.max_range)
         if cfg.depth_holes > 0:
             depth[_holes(nrng, h, w, cfg.depth_holes)] = 0.0
         key = f'{stamps[i]:.6f}'
         frames.append(Frame(stamp=stamps[i], rgb=rgb.reshape(h, w, 3), depth=depth, K=K.copy(), key=key,
                             meta={'depth_stamp': float(depth_stamps[i]), 'source': 'synthetic'}))
     return SyntheticSequence(frames=frames, poses=poses, masks=masks, depth_gt=depth_gt, K=K, stamps=stamps,
-                             depth_stamps=depth_stamps, mover_centers=centres, config=cfg)
+                             depth_stamps=depth_stamps, mover_centers=centres[:, 0], config=cfg,
+                             depth_masks=depth_masks)
 
 
 # ---------------------------------------------------------------------------------------------
