@@ -30,7 +30,7 @@ Gauge: without a warm start the pairwise log-scales are normalised to mean log(0
     then the first window's, whatever the earlier windows were) and held with several
     (``AlignConfig.warm_focal``); per-frame focals of the frames not held are refined.
 Init: maximum-confidence spanning tree over the pairs, chained weighted Procrustes (Umeyama, refitted
-    without outlying points and with Horn's symmetric scale: :func:`robust_procrustes`) from the root, focal from the pointmaps (intrinsics.estimate_focal), depth = z of the registered
+    without outlying points and with Horn's symmetric scale: :func:`~dynrecon_ros.geometry.robust_similarity`) from the root, focal from the pointmaps (intrinsics.estimate_focal), depth = z of the registered
     camera-frame pointmap. In a warm start the tree grows from the frozen frames.
 """
 from __future__ import annotations
@@ -41,8 +41,9 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
-from dynrecon_ros.alignment import hat
 from dynrecon_ros.errors import InputError
+from dynrecon_ros.geometry import (fit_rigid_from_moments, fit_similarity, fit_similarity_torch, hat, intrinsics_matrix,
+                                   pixel_grid, robust_similarity, transform_points, unproject)
 from dynrecon_ros.intrinsics import default_principal_point, estimate_focal
 
 
@@ -127,127 +128,7 @@ class AlignmentState:
 
     def world_points(self, n: int) -> np.ndarray:
         """(H, W, 3) world points of frame n."""
-        h, w = self.depths.shape[1:]
-        v, u = np.mgrid[0:h, 0:w].astype(np.float64)
-        z = self.depths[n]
-        cam = np.stack([(u - self.pp[0]) * z / self.focals[n], (v - self.pp[1]) * z / self.focals[n], z], -1)
-        return cam @ self.poses[n, :3, :3].T + self.poses[n, :3, 3]
-
-
-# ---------------------------------------------------------------------------------------------
-# small geometry helpers (numpy for the init, torch for the optimisation)
-
-def weighted_procrustes(src: np.ndarray, dst: np.ndarray, w: np.ndarray | None = None, scale: bool = True):
-    """Similarity (s, R, t) minimising sum w ||s R src + t - dst||^2 (Umeyama). src, dst (M, 3).
-
-    Hand-written: scipy's Rotation.align_vectors has no scale and no translation.
-    """
-    w = np.ones(len(src)) if w is None else np.asarray(w, np.float64)
-    w = w / max(w.sum(), 1e-12)
-    ms, md = w @ src, w @ dst
-    a, b = src - ms, dst - md
-    cov = (b * w[:, None]).T @ a
-    U, S, Vt = np.linalg.svd(cov)
-    d = np.sign(np.linalg.det(U) * np.linalg.det(Vt))
-    D = np.diag([1.0, 1.0, d])
-    R = U @ D @ Vt
-    var = (w * (a * a).sum(1)).sum()
-    s = float((S * np.diag(D)).sum() / max(var, 1e-12)) if scale else 1.0
-    t = md - s * R @ ms
-    return s, R, t
-
-
-def _lqs_similarity(src: np.ndarray, dst: np.ndarray, w: np.ndarray, quantile: float, cut: float = 3.0,
-                    hypotheses: int = 128, sample: int = 2048, seed: int = 0):
-    """Consensus similarity from ``hypotheses`` Umeyama fits to 3 points drawn with probability ~ w,
-    scored on a sample of the points (w > 0): the residual scale sigma is the smallest ``quantile``
-    of the residuals over the hypotheses (the noise of the most consistent group), and the
-    hypothesis with the largest weight of points within ``cut`` sigma wins (RANSAC's consensus with
-    a scale-free threshold). src, dst (M, 3), w (M,). Returns ((s, R, t), sigma) or None (fewer than
-    10 weighted points). It finds the static majority even when a moving object covers a large part
-    of the view (any group under half the weight, down to ``quantile`` of it for the scale), where
-    a fit to all points is pulled so far that trimming by the median residual cannot recover.
-    Hand-written (vectorised over hypotheses; OpenCV's estimateAffine3D fits an affine map or
-    needs all points, scikit-image's ransac is not a dependency and needs a metric threshold)."""
-    idx = np.flatnonzero(w > 0)
-    if len(idx) < 10:
-        return None
-    rng = np.random.default_rng(seed)
-    pts = idx if len(idx) <= sample else rng.choice(idx, sample, replace=False)
-    p = w[idx] / w[idx].sum()
-    tri = idx[rng.choice(len(idx), (hypotheses, 3), p=p)]
-    a, b = src[tri], dst[tri]  # (K, 3, 3): hypothesis, point, xyz
-    ma, mb = a.mean(1, keepdims=True), b.mean(1, keepdims=True)
-    ac, bc = a - ma, b - mb
-    U, S, Vt = np.linalg.svd(np.einsum('kpi,kpj->kij', bc, ac))
-    d = np.sign(np.linalg.det(U) * np.linalg.det(Vt))
-    U[:, :, 2] *= d[:, None]
-    S[:, 2] *= d
-    R = U @ Vt
-    sc = S.sum(1) / np.maximum((ac ** 2).sum((1, 2)), 1e-30)
-    t = mb[:, 0] - sc[:, None] * np.einsum('kij,kj->ki', R, ma[:, 0])
-    res = np.linalg.norm(sc[:, None, None] * (R @ src[pts].T) + (t[:, :, None] - dst[pts].T[None]), axis=1)  # (K, M)
-    q = np.quantile(res, quantile, axis=1)
-    q[~np.isfinite(q)] = np.inf
-    sigma = float(q.min())  # residual scale of the most consistent group of points
-    if not np.isfinite(sigma):
-        return None
-    # consensus at that scale (weighted): the largest consistent group wins, not merely one that
-    # holds the quantile (a mover over 45 % of the view would hold a 30 % quantile as well)
-    score = ((res <= cut * sigma) * w[pts]).sum(1)
-    k = int(np.lexsort((q, -score))[0])
-    return (float(sc[k]), R[k], t[k]), sigma
-
-
-def robust_procrustes(src: np.ndarray, dst: np.ndarray, w: np.ndarray, scale: bool = True, rounds: int = 2,
-                      cut: float = 3.0, quantile: float | None = 0.3, max_points: int = 16384):
-    """:func:`weighted_procrustes` (with Horn's symmetric scale) refitted ``rounds`` times without
-    the points whose residual exceeds ``cut`` times the median residual of the points kept (points
-    that moved between the views, when no mask has caught them yet). With ``quantile`` the first
-    fit is to the consensus set of :func:`_lqs_similarity` (robust to a moving object over a large
-    part of the view) instead of to all points. src, dst (M, 3), w (M,) >= 0. Above ``max_points``
-    points a regular subsample of them is fitted (an init: 512x384 pointmaps cost 0.5 s per call
-    in full, a subsample of 16k fits as well)."""
-    w = np.asarray(w, np.float64)
-    if max_points and len(src) > max_points:
-        step = -(-len(src) // max_points)
-        src, dst, w = (np.ascontiguousarray(x[::step]) for x in (src, dst, w))
-    src2, dst2 = (src ** 2).sum(1), (dst ** 2).sum(1)
-
-    def fit(wt):
-        s, R, t = weighted_procrustes(src, dst, wt, scale)
-        if scale:  # Horn's symmetric scale (ratio of spreads): equal to Umeyama's on consistent
-            # points, but it does not shrink towards 0 when the two sets are poorly correlated
-            wn = wt / max(wt.sum(), 1e-12)
-            ms, md = wn @ src, wn @ dst
-            # weighted variances (E|x|^2 - |E x|^2); multiply-sum, not a BLAS dot (OpenBLAS threads
-            # a long ddot: 5 ms for 16k points on a loaded 2-core box, vs 20 us)
-            vs = (wn * src2).sum() - ms @ ms
-            vd = (wn * dst2).sum() - md @ md
-            s = float(np.sqrt(max(vd, 0) / max(vs, 1e-24)))
-            t = md - s * R @ ms
-        return s, R, t
-
-    use = w > 0
-    seedfit = _lqs_similarity(src, dst, w, quantile, cut) if quantile is not None and scale else None
-    if seedfit is not None:
-        (s, R, t), qr = seedfit
-        r = np.linalg.norm(s * src @ R.T + t - dst, axis=1)
-        keep = w * (r <= cut * max(qr, 1e-12))
-        s, R, t = fit(keep) if (keep > 0).sum() >= 10 else fit(w)
-    else:
-        keep = w
-        s, R, t = fit(w)
-    for _ in range(rounds):
-        r = np.linalg.norm(s * src @ R.T + t - dst, axis=1)
-        if use.sum() < 10:
-            break
-        med = float(np.median(r[keep > 0])) if (keep > 0).any() else float(np.median(r[use]))
-        keep = w * (r <= cut * max(med, 1e-12))
-        if keep.sum() <= 0:
-            break
-        s, R, t = fit(keep)
-    return s, R, t
+        return transform_points(self.poses[n], unproject(self.depths[n], intrinsics_matrix(self.focals[n], self.pp)))
 
 
 def _quat_to_R(q: torch.Tensor) -> torch.Tensor:
@@ -271,12 +152,6 @@ def _signed_log1p(x):
 
 def _signed_expm1(x):
     return torch.sign(x) * torch.expm1(torch.abs(x))
-
-
-def _unproject(z: np.ndarray, f: float, pp) -> np.ndarray:
-    h, w = z.shape
-    v, u = np.mgrid[0:h, 0:w].astype(np.float64)
-    return np.stack([(u - pp[0]) * z / f, (v - pp[1]) * z / f, z], -1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -374,11 +249,11 @@ class PointmapAligner:
                     continue
                 if i in world:
                     src, dst, c = arr['pts3d_1'][e], world[i], arr['conf_1'][e] ** static[i]
-                    s, R, t = robust_procrustes(src.reshape(-1, 3), dst.reshape(-1, 3), np.log(c).reshape(-1).clip(0))
+                    s, R, t = robust_similarity(src.reshape(-1, 3), dst.reshape(-1, 3), np.log(c).reshape(-1).clip(0))
                     world[j] = s * arr['pts3d_2_in_1'][e] @ R.T + t
                 else:
                     src, dst, c = arr['pts3d_2_in_1'][e], world[j], arr['conf_2'][e] ** static[j]
-                    s, R, t = robust_procrustes(src.reshape(-1, 3), dst.reshape(-1, 3), np.log(c).reshape(-1).clip(0))
+                    s, R, t = robust_similarity(src.reshape(-1, 3), dst.reshape(-1, 3), np.log(c).reshape(-1).clip(0))
                     world[i] = s * arr['pts3d_1'][e] @ R.T + t
                 grown = True
                 break
@@ -410,8 +285,8 @@ class PointmapAligner:
             c = arr['conf_1'][e]
             # register the pointmap as the model sees it (its z unprojected with the model's focal and
             # pp), so depth and pose are consistent with the unknowns even where the network's rays differ
-            cam = _unproject(np.clip(arr['pts3d_1'][e][..., 2], 1e-6, None), focals[f], pp)
-            s, R, t = robust_procrustes(cam.reshape(-1, 3), world[f].reshape(-1, 3),
+            cam = unproject(np.clip(arr['pts3d_1'][e][..., 2], 1e-6, None), intrinsics_matrix(focals[f], pp))
+            s, R, t = robust_similarity(cam.reshape(-1, 3), world[f].reshape(-1, 3),
                                         np.log(c).reshape(-1).clip(0) * static[f].reshape(-1))
             poses[f] = np.eye(4)
             poses[f, :3, :3], poses[f, :3, 3] = R, t
@@ -427,10 +302,8 @@ class PointmapAligner:
         dt = torch.float64 if dev.type == 'cpu' else torch.float32
         T = lambda x: torch.as_tensor(np.asarray(x), dtype=dt, device=dev)  # noqa: E731
         n, H, W = depths.shape
-        v, u = np.mgrid[0:H, 0:W].astype(np.float64)
-        f = np.asarray(focals, np.float64)[:, None, None]
-        cam = T(np.stack([(u - pp[0]) / f * depths, (v - pp[1]) / f * depths, depths], -1)).reshape(n, -1, 3)
-        world = _rot(T(poses[:, :3, :3]), cam) + T(poses[:, :3, 3])[:, None]  # (N, HW, 3)
+        cam = T(unproject(depths, np.stack([intrinsics_matrix(f, pp) for f in focals]))).reshape(n, -1, 3)
+        world = _rotate(T(poses[:, :3, :3]), cam) + T(poses[:, :3, 3])[:, None]  # (N, HW, 3)
         st = T(static).reshape(n, -1)
         ii = torch.tensor([p[0] for p in pairs], device=dev)
         jj = torch.tensor([p[1] for p in pairs], device=dev)
@@ -439,7 +312,7 @@ class PointmapAligner:
             X, L = _slot_tensors({k: a[e0:e0 + chunk] for k, a in arr.items()}, dev, dt)  # (2p, HW, 3), (2p, HW)
             p = X.shape[0] // 2
             ij = torch.stack([ii[e0:e0 + p], jj[e0:e0 + p]], 1).reshape(-1)  # each slot's frame
-            sc, R, t = _procrustes_batch(X.view(p, -1, 3), world[ij].view(p, -1, 3), (L * st[ij]).view(p, -1))[:3]
+            sc, R, t = fit_similarity_torch(X.view(p, -1, 3), world[ij].view(p, -1, 3), (L * st[ij]).view(p, -1))[:3]
             out += [(float(sc[k]), R[k].cpu().double().numpy(), t[k].cpu().double().numpy()) for k in range(p)]
         return out
 
@@ -564,8 +437,7 @@ class PointmapAligner:
         st = T(static)
         w1 = L.view(P, 2, H, W)[:, 0] * st[ii]
         w2 = L.view(P, 2, H, W)[:, 1] * st[jj]
-        v, u = torch.meshgrid(torch.arange(H, device=dev, dtype=torch.float32),
-                              torch.arange(W, device=dev, dtype=torch.float32), indexing='ij')
+        u, v = T(pixel_grid(H, W)).unbind(-1)
         ppt = T(pp)
         ray = torch.stack([u - ppt[0], v - ppt[1]], -1)  # (H, W, 2)
 
@@ -734,19 +606,19 @@ def window_loss(state: AlignmentState, pairs, pair_outputs, masks=None) -> float
         dst = np.concatenate([world[i], world[j]])
         wgt = np.concatenate([(np.log(arr['conf_1'][e]).clip(0) * static[i]).reshape(-1),
                               (np.log(arr['conf_2'][e]).clip(0) * static[j]).reshape(-1)])
-        s, R, t = weighted_procrustes(src, dst, wgt)
+        s, R, t = fit_similarity(src, dst, wgt)
         total += (wgt * np.linalg.norm(s * src @ R.T + t - dst, axis=1)).sum()
         logs.append(math.log(s))
     return float(total / (P * H * W) * 0.5 / math.exp(np.mean(logs)))
 
 
 # batched 3x3 products as bmm: several times faster than the equivalent torch.einsum on CPU
-def _rot(R, X):
+def _rotate(R, X):
     """(B, M, 3): R (B, 3, 3) applied to the points X (B, M, 3)."""
     return torch.bmm(X, R.transpose(1, 2))
 
 
-def _rot_t(R, X):
+def _rotate_inv(R, X):
     """(B, M, 3): R^T applied to X."""
     return torch.bmm(X, R)
 
@@ -787,45 +659,6 @@ def _slot_tensors(arr, device, dtype):
     return X.view(2 * P, H * W, 3), L.view(2 * P, H * W)
 
 
-def _svd_rotation(cov):
-    """The rotation R (B, 3, 3) maximising tr(R^T cov) for cov (B, 3, 3) (Umeyama's reflection-safe SVD
-    solution), and sum(S * D) (B,), the numerator of Umeyama's scale."""
-    U, S, Vt = torch.linalg.svd(cov)
-    D = torch.ones_like(S)
-    D[:, 2] = torch.sign(torch.linalg.det(U) * torch.linalg.det(Vt))
-    return U @ torch.diag_embed(D) @ Vt, (S * D).sum(1)
-
-
-def _procrustes_batch(src, dst, w):
-    """Batched :func:`weighted_procrustes` in torch: src, dst (B, M, 3), w (B, M) -> s (B,), R (B, 3, 3),
-    t (B, 3) with s R src + t ~ dst, and the weighted means of src and dst (B, 3) and the weighted
-    variance of src (B,) (weights normalised per batch).
-    float64: from the raw moments (no centred copies of the points); float32: centred first (the
-    moments would lose the precision of world points far from the origin)."""
-    w = w / w.sum(1, keepdim=True).clamp_min(1e-30)
-    ms, md = _wsum(w, src), _wsum(w, dst)
-    if src.dtype == torch.float64:
-        ws = src * w[..., None]
-        cov = torch.bmm(dst.transpose(1, 2), ws) - md[:, :, None] * ms[:, None, :]
-        var = torch.einsum('bmi,bmi->b', ws, src) - _dot(ms, ms)
-    else:
-        a, b = src - ms[:, None], dst - md[:, None]
-        cov = torch.bmm((b * w[..., None]).transpose(1, 2), a)
-        var = torch.einsum('bm,bm->b', w, _dot(a, a))
-    R, sd = _svd_rotation(cov)
-    sc = sd / var.clamp_min(1e-30)
-    return sc, R, md - sc[:, None] * torch.einsum('bij,bj->bi', R, ms), ms, md, var
-
-
-def _rigid_from_moments(sw, sx, sy, sxy):
-    """Rigid (R, t) minimising sum w ||R x + t - y||^2 from the weighted moments: sw (B,), sx, sy (B, 3)
-    = sum w x, sum w y, sxy (B, 3, 3) = sum w y x^T (Umeyama without scale)."""
-    W = sw.clamp_min(1e-30)
-    mx, my = sx / W[:, None], sy / W[:, None]
-    R, _ = _svd_rotation(sxy / W[:, None, None] - my[:, :, None] * mx[:, None, :])
-    return R, my - torch.einsum('bij,bj->bi', R, mx)
-
-
 class _ClosedFormProblem:
     """The objective of :func:`refine_closed_form` on a window: tensors and evaluation (see there)."""
 
@@ -841,8 +674,7 @@ class _ClosedFormProblem:
         ii = torch.tensor([p[0] for p in pairs], device=dev)
         jj = torch.tensor([p[1] for p in pairs], device=dev)
         self.fs = torch.stack([ii, jj], 1).reshape(-1)  # frame of each (pair, view) slot (pair-major)
-        v_, u_ = np.mgrid[0:H, 0:W].astype(np.float64)
-        self.uv = T(np.stack([u_, v_], -1)).reshape(-1, 2)
+        self.uv = T(pixel_grid(H, W)).reshape(-1, 2)
         self.pp = T(state.pp)
         self.uvc = self.uv - self.pp  # (HW, 2) pixel offsets from the principal point
         self.set_focals(T(state.focals))
@@ -870,7 +702,7 @@ class _ClosedFormProblem:
             gs = state if gate_state is None else gate_state
             R, t = T(gs.poses[:, :3, :3]), T(gs.poses[:, :3, 3])
             chi = self.world(R, t, T(gs.depths).reshape(n, -1))[fa]
-            Y = _rot_t(R[fb], chi - t[fb][:, None])
+            Y = _rotate_inv(R[fb], chi - t[fb][:, None])
             z = Y[..., 2]
             proj = Y[..., :2] / z.clamp_min(1e-12)[..., None] * self.focals[fb][:, None, None] + self.pp
             err = proj - q
@@ -902,13 +734,13 @@ class _ClosedFormProblem:
 
     def world(self, R, t, d):
         """(n, HW, 3) world points of depths d (n, HW) with poses R (n, 3, 3), t (n, 3)."""
-        return _rot(R, d[..., None] * self.rays) + t[:, None]
+        return _rotate(R, d[..., None] * self.rays) + t[:, None]
 
     def targets(self, sims, translate: bool = True):
         """(2P, HW, 3): each slot's pointmap mapped to the world by its pair's similarity (without its
         translation unless ``translate``)."""
         sc, Rp, tp = sims
-        A = _rot(Rp, self.X.view(self.P, -1, 3)).mul_(sc[:, None, None])
+        A = _rotate(Rp, self.X.view(self.P, -1, 3)).mul_(sc[:, None, None])
         if translate:
             A += tp[:, None]
         return A.view(2 * self.P, -1, 3)
@@ -919,9 +751,9 @@ class _ClosedFormProblem:
         point in the world; dist = ||X - L||, the object-space reprojection error (F, HW)."""
         fa, fb, rq, rq2, _ = self.flow
         X = chi[fa]
-        Y = _rot_t(R[fb], X - t[fb][:, None])
+        Y = _rotate_inv(R[fb], X - t[fb][:, None])
         c = rq * (_dot(Y, rq) / rq2)[..., None]
-        L = _rot(R[fb], c) + t[fb][:, None]
+        L = _rotate(R[fb], c) + t[fb][:, None]
         return X, c, L, (X - L).norm(dim=-1)
 
     def objective(self, R, t, d, sims, parts: bool = False, targets=None):
@@ -1213,7 +1045,7 @@ def _joint_delta(prob, R, t, d, sims, free, free_d, anchor, pair_gauge, fcol=Non
     rn = r.norm(dim=-1)
     w = Wt / rn.clamp_min(eps)  # (2P, HW) IRLS weights
     ref = float((Wt * rn).sum()) / (P * prob.H * prob.W)  # the objective now (no flow term here)
-    a = _rot(R, prob.rays)  # (n, HW, 3) d chi / d depth
+    a = _rotate(R, prob.rays)  # (n, HW, 3) d chi / d depth
     Hg = torch.zeros(G + 1, G + 1, dtype=sd, device=dev)
     gg = torch.zeros(G + 1, dtype=sd, device=dev)
     kept = []  # per frame with free depths: (frame, its columns, B (HW, c), 1 / h (HW,), g_d (HW,)), float64
@@ -1224,7 +1056,7 @@ def _joint_delta(prob, R, t, d, sims, free, free_d, anchor, pair_gauge, fcol=Non
     if nk:  # the focals' rows: J = q = d R (k uvc, 0) (the slot's frame), against the slot's 13 columns
         fk = torch.where(fcol >= 0, kb + fcol, torch.full_like(fcol, G))  # each frame's focal column (G: held)
         kuv = prob.rays[..., :2]  # (n, HW, 2) k (u - cx, v - cy)
-        q = (_rot(R, torch.cat([kuv, torch.zeros_like(kuv[..., :1])], -1)) * d[..., None])[fs]  # (2P, HW, 3)
+        q = (_rotate(R, torch.cat([kuv, torch.zeros_like(kuv[..., :1])], -1)) * d[..., None])[fs]  # (2P, HW, 3)
         wq = q * w[..., None]
         Wq, Qy, Qz = wq.sum(1), torch.bmm(wq.transpose(1, 2), y), torch.bmm(wq.transpose(1, 2), z)  # sum w q y^T ...
         c13 = torch.cat([-_vee(Qy), Wq, _vee(Qz), -Qz.diagonal(dim1=1, dim2=2).sum(1)[:, None], -Wq], 1).to(sd)
@@ -1442,7 +1274,7 @@ def refine_closed_form(state: AlignmentState, pairs, pair_outputs, masks=None, f
         # pair similarities: both views of a pair in one weighted Umeyama
         src2, dst2, w2 = X.view(P, -1, 3), dst.view(P, -1, 3), w.reshape(P, -1)  # pair-major: no copies
         s_old = None if sims is None else sims[0]
-        *sims, ms, md, var = _procrustes_batch(src2, dst2, w2)
+        *sims, ms, md, var = fit_similarity_torch(src2, dst2, w2)
         if pair_scale_gauge and s_old is not None:
             # DUSt3R's scale gauge: the pairs' mean log-scale held; per pair the majoriser is
             # W var (s - s*)^2 in s (R does not depend on s, t follows), so the constrained
@@ -1480,14 +1312,14 @@ def refine_closed_form(state: AlignmentState, pairs, pair_outputs, masks=None, f
                 My = My.index_add(0, fr, _wsum(ww, y))
                 Mxy = Mxy.index_add(0, fr, torch.bmm((y * ww[..., None]).transpose(1, 2), x))
                 cnt = cnt.index_add(0, fr, (ww > 0).sum(1))
-        Rn, tn = _rigid_from_moments(Mw, Mx, My, Mxy)
+        Rn, tn = fit_rigid_from_moments(Mw, Mx, My, Mxy)
         ok = free & (cnt >= 3)
         R = torch.where(ok[:, None, None], Rn, R)
         t = torch.where(ok[:, None], tn + t, t)
         record(trace)
         # depths: per pixel, 1-D IRLS along the ray to the targets expressed in the camera, plus the
         # distance to the flow lines
-        B = _rot_t(R[fs], A - t[fs][:, None])
+        B = _rotate_inv(R[fs], A - t[fs][:, None])
         Wr = Wt / (prob.world(R, t, d)[fs] - A).norm(dim=-1).clamp_min(eps)  # = |d ray - B|
         # the data part split by its dependence on k = 1 / f (ray = (k uvc, 1)):
         # num = k b + a, den = W (1 + k^2 |uvc|^2)
@@ -1498,12 +1330,12 @@ def refine_closed_form(state: AlignmentState, pairs, pair_outputs, masks=None, f
         fnum, fden = zero, zero
         if prob.flow is not None:
             fa, fb, rq, rq2, g = prob.flow
-            u = _rot(R[fb], rq)  # world direction of each line
+            u = _rotate(R[fb], rq)  # world direction of each line
 
             def perp(x):  # component orthogonal to the line
                 return x - u * (_dot(x, u) / rq2)[..., None]
             e0 = perp((t[fa] - t[fb])[:, None].expand_as(u))
-            e1 = perp(_rot(R[fa], prob.rays[fa]))
+            e1 = perp(_rotate(R[fa], prob.rays[fa]))
             om = g / (e0 + d[fa][..., None] * e1).norm(dim=-1).clamp_min(eps)
             fnum = zero.index_add(0, fa, -om * _dot(e0, e1))
             fden = zero.index_add(0, fa, om * _dot(e1, e1))

@@ -5,12 +5,12 @@ import pytest
 from dynrecon_ros.data.synthetic import SyntheticConfig, render_sequence
 from dynrecon_ros.errors import InputError
 from dynrecon_ros.evaluation import trajectory_metrics
+from dynrecon_ros.geometry import fit_similarity, robust_similarity
 from dataclasses import replace
 
 from dynrecon_ros.pointmap_alignment import (AlignConfig, AlignmentState, PointmapAligner, closed_form_objective,
                                              metric_scale_from_depth, mover_ids_from_sequence,
-                                             pairs_from_ground_truth, refine_closed_form, robust_procrustes,
-                                             scale_state, weighted_procrustes, window_pairs)
+                                             pairs_from_ground_truth, refine_closed_form, scale_state, window_pairs)
 
 # 32x24, 4 fast movers (~30 % dynamic pixels), 10 fps so the camera moves a few cm per frame
 CFG = dict(width=32, height=24, movers=4, seed=0, fps=10.0, mover_speed=3.0)
@@ -51,7 +51,7 @@ def test_recovers_trajectory_and_focal_and_degrades_without_mask(seq12):
     assert np.isclose(np.exp(np.log(good.pair_scales).mean()), 0.5, rtol=1e-4)  # the scale gauge
     bad = _aligner().align(pairs, out, masks=None, pp=pp)
     mb = _ate(seq12, bad.poses)
-    # the consensus seed of the init (robust_procrustes) absorbs much of the movers' harm by itself
+    # the consensus seed of the init (robust_similarity) absorbs much of the movers' harm by itself
     # (without masks 17.1 -> 8.7 mm, with masks 3.9 -> 3.5 mm), but the masks still matter clearly
     assert mb['ate_rmse_sim3'] > 2 * m['ate_rmse_sim3'], (mb['ate_rmse_sim3'], m['ate_rmse_sim3'])
     # static-pixel depth also recovered up to the one global scale
@@ -180,7 +180,7 @@ def test_nan_marked_garbage_flow_does_not_mislead_the_first_window(seq12):
     assert off['marked'] < 0.3 * off['garbage'], off
 
 
-def test_weighted_procrustes_and_input_errors():
+def test_fit_similarity_and_input_errors():
     rng = np.random.default_rng(0)
     src = rng.standard_normal((50, 3))
     from scipy.spatial.transform import Rotation
@@ -189,7 +189,7 @@ def test_weighted_procrustes_and_input_errors():
     dst[:5] += 10  # outliers with zero weight
     wgt = np.ones(50)
     wgt[:5] = 0
-    s, R2, t = weighted_procrustes(src, dst, wgt)
+    s, R2, t = fit_similarity(src, dst, wgt)
     assert np.isclose(s, 2.5) and np.allclose(R2, R) and np.allclose(t, [1, 2, 3])
     with pytest.raises(InputError):
         PointmapAligner().align([(0, 1)], {'pts3d_1': np.zeros((1, 4, 4, 3))})
@@ -200,7 +200,7 @@ def test_weighted_procrustes_and_input_errors():
 
 
 @pytest.mark.parametrize('mover_fraction', [0.2, 0.45])
-def test_robust_procrustes_finds_the_static_majority_under_a_large_coherent_mover(mover_fraction):
+def test_robust_similarity_finds_the_static_majority_under_a_large_coherent_mover(mover_fraction):
     """A moving object as a static-scene network gives it: a coherent block of the points shifted
     together (here 0.2 m with camera-scale motion ~0.03 m). Trimming by the median residual of a fit
     to all points cannot recover once the block is large; the least-quantile seed does."""
@@ -220,10 +220,10 @@ def test_robust_procrustes_finds_the_static_majority_under_a_large_coherent_move
         s_, R_, t_ = fit
         return abs(s_ / 1.7 - 1), np.degrees(Rotation.from_matrix(R_.T @ R).magnitude()), np.linalg.norm(t_ / 1.7 - t)
 
-    se, re, te = err(robust_procrustes(src, dst, w))
+    se, re, te = err(robust_similarity(src, dst, w))
     assert se < 2e-3 and re < 0.05 and te < 3e-3, (se, re, te)
     if mover_fraction > 0.4:  # the median-trimmed fit alone is pulled off by the block
-        _, _, te0 = err(robust_procrustes(src, dst, w, quantile=None))
+        _, _, te0 = err(robust_similarity(src, dst, w, quantile=None))
         assert te0 > 10 * te, (te0, te)
 
 
@@ -593,6 +593,6 @@ def test_batched_pair_similarities_match_the_per_pair_fit(seq12):
         src = np.concatenate([out['pts3d_1'][e].reshape(-1, 3), out['pts3d_2_in_1'][e].reshape(-1, 3)])
         w = np.concatenate([(np.log(out['conf_1'][e]).clip(0) * static[i]).reshape(-1),
                             (np.log(out['conf_2'][e]).clip(0) * static[j]).reshape(-1)])
-        s, R, t = weighted_procrustes(src.astype(np.float64), np.concatenate([world[i], world[j]]), w)
+        s, R, t = fit_similarity(src.astype(np.float64), np.concatenate([world[i], world[j]]), w)
         assert np.isclose(got[e][0], s, rtol=1e-6) and np.allclose(got[e][1], R, atol=1e-6)
         assert np.allclose(got[e][2], t, atol=1e-6 * (1 + np.abs(t).max()))
