@@ -76,9 +76,7 @@ class MonocularWindow:
         self.segment_on = cfg.segmentation.enabled
         self.att_min_contrast = cfg.segmentation.attention_min_contrast
         threads = cfg.alignment.threads if cfg.alignment.threads > 0 else None
-        self.aligner = PointmapAligner(AlignConfig(iterations=b.align_iterations, warm_iterations=b.align_warm_iterations,
-                                                   warm_mode=b.align_warm_mode, shared_focal=b.shared_focal,
-                                                   device=device, cpu_threads=threads))
+        self.aligner = PointmapAligner(AlignConfig.from_backend(b, device=device, cpu_threads=threads))
         if torch.device(device).type == 'cuda' and hasattr(predictor, 'tensor_device'):
             predictor.tensor_device = device  # pair outputs kept on the aligner's device: a step uploads its new pairs only
         self.state = None  # AlignmentState of the last window (network resolution)

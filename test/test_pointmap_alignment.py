@@ -8,9 +8,11 @@ from dynrecon_ros.evaluation import trajectory_metrics
 from dynrecon_ros.geometry import fit_similarity, robust_similarity
 from dataclasses import replace
 
-from dynrecon_ros.pointmap_alignment import (AlignConfig, AlignmentState, PointmapAligner, closed_form_objective,
-                                             metric_scale_from_depth, mover_ids_from_sequence,
-                                             pairs_from_ground_truth, refine_closed_form, scale_state, window_pairs)
+from dynrecon_ros.pointmap_alignment import (AlignConfig, AlignmentState, PointmapAligner, check_pair_outputs,
+                                             closed_form_objective, metric_scale_from_depth, refine_closed_form,
+                                             scale_state)
+from dynrecon_ros.pointmap_alignment.init import pair_similarities
+from pointmap_fixtures import mover_ids_from_sequence, pairs_from_ground_truth, window_pairs
 
 # 32x24, 4 fast movers (~30 % dynamic pixels), 10 fps so the camera moves a few cm per frame
 CFG = dict(width=32, height=24, movers=4, seed=0, fps=10.0, mover_speed=3.0)
@@ -36,7 +38,7 @@ def _ate(seq, poses, lo=0):
 
 def _aligner(**kw):
     kw.setdefault('smooth_weight', 0.0)
-    return PointmapAligner(AlignConfig(iterations=100, cpu_threads=1, **kw))
+    return PointmapAligner(AlignConfig.from_backend(iterations=100, cpu_threads=1, **kw))
 
 
 def test_recovers_trajectory_and_focal_and_degrades_without_mask(seq12):
@@ -335,7 +337,7 @@ def test_flow_term_corrects_a_misled_new_frame_and_wrong_flow_is_harmless(seq12)
     pairs, out, prev, flows = _flow_window(seq12)
     kw = dict(masks=seq12.masks[1:9], pp=seq12.K[:2, 2], frame_ids=list(range(1, 9)), init=prev,
               frozen_ids=list(range(1, 8)))
-    al = PointmapAligner(AlignConfig(cpu_threads=1, **FLOW_GATE))  # product defaults (closed-form warm step)
+    al = PointmapAligner(AlignConfig.from_backend(cpu_threads=1, **FLOW_GATE))  # product defaults (closed-form warm step)
     assert al.cfg.warm_optimizer == 'closed_form' and al.cfg.flow_weight_closed_form > 0
     no_flow = _new_frame_error(seq12, al.align(pairs, out, **kw))
     with_flow = _new_frame_error(seq12, al.align(pairs, out, flows=flows, **kw))
@@ -349,7 +351,7 @@ def test_flow_term_corrects_a_misled_new_frame_and_wrong_flow_is_harmless(seq12)
     print(f'with random flow {wrong_err:.3f} deg')
     assert abs(wrong_err - no_flow) < 0.1 * no_flow
     # even with gate and guard off, the L1 term's bounded pull keeps it from wrecking the pose
-    loose = PointmapAligner(AlignConfig(cpu_threads=1, flow_max_px=np.inf, flow_guard=np.inf))
+    loose = PointmapAligner(AlignConfig.from_backend(cpu_threads=1, flow_max_px=np.inf, flow_guard=np.inf))
     loose_err = _new_frame_error(seq12, loose.align(pairs, out, flows=wrong, **kw))
     print(f'with random flow, no gate: {loose_err:.3f} deg')
     assert loose_err < 1.3 * no_flow
@@ -386,7 +388,7 @@ def test_closed_form_focal_block(seq12, one_thread):
     assert np.ptp(per.focals[1:]) > 0 and per.history[-1] < shared.history[-1]
     # through the aligner: warm_focal refines an estimated focal (by default when one frame is held,
     # not when several are); a given focal is always held
-    a = PointmapAligner(AlignConfig(iterations=100, cpu_threads=1)).align(pairs, out, masks=seq12.masks[:8],
+    a = PointmapAligner(AlignConfig.from_backend(iterations=100, cpu_threads=1)).align(pairs, out, masks=seq12.masks[:8],
                                                                           pp=seq12.K[:2, 2], frame_ids=list(range(8)))
     pairs_b, out_b = _window(seq12, 1, 9, seed=2)
     f_off = a.focals[0] * 1.02
@@ -394,7 +396,7 @@ def test_closed_form_focal_block(seq12, one_thread):
               init=replace(a, focals=a.focals * 1.02))
 
     def warm(warm_focal, **more):
-        return PointmapAligner(AlignConfig(cpu_threads=1, warm_focal=warm_focal)).align(pairs_b, out_b, **kw, **more)
+        return PointmapAligner(AlignConfig.from_backend(cpu_threads=1, warm_focal=warm_focal)).align(pairs_b, out_b, **kw, **more)
     for warm_focal in (True, None):
         assert abs(warm(warm_focal).focals[0] / a.focals[0] - 1) < 0.5 * 0.02
     np.testing.assert_allclose(warm(None, frozen_ids=[1, 2]).focals, f_off)
@@ -426,7 +428,8 @@ def test_joint_step_is_the_constrained_gauss_newton_solution(seq12, frozen, anch
     frames with held depths ('freeze' mode); focals held, one shared, or one per frame not held."""
     import torch
     from dynrecon_ros.alignment import hat
-    from dynrecon_ros.pointmap_alignment import _ClosedFormProblem, _joint_delta
+    from dynrecon_ros.pointmap_alignment.joint import _joint_delta
+    from dynrecon_ros.pointmap_alignment.problem import _ClosedFormProblem
     n, pairs = 4, window_pairs(4, 1)
     pairs_all, out_all = _window(seq12, 0, 4)
     keep = [pairs_all.index(p) for p in pairs]
@@ -538,13 +541,13 @@ def test_joint_steps_converge_faster_than_block_sweeps(seq12, one_thread):
 
 def test_float32_and_device_tensor_inputs_align_as_float64(seq12, one_thread):
     """The aligner takes the network's float32 outputs as they are (no float64 copy of the window in
-    _check), torch tensors, and precomputed log-confidence weights: the closed-form refinement and
+    check_pair_outputs), torch tensors, and precomputed log-confidence weights: the closed-form refinement and
     the Adam schedule give the float64 inputs' result up to float rounding."""
     import torch
     pairs, out, prev, flows = _flow_window(seq12)
     masks = seq12.masks[1:9]
     assert out['pts3d_1'].dtype == np.float32
-    arr = PointmapAligner._check(pairs, out)
+    arr = check_pair_outputs(pairs, out)
     assert all(np.shares_memory(arr[k], out[k]) for k in out)  # no copy
     out64 = {k: v.astype(np.float64) for k, v in out.items()}
     logw = {f'logw_{v}': np.log(np.maximum(out[f'conf_{v}'], 1)) for v in (1, 2)}
@@ -572,7 +575,7 @@ def test_float32_and_device_tensor_inputs_align_as_float64(seq12, one_thread):
         a32 = al.align(pairs, given, masks=masks, iterations=20)
         np.testing.assert_allclose(a32.poses, a64.poses, rtol=0, atol=1e-4)
     with pytest.raises(InputError, match='logw_1'):
-        PointmapAligner._check(pairs, dict(out, logw_1=logw['logw_1'][:, :-1]))
+        check_pair_outputs(pairs, dict(out, logw_1=logw['logw_1'][:, :-1]))
 
 
 def test_batched_pair_similarities_match_the_per_pair_fit(seq12):
@@ -584,8 +587,8 @@ def test_batched_pair_similarities_match_the_per_pair_fit(seq12):
     poses, depths = seq12.poses[:n], seq12.depth_gt[:n] * rng.uniform(0.9, 1.1, (n, 1, 1))
     focals, pp = np.full(n, seq12.K[0, 0]) * rng.uniform(0.95, 1.05, n), seq12.K[:2, 2]
     static = (~seq12.masks[:n]).astype(np.float64)
-    arr = PointmapAligner._check(pairs, out)
-    got = PointmapAligner(AlignConfig())._pair_similarities(pairs, arr, static, poses, depths, focals, pp, chunk=4)
+    arr = check_pair_outputs(pairs, out)
+    got = pair_similarities(pairs, arr, static, poses, depths, focals, pp, 'cpu', chunk=4)
     st = AlignmentState(poses=poses, depths=depths, focals=focals, pp=pp, pair_scales=np.ones(len(pairs)),
                         frame_ids=list(range(n)), loss=0.0)
     world = [st.world_points(k).reshape(-1, 3) for k in range(n)]
@@ -596,3 +599,18 @@ def test_batched_pair_similarities_match_the_per_pair_fit(seq12):
         s, R, t = fit_similarity(src.astype(np.float64), np.concatenate([world[i], world[j]]), w)
         assert np.isclose(got[e][0], s, rtol=1e-6) and np.allclose(got[e][1], R, atol=1e-6)
         assert np.allclose(got[e][2], t, atol=1e-6 * (1 + np.abs(t).max()))
+
+
+def test_align_config_takes_its_backend_settings_from_the_backend_config():
+    """backend.align_* (YAML keys, ROS parameters) are the one source: AlignConfig has no defaults of its own
+    for them and from_backend copies them."""
+    from dynrecon_ros.config import BackendConfig
+    with pytest.raises(TypeError):
+        AlignConfig()
+    b = BackendConfig(align_iterations=7, align_warm_iterations=3, align_warm_mode='freeze', shared_focal=False)
+    c = AlignConfig.from_backend(b, device='cpu', cpu_threads=2)
+    assert (c.iterations, c.warm_iterations, c.warm_mode, c.shared_focal, c.cpu_threads) == (7, 3, 'freeze', False, 2)
+    d, ref = AlignConfig.from_backend(), BackendConfig()
+    assert (d.iterations, d.warm_iterations, d.warm_mode, d.shared_focal) == (
+        ref.align_iterations, ref.align_warm_iterations, ref.align_warm_mode, ref.shared_focal)
+    assert AlignConfig.from_backend(b, iterations=11).iterations == 11
