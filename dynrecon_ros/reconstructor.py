@@ -124,7 +124,7 @@ class StageTimes:
         return {k: total / n for k, (total, n) in list(self._acc.items()) if n}
 
 
-def _pose_from_tum(v) -> np.ndarray:
+def _world_pose_matrix(v) -> np.ndarray:
     if len(v) != 7:
         raise InputError(f'world_pose must be [tx, ty, tz, qx, qy, qz, qw], got {v}')
     return poses_from_tum(v)
@@ -177,7 +177,7 @@ class Reconstructor:
         if cfg.intrinsics is not None:
             fx, fy, cx, cy = [float(v) for v in cfg.intrinsics]
             self.default_K = np.array([[fx, 0, cx], [0, fy, cy], [0, 0, 1.0]])
-        self.world_pose = np.eye(4) if cfg.world_pose is None else _pose_from_tum(cfg.world_pose)
+        self.world_pose = np.eye(4) if cfg.world_pose is None else _world_pose_matrix(cfg.world_pose)
         self._pending: list = []  # FrameResult (skipped) or WindowEntry (accepted), push order
         self._constraints: dict[tuple[int, int], PairConstraint] = {}  # by push indices
         self._last_stamp = None
