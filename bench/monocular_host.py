@@ -13,8 +13,8 @@ script measures an old and a new version of the package (run it from an old chec
   predict_window (host)  Dust3rPredictor.predict_window minus the oracle net (cache entry, gather)
   finite_views           the non-finite check of the new frame's outputs
   _align prep            MonocularWindow._align minus PointmapAligner.align (non-finite fix, flows)
-  align: _check          PointmapAligner._check (conversion of the inputs)
-  align: _init_tree      the spanning-tree placement of the new frame (numpy) and pair similarities (torch)
+  align: _check          check_pair_outputs (conversion of the inputs)
+  align: _init_tree      tree_init: the spanning-tree placement of the new frame (numpy) and pair similarities (torch)
   align: problem setup   _ClosedFormProblem.__init__ (tensors, weights, flow gate)
   align: sweeps          refine_closed_form minus its problem setup: the aligner's math
 in wall-clock ms and in process CPU ms (all threads: comparable under other jobs' load).

@@ -337,7 +337,8 @@ def test_flow_term_corrects_a_misled_new_frame_and_wrong_flow_is_harmless(seq12)
     pairs, out, prev, flows = _flow_window(seq12)
     kw = dict(masks=seq12.masks[1:9], pp=seq12.K[:2, 2], frame_ids=list(range(1, 9)), init=prev,
               frozen_ids=list(range(1, 8)))
-    al = PointmapAligner(AlignConfig.from_backend(cpu_threads=1, **FLOW_GATE))  # product defaults (closed-form warm step)
+    # product defaults (closed-form warm step)
+    al = PointmapAligner(AlignConfig.from_backend(cpu_threads=1, **FLOW_GATE))
     assert al.cfg.warm_optimizer == 'closed_form' and al.cfg.flow_weight_closed_form > 0
     no_flow = _new_frame_error(seq12, al.align(pairs, out, **kw))
     with_flow = _new_frame_error(seq12, al.align(pairs, out, flows=flows, **kw))
@@ -388,15 +389,16 @@ def test_closed_form_focal_block(seq12, one_thread):
     assert np.ptp(per.focals[1:]) > 0 and per.history[-1] < shared.history[-1]
     # through the aligner: warm_focal refines an estimated focal (by default when one frame is held,
     # not when several are); a given focal is always held
-    a = PointmapAligner(AlignConfig.from_backend(iterations=100, cpu_threads=1)).align(pairs, out, masks=seq12.masks[:8],
-                                                                          pp=seq12.K[:2, 2], frame_ids=list(range(8)))
+    a = PointmapAligner(AlignConfig.from_backend(iterations=100, cpu_threads=1)).align(
+        pairs, out, masks=seq12.masks[:8], pp=seq12.K[:2, 2], frame_ids=list(range(8)))
     pairs_b, out_b = _window(seq12, 1, 9, seed=2)
     f_off = a.focals[0] * 1.02
     kw = dict(masks=seq12.masks[1:9], pp=seq12.K[:2, 2], frame_ids=list(range(1, 9)),
               init=replace(a, focals=a.focals * 1.02))
 
     def warm(warm_focal, **more):
-        return PointmapAligner(AlignConfig.from_backend(cpu_threads=1, warm_focal=warm_focal)).align(pairs_b, out_b, **kw, **more)
+        return PointmapAligner(AlignConfig.from_backend(cpu_threads=1, warm_focal=warm_focal)).align(pairs_b, out_b,
+                                                                                                      **kw, **more)
     for warm_focal in (True, None):
         assert abs(warm(warm_focal).focals[0] / a.focals[0] - 1) < 0.5 * 0.02
     np.testing.assert_allclose(warm(None, frozen_ids=[1, 2]).focals, f_off)

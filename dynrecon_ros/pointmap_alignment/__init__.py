@@ -30,7 +30,8 @@ Gauge: without a warm start the pairwise log-scales are normalised to mean log(0
     then the first window's, whatever the earlier windows were) and held with several
     (``AlignConfig.warm_focal``); per-frame focals of the frames not held are refined.
 Init: maximum-confidence spanning tree over the pairs, chained weighted Procrustes (Umeyama, refitted
-    without outlying points and with Horn's symmetric scale: :func:`~dynrecon_ros.geometry.robust_similarity`) from the root, focal from the pointmaps (intrinsics.estimate_focal), depth = z of the registered
+    without outlying points and with Horn's symmetric scale: :func:`~dynrecon_ros.geometry.robust_similarity`)
+    from the root, focal from the pointmaps (intrinsics.estimate_focal), depth = z of the registered
     camera-frame pointmap. In a warm start the tree grows from the frozen frames.
 
 Modules (dust3r's cloud_opt split): :mod:`.state` (settings, result, checks), :mod:`.init` (tree

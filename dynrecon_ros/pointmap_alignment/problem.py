@@ -33,10 +33,11 @@ def _wsum(w, X):
 
 
 def slot_tensors(arr, device, dtype):
-    """(X (2P, H*W, 3), logw (2P, H*W)) of checked pair outputs ``arr`` (:func:`~dynrecon_ros.pointmap_alignment.state.check_pair_outputs`)
-    on ``device`` in ``dtype``, pair-major: slot 2p is view 1 of pair p, slot 2p + 1 its view 2 (so
-    ``X.view(P, 2 * H * W, 3)`` holds each pair's two pointmaps, no copy); logw =
-    log(max(conf, 1)), DUSt3R's 'log' confidence transform (0 for conf <= 1).
+    """(X (2P, H*W, 3), logw (2P, H*W)) of checked pair outputs ``arr``
+    (:func:`~dynrecon_ros.pointmap_alignment.state.check_pair_outputs`) on ``device`` in ``dtype``,
+    pair-major: slot 2p is view 1 of pair p, slot 2p + 1 its view 2 (so ``X.view(P, 2 * H * W, 3)``
+    holds each pair's two pointmaps, no copy); logw = log(max(conf, 1)), DUSt3R's 'log' confidence
+    transform (0 for conf <= 1).
 
     Each is made by one copy: from the device tensors '*_t' when given (a copy on the device when
     they are on it already: no host->device transfer), else from the host arrays, converting while
