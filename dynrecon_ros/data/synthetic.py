@@ -25,6 +25,7 @@ import numpy as np
 from dynrecon_ros.data.bags import write_bag  # noqa: F401  (re-exported: synthetic.write_bag)
 from dynrecon_ros.data.tum import write_depth_png, write_masks, write_trajectory
 from dynrecon_ros.frames import Frame
+from dynrecon_ros.geometry import transform_points, unproject
 
 ROOM_LO = np.array([-3.0, -3.0, 0.0])
 ROOM_HI = np.array([3.0, 3.0, 2.8])
@@ -118,14 +119,8 @@ class SyntheticSequence:
 
 def backproject(depth: np.ndarray, K: np.ndarray, pose: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
     """(H, W) depth, (3, 3) K, (4, 4) camera-to-world -> (M, 3) world points of valid (masked) pixels."""
-    h, w = depth.shape
-    v, u = np.mgrid[0:h, 0:w]
     sel = depth > 0 if mask is None else (depth > 0) & mask
-    z = depth[sel].astype(np.float64)
-    x = (u[sel] - K[0, 2]) / K[0, 0] * z
-    y = (v[sel] - K[1, 2]) / K[1, 1] * z
-    pc = np.stack([x, y, z], axis=1)
-    return pc @ pose[:3, :3].T + pose[:3, 3]
+    return transform_points(np.asarray(pose, np.float64), unproject(depth, K)[sel])
 
 
 def _box_sdf(points: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
@@ -391,8 +386,7 @@ def render_sequence(cfg: SyntheticConfig | None = None) -> SyntheticSequence:
     centres, headings = mover_paths(cfg, t)
     tex = _Texture(cfg.seed)
 
-    v, u = np.mgrid[0:h, 0:w]
-    rays_cam = np.stack([(u.ravel() - K[0, 2]) / K[0, 0], (v.ravel() - K[1, 2]) / K[1, 1], np.ones(h * w)])  # (3, P)
+    rays_cam = unproject(np.ones((h, w)), K).reshape(-1, 3).T  # (3, P) rays at depth 1
     frames, masks, depth_gt = [], np.zeros((n, h, w), bool), np.zeros((n, h, w), np.float32)
     for i in range(n):
         R, o = poses[i, :3, :3], poses[i, :3, 3]

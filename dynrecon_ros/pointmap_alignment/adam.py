@@ -74,7 +74,7 @@ def adam_schedule(cfg, pairs, arr, static, flows, pp, poses, depths, focals, pw,
     st = T(static)
     w1 = L.view(P, 2, H, W)[:, 0] * st[ii]
     w2 = L.view(P, 2, H, W)[:, 1] * st[jj]
-    u, v = T(pixel_grid(H, W)).unbind(-1)
+    u, v = torch.tensor(pixel_grid(H, W), device=dev).unbind(-1)  # (copied: the grid is read-only)
     ppt = T(pp)
     ray = torch.stack([u - ppt[0], v - ppt[1]], -1)  # (H, W, 2)
 
