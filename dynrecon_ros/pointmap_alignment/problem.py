@@ -74,7 +74,7 @@ class _ClosedFormProblem:
         ii = torch.tensor([p[0] for p in pairs], device=dev)
         jj = torch.tensor([p[1] for p in pairs], device=dev)
         self.fs = torch.stack([ii, jj], 1).reshape(-1)  # frame of each (pair, view) slot (pair-major)
-        self.uv = T(pixel_grid(H, W)).reshape(-1, 2)
+        self.uv = torch.tensor(pixel_grid(H, W), dtype=dt, device=dev).reshape(-1, 2)  # (copied: read-only grid)
         self.pp = T(state.pp)
         self.uvc = self.uv - self.pp  # (HW, 2) pixel offsets from the principal point
         self.set_focals(T(state.focals))
