@@ -429,7 +429,7 @@ def test_joint_step_is_the_constrained_gauss_newton_solution(seq12, frozen, anch
     uses them: one held frame + the pairs' mean log-scale; held frames + their mean log-depths; held
     frames with held depths ('freeze' mode); focals held, one shared, or one per frame not held."""
     import torch
-    from dynrecon_ros.alignment import hat
+    from dynrecon_ros.geometry import hat
     from dynrecon_ros.pointmap_alignment.joint import _joint_delta
     from dynrecon_ros.pointmap_alignment.problem import _ClosedFormProblem
     n, pairs = 4, window_pairs(4, 1)
