@@ -29,6 +29,7 @@ from dynrecon_ros.data.scene import (LIGHT, MOVER_HEIGHT, MOVER_RADIUS, ROOM_HI,
 from dynrecon_ros.data.bags import write_bag  # noqa: F401  (re-exported: synthetic.write_bag)
 from dynrecon_ros.data.tum import write_depth_png, write_masks, write_trajectory
 from dynrecon_ros.frames import Frame
+from dynrecon_ros.geometry import transform_points, unproject
 
 BASE_STAMP = 1700000000.0
 
@@ -143,14 +144,8 @@ class SyntheticSequence:
 
 def backproject(depth: np.ndarray, K: np.ndarray, pose: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
     """(H, W) depth, (3, 3) K, (4, 4) camera-to-world -> (M, 3) world points of valid (masked) pixels."""
-    h, w = depth.shape
-    v, u = np.mgrid[0:h, 0:w]
     sel = depth > 0 if mask is None else (depth > 0) & mask
-    z = depth[sel].astype(np.float64)
-    x = (u[sel] - K[0, 2]) / K[0, 0] * z
-    y = (v[sel] - K[1, 2]) / K[1, 1] * z
-    pc = np.stack([x, y, z], axis=1)
-    return pc @ pose[:3, :3].T + pose[:3, 3]
+    return transform_points(np.asarray(pose, np.float64), unproject(depth, K)[sel])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,9 +249,7 @@ class _Renderer:
         self.cfg, self.K, self.tex = cfg, K, tex
         self.cams, self.centres, self.headings, self.people = cams, centres, headings, people_state
         h, w = cfg.height, cfg.width
-        v, u = np.mgrid[0:h, 0:w]
-        self.rays_cam = np.stack([(u.ravel() - K[0, 2]) / K[0, 0], (v.ravel() - K[1, 2]) / K[1, 1],
-                                  np.ones(h * w)])  # (3, P)
+        self.rays_cam = unproject(np.ones((h, w)), K).reshape(-1, 3).T  # (3, P) rays at depth 1
 
     def rows(self, i: int, bands: list[tuple[int, int, int]], shade: bool = True):
         """Frame i, bands [(row0, row1, instant q)] covering the image -> colour (P, 3) float 0..255 before
