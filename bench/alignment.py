@@ -36,8 +36,10 @@ import torch  # noqa: E402
 
 from dynrecon_ros.data.synthetic import SyntheticConfig, render_sequence  # noqa: E402
 from dynrecon_ros.evaluation import trajectory_metrics  # noqa: E402
-from dynrecon_ros.pointmap_alignment import (AlignConfig, PointmapAligner, mover_ids_from_sequence,  # noqa: E402
-                                             pairs_from_ground_truth, window_loss, window_pairs)
+from dynrecon_ros.pointmap_alignment import AlignConfig, PointmapAligner, window_loss  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'test'))  # the oracle pointmaps
+from pointmap_fixtures import mover_ids_from_sequence, pairs_from_ground_truth, window_pairs  # noqa: E402
 
 
 def _sync(device):
@@ -53,14 +55,15 @@ def run(n, size, device, steps, warm_iters, threads, online, sweeps, warm_focal=
     pairs = window_pairs(n, 3)
     pp = seq.K[:2, 2]
     if online == 'closed_form':
-        cfg = AlignConfig(iterations=plain_iters, warm_iterations=sweeps, warm_mode='refine',
-                          warm_optimizer='closed_form', device=device, cpu_threads=threads)
+        cfg = AlignConfig.from_backend(iterations=plain_iters, warm_iterations=sweeps, warm_mode='refine',
+                                       warm_optimizer='closed_form', device=device, cpu_threads=threads)
         cfg.warm_focal = {'auto': None, 'refine': True, 'hold': False}[warm_focal]
         if joint_sweeps is not None:
             cfg.warm_joint_sweeps = joint_sweeps
     else:
-        cfg = AlignConfig(iterations=plain_iters, warm_iterations=warm_iters, warm_mode=online.split('_')[1],
-                          warm_optimizer='adam', device=device, cpu_threads=threads)
+        cfg = AlignConfig.from_backend(iterations=plain_iters, warm_iterations=warm_iters,
+                                       warm_mode=online.split('_')[1], warm_optimizer='adam', device=device,
+                                       cpu_threads=threads)
     al = PointmapAligner(cfg)
 
     made = {}

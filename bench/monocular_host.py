@@ -13,8 +13,8 @@ script measures an old and a new version of the package (run it from an old chec
   predict_window (host)  Dust3rPredictor.predict_window minus the oracle net (cache entry, gather)
   finite_views           the non-finite check of the new frame's outputs
   _align prep            MonocularWindow._align minus PointmapAligner.align (non-finite fix, flows)
-  align: _check          PointmapAligner._check (conversion of the inputs)
-  align: _init_tree      the spanning-tree placement of the new frame (numpy) and pair similarities (torch)
+  align: _check          check_pair_outputs (conversion of the inputs)
+  align: _init_tree      tree_init: the spanning-tree placement of the new frame (numpy) and pair similarities (torch)
   align: problem setup   _ClosedFormProblem.__init__ (tensors, weights, flow gate)
   align: sweeps          refine_closed_form minus its problem setup: the aligner's math
 in wall-clock ms and in process CPU ms (all threads: comparable under other jobs' load).
@@ -48,6 +48,7 @@ import importlib.util  # noqa: E402
 # PYTHONPATH holds no dynrecon_ros at all (the device's carried-wheel folder, bench/gpu.sh)
 if 'PYTHONPATH' not in os.environ or importlib.util.find_spec('dynrecon_ros') is None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'test'))  # the oracle pointmaps (pointmap_fixtures)
 
 TIMES: dict = collections.defaultdict(list)  # name -> [ms per call] (wall clock)
 CPU: dict = collections.defaultdict(list)  # name -> [ms per call] (process CPU time: all threads)
@@ -73,7 +74,7 @@ class Oracle:
     """PairNetwork stand-in: each ordered pair's outputs made once from the ground truth, then looked up."""
 
     def __init__(self, seq, W):
-        from dynrecon_ros.pointmap_alignment import mover_ids_from_sequence
+        from pointmap_fixtures import mover_ids_from_sequence
         self.seq = seq
         self.cfg = SimpleNamespace(img_size=(W, W), patch_size=16)
         self.cache_frames = 16
@@ -82,7 +83,7 @@ class Oracle:
         self.frame_of: dict = {}
 
     def predict_pairs(self, images, pairs, frame_ids=None, **kw):
-        from dynrecon_ros.pointmap_alignment import pairs_from_ground_truth
+        from pointmap_fixtures import pairs_from_ground_truth
         s = self.seq
         outs = []
         for i, j in pairs:
@@ -111,7 +112,8 @@ def main() -> None:
             sys.exit('CUDA not available')
         ACTIVE['sync'] = torch.cuda.synchronize
     import dynrecon_ros
-    from dynrecon_ros import monocular, pointmap_alignment as pa
+    from dynrecon_ros import monocular
+    from dynrecon_ros.pointmap_alignment import aligner, init, problem
     from dynrecon_ros.config import ReconConfig
     from dynrecon_ros.data.synthetic import SyntheticConfig, render_sequence
     from dynrecon_ros.frames import Frame
@@ -132,12 +134,14 @@ def main() -> None:
         (dust3r.Dust3rPredictor, '_entry', '  of which _entry (new pairs)'),
         (dust3r.Dust3rPredictor, 'finite_views', 'finite_views'),
         (monocular.MonocularWindow, '_align', '_align'),
-        (pa.PointmapAligner, 'align', 'align'),
-        (pa.PointmapAligner, '_check', 'align: _check'),
-        (pa.PointmapAligner, '_init_tree', 'align: _init_tree'),
-        (pa._ClosedFormProblem, '__init__', 'align: problem setup'),
-        (pa, '_slot_tensors', '  of which slot tensors (conversion)'),
-        (pa, 'refine_closed_form', 'refine_closed_form'),
+        (aligner.PointmapAligner, 'align', 'align'),
+        (aligner, 'check_pair_outputs', 'align: _check'),
+        (problem, 'check_pair_outputs', 'align: _check'),
+        (aligner, 'tree_init', 'align: _init_tree'),
+        (problem._ClosedFormProblem, '__init__', 'align: problem setup'),
+        (problem, 'slot_tensors', '  of which slot tensors (conversion)'),
+        (init, 'slot_tensors', '  of which slot tensors (conversion)'),
+        (aligner, 'refine_closed_form', 'refine_closed_form'),
     ) if timed(owner, name, label)]
     cfg = ReconConfig.from_dict({'window': {'size': 8, 'keyframe_translation_m': 1e9, 'keyframe_rotation_deg': 1e9},
                                  'segmentation': {'mode': 'flow'},

@@ -26,7 +26,7 @@ from pipeline import parse_set  # noqa: E402  (bench/pipeline.py's --set parser)
 CONDITIONS = [
     ('default sequence', 'default'),
     ('3 articulated people, 640x480, Kinect depth + 3 % holes', 'walking_people'),
-    ('close crossing + every sensor effect, 320x240', 'close_crossing'),
+    ("close crossing + the issue's sensor effects, 320x240", 'close_crossing'),
     ('same people, no sensor effects', 'people_clean'),
     ('same people + 3 % depth holes only', 'people_holes'),
     ('stop-and-go people (~1.5 s stops)', 'stop_and_go'),
@@ -35,6 +35,7 @@ CONDITIONS = [
     ('camouflaged rigid movers, 640x480 + 3 % holes', 'camouflage_holes'),
     ('person walking toward the camera', 'toward_camera'),
     ('uniform-colour rigid movers', 'camouflage_uniform'),
+    ('close crossing + every sensor effect (+ Kinect, RS)', 'every_effect'),
 ]
 
 

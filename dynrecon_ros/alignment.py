@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from dynrecon_ros.geometry import hat, so3_exp
+
 
 @dataclass
 class PairConstraint:
@@ -49,16 +51,7 @@ class AlignmentResult:
     info: dict = field(default_factory=dict)
 
 
-def hat(w: torch.Tensor) -> torch.Tensor:
-    """(..., 3) -> (..., 3, 3) skew-symmetric: the cross-product matrix [w]x (also used by
-    pointmap_alignment's joint step)."""
-    z = torch.zeros_like(w[..., 0])
-    return torch.stack([torch.stack([z, -w[..., 2], w[..., 1]], -1),
-                        torch.stack([w[..., 2], z, -w[..., 0]], -1),
-                        torch.stack([-w[..., 1], w[..., 0], z], -1)], -2)
-
-
-def _rot(R: torch.Tensor, P: torch.Tensor) -> torch.Tensor:
+def _matvec(R: torch.Tensor, P: torch.Tensor) -> torch.Tensor:
     """R @ p for (n, 3, 3) matrices and (n, 3) vectors (explicit sums: torch's batched 3x3 products
     and reductions over a size-3 axis are slow on CPU)."""
     return R[:, :, 0] * P[:, 0:1] + R[:, :, 1] * P[:, 1:2] + R[:, :, 2] * P[:, 2:3]
@@ -67,15 +60,6 @@ def _rot(R: torch.Tensor, P: torch.Tensor) -> torch.Tensor:
 def _hat_mul(v: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
     """[v]x @ M for (n, 3) vectors and (n, 3, 3) matrices (column k = v x M[:, k])."""
     return torch.linalg.cross(v[:, :, None].expand(-1, 3, 3), M, dim=1)
-
-
-def so3_exp(w: np.ndarray) -> np.ndarray:
-    """Rodrigues: (3,) axis-angle -> (3, 3)."""
-    th = np.linalg.norm(w)
-    Wx = np.array([[0, -w[2], w[1]], [w[2], 0, -w[0]], [-w[1], w[0], 0]])
-    if th < 1e-12:
-        return np.eye(3) + Wx
-    return np.eye(3) + np.sin(th) / th * Wx + (1 - np.cos(th)) / th ** 2 * Wx @ Wx
 
 
 class WindowAligner:
@@ -115,7 +99,7 @@ class WindowAligner:
         n = len(Pa)
         R, t = poses[:, :3, :3], poses[:, :3, 3]
         Ra, ta, Rb, tb = R[a], t[a], R[b], t[b]  # (n, 3, 3), (n, 3)
-        RPa, RPb = _rot(Ra, Pa), _rot(Rb, Pb)
+        RPa, RPb = _matvec(Ra, Pa), _matvec(Rb, Pb)
         Xa, Xb = RPa + ta, RPb + tb
         # point term r = (Xa - Xb) / sigma, Xa(omega, v) = Ra (I + [omega]x) Pa + ta + Ra v:
         # dXa/domega = -Ra [Pa]x = -[Ra Pa]x Ra, dXa/dv = Ra (b alike, opposite sign)
@@ -135,7 +119,7 @@ class WindowAligner:
         res[:, :3] = r * sq[:, None]
         if self.flow_weight > 0:
             RbT = Rb.transpose(1, 2)
-            Y = _rot(RbT, Xa - tb)  # point of a in camera b: Rb^T (Xa - tb)
+            Y = _matvec(RbT, Xa - tb)  # point of a in camera b: Rb^T (Xa - tb)
             Z = Y[:, 2].clamp(min=1e-3)
             Kb = data['K_b']
             fx, fy, cx, cy = Kb[:, 0], Kb[:, 1], Kb[:, 2], Kb[:, 3]
@@ -148,7 +132,7 @@ class WindowAligner:
             # dY/d(omega_a, v_a) = Rb^T Ra [-[Pa]x, I]; dY/d(omega_b, v_b) = [[Y]x, -I]
             RbTRa = (R[data['pair_b']].transpose(1, 2) @ R[data['pair_a']])[pid]  # per pair, then per point
             JY = torch.empty(n, 3, 12, dtype=dt, device=dev)
-            JY[:, :, 0:3] = -_hat_mul(_rot(RbTRa, Pa), RbTRa)
+            JY[:, :, 0:3] = -_hat_mul(_matvec(RbTRa, Pa), RbTRa)
             JY[:, :, 3:6] = RbTRa
             JY[:, :, 6:9] = hat(Y)
             JY[:, :, 9:12] = -torch.eye(3, dtype=dt, device=dev)

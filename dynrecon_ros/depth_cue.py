@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 import cv2
 import numpy as np
 
-from dynrecon_ros.flow import pixel_grid
+from dynrecon_ros.geometry import pixel_grid
 
 if TYPE_CHECKING:
     from dynrecon_ros.segmentation import SegmentationConfig

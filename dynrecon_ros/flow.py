@@ -7,12 +7,12 @@ the pairs of the current window keyed by frame keys and forgets pairs whose fram
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 
 import cv2
 import numpy as np
 
 from dynrecon_ros.errors import InputError
+from dynrecon_ros.geometry import pixel_grid
 
 _PRESETS = {
     'ultrafast': cv2.DISOPTICAL_FLOW_PRESET_ULTRAFAST,
@@ -50,15 +50,6 @@ class DISFlow(FlowEstimator):
         if a.shape != b.shape:
             raise InputError(f'flow: image sizes differ {a.shape} vs {b.shape}')
         return self._dis.calc(a, b, None).astype(np.float32, copy=False)
-
-
-@lru_cache(maxsize=8)
-def pixel_grid(h: int, w: int) -> np.ndarray:
-    """(H, W, 2) float32 pixel coordinates (x, y); cached and read-only (callers add to it)."""
-    xs, ys = np.meshgrid(np.arange(w, dtype=np.float32), np.arange(h, dtype=np.float32))
-    g = np.stack([xs, ys], axis=-1)
-    g.setflags(write=False)
-    return g
 
 
 def _inside(m: np.ndarray, h: int, w: int) -> np.ndarray:

@@ -15,26 +15,16 @@ Also here: carrying a frame's per-pixel evidence to the other frame of a pair al
 """
 from __future__ import annotations
 
-from functools import lru_cache
 from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
 
 from dynrecon_ros.depth_cue import fill_candidates
-from dynrecon_ros.flow import pixel_grid
+from dynrecon_ros.geometry import pixel_grid
 
 if TYPE_CHECKING:
     from dynrecon_ros.segmentation import SegmentationConfig
-
-@lru_cache(maxsize=8)
-def _pixel_grid(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
-    """(H, W) float32 u and v pixel coordinates (cached, read-only)."""
-    u, v = np.meshgrid(np.arange(w, dtype=np.float32), np.arange(h, dtype=np.float32))
-    u.setflags(write=False)
-    v.setflags(write=False)
-    return u, v
-
 
 def ego_flow(depth: np.ndarray, K: np.ndarray, T_j_i: np.ndarray, K_j: np.ndarray | None = None) -> np.ndarray:
     """Pixel displacement in frame j that the camera motion and the depth of frame i induce.
@@ -65,7 +55,8 @@ def _ego_planes(depth, K, T_j_i, K_j=None) -> tuple[np.ndarray, np.ndarray, np.n
     K_j = K if K_j is None else np.asarray(K_j, dtype=np.float64)
     T = np.asarray(T_j_i, dtype=np.float64)
     h, w = depth.shape
-    u, v = _pixel_grid(h, w)
+    g = pixel_grid(h, w)
+    u, v = g[..., 0], g[..., 1]
     # camera-i rays (x/z, y/z, 1), then X_j = R (z * ray) + t
     x = (u - np.float32(K[0, 2])) * np.float32(1 / K[0, 0])
     y = (v - np.float32(K[1, 2])) * np.float32(1 / K[1, 1])
@@ -327,7 +318,8 @@ def pair_probability(depth_i, K_i, T_j_i, flow, valid, cfg, K_j=None) -> tuple[n
                 fits.append(_soft_step(np.sqrt((cu - fu) ** 2 + (cv_ - fv) ** 2), cu, cv_, cfg))
             prob[holes] = np.fmin(fits[0], fits[1])[holes]
     h, w = prob.shape
-    u, v = _pixel_grid(h, w)
+    g = pixel_grid(h, w)
+    u, v = g[..., 0], g[..., 1]
     # flow that leaves the image cannot be checked: no evidence. Ego flow may leave it: a pixel
     # whose flow finds a consistent match inside the image where the static hypothesis says it
     # was out of view (a mover entering at the border, following the camera) is evidence of motion
@@ -353,7 +345,7 @@ def pull_from_source(prob_i: np.ndarray, flow_ji: np.ndarray, valid_ji: np.ndarr
         within the bilinear footprint).
     """
     h, w = prob_i.shape
-    m = np.asarray(flow_ji, dtype=np.float32) + np.dstack(_pixel_grid(h, w))
+    m = np.asarray(flow_ji, dtype=np.float32) + pixel_grid(h, w)
     out = cv2.remap(np.asarray(prob_i, dtype=np.float32), m, None, cv2.INTER_LINEAR,
                     borderMode=cv2.BORDER_CONSTANT, borderValue=float('nan'))
     if valid_ji is not None:
@@ -377,7 +369,8 @@ def splat_to_target(prob_i: np.ndarray, flow: np.ndarray, z_j: np.ndarray) -> np
         (H, W) float32 values in frame j, NaN where nothing landed.
     """
     h, w = prob_i.shape
-    u, v = _pixel_grid(h, w)
+    g = pixel_grid(h, w)
+    u, v = g[..., 0], g[..., 1]
     uj = u + flow[..., 0]
     vj = v + flow[..., 1]
     ok = np.isfinite(prob_i) & np.isfinite(uj) & np.isfinite(vj) & np.isfinite(z_j)

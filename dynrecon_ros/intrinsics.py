@@ -10,12 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from dynrecon_ros.errors import InputError
-
-
-def pixel_grid(height: int, width: int) -> np.ndarray:
-    """(H, W, 2) pixel coordinates (u, v) of pixel centres as DUSt3R uses them (integer indices)."""
-    v, u = np.mgrid[0:height, 0:width].astype(np.float64)
-    return np.stack([u, v], axis=-1)
+from dynrecon_ros.geometry import pixel_grid
 
 
 def default_principal_point(height: int, width: int) -> np.ndarray:

@@ -79,9 +79,7 @@ class MonocularWindow:
         self.att_guards = {'min_raw_contrast': cfg.segmentation.attention_min_contrast,
                            'min_separation': cfg.segmentation.attention_min_separation}
         threads = cfg.alignment.threads if cfg.alignment.threads > 0 else None
-        self.aligner = PointmapAligner(AlignConfig(iterations=b.align_iterations, warm_iterations=b.align_warm_iterations,
-                                                   warm_mode=b.align_warm_mode, shared_focal=b.shared_focal,
-                                                   device=device, cpu_threads=threads))
+        self.aligner = PointmapAligner(AlignConfig.from_backend(b, device=device, cpu_threads=threads))
         if torch.device(device).type == 'cuda' and hasattr(predictor, 'tensor_device'):
             predictor.tensor_device = device  # pair outputs kept on the aligner's device: a step uploads its new pairs only
         self.state = None  # AlignmentState of the last window (network resolution)

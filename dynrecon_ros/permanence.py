@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 
 from dynrecon_ros.depth_cue import depth_sigma
-from dynrecon_ros.flow import pixel_grid
+from dynrecon_ros.geometry import pixel_grid
 from dynrecon_ros.flow_cue import ego_flow_and_depth, exposure_gain, nan_box_mean
 
 if TYPE_CHECKING:

@@ -34,6 +34,7 @@ from dynrecon_ros.config import ReconConfig
 from dynrecon_ros.errors import InputError
 from dynrecon_ros.flow import DISFlow, FlowCache
 from dynrecon_ros.frames import Frame
+from dynrecon_ros.geometry import poses_from_tum, transform_points
 from dynrecon_ros.segmentation import MotionSegmenter, clean_mask, refine_upsampled_mask
 from dynrecon_ros.static_map import VoxelMap
 from dynrecon_ros.window import SlidingWindow, WindowEntry
@@ -123,14 +124,10 @@ class StageTimes:
         return {k: total / n for k, (total, n) in list(self._acc.items()) if n}
 
 
-def _pose_from_tum(v) -> np.ndarray:
-    from scipy.spatial.transform import Rotation
+def _world_pose_matrix(v) -> np.ndarray:
     if len(v) != 7:
         raise InputError(f'world_pose must be [tx, ty, tz, qx, qy, qz, qw], got {v}')
-    T = np.eye(4)
-    T[:3, :3] = Rotation.from_quat(v[3:]).as_matrix()
-    T[:3, 3] = v[:3]
-    return T
+    return poses_from_tum(v)
 
 
 class Reconstructor:
@@ -180,7 +177,7 @@ class Reconstructor:
         if cfg.intrinsics is not None:
             fx, fy, cx, cy = [float(v) for v in cfg.intrinsics]
             self.default_K = np.array([[fx, 0, cx], [0, fy, cy], [0, 0, 1.0]])
-        self.world_pose = np.eye(4) if cfg.world_pose is None else _pose_from_tum(cfg.world_pose)
+        self.world_pose = np.eye(4) if cfg.world_pose is None else _world_pose_matrix(cfg.world_pose)
         self._pending: list = []  # FrameResult (skipped) or WindowEntry (accepted), push order
         self._constraints: dict[tuple[int, int], PairConstraint] = {}  # by push indices
         self._last_stamp = None
@@ -388,7 +385,6 @@ class Reconstructor:
         puts them (the predictor's pointmap of the pair: for RGB-D the refined direct alignment,
         which is more precise than the raw flow end points).
         """
-        from dynrecon_ros.predictors.rgbd import transform
         fa, fb = a.frame, b.frame
         da = fa.depth.reshape(-1)
         use = np.flatnonzero(inliers.reshape(-1) & np.isfinite(da) & (da > 0))
@@ -400,7 +396,7 @@ class Reconstructor:
         vs, us = np.divmod(use, fa.depth.shape[1])
         Ka = fa.K
         Pa = np.stack([(us - Ka[0, 2]) / Ka[0, 0] * z, (vs - Ka[1, 2]) / Ka[1, 1] * z, z], -1)
-        Pb = transform(np.linalg.inv(T_a_b), Pa)
+        Pb = transform_points(np.linalg.inv(T_a_b), Pa)
         K = fb.K
         uv = np.stack([K[0, 0] * Pb[:, 0] / Pb[:, 2] + K[0, 2], K[1, 1] * Pb[:, 1] / Pb[:, 2] + K[1, 2]], -1)
         return PairConstraint(a.index, b.index, Pa, Pb, uv, np.ones(len(use)))

@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from dynrecon_ros.alignment import PairConstraint, WindowAligner, so3_exp
+from dynrecon_ros.alignment import PairConstraint, WindowAligner
+from dynrecon_ros.geometry import so3_exp
 
 
 def _problem(seed=0, F=4, n=800, outliers=0.0, pairs=((0, 1), (1, 2), (2, 3), (0, 2), (0, 3))):

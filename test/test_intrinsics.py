@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 
 from dynrecon_ros.errors import InputError
-from dynrecon_ros.intrinsics import estimate_focal, estimate_focals, pixel_grid, resolve_focals
+from dynrecon_ros.geometry import pixel_grid
+from dynrecon_ros.intrinsics import estimate_focal, estimate_focals, resolve_focals
 
 
 def _pointmap(f, h, w, rng, pp=None):

@@ -12,9 +12,9 @@ from dynrecon_ros.data.synthetic import SyntheticConfig, render_sequence
 from dynrecon_ros.errors import InputError
 from dynrecon_ros.evaluation import trajectory_metrics
 from dynrecon_ros.frames import Frame
-from dynrecon_ros.pointmap_alignment import mover_ids_from_sequence, pairs_from_ground_truth
 from dynrecon_ros.predictors.dust3r import Dust3rPredictor
 from dynrecon_ros.reconstructor import Reconstructor
+from pointmap_fixtures import mover_ids_from_sequence, pairs_from_ground_truth
 
 W, H = 64, 48  # the network input of a 64-pixel model is the image itself (no resize, no crop)
 

@@ -5,12 +5,14 @@ import pytest
 from dynrecon_ros.data.synthetic import SyntheticConfig, render_sequence
 from dynrecon_ros.errors import InputError
 from dynrecon_ros.evaluation import trajectory_metrics
+from dynrecon_ros.geometry import fit_similarity, robust_similarity
 from dataclasses import replace
 
-from dynrecon_ros.pointmap_alignment import (AlignConfig, AlignmentState, PointmapAligner, closed_form_objective,
-                                             metric_scale_from_depth, mover_ids_from_sequence,
-                                             pairs_from_ground_truth, refine_closed_form, robust_procrustes,
-                                             scale_state, weighted_procrustes, window_pairs)
+from dynrecon_ros.pointmap_alignment import (AlignConfig, AlignmentState, PointmapAligner, check_pair_outputs,
+                                             closed_form_objective, metric_scale_from_depth, refine_closed_form,
+                                             scale_state)
+from dynrecon_ros.pointmap_alignment.init import pair_similarities
+from pointmap_fixtures import mover_ids_from_sequence, pairs_from_ground_truth, window_pairs
 
 # 32x24, 4 fast movers (~30 % dynamic pixels), 10 fps so the camera moves a few cm per frame
 CFG = dict(width=32, height=24, movers=4, seed=0, fps=10.0, mover_speed=3.0)
@@ -36,7 +38,7 @@ def _ate(seq, poses, lo=0):
 
 def _aligner(**kw):
     kw.setdefault('smooth_weight', 0.0)
-    return PointmapAligner(AlignConfig(iterations=100, cpu_threads=1, **kw))
+    return PointmapAligner(AlignConfig.from_backend(iterations=100, cpu_threads=1, **kw))
 
 
 def test_recovers_trajectory_and_focal_and_degrades_without_mask(seq12):
@@ -51,7 +53,7 @@ def test_recovers_trajectory_and_focal_and_degrades_without_mask(seq12):
     assert np.isclose(np.exp(np.log(good.pair_scales).mean()), 0.5, rtol=1e-4)  # the scale gauge
     bad = _aligner().align(pairs, out, masks=None, pp=pp)
     mb = _ate(seq12, bad.poses)
-    # the consensus seed of the init (robust_procrustes) absorbs much of the movers' harm by itself
+    # the consensus seed of the init (robust_similarity) absorbs much of the movers' harm by itself
     # (without masks 17.1 -> 8.7 mm, with masks 3.9 -> 3.5 mm), but the masks still matter clearly
     assert mb['ate_rmse_sim3'] > 2 * m['ate_rmse_sim3'], (mb['ate_rmse_sim3'], m['ate_rmse_sim3'])
     # static-pixel depth also recovered up to the one global scale
@@ -180,7 +182,7 @@ def test_nan_marked_garbage_flow_does_not_mislead_the_first_window(seq12):
     assert off['marked'] < 0.3 * off['garbage'], off
 
 
-def test_weighted_procrustes_and_input_errors():
+def test_fit_similarity_and_input_errors():
     rng = np.random.default_rng(0)
     src = rng.standard_normal((50, 3))
     from scipy.spatial.transform import Rotation
@@ -189,7 +191,7 @@ def test_weighted_procrustes_and_input_errors():
     dst[:5] += 10  # outliers with zero weight
     wgt = np.ones(50)
     wgt[:5] = 0
-    s, R2, t = weighted_procrustes(src, dst, wgt)
+    s, R2, t = fit_similarity(src, dst, wgt)
     assert np.isclose(s, 2.5) and np.allclose(R2, R) and np.allclose(t, [1, 2, 3])
     with pytest.raises(InputError):
         PointmapAligner().align([(0, 1)], {'pts3d_1': np.zeros((1, 4, 4, 3))})
@@ -200,7 +202,7 @@ def test_weighted_procrustes_and_input_errors():
 
 
 @pytest.mark.parametrize('mover_fraction', [0.2, 0.45])
-def test_robust_procrustes_finds_the_static_majority_under_a_large_coherent_mover(mover_fraction):
+def test_robust_similarity_finds_the_static_majority_under_a_large_coherent_mover(mover_fraction):
     """A moving object as a static-scene network gives it: a coherent block of the points shifted
     together (here 0.2 m with camera-scale motion ~0.03 m). Trimming by the median residual of a fit
     to all points cannot recover once the block is large; the least-quantile seed does."""
@@ -220,10 +222,10 @@ def test_robust_procrustes_finds_the_static_majority_under_a_large_coherent_move
         s_, R_, t_ = fit
         return abs(s_ / 1.7 - 1), np.degrees(Rotation.from_matrix(R_.T @ R).magnitude()), np.linalg.norm(t_ / 1.7 - t)
 
-    se, re, te = err(robust_procrustes(src, dst, w))
+    se, re, te = err(robust_similarity(src, dst, w))
     assert se < 2e-3 and re < 0.05 and te < 3e-3, (se, re, te)
     if mover_fraction > 0.4:  # the median-trimmed fit alone is pulled off by the block
-        _, _, te0 = err(robust_procrustes(src, dst, w, quantile=None))
+        _, _, te0 = err(robust_similarity(src, dst, w, quantile=None))
         assert te0 > 10 * te, (te0, te)
 
 
@@ -335,7 +337,8 @@ def test_flow_term_corrects_a_misled_new_frame_and_wrong_flow_is_harmless(seq12)
     pairs, out, prev, flows = _flow_window(seq12)
     kw = dict(masks=seq12.masks[1:9], pp=seq12.K[:2, 2], frame_ids=list(range(1, 9)), init=prev,
               frozen_ids=list(range(1, 8)))
-    al = PointmapAligner(AlignConfig(cpu_threads=1, **FLOW_GATE))  # product defaults (closed-form warm step)
+    # product defaults (closed-form warm step)
+    al = PointmapAligner(AlignConfig.from_backend(cpu_threads=1, **FLOW_GATE))
     assert al.cfg.warm_optimizer == 'closed_form' and al.cfg.flow_weight_closed_form > 0
     no_flow = _new_frame_error(seq12, al.align(pairs, out, **kw))
     with_flow = _new_frame_error(seq12, al.align(pairs, out, flows=flows, **kw))
@@ -349,7 +352,7 @@ def test_flow_term_corrects_a_misled_new_frame_and_wrong_flow_is_harmless(seq12)
     print(f'with random flow {wrong_err:.3f} deg')
     assert abs(wrong_err - no_flow) < 0.1 * no_flow
     # even with gate and guard off, the L1 term's bounded pull keeps it from wrecking the pose
-    loose = PointmapAligner(AlignConfig(cpu_threads=1, flow_max_px=np.inf, flow_guard=np.inf))
+    loose = PointmapAligner(AlignConfig.from_backend(cpu_threads=1, flow_max_px=np.inf, flow_guard=np.inf))
     loose_err = _new_frame_error(seq12, loose.align(pairs, out, flows=wrong, **kw))
     print(f'with random flow, no gate: {loose_err:.3f} deg')
     assert loose_err < 1.3 * no_flow
@@ -386,15 +389,16 @@ def test_closed_form_focal_block(seq12, one_thread):
     assert np.ptp(per.focals[1:]) > 0 and per.history[-1] < shared.history[-1]
     # through the aligner: warm_focal refines an estimated focal (by default when one frame is held,
     # not when several are); a given focal is always held
-    a = PointmapAligner(AlignConfig(iterations=100, cpu_threads=1)).align(pairs, out, masks=seq12.masks[:8],
-                                                                          pp=seq12.K[:2, 2], frame_ids=list(range(8)))
+    a = PointmapAligner(AlignConfig.from_backend(iterations=100, cpu_threads=1)).align(
+        pairs, out, masks=seq12.masks[:8], pp=seq12.K[:2, 2], frame_ids=list(range(8)))
     pairs_b, out_b = _window(seq12, 1, 9, seed=2)
     f_off = a.focals[0] * 1.02
     kw = dict(masks=seq12.masks[1:9], pp=seq12.K[:2, 2], frame_ids=list(range(1, 9)),
               init=replace(a, focals=a.focals * 1.02))
 
     def warm(warm_focal, **more):
-        return PointmapAligner(AlignConfig(cpu_threads=1, warm_focal=warm_focal)).align(pairs_b, out_b, **kw, **more)
+        return PointmapAligner(AlignConfig.from_backend(cpu_threads=1, warm_focal=warm_focal)).align(pairs_b, out_b,
+                                                                                                      **kw, **more)
     for warm_focal in (True, None):
         assert abs(warm(warm_focal).focals[0] / a.focals[0] - 1) < 0.5 * 0.02
     np.testing.assert_allclose(warm(None, frozen_ids=[1, 2]).focals, f_off)
@@ -425,8 +429,9 @@ def test_joint_step_is_the_constrained_gauss_newton_solution(seq12, frozen, anch
     uses them: one held frame + the pairs' mean log-scale; held frames + their mean log-depths; held
     frames with held depths ('freeze' mode); focals held, one shared, or one per frame not held."""
     import torch
-    from dynrecon_ros.alignment import hat
-    from dynrecon_ros.pointmap_alignment import _ClosedFormProblem, _joint_delta
+    from dynrecon_ros.geometry import hat
+    from dynrecon_ros.pointmap_alignment.joint import _joint_delta
+    from dynrecon_ros.pointmap_alignment.problem import _ClosedFormProblem
     n, pairs = 4, window_pairs(4, 1)
     pairs_all, out_all = _window(seq12, 0, 4)
     keep = [pairs_all.index(p) for p in pairs]
@@ -538,13 +543,13 @@ def test_joint_steps_converge_faster_than_block_sweeps(seq12, one_thread):
 
 def test_float32_and_device_tensor_inputs_align_as_float64(seq12, one_thread):
     """The aligner takes the network's float32 outputs as they are (no float64 copy of the window in
-    _check), torch tensors, and precomputed log-confidence weights: the closed-form refinement and
+    check_pair_outputs), torch tensors, and precomputed log-confidence weights: the closed-form refinement and
     the Adam schedule give the float64 inputs' result up to float rounding."""
     import torch
     pairs, out, prev, flows = _flow_window(seq12)
     masks = seq12.masks[1:9]
     assert out['pts3d_1'].dtype == np.float32
-    arr = PointmapAligner._check(pairs, out)
+    arr = check_pair_outputs(pairs, out)
     assert all(np.shares_memory(arr[k], out[k]) for k in out)  # no copy
     out64 = {k: v.astype(np.float64) for k, v in out.items()}
     logw = {f'logw_{v}': np.log(np.maximum(out[f'conf_{v}'], 1)) for v in (1, 2)}
@@ -572,7 +577,7 @@ def test_float32_and_device_tensor_inputs_align_as_float64(seq12, one_thread):
         a32 = al.align(pairs, given, masks=masks, iterations=20)
         np.testing.assert_allclose(a32.poses, a64.poses, rtol=0, atol=1e-4)
     with pytest.raises(InputError, match='logw_1'):
-        PointmapAligner._check(pairs, dict(out, logw_1=logw['logw_1'][:, :-1]))
+        check_pair_outputs(pairs, dict(out, logw_1=logw['logw_1'][:, :-1]))
 
 
 def test_batched_pair_similarities_match_the_per_pair_fit(seq12):
@@ -584,8 +589,8 @@ def test_batched_pair_similarities_match_the_per_pair_fit(seq12):
     poses, depths = seq12.poses[:n], seq12.depth_gt[:n] * rng.uniform(0.9, 1.1, (n, 1, 1))
     focals, pp = np.full(n, seq12.K[0, 0]) * rng.uniform(0.95, 1.05, n), seq12.K[:2, 2]
     static = (~seq12.masks[:n]).astype(np.float64)
-    arr = PointmapAligner._check(pairs, out)
-    got = PointmapAligner(AlignConfig())._pair_similarities(pairs, arr, static, poses, depths, focals, pp, chunk=4)
+    arr = check_pair_outputs(pairs, out)
+    got = pair_similarities(pairs, arr, static, poses, depths, focals, pp, 'cpu', chunk=4)
     st = AlignmentState(poses=poses, depths=depths, focals=focals, pp=pp, pair_scales=np.ones(len(pairs)),
                         frame_ids=list(range(n)), loss=0.0)
     world = [st.world_points(k).reshape(-1, 3) for k in range(n)]
@@ -593,6 +598,21 @@ def test_batched_pair_similarities_match_the_per_pair_fit(seq12):
         src = np.concatenate([out['pts3d_1'][e].reshape(-1, 3), out['pts3d_2_in_1'][e].reshape(-1, 3)])
         w = np.concatenate([(np.log(out['conf_1'][e]).clip(0) * static[i]).reshape(-1),
                             (np.log(out['conf_2'][e]).clip(0) * static[j]).reshape(-1)])
-        s, R, t = weighted_procrustes(src.astype(np.float64), np.concatenate([world[i], world[j]]), w)
+        s, R, t = fit_similarity(src.astype(np.float64), np.concatenate([world[i], world[j]]), w)
         assert np.isclose(got[e][0], s, rtol=1e-6) and np.allclose(got[e][1], R, atol=1e-6)
         assert np.allclose(got[e][2], t, atol=1e-6 * (1 + np.abs(t).max()))
+
+
+def test_align_config_takes_its_backend_settings_from_the_backend_config():
+    """backend.align_* (YAML keys, ROS parameters) are the one source: AlignConfig has no defaults of its own
+    for them and from_backend copies them."""
+    from dynrecon_ros.config import BackendConfig
+    with pytest.raises(TypeError):
+        AlignConfig()
+    b = BackendConfig(align_iterations=7, align_warm_iterations=3, align_warm_mode='freeze', shared_focal=False)
+    c = AlignConfig.from_backend(b, device='cpu', cpu_threads=2)
+    assert (c.iterations, c.warm_iterations, c.warm_mode, c.shared_focal, c.cpu_threads) == (7, 3, 'freeze', False, 2)
+    d, ref = AlignConfig.from_backend(), BackendConfig()
+    assert (d.iterations, d.warm_iterations, d.warm_mode, d.shared_focal) == (
+        ref.align_iterations, ref.align_warm_iterations, ref.align_warm_mode, ref.shared_focal)
+    assert AlignConfig.from_backend(b, iterations=11).iterations == 11

@@ -4,7 +4,8 @@ import pytest
 from dynrecon_ros.data.synthetic import SyntheticConfig, render_sequence
 from dynrecon_ros.flow import DISFlow, FlowCache
 from dynrecon_ros.predictors import make_predictor
-from dynrecon_ros.predictors.rgbd import RGBDPredictor, transform, umeyama
+from dynrecon_ros.geometry import fit_rigid, transform_points, unproject
+from dynrecon_ros.predictors.rgbd import RGBDPredictor
 from dynrecon_ros.errors import InputError
 
 
@@ -14,14 +15,14 @@ def seq():
     return render_sequence(SyntheticConfig(width=320, height=240, frames=80, seed=0))
 
 
-def test_umeyama_recovers_rigid_motion():
+def test_fit_rigid_recovers_rigid_motion():
     rng = np.random.default_rng(1)
     Q = rng.normal(size=(50, 3))
     T = np.eye(4)
     a = 0.3
     T[:3, :3] = [[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]]
     T[:3, 3] = [0.1, -0.2, 0.3]
-    assert np.allclose(umeyama(transform(T, Q), Q), T, atol=1e-9)
+    assert np.allclose(fit_rigid(Q, transform_points(T, Q)), T, atol=1e-9)
 
 
 @pytest.mark.parametrize('k', [20, 70, 76])
@@ -42,14 +43,9 @@ def test_relative_pose_ignores_movers(seq, k):
     assert full.pts_i.shape == (240, 320, 3) and full.pts_j_in_i.shape == (240, 320, 3)
     assert full.conf_i.min() >= 1.0 and full.conf_j.min() >= 1.0
     # j's points expressed in i's frame agree with the GT transform of j's points
-    ref = transform(T_gt, _unproject(b.depth, b.K))
+    ref = transform_points(T_gt, unproject(b.depth, b.K))
     err = np.linalg.norm(full.pts_j_in_i - ref, axis=-1)
     assert np.nanmedian(err) < 0.01
-
-
-def _unproject(depth, K):
-    from dynrecon_ros.predictors.rgbd import unproject
-    return unproject(depth, K)
 
 
 def test_make_predictor_errors_are_clear():

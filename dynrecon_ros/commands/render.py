@@ -42,7 +42,7 @@ def add_arguments(parser) -> None:
     g.add_argument('--colour-noise', type=float, help='colour noise std in 8-bit levels')
     g.add_argument('--depth-delay', type=float, metavar='S', help='depth taken this long after colour')
     g.add_argument('--rolling-shutter', type=float, metavar='S', help='row readout time, top to bottom')
-    g.add_argument('--jitter', type=float, help='hand-held jitter amplitude (1 = RMS 0.35 deg, 1.5 mm)')
+    g.add_argument('--jitter', type=float, help='hand-held jitter amplitude (1 = RMS 0.15 deg, 1 mm)')
     parser.add_argument('--bag1', metavar='PATH.bag', help='also write a ROS 1 bag with TUM topics')
     parser.add_argument('--bag2', metavar='DIR', help='also write a ROS 2 bag directory with TUM topics')
     parser.add_argument('--bag2-storage', choices=('sqlite3', 'mcap'), default='sqlite3')

@@ -10,18 +10,24 @@ from dataclasses import fields
 
 from dynrecon_ros.data.synthetic import SyntheticConfig
 
-# Every sensor effect at once (Kinect v1 depth with silhouettes, range and 3 % blobs, blur, flicker,
-# colour noise, depth 10 ms after colour, rolling shutter, hand-held jitter).
-SENSOR_EFFECTS = dict(kinect=True, silhouette_holes=True, max_range=5.5, depth_holes=0.03, motion_blur=0.012,
-                      exposure_flicker=0.08, colour_noise=3.0, depth_delay=0.010, rolling_shutter=0.025, jitter=1.0)
+# The sensor effects of issue 16's second row: silhouette holes, motion blur, exposure flicker, colour
+# noise, depth 10 ms after colour, hand-held jitter.
+ISSUE_EFFECTS = dict(silhouette_holes=True, motion_blur=0.012, exposure_flicker=0.08, colour_noise=3.0,
+                     depth_delay=0.010, jitter=1.0)
+# Every sensor effect at once: those plus Kinect v1 noise and quantisation, 5.5 m range, 3 % blobs,
+# a 25 ms rolling shutter.
+SENSOR_EFFECTS = dict(ISSUE_EFFECTS, kinect=True, max_range=5.5, depth_holes=0.03, rolling_shutter=0.025)
 KINECT = dict(kinect=True, silhouette_holes=True, max_range=5.5, depth_holes=0.03)
 
 SCENARIOS: dict[str, tuple[str, dict]] = {
     'default': ('the default sequence: 2 textured cylinder movers, 320x240', {}),
     'walking_people': ('3 articulated walking people, 640x480, Kinect v1 depth with silhouettes and 3 % holes',
                        dict(width=640, height=480, movers=0, people=3, **KINECT)),
-    'close_crossing': ('2 walking people + one crossing ~1 m from the camera, 320x240, every sensor effect',
-                       dict(movers=0, people=2, close_crossing=True, **SENSOR_EFFECTS)),
+    'close_crossing': ('2 walking people + one crossing ~1 m from the camera, 320x240, the sensor effects of '
+                       'issue 16 (silhouette holes, blur, flicker, colour noise, depth 10 ms late, jitter)',
+                       dict(movers=0, people=2, close_crossing=True, **ISSUE_EFFECTS)),
+    'every_effect': ('the close_crossing people with every sensor effect (+ Kinect noise, range, 3 % blobs, '
+                     'rolling shutter)', dict(movers=0, people=2, close_crossing=True, **SENSOR_EFFECTS)),
     'people_clean': ('the close_crossing people without sensor effects, 320x240',
                      dict(movers=0, people=2, close_crossing=True)),
     'people_holes': ('the close_crossing people with 3 % depth holes (blobs) only, 320x240',

@@ -11,7 +11,8 @@ Depth (a structured-light sensor registered to the colour camera, like the Kinec
     range         no reading closer than 0.4 m or beyond `max_range`;
     random blobs  synthetic._holes (a fraction of the pixels in smooth blobs).
 Colour: auto-exposure flicker (a per-frame gain), additive Gaussian colour noise, motion blur (the
-caller averages sub-frame renders over the exposure), rolling shutter (rows read out over a time).
+caller averages sub-frame renders over the exposure), rolling shutter (rows read out over a time; the
+depth image's rows too, at the same offsets).
 Camera: hand-held jitter (a few Hz of small rotations and translations on top of the smooth path).
 
 Noise models here are formulas of the literature applied per pixel with numpy (no library simulates
@@ -119,17 +120,17 @@ def add_colour_noise(rgb: np.ndarray, rng: np.random.Generator, sigma: float) ->
 
 
 def jitter_poses(poses: np.ndarray, t: np.ndarray, seed: int, amount: float) -> np.ndarray:
-    """(N, 4, 4) camera-to-world, (N,) s -> poses with hand-held jitter: rotations of RMS ~0.35 deg *
-    amount and translations of RMS ~1.5 mm * amount per axis, sums of sinusoids in JITTER_FREQS with
+    """(N, 4, 4) camera-to-world, (N,) s -> poses with hand-held jitter: rotations of RMS 0.15 deg *
+    amount and translations of RMS 1 mm * amount per axis (angular rate RMS ~7 deg/s), sums of sinusoids in JITTER_FREQS with
     random phases (a smooth function of t, so sub-frame instants are consistent)."""
     rng = np.random.default_rng([seed, 22])
     ph = rng.uniform(0, 2 * np.pi, size=(6, len(JITTER_FREQS)))
     waves = np.sin(2 * np.pi * np.asarray(JITTER_FREQS)[None, None, :] * t[:, None, None] + ph[None])  # (N, 6, F)
     w = waves.sum(axis=2) / np.sqrt(len(JITTER_FREQS) / 2)  # unit RMS per component
-    rot = Rotation.from_rotvec(np.deg2rad(0.35 * amount) * w[:, :3]).as_matrix()
+    rot = Rotation.from_rotvec(np.deg2rad(0.15 * amount) * w[:, :3]).as_matrix()
     delta = np.tile(np.eye(4), (len(t), 1, 1))
     delta[:, :3, :3] = rot
-    delta[:, :3, 3] = 0.0015 * amount * w[:, 3:]
+    delta[:, :3, 3] = 0.001 * amount * w[:, 3:]
     return poses @ delta
 
 

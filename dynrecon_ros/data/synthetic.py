@@ -29,6 +29,7 @@ from dynrecon_ros.data.scene import (LIGHT, MOVER_HEIGHT, MOVER_RADIUS, ROOM_HI,
 from dynrecon_ros.data.bags import write_bag  # noqa: F401  (re-exported: synthetic.write_bag)
 from dynrecon_ros.data.tum import write_depth_png, write_masks, write_trajectory
 from dynrecon_ros.frames import Frame
+from dynrecon_ros.geometry import transform_points, unproject
 
 BASE_STAMP = 1700000000.0
 
@@ -61,7 +62,7 @@ class SyntheticConfig:
         motion_blur: exposure time s (sub-frame averaging); exposure_flicker: relative auto-exposure gain
             changes; colour_noise: std in 8-bit levels; depth_delay: the depth image is taken this many
             s after the colour image (its stamp says so); rolling_shutter: readout time s, top to
-            bottom; jitter: hand-held jitter amplitude (1 = RMS 0.35 deg, 1.5 mm).
+            bottom, of colour and depth alike; jitter: hand-held jitter amplitude (1 = RMS 0.15 deg, 1 mm).
     Ground truth: poses and masks are those of the colour image at its stamp (the middle row under a
     rolling shutter, the middle of the exposure under motion blur: a pixel is in the mask iff the
     middle sub-frame saw a mover there); depth_gt is that sub-frame's noise-free depth.
@@ -114,7 +115,7 @@ class SyntheticSequence:
         mover_centers: (N, M, 2) float64 xy of each (cylinder) mover's axis on the floor.
         config: the SyntheticConfig used.
         depth_masks: (N, H, W) bool, True where the depth image saw a mover (``masks`` itself unless
-            depth_delay or rolling_shutter makes the depth image's instant differ from the colour's).
+            depth_delay makes the depth image's instant differ from the colour's).
     """
 
     frames: list[Frame]
@@ -143,14 +144,8 @@ class SyntheticSequence:
 
 def backproject(depth: np.ndarray, K: np.ndarray, pose: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
     """(H, W) depth, (3, 3) K, (4, 4) camera-to-world -> (M, 3) world points of valid (masked) pixels."""
-    h, w = depth.shape
-    v, u = np.mgrid[0:h, 0:w]
     sel = depth > 0 if mask is None else (depth > 0) & mask
-    z = depth[sel].astype(np.float64)
-    x = (u[sel] - K[0, 2]) / K[0, 0] * z
-    y = (v[sel] - K[1, 2]) / K[1, 1] * z
-    pc = np.stack([x, y, z], axis=1)
-    return pc @ pose[:3, :3].T + pose[:3, 3]
+    return transform_points(np.asarray(pose, np.float64), unproject(depth, K)[sel])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,9 +249,7 @@ class _Renderer:
         self.cfg, self.K, self.tex = cfg, K, tex
         self.cams, self.centres, self.headings, self.people = cams, centres, headings, people_state
         h, w = cfg.height, cfg.width
-        v, u = np.mgrid[0:h, 0:w]
-        self.rays_cam = np.stack([(u.ravel() - K[0, 2]) / K[0, 0], (v.ravel() - K[1, 2]) / K[1, 1],
-                                  np.ones(h * w)])  # (3, P)
+        self.rays_cam = unproject(np.ones((h, w)), K).reshape(-1, 3).T  # (3, P) rays at depth 1
 
     def rows(self, i: int, bands: list[tuple[int, int, int]], shade: bool = True):
         """Frame i, bands [(row0, row1, instant q)] covering the image -> colour (P, 3) float 0..255 before
@@ -321,8 +314,9 @@ def render_sequence(cfg: SyntheticConfig | None = None) -> SyntheticSequence:
     bands = sensor_model.shutter_bands(h, cfg.rolling_shutter)
     blur = sensor_model.blur_offsets(cfg.motion_blur)
     colour_plan = [[(r0, r1, slot(float(e) + off)) for r0, r1, off in bands] for e in blur]
-    own_depth = cfg.depth_delay != 0 or len(bands) > 1  # else the depth is the middle colour sub-frame's
-    depth_plan = [(0, h, slot(cfg.depth_delay))]
+    # The depth sensor reads its rows like the colour one (both rolling shutters on a Kinect v1), depth_delay later.
+    own_depth = cfg.depth_delay != 0  # else the depth is the middle colour sub-frame's
+    depth_plan = [(r0, r1, slot(cfg.depth_delay + off)) for r0, r1, off in bands]
     q_count = len(offsets)
     times = (t[:, None] + np.asarray(offsets)[None]).ravel()  # (N * Q,)
     cams = camera_poses(cfg, times).reshape(n, q_count, 4, 4)

@@ -18,6 +18,7 @@ from scipy.spatial.transform import Rotation
 
 from dynrecon_ros.errors import InputError
 from dynrecon_ros.frames import Frame
+from dynrecon_ros.geometry import poses_from_tum
 
 DEPTH_SCALE = 5000.0  # TUM depth PNG units per metre
 
@@ -62,16 +63,6 @@ def poses_to_tum_rows(poses: np.ndarray) -> np.ndarray:
     poses = np.asarray(poses, dtype=np.float64).reshape(-1, 4, 4)
     quat = Rotation.from_matrix(poses[:, :3, :3]).as_quat() if len(poses) else np.zeros((0, 4))
     return np.concatenate([poses[:, :3, 3], quat], axis=1)  # scipy quaternion order x y z w = TUM's
-
-
-def tum_rows_to_poses(rows: np.ndarray) -> np.ndarray:
-    """(N, 7) ``tx ty tz qx qy qz qw`` -> (N, 4, 4) camera-to-world (quaternions normalised)."""
-    rows = np.asarray(rows, dtype=np.float64).reshape(-1, 7)
-    poses = np.tile(np.eye(4), (len(rows), 1, 1))
-    if len(rows):
-        poses[:, :3, :3] = Rotation.from_quat(rows[:, 3:7]).as_matrix()
-        poses[:, :3, 3] = rows[:, :3]
-    return poses
 
 
 def write_trajectory(path, stamps: np.ndarray, poses: np.ndarray, header: str | None = None) -> pathlib.Path:
@@ -139,7 +130,7 @@ def read_trajectory(path) -> tuple[np.ndarray, np.ndarray]:
     if not stamps:
         raise InputError('no poses in trajectory file', path)
     _check_increasing(path, stamps, lines)
-    return np.array(stamps), tum_rows_to_poses(np.array(rows))
+    return np.array(stamps), poses_from_tum(np.array(rows))
 
 
 def read_file_list(path) -> list[tuple[str, float, str, int]]:

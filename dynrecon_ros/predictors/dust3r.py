@@ -40,6 +40,7 @@ import cv2
 import numpy as np
 
 from dynrecon_ros.errors import InputError
+from dynrecon_ros.geometry import pixel_grid
 from dynrecon_ros.predictors.base import PairPrediction, PairPredictor
 
 KEYS = ('pts3d_1', 'conf_1', 'pts3d_2_in_1', 'conf_2')
@@ -106,12 +107,12 @@ class Dust3rPredictor(PairPredictor):
         gk = (to_input, r.scale_x, r.scale_y, r.crop_x0, r.crop_y0, h, w, H, W)
         if gk not in self._grids:  # one stream size: each sampling grid is computed once
             if to_input:  # for each input pixel its position in the network image
-                v, u = np.mgrid[0:H, 0:W].astype(np.float32)
+                u, v = np.moveaxis(pixel_grid(H, W), -1, 0)
                 mx = (u + 0.5) * r.scale_x - 0.5 - r.crop_x0
                 my = (v + 0.5) * r.scale_y - 0.5 - r.crop_y0
                 inside = (mx >= -0.5) & (mx <= w - 0.5) & (my >= -0.5) & (my <= h - 0.5)
             else:  # for each network pixel its position in the input image
-                v, u = np.mgrid[0:h, 0:w].astype(np.float32)
+                u, v = np.moveaxis(pixel_grid(h, w), -1, 0)
                 mx = (u + 0.5 + r.crop_x0) / r.scale_x - 0.5
                 my = (v + 0.5 + r.crop_y0) / r.scale_y - 0.5
                 inside = np.ones((h, w), bool)

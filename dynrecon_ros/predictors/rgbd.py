@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from dynrecon_ros.flow import pixel_grid
+from dynrecon_ros.geometry import fit_rigid, fit_similarity, pixel_grid, se3_increment, transform_points, unproject
 from dynrecon_ros.predictors.base import PairPrediction, PairPredictor
 
 
@@ -35,50 +35,6 @@ class RGBDPredictorConfig:
     photometric_samples: int = 2000
     min_gradient: float = 4.0  # grey levels per pixel for pixels used by the refinement
     seed: int = 0
-
-
-def unproject(depth: np.ndarray, K: np.ndarray) -> np.ndarray:
-    """(H, W) metres + (3, 3) -> (H, W, 3) float32 camera-frame points (NaN where depth invalid)."""
-    h, w = depth.shape
-    g = pixel_grid(h, w)
-    z = np.where(np.isfinite(depth) & (depth > 0), depth, np.nan).astype(np.float32)
-    x = (g[..., 0] - K[0, 2]) / K[0, 0] * z
-    y = (g[..., 1] - K[1, 2]) / K[1, 1] * z
-    return np.stack([x, y, z], axis=-1)
-
-
-def transform(T: np.ndarray, pts: np.ndarray) -> np.ndarray:
-    """Apply a (4, 4) transform to (..., 3) points."""
-    return pts @ T[:3, :3].T.astype(pts.dtype) + T[:3, 3].astype(pts.dtype)
-
-
-def umeyama(P: np.ndarray, Q: np.ndarray, w: np.ndarray | None = None) -> np.ndarray:
-    """Rigid (4, 4) T minimising sum w |P - (R Q + t)|^2, P, Q (N, 3) (Kabsch/Umeyama, no scale)."""
-    if w is None:
-        w = np.ones(len(P))
-    w = w / w.sum()
-    mp, mq = w @ P, w @ Q
-    C = ((P - mp) * w[:, None]).T @ (Q - mq)
-    U, _, Vt = np.linalg.svd(C)
-    S = np.eye(3)
-    S[2, 2] = np.sign(np.linalg.det(U @ Vt))
-    R = U @ S @ Vt
-    T = np.eye(4)
-    T[:3, :3] = R
-    T[:3, 3] = mp - R @ mq
-    return T
-
-
-def batched_kabsch(P: np.ndarray, Q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """P, Q (M, n, 3) -> R (M, 3, 3), t (M, 3) with P ≈ R Q + t for each of M hypotheses."""
-    mp, mq = P.mean(1, keepdims=True), Q.mean(1, keepdims=True)
-    C = np.einsum('mni,mnj->mij', P - mp, Q - mq)
-    U, _, Vt = np.linalg.svd(C)
-    d = np.sign(np.linalg.det(U @ Vt))
-    U[:, :, 2] *= d[:, None]
-    R = U @ Vt
-    t = mp[:, 0] - np.einsum('mij,mj->mi', R, mq[:, 0])
-    return R, t
 
 
 def reprojection_errors(R: np.ndarray, t: np.ndarray, P: np.ndarray, Q: np.ndarray, uv: np.ndarray,
@@ -109,7 +65,7 @@ def ransac_rigid(P: np.ndarray, Q: np.ndarray, uv: np.ndarray, K: np.ndarray, it
     """
     n = len(P)
     idx = rng.integers(0, n, size=(iterations, 3))
-    R, t = batched_kabsch(P[idx], Q[idx])
+    _, R, t = fit_similarity(Q[idx], P[idx], scale=False)  # 3-point Kabsch hypotheses
     epx, ez = reprojection_errors(R, t, P, Q, uv, K)
     # MSAC score: truncated quadratic, prefers the tightest consensus over a mere count
     cost = np.where((epx < px_threshold) & (ez < rel_depth_threshold), (epx / px_threshold) ** 2, 1.0)
@@ -122,7 +78,7 @@ def ransac_rigid(P: np.ndarray, Q: np.ndarray, uv: np.ndarray, K: np.ndarray, it
     for _ in range(refine):
         if inl.sum() < 3:
             break
-        T = umeyama(P[inl], Q[inl], w[inl])
+        T = fit_rigid(Q[inl], P[inl], w[inl])
         epx, ez = reprojection_errors(T[None, :3, :3], T[None, :3, 3], P, Q, uv, K)
         epx, ez = epx[0], ez[0]
         thr = float(np.clip(3.0 * 1.4826 * np.median(epx[inl]), min_px_threshold, thr))
@@ -289,7 +245,7 @@ class RGBDPredictor(PairPredictor):
                 break
             if len(idx) > c.ransac_samples * 4:
                 idx = self.rng.choice(idx, c.ransac_samples * 4, replace=False)
-            T = umeyama(P_s[idx].astype(np.float64), Q_s[idx].astype(np.float64), wz[idx])
+            T = fit_rigid(Q_s[idx].astype(np.float64), P_s[idx].astype(np.float64), wz[idx])
             epx, ez = errors(T)
             thr = float(np.clip(3.0 * 1.4826 * np.median(epx[use]), c.min_px_threshold, thr))
         inl_sel = keep & (epx < max(thr, 2 * c.min_px_threshold)) & (ez < c.ransac_depth_threshold)
@@ -327,20 +283,9 @@ class RGBDPredictor(PairPredictor):
         conf_j = 1.0 + 2.0 * (np.isfinite(pts_j[..., 2]) & flow.valid_bwd)
         if T is None:
             conf_j[:] = 1.0
-        return PairPrediction(pts_i=pts_i, pts_j_in_i=transform(Tij, pts_j).astype(np.float32),
+        return PairPrediction(pts_i=pts_i, pts_j_in_i=transform_points(Tij, pts_j).astype(np.float32),
                               conf_i=conf_i.astype(np.float32), conf_j=conf_j.astype(np.float32),
                               T_i_j=T, inliers_i=inliers, metric=True)
-
-
-def _se3_exp_left(xi: np.ndarray) -> np.ndarray:
-    """(6,) [v, omega] -> (4, 4) exp, Rodrigues rotation (small steps)."""
-    v, w = xi[:3], xi[3:]
-    th = np.linalg.norm(w)
-    Wx = np.array([[0, -w[2], w[1]], [w[2], 0, -w[0]], [-w[1], w[0], 0]])
-    R = np.eye(3) + Wx if th < 1e-12 else np.eye(3) + np.sin(th) / th * Wx + (1 - np.cos(th)) / th ** 2 * Wx @ Wx
-    T = np.eye(4)
-    T[:3, :3], T[:3, 3] = R, v
-    return T
 
 
 def _sampling_stack(gray: np.ndarray, gx: np.ndarray, gy: np.ndarray, depth: np.ndarray):
@@ -422,7 +367,7 @@ def photometric_refine(gray_i: np.ndarray, pts_i: np.ndarray, gray_j: np.ndarray
         H = Jw.T @ J
         g = Jw.T @ r
         xi = -np.linalg.solve(H + 1e-9 * np.eye(6), g)
-        T_j_i = _se3_exp_left(xi) @ T_j_i
+        T_j_i = se3_increment(xi) @ T_j_i
         if np.abs(xi).max() < 5e-6:  # converged: steps of a few micrometres / microradians
             break
     return np.linalg.inv(T_j_i)

@@ -25,6 +25,7 @@ from std_msgs.msg import Header
 from dynrecon_ros import compressed_depth
 from dynrecon_ros import image_encodings as encodings
 from dynrecon_ros.errors import InputError
+from dynrecon_ros.geometry import svd_rotation
 
 try:  # a ROS distro's cv_bridge / sensor_msgs_py do the unpacking when present (same results)
     from cv_bridge import CvBridge
@@ -309,8 +310,7 @@ def cloud_to_xyzrgb(msg: PointCloud2) -> np.ndarray:
 
 def matrix_to_quaternion(R: np.ndarray) -> np.ndarray:
     """(3, 3) rotation (re-orthonormalised) -> (4,) unit quaternion x, y, z, w with w >= 0."""
-    U, _, Vt = np.linalg.svd(np.asarray(R, dtype=np.float64))
-    R = U @ np.diag([1.0, 1.0, np.linalg.det(U @ Vt)]) @ Vt
+    R, _ = svd_rotation(np.asarray(R, dtype=np.float64))  # the nearest rotation
     q = Rotation.from_matrix(R).as_quat()
     q = q / np.linalg.norm(q)
     return -q if q[3] < 0 else q
