@@ -2,6 +2,10 @@
 
 The tree (``ReconConfig``) maps one-to-one onto YAML files (``from_yaml``) and onto the ROS node's
 parameters (section.name, snake_case). Unknown keys are an :class:`InputError` naming the key.
+This tree is the one source of defaults: the stage classes take their section (``SlidingWindow``,
+``FlowCache``, ``WindowAligner``, ``VoxelMap``, ``MotionSegmenter``) and have no defaults of their own;
+the predictors' configs (``RGBDPredictorConfig``, ``Dust3rConfig``) are built from ``backend``
+(``from_backend``). test/test_config_defaults.py checks it.
 """
 from __future__ import annotations
 
@@ -81,6 +85,10 @@ class BackendConfig:
     photometric_iterations: int = 5
     photometric_samples: int = 2000
     min_gradient: float = 4.0
+    ransac_refits: int = 4
+    ransac_seed: int = 0
+    image_size: int = 0
+    pair_cache: int = 0
     shared_focal: bool = True
     align_iterations: int = 300
     align_warm_iterations: int = 5
@@ -94,6 +102,10 @@ class BackendConfig:
             raise InputError('backend.align_iterations and backend.align_warm_iterations must be >= 1')
         if self.metric_scale < 0:
             raise InputError(f'backend.metric_scale must be >= 0, got {self.metric_scale}')
+        if self.image_size != 0 and self.image_size < 16:
+            raise InputError(f"backend.image_size must be 0 (the model's size) or >= 16 pixels, got {self.image_size}")
+        if self.pair_cache < 0:
+            raise InputError(f'backend.pair_cache must be >= 0, got {self.pair_cache}')
 
 
 @dataclass
@@ -157,8 +169,7 @@ class ReconConfig:
     backend: BackendConfig = field(default_factory=BackendConfig)
     alignment: AlignmentConfig = field(default_factory=AlignmentConfig)
     segmentation: SegmentationConfig = field(default_factory=SegmentationConfig)
-    # every 2nd pixel: voxels (2 cm) are about 2 pixel footprints wide at room distances anyway
-    map: MapConfig = field(default_factory=lambda: MapConfig(pixel_stride=2))
+    map: MapConfig = field(default_factory=MapConfig)
     checks: ChecksConfig = field(default_factory=ChecksConfig)
     intrinsics: list | None = None
     world_pose: list | None = None
@@ -184,16 +195,6 @@ class ReconConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-    def flat(self) -> dict:
-        """{'section.name': value} for every leaf (the ROS parameter names)."""
-        out = {}
-        for k, v in self.to_dict().items():
-            if isinstance(v, dict):
-                out.update({f'{k}.{kk}': vv for kk, vv in v.items()})
-            else:
-                out[k] = v
-        return out
 
 
 def _build(cls, d: dict, where: str, base=None):

@@ -177,7 +177,8 @@ def test_full_default_sequence_targets():
 
 
 def test_downscale_frame_keeps_geometry_and_foreground_edges():
-    from dynrecon_ros.reconstructor import downscale_frame, upsample
+    from dynrecon_ros.reconstructor import upsample
+    from dynrecon_ros.rgbd_step import downscale_frame
     K = np.array([[500.0, 0, 319.5], [0, 500.0, 239.5], [0, 0, 1]])
     depth = np.full((480, 640), 3.0, np.float32)
     depth[100:301, 201:400] = 1.5  # a box whose left and bottom edges cut through 2x2 blocks
@@ -265,11 +266,11 @@ def test_flow_cache_stays_bounded_while_tracking_is_lost():
     K = np.array([[131.0, 0, w / 2], [0, 131.0, h / 2], [0, 0, 1]])
     base = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
     rec = Reconstructor()
-    rec.predictor = _LosingTracking(rec.predictor)
+    rec.step.pred = lost = _LosingTracking(rec.step.pred)
     frame = lambda i: Frame(stamp=i * 0.1, rgb=np.roll(base, i, axis=1), depth=depth.copy(), K=K.copy(), key=f'{i}')
     for i in range(6):
         rec.push(frame(i))
-    rec.predictor.lost = True
+    lost.lost = True
     results = [r for i in range(6, 36) for r in rec.push(frame(i))]
     kept = len(rec.window.all_entries())
     assert len(rec.flows) <= kept * (kept - 1) // 2, (len(rec.flows), kept)
