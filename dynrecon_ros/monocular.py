@@ -1,5 +1,6 @@
 """Monocular window step: network pointmaps of the window -> global alignment -> poses, depth, focal,
-masks (MonST3R + Easi3R, online): the dust3r backend's :class:`~dynrecon_ros.window.WindowStep` (RGB-D: :mod:`dynrecon_ros.rgbd_step`).
+masks (MonST3R + Easi3R, online): the dust3r backend's :class:`~dynrecon_ros.window.WindowStep`
+(the RGB-D one: :mod:`dynrecon_ros.rgbd_step`).
 
 Per accepted frame t (:meth:`MonocularWindow.step`):
   1. pairs: the sliding window's pair graph (neighbours + keyframe anchors, ``SlidingWindow.graph``)

@@ -275,3 +275,44 @@ def test_flow_cache_stays_bounded_while_tracking_is_lost():
     kept = len(rec.window.all_entries())
     assert len(rec.flows) <= kept * (kept - 1) // 2, (len(rec.flows), kept)
     assert sum(r.status == 'skipped' for r in results + rec.flush()) == 30
+
+
+def test_the_window_step_protocol_is_all_the_reconstructor_calls():
+    """Both backends' steps implement WindowStep; a predictor whose step is a bare WindowStep (no
+    other predictor method) drives the whole pipeline: poses and depth from the step come out."""
+    from dynrecon_ros.monocular import MonocularWindow
+    from dynrecon_ros.rgbd_step import RGBDStep
+    from dynrecon_ros.window import WindowStep
+    rec = Reconstructor()
+    assert isinstance(rec.step, RGBDStep) and isinstance(rec.step, WindowStep)
+    assert isinstance(MonocularWindow.__new__(MonocularWindow), WindowStep)
+
+    class Step:
+        needs_depth, estimates_intrinsics = False, True
+
+        def work_frame(self, frame):
+            return frame
+
+        def step(self, window, entry, published, world_pose):
+            if entry.frame.key == 'bad':
+                return 'planted reason'
+            entry.pose = world_pose @ np.diag([1.0, 1.0, 1.0, 1.0])
+            entry.pose[0, 3] = entry.index
+            entry.frame.depth = np.full(entry.frame.rgb.shape[:2], 2.0, np.float32)
+            entry.frame.K = np.array([[30.0, 0, 16], [0, 30.0, 12], [0, 0, 1]])
+            return ''
+
+    class OnlyAStep:  # no relative_pose, predict_window, flags...: only window_step
+        def window_step(self, cfg, flows, segmenter, times, device):
+            return Step()
+
+    rgb = np.random.default_rng(0).integers(0, 256, (24, 32, 3), dtype=np.uint8)
+    rec = Reconstructor(ReconConfig.from_dict({'window': {'output_lag': 1}}), predictor=OnlyAStep())
+    out = []
+    for i, key in enumerate(['a', 'b', 'bad', 'c']):
+        out += rec.push(Frame(stamp=0.1 * i, rgb=rgb, depth=None, K=None, key=key))
+    out += rec.flush()
+    assert [(r.key, r.status) for r in out] == [('a', 'ok'), ('b', 'ok'), ('bad', 'skipped'), ('c', 'ok')]
+    assert out[2].reason == 'planted reason'
+    assert [r.pose[0, 3] for r in out if r.status == 'ok'] == [0, 1, 3]  # push indices (the bad one popped)
+    assert all((r.depth == 2.0).all() for r in out if r.status == 'ok')
