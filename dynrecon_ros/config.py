@@ -57,7 +57,13 @@ class BackendConfig:
 
     The other fields configure the RGB-D predictor: pose from flow + depth by RANSAC (ransac_*),
     a band around motion outliers excluded (halo_fraction of the width), then direct photometric +
-    depth refinement (photometric_iterations, 0 = off) on pixels with gradient >= min_gradient.
+    depth refinement (photometric_iterations, 0 = off) on pixels with gradient >= min_gradient;
+    stride: the fit is verified on every stride-th pixel in x and y; ransac_refits: weighted refits
+    on the inliers of the best hypothesis (pixel threshold shrinking to 3 robust sigmas, not below
+    min_px_threshold); ransac_seed: seed of the RANSAC samples. (RGBDPredictorConfig.from_backend.)
+    The dust3r backend's network (Dust3rConfig.from_backend): image_size: network input size (0 =
+    the model's, 512 or 224; else >= 16); pair_cache: ordered pairs whose outputs are kept at least
+    (0 = the last window step's, all the next step can reuse; 7.9 MB per pair at 512x384).
     metric_scale configures the dust3r backend on monocular input: metres per network unit
     (0 = the first frame's median depth is one unit; depth images, when present, win).
     The dust3r backend's window alignment (dynrecon_ros/monocular.py): shared_focal: one focal for
