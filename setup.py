@@ -25,7 +25,6 @@ setup(
     maintainer_email='dev@dynrecon.invalid',
     description='Dynamic-scene-aware 3D reconstruction for ROS 2 (DUSt3R/MonST3R-style).',
     license='Apache-2.0',
-    tests_require=['pytest'],
     entry_points={
         'console_scripts': [
             'dynrecon = dynrecon_ros.cli:main',

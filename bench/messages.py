@@ -1,5 +1,6 @@
 """Message conversion timings: PointCloud2 packing of a 300k-point map (target well under 50 ms) and
-640x480 image conversions in both directions. Prints median of repeated runs; asserts nothing."""
+640x480 image conversions in both directions (compressedDepth of random depth: the worst case for PNG;
+bench/transport.py has sizes and times on rendered frames). Prints median of repeated runs; asserts nothing."""
 import statistics
 import time
 
@@ -28,6 +29,7 @@ def main():
     img, bgr, dimg = conv.numpy_to_image(rgb, 'rgb8'), conv.numpy_to_image(rgb[..., ::-1], 'bgr8'), conv.numpy_to_image(depth, '32FC1')
     mm = conv.numpy_to_image((depth * 1000).astype(np.uint16), '16UC1')
     png = conv.rgb_to_compressed(rgb, 'jpg')
+    cdepth = conv.depth_to_compressed_depth(depth, '32FC1')
     rows = [
         ('PointCloud2 pack 300k xyz+rgb (xyzrgb_to_cloud)', lambda: conv.xyzrgb_to_cloud(pts)),
         ('PointCloud2 unpack 300k (cloud_to_xyzrgb)', lambda: conv.cloud_to_xyzrgb(cloud)),
@@ -36,6 +38,8 @@ def main():
         ('Image 32FC1 640x480 -> depth m', lambda: conv.image_to_depth(dimg)),
         ('Image 16UC1 640x480 -> depth m', lambda: conv.image_to_depth(mm)),
         ('CompressedImage jpeg 640x480 -> rgb', lambda: conv.compressed_to_rgb(png)),
+        ('compressedDepth 32FC1 640x480 -> depth m', lambda: conv.compressed_depth_to_depth(cdepth)),
+        ('depth m 640x480 -> compressedDepth 32FC1', lambda: conv.depth_to_compressed_depth(depth, '32FC1')),
         ('mono8 mask 640x480 -> Image (numpy_to_image)', lambda: conv.numpy_to_image(mask, 'mono8')),
         ('32FC1 depth 640x480 -> Image', lambda: conv.numpy_to_image(depth, '32FC1')),
     ]

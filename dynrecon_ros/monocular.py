@@ -6,9 +6,11 @@ Per accepted frame t (:meth:`MonocularWindow.step`):
   1. pairs: the sliding window's pair graph (neighbours + keyframe anchors, ``SlidingWindow.graph``)
      in both directions; the network runs only for pairs not seen before (the predictor caches
      outputs per ordered pair and encoder tokens per frame);
-  2. segmentation.mode 'attention' / 'both': Easi3R masks from the window's decoder cross-attention
-     (returned by the same forward pass), then the second pass with decoder-1 attention to dynamic
-     tokens zeroed gives the pointmaps that are aligned;
+  2. segmentation.mode 'attention' / 'both': Easi3R's masks (:mod:`~dynrecon_ros.attention_segmentation`)
+     from the window's decoder cross-attention (returned by the same forward pass) and the frames'
+     encoder tokens (k-means, once per window); then the second pass with decoder-1 attention from
+     static to dynamic tokens zeroed gives the pointmaps that are aligned and, from its own
+     cross-attention, the final masks (Easi3R's);
   3. alignment (:class:`~dynrecon_ros.pointmap_alignment.PointmapAligner`): the first window from
      MST init with the full Adam schedule (DUSt3R objective + MonST3R flow term on the new frame's
      pairs); every later one warm-started from the previous window's state: the new frame placed
@@ -44,7 +46,7 @@ import time
 import numpy as np
 import torch
 
-from dynrecon_ros.attention_segmentation import attention_masks, combine_masks
+from dynrecon_ros.attention_segmentation import attention_masks, combine_masks, kmeans_labels
 from dynrecon_ros.errors import InputError
 from dynrecon_ros.flow import warp
 from dynrecon_ros.intrinsics import default_principal_point, estimate_focal
@@ -65,7 +67,8 @@ class MonocularWindow:
         self.cfg, self.pred, self.flows, self.segmenter, self.times = cfg, predictor, flows, segmenter, times
         self.mode = cfg.segmentation.mode
         self.segment_on = cfg.segmentation.enabled
-        self.att_min_contrast = cfg.segmentation.attention_min_contrast
+        self.att_guards = {'min_raw_contrast': cfg.segmentation.attention_min_contrast,
+                           'min_separation': cfg.segmentation.attention_min_separation}
         threads = cfg.alignment.threads if cfg.alignment.threads > 0 else None
         self.aligner = PointmapAligner(AlignConfig(iterations=b.align_iterations, warm_iterations=b.align_warm_iterations,
                                                    warm_mode=b.align_warm_mode, shared_focal=b.shared_focal,
@@ -154,12 +157,13 @@ class MonocularWindow:
             masks[t] = self.pred.to_network(prior.astype(np.float32), frame, nearest=True) > 0.5
         att_in = None
         if use_att:
-            att = attention_masks(n, pairs, out['cross_attn_1'], out['cross_attn_2'], (h, w),
-                                 min_raw_contrast=self.att_min_contrast) > 0
-            masks |= att
-            out = self.pred.reweighted(frames, pairs, att)
+            labels = kmeans_labels(self.pred.encoder_tokens(frames))  # both passes cluster the same tokens
+            att = self.attention_masks(n, pairs, out, labels, (h, w))
+            out = self.pred.reweighted(frames, pairs, att, attention=True)
             if not self.pred.finite_views(out, pairs, t):
                 return 'network output (second pass) is not finite'
+            att = self.attention_masks(n, pairs, out, labels, (h, w))  # Easi3R's final masks: second pass
+            masks |= att
             att_in = [self.pred.to_input(att[k].astype(np.float32), f, nearest=True) for k, f in enumerate(frames)]
             att_in = [(m > 0.5) & inside for m, inside in att_in]
         out = {k: v for k, v in out.items() if not k.startswith('cross_attn')}
@@ -196,6 +200,12 @@ class MonocularWindow:
         keep = {e.key for e in entries}
         self._estimated_K &= keep
         return ''
+
+    def attention_masks(self, n, pairs, out, labels, hw) -> np.ndarray:
+        """(n, h, w) bool Easi3R masks at network resolution from one pass's maps in ``out`` and the
+        window's (n, h/16, w/16) cluster labels, with the configured optional guards."""
+        return attention_masks(n, pairs, out['cross_attn_1'], out['cross_attn_2'], hw, labels=labels,
+                               patch=self.pred.patch_size, **self.att_guards) > 0
 
     def _first(self, entry) -> str:
         """The first frame: pose = world, depth and focal from the self-pair, scale per the rules."""

@@ -3,6 +3,8 @@
     ros2 launch dynrecon_ros recon.launch.py config:=/path/to/recon.yaml backend:=... checkpoint:=... \
         namespace:=robot1 use_sim_time:=true image:=/camera/color/image_raw depth:=/camera/depth/image_rect_raw \
         camera_info:=/camera/color/camera_info
+    # compressed inputs (a remote robot): a config with use_compressed / use_compressed_depth true, and
+    #   image_compressed:=/camera/color/image_raw/compressed depth_compressedDepth:=/camera/.../compressedDepth
 
 The node's command line is built by the pure function :func:`node_arguments` (no launch import), so it
 is testable where `launch` is not installable; the launch description only wraps it.
@@ -16,7 +18,9 @@ import shutil
 PACKAGE = 'dynrecon_ros'
 EXECUTABLE = 'recon_node'
 NODE_NAME = 'dynrecon'
-TOPICS = ('image', 'image/compressed', 'depth', 'camera_info')
+# Input names the node subscribes (image/compressed with use_compressed, depth/compressedDepth with
+# use_compressed_depth); each gets a launch argument, `/` written `_` (image_compressed, depth_compressedDepth).
+TOPICS = ('image', 'image/compressed', 'depth', 'depth/compressedDepth', 'camera_info')
 # A params file may carry remappings for the node under this pseudo-node name (tum.yaml does): no node
 # has this name, so the ROS params parser ignores it; node_arguments turns it into `-r from:=to`.
 REMAP_SECTION = 'dynrecon_remappings'
@@ -46,16 +50,17 @@ def node_arguments(config: str | os.PathLike, backend: str = '', checkpoint: str
     """The node's arguments: ``--ros-args --params-file CONFIG -r __ns:=NS -r from:=to ... -p name:=value``.
 
     Remappings come from the config's ``dynrecon_remappings`` section, then ``remappings`` (which win).
-    Empty ``backend``/``checkpoint``/``namespace`` leave the params file's values alone.
+    An empty remapping (a launch argument left at its default ``''``) leaves the config's alone, as empty
+    ``backend``/``checkpoint``/``namespace`` leave the params file's values alone.
     """
     args = ['--ros-args', '--params-file', str(config)]
     remaps = dict(config_remappings(config))
-    remaps.update(dict(remappings.items() if isinstance(remappings, dict) else (remappings or [])))
+    given = remappings.items() if isinstance(remappings, dict) else (remappings or [])
+    remaps.update({src: dst for src, dst in given if dst})
     if namespace:
         args += ['-r', f"__ns:=/{namespace.strip('/')}"]
     for src, dst in remaps.items():
-        if dst:
-            args += ['-r', f'{src}:={dst}']
+        args += ['-r', f'{src}:={dst}']
     if backend:
         args += ['-p', f'backend:={backend}']
     if checkpoint:
@@ -85,7 +90,8 @@ def launch_arguments():
         ('checkpoint', '', 'checkpoint file (empty: from config)'),
         ('namespace', '', 'namespace of the node'),
         ('use_sim_time', 'false', 'use /clock (bag replay with --clock)'),
-    ] + [(t.replace('/', '_'), '', f'topic to remap the input `{t}` to (empty: no remap)') for t in TOPICS]
+    ] + [(t.replace('/', '_'), '', f"topic to remap the input `{t}` to (empty: the config's remap, if any)")
+         for t in TOPICS]
 
 
 def node_action(context):

@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from dynrecon_ros.attention_segmentation import (attention_masks, combine_masks, dynamic_attention_scores,
-                                                 otsu_multilevel_threshold, raw_contrast,
-                                                 token_mask_for_reweighting)
+from dynrecon_ros.attention_segmentation import (aggregate_attention, attention_masks, cluster_refine, combine_masks,
+                                                 dynamic_attention_scores, masks_from_scores, multiotsu_level,
+                                                 raw_contrast, token_mask_for_reweighting)
 from dynrecon_ros.errors import InputError
 
 N, L, HEADS, h, w, PATCH = 6, 2, 3, 6, 8, 16
@@ -47,11 +47,12 @@ def test_planted_region_recovered():
     masks = attention_masks(N, pairs, a1, a2, (h * PATCH, w * PATCH))
     assert masks.shape == (N, h * PATCH, w * PATCH) and masks.dtype == np.uint8
     gt = np.repeat(np.repeat(region, PATCH, 1), PATCH, 2)
-    assert _iou(masks > 0, gt) >= 0.9
+    # bilinear upsampling rounds the token-block region's corners: IoU ~0.9 against the blocks
+    assert _iou(masks > 0, gt) >= 0.85
     # with k-means refinement on encoder tokens that carry the region identity
     tokens = rng.standard_normal((N, h, w, 8)) * 0.05 + region[..., None] * np.eye(8)[0]
     masks_k = attention_masks(N, pairs, a1, a2, (h * PATCH, w * PATCH), enc_tokens=tokens)
-    assert _iou(masks_k > 0, gt) >= 0.9
+    assert _iou(masks_k > 0, gt) >= 0.85
 
 
 def test_swapped_statistics_do_not_fire():
@@ -64,50 +65,93 @@ def test_swapped_statistics_do_not_fire():
     assert s_ok[region].mean() > 0.5 and s_ok[~region].mean() < 0.1
 
 
-def test_static_only_gives_no_region():
-    rng = np.random.default_rng(1)
-    pairs, a1, a2, region = _planted(rng, dynamic=False)
-    assert not region.any()
-    masks = attention_masks(N, pairs, a1, a2, (h * PATCH, w * PATCH))
-    assert (masks > 0).mean() < 0.01
-    # without the guard plain Otsu does split the noise (which is why the guard exists)
-    score = dynamic_attention_scores(N, pairs, a1, a2)
-    assert (score >= otsu_multilevel_threshold(score)).mean() > 0.01
+def test_static_only_window_flags_noise_unless_guarded():
+    """Easi3R's pipeline (the default) has no no-motion test: the per-frame min-max stretches
+    motion-free noise to [0, 1] and Otsu splits it (4-17 % of the pixels here). The optional guards
+    each clear every such window (segmentation.attention_min_contrast / attention_min_separation)."""
+    flagged = []
+    for seed in range(6):
+        pairs, a1, a2, region = _planted(np.random.default_rng(seed), dynamic=False)
+        assert not region.any()
+        size = (h * PATCH, w * PATCH)
+        flagged.append((attention_masks(N, pairs, a1, a2, size) > 0).mean())
+        assert not attention_masks(N, pairs, a1, a2, size, min_raw_contrast=30.0).any(), seed
+        assert not attention_masks(N, pairs, a1, a2, size, min_separation=4.0).any(), seed
+    print(f'guards off: flagged fraction {np.round(flagged, 3)}')
+    assert min(flagged) > 0.01
 
 
-# seeds / noise levels where the per-frame min-max + Otsu (+ its min_separation test) still flag
-# stretched noise in a window without motion (seeds 5 and 7 do at this grid size)
-NO_MOTION_CASES = [(seed, noise) for seed in range(10) for noise in (0.02, 0.1, 0.5)]
-
-
-def test_no_motion_window_gives_empty_masks():
-    """(a) The raw-contrast guard: no planted region -> no pixel flagged, for every seed and noise
-    level; without the guard some of these windows do get false regions."""
-    unguarded = 0
-    for seed, noise in NO_MOTION_CASES:
-        pairs, a1, a2, _ = _planted(np.random.default_rng(seed), dynamic=False, noise=noise)
-        masks = attention_masks(N, pairs, a1, a2, (h * PATCH, w * PATCH))
-        assert not masks.any(), (seed, noise, (masks > 0).mean())
-        unguarded += attention_masks(N, pairs, a1, a2, (h * PATCH, w * PATCH), min_raw_contrast=0).any()
-    print(f'{unguarded} of {len(NO_MOTION_CASES)} motion-free windows get a false region without the guard')
-    assert unguarded > 0  # the cases exercise the guard
-
-
-def test_guard_keeps_planted_regions_and_clears_static_frames():
-    """(b) With the guard on (default), the planted region is recovered (IoU >= 0.9) for several
-    seeds at the static noise of the planted test, also when only some frames of the window have it;
-    the frames without it get empty masks (without the guard their noise, stretched by their own
-    min-max, is flagged: IoU ~0.3-0.5)."""
+def test_guards_on_planted_regions():
+    """What the guards change where there is motion: with the region in every frame neither removes
+    it; with the region in frames 0-2 only, the raw-contrast guard clears frames 3-5 (their stretched
+    noise is flagged without it) and keeps the region, the separation guard (one test for the whole
+    window) removes every mask."""
     gt_px = lambda r: np.repeat(np.repeat(r, PATCH, 1), PATCH, 2)  # noqa: E731
-    for seed, noise in [(seed, 0.1) for seed in range(10)]:
-        pairs, a1, a2, region = _planted(np.random.default_rng(seed), noise=noise)
-        masks = attention_masks(N, pairs, a1, a2, (h * PATCH, w * PATCH))
-        assert _iou(masks > 0, gt_px(region)) >= 0.9, (seed, noise)
-        pairs, a1, a2, region = _planted(np.random.default_rng(seed), noise=noise, frames=(0, 1, 2))
-        masks = attention_masks(N, pairs, a1, a2, (h * PATCH, w * PATCH))
-        assert _iou(masks > 0, gt_px(region)) >= 0.9, (seed, noise)
-        assert not masks[3:].any(), (seed, noise)
+    size = (h * PATCH, w * PATCH)
+    for seed in range(4):
+        pairs, a1, a2, region = _planted(np.random.default_rng(seed))
+        for kw in ({}, {'min_raw_contrast': 30.0}, {'min_separation': 4.0}):
+            assert _iou(attention_masks(N, pairs, a1, a2, size, **kw) > 0, gt_px(region)) >= 0.85, (seed, kw)
+        pairs, a1, a2, region = _planted(np.random.default_rng(seed), frames=(0, 1, 2))
+        plain = attention_masks(N, pairs, a1, a2, size) > 0
+        assert plain[3:].mean() > 0.05
+        guarded = attention_masks(N, pairs, a1, a2, size, min_raw_contrast=30.0) > 0
+        assert not guarded[3:].any() and _iou(guarded, gt_px(region)) >= 0.7, seed
+        assert not attention_masks(N, pairs, a1, a2, size, min_separation=4.0).any()
 
+
+def test_frame_in_one_pair_left_out():
+    """A frame in one pair per role has no sample std: it is left out of the aggregation, so the
+    other frames' scores are exactly those of the graph without it; with encoder tokens it takes
+    its clusters' scores, without it is NaN and gets an empty mask."""
+    rng = np.random.default_rng(4)
+    pairs, a1, a2, region = _planted(rng)
+    keep = [e for e, (i, j) in enumerate(pairs) if 5 not in (i, j) or (i, j) in ((4, 5), (5, 4))]
+    sub = [pairs[e] for e in keep]
+    sc = aggregate_attention(N, sub, a1[keep], a2[keep])
+    assert sc.defined.tolist() == [True] * 5 + [False]
+    assert np.isnan(sc.plain_score[5]).all() and np.isfinite(sc.plain_score[:5]).all()
+    # frame 5's maps do not reach the other frames' scores (taking its std as 0 would move the
+    # global min-max of every frame)
+    b1, b2 = a1[keep].copy(), a2[keep].copy()
+    b1[sub.index((4, 5))] += 3 * rng.standard_normal(b1.shape[1:])
+    b2[sub.index((5, 4))] -= 3 * rng.standard_normal(b2.shape[1:])
+    other = aggregate_attention(N, sub, b1, b2)
+    np.testing.assert_allclose(other.plain_score[:5], sc.plain_score[:5], atol=1e-12)
+    np.testing.assert_allclose(other.agg_minmax, sc.agg_minmax, atol=1e-12)
+    masks = attention_masks(N, sub, a1[keep], a2[keep], (h * PATCH, w * PATCH)) > 0
+    assert not masks[5].any() and masks[:5].any()
+    # with tokens that carry the region's identity, frame 5 gets its region from the clusters
+    tokens = rng.standard_normal((N, h, w, 8)) * 0.05 + region[..., None] * np.eye(8)[0]
+    masks_k = attention_masks(N, sub, a1[keep], a2[keep], (h * PATCH, w * PATCH), enc_tokens=tokens) > 0
+    gt5 = np.repeat(np.repeat(region[5], PATCH, 0), PATCH, 1)
+    assert _iou(masks_k[5], gt5) >= 0.8
+    # a two-frame window: nothing defined, no mask, no error
+    two = [(0, 1), (1, 0)]
+    assert not attention_masks(2, two, a1[:2], a2[:2], (h * PATCH, w * PATCH), enc_tokens=tokens[:2]).any()
+    # ddof 0 (population std) defines every frame
+    assert aggregate_attention(N, sub, a1[keep], a2[keep], ddof=0).defined.all()
+
+
+def test_cluster_refine_means_and_missing_scores():
+    score = np.array([[[0.0, 1.0], [0.5, np.nan]]])
+    labels = np.array([[[0, 1], [0, 2]]])
+    out = cluster_refine(score, labels)
+    # cluster 0: mean 0.25, cluster 1: 1.0, cluster 2: no scored token -> the frame's minimum
+    np.testing.assert_allclose(out[0], [[0.0, 1.0], [0.0, 0.0]], atol=1e-5)
+    with pytest.raises(InputError):
+        cluster_refine(score, labels[..., :1])
+
+
+def test_masks_strictly_above_the_level():
+    """Stage 8 is strict: a pixel exactly at the level is not dynamic."""
+    score = np.zeros((2, 2, 3), np.float32)
+    score[0, 1, 2] = 0.5
+    score[1] = 0.5  # a constant frame: bilinear keeps 0.5 everywhere
+    masks, level = masks_from_scores(score, (32, 48), threshold=0.5)
+    assert level.threshold == 0.5 and not masks.any()
+    masks, _ = masks_from_scores(score, (32, 48), threshold=0.4999)
+    assert masks[1].all() and masks[0].any()
 
 def test_raw_contrast():
     raw = np.full((2, 4, 4), 1.0) + 0.01 * np.arange(32).reshape(2, 4, 4) % 0.05
@@ -120,13 +164,20 @@ def test_raw_contrast():
     assert raw_contrast(raw, flagged)[0] < 3
 
 
-def test_otsu_multilevel_on_mixture():
+def test_multiotsu_level_on_mixture():
     rng = np.random.default_rng(2)
     x = np.concatenate([rng.normal(0.1, 0.03, 4000), rng.normal(0.45, 0.03, 2000), rng.normal(0.9, 0.02, 500)])
-    thr = otsu_multilevel_threshold(x)
-    assert 0.5 < thr < 0.85  # highest level separates the top mode
-    assert otsu_multilevel_threshold(np.zeros(10)) == float('inf')
-
+    lv = multiotsu_level(x)
+    assert lv.classes == 3 and 0.5 < lv.threshold < 0.85  # highest level separates the top mode
+    assert set(lv.thresholds) == {2, 3, 4} and np.isfinite(lv.criterion).all()
+    # the criterion is the class means' population variance / sqrt(k), not Otsu's weighted one
+    for n, k in enumerate((2, 3, 4)):
+        cls = np.digitize(x.astype(np.float32), lv.thresholds[k])
+        means = [x.astype(np.float32)[cls == c].mean() for c in range(k)]
+        assert abs(lv.criterion[n] - np.var(means) / np.sqrt(k)) < 1e-6
+    assert multiotsu_level(np.zeros(10)).threshold == float('inf')  # one value: no class count fits
+    two = multiotsu_level(np.r_[np.zeros(10), np.ones(5)])  # two values: only k = 2
+    assert two.classes == 2 and 0 < two.threshold < 1
 
 def test_token_mask_for_reweighting():
     masks = np.zeros((3, 32, 48), np.uint8)

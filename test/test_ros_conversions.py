@@ -154,3 +154,19 @@ def test_transform_round_trip_and_unit_quaternion():
     assert np.allclose(conv.transform_to_matrix(tf)[:3, :3], T[:3, :3] / 1.001, atol=1e-9)
     with pytest.raises(conv.ConversionError):
         conv.matrix_to_transform(np.full((4, 4), np.nan))
+
+
+def test_compressed_depth_messages():
+    """depth -> compressedDepth CompressedImage -> metres (NaN/0 = no reading -> 0); garbage names the fault."""
+    depth = np.full((4, 6), 2.0, np.float32)
+    depth[0, 0] = np.nan
+    msg = conv.depth_to_compressed_depth(depth, '32FC1')
+    assert msg.format == '32FC1; compressedDepth png' and bytes(msg.data[:4]) == bytes(4)
+    back = conv.compressed_depth_to_depth(msg)
+    assert back.dtype == np.float32 and back[0, 0] == 0.0
+    assert np.all(np.abs(back.ravel()[1:] - 2.0) <= 4.0 / 10100)
+    mm = conv.depth_to_compressed_depth(np.full((4, 6), 1234, np.uint16), '16UC1')
+    assert np.allclose(conv.compressed_depth_to_depth(mm), 1.234)
+    msg.data = msg.data[:20]
+    with pytest.raises(conv.ConversionError, match='corrupt or truncated'):
+        conv.compressed_depth_to_depth(msg)

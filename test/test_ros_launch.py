@@ -48,6 +48,15 @@ def test_tum_yaml_remappings_and_override():
     assert params['camera_intrinsics'][:4] == [535.4, 539.2, 320.1, 247.6]  # fr3
 
 
+def test_empty_launch_arguments_keep_the_config_remappings():
+    """What node_action passes when the topic arguments are left at '': the config's remaps stay."""
+    tum = ROOT / 'config' / 'tum.yaml'
+    args = recon_launch.node_arguments(tum, remappings={t: '' for t in recon_launch.TOPICS})
+    pairs = [args[i + 1] for i, a in enumerate(args) if a == '-r']
+    assert pairs == [f'{k}:={v}' for k, v in recon_launch.config_remappings(tum)]
+    assert len(pairs) == 3
+
+
 def test_replay_launch_command():
     tum_launch = load('tum_replay.launch.py')
     cmd = tum_launch.replay_command('x.bag', 0.5, loop='true')
@@ -63,7 +72,8 @@ def test_launch_description_builds_where_launch_imports():
         pytest.skip('ROS launch is not installed here')
     ld = recon_launch.generate_launch_description()
     names = [a.name for a in ld.entities if hasattr(a, 'name') and hasattr(a, 'default_value')]
-    assert {'config', 'backend', 'checkpoint', 'namespace', 'use_sim_time'} <= set(names)
+    assert {'config', 'backend', 'checkpoint', 'namespace', 'use_sim_time', 'image', 'image_compressed', 'depth',
+            'depth_compressedDepth', 'camera_info'} <= set(names)
 
 
 def recon_node_executable() -> list[str]:

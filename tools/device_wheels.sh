@@ -6,7 +6,10 @@
 # packaging, pygments, typing-extensions. Traced imports of bench/network.py, bench/monocular.py,
 # bench/monocular_host.py and bench/alignment.py (CPU runs, sys.modules at exit): the only
 # third-party module missing there is evo (dynrecon_ros.evaluation, imported by bench/alignment.py
-# for the ATE). The rest of the list is evo's Requires-Dist closure minus what the image has
+# for the ATE), and scikit-learn and scikit-image (dynrecon_ros.attention_segmentation: Easi3R's
+# k-means and multi-level Otsu, bench/monocular.py's attention / both modes) with their
+# Requires-Dist closure minus what the image has (networkx comes with torch). The rest of the list is
+# evo's Requires-Dist closure minus what the image has
 # (argcomplete, natsort, numexpr, rosbags -> apsw, backports.zstd, lz4, ruamel.yaml), so that
 # `pip check` is clean; none of those is imported by the benches. transforms3d is not imported by
 # any bench (not carried). Versions: requirements.txt's pins (evo, rosbags), else those its pins
@@ -31,6 +34,15 @@ WHEELS=(
   lz4==4.4.5             # cp312 manylinux; rosbags
   apsw==3.54.1.0         # cp312 manylinux; rosbags
   backports.zstd==1.8.0  # cp312 manylinux; rosbags (python < 3.14)
+  scikit-learn==1.9.1    # cp312 manylinux; requirements.txt pin
+  joblib==1.6.0          # pure; scikit-learn
+  cloudpickle==3.1.3     # pure; joblib
+  threadpoolctl==3.8.0   # pure; scikit-learn
+  narwhals==2.29.0       # pure; scikit-learn
+  scikit-image==0.26.0   # cp312 manylinux; requirements.txt pin
+  imageio==2.38.2        # pure; scikit-image
+  tifffile==2026.3.3     # pure; scikit-image
+  lazy-loader==0.6       # pure; scikit-image
 )
 rm -rf .whl && mkdir -p .whl
 plat=()

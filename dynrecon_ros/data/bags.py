@@ -14,6 +14,7 @@ from decimal import Decimal
 
 import numpy as np
 
+from dynrecon_ros import image_encodings as encodings
 from dynrecon_ros.data.tum import associate
 from dynrecon_ros.errors import InputError
 from dynrecon_ros.frames import Frame
@@ -27,14 +28,6 @@ DEPTH_FRAME_ID = '/openni_depth_optical_frame'
 IMAGE = 'sensor_msgs/msg/Image'
 CAMERA_INFO = 'sensor_msgs/msg/CameraInfo'
 
-# Image encodings: name -> (numpy dtype, channels), one table for both directions (as cv_bridge).
-ENCODINGS = {
-    'rgb8': (np.uint8, 3), 'bgr8': (np.uint8, 3), 'rgba8': (np.uint8, 4), 'bgra8': (np.uint8, 4),
-    'mono8': (np.uint8, 1), '8UC3': (np.uint8, 3), '32FC1': (np.float32, 1), '16UC1': (np.uint16, 1),
-    'mono16': (np.uint16, 1),
-}
-
-
 def stamp_to_ns(stamp: float, key: str = '') -> int:
     """Seconds -> integer nanoseconds, exact for a decimal stamp string such as a TUM key."""
     try:
@@ -46,9 +39,10 @@ def stamp_to_ns(stamp: float, key: str = '') -> int:
 def image_to_array(msg, where: str = '') -> np.ndarray:
     """sensor_msgs/Image -> (H, W) or (H, W, C) array in the message's dtype (row padding removed)."""
     enc = msg.encoding
-    if enc not in ENCODINGS:
-        raise InputError(f'unsupported image encoding "{enc}" ({", ".join(ENCODINGS)} are supported)', where or None)
-    dtype, ch = ENCODINGS[enc]
+    if enc not in encodings.ENCODINGS:
+        raise InputError(f'unsupported image encoding "{enc}" ({", ".join(encodings.ENCODINGS)} are supported)',
+                         where or None)
+    dtype, ch = encodings.ENCODINGS[enc]
     dt = np.dtype(dtype).newbyteorder('>' if msg.is_bigendian else '<')
     row_bytes = msg.width * ch * dt.itemsize
     data = np.asarray(msg.data, dtype=np.uint8)
@@ -60,26 +54,11 @@ def image_to_array(msg, where: str = '') -> np.ndarray:
     return arr.reshape(msg.height, msg.width, ch) if ch > 1 else arr.reshape(msg.height, msg.width)
 
 
-def _as_rgb(arr: np.ndarray, enc: str) -> np.ndarray:
-    """Image array of a colour/mono encoding -> (H, W, 3) uint8 RGB."""
-    if arr.dtype != np.uint8:
-        raise InputError(f'colour image has encoding {enc}; expected an 8-bit colour or mono encoding')
-    if arr.ndim == 2:
-        return np.repeat(arr[..., None], 3, axis=2)
-    if enc.startswith('bgr'):
-        arr = arr[..., 2::-1]
-    return np.ascontiguousarray(arr[..., :3])
-
-
 def _as_depth(arr: np.ndarray, enc: str) -> np.ndarray:
-    """Depth image array -> (H, W) float32 metres, 0 = no reading (NaN/inf mapped to 0)."""
-    if enc in ('16UC1', 'mono16'):
-        return arr.astype(np.float32) / np.float32(1000.0)  # ROS convention for 16UC1 depth: millimetres
-    if enc != '32FC1':
+    """Depth image array -> (H, W) float32 metres, 0 = no reading (see image_encodings.to_depth)."""
+    if enc not in encodings.DEPTH_SCALE:
         raise InputError(f'depth image has encoding {enc}; expected 32FC1 (metres) or 16UC1 (millimetres)')
-    d = arr.astype(np.float32)
-    d[~np.isfinite(d)] = 0.0
-    return d
+    return encodings.to_depth(arr, enc)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,7 +270,8 @@ class BagFrames:
                 where = f'{self.path} {conn.topic} at {self._key(_header_ns(msg))}'
                 arr = image_to_array(msg, where)
                 try:
-                    pending.setdefault(k, {})[slot] = (_as_rgb if slot == 'rgb' else _as_depth)(arr, msg.encoding)
+                    convert = encodings.to_rgb if slot == 'rgb' else _as_depth
+                    pending.setdefault(k, {})[slot] = convert(arr, msg.encoding)
                 except InputError as exc:
                     raise InputError(f'{exc} ({conn.topic})', self.path) from None
                 while next_k in pending and ('depth' in pending[next_k] or not self.has_depth) \

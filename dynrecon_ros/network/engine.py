@@ -128,6 +128,19 @@ class PairNetwork:
             self._cache.popitem(last=False)
         return out
 
+    def encoder_features(self, images, frame_ids: Sequence[Hashable] | None = None) -> np.ndarray:
+        """(N, h, w, E) float32 host array: each image's encoder output after the encoder's final norm
+        (the tokens the decoders read; Easi3R clusters them), through the frame-id cache of
+        :meth:`encode` (no encoding for frames a ``predict_pairs`` call with the same ids encoded).
+        images: uint8 (N, H, W, 3) as for :meth:`predict_pairs`; h, w = H / 16, W / 16."""
+        images = self._check_images(images)
+        if frame_ids is not None and len(list(frame_ids)) != len(images):
+            raise InputError(f'frame_ids has {len(list(frame_ids))} entries for {len(images)} images')
+        p = self.cfg.patch_size
+        h, w = images.shape[1] // p, images.shape[2] // p
+        toks = self.encode(images, None if frame_ids is None else list(frame_ids))
+        return np.stack([_host(toks[i]).reshape(h, w, -1) for i in range(len(images))])
+
     # ------------------------------------------------------------------ pairs
     def predict_pairs(self, images, pairs, frame_ids=None, return_attention: bool = False,
                       cross_attn_zero=None, batch_size: int | None = None) -> dict:

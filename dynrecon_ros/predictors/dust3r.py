@@ -23,7 +23,9 @@ What lives here is the network I/O:
     32 h w bytes (6.3 MB) on the device with ``tensor_device``;
   * the decoder cross-attention maps come with the pointmaps of the same pass when asked for
     (Easi3R segmentation), and :meth:`reweighted` runs Easi3R's second pass (decoder-1 attention
-    from static view-1 tokens to dynamic view-2 tokens zeroed), cached per pair and token mask.
+    from static view-1 tokens to dynamic view-2 tokens zeroed, with that pass's maps when asked
+    for), cached per pair and token mask; :meth:`encoder_tokens` gives the frames' post-norm
+    encoder tokens (Easi3R's clustering features) from the engine's frame cache.
 
 All arrays are float32 at network resolution (h, w); non-finite network outputs are reported by
 :meth:`finite_views` (from the flags made at cache entry) so the window step can skip the frame
@@ -73,7 +75,8 @@ class Dust3rPredictor(PairPredictor):
     """Window predictor over a loaded :class:`dynrecon_ros.network.PairNetwork` (see module docstring).
 
     ``net`` needs ``cfg.img_size`` and ``predict_pairs(images, pairs, frame_ids=...,
-    return_attention=..., cross_attn_zero=...)`` (tests pass stand-ins with the same interface).
+    return_attention=..., cross_attn_zero=...)``, and ``encoder_features(images, frame_ids=...)`` for
+    the attention segmentation (tests pass stand-ins with the same interface).
     """
 
     metric = False
@@ -235,27 +238,38 @@ class Dust3rPredictor(PairPredictor):
                         for k in ('pts3d_1', 'pts3d_2_in_1', 'logw_1', 'logw_2')}
         return e
 
-    def reweighted(self, frames, pairs, masks) -> dict:
+    def reweighted(self, frames, pairs, masks, attention: bool = False) -> dict:
         """Easi3R's second pass for ``pairs``: decoder-1 cross-attention from static view-1 tokens to
         dynamic view-2 tokens zeroed. masks: (N, h, w) dynamic masks at network resolution (one per
-        frame). Returns the pointmap outputs like :meth:`predict_window` (cached per pair and token
-        selection: unchanged masks cost nothing)."""
+        frame). Returns the pointmap outputs like :meth:`predict_window`, with the second pass's
+        'cross_attn_1', 'cross_attn_2' when ``attention`` (Easi3R recomputes the masks from them);
+        cached per pair and token selection: unchanged masks cost nothing."""
         from dynrecon_ros.attention_segmentation import token_mask_for_reweighting
         q, k = token_mask_for_reweighting(masks, pairs, self.patch_size)
         keys = [(frames[i].key, frames[j].key, q[e].tobytes(), k[e].tobytes()) for e, (i, j) in enumerate(pairs)]
-        todo = [e for e, key in enumerate(keys) if key not in self._second]
+        todo = [e for e, key in enumerate(keys) if key not in self._second
+                or (attention and 'cross_attn_1' not in self._second[key])]
         plain = [e for e in todo if not k[e].any() or not q[e].any()]  # nothing to zero: the first pass
         plain_set = set(plain)
         run = [e for e in todo if e not in plain_set]
         if plain:  # the first pass's entry itself (shared, no copy)
-            first = self._ensure(frames, [pairs[e] for e in plain], False)
+            first = self._ensure(frames, [pairs[e] for e in plain], attention)
             for key, e in zip(first, plain):
                 self._second[keys[e]] = self._pairs[key]
         if run:
-            out = self._run(frames, [pairs[e] for e in run], False, zero=(q[run], k[run]))
+            out = self._run(frames, [pairs[e] for e in run], attention, zero=(q[run], k[run]))
             for n, e in enumerate(run):
-                self._second[keys[e]] = self._entry(out, n)
-        return self._gather(self._second, keys, KEYS)
+                self._second[keys[e]] = self._entry(out, n, attention)
+        return self._gather(self._second, keys, KEYS + (('cross_attn_1', 'cross_attn_2') if attention else ()))
+
+    def encoder_tokens(self, frames) -> np.ndarray:
+        """(N, h/16, w/16, C) float32: the frames' encoder output after the encoder's final norm
+        (``net.encoder_features``; the engine's frame cache: no re-encoding after a window's pass)."""
+        rs = [self.network_input(f) for f in frames]
+        if len({r.rgb.shape for r in rs}) != 1:
+            raise InputError(f'frames {[f.key for f in frames]} have different network input sizes')
+        feats = self.net.encoder_features(np.stack([r.rgb for r in rs]), frame_ids=[f.key for f in frames])
+        return np.asarray(_host(feats), dtype=np.float32)
 
     def _gather(self, cache: OrderedDict, keys: list, names) -> dict:
         """{name: (P, ...) stacked} of the cached pair outputs under ``keys`` (all present), plus

@@ -22,6 +22,8 @@ from scipy.spatial.transform import Rotation
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2, PointField
 from std_msgs.msg import Header
 
+from dynrecon_ros import compressed_depth
+from dynrecon_ros import image_encodings as encodings
 from dynrecon_ros.errors import InputError
 
 try:  # a ROS distro's cv_bridge / sensor_msgs_py do the unpacking when present (same results)
@@ -39,21 +41,8 @@ class ConversionError(InputError):
     """A message that cannot be converted; the text names the problem (not the topic)."""
 
 
-# encoding -> (numpy dtype, channels). The one table both directions use (cv_bridge's, trimmed).
-ENCODINGS: dict[str, tuple[np.dtype, int]] = {
-    'rgb8': (np.dtype(np.uint8), 3), 'bgr8': (np.dtype(np.uint8), 3),
-    'rgba8': (np.dtype(np.uint8), 4), 'bgra8': (np.dtype(np.uint8), 4),
-    'mono8': (np.dtype(np.uint8), 1), 'mono16': (np.dtype(np.uint16), 1),
-    '8UC1': (np.dtype(np.uint8), 1), '8UC3': (np.dtype(np.uint8), 3),
-    '16UC1': (np.dtype(np.uint16), 1), '32FC1': (np.dtype(np.float32), 1),
-}
-# encoding -> channel indices that give R, G, B (mono: the single channel three times).
-RGB_CHANNELS: dict[str, tuple[int, int, int]] = {
-    'rgb8': (0, 1, 2), 'rgba8': (0, 1, 2), 'bgr8': (2, 1, 0), 'bgra8': (2, 1, 0), '8UC3': (2, 1, 0),
-    'mono8': (0, 0, 0), '8UC1': (0, 0, 0), 'mono16': (0, 0, 0),
-}
-# depth encoding -> factor to metres.
-DEPTH_SCALE: dict[str, float] = {'32FC1': 1.0, '16UC1': 1e-3, 'mono16': 1e-3}
+# The encoding table (shared with data/bags.py): encoding -> (dtype, channels), colour order, depth unit.
+ENCODINGS = encodings.ENCODINGS
 
 _NATIVE_BIG = sys.byteorder == 'big'
 
@@ -120,28 +109,20 @@ def numpy_to_image(arr: np.ndarray, encoding: str, header: Header | None = None)
 
 
 def image_to_rgb(msg: Image) -> np.ndarray:
-    """Colour or mono Image -> (H, W, 3) uint8 RGB. mono16 is scaled by 1/256 (as cv_bridge does)."""
+    """Colour or mono Image -> (H, W, 3) uint8 RGB. mono16 is scaled by 1/256 (as cv_bridge does); 8UC3,
+    which carries no channel order, is refused as cv_bridge refuses it (see dynrecon_ros.image_encodings)."""
     arr = image_to_numpy(msg)
-    if msg.encoding not in RGB_CHANNELS:
-        raise ConversionError(f"encoding '{msg.encoding}' is not a colour/mono image encoding")
-    if arr.dtype == np.uint16:
-        arr = (arr >> 8).astype(np.uint8)
-    if arr.ndim == 2:
-        return np.repeat(arr[:, :, None], 3, axis=2)
-    r, g, b = RGB_CHANNELS[msg.encoding]
-    if arr.shape[2] == 3 and (r, g, b) == (0, 1, 2):
-        return arr  # already a fresh RGB copy
-    order = {(0, 1, 2): slice(0, 3), (2, 1, 0): slice(2, None, -1)}.get((r, g, b), [r, g, b])
-    return np.ascontiguousarray(arr[:, :, order])
+    try:
+        return encodings.to_rgb(arr, msg.encoding)
+    except InputError as exc:
+        raise ConversionError(str(exc)) from None
 
 
 def image_to_depth(msg: Image) -> np.ndarray:
     """Depth Image (32FC1 metres, 16UC1/mono16 millimetres) -> (H, W) float32 metres, 0 = no reading."""
-    if msg.encoding not in DEPTH_SCALE:
+    if msg.encoding not in encodings.DEPTH_SCALE:
         raise ConversionError(f"unsupported depth encoding '{msg.encoding}' (use 32FC1 or 16UC1)")
-    arr = image_to_numpy(msg).astype(np.float32) * np.float32(DEPTH_SCALE[msg.encoding])
-    arr[~np.isfinite(arr) | (arr < 0)] = 0.0
-    return arr
+    return encodings.to_depth(image_to_numpy(msg), msg.encoding)
 
 
 def compressed_to_rgb(msg: CompressedImage) -> np.ndarray:
@@ -155,12 +136,60 @@ def compressed_to_rgb(msg: CompressedImage) -> np.ndarray:
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
-def rgb_to_compressed(rgb: np.ndarray, fmt: str = 'png', header: Header | None = None) -> CompressedImage:
-    ok, buf = cv2.imencode('.' + fmt, cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2BGR))
+def rgb_to_compressed(rgb: np.ndarray, fmt: str = 'png', header: Header | None = None, params=(),
+                      format_string: str | None = None) -> CompressedImage:
+    """(H, W, 3) uint8 RGB -> CompressedImage (``fmt`` 'png', 'jpeg' or 'jpg'; ``params`` cv2.IMWRITE_*
+    pairs); ``format`` is ``format_string`` or ``fmt``."""
+    ok, buf = cv2.imencode('.' + fmt, cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2BGR), list(params))
     if not ok:
         raise ConversionError(f'cannot encode {fmt}')
-    msg = CompressedImage(header=header or Header(), format=fmt)
+    msg = CompressedImage(header=header or Header(), format=format_string or fmt)
     msg.data = _bytes_array(buf.tobytes())
+    return msg
+
+
+# image_transport's compressed plugin defaults (compressed_publisher.cpp): jpeg_quality 95, png_level 3.
+COMPRESSED_PARAMS = {'jpeg': (cv2.IMWRITE_JPEG_QUALITY, 95), 'png': (cv2.IMWRITE_PNG_COMPRESSION, 3)}
+
+
+def image_to_compressed(msg: Image, fmt: str = 'png') -> CompressedImage:
+    """Colour/mono Image -> CompressedImage as image_transport's ``compressed`` plugin publishes it:
+    encoded from bgr8, ``format`` ``"<encoding>; <jpeg|png> compressed bgr8"``, the plugin's default
+    quality/level."""
+    if fmt not in COMPRESSED_PARAMS:
+        raise ConversionError(f"compressed format must be 'png' or 'jpeg', got '{fmt}'")
+    return rgb_to_compressed(image_to_rgb(msg), fmt, msg.header, COMPRESSED_PARAMS[fmt],
+                             f'{msg.encoding}; {fmt} compressed bgr8')
+
+
+def image_to_compressed_depth(msg: Image) -> CompressedImage:
+    """16UC1 or 32FC1 depth Image -> compressedDepth CompressedImage (the plugin's default parameters)."""
+    if msg.encoding not in compressed_depth.ENCODINGS:
+        raise ConversionError(f"compressedDepth takes 16UC1 or 32FC1 depth, not '{msg.encoding}'")
+    return depth_to_compressed_depth(image_to_numpy(msg), msg.encoding, msg.header)
+
+
+def compressed_depth_to_depth(msg: CompressedImage) -> np.ndarray:
+    """CompressedImage in image_transport's compressedDepth format (16UC1 mm or inverse-depth quantised
+    32FC1, see :mod:`dynrecon_ros.compressed_depth`) -> (H, W) float32 metres, 0 = no reading."""
+    try:
+        encoding, arr = compressed_depth.decode(msg.format, msg.data)
+    except InputError as exc:
+        raise ConversionError(str(exc)) from None
+    return encodings.to_depth(arr, encoding)
+
+
+def depth_to_compressed_depth(depth: np.ndarray, encoding: str = '32FC1', header: Header | None = None,
+                              **params) -> CompressedImage:
+    """(H, W) depth (float32 m for 32FC1, uint16 mm for 16UC1; NaN/0 = no reading) -> compressedDepth
+    CompressedImage as compressed_depth_image_transport publishes it (``params``: depth_max,
+    depth_quantization, png_level; the plugin's defaults)."""
+    try:
+        fmt, data = compressed_depth.encode(depth, encoding, **params)
+    except InputError as exc:
+        raise ConversionError(str(exc)) from None
+    msg = CompressedImage(header=header or Header(), format=fmt)
+    msg.data = _bytes_array(data)
     return msg
 
 

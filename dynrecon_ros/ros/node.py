@@ -1,9 +1,10 @@
 """`recon_node`: the ROS 2 node, a thin adapter over :class:`dynrecon_ros.reconstructor.Reconstructor`.
 
-Inputs (relative names, remap them): ``image`` (or ``image/compressed``), ``depth``, ``camera_info``.
-Outputs: ``/tf``, ``~/dynamic_mask``, ``~/depth``, ``~/camera_info``, ``~/pose``, ``~/path``, ``~/odom``,
-``~/static_map``; service ``~/save_map``. Callbacks only validate, convert and enqueue; one worker
-thread runs the pipeline (see :mod:`dynrecon_ros.ros.worker`).
+Inputs (relative names, remap them): ``image`` (or ``image/compressed``), ``depth`` (or
+``depth/compressedDepth``), ``camera_info``. Outputs (:mod:`dynrecon_ros.ros.publishers`, which states
+their QoS): ``/tf``, ``~/dynamic_mask``, ``~/depth``, ``~/camera_info``, ``~/pose``, ``~/path``,
+``~/odom``, ``~/static_map``; service ``~/save_map``. Callbacks only validate, convert and enqueue; one
+worker thread runs the pipeline (see :mod:`dynrecon_ros.ros.worker`).
 """
 from __future__ import annotations
 
@@ -15,19 +16,15 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass
 
-import cv2
 import numpy as np
 import rclpy
 import rclpy.duration
-from geometry_msgs.msg import PoseStamped
-from nav_msgs.msg import Odometry, Path
 from rcl_interfaces.msg import ParameterDescriptor
 from rclpy.exceptions import ParameterException
 from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
-from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 from std_msgs.msg import Header
 from std_srvs.srv import Trigger
 
@@ -35,10 +32,13 @@ from dynrecon_ros.errors import InputError
 from dynrecon_ros.frames import Frame
 from dynrecon_ros.memory import MALLOC_TRIM, resident_mib, trim_heap
 from dynrecon_ros.ros import conversions as conv
+from dynrecon_ros.ros.inputs import InputFrame, StampPairer
 from dynrecon_ros.ros.parameters import (CONFIG_AT_NODE_LEVEL, NODE_PARAMETERS, PIPELINE_PREFIX, flatten,
                                         pipeline_config, pipeline_defaults, ros_value)
-from dynrecon_ros.ros.qos import MAP_QOS, OUTPUT_QOS, input_qos
-from dynrecon_ros.ros.tf import MODES, ExtrinsicSource, TransformBroadcaster, body_twist, navigation_pose, stamped
+from dynrecon_ros.ros.publishers import (FrameImagePublisher, MapPublisher, OdometryPublisher, PathPublisher,
+                                        PosePublisher)
+from dynrecon_ros.ros.qos import input_qos
+from dynrecon_ros.ros.tf import MODES, ExtrinsicSource, TransformBroadcaster, navigation_pose, stamped
 from dynrecon_ros.ros.worker import DropOldestQueue, Worker
 
 NODE_NAME = 'dynrecon'
@@ -55,17 +55,6 @@ def default_fastdds_profile() -> pathlib.Path | None:
     candidates.append(pathlib.Path(__file__).resolve().parents[2] / 'config' / FASTDDS_PROFILE)
     candidates.append(pathlib.Path(sys.prefix) / 'share' / 'dynrecon_ros' / 'config' / FASTDDS_PROFILE)
     return next((p for p in candidates if p.is_file()), None)
-
-
-@dataclass
-class InputFrame:
-    """What a callback hands the worker: converted arrays plus the headers to stamp outputs with."""
-    header: Header
-    rgb: np.ndarray  # (H, W, 3) uint8
-    depth: np.ndarray | None  # (H, W) float32 m
-    K: np.ndarray | None  # (3, 3)
-    D: np.ndarray | None  # (N,)
-    reset: bool = False
 
 
 class ReconNode(Node):
@@ -99,31 +88,24 @@ class ReconNode(Node):
         # state touched by callbacks (single-threaded executor) and read by the worker
         self._last_info: tuple[np.ndarray, np.ndarray, tuple[int, int]] | None = None
         self._last_stamp: dict[str, float] = {}
-        self._pending_rgb: collections.deque = collections.deque(maxlen=8)
-        self._pending_depth: collections.deque = collections.deque(maxlen=8)
+        self._pairs = StampPairer(self.rgbd_slop)
         self._first_image_time: float | None = None
         self._last_pair_time: float | None = None  # monotonic time of the last image paired with a depth
         self._undistorter: conv.Undistorter | None = None
         self._headers: collections.OrderedDict = collections.OrderedDict()  # key -> (header, (W, H), info)
         self._drop_report = (time.monotonic(), 0, 0)
         self._last_map_pub = 0.0
-        self._last_path_pub = 0.0
-        self._path_dirty = False
         self._last_trim = time.monotonic()
         self._nav_origin: np.ndarray | None = None
-        self._prev_base: tuple[float, np.ndarray] | None = None
         self.extrinsic = ExtrinsicSource(self, p('base_to_camera'))
 
         # outputs
         self.tf = TransformBroadcaster(self)
-        self.pub_mask = self.create_publisher(Image, '~/dynamic_mask', OUTPUT_QOS)
-        self.pub_depth = self.create_publisher(Image, '~/depth', OUTPUT_QOS)
-        self.pub_info = self.create_publisher(CameraInfo, '~/camera_info', OUTPUT_QOS)
-        self.pub_pose = self.create_publisher(PoseStamped, '~/pose', OUTPUT_QOS)
-        self.pub_path = self.create_publisher(Path, '~/path', OUTPUT_QOS)
-        self.pub_odom = self.create_publisher(Odometry, '~/odom', OUTPUT_QOS)
-        self.pub_map = self.create_publisher(PointCloud2, '~/static_map', MAP_QOS)
-        self.path = Path()
+        self.images = FrameImagePublisher(self)
+        self.pose = PosePublisher(self)
+        self.path = PathPublisher(self, p)
+        self.odom = OdometryPublisher(self, p)
+        self.map = MapPublisher(self)
         self.srv_save = self.create_service(Trigger, '~/save_map', self._on_save_map)
 
         # inputs
@@ -133,8 +115,12 @@ class ReconNode(Node):
         else:
             self.sub_image = self.create_subscription(Image, 'image', self._on_image, qos)
         self.sub_info = self.create_subscription(CameraInfo, 'camera_info', self._on_info, qos)
-        self.sub_depth = (self.create_subscription(Image, 'depth', self._on_depth, qos)
-                          if p('use_depth') else None)
+        self.sub_depth = None
+        if p('use_depth') and p('use_compressed_depth'):
+            self.sub_depth = self.create_subscription(CompressedImage, 'depth/compressedDepth',
+                                                      self._on_compressed_depth, qos)
+        elif p('use_depth'):
+            self.sub_depth = self.create_subscription(Image, 'depth', self._on_depth, qos)
 
         self.queue = DropOldestQueue(p('queue_size'))
         self.worker = Worker(self.queue, self._process, self._on_worker_error, on_idle=self._flush,
@@ -203,8 +189,7 @@ class ReconNode(Node):
         return True
 
     def _reset_inputs(self) -> None:
-        self._pending_rgb.clear()
-        self._pending_depth.clear()
+        self._pairs.clear()
         self.queue.put(InputFrame(Header(), np.zeros((1, 1, 3), np.uint8), None, None, None, reset=True))
 
     # ------------------------------------------------------------ callbacks (no inference here)
@@ -234,19 +219,21 @@ class ReconNode(Node):
             self._accept_rgb(topic, msg.header, rgb)
 
     def _on_depth(self, msg: Image) -> None:
+        self._accept_depth(msg.header, self._convert(self._topic(self.sub_depth), conv.image_to_depth, msg))
+
+    def _on_compressed_depth(self, msg: CompressedImage) -> None:
+        self._accept_depth(msg.header, self._convert(self._topic(self.sub_depth), conv.compressed_depth_to_depth,
+                                                     msg))
+
+    def _accept_depth(self, header: Header, depth: np.ndarray | None) -> None:
         topic = self._topic(self.sub_depth)
-        depth = self._convert(topic, conv.image_to_depth, msg)
         if depth is None:
             return
-        if not self._check_stamp(topic, msg.header):
+        if not self._check_stamp(topic, header):
             return
-        t = conv.stamp_to_sec(msg.header.stamp)
-        match = self._take_match(self._pending_rgb, t)
-        if match is None:
-            self._pending_depth.append((t, depth))
-            return
-        _, (header, rgb) = match
-        self._pair(header, rgb, depth, topic)
+        match = self._pairs.add_depth(conv.stamp_to_sec(header.stamp), depth)
+        if match is not None:
+            self._pair(*match, depth, topic)
 
     def _accept_rgb(self, topic: str, header: Header, rgb: np.ndarray) -> None:
         if not self._check_stamp(topic, header):
@@ -256,31 +243,14 @@ class ReconNode(Node):
         if self.sub_depth is None:
             self._enqueue(header, rgb, None)
             return
-        t = conv.stamp_to_sec(header.stamp)
-        match = self._take_match(self._pending_depth, t)
-        if match is None:
-            self._pending_rgb.append((t, (header, rgb)))
+        depth = self._pairs.add_rgb(conv.stamp_to_sec(header.stamp), (header, rgb))
+        if depth is None:
             now = time.monotonic()
             if now - max(self._first_image_time, self._last_pair_time or 0.0) > 3.0:  # nothing paired for 3 s
                 self.warn(self._topic(self.sub_depth), 'no depth image paired with the images '
                           '(set use_depth:=false for monocular input or check rgbd_slop)')
             return
-        self._pair(header, rgb, match[1], self._topic(self.sub_depth))
-
-    def _take_match(self, pending: collections.deque, t: float):
-        """Remove and return the pending (stamp, item) closest to ``t`` within rgbd_slop; drop older ones."""
-        best = None
-        for i, (ts, _) in enumerate(pending):
-            if abs(ts - t) <= self.rgbd_slop and (best is None or abs(ts - t) < abs(pending[best][0] - t)):
-                best = i
-        if best is None:
-            while pending and pending[0][0] < t - self.rgbd_slop:  # can never pair any more
-                pending.popleft()
-            return None
-        item = pending[best]
-        for _ in range(best + 1):  # everything before the match is older: it will not pair either
-            pending.popleft()
-        return item
+        self._pair(header, rgb, depth, self._topic(self.sub_depth))
 
     def _pair(self, header: Header, rgb: np.ndarray, depth: np.ndarray, depth_topic: str) -> None:
         if depth.shape != rgb.shape[:2]:
@@ -334,9 +304,9 @@ class ReconNode(Node):
             with self._lock:
                 self._rec = self._make_reconstructor()
             self._nav_origin = None
-            self._prev_base = None
+            self.odom.reset()
             self._headers.clear()
-            self.path = Path()
+            self.path.reset()
             return
         rgb, depth, K = item.rgb, item.depth, item.K
         if K is not None and item.D is not None and self._param('undistort') and np.any(item.D):
@@ -353,7 +323,7 @@ class ReconNode(Node):
         with self._lock:
             results = self._rec.push(frame)
         self._publish_results(results)
-        self._maybe_publish_path()
+        self.path.maybe_publish()
         self._maybe_publish_map()
         self._maybe_trim_memory()
 
@@ -372,7 +342,7 @@ class ReconNode(Node):
         with self._lock:
             results = self._rec.flush()
         self._publish_results(results)
-        self._maybe_publish_path(force=True)
+        self.path.maybe_publish(force=True)
         self.publish_map()
         self._maybe_trim_memory()
         q = self.queue
@@ -391,30 +361,12 @@ class ReconNode(Node):
             self._publish_frame(r, header, size, K_in)
 
     def _publish_frame(self, r, header: Header, size: tuple[int, int], K_in) -> None:
-        w, h = size
         T_w_c = np.asarray(r.pose, dtype=np.float64)
         if not np.all(np.isfinite(T_w_c)):
             self.get_logger().warning(f'frame {r.key}: non-finite pose from the pipeline; not published')
             return
         camera = self.camera_frame or header.frame_id or 'camera'
-        if r.mask is not None:
-            mask = np.asarray(r.mask, dtype=np.uint8)
-            if mask.shape != (h, w):
-                mask = cv2.resize(mask, (w, h), interpolation=cv2.INTER_NEAREST)
-            self.pub_mask.publish(conv.numpy_to_image(mask, 'mono8', header))
-        if r.depth is not None:
-            depth = np.asarray(r.depth, dtype=np.float32)
-            K = np.asarray(r.K if r.K is not None else K_in, dtype=np.float64) if (r.K is not None or K_in is not None) else None
-            if depth.shape != (h, w):
-                if K is not None:
-                    K = K.copy()
-                    K[0] *= w / depth.shape[1]
-                    K[1] *= h / depth.shape[0]
-                depth = cv2.resize(depth, (w, h), interpolation=cv2.INTER_NEAREST)
-            self.pub_depth.publish(conv.numpy_to_image(depth, '32FC1', header))
-            if K is not None:
-                self.pub_info.publish(conv.numpy_to_camera_info(K, (w, h), header))
-
+        self.images.publish(header, size, r.mask, r.depth, r.K, K_in)
         if self.tf_mode == 'navigation':
             T_b_c = self.extrinsic.lookup(self.base_frame, camera)
             if self._nav_origin is None:
@@ -422,43 +374,15 @@ class ReconNode(Node):
             T_o_b = navigation_pose(self._nav_origin, T_w_c, T_b_c)
             odom_header = Header(stamp=header.stamp, frame_id=self.odom_frame)
             self.tf.send_transform(stamped(T_o_b, odom_header, self.base_frame))
-            self._publish_odom(odom_header, T_o_b)
+            self.odom.publish(odom_header, T_o_b, self.base_frame)
             pose_header, T_pose = odom_header, T_o_b @ T_b_c
         else:
             pose_header = Header(stamp=header.stamp, frame_id=self.map_frame)
             T_pose = T_w_c
             if self.tf_mode == 'standalone':
                 self.tf.send_transform(stamped(T_w_c, pose_header, camera))
-            self._publish_odom(pose_header, T_w_c, child=camera)
-        pose = PoseStamped(header=pose_header, pose=conv.matrix_to_pose(T_pose))
-        self.pub_pose.publish(pose)
-        self.path.header = pose_header
-        self.path.poses.append(pose)
-        if len(self.path.poses) > int(self._param('max_path_length')):
-            del self.path.poses[0]
-        self._path_dirty = True
-
-    def _publish_odom(self, header: Header, T: np.ndarray, child: str | None = None) -> None:
-        odom = Odometry(header=header, child_frame_id=child or self.base_frame)
-        odom.pose.pose = conv.matrix_to_pose(T)
-        odom.pose.covariance = np.diag(np.asarray(self._param('odom_pose_variance'), float)).ravel()
-        t = conv.stamp_to_sec(header.stamp)
-        if self._prev_base is not None:
-            v, w = body_twist(self._prev_base[1], T, t - self._prev_base[0])
-            odom.twist.twist.linear.x, odom.twist.twist.linear.y, odom.twist.twist.linear.z = map(float, v)
-            odom.twist.twist.angular.x, odom.twist.twist.angular.y, odom.twist.twist.angular.z = map(float, w)
-        odom.twist.covariance = np.diag(np.asarray(self._param('odom_twist_variance'), float)).ravel()
-        self._prev_base = (t, T)
-        self.pub_odom.publish(odom)
-
-    def _maybe_publish_path(self, force: bool = False) -> None:
-        rate = float(self._param('publish_path_rate'))
-        now = time.monotonic()
-        if not self._path_dirty or (not force and rate > 0 and now - self._last_path_pub < 1.0 / rate):
-            return
-        self._last_path_pub = now
-        self._path_dirty = False
-        self.pub_path.publish(self.path)
+            self.odom.publish(pose_header, T_w_c, camera)
+        self.path.append(self.pose.publish(pose_header, T_pose))
 
     def _maybe_publish_map(self, force: bool = False) -> None:
         rate = float(self._param('publish_map_rate'))
@@ -472,10 +396,10 @@ class ReconNode(Node):
         with self._lock:
             points = self._rec.static_map()
         header = Header(stamp=self._last_output_stamp(), frame_id=self.map_frame)
-        self.pub_map.publish(conv.xyzrgb_to_cloud(points, header))
+        self.map.publish(points, header)
 
     def _last_output_stamp(self):
-        return self.path.poses[-1].header.stamp if self.path.poses else self.get_clock().now().to_msg()
+        return self.path.last_stamp() or self.get_clock().now().to_msg()
 
     def _on_save_map(self, request, response):
         path = self._param('save_map_path') or 'static_map.ply'
@@ -500,9 +424,9 @@ class ReconNode(Node):
         if publish:
             try:
                 self._publish_results(results)
-                self._maybe_publish_path(force=True)
+                self.path.maybe_publish(force=True)
                 self.publish_map()
-                for pub in (self.pub_map, self.pub_mask, self.tf.pub):  # let reliable subscribers get the tail
+                for pub in (self.map.pub, self.images.mask, self.tf.pub):  # let reliable subscribers get the tail
                     pub.wait_for_all_acked(rclpy.duration.Duration(seconds=2.0))
             except Exception as exc:  # noqa: BLE001 - shutting down: report, still save the map
                 print(f'[{self.get_name()}] final publish failed: {exc!r}', file=sys.stderr, flush=True)

@@ -19,6 +19,8 @@ NODE_PARAMETERS: dict[str, tuple[object, str]] = {
     'checkpoint': ('', 'Checkpoint file of the network backend, pipeline backend.checkpoint (empty: default).'),
     'device': ('cpu', "Torch device for the pipeline ('cpu', 'cuda', 'cuda:1')."),
     'use_compressed': (False, 'Subscribe to image/compressed (jpeg/png) instead of image.'),
+    'use_compressed_depth': (False, 'Subscribe to depth/compressedDepth (image_transport compressedDepth: PNG of '
+                             '16UC1 mm or of inverse-depth quantised 32FC1) instead of depth.'),
     'use_depth': (True, 'Pair each image with a depth image (false: monocular).'),
     'wait_for_camera_info': (True, 'Drop images until a camera_info arrives (false: intrinsics unknown).'),
     'camera_intrinsics': ([0.0] * 6, 'Override camera_info: [fx, fy, cx, cy, width, height] of the '

@@ -5,6 +5,12 @@ rosbags deserialises into its own dataclasses; :class:`MessageConverter` turns t
 messages field by field (a plan per type, cached), copying the large arrays (image data, point data)
 as whole buffers. ROS 1 names are mapped to ROS 2 (CameraInfo ``K`` -> ``k``, ``tf/tfMessage`` ->
 ``tf2_msgs/TFMessage``, leading '/' in frame ids dropped because tf2 rejects it).
+
+``compress``: image topics go out as image_transport publishes them compressed, for testing the node's
+compressed inputs end to end and measuring bandwidth: colour on ``<topic>/compressed`` (PNG by
+default: lossless, so the pipeline sees the very same pixels; or JPEG, about 3x smaller again but lossy,
+which changes the results), depth (16UC1/32FC1) on ``<topic>/compressedDepth`` (lossless for 16UC1,
+inverse-depth quantised for 32FC1). Bytes per frame, raw and compressed, are logged at the end.
 """
 from __future__ import annotations
 
@@ -18,8 +24,11 @@ import numpy as np
 import rclpy
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+from sensor_msgs.msg import CompressedImage
 
+from dynrecon_ros.compressed_depth import ENCODINGS as DEPTH_ENCODINGS
 from dynrecon_ros.errors import InputError
+from dynrecon_ros.ros import conversions
 from dynrecon_ros.ros.qos import TF_QOS
 
 # ROS 1 type names -> ROS 2 type names where they differ.
@@ -118,17 +127,62 @@ def open_bag(path: str | pathlib.Path):
     return reader
 
 
+COMPRESS_FORMATS = ('png', 'jpeg')
+
+
+class Compressor:
+    """Image message of one bag topic -> (output topic, CompressedImage), counting bytes raw and sent.
+
+    The topic is colour or depth by its first message's encoding (16UC1/32FC1: depth)."""
+
+    def __init__(self, topic: str, first_encoding: str, colour_format: str):
+        self.depth = first_encoding in DEPTH_ENCODINGS
+        self.kind = 'depth' if self.depth else 'colour'
+        self.topic = f"{topic.rstrip('/')}/{'compressedDepth' if self.depth else 'compressed'}"
+        self.colour_format = colour_format
+        self.frames = self.raw_bytes = self.sent_bytes = 0
+
+    def __call__(self, msg):
+        out = (conversions.image_to_compressed_depth(msg) if self.depth
+               else conversions.image_to_compressed(msg, self.colour_format))
+        self.frames += 1
+        self.raw_bytes += len(msg.data)
+        self.sent_bytes += len(out.data)
+        return out
+
+    def summary(self) -> str:
+        n = max(1, self.frames)
+        what = 'compressedDepth png' if self.depth else f'compressed {self.colour_format}'
+        return (f'{self.kind} {self.topic}: {self.raw_bytes / n:,.0f} B/frame raw, {self.sent_bytes / n:,.0f} B/frame '
+                f'{what} ({self.raw_bytes / max(1, self.sent_bytes):.1f}x smaller)')
+
+
+def bandwidth_summary(compressors: list[Compressor]) -> list[str]:
+    """Lines for the log: per topic and in total, bytes per frame raw vs compressed."""
+    lines = [c.summary() for c in compressors]
+    n = max((c.frames for c in compressors), default=0)
+    if n:
+        raw = sum(c.raw_bytes / max(1, c.frames) for c in compressors)
+        sent = sum(c.sent_bytes / max(1, c.frames) for c in compressors)
+        lines.append(f'images per frame: {raw:,.0f} B raw, {sent:,.0f} B compressed ({raw / max(1.0, sent):.1f}x; '
+                     f'{raw * 30 / 1e6:.1f} vs {sent * 30 / 1e6:.1f} MB/s at 30 Hz)')
+    return lines
+
+
 def replay_bag(path, rate: float = 1.0, clock: bool = False, loop: bool = False, delay: float = 0.0,
                topics: list[str] | None = None, wait_subscribers: float = 0.0, node: Node | None = None,
-               log: Callable[[str], None] = print) -> int:
+               log: Callable[[str], None] = print, compress: str | None = None) -> int:
     """Publish every message of the bag on its topic at ``rate`` times the recorded speed.
 
     Timing follows the bag's record timestamps. ``clock`` also publishes rosgraph_msgs/Clock on /clock
     (for nodes with use_sim_time). ``wait_subscribers`` waits up to that many seconds for each image topic
-    (every topic when the bag has no images) to have a subscriber before starting. Returns the number of messages published.
+    (every topic when the bag has no images) to have a subscriber before starting. ``compress`` ('png' or
+    'jpeg'): images go out compressed (see the module docstring). Returns the number of messages published.
     """
     if rate <= 0:
         raise InputError(f'--rate must be > 0, got {rate}')
+    if compress is not None and compress not in COMPRESS_FORMATS:
+        raise InputError(f"--compress must be one of {', '.join(COMPRESS_FORMATS)}, got '{compress}'")
     reader = open_bag(path)
     own = node is None
     if own:
@@ -140,10 +194,16 @@ def replay_bag(path, rate: float = 1.0, clock: bool = False, loop: bool = False,
         conns = [c for c in reader.connections if not topics or c.topic in topics]
         if not conns:
             raise InputError(f'no matching topics (bag has {sorted({c.topic for c in reader.connections})})', path)
-        pubs = {}
+        pubs, compressors = {}, {}
         for c in conns:
             qos = TF_STATIC_QOS if c.topic == '/tf_static' else TF_QOS if c.topic == '/tf' else REPLAY_QOS
-            pubs[c.topic] = node.create_publisher(rclpy_type(c.msgtype), c.topic, qos)
+            if compress and c.msgtype.endswith('/Image') and c.msgcount:
+                first = next(reader.messages(connections=[c]))[2]
+                comp = compressors[c.topic] = Compressor(c.topic, reader.deserialize(first, c.msgtype).encoding,
+                                                         compress)
+                pubs[c.topic] = node.create_publisher(CompressedImage, comp.topic, qos)
+            else:
+                pubs[c.topic] = node.create_publisher(rclpy_type(c.msgtype), c.topic, qos)
         clock_pub = None
         if clock:
             from rosgraph_msgs.msg import Clock
@@ -170,6 +230,8 @@ def replay_bag(path, rate: float = 1.0, clock: bool = False, loop: bool = False,
                 if not rclpy.ok(context=node.context):
                     return published
                 msg = conv.convert(reader.deserialize(raw, conn.msgtype), rclpy_type(conn.msgtype))
+                if conn.topic in compressors:
+                    msg = compressors[conn.topic](msg)
                 if clock_pub is not None:
                     clock_pub.publish(_clock(t_ns))
                 pubs[conn.topic].publish(msg)
@@ -179,6 +241,8 @@ def replay_bag(path, rate: float = 1.0, clock: bool = False, loop: bool = False,
         for p in pubs.values():  # let reliable subscribers receive the tail before we go away
             p.wait_for_all_acked(rclpy.duration.Duration(seconds=5.0))
         log(f'replay: published {published} messages')
+        for line in bandwidth_summary(list(compressors.values())):
+            log(f'replay: {line}')
         return published
     finally:
         reader.close()
