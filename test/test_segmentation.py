@@ -268,7 +268,7 @@ def segment_sequence(seq, cfg=None, window=5, reach=2):
         idx = list(range(start, start + window))
         pairs = [(a, b) for a in range(window) for b in range(window) if a != b and abs(a - b) <= reach]
         flows = {(a, b): flow(idx[a], idx[b]) for a, b in pairs}
-        valid = {(a, b): forward_backward_valid(flows[(a, b)], flows[(b, a)], seg.cfg.fb_tolerance_px)
+        valid = {(a, b): forward_backward_valid(flows[(a, b)], flows[(b, a)], 1.0)
                  for a, b in pairs}
         _, masks = seg.segment([seq.keys[k] for k in idx], depths[idx], seq.K, seq.poses[idx], flows, valid)
         out[idx] = masks
