@@ -149,7 +149,7 @@ def theil_sen(xs, ys) -> float:
 
 def cache_sizes(rec) -> dict:
     """Sizes of the per-stream containers (test/test_monocular_memory.py asserts their bounds)."""
-    p, m = rec.predictor, rec.monocular
+    p, m = rec.predictor, rec.step
     return {'pairs': len(p._pairs), 'second': len(p._second), 'inputs': len(p._inputs),
             'tokens': len(p.net._cache), 'window': len(rec.window.all_entries()), 'pending': len(rec._pending),
             'seg': len(rec.segmenter), 'estK': len(m._estimated_K)}

@@ -149,7 +149,8 @@ def main() -> None:
                                              'align_iterations': args.first_iterations},
                                  'checks': {'max_translation_m': 1000.0, 'max_rotation_deg': 180.0, 'max_speed_m_s': 1e5,
                                             'max_angular_speed_deg_s': 1e5, 'min_inlier_ratio': 0.0}})
-    rec = Reconstructor(cfg, predictor=dust3r.Dust3rPredictor(net), device=args.device)
+    rec = Reconstructor(cfg, predictor=dust3r.Dust3rPredictor(net, dust3r.Dust3rConfig.from_backend(cfg.backend)),
+                        device=args.device)
     m = len(seq.frames)
     period = 2 * (m - 1)
     steps, pairs_per_step, step_ms, skipped = 0, [], [], collections.Counter()
@@ -169,8 +170,8 @@ def main() -> None:
         if ACTIVE['on']:
             step_ms.append((time.perf_counter() - t) * 1e3)
             steps += 1
-            mono = rec.monocular
-            if mono is not None and mono.state is not None:
+            mono = rec.step
+            if mono.state is not None:
                 pairs_per_step.append(len(rec.window.graph()) * 2)
     n = max(steps, 1)
     for clock, times in (('wall clock', TIMES), ('process CPU time, all threads', CPU)):

@@ -18,11 +18,16 @@ one (metric) scale.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from dynrecon_ros.geometry import hat, so3_exp
+if TYPE_CHECKING:
+    from dynrecon_ros.config import AlignmentConfig
+
+DAMPING = 1e-6  # Levenberg damping of the normal equations (relative to their diagonal)
 
 
 @dataclass
@@ -66,25 +71,22 @@ class WindowAligner:
     """Gauss-Newton/IRLS over the poses of the free frames of a window.
 
     Args:
-        iterations: Gauss-Newton iterations per call (warm-started, so few are needed).
-        sigma_point_m: scale of the 3D residual (Huber threshold = huber · sigma).
-        sigma_flow_px: scale of the flow residual.
-        flow_weight: lambda_flow (0 disables the MonST3R flow term).
-        smooth_weight: lambda_smooth (0 disables the smoothness term).
-        huber: Huber threshold in sigmas.
+        cfg: the alignment section of the pipeline config (:class:`dynrecon_ros.config.AlignmentConfig`):
+            iterations per call (warm-started, so few are needed); sigma_point_m: scale of the 3D
+            residual (Huber threshold = huber · sigma); sigma_flow_px: scale of the flow residual;
+            flow_weight: lambda_flow (0 disables the MonST3R flow term); smooth_weight: lambda_smooth
+            (0 disables the smoothness term); huber: Huber threshold in sigmas.
         device: 'cpu' or 'cuda'.
     """
 
-    def __init__(self, iterations: int = 4, sigma_point_m: float = 0.01, sigma_flow_px: float = 1.0,
-                 flow_weight: float = 0.1, smooth_weight: float = 1e-4, huber: float = 1.5,
-                 damping: float = 1e-6, device: str = 'cpu'):
-        self.iterations = iterations
-        self.sigma_point = sigma_point_m
-        self.sigma_flow = sigma_flow_px
-        self.flow_weight = flow_weight
-        self.smooth_weight = smooth_weight
-        self.huber = huber
-        self.damping = damping
+    def __init__(self, cfg: AlignmentConfig, device: str):
+        self.iterations = cfg.iterations
+        self.sigma_point = cfg.sigma_point_m
+        self.sigma_flow = cfg.sigma_flow_px
+        self.flow_weight = cfg.flow_weight
+        self.smooth_weight = cfg.smooth_weight
+        self.huber = cfg.huber
+        self.damping = DAMPING
         self.device = torch.device(device)
 
     def _normal_equations(self, poses: torch.Tensor, data: dict, K: torch.Tensor, F: int):

@@ -2,6 +2,10 @@
 
 The tree (``ReconConfig``) maps one-to-one onto YAML files (``from_yaml``) and onto the ROS node's
 parameters (section.name, snake_case). Unknown keys are an :class:`InputError` naming the key.
+This tree is the one source of defaults: the stage classes take their section (``SlidingWindow``,
+``FlowCache``, ``WindowAligner``, ``VoxelMap``, ``MotionSegmenter``) and have no defaults of their own;
+the predictors' configs (``RGBDPredictorConfig``, ``Dust3rConfig``) are built from ``backend``
+(``from_backend``). test/test_config_defaults.py checks it.
 """
 from __future__ import annotations
 
@@ -53,7 +57,13 @@ class BackendConfig:
 
     The other fields configure the RGB-D predictor: pose from flow + depth by RANSAC (ransac_*),
     a band around motion outliers excluded (halo_fraction of the width), then direct photometric +
-    depth refinement (photometric_iterations, 0 = off) on pixels with gradient >= min_gradient.
+    depth refinement (photometric_iterations, 0 = off) on pixels with gradient >= min_gradient;
+    stride: the fit is verified on every stride-th pixel in x and y; ransac_refits: weighted refits
+    on the inliers of the best hypothesis (pixel threshold shrinking to 3 robust sigmas, not below
+    min_px_threshold); ransac_seed: seed of the RANSAC samples. (RGBDPredictorConfig.from_backend.)
+    The dust3r backend's network (Dust3rConfig.from_backend): image_size: network input size (0 =
+    the model's, 512 or 224; else >= 16); pair_cache: ordered pairs whose outputs are kept at least
+    (0 = the last window step's, all the next step can reuse; 7.9 MB per pair at 512x384).
     metric_scale configures the dust3r backend on monocular input: metres per network unit
     (0 = the first frame's median depth is one unit; depth images, when present, win).
     The dust3r backend's window alignment (dynrecon_ros/monocular.py): shared_focal: one focal for
@@ -81,6 +91,10 @@ class BackendConfig:
     photometric_iterations: int = 5
     photometric_samples: int = 2000
     min_gradient: float = 4.0
+    ransac_refits: int = 4
+    ransac_seed: int = 0
+    image_size: int = 0
+    pair_cache: int = 0
     shared_focal: bool = True
     align_iterations: int = 300
     align_warm_iterations: int = 5
@@ -94,6 +108,10 @@ class BackendConfig:
             raise InputError('backend.align_iterations and backend.align_warm_iterations must be >= 1')
         if self.metric_scale < 0:
             raise InputError(f'backend.metric_scale must be >= 0, got {self.metric_scale}')
+        if self.image_size != 0 and self.image_size < 16:
+            raise InputError(f"backend.image_size must be 0 (the model's size) or >= 16 pixels, got {self.image_size}")
+        if self.pair_cache < 0:
+            raise InputError(f'backend.pair_cache must be >= 0, got {self.pair_cache}')
 
 
 @dataclass
@@ -157,8 +175,7 @@ class ReconConfig:
     backend: BackendConfig = field(default_factory=BackendConfig)
     alignment: AlignmentConfig = field(default_factory=AlignmentConfig)
     segmentation: SegmentationConfig = field(default_factory=SegmentationConfig)
-    # every 2nd pixel: voxels (2 cm) are about 2 pixel footprints wide at room distances anyway
-    map: MapConfig = field(default_factory=lambda: MapConfig(pixel_stride=2))
+    map: MapConfig = field(default_factory=MapConfig)
     checks: ChecksConfig = field(default_factory=ChecksConfig)
     intrinsics: list | None = None
     world_pose: list | None = None
@@ -184,16 +201,6 @@ class ReconConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-    def flat(self) -> dict:
-        """{'section.name': value} for every leaf (the ROS parameter names)."""
-        out = {}
-        for k, v in self.to_dict().items():
-            if isinstance(v, dict):
-                out.update({f'{k}.{kk}': vv for kk, vv in v.items()})
-            else:
-                out[k] = v
-        return out
 
 
 def _build(cls, d: dict, where: str, base=None):

@@ -7,12 +7,16 @@ the pairs of the current window keyed by frame keys and forgets pairs whose fram
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
 
 from dynrecon_ros.errors import InputError
 from dynrecon_ros.geometry import pixel_grid
+
+if TYPE_CHECKING:  # config.py imports segmentation.py, which imports this module
+    from dynrecon_ros.config import FlowConfig
 
 _PRESETS = {
     'ultrafast': cv2.DISOPTICAL_FLOW_PRESET_ULTRAFAST,
@@ -38,7 +42,7 @@ def to_gray(img: np.ndarray) -> np.ndarray:
 class DISFlow(FlowEstimator):
     """OpenCV DIS optical flow (Kroeger et al. 2016), CPU, a few ms per 320x240 pair."""
 
-    def __init__(self, preset: str = 'fast', variational_iterations: int | None = None):
+    def __init__(self, preset: str, variational_iterations: int | None = None):
         if preset not in _PRESETS:
             raise InputError(f'flow.preset must be one of {sorted(_PRESETS)}, got {preset!r}')
         self._dis = cv2.DISOpticalFlow_create(_PRESETS[preset])
@@ -99,12 +103,18 @@ class PairFlow:
 
 
 class FlowCache:
-    """Flow of each pair computed once (forward and backward together), keyed by frame keys."""
+    """Flow of each pair computed once (forward and backward together), keyed by frame keys.
 
-    def __init__(self, estimator: FlowEstimator, threshold_px: float = 1.0, relative: float = 0.05):
-        self.estimator = estimator
-        self.threshold_px = threshold_px
-        self.relative = relative
+    cfg: the flow section of the pipeline config (:class:`dynrecon_ros.config.FlowConfig`); the
+    estimator is OpenCV DIS with ``cfg.preset`` unless one is given.
+    """
+
+    def __init__(self, cfg: FlowConfig, estimator: FlowEstimator | None = None):
+        if cfg.method != 'dis':
+            raise InputError(f'flow.method {cfg.method!r} is not available (only "dis")')
+        self.estimator = estimator or DISFlow(cfg.preset)
+        self.threshold_px = cfg.fb_threshold_px
+        self.relative = cfg.fb_relative
         self._pairs: dict[tuple[str, str], PairFlow] = {}
         self.computed = 0
 

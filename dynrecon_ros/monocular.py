@@ -1,5 +1,6 @@
 """Monocular window step: network pointmaps of the window -> global alignment -> poses, depth, focal,
-masks (MonST3R + Easi3R, online). Used by the Reconstructor for window predictors (the dust3r backend).
+masks (MonST3R + Easi3R, online): the dust3r backend's :class:`~dynrecon_ros.window.WindowStep`
+(the RGB-D one: :mod:`dynrecon_ros.rgbd_step`).
 
 Per accepted frame t (:meth:`MonocularWindow.step`):
   1. pairs: the sliding window's pair graph (neighbours + keyframe anchors, ``SlidingWindow.graph``)
@@ -54,24 +55,14 @@ from dynrecon_ros.pointmap_alignment import AlignConfig, PointmapAligner, metric
 MAX_DYNAMIC_FRACTION = 0.9  # masks covering more of a frame are not used by the alignment
 
 
-def monocular_step_for(cfg, predictor, flows, segmenter, times, device: str = 'cpu'):
-    """The :class:`MonocularWindow` for a window predictor, None for pair predictors (RGB-D).
-
-    Raises InputError when ``segmentation.mode`` needs attention maps the predictor cannot give.
-    """
-    mode = cfg.segmentation.mode
-    if not getattr(predictor, 'window_predictor', False):
-        if mode != 'flow':
-            raise InputError(f"segmentation.mode {mode!r} needs the decoder attention of a network backend "
-                             "(backend dust3r); this backend has none: use segmentation.mode flow")
-        return None
-    return MonocularWindow(cfg, predictor, flows, segmenter, times, device)
-
-
 class MonocularWindow:
-    """The monocular window step (see module docstring). State: the last window's alignment."""
+    """The monocular window step (see module docstring; a :class:`dynrecon_ros.window.WindowStep`).
+    State: the last window's alignment."""
 
-    def __init__(self, cfg, predictor, flows, segmenter, times, device: str = 'cpu'):
+    needs_depth = False
+    estimates_intrinsics = True
+
+    def __init__(self, cfg, predictor, flows, segmenter, times, device: str):
         b = cfg.backend
         self.cfg, self.pred, self.flows, self.segmenter, self.times = cfg, predictor, flows, segmenter, times
         self.mode = cfg.segmentation.mode
@@ -80,7 +71,7 @@ class MonocularWindow:
                            'min_separation': cfg.segmentation.attention_min_separation}
         threads = cfg.alignment.threads if cfg.alignment.threads > 0 else None
         self.aligner = PointmapAligner(AlignConfig.from_backend(b, device=device, cpu_threads=threads))
-        if torch.device(device).type == 'cuda' and hasattr(predictor, 'tensor_device'):
+        if torch.device(device).type == 'cuda':
             predictor.tensor_device = device  # pair outputs kept on the aligner's device: a step uploads its new pairs only
         self.state = None  # AlignmentState of the last window (network resolution)
         self.world_pose = None
@@ -118,6 +109,10 @@ class MonocularWindow:
             return None
 
     # ------------------------------------------------------------------ the step
+    def work_frame(self, frame):
+        """The frame itself: the predictor resizes for the network."""
+        return frame
+
     def step(self, window, entry, published: set[int], world_pose: np.ndarray) -> str:
         """One window step for the newest ``entry`` of ``window`` (a SlidingWindow). ``published``:
         push indices of frames whose results are out (held). Sets pose, depth, K, masks of the

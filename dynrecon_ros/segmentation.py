@@ -56,7 +56,6 @@ class SegmentationConfig:
             the PnP refinement on DIS flow cost time and lowered the bench's mask IoU (0.89 -> 0.86).
         edge_radius_px: the error of a pixel is the smallest in this radius (pixels), so depth
             edges a pixel off do not light up as motion; 0 disables.
-        fb_tolerance_px: forward-backward tolerance used by :func:`forward_backward_valid`.
         open_px: radius in pixels of the morphological opening (ellipse) that removes specks; 0 disables.
         close_px: radius in pixels of the closing that fills holes inside movers; 0 disables.
         snap_px: mask boundaries within this many pixels move onto depth edges (flow bleeds
@@ -126,7 +125,6 @@ class SegmentationConfig:
     steepness: float = 4.0
     refine_pose: bool = False
     edge_radius_px: int = 1
-    fb_tolerance_px: float = 1.0
     open_px: int = 3
     close_px: int = 7
     snap_px: int = 6

@@ -1,4 +1,5 @@
-"""Stage 2, sliding window: the last N accepted frames, the keyframe rule and the pair graph.
+"""Stage 2, sliding window: the last N accepted frames, the keyframe rule and the pair graph; and the
+window-step protocol (:class:`WindowStep`) that each backend implements over it.
 
 The window holds the most recent ``size`` frames. Keyframes are older frames kept as anchors: a frame
 becomes a keyframe when the camera moved enough (translation / rotation) or enough frames passed
@@ -9,8 +10,12 @@ frame-to-frame chaining.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
+
+if TYPE_CHECKING:  # config.py imports this module
+    from dynrecon_ros.config import WindowConfig
 
 
 @dataclass
@@ -37,30 +42,28 @@ def rotation_angle_deg(R: np.ndarray) -> float:
 
 
 class SlidingWindow:
-    """Last ``size`` frames plus up to ``keyframes`` older keyframes.
+    """Last ``cfg.size`` frames plus up to ``cfg.keyframes`` older keyframes.
 
     Args:
-        size: frames in the window (>= 2).
-        neighbours: k, each frame is paired with the previous k frames.
-        keyframes: how many keyframes outside the window are kept as long-pair anchors.
-        keyframe_translation_m / keyframe_rotation_deg / keyframe_max_gap: the keyframe rule: a frame
-            becomes a keyframe when it moved this much from the last keyframe or this many frames
-            passed since it.
-        long_stride: besides keyframes, pair the new frame with window frames at multiples of this.
+        cfg: the window section of the pipeline config (:class:`dynrecon_ros.config.WindowConfig`):
+            size (>= 2) frames in the window; neighbours k: each frame is paired with the previous k
+            frames; keyframes: how many keyframes outside the window are kept as long-pair anchors;
+            keyframe_translation_m / keyframe_rotation_deg / keyframe_max_gap: the keyframe rule (a
+            frame becomes a keyframe when it moved this much from the last keyframe or this many
+            frames passed since it); long_stride: besides keyframes, pair the new frame with window
+            frames at multiples of this.
     """
 
-    def __init__(self, size: int = 5, neighbours: int = 2, keyframes: int = 2,
-                 keyframe_translation_m: float = 0.05, keyframe_rotation_deg: float = 5.0,
-                 keyframe_max_gap: int = 10, long_stride: int = 0):
-        if size < 2:
+    def __init__(self, cfg: WindowConfig):
+        if cfg.size < 2:
             raise ValueError('window size must be >= 2')
-        self.size = size
-        self.neighbours = max(1, neighbours)
-        self.max_keyframes = keyframes
-        self.kf_translation = keyframe_translation_m
-        self.kf_rotation = keyframe_rotation_deg
-        self.kf_max_gap = keyframe_max_gap
-        self.long_stride = long_stride
+        self.size = cfg.size
+        self.neighbours = max(1, cfg.neighbours)
+        self.max_keyframes = cfg.keyframes
+        self.kf_translation = cfg.keyframe_translation_m
+        self.kf_rotation = cfg.keyframe_rotation_deg
+        self.kf_max_gap = cfg.keyframe_max_gap
+        self.long_stride = cfg.long_stride
         self.entries: list[WindowEntry] = []
         self.keyframes: list[WindowEntry] = []
         self._count = 0
@@ -138,3 +141,24 @@ class SlidingWindow:
     def all_entries(self) -> list[WindowEntry]:
         """Keyframes and window frames, by push order, without duplicates."""
         return sorted({e.index: e for e in self.entries + self.keyframes}.values(), key=lambda e: e.index)
+
+
+@runtime_checkable
+class WindowStep(Protocol):
+    """A backend's window step: all the Reconstructor calls (``predictor.window_step(...)`` makes it).
+
+    Implementations: :class:`dynrecon_ros.rgbd_step.RGBDStep` (RGB-D predictor) and
+    :class:`dynrecon_ros.monocular.MonocularWindow` (DUSt3R/MonST3R network).
+    """
+
+    needs_depth: bool  # frames without a depth image are skipped
+    estimates_intrinsics: bool  # frames without K (and no configured default) are accepted
+
+    def work_frame(self, frame):
+        """The frame as the window holds it (its processing size); ``frame`` itself when unchanged."""
+
+    def step(self, window: SlidingWindow, entry: WindowEntry, published: set[int], world_pose: np.ndarray) -> str:
+        """One step for the newest ``entry`` of ``window`` (``published``: push indices of frames whose
+        results are out; ``world_pose`` (4, 4): where the first frame goes). Sets pose, depth, K,
+        ``data['conf']`` and masks (``mask``, ``data['prob']``, ``data['mask']``) of the unpublished
+        entries; returns '' or the reason to skip the new frame (the caller then removes it)."""

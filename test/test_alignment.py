@@ -3,6 +3,12 @@ import pytest
 
 from dynrecon_ros.alignment import PairConstraint, WindowAligner
 from dynrecon_ros.geometry import so3_exp
+from dynrecon_ros.config import AlignmentConfig
+
+
+def _aligner(**kw) -> WindowAligner:
+    """The aligner with the pipeline's alignment settings, ``kw`` replacing some."""
+    return WindowAligner(AlignmentConfig(**kw), 'cpu')
 
 
 def _problem(seed=0, F=4, n=800, outliers=0.0, pairs=((0, 1), (1, 2), (2, 3), (0, 2), (0, 3))):
@@ -38,7 +44,7 @@ def _problem(seed=0, F=4, n=800, outliers=0.0, pairs=((0, 1), (1, 2), (2, 3), (0
 def test_alignment_converges_and_holds_fixed_frames(flow_weight):
     gt, init, cons, K = _problem()
     fixed = np.array([True, False, False, False])
-    res = WindowAligner(iterations=5, flow_weight=flow_weight).align(init, fixed, cons, K)
+    res = _aligner(iterations=5, flow_weight=flow_weight).align(init, fixed, cons, K)
     err0 = np.linalg.norm(init[:, :3, 3] - gt[:, :3, 3], axis=1)
     err = np.linalg.norm(res.poses[:, :3, 3] - gt[:, :3, 3], axis=1)
     assert err0[1:].min() > 0.005
@@ -51,7 +57,7 @@ def test_alignment_converges_and_holds_fixed_frames(flow_weight):
 
 def test_alignment_is_robust_to_outliers():
     gt, init, cons, K = _problem(seed=3, outliers=0.2)
-    res = WindowAligner(iterations=8).align(init, np.array([True, False, False, False]), cons, K)
+    res = _aligner(iterations=8).align(init, np.array([True, False, False, False]), cons, K)
     err = np.linalg.norm(res.poses[:, :3, 3] - gt[:, :3, 3], axis=1)
     assert err.max() < 0.002
 
@@ -60,14 +66,14 @@ def test_holding_two_frames_keeps_the_gauge():
     # with frames 0 and 1 held at their (exact) values, frames 2, 3 are pulled to GT
     gt, init, cons, K = _problem(seed=5)
     init[1] = gt[1]
-    res = WindowAligner(iterations=5).align(init, np.array([True, True, False, False]), cons, K)
+    res = _aligner(iterations=5).align(init, np.array([True, True, False, False]), cons, K)
     assert np.allclose(res.poses[:2], gt[:2])
     assert np.linalg.norm(res.poses[2:, :3, 3] - gt[2:, :3, 3], axis=1).max() < 0.001
 
 
 def test_smoothness_term_runs_and_nothing_free_is_a_no_op():
     gt, init, cons, K = _problem(seed=7)
-    res = WindowAligner(iterations=3, smooth_weight=1e-3).align(init, np.array([True, False, False, False]), cons, K)
+    res = _aligner(iterations=3, smooth_weight=1e-3).align(init, np.array([True, False, False, False]), cons, K)
     assert np.linalg.norm(res.poses[:, :3, 3] - gt[:, :3, 3], axis=1).max() < 0.002
-    same = WindowAligner().align(init, np.ones(4, bool), cons, K)
+    same = _aligner().align(init, np.ones(4, bool), cons, K)
     assert np.array_equal(same.poses, init)

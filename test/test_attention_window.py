@@ -12,7 +12,7 @@ from dynrecon_ros.config import ReconConfig
 from dynrecon_ros.data.synthetic import SyntheticConfig, render_sequence
 from dynrecon_ros.frames import Frame
 from dynrecon_ros.network import load_network, preprocess_image
-from dynrecon_ros.predictors.dust3r import Dust3rPredictor
+from dynrecon_ros.predictors.dust3r import Dust3rConfig, Dust3rPredictor
 from dynrecon_ros.reconstructor import Reconstructor
 
 W, H = 128, 96  # the tiny model's input size: the network image is the frame itself (no resize, no crop)
@@ -56,7 +56,7 @@ def test_window_step_masks_are_easi3rs(tmp_path):
                                  'segmentation': {'mode': 'attention'}, 'backend': {'align_flow': False},
                                  'checks': LOOSE})
     assert cfg.segmentation.attention_min_contrast == 0 and cfg.segmentation.attention_min_separation == 0
-    pred = RecordingPredictor(net)
+    pred = RecordingPredictor(net, Dust3rConfig.from_backend(cfg.backend))
     pred.calls = []
     rec = Reconstructor(cfg, predictor=pred)
     by_key = {f.key: f for f in seq.frames}

@@ -16,7 +16,8 @@ from dynrecon_ros.data.synthetic import SyntheticConfig, render_sequence, write_
 from dynrecon_ros.data.tum import read_trajectory
 from dynrecon_ros.frames import Frame
 from dynrecon_ros.network import preprocess_image
-from dynrecon_ros.predictors.dust3r import Dust3rPredictor
+from dynrecon_ros.config import BackendConfig
+from dynrecon_ros.predictors.dust3r import Dust3rConfig, Dust3rPredictor
 
 sys.path.insert(0, os.path.dirname(__file__))
 from dust3r_tiny import write_tiny_checkpoint  # noqa: E402
@@ -79,7 +80,7 @@ def test_monocular_geometry_on_exact_pointmaps(metric):
     from dynrecon_ros.reconstructor import Reconstructor
     seq = render_sequence(SyntheticConfig(width=96, height=72, frames=5, seed=3, movers=0, camera_motion=3.0))
     rec = Reconstructor(ReconConfig.from_dict({'backend': {'align_iterations': 150}}),
-                        predictor=Dust3rPredictor(ExactNet(seq)))
+                        predictor=Dust3rPredictor(ExactNet(seq), Dust3rConfig.from_backend(BackendConfig())))
     res = []
     for f in seq.frames:
         res += rec.push(Frame(stamp=f.stamp, rgb=f.rgb, depth=f.depth.copy() if metric else None, K=None,
@@ -262,7 +263,7 @@ def test_reconstructor_with_pointmap_predictor_skips_non_finite():
     bad_key = seq.frames[3].key
     pts, pose = net.by_key[bad_key]
     net.by_key[bad_key] = (np.full_like(pts, np.nan), pose)
-    pred = Dust3rPredictor(net)
+    pred = Dust3rPredictor(net, Dust3rConfig.from_backend(BackendConfig()))
     rec = Reconstructor(ReconConfig(), predictor=pred)
     results = []
     for f in seq.frames:
@@ -284,14 +285,13 @@ def test_pair_cache_entry_made_once_non_finite_zero_weight_and_bound():
     fixed with log-confidence weight 0 and the view flagged (finite_views), the weights
     log(max(conf, 1)); later steps reuse it without the network; the cache keeps the last call's
     ordered pairs (pair_cache at least), no more; tensor_device keeps the same arrays as tensors."""
-    from dynrecon_ros.predictors.dust3r import Dust3rConfig
     seq = render_sequence(SyntheticConfig(width=W, height=H, frames=4, seed=3, movers=0))
     net = ExactNet(seq)
     pts, pose = net.by_key[seq.frames[2].key]
     pts = pts.copy()
     pts[5, 7, 1] = np.nan
     net.by_key[seq.frames[2].key] = (pts, pose)
-    pred = Dust3rPredictor(net, Dust3rConfig(pair_cache=2))
+    pred = Dust3rPredictor(net, Dust3rConfig.from_backend(BackendConfig(pair_cache=2)))
     pred.tensor_device = 'cpu'
     frames = [Frame(stamp=f.stamp, rgb=f.rgb, depth=None, K=None, key=f.key, meta={}) for f in seq.frames]
     pairs = [(0, 1), (1, 0), (1, 2), (2, 1)]

@@ -1,6 +1,7 @@
 import numpy as np
 
-from dynrecon_ros.flow import DISFlow, FlowCache, fb_consistency, warp
+from dynrecon_ros.config import FlowConfig
+from dynrecon_ros.flow import FlowCache, fb_consistency, warp
 
 
 def _texture(h=120, w=160, seed=0):
@@ -14,7 +15,7 @@ def _texture(h=120, w=160, seed=0):
 def test_dis_recovers_a_translation_and_fb_check_flags_occlusion():
     a = _texture()
     b = np.roll(a, (1, 2), axis=(0, 1))  # content moves +2 px in x, +1 px in y
-    cache = FlowCache(DISFlow('ultrafast'))
+    cache = FlowCache(FlowConfig())
     pf = cache.get('a', a, 'b', b)
     inner = (slice(10, -10), slice(10, -10))
     assert np.median(np.abs(pf.fwd[inner][..., 0] - 2.0)) < 0.2

@@ -12,7 +12,7 @@ from dynrecon_ros.data.synthetic import SyntheticConfig, render_sequence
 from dynrecon_ros.errors import InputError
 from dynrecon_ros.evaluation import trajectory_metrics
 from dynrecon_ros.frames import Frame
-from dynrecon_ros.predictors.dust3r import Dust3rPredictor
+from dynrecon_ros.predictors.dust3r import Dust3rConfig, Dust3rPredictor
 from dynrecon_ros.reconstructor import Reconstructor
 from pointmap_fixtures import mover_ids_from_sequence, pairs_from_ground_truth
 
@@ -83,7 +83,7 @@ def _run(seq, segmentation=True, mode='flow', seg=None, noise=0.002, give_K=Fals
                                  'segmentation': {'enabled': segmentation, 'mode': mode, **(seg or {})},
                                  'backend': backend})
     net = OracleNet(seq, noise)
-    rec = Reconstructor(cfg, predictor=Dust3rPredictor(net))
+    rec = Reconstructor(cfg, predictor=Dust3rPredictor(net, Dust3rConfig.from_backend(cfg.backend)))
     res = []
     for f in seq.frames:  # monocular: no depth, no K unless give_K
         res += rec.push(Frame(stamp=f.stamp, rgb=f.rgb, depth=None, K=seq.K.copy() if give_K else None, key=f.key,
@@ -150,7 +150,7 @@ def test_flow_failing_the_fb_check_is_not_aligned_on_any_window(seq):
     (Adam schedule) as on the warm steps, so the garbage never enters the flow term."""
     cfg = ReconConfig.from_dict({'window': {'size': 4, 'neighbours': 2, 'output_lag': 1},
                                  'segmentation': {'enabled': False}, 'backend': {'align_iterations': 30}})
-    rec = Reconstructor(cfg, predictor=Dust3rPredictor(OracleNet(seq)))
+    rec = Reconstructor(cfg, predictor=Dust3rPredictor(OracleNet(seq), Dust3rConfig.from_backend(cfg.backend)))
     est, calls = rec.flows.estimator, []
     block = (slice(14, 34), slice(20, 44))
 
@@ -167,14 +167,14 @@ def test_flow_failing_the_fb_check_is_not_aligned_on_any_window(seq):
     rec.flows.estimator = Planted()
     got, get = [], rec.flows.get
     rec.flows.get = lambda *a: got.append(get(*a)) or got[-1]
-    align = rec.monocular.aligner.align
+    align = rec.step.aligner.align
 
     def spy(pairs, out, flows=None, init=None, **kw):
         calls.append((init is None, {k: v.copy() for k, v in flows.items()}, list(got)))
         got.clear()
         return align(pairs, out, flows=flows, init=init, **kw)
 
-    rec.monocular.aligner.align = spy
+    rec.step.aligner.align = spy
     res = []
     for f in seq.frames[:4]:
         res += rec.push(Frame(stamp=f.stamp, rgb=f.rgb, depth=None, K=None, key=f.key, meta={}))
@@ -199,7 +199,7 @@ def test_metric_scale_parameter_and_given_K(seq):
     scale); a given K is kept fixed."""
     cfg = ReconConfig.from_dict({'window': {'size': 5, 'neighbours': 2, 'output_lag': 1},
                                  'backend': {'metric_scale': 2.0}})
-    rec = Reconstructor(cfg, predictor=Dust3rPredictor(OracleNet(seq)))
+    rec = Reconstructor(cfg, predictor=Dust3rPredictor(OracleNet(seq), Dust3rConfig.from_backend(cfg.backend)))
     res = []
     for f in seq.frames[:6]:
         res += rec.push(Frame(stamp=f.stamp, rgb=f.rgb, depth=None, K=seq.K.copy(), key=f.key, meta={}))

@@ -69,12 +69,12 @@ def replay(seq, n, with_K):
 
 def sizes(rec) -> dict:
     """Size of every container of the monocular path that gets per-frame / per-pair entries."""
-    p, m, w = rec.predictor, rec.monocular, rec.window
+    p, m, w = rec.predictor, rec.step, rec.window
     out = {'pairs': len(p._pairs), 'second': len(p._second), 'inputs': len(p._inputs), 'grids': len(p._grids),
            'estimated_K': len(m._estimated_K), 'state': 0 if m.state is None else len(m.state.poses),
            'window': len(w.entries), 'keyframes': len(w.keyframes), 'entries': len(w.all_entries()),
            'entry_data': max((len(e.data) for e in w.all_entries()), default=0), 'pending': len(rec._pending),
-           'flows': len(rec.flows), 'constraints': len(rec._constraints), 'segmenter': len(rec.segmenter),
+           'flows': len(rec.flows), 'segmenter': len(rec.segmenter),
            'stage_times': len(rec._times._acc), 'map': len(rec.map)}
     if hasattr(p.net, '_cache'):  # the real engine: encoder tokens per frame, RoPE tables per grid size
         out['tokens'] = len(p.net._cache)
@@ -94,7 +94,7 @@ def bounds(rec, max_call_pairs: int) -> dict:
     out = {'pairs': max(p.cfg.pair_cache, max_call_pairs), 'second': max(p.cfg.pair_cache, max_call_pairs),
            'inputs': max(64, getattr(p.net, 'cache_frames', 0)), 'grids': 2, 'estimated_K': per_window,
            'state': per_window, 'window': w.size, 'keyframes': per_window, 'entries': per_window,
-           'entry_data': 5, 'pending': w.size + w.output_lag, 'flows': 0, 'constraints': 0,
+           'entry_data': 5, 'pending': w.size + w.output_lag, 'flows': 0,
            'segmenter': c.segmentation.max_tracked_frames, 'stage_times': 10, 'map': c.map.max_voxels}
     if hasattr(p.net, '_cache'):
         out['tokens'] = p.net.cache_frames
@@ -196,9 +196,8 @@ def test_memory_bounded_real_engine(seq, tmp_path, n_frames):
         'checks': LOOSE, 'segmentation': {'mode': 'both'},
         # random geometry would make every frame a keyframe (a dense graph, slow): keyframes by frame gap
         'window': {'keyframe_translation_m': 1e9, 'keyframe_rotation_deg': 1e9, 'keyframe_max_gap': KEYFRAME_GAP},
-        'backend': {'align_iterations': 20, 'align_warm_iterations': 2}})
-    pred = Dust3rPredictor(load_network(ckpt, cache_frames=8), Dust3rConfig(checkpoint=ckpt, image_size=48,
-                                                                           pair_cache=16))
+        'backend': {'align_iterations': 20, 'align_warm_iterations': 2, 'image_size': 48, 'pair_cache': 16}})
+    pred = Dust3rPredictor(load_network(ckpt, cache_frames=8), Dust3rConfig.from_backend(cfg.backend, checkpoint=ckpt))
     rec = Reconstructor(cfg, predictor=pred)
     frames, _ = replay(seq, n_frames, with_K=True)
     seen, mem, status = run_stream(rec, frames, warmup=66)
@@ -223,9 +222,9 @@ def test_memory_bounded_oracle_no_intrinsics(seq):
     frames, src = replay(seq, n_frames, with_K=False)
     net = OracleNet(seq)
     net.index.update(src)  # the oracle looks its pairs up by stream key
-    cfg = ReconConfig.from_dict({'backend': {'align_iterations': 50, 'align_warm_iterations': 2},
+    cfg = ReconConfig.from_dict({'backend': {'align_iterations': 50, 'align_warm_iterations': 2, 'pair_cache': 16},
                                  'map': {'max_voxels': 3000}})
-    pred = Dust3rPredictor(net, Dust3rConfig(pair_cache=16))
+    pred = Dust3rPredictor(net, Dust3rConfig.from_backend(cfg.backend))
     rec = Reconstructor(cfg, predictor=pred)
     seen, _, status = run_stream(rec, frames, warmup=n_frames)
     assert status.count('ok') >= n_frames - 2 and len(status) == n_frames, status

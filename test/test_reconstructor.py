@@ -177,7 +177,8 @@ def test_full_default_sequence_targets():
 
 
 def test_downscale_frame_keeps_geometry_and_foreground_edges():
-    from dynrecon_ros.reconstructor import downscale_frame, upsample
+    from dynrecon_ros.reconstructor import upsample
+    from dynrecon_ros.rgbd_step import downscale_frame
     K = np.array([[500.0, 0, 319.5], [0, 500.0, 239.5], [0, 0, 1]])
     depth = np.full((480, 640), 3.0, np.float32)
     depth[100:301, 201:400] = 1.5  # a box whose left and bottom edges cut through 2x2 blocks
@@ -265,12 +266,53 @@ def test_flow_cache_stays_bounded_while_tracking_is_lost():
     K = np.array([[131.0, 0, w / 2], [0, 131.0, h / 2], [0, 0, 1]])
     base = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
     rec = Reconstructor()
-    rec.predictor = _LosingTracking(rec.predictor)
+    rec.step.pred = lost = _LosingTracking(rec.step.pred)
     frame = lambda i: Frame(stamp=i * 0.1, rgb=np.roll(base, i, axis=1), depth=depth.copy(), K=K.copy(), key=f'{i}')
     for i in range(6):
         rec.push(frame(i))
-    rec.predictor.lost = True
+    lost.lost = True
     results = [r for i in range(6, 36) for r in rec.push(frame(i))]
     kept = len(rec.window.all_entries())
     assert len(rec.flows) <= kept * (kept - 1) // 2, (len(rec.flows), kept)
     assert sum(r.status == 'skipped' for r in results + rec.flush()) == 30
+
+
+def test_the_window_step_protocol_is_all_the_reconstructor_calls():
+    """Both backends' steps implement WindowStep; a predictor whose step is a bare WindowStep (no
+    other predictor method) drives the whole pipeline: poses and depth from the step come out."""
+    from dynrecon_ros.monocular import MonocularWindow
+    from dynrecon_ros.rgbd_step import RGBDStep
+    from dynrecon_ros.window import WindowStep
+    rec = Reconstructor()
+    assert isinstance(rec.step, RGBDStep) and isinstance(rec.step, WindowStep)
+    assert isinstance(MonocularWindow.__new__(MonocularWindow), WindowStep)
+
+    class Step:
+        needs_depth, estimates_intrinsics = False, True
+
+        def work_frame(self, frame):
+            return frame
+
+        def step(self, window, entry, published, world_pose):
+            if entry.frame.key == 'bad':
+                return 'planted reason'
+            entry.pose = world_pose @ np.diag([1.0, 1.0, 1.0, 1.0])
+            entry.pose[0, 3] = entry.index
+            entry.frame.depth = np.full(entry.frame.rgb.shape[:2], 2.0, np.float32)
+            entry.frame.K = np.array([[30.0, 0, 16], [0, 30.0, 12], [0, 0, 1]])
+            return ''
+
+    class OnlyAStep:  # no relative_pose, predict_window, flags...: only window_step
+        def window_step(self, cfg, flows, segmenter, times, device):
+            return Step()
+
+    rgb = np.random.default_rng(0).integers(0, 256, (24, 32, 3), dtype=np.uint8)
+    rec = Reconstructor(ReconConfig.from_dict({'window': {'output_lag': 1}}), predictor=OnlyAStep())
+    out = []
+    for i, key in enumerate(['a', 'b', 'bad', 'c']):
+        out += rec.push(Frame(stamp=0.1 * i, rgb=rgb, depth=None, K=None, key=key))
+    out += rec.flush()
+    assert [(r.key, r.status) for r in out] == [('a', 'ok'), ('b', 'ok'), ('bad', 'skipped'), ('c', 'ok')]
+    assert out[2].reason == 'planted reason'
+    assert [r.pose[0, 3] for r in out if r.status == 'ok'] == [0, 1, 3]  # push indices (the bad one popped)
+    assert all((r.depth == 2.0).all() for r in out if r.status == 'ok')

@@ -1,4 +1,7 @@
-"""Static voxel map: accuracy on a plane, carving of a walked-through 'person', masks, PLY, bounds."""
+"""Static voxel map: accuracy on a plane, carving of a walked-through 'person', masks, PLY, bounds.
+
+The map's own tests integrate with the automatic pixel stride (pixel_stride=0: every pixel on these
+small images); the pipeline's default (MapConfig, every 2nd pixel) is exercised end to end."""
 import numpy as np
 import pytest
 
@@ -27,7 +30,7 @@ def _with_person(depth, z=1.0):
 
 
 def test_plane_points_lie_within_half_a_voxel():
-    m = VoxelMap(MapConfig(voxel_size=0.02, min_weight=2))
+    m = VoxelMap(MapConfig(pixel_stride=0, voxel_size=0.02, min_weight=2))
     for k in range(4):
         m.integrate(_wall(2.0), RGB, K, _pose(0.02 * k), np.ones((H, W), bool))
     pts = m.points()
@@ -40,7 +43,7 @@ def test_plane_points_lie_within_half_a_voxel():
 
 
 def test_single_observation_is_not_published():
-    m = VoxelMap(MapConfig(min_weight=2))
+    m = VoxelMap(MapConfig(pixel_stride=0, min_weight=2))
     m.integrate(_wall(), RGB, K, _pose(), None)
     assert len(m) > 0 and len(m.points()) == 0
     m.integrate(_wall(), RGB, K, _pose(), None)
@@ -49,7 +52,7 @@ def test_single_observation_is_not_published():
 
 def test_person_that_walked_away_leaves_no_trail():
     """Frames 0-5 see an unmasked person at 1 m (segmentation missed it); frames 6-15 see the wall behind."""
-    m = VoxelMap(MapConfig())
+    m = VoxelMap(MapConfig(pixel_stride=0))
     for k in range(6):
         m.integrate(_with_person(_wall()), RGB, K, _pose(0.01 * k), np.ones((H, W), bool))
     assert (m.points()[:, 2] < 1.5).sum() > 100  # the person is in the map while it stands there
@@ -81,7 +84,7 @@ def test_person_who_paused_long_and_left_leaves_no_trace():
 
 
 def test_voxels_seen_as_dynamic_lose_weight():
-    m = VoxelMap(MapConfig(free_weight=1.0))
+    m = VoxelMap(MapConfig(pixel_stride=0, free_weight=1.0))
     for k in range(4):
         m.integrate(_with_person(_wall()), RGB, K, _pose(), np.ones((H, W), bool))
     assert (m.points()[:, 2] < 1.5).sum() > 100
@@ -93,7 +96,7 @@ def test_voxels_seen_as_dynamic_lose_weight():
 
 
 def test_dynamic_pixels_never_enter_and_background_behind_them_stays():
-    m = VoxelMap(MapConfig(min_weight=0))  # publish every live voxel
+    m = VoxelMap(MapConfig(pixel_stride=0, min_weight=0))  # publish every live voxel
     static = np.ones((H, W), bool)
     static[30:90, 60:100] = False
     for k in range(3):  # wall first, seen fully
@@ -106,7 +109,7 @@ def test_dynamic_pixels_never_enter_and_background_behind_them_stays():
 
 
 def test_low_confidence_and_out_of_range_depth_are_ignored():
-    m = VoxelMap(MapConfig(min_confidence=0.5, max_depth=3.0))
+    m = VoxelMap(MapConfig(pixel_stride=0, min_confidence=0.5, max_depth=3.0))
     conf = np.ones((H, W), np.float32)
     conf[:, :80] = 0.1
     d = _wall()
@@ -118,7 +121,7 @@ def test_low_confidence_and_out_of_range_depth_are_ignored():
 
 
 def test_max_voxels_bound_respected():
-    m = VoxelMap(MapConfig(voxel_size=0.01, max_voxels=500))
+    m = VoxelMap(MapConfig(pixel_stride=0, voxel_size=0.01, max_voxels=500))
     for k in range(3):
         m.integrate(_wall(), RGB, K, _pose(0.05 * k), None)
         assert len(m) <= 500
@@ -126,7 +129,7 @@ def test_max_voxels_bound_respected():
 
 
 def test_ply_round_trip(tmp_path):
-    m = VoxelMap(MapConfig())
+    m = VoxelMap(MapConfig(pixel_stride=0))
     for k in range(3):
         m.integrate(_with_person(_wall()), RGB, K, _pose(0.01 * k), None)
     pts = m.points()
@@ -151,7 +154,7 @@ def test_bad_input_is_input_error(tmp_path):
     with pytest.raises(InputError):
         MapConfig(voxel_size=0)
     with pytest.raises(InputError):
-        VoxelMap().integrate(_wall(), RGB[:10], K, _pose(), None)
+        VoxelMap(MapConfig(pixel_stride=0)).integrate(_wall(), RGB[:10], K, _pose(), None)
     with pytest.raises(InputError):
         write_ply(tmp_path / 'x.ply', np.zeros((3, 4)))
     (tmp_path / 'bad.ply').write_bytes(b'not a ply')
@@ -186,7 +189,7 @@ def _segment(seq, window=5, reach=2):
 
 
 def _build(seq, static_masks):
-    m = VoxelMap(MapConfig())
+    m = VoxelMap(MapConfig(pixel_stride=0))
     for k, f in enumerate(seq.frames):
         m.integrate(f.depth, f.rgb, seq.K, seq.poses[k], static_masks[k], None)
     return m.points()
@@ -215,7 +218,7 @@ def test_map_of_rendered_sequence_is_static_and_segmentation_matters():
 
 
 def test_invalid_depth_and_nan_are_ignored():
-    m = VoxelMap(MapConfig(min_weight=0))
+    m = VoxelMap(MapConfig(pixel_stride=0, min_weight=0))
     m.integrate(np.zeros((H, W), np.float32), RGB, K, _pose(), None)
     m.integrate(np.full((H, W), np.nan, np.float32), RGB, K, _pose(), None)
     assert len(m) == 0 and m.points().shape == (0, 6)

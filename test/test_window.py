@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 
+from dynrecon_ros.config import WindowConfig
 from dynrecon_ros.frames import Frame
 from dynrecon_ros.window import SlidingWindow, rotation_angle_deg
 
@@ -16,7 +17,7 @@ def _pose(x=0.0):
 
 
 def test_window_keeps_last_n_and_reports_leavers():
-    w = SlidingWindow(size=3, neighbours=1)
+    w = SlidingWindow(WindowConfig(size=3, neighbours=1))
     left_all = []
     for k in range(5):
         e, left = w.add(_frame(k))
@@ -26,7 +27,7 @@ def test_window_keeps_last_n_and_reports_leavers():
 
 
 def test_pairs_neighbours_and_keyframes():
-    w = SlidingWindow(size=4, neighbours=2, keyframes=2, keyframe_max_gap=100, keyframe_translation_m=0.5)
+    w = SlidingWindow(WindowConfig(size=4, neighbours=2, keyframes=2, keyframe_max_gap=100, keyframe_translation_m=0.5))
     e0, _ = w.add(_frame(0))
     e0.pose = _pose(0)
     w.mark_keyframe(e0)
@@ -47,7 +48,7 @@ def test_pairs_neighbours_and_keyframes():
 
 
 def test_keyframe_rule_by_rotation_and_gap():
-    w = SlidingWindow(size=3, keyframe_rotation_deg=5.0, keyframe_max_gap=3, keyframe_translation_m=10)
+    w = SlidingWindow(WindowConfig(size=3, keyframe_rotation_deg=5.0, keyframe_max_gap=3, keyframe_translation_m=10))
     e, _ = w.add(_frame(0))
     e.pose = np.eye(4)
     w.mark_keyframe(e)
@@ -62,4 +63,4 @@ def test_keyframe_rule_by_rotation_and_gap():
 
 def test_window_rejects_tiny_size():
     with pytest.raises(ValueError):
-        SlidingWindow(size=1)
+        SlidingWindow(WindowConfig(size=1))

@@ -33,14 +33,23 @@ class PairPrediction:
 
 
 class PairPredictor(ABC):
-    """``predict(frame_i, frame_j, flow, static_i=None) -> PairPrediction``.
+    """A pair predictor and the window step that runs it.
 
-    ``flow`` is a :class:`dynrecon_ros.flow.PairFlow` from i to j (shared with alignment and
-    segmentation); ``static_i`` an optional (H, W) bool prior of pixels believed static.
+    The pipeline calls :meth:`window_step` once and then only the step
+    (:class:`dynrecon_ros.window.WindowStep`), which uses its predictor's own methods (RGB-D:
+    ``relative_pose``; networks: ``predict_window``, ``reweighted``). :meth:`predict` gives the
+    DUSt3R-style outputs of one pair (tools, tests): ``flow`` is a :class:`dynrecon_ros.flow.PairFlow`
+    from i to j; ``static_i`` an optional (H, W) bool prior of pixels believed static.
     """
 
     metric: bool = False
     needs_depth: bool = False
+
+    @abstractmethod
+    def window_step(self, cfg, flows, segmenter, times, device: str):
+        """The :class:`dynrecon_ros.window.WindowStep` running this predictor for the Reconstructor
+        (cfg: the ReconConfig; flows, segmenter, times: the Reconstructor's flow cache, motion
+        segmenter and stage timer)."""
 
     @abstractmethod
     def predict(self, frame_i, frame_j, flow, static_i: np.ndarray | None = None) -> PairPrediction:

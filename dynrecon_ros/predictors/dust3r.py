@@ -33,8 +33,10 @@ with a reason.
 """
 from __future__ import annotations
 
+import dataclasses
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
@@ -43,19 +45,31 @@ from dynrecon_ros.errors import InputError
 from dynrecon_ros.geometry import pixel_grid
 from dynrecon_ros.predictors.base import PairPrediction, PairPredictor
 
+if TYPE_CHECKING:
+    from dynrecon_ros.config import BackendConfig
+
 KEYS = ('pts3d_1', 'conf_1', 'pts3d_2_in_1', 'conf_2')
 
 
 @dataclass
 class Dust3rConfig:
-    """image_size: network input size (0 = the model's, 512 or 224). pair_cache: ordered pairs whose
-    outputs are kept at least; the caches always keep the last call's ordered pairs, which is all
-    the next window step can reuse (default 0: exactly those; 7.9 MB per pair at 512x384, e.g.
-    ~0.4 GB for the 51 ordered pairs of a window of 8; see the module docstring)."""
+    """The network predictor's settings: the same-named fields of the pipeline's ``backend`` section
+    (:class:`dynrecon_ros.config.BackendConfig`, which documents them and holds the defaults); build
+    it with :meth:`from_backend`. image_size: network input size (0 = the model's, 512 or 224).
+    pair_cache: ordered pairs whose outputs are kept at least; the caches always keep the last
+    call's ordered pairs, which is all the next window step can reuse (0: exactly those; 7.9 MB per
+    pair at 512x384, e.g. ~0.4 GB for the 51 ordered pairs of a window of 8; see the module
+    docstring)."""
 
-    checkpoint: str = ''
-    image_size: int = 0
-    pair_cache: int = 0
+    checkpoint: str
+    image_size: int
+    pair_cache: int
+
+    @classmethod
+    def from_backend(cls, backend: BackendConfig, **overrides) -> 'Dust3rConfig':
+        """The fields of ``backend`` (a :class:`dynrecon_ros.config.BackendConfig`) with these names,
+        ``overrides`` replacing some."""
+        return cls(**{f.name: overrides.get(f.name, getattr(backend, f.name)) for f in dataclasses.fields(cls)})
 
 
 class Dust3rPredictor(PairPredictor):
@@ -68,12 +82,10 @@ class Dust3rPredictor(PairPredictor):
 
     metric = False
     needs_depth = False
-    estimates_intrinsics = True
-    window_predictor = True  # the Reconstructor runs dynrecon_ros.monocular for this predictor
 
-    def __init__(self, net, config: Dust3rConfig | None = None):
+    def __init__(self, net, config: Dust3rConfig):
         self.net = net
-        self.cfg = config or Dust3rConfig()
+        self.cfg = config
         size = self.cfg.image_size or max(net.cfg.img_size)
         self.size = 224 if size == 224 else int(size)
         self.patch_size = int(getattr(net.cfg, 'patch_size', 16))
@@ -82,6 +94,11 @@ class Dust3rPredictor(PairPredictor):
         self._second: OrderedDict = OrderedDict()  # (key_i, key_j, mask bytes) -> {name: array}
         self._grids: dict = {}
         self.tensor_device = None  # e.g. 'cuda': cached points and weights also kept there (module docstring)
+
+    def window_step(self, cfg, flows, segmenter, times, device: str):
+        """:class:`dynrecon_ros.monocular.MonocularWindow` over this predictor."""
+        from dynrecon_ros.monocular import MonocularWindow
+        return MonocularWindow(cfg, self, flows, segmenter, times, device)
 
     # ------------------------------------------------------------------ resolution mapping
     def network_input(self, frame):
@@ -309,11 +326,11 @@ def _host(x):
     return x.detach().cpu().numpy() if hasattr(x, 'detach') else np.asarray(x)
 
 
-def make(config=None, checkpoint: str | None = None, device: str = 'cpu') -> Dust3rPredictor:
-    """Predictor for ``make_predictor('dust3r', ...)``: config is a ReconConfig (or None)."""
+def make(backend: BackendConfig, checkpoint: str | None, device: str) -> Dust3rPredictor:
+    """Predictor for ``make_predictor('dust3r', ...)``: the pipeline's ``backend`` section, the
+    checkpoint (None: ``backend.checkpoint``)."""
     from dynrecon_ros.network import load_network
-    b = getattr(config, 'backend', None)
-    ckpt = checkpoint or getattr(b, 'checkpoint', '') or ''
-    if not ckpt:
+    cfg = Dust3rConfig.from_backend(backend, checkpoint=checkpoint or backend.checkpoint)
+    if not cfg.checkpoint:
         raise InputError('backend dust3r needs a checkpoint: give --checkpoint FILE (or backend.checkpoint)')
-    return Dust3rPredictor(load_network(ckpt, device=device), Dust3rConfig(checkpoint=ckpt))
+    return Dust3rPredictor(load_network(cfg.checkpoint, device=device), cfg)

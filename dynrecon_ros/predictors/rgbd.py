@@ -9,7 +9,9 @@ Confidence is 1 + a positive score where depth is valid and the flow is consiste
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
@@ -17,24 +19,39 @@ import numpy as np
 from dynrecon_ros.geometry import fit_rigid, fit_similarity, pixel_grid, se3_increment, transform_points, unproject
 from dynrecon_ros.predictors.base import PairPrediction, PairPredictor
 
+if TYPE_CHECKING:
+    from dynrecon_ros.config import BackendConfig
+
 
 @dataclass
 class RGBDPredictorConfig:
-    ransac_iterations: int = 64
-    ransac_px_threshold: float = 0.75
-    ransac_depth_threshold: float = 0.02  # relative depth error
-    ransac_samples: int = 800
-    refine_iterations: int = 4
-    min_px_threshold: float = 0.3
-    min_depth_m: float = 0.1
-    max_depth_m: float = 10.0
-    min_inliers: int = 60
-    stride: int = 2  # verify the fit on every stride-th pixel in x and y (inliers are on that grid)
-    halo_fraction: float = 0.03  # band excluded around motion outliers, fraction of image width
-    photometric_iterations: int = 5  # direct RGB-D refinement after the flow fit (0 = off)
-    photometric_samples: int = 2000
-    min_gradient: float = 4.0  # grey levels per pixel for pixels used by the refinement
-    seed: int = 0
+    """The RGB-D predictor's settings: the same-named fields of the pipeline's ``backend`` section
+    (:class:`dynrecon_ros.config.BackendConfig`, which documents them and holds the defaults); build
+    it with :meth:`from_backend`. stride: the fit is verified on every stride-th pixel in x and y
+    (inliers are on that grid); halo_fraction: band excluded around motion outliers (fraction of the
+    image width); photometric_iterations: direct RGB-D refinement after the flow fit (0 = off);
+    min_gradient: grey levels per pixel for pixels used by the refinement."""
+
+    ransac_iterations: int
+    ransac_px_threshold: float
+    ransac_depth_threshold: float  # relative depth error
+    ransac_samples: int
+    ransac_refits: int
+    ransac_seed: int
+    min_px_threshold: float
+    min_depth_m: float
+    max_depth_m: float
+    min_inliers: int
+    stride: int
+    halo_fraction: float
+    photometric_iterations: int
+    photometric_samples: int
+    min_gradient: float
+
+    @classmethod
+    def from_backend(cls, backend: BackendConfig) -> 'RGBDPredictorConfig':
+        """The fields of ``backend`` (a :class:`dynrecon_ros.config.BackendConfig`) with these names."""
+        return cls(**{f.name: getattr(backend, f.name) for f in dataclasses.fields(cls)})
 
 
 def reprojection_errors(R: np.ndarray, t: np.ndarray, P: np.ndarray, Q: np.ndarray, uv: np.ndarray,
@@ -125,10 +142,15 @@ class RGBDPredictor(PairPredictor):
     metric = True
     needs_depth = True
 
-    def __init__(self, config: RGBDPredictorConfig | None = None):
-        self.cfg = config or RGBDPredictorConfig()
-        self.rng = np.random.default_rng(self.cfg.seed)
+    def __init__(self, config: RGBDPredictorConfig):
+        self.cfg = config
+        self.rng = np.random.default_rng(self.cfg.ransac_seed)
         self._cache = _FrameCache()
+
+    def window_step(self, cfg, flows, segmenter, times, device: str):
+        """:class:`dynrecon_ros.rgbd_step.RGBDStep` over this predictor."""
+        from dynrecon_ros.rgbd_step import RGBDStep
+        return RGBDStep(cfg, self, flows, segmenter, times, device)
 
     def _frame_data(self, frame) -> dict:
         """Cached per-frame data: grey (H, W) float32, gradient magnitude, grid points."""
@@ -212,7 +234,7 @@ class RGBDPredictor(PairPredictor):
             sub = cand if len(cand) <= c.ransac_samples else self.rng.choice(cand, c.ransac_samples, replace=False)
             T, inl, thr = ransac_rigid(P_s[sub].astype(np.float64), Q_s[sub].astype(np.float64), uv_s[sub], K_j,
                                        c.ransac_iterations, c.ransac_px_threshold, c.ransac_depth_threshold,
-                                       self.rng, c.refine_iterations, c.min_px_threshold)
+                                       self.rng, c.ransac_refits, c.min_px_threshold)
             n_fit = inl.sum()
             epx, ez = errors(T)
         else:

@@ -34,7 +34,7 @@ from dynrecon_ros.memory import MALLOC_TRIM, resident_mib, trim_heap
 from dynrecon_ros.ros import conversions as conv
 from dynrecon_ros.ros.inputs import InputFrame, StampPairer
 from dynrecon_ros.ros.parameters import (CONFIG_AT_NODE_LEVEL, NODE_PARAMETERS, PIPELINE_PREFIX, flatten,
-                                        from_ros, pipeline_defaults, ros_value, unflatten)
+                                        pipeline_config, pipeline_defaults, ros_value)
 from dynrecon_ros.ros.publishers import (FrameImagePublisher, MapPublisher, OdometryPublisher, PathPublisher,
                                         PosePublisher)
 from dynrecon_ros.ros.qos import input_qos
@@ -148,15 +148,7 @@ class ReconNode(Node):
 
     def pipeline_config(self):
         """ReconConfig built from the declared ``pipeline.*`` parameters (and ``backend``/``checkpoint``)."""
-        from dynrecon_ros.config import ReconConfig
-        flat = {}
-        for key, (default, _) in self._config_defaults.items():
-            if key in CONFIG_AT_NODE_LEVEL:
-                value = self._param(CONFIG_AT_NODE_LEVEL[key])
-                flat[key] = value if value else default
-            else:
-                flat[key] = from_ros(self._param(PIPELINE_PREFIX + key), default)
-        return ReconConfig.from_dict(unflatten(flat), where='parameters')
+        return pipeline_config(self._param)
 
     def _default_factory(self, config, backend: str, checkpoint: str, device: str, log):
         from dynrecon_ros.reconstructor import Reconstructor

@@ -8,6 +8,7 @@ parameter can hold.
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 # Node-level parameters: name -> (default, description). Pipeline settings are added from ReconConfig.
 NODE_PARAMETERS: dict[str, tuple[object, str]] = {
@@ -132,3 +133,19 @@ def pipeline_defaults() -> dict[str, tuple[object, str]]:
                                            f'{section}: {doc})')
     walk(ReconConfig(), '')
     return out
+
+
+def pipeline_config(param: Callable[[str], object]):
+    """The :class:`~dynrecon_ros.config.ReconConfig` that the node's parameters give: ``param(name)``
+    returns a declared parameter's value (``pipeline.<section>.<name>``, and ``backend`` /
+    ``checkpoint`` for the two in ``CONFIG_AT_NODE_LEVEL``, empty = the config's default).
+    Bad values: an InputError naming the parameter."""
+    from dynrecon_ros.config import ReconConfig
+    flat = {}
+    for key, (default, _) in pipeline_defaults().items():
+        if key in CONFIG_AT_NODE_LEVEL:
+            value = param(CONFIG_AT_NODE_LEVEL[key])
+            flat[key] = value if value else default
+        else:
+            flat[key] = from_ros(param(PIPELINE_PREFIX + key), default)
+    return ReconConfig.from_dict(unflatten(flat), where='parameters')

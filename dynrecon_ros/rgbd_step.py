@@ -1,0 +1,214 @@
+"""RGB-D window step: flow + depth pair poses -> windowed pose alignment -> flow segmentation.
+Used by the Reconstructor for the RGB-D predictor (:class:`dynrecon_ros.window.WindowStep`; the
+network's step is :mod:`dynrecon_ros.monocular`).
+
+The frame first goes to the processing size (:meth:`RGBDStep.work_frame`): depth readings that are
+not finite and positive become 0; frames wider than ``max_work_width`` are downscaled by an integer
+s (:func:`downscale_frame`; 640x480 -> 320x240), the Reconstructor brings the outputs back.
+Per accepted frame t (:meth:`RGBDStep.step`):
+  1. the first frame defines the world (pose ``world_pose``, confidence where depth is valid);
+  2. flow for each pair (older, t) of the pair graph (neighbours + keyframe anchors, nearest first),
+     cached by the shared :class:`~dynrecon_ros.flow.FlowCache`;
+  3. relative pose per pair from the predictor (RANSAC Umeyama on flow + depth, then direct
+     refinement; long pairs start from the tracked poses), initial pose of t from the nearest pair;
+     tracking-lost (inlier ratio) and jump (``checks``) tests;
+  4. static correspondences of every pair that gave a pose are stored (:meth:`_make_constraint`), and
+     the poses not published yet are aligned over all stored pairs of the window
+     (:class:`~dynrecon_ros.alignment.WindowAligner`; published frames and the first are held);
+  5. motion segmentation of t and refresh of its pair partners from flow vs ego flow
+     (:class:`~dynrecon_ros.segmentation.MotionSegmenter`).
+"""
+from __future__ import annotations
+
+import time
+
+import cv2
+import numpy as np
+
+from dynrecon_ros.alignment import PairConstraint, WindowAligner
+from dynrecon_ros.errors import InputError
+from dynrecon_ros.frames import Frame
+from dynrecon_ros.geometry import transform_points
+from dynrecon_ros.window import SlidingWindow, WindowEntry
+
+
+def downscale_frame(frame, s: int):
+    """``frame`` at 1/s of its size (integer s > 1) for processing; the same stamp and key.
+
+    Work pixel (u, v) is the s x s block of input pixels from (s u, s v): colour is the block mean
+    (area resampling), depth the mean of the block's readings when they lie on one surface (spread
+    <= 2 % + 1 cm) and else the nearest one (no flying points between a mover and the background),
+    K is moved to the blocks' centres. Input pixels beyond the last whole block are left out.
+    """
+    H, W = frame.rgb.shape[:2]
+    h, w = H // s, W // s
+    rgb = cv2.resize(frame.rgb[:h * s, :w * s], (w, h), interpolation=cv2.INTER_AREA)
+    depth = None
+    if frame.depth is not None:
+        # block statistics over the s * s strided views (one per position in the block)
+        views = [frame.depth[dy:h * s:s, dx:w * s:s] for dy in range(s) for dx in range(s)]
+        cnt = sum((v > 0).astype(np.float32) for v in views)
+        mean = sum(views) / np.maximum(cnt, 1)
+        inf = np.float32(np.inf)
+        near = np.minimum.reduce([np.where(v > 0, v, inf) for v in views])
+        far = np.maximum.reduce(views)
+        depth = np.where(cnt == 0, 0, np.where(far - near <= 0.02 * near + 0.01, mean, near)).astype(np.float32)
+    K = None
+    if frame.K is not None:
+        K = frame.K.copy()
+        K[0, 0] /= s
+        K[1, 1] /= s
+        K[0, 2] = (K[0, 2] - (s - 1) / 2) / s
+        K[1, 2] = (K[1, 2] - (s - 1) / 2) / s
+    return Frame(frame.stamp, rgb, depth, K, key=frame.key, meta=frame.meta)
+
+
+class RGBDStep:
+    """The RGB-D window step (see module docstring). State: the stored pair constraints.
+
+    Args:
+        cfg: the pipeline's :class:`~dynrecon_ros.config.ReconConfig`.
+        predictor: the :class:`~dynrecon_ros.predictors.rgbd.RGBDPredictor` (``relative_pose``).
+        flows, segmenter, times: the Reconstructor's flow cache, motion segmenter and stage timer.
+        device: torch device of the alignment.
+
+    Raises InputError when ``segmentation.mode`` needs attention maps (network backends only).
+    """
+
+    needs_depth = True
+    estimates_intrinsics = False
+
+    def __init__(self, cfg, predictor, flows, segmenter, times, device: str):
+        mode = cfg.segmentation.mode
+        if mode != 'flow':
+            raise InputError(f"segmentation.mode {mode!r} needs the decoder attention of a network backend "
+                             "(backend dust3r); this backend has none: use segmentation.mode flow")
+        self.cfg, self.pred, self.flows, self.segmenter, self.times = cfg, predictor, flows, segmenter, times
+        self.aligner = WindowAligner(cfg.alignment, device)
+        self._constraints: dict[tuple[int, int], PairConstraint] = {}  # by push indices
+        self._rng = np.random.default_rng(0)
+
+    def work_frame(self, frame):
+        """The frame at the processing size (see ReconConfig.max_work_width); its depth readings that
+        are not finite and positive set to 0 (in place: the outputs carry the cleaned depth)."""
+        if frame.depth is not None:
+            frame.depth = np.where(np.isfinite(frame.depth) & (frame.depth > 0), frame.depth, 0).astype(np.float32)
+        mw = self.cfg.max_work_width
+        w = frame.rgb.shape[1]
+        if mw <= 0 or w <= mw:
+            return frame
+        return downscale_frame(frame, -(-w // mw))
+
+    def step(self, window: SlidingWindow, entry: WindowEntry, published: set[int], world_pose: np.ndarray) -> str:
+        """One window step for the newest ``entry`` of ``window``. ``published``: push indices of frames
+        whose results are out (held). Sets the entry's pose and confidence, realigns the unpublished
+        poses, segments; returns '' or the reason to skip the new frame."""
+        frame = entry.frame
+        if len(window) == 1 and not window.keyframes:
+            # the first accepted frame defines the world
+            entry.pose = world_pose.copy()
+            entry.data['conf'] = (frame.depth > 0).astype(np.float32) if frame.depth is not None else None
+            return ''
+        t = time.perf_counter()
+        pairs = window.pairs_for_newest()
+        pflows = [self.flows.get(o.key, o.frame.rgb, entry.key, frame.rgb) for o, _ in pairs]
+        t = self.times.lap('flow', t)
+        rel = []
+        for k, ((old, _), pf) in enumerate(zip(pairs, pflows)):
+            static = None
+            if old.mask is not None:
+                static = ~old.mask
+            init = None
+            if k > 0 and rel[0][0] is not None:
+                # long pair: predict from the tracked poses and the nearest pair, verify + refine only
+                init = np.linalg.inv(old.pose) @ pairs[0][0].pose @ rel[0][0]
+            T, inl, n = self.pred.relative_pose(old.frame, frame, pf, static, init=init)
+            rel.append((T, inl, n))
+        t = self.times.lap('pose', t)
+        T0, inl0, n0 = rel[0]
+        c = self.cfg.checks
+        prev = pairs[0][0]  # the previous accepted frame
+        if T0 is None or inl0.sum() < c.min_inlier_ratio * max(n0, 1):
+            got = 0 if T0 is None else int(inl0.sum())
+            return (f'tracking lost against frame {prev.key}: {got} of {n0} '
+                    'correspondences fit a rigid motion (sudden jump or unusable image)')
+        reason = c.jump(T0, frame.stamp - prev.frame.stamp, where=f' from frame {prev.key}')
+        if reason:
+            return reason
+        entry.pose = prev.pose @ T0
+        # store static correspondences of every pair that produced a pose
+        for (old, _), (T, inl, n) in zip(pairs, rel):
+            if T is None:
+                continue
+            self._constraints[(old.index, entry.index)] = self._make_constraint(old, entry, T, inl)
+        entry.data['conf'] = (pflows[0].valid_bwd & (frame.depth > 0)).astype(np.float32)
+        t = time.perf_counter()
+        if self.cfg.alignment.enabled:
+            self._align(window, published)
+        t = self.times.lap('alignment', t)
+        self._segment(pairs, pflows, published)
+        self.times.lap('segmentation', t)
+        keep = {e.index for e in window.all_entries()}
+        self._constraints = {k: v for k, v in self._constraints.items() if k[0] in keep and k[1] in keep}
+        return ''
+
+    def _make_constraint(self, a: WindowEntry, b: WindowEntry, T_a_b: np.ndarray, inliers: np.ndarray) -> PairConstraint:
+        """Static correspondences a -> b for the alignment, from the pair prediction.
+
+        The points are a's static inlier pixels; their match in b is where the pair's relative pose
+        puts them (the predictor's pointmap of the pair: for RGB-D the refined direct alignment,
+        which is more precise than the raw flow end points).
+        """
+        fa, fb = a.frame, b.frame
+        da = fa.depth.reshape(-1)
+        use = np.flatnonzero(inliers.reshape(-1) & np.isfinite(da) & (da > 0))
+        n = self.cfg.alignment.points_per_pair
+        if len(use) > n:
+            use = self._rng.choice(use, n, replace=False)
+        # a's points, unprojected only where used
+        z = da[use].astype(np.float64)
+        vs, us = np.divmod(use, fa.depth.shape[1])
+        Ka = fa.K
+        Pa = np.stack([(us - Ka[0, 2]) / Ka[0, 0] * z, (vs - Ka[1, 2]) / Ka[1, 1] * z, z], -1)
+        Pb = transform_points(np.linalg.inv(T_a_b), Pa)
+        K = fb.K
+        uv = np.stack([K[0, 0] * Pb[:, 0] / Pb[:, 2] + K[0, 2], K[1, 1] * Pb[:, 1] / Pb[:, 2] + K[1, 2]], -1)
+        return PairConstraint(a.index, b.index, Pa, Pb, uv, np.ones(len(use)))
+
+    def _align(self, window: SlidingWindow, published: set[int]) -> None:
+        """Align the window's poses over its stored constraints; published frames and the first held."""
+        entries = window.all_entries()
+        pos = {e.index: k for k, e in enumerate(entries)}
+        cons = []
+        for (ia, ib), c in self._constraints.items():
+            if ia in pos and ib in pos and len(c.weight):
+                cons.append(PairConstraint(pos[ia], pos[ib], c.pts_a, c.pts_b, c.uv_b, c.weight))
+        fixed = np.array([e.index in published or e.index == 0 for e in entries])
+        if fixed.all() or not cons:
+            return
+        poses = np.stack([e.pose for e in entries])
+        K = np.stack([e.frame.K for e in entries])
+        res = self.aligner.align(poses, fixed, cons, K)
+        for e, p in zip(entries, res.poses):
+            e.pose = p
+
+    def _segment(self, pairs, pflows, published: set[int]) -> None:
+        """Segment the newest frame from its pairs; the older frames of those pairs get refreshed."""
+        new = pairs[0][1]
+        ents = [o for o, _ in pairs] + [new]
+        # cleaned masks only for frames not emitted yet (older keyframes keep theirs as the pose
+        # prior) and not for the newest frame: the next step refreshes it (its neighbour pair) and
+        # cleans it then; until then its pose prior is the thresholded probability
+        lag0 = self.cfg.window.output_lag == 0
+        need = [e.index not in published and (e is not new or lag0) for e in ents]
+        _, probs, masks = self.segmenter.segment_newest(pairs, pflows, carry_back=True, need_masks=need,
+                                                        skip_frames=[e.index in published for e in ents])
+        for e, p, m, nd in zip(ents, probs, masks, need):
+            if nd:
+                e.data['prob'] = p
+                e.data['mask'] = m
+                e.mask = m > 0
+            elif e is new:
+                e.data['prob'] = p
+                e.data.pop('mask', None)  # cleaned later (next step or when emitted)
+                e.mask = p > self.cfg.segmentation.threshold
