@@ -274,7 +274,7 @@ class MonocularWindow:
         if not self.segment_on:
             return
         if use_flow and newest_pairs:
-            ents, probs, fmasks = self.segmenter.segment_newest(newest_pairs, pflows)
+            ents, probs, fmasks = self.segmenter.segment_newest(newest_pairs, pflows, measured_depth=False)
             for e, p, mk in zip(ents, probs, fmasks):
                 e.data['flow'] = (p, mk)
         for k, e in enumerate(entries):

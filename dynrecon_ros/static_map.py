@@ -199,13 +199,15 @@ class VoxelMap:
         idx = alive[inside]
         pix = v[inside].astype(np.int64) * w + u[inside].astype(np.int64)
         zi = z[inside]
-        # seen through only if the whole 3x3 neighbourhood is farther (silhouette edges and invalid
-        # readings then never carve: invalid counts as depth 0)
-        near = cv2.erode(np.where(good, depth, 0.0).astype(np.float32), np.ones((3, 3), np.uint8)).ravel()
+        # seen through only if every valid reading of the pixel's 3x3 neighbourhood is farther
+        # (silhouette edges never carve); missing readings neither carve nor block (when they
+        # blocked, Kinect-like holes on 10 % of the pixels kept a paused person's voxels 2.5x longer:
+        # a full 3x3 of readings is then rare)
+        near = cv2.erode(np.where(good, depth, np.inf).astype(np.float32), np.ones((3, 3), np.uint8)).ravel()
         d = depth.ravel()[pix]
         ok = good.ravel()[pix]
         margin = cfg.carve_margin + cfg.carve_margin_rel * zi
-        free = ok & (zi < near[pix] - margin)
+        free = zi < near[pix] - margin  # (inf where no reading around: never)
         dynamic = ok & ~static.ravel()[pix] & (np.abs(zi - d) <= margin)
         hit = idx[free | dynamic]
         if hit.size == 0:

@@ -3,8 +3,9 @@ import numpy as np
 import pytest
 
 from dynrecon_ros.errors import InputError
+from dynrecon_ros.flow import fb_consistency
 from dynrecon_ros.segmentation import (MotionSegmenter, SegmentationConfig, clean_mask, ego_flow,
-                                       forward_backward_valid, pair_dynamic_probability)
+                                       pair_dynamic_probability)
 
 F, W, H = 150.0, 160, 120
 K = np.array([[F, 0, W / 2], [0, F, H / 2], [0, 0, 1]])
@@ -57,17 +58,6 @@ def test_ego_flow_nan_for_invalid_depth_and_points_behind_camera():
     np.testing.assert_allclose(flow[1:], 0, atol=1e-4)
     behind = ego_flow(np.full((H, W), 1.0, np.float32), K, _T(t=(0, 0, -2.0)))
     assert np.isnan(behind).all()
-
-
-def test_forward_backward_valid_flags_inconsistent_pixels():
-    fwd = np.zeros((H, W, 2), np.float32)
-    fwd[..., 0] = 3
-    bwd = -fwd.copy()
-    bwd[50:60, 50:60] = 10  # occlusion-like inconsistency where forward flow lands
-    ok = forward_backward_valid(fwd, bwd, 1.0)
-    assert ok[:, :W - 4].sum() > 0.9 * H * (W - 4)
-    assert not ok[55, 50:55].any()
-    assert not ok[:, W - 3:].any()  # leaves the image
 
 
 # ---------------------------------------------------------------- synthetic wall + moving box scene
@@ -268,7 +258,7 @@ def segment_sequence(seq, cfg=None, window=5, reach=2):
         idx = list(range(start, start + window))
         pairs = [(a, b) for a in range(window) for b in range(window) if a != b and abs(a - b) <= reach]
         flows = {(a, b): flow(idx[a], idx[b]) for a, b in pairs}
-        valid = {(a, b): forward_backward_valid(flows[(a, b)], flows[(b, a)], 1.0)
+        valid = {(a, b): fb_consistency(flows[(a, b)], flows[(b, a)])
                  for a, b in pairs}
         _, masks = seg.segment([seq.keys[k] for k in idx], depths[idx], seq.K, seq.poses[idx], flows, valid)
         out[idx] = masks
@@ -325,17 +315,24 @@ def test_background_smeared_between_and_beside_movers_is_dropped():
     assert _iou(drop_background_segments(both, d2, 0.6) > 0, both > 0) > 0.97
 
 
-def test_segment_frame_cheap_path_matches_window_result():
+def test_segment_newest_matches_the_window_result():
+    """The reconstructor's call (the newest frame with its older pair partners, PairFlow objects)."""
+    from types import SimpleNamespace
+
+    from dynrecon_ros.flow import PairFlow
+
     depths, poses, gt, flow = _scene(n=3)
-    seg = MotionSegmenter()
-    prob, mask = seg.segment_frame('new', depths[2], K, poses[2],
-                                   [(poses[1], flow(2, 1), None), (poses[0], flow(2, 0), None)])
-    assert prob.shape == (H, W) and mask.dtype == np.uint8
-    assert _iou(mask > 0, gt[2]) >= 0.9
-    assert len(seg) == 1
+    ents = [SimpleNamespace(key=str(k), pose=poses[k], frame=SimpleNamespace(depth=depths[k], K=K)) for k in range(3)]
+    pairs = [(ents[1], ents[2]), (ents[0], ents[2])]
+    pflows = [PairFlow(flow(o, 2), flow(2, o), None, None) for o in (1, 0)]
+    got, probs, masks = MotionSegmenter().segment_newest(pairs, pflows, carry_back=True)
+    assert [e.key for e in got] == ['1', '0', '2'] and masks.dtype == np.uint8
+    for m, k in zip(masks, (1, 0, 2)):
+        assert _iou(m > 0, gt[k]) >= 0.9, (k, _iou(m > 0, gt[k]))
     # a static scene through the same path flags nothing
     d0, p0, _, f0 = _scene(n=2, box_speed=0.0)
-    _, m0 = MotionSegmenter().segment_frame('s', d0[1], K, p0[1], [(p0[0], f0(1, 0), None)])
+    e0 = [SimpleNamespace(key=f's{k}', pose=p0[k], frame=SimpleNamespace(depth=d0[k], K=K)) for k in range(2)]
+    _, _, m0 = MotionSegmenter().segment_newest([(e0[0], e0[1])], [PairFlow(f0(0, 1), f0(1, 0), None, None)])
     assert not m0.any()
 
 
@@ -348,7 +345,7 @@ def test_refine_relative_pose_recovers_pose_despite_movers(rendered):
     g0, g2 = (cv2.cvtColor(seq.frames[k].rgb, cv2.COLOR_RGB2GRAY) for k in (0, 2))
     dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
     f02, f20 = dis.calc(g0, g2, None), dis.calc(g2, g0, None)
-    valid = forward_backward_valid(f02, f20)
+    valid = fb_consistency(f02, f20)
     T_true = np.linalg.inv(seq.poses[2]) @ seq.poses[0]
     c, s_ = np.cos(np.deg2rad(0.4)), np.sin(np.deg2rad(0.4))
     T_init = _T(np.array([[c, 0, s_], [0, 1, 0], [-s_, 0, c]]) @ T_true[:3, :3], T_true[:3, 3] + [0.01, -0.005, 0.003])
@@ -362,7 +359,7 @@ def test_refine_relative_pose_recovers_pose_despite_movers(rendered):
     # segmentation fed the perturbed pose: refinement keeps the background static
     depths = np.stack([seq.frames[k].depth for k in (0, 2)])
     P = np.stack([seq.poses[0], seq.poses[0] @ np.linalg.inv(T_init)])
-    flows, fv = {(0, 1): f02, (1, 0): f20}, {(0, 1): valid, (1, 0): forward_backward_valid(f20, f02)}
+    flows, fv = {(0, 1): f02, (1, 0): f20}, {(0, 1): valid, (1, 0): fb_consistency(f20, f02)}
     _, refined = MotionSegmenter(SegmentationConfig(refine_pose=True)).segment(['a', 'b'], depths, seq.K, P, flows, fv)
     _, raw = MotionSegmenter(SegmentationConfig(refine_pose=False)).segment(['a', 'b'], depths, seq.K, P, flows, fv)
     gt = seq.masks[0]
@@ -380,3 +377,188 @@ def test_all_invalid_depth_frame_gives_empty_mask_without_error():
     assert _iou(masks[0] > 0, gt[0]) >= 0.9 and _iou(masks[2] > 0, gt[2]) >= 0.9
     # frame b has no depth of its own; it only gets evidence carried from a and c
     assert (masks[1] > 0).mean() < gt[1].mean() * 1.5
+
+
+# ---------------------------------------------------------------- the geometric cue and depth holes
+def _approaching_box(n=4, step=0.12):
+    """A static camera, a wall at 3 m and a box face walking toward the camera (1.8 m, then nearer by
+    ``step`` per frame): its optical flow is the ego flow (zero; a textureless face shows none)."""
+    poses = np.stack([np.eye(4)] * n)
+    depths = np.full((n, H, W), WALL_Z, np.float32)
+    gt = np.zeros((n, H, W), bool)
+    gt[:, 30:90, 50:110] = True
+    for k in range(n):
+        depths[k][gt[k]] = 1.8 - step * k
+    flows = {p: np.zeros((H, W, 2), np.float32) for p in _pairs(n)}
+    return depths, poses, gt, flows
+
+
+@pytest.mark.parametrize('depth_cue', [True, False])
+def test_geometric_cue_catches_a_mover_along_the_line_of_sight(depth_cue):
+    depths, poses, gt, flows = _approaching_box()
+    n = len(depths)
+    _, masks = MotionSegmenter(SegmentationConfig(depth_cue=depth_cue)).segment(
+        [str(k) for k in range(n)], depths, K, poses, flows)
+    ious = [_iou(masks[k] > 0, gt[k]) for k in range(1, n)]  # frame 0: the box is farthest there, nothing vacated
+    if depth_cue:
+        assert min(ious) >= 0.9, ious
+    else:
+        assert max(ious) < 0.1, ious
+
+
+def test_geometric_cue_flags_nothing_on_a_static_scene_with_sensor_noise():
+    """Kinect-like noise (the cue's own model) and quantised depth on a static wall + box."""
+    depths, poses, _, flow = _scene(box_speed=0.0, noise_px=0.3)
+    rng = np.random.default_rng(4)
+    sigma = 0.0012 + 0.0019 * (depths - 0.4) ** 2
+    noisy = (depths + rng.standard_normal(depths.shape) * sigma).astype(np.float32)
+    noisy = (np.round(noisy * 200) / 200).astype(np.float32)  # 5 mm steps
+    n = len(depths)
+    probs, masks = MotionSegmenter().segment([str(k) for k in range(n)], noisy, K, poses,
+                                             {p: flow(*p) for p in _pairs(n)})
+    assert not masks.any() and probs.mean() < 0.05
+
+
+def _box_with_arm(n=3, speed_px=3, band=2):
+    """A static camera, a wall at 3 m, a box at 1.5 m with a thin arm (10 px) moving right by
+    ``speed_px`` per frame; like a structured-light sensor, no depth within ``band`` px of the
+    silhouette (both sides) nor in two blobs on the box. Flow: exact."""
+    import cv2
+
+    depths = np.full((n, H, W), WALL_Z, np.float32)
+    gt = np.zeros((n, H, W), bool)
+    for k in range(n):
+        x = 30 + speed_px * k
+        gt[k, 30:90, x:x + 40] = True
+        gt[k, 50:60, x + 40:x + 75] = True  # the arm, 10 px thick
+        depths[k][gt[k]] = BOX_Z
+        edge = cv2.dilate(gt[k].astype(np.uint8), np.ones((2 * band + 1,) * 2, np.uint8)) > \
+            cv2.erode(gt[k].astype(np.uint8), np.ones((2 * band + 1,) * 2, np.uint8))
+        depths[k][edge] = 0
+        depths[k][40:48, x + 8:x + 16] = 0
+        depths[k][70:76, x + 20:x + 30] = 0
+    poses = np.stack([np.eye(4)] * n)
+
+    def flow(i, j):
+        f = np.zeros((H, W, 2), np.float32)
+        f[gt[i], 0] = speed_px * (j - i)
+        return f
+
+    return depths, poses, gt, {p: flow(*p) for p in _pairs(n)}
+
+
+@pytest.mark.parametrize('hole_fill_px', [8, 0])
+def test_pixels_without_depth_get_flow_evidence_and_thin_limbs_stay(hole_fill_px):
+    depths, poses, gt, flows = _box_with_arm()
+    n = len(depths)
+    _, masks = MotionSegmenter(SegmentationConfig(hole_fill_px=hole_fill_px)).segment(
+        [str(k) for k in range(n)], depths, K, poses, flows)
+    arm = np.zeros((H, W), bool)
+    arm[50:60, 73:108] = True  # frame 1's arm
+    iou, arm_kept = _iou(masks[1] > 0, gt[1]), (masks[1][arm] > 0).mean()
+    if hole_fill_px:
+        assert iou >= 0.9 and arm_kept >= 0.9, (iou, arm_kept)
+    else:
+        assert iou < 0.85 and arm_kept < 0.5, (iou, arm_kept)
+
+
+def _box_on_floor():
+    """Depth of a camera 1.2 m above a floor looking along it: a wall at 4 m and a box face at 2 m
+    standing on the floor (continuous depth at its foot). Returns depth (H, W) and the box mask."""
+    u, v = np.meshgrid(np.arange(W, dtype=np.float64), np.arange(H, dtype=np.float64))
+    x, y = (u - K[0, 2]) / F, (v - K[1, 2]) / F
+    with np.errstate(divide='ignore'):
+        floor = np.where(y > 0, 1.2 / y, np.inf)
+    box = (np.abs(2.0 * x) < 0.3) & (2.0 * y > 0.2) & (2.0 * y <= 1.2)
+    depth = np.minimum(floor, 4.0)
+    depth[box] = 2.0
+    return depth.astype(np.float32), box
+
+
+@pytest.mark.parametrize("grow_fraction", [0.2, 1.0])
+def test_region_completion_masks_the_whole_mover_but_not_the_floor(grow_fraction):
+    import cv2
+
+    depth, box = _box_on_floor()
+    ring = box & ~(cv2.erode(box.astype(np.uint8), np.ones((17, 17), np.uint8)) > 0)  # motion at the edges only (8 px)
+    # the box's uniform face gives no evidence inside (NaN); floor and wall are textured: known static
+    prob = np.where(ring, 0.9, np.where(box, np.nan, 0.0)).astype(np.float32)
+    m = clean_mask(prob, SegmentationConfig(grow_fraction=grow_fraction), depth) > 0
+    if grow_fraction < 1:
+        assert _iou(m, box) >= 0.95, _iou(m, box)
+    else:
+        assert _iou(m, box) < 0.8, _iou(m, box)
+    assert (m & ~box).sum() < 0.01 * box.sum()  # the floor it stands on stays static
+
+
+# ---------------------------------------------------------------- object permanence
+def _stop_and_go(n=14, move_until=5, speed_px=4, fps=30.0):
+    """A static camera, a wall at 3 m and a textured box at 1.5 m that moves right by ``speed_px``
+    per frame up to frame ``move_until`` and then stands still. Returns entries as the reconstructor
+    keeps them (key, pose, frame with depth, K, stamp), gt masks and the exact flow function."""
+    from types import SimpleNamespace
+
+    xs = [20 + speed_px * min(k, move_until) for k in range(n)]
+    gt = np.zeros((n, H, W), bool)
+    depths = np.full((n, H, W), WALL_Z, np.float32)
+    for k in range(n):
+        gt[k, 30:90, xs[k]:xs[k] + 40] = True
+        depths[k][gt[k]] = BOX_Z
+    ents = [SimpleNamespace(key=f'{k}', pose=np.eye(4), frame=SimpleNamespace(depth=depths[k], K=K, stamp=k / fps))
+            for k in range(n)]
+
+    def flow(i, j):
+        f = np.zeros((H, W, 2), np.float32)
+        f[gt[i], 0] = xs[j] - xs[i]
+        return f
+
+    return ents, gt, flow
+
+
+def _run_like_the_reconstructor(seg, ents, flow, neighbours=2):
+    """One segment_newest call per new frame with its previous ``neighbours`` frames; returns each
+    frame's last cleaned mask (N, H, W) bool."""
+    from dynrecon_ros.flow import PairFlow
+
+    out = np.zeros((len(ents), H, W), bool)
+    for t in range(1, len(ents)):
+        older = [ents[t - d] for d in range(1, neighbours + 1) if t - d >= 0]
+        pairs = [(o, ents[t]) for o in older]
+        pfs = [PairFlow(flow(int(o.key), t), flow(t, int(o.key)), None, None) for o in older]
+        got, _, masks = seg.segment_newest(pairs, pfs, carry_back=True,
+                                           need_masks=[True] * len(older) + [False])
+        for e, m in zip(got[:-1], masks[:-1]):
+            out[int(e.key)] = m > 0
+    return out
+
+
+@pytest.mark.parametrize('still_after_s', [5.0, 0.0])
+def test_object_permanence_holds_a_mover_that_stopped(still_after_s):
+    ents, gt, flow = _stop_and_go()
+    masks = _run_like_the_reconstructor(MotionSegmenter(SegmentationConfig(still_after_s=still_after_s)), ents, flow)
+    moving = [_iou(masks[k], gt[k]) for k in range(1, 5)]
+    assert min(moving) >= 0.9, moving  # seen moving: found by the cues either way
+    stopped = [_iou(masks[k], gt[k]) for k in range(9, 13)]  # stood still for 4+ frames
+    if still_after_s:
+        assert min(stopped) >= 0.9, stopped
+    else:
+        assert max(stopped) < 0.1, stopped
+
+
+def test_object_permanence_lets_go_after_still_after_s_and_when_the_mover_leaves():
+    ents, gt, flow = _stop_and_go()
+    masks = _run_like_the_reconstructor(MotionSegmenter(SegmentationConfig(still_after_s=0.2)), ents, flow)
+    assert _iou(masks[8], gt[8]) >= 0.9  # stopped at frame 5 (0.167 s): still held at 0.1 s of standing
+    assert not masks[12].any()  # 0.23 s later: scenery
+    # a mover that stood still and then left: its old place is not held (the wall is farther)
+    ents, gt, flow = _stop_and_go(n=14, move_until=5)
+    for k in range(10, 14):  # frames 10..13: the box is gone (walked out of view)
+        ents[k].frame.depth = np.full((H, W), WALL_Z, np.float32)
+        gt[k] = False
+
+    def flow2(i, j):
+        return np.zeros((H, W, 2), np.float32) if i >= 10 or j >= 10 else flow(i, j)
+
+    # (max_continuity 1: the cleaning does not drop a held patch of the wall by itself)
+    masks = _run_like_the_reconstructor(MotionSegmenter(SegmentationConfig(max_continuity=1.0)), ents, flow2)
+    assert _iou(masks[9], gt[9]) >= 0.9 and not masks[11:13].any()

@@ -63,6 +63,26 @@ def test_person_that_walked_away_leaves_no_trail():
     assert len(pts) > 1000 and np.abs(pts[:, 2] - 2.0).max() <= 0.01
 
 
+def test_person_who_paused_long_and_left_leaves_no_trace():
+    """A person stands unmasked for 3 s (90 frames: their voxels reach max_weight), then walks off:
+    once the wall behind them has been seen for max_weight - min_weight + 1 frames (0.63 s at 30 fps),
+    nothing of them is left, even with depth holes on the uncovered wall."""
+    cfg = MapConfig()
+    m = VoxelMap(cfg)
+    for k in range(90):
+        m.integrate(_with_person(_wall()), RGB, K, _pose(0.001 * (k % 5)), np.ones((H, W), bool))
+    assert (m.points()[:, 2] < 1.5).sum() > 100
+    n_clear = int(cfg.max_weight - cfg.min_weight) + 1
+    rng = np.random.default_rng(0)
+    for k in range(n_clear):
+        wall = _wall()
+        wall[rng.random((H, W)) < 0.1] = 0  # 10 % of the readings missing
+        m.integrate(wall, RGB, K, _pose(0.001 * (k % 5)), np.ones((H, W), bool))
+        if k == n_clear - 3:
+            assert (m.points()[:, 2] < 1.5).sum() > 0  # not gone before its time: the bound is tight
+    assert (m.points()[:, 2] < 1.9).sum() == 0, 'the paused person left a trace'
+
+
 def test_voxels_seen_as_dynamic_lose_weight():
     m = VoxelMap(MapConfig(pixel_stride=0, free_weight=1.0))
     for k in range(4):
@@ -147,7 +167,8 @@ def _segment(seq, window=5, reach=2):
     """Sliding-window motion masks (N, H, W) bool from GT poses, noisy depth and OpenCV DIS flow."""
     import cv2
 
-    from dynrecon_ros.segmentation import MotionSegmenter, forward_backward_valid
+    from dynrecon_ros.flow import fb_consistency
+    from dynrecon_ros.segmentation import MotionSegmenter
 
     dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
     gray = [cv2.cvtColor(f.rgb, cv2.COLOR_RGB2GRAY) for f in seq.frames]
@@ -161,7 +182,7 @@ def _segment(seq, window=5, reach=2):
             if (idx[a], idx[b]) not in cache:
                 cache[(idx[a], idx[b])] = dis.calc(gray[idx[a]], gray[idx[b]], None)
         flows = {(a, b): cache[(idx[a], idx[b])] for a, b in pairs}
-        valid = {(a, b): forward_backward_valid(flows[(a, b)], flows[(b, a)]) for a, b in pairs}
+        valid = {(a, b): fb_consistency(flows[(a, b)], flows[(b, a)]) for a, b in pairs}
         _, masks = seg.segment([seq.keys[k] for k in idx], depths[idx], seq.K, seq.poses[idx], flows, valid)
         out[idx] = masks > 0
     return out

@@ -1,0 +1,390 @@
+"""Motion segmentation, the flow cue (MonST3R style): a pixel is dynamic when its optical flow
+disagrees with the flow that the camera motion and the depth of its frame induce ("ego flow").
+
+Normalisation (a deliberate difference to MonST3R): MonST3R min-max normalises the error per pair,
+which turns the largest *noise* of a pair without any mover into "dynamic". With metric depth and
+metric poses the error has a meaning in pixels, so we use an absolute model instead: the tolerance
+of a pixel is ``tol = min_flow_px + flow_rel_tol * ||ego flow||`` (flow error grows with the flow:
+depth noise scales the translational flow, pose noise the rotational one) and the per-pair dynamic
+probability is the soft step ``p = r^s / (1 + r^s)`` with ``r = e / tol`` and ``s = steepness``:
+0 at zero error, 0.5 at the tolerance, ~1 well beyond it (s = 4: r = 0.5 -> 0.06, r = 2 -> 0.94).
+A static scene thus yields ~0 everywhere.
+
+Also here: carrying a frame's per-pixel evidence to the other frame of a pair along the flow
+(:func:`pull_from_source`, :func:`splat_to_target`).
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import cv2
+import numpy as np
+
+from dynrecon_ros.depth_cue import fill_candidates
+from dynrecon_ros.geometry import pixel_grid
+
+if TYPE_CHECKING:
+    from dynrecon_ros.segmentation import SegmentationConfig
+
+def ego_flow(depth: np.ndarray, K: np.ndarray, T_j_i: np.ndarray, K_j: np.ndarray | None = None) -> np.ndarray:
+    """Pixel displacement in frame j that the camera motion and the depth of frame i induce.
+
+    Args:
+        depth: (H, W) float32 metres of frame i; 0, negative or NaN = invalid.
+        K: (3, 3) intrinsics of frame i (also of frame j unless ``K_j`` is given).
+        T_j_i: (4, 4) rigid transform with ``X_j = T_j_i @ X_i`` (camera i to camera j).
+        K_j: optional (3, 3) intrinsics of frame j.
+
+    Returns:
+        (H, W, 2) float32 ``(du, dv)``; NaN where the depth is invalid or the point is not in front
+        of camera j.
+    """
+    return ego_flow_and_depth(depth, K, T_j_i, K_j)[0]
+
+
+def ego_flow_and_depth(depth, K, T_j_i, K_j=None) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`ego_flow` plus the (H, W) depth of each point in camera j."""
+    du, dv, zj = _ego_planes(depth, K, T_j_i, K_j)
+    return np.stack([du, dv], axis=-1), zj
+
+
+def _ego_planes(depth, K, T_j_i, K_j=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(H, W) float32 ego flow du, dv and depth in camera j, NaN where invalid (planes: fast numpy)."""
+    depth = np.asarray(depth, dtype=np.float32)
+    K = np.asarray(K, dtype=np.float64)
+    K_j = K if K_j is None else np.asarray(K_j, dtype=np.float64)
+    T = np.asarray(T_j_i, dtype=np.float64)
+    h, w = depth.shape
+    g = pixel_grid(h, w)
+    u, v = g[..., 0], g[..., 1]
+    # camera-i rays (x/z, y/z, 1), then X_j = R (z * ray) + t
+    x = (u - np.float32(K[0, 2])) * np.float32(1 / K[0, 0])
+    y = (v - np.float32(K[1, 2])) * np.float32(1 / K[1, 1])
+    z = depth
+    R = T[:3, :3].astype(np.float32)
+    t = T[:3, 3].astype(np.float32)
+    with np.errstate(over='ignore', invalid='ignore'):  # absurd depths (inf, 1e38) end invalid below
+        xj = z * (R[0, 0] * x + R[0, 1] * y + R[0, 2]) + t[0]
+        yj = z * (R[1, 0] * x + R[1, 1] * y + R[1, 2]) + t[1]
+        zj = z * (R[2, 0] * x + R[2, 1] * y + R[2, 2]) + t[2]
+        invalid = ~(np.isfinite(z) & (z > 0) & (zj > 1e-6) & np.isfinite(zj))
+    zj[invalid] = np.nan
+    with np.errstate(divide='ignore', invalid='ignore', over='ignore'):
+        iz = 1.0 / zj
+        du = np.float32(K_j[0, 0]) * xj * iz + np.float32(K_j[0, 1]) * yj * iz + np.float32(K_j[0, 2]) - u
+        dv = np.float32(K_j[1, 1]) * yj * iz + np.float32(K_j[1, 2]) - v
+    return du.astype(np.float32, copy=False), dv.astype(np.float32, copy=False), zj
+
+
+
+def _edge_tolerant_error(eu, ev, fu, fv, radius: int) -> np.ndarray:
+    """(H, W) flow error ``||ego - flow||``, the smallest within ``radius`` pixels (NaN = no ego flow).
+
+    At depth edges a pixel's depth and its flow can disagree by a pixel; taking the neighbourhood
+    minimum (a grey erosion) keeps such edges from lighting up, and shrinks movers by ``radius``
+    pixels at most, which the depth-edge snapping of :func:`clean_mask` restores.
+    """
+    err = np.sqrt((eu - fu) ** 2 + (ev - fv) ** 2)
+    if radius > 0:
+        own = np.isfinite(err)
+        err = cv2.erode(np.where(own, err, np.float32(1e6)).astype(np.float32),
+                        np.ones((2 * radius + 1, 2 * radius + 1), np.uint8))
+        err[~own] = np.nan
+    return err
+
+
+def pair_dynamic_probability(depth_i: np.ndarray, K_i: np.ndarray, T_j_i: np.ndarray, flow: np.ndarray,
+                             valid: np.ndarray | None, cfg: SegmentationConfig,
+                             K_j: np.ndarray | None = None) -> np.ndarray:
+    """Dynamic probability of the pixels of frame i from one pair (i, j); cheap, stateless.
+
+    Args:
+        depth_i: (H, W) float32 metres of frame i.
+        K_i: (3, 3) intrinsics of frame i; ``K_j`` those of frame j (default ``K_i``).
+        T_j_i: (4, 4) with ``X_j = T_j_i @ X_i``.
+        flow: (H, W, 2) optical flow from frame i to frame j.
+        valid: (H, W) bool forward-backward consistent pixels, or None (all).
+        cfg: the segmentation parameters (tolerance model, see the module docstring).
+
+    Returns:
+        (H, W) float32 in [0, 1]; NaN where there is no evidence (invalid depth or flow).
+    """
+    return pair_probability(depth_i, K_i, T_j_i, flow, valid, cfg, K_j)[0]
+
+
+def refine_relative_pose(depth_i: np.ndarray, K_i: np.ndarray, T_j_i: np.ndarray, flow: np.ndarray,
+                         valid: np.ndarray | None, K_j: np.ndarray | None = None, inlier_px: float = 1.0,
+                         iterations: int = 3, max_points: int = 1500, max_rotation_deg: float = 1.0,
+                         max_translation: float = 0.03, agree_px: float = 2.0) -> np.ndarray:
+    """Two-view refinement of ``T_j_i`` on the flow of the pixels that agree with it (MonST3R aligns
+    each pair alone before computing its ego flow).
+
+    Small pose errors (0.2 degrees ~ 1 pixel) would otherwise light up the whole background. The
+    depth of frame i and the flow give 3D-2D correspondences; OpenCV's RANSAC PnP, started from
+    ``T_j_i`` with an ``inlier_px`` threshold (movers are outliers), then iterative PnP on the tight
+    inliers refine it; a step is kept only if more pixels agree within
+    ``inlier_px`` and the correction stays within ``max_rotation_deg`` / ``max_translation`` metres
+    (large movers can otherwise pull the pose to a compromise that half-fits them).
+
+    Args:
+        depth_i: (H, W) float32 metres; K_i, K_j: (3, 3) intrinsics (K_j defaults to K_i).
+        T_j_i: (4, 4) initial ``X_j = T_j_i @ X_i``.
+        flow: (H, W, 2) optical flow i -> j; valid: (H, W) bool or None.
+        inlier_px: inlier threshold in pixels.
+        iterations: refinement rounds.
+        max_points: pixels sampled on a regular grid.
+        max_rotation_deg, max_translation: bounds on the correction.
+        agree_px: only pixels within this many pixels of the initial pose's prediction take part
+            (unless fewer than half do: then the initial pose is too far off to judge and all do).
+
+    Returns:
+        (4, 4) refined ``T_j_i`` (the input when there is too little support).
+    """
+    K_i = np.asarray(K_i, dtype=np.float64)
+    K_j = K_i if K_j is None else np.asarray(K_j, dtype=np.float64)
+    T = np.asarray(T_j_i, dtype=np.float64).copy()
+    h, w = depth_i.shape
+    step = max(1, int(np.sqrt(h * w / max_points)))
+    v, u = np.mgrid[step // 2:h:step, step // 2:w:step]
+    z = depth_i[v, u].astype(np.float64)
+    f = flow[v, u].astype(np.float64)
+    ok = np.isfinite(z) & (z > 0) & np.all(np.isfinite(f), axis=-1)
+    if valid is not None:
+        ok &= valid[v, u]
+    if ok.sum() < 50:
+        return T
+    u, v, z, f = u[ok], v[ok], z[ok], f[ok]
+    X = np.stack([(u - K_i[0, 2]) / K_i[0, 0] * z, (v - K_i[1, 2]) / K_i[1, 1] * z, z], axis=1)
+    target = np.stack([u + f[:, 0], v + f[:, 1]], axis=1)
+
+    def residual(T_):
+        Xc = X @ T_[:3, :3].T + T_[:3, 3]
+        with np.errstate(divide='ignore', invalid='ignore'):
+            p = Xc[:, :2] / Xc[:, 2:3] * [K_j[0, 0], K_j[1, 1]] + [K_j[0, 2], K_j[1, 2]]
+        r = np.linalg.norm(p - target, axis=1)
+        r[~(Xc[:, 2] > 1e-6) | ~np.isfinite(r)] = np.inf
+        return r
+
+    res = residual(T)
+    # only pixels that roughly agree with the initial pose may steer the correction: a large mover
+    # close to the camera is otherwise fitted within the bounds (seen: a mover 4 px off its ego flow,
+    # a quarter of the image, absorbed by the 'refined' pose and never flagged)
+    agree = res < agree_px
+    if agree.sum() >= max(50, 0.5 * len(res)):
+        X, target, res = X[agree], target[agree], res[agree]
+    T0 = T.copy()
+
+    def within_bounds(T_new):
+        step_ = np.linalg.inv(T0) @ T_new
+        angle = np.rad2deg(np.arccos(np.clip((np.trace(step_[:3, :3]) - 1) / 2, -1, 1)))
+        return angle <= max_rotation_deg and np.linalg.norm(step_[:3, 3]) <= max_translation
+
+    def as_T(rvec, tvec):
+        T_new = np.eye(4)
+        T_new[:3, :3] = cv2.Rodrigues(rvec)[0]
+        T_new[:3, 3] = np.asarray(tvec).ravel()
+        return T_new
+
+    # RANSAC from the initial guess: a least-squares PnP on a loose inlier set is pulled towards
+    # movers (seen: a 0.4 degree error 'corrected' by 1.2 degrees the wrong way).
+    rvec0, _ = cv2.Rodrigues(T[:3, :3])
+    ok_, rvec, tvec, _ = cv2.solvePnPRansac(X, target, K_j, None, rvec0, T[:3, 3].reshape(3, 1).copy(),
+                                            useExtrinsicGuess=True, iterationsCount=100,
+                                            reprojectionError=inlier_px, confidence=0.999,
+                                            flags=cv2.SOLVEPNP_ITERATIVE)
+    if ok_:
+        T_new = as_T(rvec, tvec)
+        res_new = residual(T_new)
+        # a correction, not a new pose: large movers can pull PnP to a compromise that fits them too;
+        # keep it only if more pixels agree tightly with it
+        if within_bounds(T_new) and np.count_nonzero(res_new < inlier_px) > np.count_nonzero(res < inlier_px):
+            T, res = T_new, res_new
+    for _ in range(iterations):  # polish on the tight inliers
+        inl = res < inlier_px
+        if inl.sum() < 50:
+            break
+        rvec, _ = cv2.Rodrigues(T[:3, :3])
+        ok_, rvec, tvec = cv2.solvePnP(X[inl], target[inl], K_j, None, rvec, T[:3, 3].reshape(3, 1).copy(),
+                                       useExtrinsicGuess=True, flags=cv2.SOLVEPNP_ITERATIVE)
+        if not ok_:
+            break
+        T_new = as_T(rvec, tvec)
+        res_new = residual(T_new)
+        if not within_bounds(T_new) or not np.count_nonzero(res_new < inlier_px) > np.count_nonzero(res < inlier_px):
+            break
+        T, res = T_new, res_new
+    return T
+
+
+def _soft_step(err: np.ndarray, eu: np.ndarray, ev: np.ndarray, cfg: 'SegmentationConfig') -> np.ndarray:
+    """(H, W) float32 ``r^s / (1 + r^s)`` of the flow error ``err`` against the tolerance of the ego flow."""
+    tol = np.float32(cfg.min_flow_px) + np.float32(cfg.flow_rel_tol) * np.sqrt(eu * eu + ev * ev)
+    with np.errstate(invalid='ignore', over='ignore', divide='ignore'):
+        rs = (err / tol) ** np.float32(cfg.steepness)
+        prob = rs / (1.0 + rs)
+        prob[np.isinf(rs)] = 1.0
+    return prob
+
+
+def ego_explains_appearance(gray_i: np.ndarray, gray_j: np.ndarray, eu: np.ndarray, ev: np.ndarray,
+                            flow: np.ndarray, radius: int = 2, where: np.ndarray | None = None) -> np.ndarray:
+    """(H, W) float32: how much better frame j seen through the ego flow looks like frame i than
+    seen through the optical flow: the difference of their mean absolute differences over
+    (2 radius + 1)^2 pixels, after one gain for the pair (grey levels; > 0: the ego flow explains
+    the appearance better; NaN where either warp leaves the image).
+
+    Such a pixel's flow disagreement is a flow failure (DIS losing a large displacement on weak
+    texture ends near zero and passes the forward-backward check), not motion: a mover seen through
+    the ego flow shows the wrong content. The gain (median ratio of the ego-warped pixels, sampled
+    over the whole image) makes it blind to exposure changes between the frames.
+
+    Args:
+        gray_i, gray_j: (H, W) uint8 grey images of frames i and j.
+        eu, ev: (H, W) float32 ego flow of frame i into j (NaN = none).
+        flow: (H, W, 2) float32 optical flow i -> j.
+        radius: half-size of the window.
+        where: optional (H, W) bool pixels that need the answer: only their bounding box (plus the
+            window) is computed, the rest is NaN (the check costs 2 remaps and 4 box filters).
+    """
+    h, w = gray_i.shape
+    out = np.full((h, w), np.nan, np.float32)
+    if where is not None and not where.any():
+        return out
+    g = pixel_grid(h, w)
+    ego_m = np.nan_to_num(g + np.dstack([eu, ev]), nan=-1e4)
+    gj = gray_j.astype(np.float32)
+    # one gain for the pair, from every 7th pixel of the image
+    ms = ego_m[3::7, 3::7]
+    gs = gray_i[3::7, 3::7].astype(np.float32)
+    es = cv2.remap(gj, ms, None, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=np.nan)
+    gain = exposure_gain(es, gs)
+    y0, y1, x0, x1 = 0, h, 0, w
+    if where is not None:
+        rows, cols = np.flatnonzero(where.any(1)), np.flatnonzero(where.any(0))
+        y0, y1 = max(rows[0] - radius, 0), min(rows[-1] + radius + 1, h)
+        x0, x1 = max(cols[0] - radius, 0), min(cols[-1] + radius + 1, w)
+    box = (slice(y0, y1), slice(x0, x1))
+    gi = gain * gray_i[box].astype(np.float32)
+    ego = cv2.remap(gj, np.ascontiguousarray(ego_m[box]), None, cv2.INTER_LINEAR,
+                    borderMode=cv2.BORDER_CONSTANT, borderValue=np.nan)
+    opt = cv2.remap(gj, np.ascontiguousarray(g[box] + flow[box]), None, cv2.INTER_LINEAR,
+                    borderMode=cv2.BORDER_CONSTANT, borderValue=np.nan)
+    win = (2 * radius + 1, 2 * radius + 1)
+    out[box] = nan_box_mean(np.abs(opt - gi), win) - nan_box_mean(np.abs(ego - gi), win)
+    return out
+
+
+def exposure_gain(seen_j: np.ndarray, gray_i: np.ndarray) -> float:
+    """One brightness gain between two frames: the median ratio of frame j's grey levels, sampled
+    where frame i's pixels should be (``seen_j``, NaN = none), to frame i's (``gray_i``, same shape);
+    1 when fewer than 100 samples or an implausible ratio (outside 0.2..5)."""
+    ok = np.isfinite(seen_j) & (gray_i > 8)
+    gain = float(np.median(seen_j[ok] / gray_i[ok])) if np.count_nonzero(ok) > 100 else 1.0
+    return gain if 0.2 < gain < 5 else 1.0
+
+
+def nan_box_mean(x: np.ndarray, win: tuple[int, int]) -> np.ndarray:
+    """(H, W) float32 mean of the finite values of ``x`` in each ``win`` box; NaN where fewer than
+    half are finite (OpenCV's box filter runs sums along rows: one NaN would spread over the image)."""
+    ok = np.isfinite(x)
+    s = cv2.boxFilter(np.where(ok, x, 0).astype(np.float32), -1, win, normalize=False)
+    n = cv2.boxFilter(ok.astype(np.float32), -1, win, normalize=False)
+    with np.errstate(invalid='ignore', divide='ignore'):
+        return np.where(n >= 0.5 * win[0] * win[1], s / n, np.nan).astype(np.float32)
+
+
+def pair_probability(depth_i, K_i, T_j_i, flow, valid, cfg, K_j=None) -> tuple[np.ndarray, np.ndarray, tuple]:
+    """:func:`pair_dynamic_probability` plus the (H, W) depth of frame i's points in camera j and
+    their ego flow ``(eu, ev)`` ((H, W) each; NaN where frame i has no depth).
+
+    Pixels of frame i without a depth reading (within ``cfg.hole_fill_px`` of one) are judged too:
+    their flow is compared with the ego flow of the nearest and of the farthest reading around
+    the hole (:func:`~dynrecon_ros.depth_cue.fill_candidates`) and the better fit counts, so a hole
+    on a silhouette is static only if its flow moves with one of the two surfaces it borders.
+    """
+    if cfg.refine_pose:
+        T_j_i = refine_relative_pose(np.asarray(depth_i, dtype=np.float32), K_i, T_j_i, flow, valid, K_j)
+    eu, ev, zj = _ego_planes(depth_i, K_i, T_j_i, K_j)
+    flow = np.asarray(flow, dtype=np.float32)
+    fu, fv = flow[..., 0], flow[..., 1]
+    err = _edge_tolerant_error(eu, ev, fu, fv, cfg.edge_radius_px)
+    prob = _soft_step(err, eu, ev, cfg)
+    if cfg.hole_fill_px > 0:
+        holes, near, far = fill_candidates(np.asarray(depth_i, dtype=np.float32), cfg.hole_fill_px)
+        if holes.any():
+            fits = []
+            for cand in (near, far):
+                cu, cv_, _ = _ego_planes(np.where(holes, cand, 0).astype(np.float32), K_i, T_j_i, K_j)
+                fits.append(_soft_step(np.sqrt((cu - fu) ** 2 + (cv_ - fv) ** 2), cu, cv_, cfg))
+            prob[holes] = np.fmin(fits[0], fits[1])[holes]
+    h, w = prob.shape
+    g = pixel_grid(h, w)
+    u, v = g[..., 0], g[..., 1]
+    # flow that leaves the image cannot be checked: no evidence. Ego flow may leave it: a pixel
+    # whose flow finds a consistent match inside the image where the static hypothesis says it
+    # was out of view (a mover entering at the border, following the camera) is evidence of motion
+    bad = ~np.isfinite(prob)
+    tu, tv = u + fu, v + fv
+    bad |= ~((tu >= 0) & (tu <= w - 1) & (tv >= 0) & (tv <= h - 1))
+    if valid is not None:
+        bad |= ~np.asarray(valid, dtype=bool)
+    prob[bad] = np.nan
+    return prob.astype(np.float32, copy=False), zj, (eu, ev)
+
+
+def pull_from_source(prob_i: np.ndarray, flow_ji: np.ndarray, valid_ji: np.ndarray | None) -> np.ndarray:
+    """Carry frame i's per-pixel values to frame j by sampling them where j's flow j -> i leads.
+
+    Args:
+        prob_i: (H, W) float32 values of frame i (NaN = none).
+        flow_ji: (H, W, 2) flow j -> i.
+        valid_ji: (H, W) bool forward-backward consistent pixels of j (occluded in i: False), or None.
+
+    Returns:
+        (H, W) float32 values in frame j, NaN where there is none (outside i, not valid, or a NaN
+        within the bilinear footprint).
+    """
+    h, w = prob_i.shape
+    m = np.asarray(flow_ji, dtype=np.float32) + pixel_grid(h, w)
+    out = cv2.remap(np.asarray(prob_i, dtype=np.float32), m, None, cv2.INTER_LINEAR,
+                    borderMode=cv2.BORDER_CONSTANT, borderValue=float('nan'))
+    if valid_ji is not None:
+        out[~np.asarray(valid_ji, dtype=bool)] = np.nan
+    return out
+
+
+def splat_to_target(prob_i: np.ndarray, flow: np.ndarray, z_j: np.ndarray) -> np.ndarray:
+    """Carry frame i's per-pixel values to frame j along the flow i -> j.
+
+    Each source pixel lands on the 2 x 2 pixels around its target (no pinholes from rounding); where
+    several land on one pixel the nearest to camera j wins (z-buffer), so background that the mover
+    occludes in j does not overwrite the mover. Hand-written: OpenCV has no forward warp.
+
+    Args:
+        prob_i: (H, W) float32 values of frame i (NaN = none).
+        flow: (H, W, 2) flow i -> j.
+        z_j: (H, W) depth of frame i's points in camera j (NaN = unknown).
+
+    Returns:
+        (H, W) float32 values in frame j, NaN where nothing landed.
+    """
+    h, w = prob_i.shape
+    g = pixel_grid(h, w)
+    u, v = g[..., 0], g[..., 1]
+    uj = u + flow[..., 0]
+    vj = v + flow[..., 1]
+    ok = np.isfinite(prob_i) & np.isfinite(uj) & np.isfinite(vj) & np.isfinite(z_j)
+    uj, vj, val, zz = uj[ok], vj[ok], prob_i[ok], z_j[ok]
+    u0, v0 = np.floor(uj).astype(np.int64), np.floor(vj).astype(np.int64)
+    tu = np.concatenate([u0, u0 + 1, u0, u0 + 1])
+    tv = np.concatenate([v0, v0, v0 + 1, v0 + 1])
+    val, zz = np.tile(val, 4), np.tile(zz, 4)
+    inside = (tu >= 0) & (tu < w) & (tv >= 0) & (tv < h)
+    idx, val, zz = (tv * w + tu)[inside], val[inside], zz[inside]
+    # z-buffer: the nearest source per target pixel wins
+    zmin = np.full(h * w, np.inf, dtype=np.float32)
+    np.minimum.at(zmin, idx, zz)
+    win = zz <= zmin[idx]
+    out = np.full(h * w, np.nan, dtype=np.float32)
+    out[idx[win]] = val[win]
+    return out.reshape(h, w)

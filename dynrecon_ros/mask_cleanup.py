@@ -1,0 +1,308 @@
+"""Motion segmentation, mask cleanup: a probability map becomes a clean mask.
+
+Threshold with hysteresis, morphological opening and closing, small regions dropped, boundaries
+snapped to depth edges (flow bleeds across silhouettes; depth does not), and background that the
+flow smeared between or beside movers dropped (depth valleys between masked pixels; mask pieces
+depth-continuous with their surroundings).
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import cv2
+import numpy as np
+
+if TYPE_CHECKING:
+    from dynrecon_ros.segmentation import SegmentationConfig
+
+
+def _kernel(size: int) -> np.ndarray:
+    return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * size + 1, 2 * size + 1)) if size > 1 else \
+        np.ones((2 * size + 1, 2 * size + 1), np.uint8)
+
+
+def snap_to_depth_edges(mask: np.ndarray, depth: np.ndarray, radius: int,
+                        static_hint: np.ndarray | None = None) -> np.ndarray:
+    """Move mask boundaries onto depth discontinuities.
+
+    Optical flow bleeds a few pixels across a mover's silhouette, so the flow-based mask is a band
+    too wide or too narrow there. Pixels within ``radius`` of the boundary are re-labelled by depth:
+    dynamic when their depth is closer to the mean depth of the confidently dynamic pixels nearby
+    (the mask eroded by ``radius``) than to that of the confidently static ones nearby.
+
+    Args:
+        mask: (H, W) uint8 0/1.
+        depth: (H, W) float32 metres (invalid pixels keep their label).
+        radius: band half-width in pixels.
+        static_hint: optional (H, W) bool of pixels known static (e.g. low probability) that count
+            as confidently static even near the boundary (narrow gaps between movers).
+
+    Returns:
+        (H, W) uint8 0/1.
+    """
+    if radius <= 0 or not mask.any():
+        return mask
+    k = _kernel(radius)
+    dyn = cv2.erode(mask, k)
+    stat = 1 - cv2.dilate(mask, k)
+    band = (dyn == 0) & (stat == 0)
+    if static_hint is not None:
+        stat = np.maximum(stat, (static_hint & (dyn == 0)).astype(np.uint8))
+    good = (np.isfinite(depth) & (depth > 0)).astype(np.float32)
+    d = np.where(good > 0, depth, 0).astype(np.float32)
+    win = (4 * radius + 1, 4 * radius + 1)
+
+    def local_mean(sel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        wsel = sel.astype(np.float32) * good
+        n = cv2.boxFilter(wsel, -1, win, normalize=False)
+        s = cv2.boxFilter(wsel * d, -1, win, normalize=False)
+        return s / np.maximum(n, 1e-6), n > 0.5
+
+    d_dyn, has_dyn = local_mean(dyn)
+    d_stat, has_stat = local_mean(stat)
+    decide = band & (good > 0) & has_dyn
+    near_dyn = np.abs(d - d_dyn)
+    # with no static reference nearby (a narrow gap between movers) a pixel whose depth is far from
+    # the movers' (more than 10 % + 10 cm) is background seen through the gap
+    is_dyn = np.where(has_stat, near_dyn < np.abs(d - d_stat), near_dyn < 0.1 * d_dyn + 0.1)
+    out = mask.copy()
+    out[decide] = is_dyn[decide]
+    return out
+
+
+def drop_background_segments(mask: np.ndarray, depth: np.ndarray, max_continuity: float) -> np.ndarray:
+    """Remove parts of a mask that are background seen beside or between movers.
+
+    Flow smears a mover's motion over thin background strips (between two movers, or between a
+    mover and the image border) wider than the boundary band of :func:`snap_to_depth_edges`. The
+    mask is cut along depth discontinuities (the far-side pixel of every depth step is removed) and
+    each piece is checked: a mover is surrounded by depth steps (except where it touches the floor),
+    while background is depth-continuous with what lies around it. Pieces whose outside neighbours
+    are depth-continuous for more than ``max_continuity`` of their boundary are dropped.
+
+    Args:
+        mask: (H, W) uint8 0/1.
+        depth: (H, W) float32 metres (0/NaN = invalid).
+        max_continuity: 0..1; 1 disables.
+
+    Returns:
+        (H, W) uint8 0/1.
+    """
+    if max_continuity >= 1.0 or not mask.any():
+        return mask
+    d = np.where(np.isfinite(depth) & (depth > 0), depth, 0).astype(np.float32)
+    d = cv2.medianBlur(d, 3)
+    good = d > 0
+    step = np.float32(0.05) + np.float32(0.05) * d  # a depth step: 5 cm + 5 %
+    h, w = d.shape
+    far_edge = np.zeros((h, w), bool)
+    shifts = ((0, 1), (0, -1), (1, 0), (-1, 0))
+
+    def shifted(a, dy, dx, fill):
+        out = np.full_like(a, fill)
+        ys, yd = (slice(dy, None), slice(None, h - dy)) if dy >= 0 else (slice(None, h + dy), slice(-dy, None))
+        xs, xd = (slice(dx, None), slice(None, w - dx)) if dx >= 0 else (slice(None, w + dx), slice(-dx, None))
+        out[yd, xd] = a[ys, xs]  # out[p] = a[p + (dy, dx)]
+        return out
+
+    for dy, dx in shifts:
+        dq = shifted(d, dy, dx, 0)
+        far_edge |= good & (dq > 0) & (dq < d - step)
+    # background in a gap between movers is a depth valley: nearer masked pixels on both sides
+    # (left and right, or above and below) within `reach` pixels
+    reach = max(3, int(0.08 * max(h, w)))
+    dm = np.where((mask > 0) & good, d, np.float32(1e6)).astype(np.float32)
+    valley = np.zeros((h, w), bool)
+    for dy, dx in ((0, 1), (1, 0)):  # horizontal, vertical
+        kern = np.ones((1 + dy * (reach - 1), 1 + dx * (reach - 1)), np.uint8)
+        # min over [p - reach*e, p] (anchor at the window's end) and over [p, p + reach*e]
+        upto = cv2.erode(dm, kern, anchor=(dx * (reach - 1), dy * (reach - 1)),
+                         borderType=cv2.BORDER_CONSTANT, borderValue=1e6)
+        onwards = cv2.erode(dm, kern, anchor=(0, 0), borderType=cv2.BORDER_CONSTANT, borderValue=1e6)
+        before = shifted(upto, -dy, -dx, 1e6)  # p excluded
+        after = shifted(onwards, dy, dx, 1e6)
+        valley |= good & (before < d - step) & (after < d - step)
+    mask = np.where(valley, 0, mask).astype(np.uint8)
+    pieces = (mask > 0) & ~far_edge
+    n, labels = cv2.connectedComponents(pieces.astype(np.uint8), connectivity=4)
+    if n <= 1:
+        return mask
+    n_out = np.zeros(n)
+    n_cont = np.zeros(n)
+    # outside pixels that count: unmasked, not in a hole enclosed by the mask, and not in a seam of
+    # at most 2 pixels between masked pieces (the unmasked region is eroded); compared 3 pixels out
+    nh, hole_labels, stats, _ = cv2.connectedComponentsWithStats((mask == 0).astype(np.uint8), connectivity=4)
+    x0, y0 = stats[:, cv2.CC_STAT_LEFT], stats[:, cv2.CC_STAT_TOP]
+    x1, y1 = x0 + stats[:, cv2.CC_STAT_WIDTH], y0 + stats[:, cv2.CC_STAT_HEIGHT]
+    touches = (x0 == 0) | (y0 == 0) | (x1 == w) | (y1 == h)
+    counts = cv2.erode(((mask == 0) & touches[hole_labels]).astype(np.uint8), np.ones((3, 3), np.uint8),
+                       borderType=cv2.BORDER_CONSTANT, borderValue=1) > 0
+    for dy, dx in shifts:
+        lq = shifted(labels, dy, dx, -1)
+        dq = shifted(d, 3 * dy, 3 * dx, 0)
+        cq = shifted(counts, 3 * dy, 3 * dx, False)
+        border = (labels > 0) & (lq != labels) & cq & good & (dq > 0)
+        lab = labels[border]
+        n_out += np.bincount(lab, minlength=n)
+        n_cont += np.bincount(lab, weights=(np.abs(d - dq) < step)[border], minlength=n)
+    background = np.flatnonzero((n_cont > max_continuity * np.maximum(n_out, 1)) & (n_out > 0))
+    background = background[background > 0]
+    out = mask.copy()
+    if background.size:
+        out[np.isin(labels, background)] = 0
+    out[far_edge & (mask > 0) & ~cv2.dilate(out, np.ones((3, 3), np.uint8)).astype(bool)] = 0
+    return out
+
+
+def surface_segments(depth: np.ndarray, crease: float) -> tuple[int, np.ndarray]:
+    """Depth-connected smooth surfaces: pixels joined where the depth neither steps nor creases.
+
+    Inverse depth is affine in the pixel coordinates on a plane, so its second difference over
+    3 pixels, relative to its value, is ~0 on planes, small on smooth curved surfaces (a body) and
+    large where a surface meets another at an angle (a person's feet on the floor, a box on it).
+    Pixels whose step to a 4-neighbour exceeds 3 cm + 3 % of the depth, or whose relative second
+    difference in u or v exceeds ``crease``, or without depth, are boundaries (thickened by one
+    pixel); the rest is labelled by 4-connectivity (OpenCV).
+
+    Args:
+        depth: (H, W) float32 metres (0/NaN = none).
+        crease: relative second difference of inverse depth that separates two surfaces.
+
+    Returns:
+        (number of labels, (H, W) int32 labels; 0 = boundary).
+    """
+    ok = np.isfinite(depth) & (depth > 0)
+    d = cv2.medianBlur(np.where(ok, depth, 0).astype(np.float32), 5)
+    ok &= d > 0
+    inv = np.where(ok, 1.0 / np.maximum(d, 1e-3), 0).astype(np.float32)
+    edge = ~ok
+    step = 0.03 + 0.03 * d
+    edge[:, 1:] |= np.abs(d[:, 1:] - d[:, :-1]) > step[:, 1:]
+    edge[1:, :] |= np.abs(d[1:, :] - d[:-1, :]) > step[1:, :]
+    k2 = np.array([[1, 0, 0, -2, 0, 0, 1]], np.float32)
+    with np.errstate(invalid='ignore', divide='ignore'):
+        for kern in (k2, k2.T):
+            dd = np.abs(cv2.filter2D(inv, -1, kern, borderType=cv2.BORDER_REPLICATE)) / np.maximum(inv, 1e-6)
+            edge |= dd > crease
+    # a crease is found on one or two pixels and noise breaks it: thickened, it leaks less
+    edge = cv2.dilate(edge.astype(np.uint8), np.ones((3, 3), np.uint8)) > 0
+    return cv2.connectedComponents((~edge).astype(np.uint8), connectivity=4)
+
+
+def complete_regions(mask: np.ndarray, depth: np.ndarray, fraction: float, crease: float,
+                     static: np.ndarray | None = None) -> np.ndarray:
+    """Evidence on part of a surface spreads over the whole surface (DynaSLAM grows its regions).
+
+    A mover whose motion shows only at its edges (a uniform or background-like surface that the
+    flow cannot follow) gets masked whole: every surface of :func:`surface_segments` whose pixels
+    not known static the mask covers for at least ``fraction`` joins the mask, except its pixels
+    known static. The floor a mover stands on is another surface (a crease at the feet) and where
+    the crease is lost in noise its textured pixels are known static; large background surfaces
+    are covered by far less.
+
+    Args:
+        mask: (H, W) uint8 0/1.
+        depth: (H, W) float32 metres.
+        fraction: 0..1 share of a surface the mask must cover; 1 disables.
+        crease: see :func:`surface_segments`.
+        static: optional (H, W) bool pixels known static (their evidence says so); they never join.
+
+    Returns:
+        (H, W) uint8 0/1.
+    """
+    if fraction >= 1.0 or not mask.any():
+        return mask
+    n, labels = surface_segments(depth, crease)
+    if n <= 1:
+        return mask
+    free = np.ones(mask.shape, bool) if static is None else ~static | (mask > 0)
+    area = np.bincount(labels[free], minlength=n)
+    covered = np.bincount(labels[free], weights=(mask[free] > 0), minlength=n)
+    grow = covered >= fraction * np.maximum(area, 1)
+    grow[0] = False
+    out = mask.copy()
+    out[grow[labels] & free] = 1
+    return out
+
+
+def clean_mask(prob: np.ndarray, cfg: SegmentationConfig, depth: np.ndarray | None = None,
+               evidence: np.ndarray | None = None) -> np.ndarray:
+    """Threshold (with hysteresis, ``cfg.hysteresis``) and clean one probability map.
+
+    Args:
+        prob: (H, W) float32 dynamic probability (NaN = no evidence = static).
+        cfg: threshold and morphology parameters.
+        depth: optional (H, W) float32 metres; when given, boundaries snap to depth edges
+            (:func:`snap_to_depth_edges`, ``cfg.snap_px``).
+        evidence: optional (H, W) bool pixels with any evidence: region completion
+            (``cfg.grow_fraction``) never joins pixels known static, i.e. below ``cfg.grow_static``
+            with evidence (without this map: below it and not NaN).
+
+    Returns:
+        (H, W) uint8, 255 = dynamic.
+    """
+    p0 = np.nan_to_num(prob, nan=0.0)
+    m = (p0 > cfg.threshold).astype(np.uint8)
+    if cfg.hysteresis < 1.0 and m.any():
+        # hysteresis: weaker evidence connected to strong evidence is part of the same mover (a slow
+        # mover's flow error hovers around the tolerance; partial detections inside a mover would
+        # otherwise be dropped as depth-continuous background by drop_background_segments)
+        n, lab = cv2.connectedComponents((p0 > cfg.hysteresis * cfg.threshold).astype(np.uint8), connectivity=8)
+        keep = np.zeros(n, bool)
+        keep[lab[m > 0]] = True
+        keep[0] = False
+        m = keep[lab].astype(np.uint8)
+    if cfg.open_px:
+        m = cv2.morphologyEx(m, cv2.MORPH_OPEN, _kernel(cfg.open_px))
+    if cfg.close_px:
+        m = cv2.morphologyEx(m, cv2.MORPH_CLOSE, _kernel(cfg.close_px))
+    if cfg.min_area_frac > 0 and m.any():
+        n, labels, stats, _ = cv2.connectedComponentsWithStats(m, connectivity=8)
+        small = np.flatnonzero(stats[:, cv2.CC_STAT_AREA] < cfg.min_area_frac * m.size)
+        small = small[small > 0]
+        if small.size:
+            m[np.isin(labels, small)] = 0
+    if depth is not None and cfg.snap_px:
+        m = snap_to_depth_edges(m, depth, cfg.snap_px, np.nan_to_num(prob, nan=1.0) < 0.5 * cfg.threshold)
+        m = drop_background_segments(m, depth, cfg.max_continuity)
+        if cfg.open_px:
+            m = cv2.morphologyEx(m, cv2.MORPH_OPEN, _kernel(cfg.open_px))
+    if depth is not None and cfg.grow_fraction < 1.0:  # seeds: what survived the cleaning
+        with np.errstate(invalid='ignore'):
+            known_static = prob < cfg.grow_static  # NaN (no evidence) is not known static
+        if evidence is not None:
+            known_static &= evidence
+        m = complete_regions(m, depth, cfg.grow_fraction, cfg.crease, known_static)
+    if cfg.dilate_px:
+        m = cv2.dilate(m, _kernel(cfg.dilate_px))
+    return m * np.uint8(255)
+
+
+def refine_upsampled_mask(mask: np.ndarray, s: int, depth: np.ndarray | None, prob: np.ndarray,
+                          cfg: SegmentationConfig) -> np.ndarray:
+    """A mask computed at 1/s of the input size, back at the input size with its edges on the
+    input depth's edges.
+
+    The (h, w) mask is repeated over s x s blocks (the block layout of the reconstructor's
+    processing size), then pixels within ``cfg.snap_px`` work pixels (snap_px * s input pixels) of its
+    boundary are re-labelled by
+    :func:`snap_to_depth_edges` on the input-size depth.
+
+    Args:
+        mask: (h, w) uint8, 255 = dynamic.
+        s: integer factor; the input is (H, W) with H // s == h and W // s == w.
+        depth: (H, W) float32 metres of the input (None: no snapping).
+        prob: (H, W) float32 dynamic probability at the input size (low = known static).
+        cfg: the segmentation parameters (threshold; snap_px = 0 disables the snapping).
+
+    Returns:
+        (H, W) uint8, 255 = dynamic.
+    """
+    H, W = prob.shape
+    h, w = mask.shape
+    m = cv2.resize((mask > 0).astype(np.uint8), (w * s, h * s), interpolation=cv2.INTER_NEAREST)
+    if m.shape != (H, W):
+        m = cv2.copyMakeBorder(m, 0, H - h * s, 0, W - w * s, cv2.BORDER_REPLICATE)
+    if depth is not None and cfg.snap_px and m.any():
+        m = snap_to_depth_edges(m, depth, cfg.snap_px * s, prob < 0.5 * cfg.threshold)
+    return m * np.uint8(255)
