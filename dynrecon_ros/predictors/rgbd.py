@@ -371,8 +371,11 @@ def photometric_refine(gray_i: np.ndarray, pts_i: np.ndarray, gray_j: np.ndarray
         def dpix(gu, gv):  # d/dY of g(u, v) given its image gradient (gu, gv)
             return gu * fx * iz, gv * fy * iz, -(gu * fx * x + gv * fy * y) * iz * iz
 
+        # one gain for the pair: auto-exposure changes between frames would bias the pose otherwise
+        gain = np.median(Ij) / max(float(np.median(gi[ok])), 1e-6)
+        gain = gain if 0.5 < gain < 2.0 else 1.0
         Jp = jac(*dpix(Gx, Gy)) / sigma_intensity
-        rp = (Ij - gi[ok]) / sigma_intensity
+        rp = (Ij - gain * gi[ok]) / sigma_intensity
         dok = (Dj > 0) & (np.abs(DGx) + np.abs(DGy) < 0.05 * Zo)  # no depth residual across edges
         a0, a1, a2 = dpix(DGx, DGy)
         sd = sigma_depth_rel * Zo
