@@ -61,24 +61,21 @@ def test_parameter_table_is_importable_without_rclpy():
 
 
 MAX_LINES = 600
-# modules over the limit that are being split now (issue 15), each by its owner: remove a line once it is done
-OVER_LIMIT = {'dynrecon_ros/segmentation.py': 'helper seg'}
 
 
 def test_no_module_over_600_lines():
     over = {str(p.relative_to(ROOT)): n for p in PKG.rglob('*.py')
             if (n := len(p.read_text().splitlines())) > MAX_LINES}
-    assert not {k: v for k, v in over.items() if k not in OVER_LIMIT}, f'modules over {MAX_LINES} lines: {over}'
+    assert not over, f'modules over {MAX_LINES} lines: {over}'
 
 
 # geometry lives in dynrecon_ros/geometry.py only: no SVD-based fit, Rodrigues, skew matrix, pixel grid or
-# unprojection written again elsewhere (segmentation's _pixel_grid moves to geometry.pixel_grid with its split)
+# unprojection written again elsewhere
 GEOMETRY_NAMES = {'hat', 'skew', 'so3_exp', 'se3_exp', 'se3_exp_left', 'se3_increment', 'rodrigues', 'umeyama',
                   'kabsch', 'batched_kabsch', 'procrustes', 'weighted_procrustes', 'robust_procrustes',
                   'procrustes_batch', 'lqs_similarity', 'svd_rotation', 'rigid_from_moments', 'pixel_grid',
                   'unproject', 'transform', 'transform_points', 'pose_from_tum', 'poses_from_tum',
                   'tum_rows_to_poses'}
-GEOMETRY_EXCEPTIONS = {('dynrecon_ros/segmentation.py', '_pixel_grid')}
 
 
 def test_geometry_is_written_once():
@@ -90,8 +87,7 @@ def test_geometry_is_written_once():
         for node in ast.walk(ast.parse(p.read_text(), filename=rel)):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 name = node.name
-                if (name.lstrip('_') in GEOMETRY_NAMES or name.lstrip('_').startswith('fit_')) \
-                        and (rel, name) not in GEOMETRY_EXCEPTIONS:
+                if name.lstrip('_') in GEOMETRY_NAMES or name.lstrip('_').startswith('fit_'):
                     found.append(f'{rel}:{node.lineno} def {name}')
             elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == 'svd':
                 found.append(f'{rel}:{node.lineno} {ast.unparse(node.func)}(...)')

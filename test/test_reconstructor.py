@@ -166,12 +166,14 @@ def test_full_default_sequence_targets():
     assert m_iou > 0.9, f'IoU {m_iou:.3f}'  # target 0.85, aim 0.9 (bench: 0.92)
     far, _ = map_outlier_fraction(rec, seq)
     assert far < 0.02
-    # segmentation matters: without it the map collects the movers and the trajectory is worse
+    # segmentation matters: without it the map collects the movers. (The trajectory no longer depends
+    # on it here: RANSAC, the motion halo and the gain-compensated photometric refinement give 0.82 mm
+    # without masks, 0.83 mm with them; the movers' share of the pose is tested in test_predictor_rgbd.)
     cfg = ReconConfig()
     cfg.segmentation.enabled = False
     rec_off, out_off = run(seq, cfg)
     ate_off = ate_rmse(np.array([r.pose for r in out_off]), seq.poses)
-    assert ate_off > 1.15 * ate, (ate_off, ate)
+    assert ate_off < 0.01, f'ATE without segmentation {ate_off * 1000:.1f} mm'
     far_off, _ = map_outlier_fraction(rec_off, seq)
     assert far_off > 0.02 and far_off > 3 * far, (far_off, far)
 
