@@ -60,7 +60,12 @@ class BackendConfig:
     depth refinement (photometric_iterations, 0 = off) on pixels with gradient >= min_gradient;
     stride: the fit is verified on every stride-th pixel in x and y; ransac_refits: weighted refits
     on the inliers of the best hypothesis (pixel threshold shrinking to 3 robust sigmas, not below
-    min_px_threshold); ransac_seed: seed of the RANSAC samples. (RGBDPredictorConfig.from_backend.)
+    min_px_threshold); ransac_seed: seed of the RANSAC samples; rolling_shutter_s: the colour/depth
+    sensor's row readout time in seconds, top to bottom (0 = global shutter, the default; the direct
+    refinement then moves each pixel by the camera's motion between its row's instant and the frame's,
+    at a constant velocity: dynrecon_ros/rolling_shutter.py). Kinect v1 / Xtion-class sensors (TUM
+    RGB-D) read out over most of the 33 ms frame: Kerl et al. (ICCV 2015) simulate them with 0.028.
+    (RGBDPredictorConfig.from_backend.)
     The dust3r backend's network (Dust3rConfig.from_backend): image_size: network input size (0 =
     the model's, 512 or 224; else >= 16); pair_cache: ordered pairs whose outputs are kept at least
     (0 = the last window step's, all the next step can reuse; 7.9 MB per pair at 512x384).
@@ -93,6 +98,7 @@ class BackendConfig:
     min_gradient: float = 4.0
     ransac_refits: int = 4
     ransac_seed: int = 0
+    rolling_shutter_s: float = 0.0
     image_size: int = 0
     pair_cache: int = 0
     shared_focal: bool = True
@@ -110,6 +116,8 @@ class BackendConfig:
             raise InputError(f'backend.metric_scale must be >= 0, got {self.metric_scale}')
         if self.image_size != 0 and self.image_size < 16:
             raise InputError(f"backend.image_size must be 0 (the model's size) or >= 16 pixels, got {self.image_size}")
+        if not 0.0 <= self.rolling_shutter_s < 1.0:
+            raise InputError(f'backend.rolling_shutter_s must be a readout time in [0, 1) s, got {self.rolling_shutter_s}')
         if self.pair_cache < 0:
             raise InputError(f'backend.pair_cache must be >= 0, got {self.pair_cache}')
 

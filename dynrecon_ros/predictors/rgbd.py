@@ -18,6 +18,7 @@ import numpy as np
 
 from dynrecon_ros.geometry import fit_rigid, fit_similarity, pixel_grid, se3_increment, transform_points, unproject
 from dynrecon_ros.predictors.base import PairPrediction, PairPredictor
+from dynrecon_ros.rolling_shutter import PairShutter, ShutterModel
 
 if TYPE_CHECKING:
     from dynrecon_ros.config import BackendConfig
@@ -47,6 +48,7 @@ class RGBDPredictorConfig:
     photometric_iterations: int
     photometric_samples: int
     min_gradient: float
+    rolling_shutter_s: float  # row readout time (0 = global shutter); see rolling_shutter.py
 
     @classmethod
     def from_backend(cls, backend: BackendConfig) -> 'RGBDPredictorConfig':
@@ -146,6 +148,7 @@ class RGBDPredictor(PairPredictor):
         self.cfg = config
         self.rng = np.random.default_rng(self.cfg.ransac_seed)
         self._cache = _FrameCache()
+        self.shutter = ShutterModel(self.cfg.rolling_shutter_s)
 
     def window_step(self, cfg, flows, segmenter, times, device: str):
         """:class:`dynrecon_ros.rgbd_step.RGBDStep` over this predictor."""
@@ -272,17 +275,19 @@ class RGBDPredictor(PairPredictor):
             thr = float(np.clip(3.0 * 1.4826 * np.median(epx[use]), c.min_px_threshold, thr))
         inl_sel = keep & (epx < max(thr, 2 * c.min_px_threshold)) & (ez < c.ransac_depth_threshold)
         if c.photometric_iterations > 0:
-            T = self._refine(frame_i, frame_j, sel[inl_sel], P_s[inl_sel], st, T)
+            T = self._refine(frame_i, frame_j, sel[inl_sel], P_s[inl_sel], st, T, adjacent=init is None)
         g = np.zeros(gh * gw, bool)
         g[sel[inl_sel]] = True
         inliers = np.zeros((h, w), bool)
         inliers[::st, ::st] = g.reshape(gh, gw)
         return T, inliers, len(sel)  # n = verified pixels (grid), the base of inlier ratios
 
-    def _refine(self, frame_i, frame_j, grid_idx, pts, st, T):
+    def _refine(self, frame_i, frame_j, grid_idx, pts, st, T, adjacent: bool = True):
         """Direct photometric + depth refinement on textured static inlier pixels of i.
 
         grid_idx: (n,) flat indices of the inliers on i's stride-``st`` grid; pts: (n, 3) their points.
+        adjacent: the pair of j with its previous frame (under a rolling shutter j's velocity is then
+        taken from it and kept for j's other pairs).
         """
         c = self.cfg
         di = self._frame_data(frame_i)
@@ -293,8 +298,26 @@ class RGBDPredictor(PairPredictor):
         if len(cand) > c.photometric_samples:
             cand = self.rng.choice(cand, c.photometric_samples, replace=False)
         gray_i = di['gray'][::st, ::st].reshape(-1)[grid_idx[cand]]
-        return photometric_refine(gray_i, pts[cand], None, frame_j.depth, frame_j.K, T, c.photometric_iterations,
-                                  stack=self._sample_stack(frame_j))
+        shutter = None
+        if self.shutter.active:
+            rows = (grid_idx[cand] // di['gray'][::st, ::st].shape[1]) * st
+            shutter = self._pair_shutter(frame_i, frame_j, rows, adjacent)
+        T = photometric_refine(gray_i, pts[cand], None, frame_j.depth, frame_j.K, T, c.photometric_iterations,
+                               stack=self._sample_stack(frame_j), shutter=shutter)
+        if shutter is not None:  # the frames' fitted twists, for their later pairs
+            if adjacent:
+                self._frame_data(frame_j)['twist'] = shutter.twist_j
+            if self._frame_data(frame_i).get('twist') is None:
+                self._frame_data(frame_i)['twist'] = shutter.twist_i
+        return T
+
+    def _pair_shutter(self, frame_i, frame_j, rows: np.ndarray, adjacent: bool) -> PairShutter:
+        """The pair's rolling shutter, with the frames' twists fitted in their earlier pairs (j's only
+        from the adjacent pair: the other pairs of j come after it)."""
+        tw_i = self._frame_data(frame_i).get('twist')
+        tw_j = None if adjacent else self._frame_data(frame_j).get('twist')
+        return PairShutter(self.shutter, rows, frame_i.depth.shape[0], frame_j.K, frame_j.stamp - frame_i.stamp,
+                           tw_i, tw_j)
 
     def predict(self, frame_i, frame_j, flow, static_i: np.ndarray | None = None) -> PairPrediction:
         T, inliers, _ = self.relative_pose(frame_i, frame_j, flow, static_i)
@@ -322,7 +345,8 @@ def _sampling_stack(gray: np.ndarray, gx: np.ndarray, gy: np.ndarray, depth: np.
 
 def photometric_refine(gray_i: np.ndarray, pts_i: np.ndarray, gray_j: np.ndarray | None, depth_j: np.ndarray,
                        K_j: np.ndarray, T_i_j: np.ndarray, iterations: int = 6, sigma_intensity: float = 4.0,
-                       sigma_depth_rel: float = 0.01, huber: float = 1.5, stack=None) -> np.ndarray:
+                       sigma_depth_rel: float = 0.01, huber: float = 1.5, stack=None,
+                       shutter: PairShutter | None = None) -> np.ndarray:
     """Direct RGB-D refinement of T_i_j (pose of j in i) on selected pixels of i.
 
     Minimises, over a left increment of T_j_i, the robust sum of photometric residuals
@@ -334,6 +358,9 @@ def photometric_refine(gray_i: np.ndarray, pts_i: np.ndarray, gray_j: np.ndarray
         gray_i: (n,) float32 intensities of the selected pixels of i; pts_i: (n, 3) their points.
         gray_j: (H, W) float32 image j; depth_j: (H, W) float32 metres (0 invalid); K_j (3, 3).
         stack: optional precomputed :func:`_sampling_stack` of j (then gray_j may be None).
+        shutter: a rolling shutter's per-row camera motion (:class:`~dynrecon_ros.rolling_shutter.PairShutter`):
+            i's points are moved to i's frame instant, and j's to the camera of the row they fall on,
+            before each iteration (the Jacobian is the frame-instant one: the rows' motion is tiny).
     Returns the refined (4, 4) T_i_j.
     """
     if stack is None:
@@ -346,8 +373,10 @@ def photometric_refine(gray_i: np.ndarray, pts_i: np.ndarray, gray_j: np.ndarray
     T_j_i = np.linalg.inv(T_i_j)
     X = pts_i.astype(np.float64)
     gi = np.asarray(gray_i, dtype=np.float64)
+    if shutter is not None:
+        shutter.start(T_i_j)
     for _ in range(iterations):
-        Y = X @ T_j_i[:3, :3].T + T_j_i[:3, 3]
+        Y = X @ T_j_i[:3, :3].T + T_j_i[:3, 3] if shutter is None else shutter.points(X, T_j_i)
         Z = Y[:, 2]
         u = fx * Y[:, 0] / Z + cx
         v = fy * Y[:, 1] / Z + cy
@@ -381,14 +410,25 @@ def photometric_refine(gray_i: np.ndarray, pts_i: np.ndarray, gray_j: np.ndarray
         sd = sigma_depth_rel * Zo
         Jd = jac(a0, a1, a2 - 1.0)[dok] / sd[dok, None]
         rd = (Dj - Zo)[dok] / sd[dok]
+        if shutter is not None:  # the frames' twists: more columns
+            Jp = np.hstack([Jp, shutter.columns(np.stack(dpix(Gx, Gy), 1), ok) / sigma_intensity])
+            Jd = np.hstack([Jd, shutter.columns(np.stack([a0, a1, a2 - 1.0], 1)[dok], np.flatnonzero(ok)[dok])
+                            / sd[dok, None]])
         J = np.concatenate([Jp, Jd])
         r = np.concatenate([rp, rd])
         a = np.abs(r)
         wgt = np.where(a < huber, 1.0, huber / np.maximum(a, 1e-12))
         Jw = J * wgt[:, None]
-        H = Jw.T @ J
+        H = Jw.T @ J + 1e-9 * np.eye(J.shape[1])
         g = Jw.T @ r
-        xi = -np.linalg.solve(H + 1e-9 * np.eye(6), g)
+        if shutter is not None:
+            Hp, gp = shutter.normal_prior()
+            H[6:, 6:] += Hp
+            g[6:] += gp
+        step = -np.linalg.solve(H, g)
+        xi = step[:6]
+        if shutter is not None:
+            shutter.nu = shutter.nu + step[6:]
         T_j_i = se3_increment(xi) @ T_j_i
         if np.abs(xi).max() < 5e-6:  # converged: steps of a few micrometres / microradians
             break
