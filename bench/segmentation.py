@@ -6,7 +6,8 @@ Renders each condition (dynrecon_ros.data.scenarios presets, at their full size:
 issue says so, else 320x240) for every seed, runs the RGB-D pipeline (Reconstructor, as `dynrecon run
 --backend rgbd`), and prints per condition and seed: ATE RMSE (SE(3), mm), dynamic-mask IoU (precision,
 recall; pooled over all frames), the static map's fraction of points > 5 cm from the static surfaces,
-and the render/pipeline seconds; then the mean over seeds. The static scene with every sensor effect
+and the render/pipeline seconds; then the mean over seeds. The pipeline is given the sensor's timing
+(backend.rolling_shutter_s, backend.depth_delay_s) of the condition, as a user gives their sensor's. The static scene with every sensor effect
 runs for 3 seeds (seed, seed+1, seed+2 of the first) and reports the pixels flagged dynamic (must be 0).
 --quick: 160x120 (320x240 for the 640 ones), 30 frames, the first seed only: a smoke run.
 """
@@ -55,6 +56,9 @@ def run_one(scenario: str, seed: int, quick: bool, device: str, sets: list[str])
     seq = render_sequence(cfg)
     t_render = time.perf_counter() - t0
     rc = ReconConfig()
+    # the sensor's timing is part of its calibration, like K: the pose step is told the readout time
+    # and the depth delay the sequence was rendered with (--set can override them)
+    rc.backend.rolling_shutter_s, rc.backend.depth_delay_s = cfg.rolling_shutter, cfg.depth_delay
     parse_set(rc, sets)
     rec = Reconstructor(rc, device=device)
     t0 = time.perf_counter()

@@ -64,7 +64,9 @@ class BackendConfig:
     sensor's row readout time in seconds, top to bottom (0 = global shutter, the default; the direct
     refinement then moves each pixel by the camera's motion between its row's instant and the frame's,
     at a constant velocity: dynrecon_ros/rolling_shutter.py). Kinect v1 / Xtion-class sensors (TUM
-    RGB-D) read out over most of the 33 ms frame: Kerl et al. (ICCV 2015) simulate them with 0.028.
+    RGB-D) read out over most of the 33 ms frame: Kerl et al. (ICCV 2015) simulate them with 0.028;
+    depth_delay_s: the depth image is taken this many seconds after the colour image (its rows as the
+    colour's; both 0 = the pose step of a global-shutter, synchronised sensor, the default).
     (RGBDPredictorConfig.from_backend.)
     The dust3r backend's network (Dust3rConfig.from_backend): image_size: network input size (0 =
     the model's, 512 or 224; else >= 16); pair_cache: ordered pairs whose outputs are kept at least
@@ -99,6 +101,7 @@ class BackendConfig:
     ransac_refits: int = 4
     ransac_seed: int = 0
     rolling_shutter_s: float = 0.0
+    depth_delay_s: float = 0.0
     image_size: int = 0
     pair_cache: int = 0
     shared_focal: bool = True
@@ -118,6 +121,8 @@ class BackendConfig:
             raise InputError(f"backend.image_size must be 0 (the model's size) or >= 16 pixels, got {self.image_size}")
         if not 0.0 <= self.rolling_shutter_s < 1.0:
             raise InputError(f'backend.rolling_shutter_s must be a readout time in [0, 1) s, got {self.rolling_shutter_s}')
+        if not abs(self.depth_delay_s) < 1.0:
+            raise InputError(f'backend.depth_delay_s must be within (-1, 1) s, got {self.depth_delay_s}')
         if self.pair_cache < 0:
             raise InputError(f'backend.pair_cache must be >= 0, got {self.pair_cache}')
 

@@ -1,14 +1,15 @@
-"""Rolling shutter in the RGB-D pose step: when each pixel was seen, where the camera was then.
+"""Rolling shutter and depth delay in the RGB-D pose step: when each pixel was seen, where the camera was then.
 
 A rolling-shutter sensor reads its rows top to bottom over ``readout`` seconds: row v of a frame is
-seen at ``row_offsets(v)`` seconds from the frame's instant (the middle row's time, the stamp's pose;
-the depth image is taken as registered to the colour one, row for row). Within a
+seen at ``row_offsets(v)`` seconds from the frame's instant (the middle row's time, the stamp's pose);
+a depth image taken ``depth_delay`` s after the colour one (registered to it) sees its row v that much
+later, so a depth point and a colour pixel of one pixel are seen from two camera poses. Within a
 frame the camera moves at a constant body velocity ``twist`` = (v (3,) m/s, omega (3,) rad/s) in the
 camera's own axes, so the camera of offset s sits at exp(s twist) in the frame-instant camera (to first
 order: rotation s omega, translation s v; s omega is < 0.2 degree at the speeds of a hand-held camera,
 where the second-order terms are below 1e-6 rad). The twist comes from the pair's relative pose and
-time (:func:`pair_twist`) or from the tracked neighbours. Readout 0 = a global shutter: every function
-is then the identity, so a global-shutter sequence is processed exactly as before.
+time (:func:`pair_twist`) and is refined with the pose (:class:`PairShutter`). Readout and delay 0:
+the model is off (the predictor does not build one), so such a sequence is processed exactly as before.
 
 Written by hand: OpenCV, Open3D and the odometry libraries we use model global shutters only (Kerl et
 al., ICCV 2015, do it with B-splines inside their own tracker, which we do not embed).
@@ -23,18 +24,21 @@ from scipy.spatial.transform import Rotation
 
 @dataclass(frozen=True)
 class ShutterModel:
-    """Timing of the sensor: ``readout`` s from the first to the last row (0 = global shutter)."""
+    """Timing of the sensor: ``readout`` s from the first to the last row (0 = global shutter),
+    ``depth_delay`` s from the colour image to the depth image."""
 
     readout: float = 0.0
+    depth_delay: float = 0.0
 
     @property
     def active(self) -> bool:
-        return self.readout != 0.0
+        return self.readout != 0.0 or self.depth_delay != 0.0
 
-    def row_offsets(self, v: np.ndarray, height: int) -> np.ndarray:
+    def row_offsets(self, v: np.ndarray, height: int, depth: bool = False) -> np.ndarray:
         """(n,) pixel rows (float ok) of an image ``height`` rows high -> (n,) float64 seconds from the
-        frame instant (the middle row's): ((v + 0.5) / height - 0.5) readout."""
-        return ((np.asarray(v, dtype=np.float64) + 0.5) / height - 0.5) * self.readout
+        frame instant (the middle row's): ((v + 0.5) / height - 0.5) readout (+ depth_delay: depth)."""
+        s = ((np.asarray(v, dtype=np.float64) + 0.5) / height - 0.5) * self.readout
+        return s + self.depth_delay if depth else s
 
 
 class PairShutter:
@@ -57,7 +61,8 @@ class PairShutter:
                  twist_i: np.ndarray | None = None, twist_j: np.ndarray | None = None,
                  sigma_v: float = 0.2, sigma_w: float = 0.5, known_scale: float = 0.5):
         self.model, self.height, self.dt = model, height, dt
-        self.s_i = model.row_offsets(rows_i, height)  # (n,)
+        self.s_i = model.row_offsets(rows_i, height)  # (n,) colour instants of i's pixels
+        self.s_id = model.row_offsets(rows_i, height, depth=True)  # (n,) their depth readings' instants
         self.fy, self.cy = float(K_j[1, 1]), float(K_j[1, 2])
         self.known = (twist_i, twist_j)
         sig = np.array([sigma_v] * 3 + [sigma_w] * 3)
@@ -78,20 +83,33 @@ class PairShutter:
     def twist_j(self) -> np.ndarray:
         return self.nu[6:]
 
-    def points(self, X: np.ndarray, T_j_i: np.ndarray) -> np.ndarray:
-        """(n, 3) points of i's pixels in the cameras of their rows -> (n, 3) in the camera of the row
-        of j they project to (that row from the frame-instant projection: the row moves < 1 pixel)."""
-        self._X, self._R = X, T_j_i[:3, :3]
-        Y = to_frame_instant(X, self.s_i, self.twist_i) @ T_j_i[:3, :3].T + T_j_i[:3, 3]
+    def _move(self, X: np.ndarray, T_j_i: np.ndarray, s_i: np.ndarray, depth: bool):
+        """(n, 3) points of i seen at instants s_i -> (points in j's frame-instant camera (n, 3), their
+        instants in j (n,) from the row they project to, the points in the cameras of those instants)."""
+        Y = to_frame_instant(X, s_i, self.twist_i) @ T_j_i[:3, :3].T + T_j_i[:3, 3]
         v = self.fy * Y[:, 1] / np.maximum(Y[:, 2], 1e-6) + self.cy
-        self._Y, self.s_j = Y, self.model.row_offsets(v, self.height)
-        return from_frame_instant(Y, self.s_j, self.twist_j)
+        s_j = self.model.row_offsets(v, self.height, depth)
+        return Y, s_j, from_frame_instant(Y, s_j, self.twist_j)
 
-    def columns(self, a: np.ndarray, ok: np.ndarray) -> np.ndarray:
-        """(m, 3) derivatives of m residuals by the points of :meth:`points` (rows ``ok`` (n,) bool of
-        the last call) -> (m, 12) derivatives by nu (first order in the row offsets)."""
+    def points(self, X: np.ndarray, T_j_i: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(n, 3) points of i's depth readings (camera coordinates of their pixels) -> ((n, 3) in the
+        camera of the colour row of j they project to, (n, 3) in that of the depth row; the same array
+        without a depth delay). The row is the frame-instant projection's (it moves < 1 pixel)."""
+        self._X, self._R = X, T_j_i[:3, :3]
+        self._Y, self.s_j, Yc = self._move(X, T_j_i, self.s_i, False)
+        if self.model.depth_delay == 0:
+            self._Yd, self.s_jd = self._Y, self.s_j
+            return Yc, Yc
+        self._Yd, self.s_jd, Yd = self._move(X, T_j_i, self.s_id, True)
+        return Yc, Yd
+
+    def columns(self, a: np.ndarray, ok: np.ndarray, depth: bool = False) -> np.ndarray:
+        """(m, 3) derivatives of m residuals by the points of :meth:`points` (those of ``ok``, an (n,)
+        bool mask or indices, of the last call; the depth points with ``depth``) -> (m, 12) derivatives
+        by nu (first order in the instants)."""
         b = a @ self._R  # R^T a: the residual's derivative by i's frame-instant point
-        X, Y, si, sj = self._X[ok], self._Y[ok], self.s_i[ok, None], self.s_j[ok, None]
+        Y, s_i, s_j = (self._Yd, self.s_id, self.s_jd) if depth else (self._Y, self.s_i, self.s_j)
+        X, Y, si, sj = self._X[ok], Y[ok], s_i[ok, None], s_j[ok, None]
         return np.concatenate([si * np.concatenate([b, np.cross(X, b)], 1),
                                -sj * np.concatenate([a, np.cross(Y, a)], 1)], 1)
 

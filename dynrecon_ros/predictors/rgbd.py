@@ -49,6 +49,7 @@ class RGBDPredictorConfig:
     photometric_samples: int
     min_gradient: float
     rolling_shutter_s: float  # row readout time (0 = global shutter); see rolling_shutter.py
+    depth_delay_s: float  # depth image taken this long after the colour one
 
     @classmethod
     def from_backend(cls, backend: BackendConfig) -> 'RGBDPredictorConfig':
@@ -148,7 +149,7 @@ class RGBDPredictor(PairPredictor):
         self.cfg = config
         self.rng = np.random.default_rng(self.cfg.ransac_seed)
         self._cache = _FrameCache()
-        self.shutter = ShutterModel(self.cfg.rolling_shutter_s)
+        self.shutter = ShutterModel(self.cfg.rolling_shutter_s, self.cfg.depth_delay_s)
 
     def window_step(self, cfg, flows, segmenter, times, device: str):
         """:class:`dynrecon_ros.rgbd_step.RGBDStep` over this predictor."""
@@ -343,6 +344,14 @@ def _sampling_stack(gray: np.ndarray, gx: np.ndarray, gy: np.ndarray, depth: np.
     return np.dstack([gray, gx, gy]), np.dstack([dj, dgx, dgy])
 
 
+def _gram(Jw: np.ndarray, J: np.ndarray) -> np.ndarray:
+    """Jw^T J of (n, k) arrays. Beyond 6 columns in blocks of 800 rows: OpenBLAS threads a product of
+    more than 2^18 multiply-adds, which on a busy 2-core machine costs 50 ms instead of 0.6."""
+    if J.shape[1] <= 6:
+        return Jw.T @ J
+    return sum(Jw[k:k + 800].T @ J[k:k + 800] for k in range(0, len(J), 800))
+
+
 def photometric_refine(gray_i: np.ndarray, pts_i: np.ndarray, gray_j: np.ndarray | None, depth_j: np.ndarray,
                        K_j: np.ndarray, T_i_j: np.ndarray, iterations: int = 6, sigma_intensity: float = 4.0,
                        sigma_depth_rel: float = 0.01, huber: float = 1.5, stack=None,
@@ -358,9 +367,10 @@ def photometric_refine(gray_i: np.ndarray, pts_i: np.ndarray, gray_j: np.ndarray
         gray_i: (n,) float32 intensities of the selected pixels of i; pts_i: (n, 3) their points.
         gray_j: (H, W) float32 image j; depth_j: (H, W) float32 metres (0 invalid); K_j (3, 3).
         stack: optional precomputed :func:`_sampling_stack` of j (then gray_j may be None).
-        shutter: a rolling shutter's per-row camera motion (:class:`~dynrecon_ros.rolling_shutter.PairShutter`):
-            i's points are moved to i's frame instant, and j's to the camera of the row they fall on,
-            before each iteration (the Jacobian is the frame-instant one: the rows' motion is tiny).
+        shutter: rolling shutter / depth delay (:class:`~dynrecon_ros.rolling_shutter.PairShutter`):
+            the points are moved by the camera's motion between the frames' instants and their rows'
+            (colour for the photometric term, depth for the depth term), and the two frames' twists
+            are refined with the pose (their Jacobian columns are the shutter's).
     Returns the refined (4, 4) T_i_j.
     """
     if stack is None:
@@ -376,7 +386,10 @@ def photometric_refine(gray_i: np.ndarray, pts_i: np.ndarray, gray_j: np.ndarray
     if shutter is not None:
         shutter.start(T_i_j)
     for _ in range(iterations):
-        Y = X @ T_j_i[:3, :3].T + T_j_i[:3, 3] if shutter is None else shutter.points(X, T_j_i)
+        if shutter is None:
+            Y = Yd = X @ T_j_i[:3, :3].T + T_j_i[:3, 3]
+        else:  # colour and depth seen at their rows' instants (the depth image's may be later)
+            Y, Yd = shutter.points(X, T_j_i)
         Z = Y[:, 2]
         u = fx * Y[:, 0] / Z + cx
         v = fy * Y[:, 1] / Z + cy
@@ -384,42 +397,46 @@ def photometric_refine(gray_i: np.ndarray, pts_i: np.ndarray, gray_j: np.ndarray
         if ok.sum() < 50:
             break
         Yo, Zo = Y[ok], Z[ok]
+        Ydo = Yo if Yd is Y else Yd[ok]
         # one row of sample positions: OpenCV then runs the remap on one thread (splitting a few
         # thousand samples over threads costs more than it saves, a lot more on a busy machine)
         m = np.stack([u[ok], v[ok]], -1).astype(np.float32)[None]
+        if Yd is not Y:
+            m_d = np.stack([fx * Ydo[:, 0] / Ydo[:, 2] + cx, fy * Ydo[:, 1] / Ydo[:, 2] + cy], -1).astype(np.float32)[None]
         Ij, Gx, Gy = cv2.remap(s_int, m, None, cv2.INTER_LINEAR)[0].astype(np.float64).T
-        Dj, DGx, DGy = cv2.remap(s_dep, m, None, cv2.INTER_LINEAR)[0].astype(np.float64).T
+        Dj, DGx, DGy = cv2.remap(s_dep, m if Yd is Y else m_d, None, cv2.INTER_LINEAR)[0].astype(np.float64).T
         # d(u, v)/dY = [[fx/z, 0, -fx x/z^2], [0, fy/z, -fy y/z^2]] and dY/dxi = [I, -[Y]x]:
         # a row a = (a0, a1, a2) of d/dY maps to (a, Y x a) in d/dxi
-        iz = 1.0 / Zo
-        x, y = Yo[:, 0], Yo[:, 1]
 
-        def jac(a0, a1, a2):  # (n,) x 3 d/dY -> (n, 6) d/dxi
-            return np.stack([a0, a1, a2, y * a2 - Zo * a1, Zo * a0 - x * a2, x * a1 - y * a0], 1)
+        def jac(a0, a1, a2, P):  # (n,) x 3 d/dY at points P (n, 3) -> (n, 6) d/dxi
+            x, y, z = P.T
+            return np.stack([a0, a1, a2, y * a2 - z * a1, z * a0 - x * a2, x * a1 - y * a0], 1)
 
-        def dpix(gu, gv):  # d/dY of g(u, v) given its image gradient (gu, gv)
+        def dpix(gu, gv, P):  # d/dY of g(u, v) at points P given its image gradient (gu, gv)
+            x, y, iz = P[:, 0], P[:, 1], 1.0 / P[:, 2]
             return gu * fx * iz, gv * fy * iz, -(gu * fx * x + gv * fy * y) * iz * iz
 
         # one gain for the pair: auto-exposure changes between frames would bias the pose otherwise
         gain = np.median(Ij) / max(float(np.median(gi[ok])), 1e-6)
         gain = gain if 0.5 < gain < 2.0 else 1.0
-        Jp = jac(*dpix(Gx, Gy)) / sigma_intensity
+        Jp = jac(*dpix(Gx, Gy, Yo), Yo) / sigma_intensity
         rp = (Ij - gain * gi[ok]) / sigma_intensity
-        dok = (Dj > 0) & (np.abs(DGx) + np.abs(DGy) < 0.05 * Zo)  # no depth residual across edges
-        a0, a1, a2 = dpix(DGx, DGy)
-        sd = sigma_depth_rel * Zo
-        Jd = jac(a0, a1, a2 - 1.0)[dok] / sd[dok, None]
-        rd = (Dj - Zo)[dok] / sd[dok]
+        Zd = Ydo[:, 2]
+        dok = (Dj > 0) & (np.abs(DGx) + np.abs(DGy) < 0.05 * Zd)  # no depth residual across edges
+        a0, a1, a2 = dpix(DGx, DGy, Ydo)
+        sd = sigma_depth_rel * Zd
+        Jd = jac(a0, a1, a2 - 1.0, Ydo)[dok] / sd[dok, None]
+        rd = (Dj - Zd)[dok] / sd[dok]
         if shutter is not None:  # the frames' twists: more columns
-            Jp = np.hstack([Jp, shutter.columns(np.stack(dpix(Gx, Gy), 1), ok) / sigma_intensity])
-            Jd = np.hstack([Jd, shutter.columns(np.stack([a0, a1, a2 - 1.0], 1)[dok], np.flatnonzero(ok)[dok])
-                            / sd[dok, None]])
+            Jp = np.hstack([Jp, shutter.columns(np.stack(dpix(Gx, Gy, Yo), 1), ok) / sigma_intensity])
+            Jd = np.hstack([Jd, shutter.columns(np.stack([a0, a1, a2 - 1.0], 1)[dok], np.flatnonzero(ok)[dok],
+                                                depth=True) / sd[dok, None]])
         J = np.concatenate([Jp, Jd])
         r = np.concatenate([rp, rd])
         a = np.abs(r)
         wgt = np.where(a < huber, 1.0, huber / np.maximum(a, 1e-12))
         Jw = J * wgt[:, None]
-        H = Jw.T @ J + 1e-9 * np.eye(J.shape[1])
+        H = _gram(Jw, J) + 1e-9 * np.eye(J.shape[1])
         g = Jw.T @ r
         if shutter is not None:
             Hp, gp = shutter.normal_prior()
