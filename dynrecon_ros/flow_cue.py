@@ -20,8 +20,10 @@ from typing import TYPE_CHECKING
 import cv2
 import numpy as np
 
+from dynrecon_ros import photometric
 from dynrecon_ros.depth_cue import fill_candidates
 from dynrecon_ros.geometry import pixel_grid
+from dynrecon_ros.rolling_shutter import ego_points
 
 if TYPE_CHECKING:
     from dynrecon_ros.segmentation import SegmentationConfig
@@ -48,8 +50,10 @@ def ego_flow_and_depth(depth, K, T_j_i, K_j=None) -> tuple[np.ndarray, np.ndarra
     return np.stack([du, dv], axis=-1), zj
 
 
-def _ego_planes(depth, K, T_j_i, K_j=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(H, W) float32 ego flow du, dv and depth in camera j, NaN where invalid (planes: fast numpy)."""
+def _ego_planes(depth, K, T_j_i, K_j=None, shutter=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(H, W) float32 ego flow du, dv and depth in camera j, NaN where invalid (planes: fast numpy).
+    shutter: optional (ShutterModel, twist_i (6,), twist_j (6,)): rows seen at their own instants
+    (:func:`dynrecon_ros.rolling_shutter.ego_points`)."""
     depth = np.asarray(depth, dtype=np.float32)
     K = np.asarray(K, dtype=np.float64)
     K_j = K if K_j is None else np.asarray(K_j, dtype=np.float64)
@@ -67,6 +71,9 @@ def _ego_planes(depth, K, T_j_i, K_j=None) -> tuple[np.ndarray, np.ndarray, np.n
         xj = z * (R[0, 0] * x + R[0, 1] * y + R[0, 2]) + t[0]
         yj = z * (R[1, 0] * x + R[1, 1] * y + R[1, 2]) + t[1]
         zj = z * (R[2, 0] * x + R[2, 1] * y + R[2, 2]) + t[2]
+        if shutter is not None:
+            xj, yj, zj = np.moveaxis(ego_points(np.dstack([x * z, y * z, z]), np.dstack([xj, yj, zj]), T[:3, :3],
+                                                shutter[0], shutter[1], shutter[2], K_j), -1, 0)
         invalid = ~(np.isfinite(z) & (z > 0) & (zj > 1e-6) & np.isfinite(zj))
     zj[invalid] = np.nan
     with np.errstate(divide='ignore', invalid='ignore', over='ignore'):
@@ -275,12 +282,8 @@ def ego_explains_appearance(gray_i: np.ndarray, gray_j: np.ndarray, eu: np.ndarr
 
 
 def exposure_gain(seen_j: np.ndarray, gray_i: np.ndarray) -> float:
-    """One brightness gain between two frames: the median ratio of frame j's grey levels, sampled
-    where frame i's pixels should be (``seen_j``, NaN = none), to frame i's (``gray_i``, same shape);
-    1 when fewer than 100 samples or an implausible ratio (outside 0.2..5)."""
-    ok = np.isfinite(seen_j) & (gray_i > 8)
-    gain = float(np.median(seen_j[ok] / gray_i[ok])) if np.count_nonzero(ok) > 100 else 1.0
-    return gain if 0.2 < gain < 5 else 1.0
+    """:func:`dynrecon_ros.photometric.exposure_gain` (kept here for the segmentation modules)."""
+    return photometric.exposure_gain(seen_j, gray_i)
 
 
 def nan_box_mean(x: np.ndarray, win: tuple[int, int]) -> np.ndarray:
@@ -293,7 +296,7 @@ def nan_box_mean(x: np.ndarray, win: tuple[int, int]) -> np.ndarray:
         return np.where(n >= 0.5 * win[0] * win[1], s / n, np.nan).astype(np.float32)
 
 
-def pair_probability(depth_i, K_i, T_j_i, flow, valid, cfg, K_j=None) -> tuple[np.ndarray, np.ndarray, tuple]:
+def pair_probability(depth_i, K_i, T_j_i, flow, valid, cfg, K_j=None, shutter=None) -> tuple[np.ndarray, np.ndarray, tuple]:
     """:func:`pair_dynamic_probability` plus the (H, W) depth of frame i's points in camera j and
     their ego flow ``(eu, ev)`` ((H, W) each; NaN where frame i has no depth).
 
@@ -301,10 +304,11 @@ def pair_probability(depth_i, K_i, T_j_i, flow, valid, cfg, K_j=None) -> tuple[n
     their flow is compared with the ego flow of the nearest and of the farthest reading around
     the hole (:func:`~dynrecon_ros.depth_cue.fill_candidates`) and the better fit counts, so a hole
     on a silhouette is static only if its flow moves with one of the two surfaces it borders.
+    shutter: optional rolling-shutter timing and twists of the pair (:func:`_ego_planes`).
     """
     if cfg.refine_pose:
         T_j_i = refine_relative_pose(np.asarray(depth_i, dtype=np.float32), K_i, T_j_i, flow, valid, K_j)
-    eu, ev, zj = _ego_planes(depth_i, K_i, T_j_i, K_j)
+    eu, ev, zj = _ego_planes(depth_i, K_i, T_j_i, K_j, shutter)
     flow = np.asarray(flow, dtype=np.float32)
     fu, fv = flow[..., 0], flow[..., 1]
     err = _edge_tolerant_error(eu, ev, fu, fv, cfg.edge_radius_px)
@@ -314,7 +318,7 @@ def pair_probability(depth_i, K_i, T_j_i, flow, valid, cfg, K_j=None) -> tuple[n
         if holes.any():
             fits = []
             for cand in (near, far):
-                cu, cv_, _ = _ego_planes(np.where(holes, cand, 0).astype(np.float32), K_i, T_j_i, K_j)
+                cu, cv_, _ = _ego_planes(np.where(holes, cand, 0).astype(np.float32), K_i, T_j_i, K_j, shutter)
                 fits.append(_soft_step(np.sqrt((cu - fu) ** 2 + (cv_ - fv) ** 2), cu, cv_, cfg))
             prob[holes] = np.fmin(fits[0], fits[1])[holes]
     h, w = prob.shape

@@ -136,6 +136,9 @@ class RGBDStep:
         if reason:
             return reason
         entry.pose = prev.pose @ T0
+        for e in [old for old, _ in pairs] + [entry]:  # fitted body twists (rolling shutter), for the segmentation
+            if e.data.get('twist') is None:
+                e.data['twist'] = self.pred.frame_twist(e.frame)
         # store static correspondences of every pair that produced a pose
         for (old, _), (T, inl, n) in zip(pairs, rel):
             if T is None:
@@ -202,7 +205,8 @@ class RGBDStep:
         lag0 = self.cfg.window.output_lag == 0
         need = [e.index not in published and (e is not new or lag0) for e in ents]
         _, probs, masks = self.segmenter.segment_newest(pairs, pflows, carry_back=True, need_masks=need,
-                                                        skip_frames=[e.index in published for e in ents])
+                                                        skip_frames=[e.index in published for e in ents],
+                                                        shutter=self.pred.shutter if self.pred.shutter.active else None)
         for e, p, m, nd in zip(ents, probs, masks, need):
             if nd:
                 e.data['prob'] = p

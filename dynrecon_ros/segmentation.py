@@ -213,7 +213,7 @@ class MotionSegmenter:
                 skip_frames: list[bool] | None = None,
                 images: np.ndarray | None = None,
                 stamps: list[float] | None = None,
-                measured_depth: bool = True) -> tuple[np.ndarray, np.ndarray]:
+                measured_depth: bool = True, shutter=None, twists: list | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Dynamic probability and mask of every frame of a window.
 
         Args:
@@ -242,6 +242,9 @@ class MotionSegmenter:
                 not a sensor's readings: the geometric cue (its noise model is a sensor's) and the
                 photometric check (the ego flow is only as exact as the depth) are then off (with
                 1 % pointmap noise they flagged noise and raised the monocular ATE 6.0 -> 8.0 mm).
+            shutter, twists: optional rolling-shutter timing (:class:`~dynrecon_ros.rolling_shutter.ShutterModel`)
+                and N body twists (6,) (None = unknown): the ego flow of a pair whose two twists are
+                known sees each row at its own instant.
 
         Returns:
             probs (N, H, W) float32 in [0, 1] and masks (N, H, W) uint8 (255 = dynamic).
@@ -286,8 +289,10 @@ class MotionSegmenter:
             if skip[i] and not carry:
                 return []
             flow = np.asarray(flow, dtype=np.float32)
+            sh = None if shutter is None or twists is None or twists[i] is None or twists[j] is None \
+                else (shutter, twists[i], twists[j])
             p, zj, (eu, ev) = pair_probability(depths[i], Ks[i], inv[j] @ poses[i], flow, flow_valid.get((i, j)),
-                                               self.cfg, Ks[j])
+                                               self.cfg, Ks[j], sh)
             if images is not None and self.cfg.photometric_check and measured_depth:
                 # the ego flow explains the appearance clearly better: a flow failure, static evidence;
                 # about as well (a uniform surface, where flow means little): no evidence
@@ -369,7 +374,7 @@ class MotionSegmenter:
         return list(self._pool.map(fn, items))
 
     def segment_newest(self, pairs, pair_flows, carry_back: bool = False, need_masks=None, skip_frames=None,
-                       measured_depth: bool = True):
+                       measured_depth: bool = True, shutter=None):
         """:meth:`segment` over the newest frame of ``pairs`` and its pair partners (the one place that
         assembles a window step's call; the RGB-D and the monocular step both use it).
 
@@ -380,6 +385,7 @@ class MotionSegmenter:
             carry_back: evidence carried to the older frames along the reverse flow (target_flows).
             need_masks, skip_frames: as :meth:`segment`, one per entry (older ones, then the newest).
             measured_depth: as :meth:`segment` (False: the entries' depth is a network's estimate).
+            shutter: as :meth:`segment`; the twists are the entries' ``data['twist']``.
 
         Returns:
             entries (older ones, then the newest), probs (N, H, W) float32, masks (N, H, W) uint8.
@@ -396,7 +402,8 @@ class MotionSegmenter:
                                     if all(getattr(e.frame, 'rgb', None) is not None for e in ents) else None,
                                     stamps=[float(e.frame.stamp) for e in ents]
                                     if all(hasattr(e.frame, 'stamp') for e in ents) else None,
-                                    measured_depth=measured_depth)
+                                    measured_depth=measured_depth, shutter=shutter,
+                                    twists=[e.data.get('twist') for e in ents] if shutter is not None else None)
         return ents, probs, masks
 
     def _remember(self, key: str, psum: np.ndarray, pcnt: np.ndarray) -> np.ndarray:

@@ -48,3 +48,28 @@ def test_row_instants_and_their_motion():
     Y = to_frame_instant(X, s, tw)
     assert np.abs(Y - X).max() > 1e-3  # the camera moved between the row's instant and the frame's
     assert np.allclose(from_frame_instant(Y, s, tw), X, atol=1e-4)  # inverse to first order
+
+
+def test_ego_flow_sees_each_row_at_its_instant(shaken):
+    """With the true poses and body twists, the ego flow of a rolling-shutter pair explains the static
+    room (nothing flagged); the global-shutter ego flow flags part of it."""
+    from dynrecon_ros.data.synthetic import BASE_STAMP, camera_poses
+    from dynrecon_ros.flow_cue import pair_probability
+    from dynrecon_ros.rolling_shutter import pair_twist
+    from dynrecon_ros.segmentation import SegmentationConfig
+
+    cfg = SyntheticConfig(width=160, height=120, frames=8, movers=0, seed=11, rolling_shutter=0.025, jitter=1.0)
+    t = np.array([f.stamp for f in shaken.frames]) - BASE_STAMP
+    twists = [pair_twist(np.linalg.inv(a) @ b, 1e-4) for a, b in zip(camera_poses(cfg, t), camera_poses(cfg, t + 1e-4))]
+    flows, seg = FlowCache(FlowConfig()), SegmentationConfig()
+    flagged = {False: 0, True: 0}
+    for k in range(3, 7):
+        a, b = shaken.frames[k], shaken.frames[k + 1]
+        pf = flows.get(a.key, a.rgb, b.key, b.rgb)
+        T_j_i = np.linalg.inv(shaken.poses[k + 1]) @ shaken.poses[k]
+        for model in (False, True):
+            sh = (ShutterModel(0.025), twists[k], twists[k + 1]) if model else None
+            p, _, _ = pair_probability(a.depth, a.K, T_j_i, pf.fwd, pf.valid_fwd, seg, b.K, sh)
+            flagged[model] += int(np.count_nonzero(p > seg.threshold))
+    assert flagged[False] > 200, flagged  # the case is meaningful: a global-shutter ego flow flags the room
+    assert flagged[True] < 0.1 * flagged[False], flagged

@@ -17,6 +17,7 @@ import cv2
 import numpy as np
 
 from dynrecon_ros.geometry import fit_rigid, fit_similarity, pixel_grid, se3_increment, transform_points, unproject
+from dynrecon_ros.photometric import exposure_gain
 from dynrecon_ros.predictors.base import PairPrediction, PairPredictor
 from dynrecon_ros.rolling_shutter import PairShutter, ShutterModel
 
@@ -312,6 +313,10 @@ class RGBDPredictor(PairPredictor):
                 self._frame_data(frame_i)['twist'] = shutter.twist_i
         return T
 
+    def frame_twist(self, frame) -> np.ndarray | None:
+        """(6,) body twist of ``frame`` fitted by the rolling-shutter refinement, or None."""
+        return self._frame_data(frame).get('twist') if self.shutter.active else None
+
     def _pair_shutter(self, frame_i, frame_j, rows: np.ndarray, adjacent: bool) -> PairShutter:
         """The pair's rolling shutter, with the frames' twists fitted in their earlier pairs (j's only
         from the adjacent pair: the other pairs of j come after it)."""
@@ -417,8 +422,7 @@ def photometric_refine(gray_i: np.ndarray, pts_i: np.ndarray, gray_j: np.ndarray
             return gu * fx * iz, gv * fy * iz, -(gu * fx * x + gv * fy * y) * iz * iz
 
         # one gain for the pair: auto-exposure changes between frames would bias the pose otherwise
-        gain = np.median(Ij) / max(float(np.median(gi[ok])), 1e-6)
-        gain = gain if 0.5 < gain < 2.0 else 1.0
+        gain = exposure_gain(Ij, gi[ok])
         Jp = jac(*dpix(Gx, Gy, Yo), Yo) / sigma_intensity
         rp = (Ij - gain * gi[ok]) / sigma_intensity
         Zd = Ydo[:, 2]
