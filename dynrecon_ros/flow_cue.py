@@ -296,7 +296,8 @@ def nan_box_mean(x: np.ndarray, win: tuple[int, int]) -> np.ndarray:
         return np.where(n >= 0.5 * win[0] * win[1], s / n, np.nan).astype(np.float32)
 
 
-def pair_probability(depth_i, K_i, T_j_i, flow, valid, cfg, K_j=None, shutter=None) -> tuple[np.ndarray, np.ndarray, tuple]:
+def pair_probability(depth_i, K_i, T_j_i, flow, valid, cfg, K_j=None,
+                     shutter=None) -> tuple[np.ndarray, np.ndarray, tuple]:
     """:func:`pair_dynamic_probability` plus the (H, W) depth of frame i's points in camera j and
     their ego flow ``(eu, ev)`` ((H, W) each; NaN where frame i has no depth).
 

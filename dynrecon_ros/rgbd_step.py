@@ -136,7 +136,7 @@ class RGBDStep:
         if reason:
             return reason
         entry.pose = prev.pose @ T0
-        for e in [old for old, _ in pairs] + [entry]:  # fitted body twists (rolling shutter), for the segmentation
+        for e in [old for old, _ in pairs] + [entry]:  # fitted body twists (rolling shutter): segmentation
             if e.data.get('twist') is None:
                 e.data['twist'] = self.pred.frame_twist(e.frame)
         # store static correspondences of every pair that produced a pose

@@ -407,7 +407,8 @@ def photometric_refine(gray_i: np.ndarray, pts_i: np.ndarray, gray_j: np.ndarray
         # thousand samples over threads costs more than it saves, a lot more on a busy machine)
         m = np.stack([u[ok], v[ok]], -1).astype(np.float32)[None]
         if Yd is not Y:
-            m_d = np.stack([fx * Ydo[:, 0] / Ydo[:, 2] + cx, fy * Ydo[:, 1] / Ydo[:, 2] + cy], -1).astype(np.float32)[None]
+            iz_d = 1.0 / Ydo[:, 2]
+            m_d = np.stack([fx * Ydo[:, 0] * iz_d + cx, fy * Ydo[:, 1] * iz_d + cy], -1).astype(np.float32)[None]
         Ij, Gx, Gy = cv2.remap(s_int, m, None, cv2.INTER_LINEAR)[0].astype(np.float64).T
         Dj, DGx, DGy = cv2.remap(s_dep, m if Yd is Y else m_d, None, cv2.INTER_LINEAR)[0].astype(np.float64).T
         # d(u, v)/dY = [[fx/z, 0, -fx x/z^2], [0, fy/z, -fy y/z^2]] and dY/dxi = [I, -[Y]x]:
