@@ -25,3 +25,17 @@ def test_photometric_refinement_is_blind_to_an_exposure_change():
     same, brighter = err(1.0), err(1.12)  # 12 % auto-exposure step
     assert same < 1e-3, same
     assert brighter < 1.5 * same + 2e-4, (same, brighter)
+
+
+def test_one_exposure_gain_ignores_a_mover_over_part_of_the_samples():
+    from dynrecon_ros.photometric import exposure_gain
+    rng = np.random.default_rng(0)
+    gray_i = rng.uniform(20, 200, 5000)
+    seen_j = 1.1 * gray_i + rng.normal(0, 3, 5000)  # 10 % brighter, sensor noise
+    moved = rng.random(5000) < 0.3
+    seen_j[moved] = rng.uniform(150, 255, moved.sum())  # a bright mover over 30 % of the samples
+    assert abs(np.median(seen_j) / np.median(gray_i) - 1.1) > 0.1  # the case is meaningful
+    assert abs(exposure_gain(seen_j, gray_i) - 1.1) < 0.02
+    # too few usable samples (dark or unseen): no gain
+    assert exposure_gain(seen_j[:50], gray_i[:50]) == 1.0
+    assert exposure_gain(np.where(gray_i > 8, np.nan, seen_j), gray_i) == 1.0
