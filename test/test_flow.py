@@ -99,3 +99,32 @@ def test_flow_cache_converts_each_frame_to_grey_once():
     for k in range(FlowCache.gray_frames + 2):  # bounded: the oldest keys go
         cache.gray(f'x{k}', imgs['d'])
     assert len(cache._gray) == FlowCache.gray_frames
+
+
+def test_pair_checks_run_on_first_use_and_the_pose_grid_alone_checks_only_its_pixels():
+    h, w = 50, 70
+    fwd = _smooth_flow(h, w, 4, 3.0)
+    bwd = -fwd + _smooth_flow(h, w, 5, 0.8)
+    a, b = _texture(h, w, 0), _texture(h, w, 1)
+
+    class Given:  # an estimator returning these flows
+        def compute(self, x, y):
+            return fwd if x is ga else bwd
+    cache = FlowCache(FlowConfig(), estimator=Given())
+    ga = cache.gray('a', a)
+    pf = cache.get('a', a, 'b', b)
+    assert cache.checked == 0 and cache.grid_checked == 0
+    ref_f, ref_b = fb_consistency(fwd, bwd), fb_consistency(bwd, fwd)
+    for st in (1, 3, 4):
+        assert np.array_equal(pf.valid_fwd_on_grid(st), ref_f[::st, ::st])
+    assert cache.grid_checked == 3 and cache.checked == 0
+    rev = cache.get('b', b, 'a', a)  # the reversed view shares the checks
+    assert np.array_equal(rev.valid_fwd, ref_b) and cache.checked == 1
+    assert pf.valid_bwd is rev.valid_fwd and cache.checked == 1
+    assert np.array_equal(pf.valid_fwd, ref_f) and cache.checked == 2
+    assert np.array_equal(pf.valid_fwd_on_grid(3), ref_f[::3, ::3]) and cache.grid_checked == 3
+    assert pf.valid_fwd is rev.valid_bwd and cache.checked == 2
+    # built directly, the validity is the given one (None: none)
+    from dynrecon_ros.flow import PairFlow
+    given = PairFlow(fwd, bwd, None, ref_b)
+    assert given.valid_fwd is None and given.valid_fwd_on_grid(2) is None and given.reversed().valid_fwd is ref_b

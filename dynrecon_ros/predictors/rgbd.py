@@ -210,7 +210,7 @@ class RGBDPredictor(PairPredictor):
         zj = cv2.remap(dj, uv, None, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=float('nan'))
         # reject interpolation across a depth edge: the bilinear value must agree with the nearest one
         zn = cv2.remap(dj, uv, None, cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT, borderValue=float('nan'))
-        ok = flow.valid_fwd[::st, ::st] & np.isfinite(P[..., 2]) & np.isfinite(zj) & \
+        ok = flow.valid_fwd_on_grid(st) & np.isfinite(P[..., 2]) & np.isfinite(zj) & \
             (np.abs(zj - zn) < 0.02 * zj + 0.005)
         sel = np.flatnonzero(ok)  # grid pixels verified against the fit
         P_s = P.reshape(-1, 3)[sel]  # float32: the verification's precision is ample
