@@ -2,7 +2,10 @@
 
 OpenCV DIS flow sits behind :class:`FlowEstimator` so a learned flow can be dropped in; the
 forward-backward check marks pixels whose flow is trustworthy. :class:`FlowCache` keeps the flows of
-the pairs of the current window keyed by frame keys and forgets pairs whose frames left it.
+the pairs of the current window keyed by frame keys and forgets pairs whose frames left it; it makes
+each frame's grey image once, and each pair's checks run when first used (:class:`PairFlow`: the
+pose reads the forward one on its stride grid only). Its counters (``computed``, ``gray_computed``,
+``checked``, ``grid_checked``) say how much per-pixel work was done.
 """
 from __future__ import annotations
 
