@@ -4,9 +4,10 @@ Usage: python bench/rgbd_stages.py [--sizes 320x240,640x480] [--frames 90] [--se
        [--set section.name=value ...]
 Runs the default pipeline on the synthetic sequence with OpenCV on one thread (so the calling
 thread's CPU time, ``time.thread_time``, is all the work of a stage: figures hold on a shared,
-loaded machine) and prints per frame: CPU ms of flow (DIS calls, forward-backward check), pose
-(RANSAC, direct refinement, the rest), alignment and segmentation; the counts of pairs, DIS
-computations and photometric-refinement iterations; ATE and mask IoU. ``--profile N`` prints the
+loaded machine) and prints per frame: CPU ms of flow (of which DIS), pose (RANSAC, direct refinement,
+the rest), alignment, segmentation, and of the forward-backward checks wherever they run (in flow
+before they were deferred; now in pose, on its grid, and segmentation); the counts of pairs, DIS
+computations and checks; ATE and mask IoU. ``--profile N`` prints the
 top N functions of a cProfile of the stream (cumulative time).
 """
 from __future__ import annotations
@@ -66,9 +67,10 @@ def main() -> None:
     tm = CPUTimer()
     tm.wrap(flow_mod.FlowCache, 'get', 'flow')
     tm.wrap(flow_mod.DISFlow, 'compute', 'flow.dis')
-    tm.wrap(flow_mod, 'fb_consistency', 'flow.fb_check')
-    if hasattr(flow_mod, 'fb_consistency_both'):
-        tm.wrap(flow_mod, 'fb_consistency_both', 'flow.fb_check')
+    if hasattr(flow_mod, '_fb_planar'):  # checks run where first used (pose grid, segmentation): all of them
+        tm.wrap(flow_mod, '_fb_planar', 'fb_checks')
+    else:
+        tm.wrap(flow_mod, 'fb_consistency', 'fb_checks')
     tm.wrap(rgbd_mod.RGBDPredictor, 'relative_pose', 'pose')
     tm.wrap(rgbd_mod, 'ransac_rigid', 'pose.ransac')
     tm.wrap(rgbd_mod.RGBDPredictor, '_refine', 'pose.refine')
@@ -99,11 +101,11 @@ def main() -> None:
         n = len(seq.frames)
         print(f'== {w}x{h}, {n} frames')
         print('  CPU ms/frame: ' + '  '.join(f'{k} {tm.ms.get(k, 0.0) / n:.1f}' for k in
-              ['step', 'flow', 'flow.dis', 'flow.fb_check', 'pose', 'pose.ransac', 'pose.refine',
-               'alignment', 'segmentation']))
+              ['step', 'flow', 'flow.dis', 'pose', 'pose.ransac', 'pose.refine', 'alignment', 'segmentation',
+               'fb_checks']))
         print(f'  per frame: pairs {tm.calls.get("pose", 0) / n:.2f}, DIS computations '
               f'{tm.calls.get("flow.dis", 0) / n:.2f} (FlowCache.computed {rec.flows.computed / n:.2f}), '
-              f'fb checks {tm.calls.get("flow.fb_check", 0) / n:.2f}')
+              f'forward-backward checks {tm.calls.get("fb_checks", 0) / n:.2f}')
         print(f'  ATE RMSE SE3: {tr["ate_rmse_se3"] * 1000:.3f} mm  RPE {tr["rpe_trans_rmse"] * 1000:.3f} mm  '
               f'mask IoU {mm["iou"]:.4f}  ({len(ok)} ok)')
         if prof:
