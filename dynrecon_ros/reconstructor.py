@@ -230,6 +230,12 @@ class Reconstructor:
             self.flows.keep_only(set())
         return self._emit(final=False, deferred=deferred)
 
+    def pipeline(self, on_results, on_error=None, lock=None):
+        """A :class:`dynrecon_ros.pipelining.FramePipeline` over this reconstructor, two threads when
+        ``overlap`` is on in the config (how the node and ``dynrecon run`` drive it)."""
+        from dynrecon_ros.pipelining import FramePipeline
+        return FramePipeline(self, on_results, on_error, overlap=self.cfg.overlap, lock=lock)
+
     def flush(self) -> list[FrameResult]:
         out = self._emit(final=True)
         self._map_wait()
