@@ -181,7 +181,9 @@ class Reconstructor:
         expected pairs (the last prepared frames as neighbours, the current keyframes).
 
         Safe on a second thread while :meth:`push_prepared` runs for earlier frames: it only reads
-        frames (never changed once in the window) and its own flow estimator. A wrong guess (a skipped
+        frames (never changed once in the window) and its own flow estimator. A window step may add
+        ``prepare_frame(work)``: per-frame work that reads nothing but the frame (stored on it), run
+        here, so on the first thread. A wrong guess (a skipped
         frame, a new keyframe) costs time, never results: stage B computes the pairs it lacks, and
         flows depend only on the two images.
         """
@@ -193,6 +195,9 @@ class Reconstructor:
             p.work = self.step.work_frame(frame)
         except Exception:  # noqa: BLE001 - stage B runs the checks first; they name the problem
             return p
+        hook = getattr(self.step, 'prepare_frame', None)  # a step's per-frame work that needs no window state
+        if hook is not None:
+            hook(p.work)
         self._times.lap('prepare', t0)
         if not ahead:
             return p

@@ -1,4 +1,6 @@
 """FramePipeline: two frames at once on two threads, the same results as the plain push, errors surfaced."""
+import threading
+
 import numpy as np
 import pytest
 
@@ -100,3 +102,28 @@ def test_a_closed_pipeline_refuses_frames_instead_of_waiting(seq):
         pipe.submit(fs[0])
         pipe.submit(fs[1])
 
+
+
+def test_on_results_error_is_raised_by_drain_not_lost(seq):
+    def on_results(rs):
+        if rs:
+            raise KeyError('publishing broke')
+    pipe = FramePipeline(Reconstructor(config()), on_results, overlap=True)
+    with pytest.raises(KeyError, match='publishing broke'):
+        for f in frames(seq)[:6]:
+            pipe.submit(f)
+        pipe.drain(timeout=60)
+    pipe.close()
+
+
+def test_a_steps_prepare_frame_runs_in_stage_a_on_the_callers_thread(seq):
+    rec = Reconstructor(config())
+    calls = []
+    rec.step.prepare_frame = lambda work: calls.append((work.key, work.rgb.shape, threading.current_thread().name))
+    pipe = FramePipeline(rec, lambda rs: None, overlap=True)
+    for f in frames(seq)[:5]:
+        pipe.submit(f)
+    pipe.flush()
+    pipe.close()
+    main = threading.current_thread().name
+    assert calls == [(k, (120, 160, 3), main) for k in seq.keys[:5]]
