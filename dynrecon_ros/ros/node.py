@@ -104,6 +104,7 @@ class ReconNode(Node):
         self._latency = LatencyStats()
         self._drop_report = (time.monotonic(), 0, 0)
         self._last_map_pub = 0.0
+        self._map_dirty = False
         self._last_trim = time.monotonic()
         self._nav_origin: np.ndarray | None = None
         self.extrinsic = ExtrinsicSource(self, p('base_to_camera'))
@@ -116,6 +117,12 @@ class ReconNode(Node):
         self.odom = OdometryPublisher(self, p)
         self.map = MapPublisher(self)
         self.srv_save = self.create_service(Trigger, '~/save_map', self._on_save_map)
+        # ~/path, ~/static_map and the heap trim cost in proportion to the path and the map: a thread of
+        # their own, so that they never hold up a frame's mask and pose
+        self._periodic_lock = threading.Lock()
+        self._periodic_stop = threading.Event()
+        self._periodic = threading.Thread(target=self._run_periodic, name='dynrecon-periodic', daemon=True)
+        self._periodic.start()
 
         # inputs
         qos = input_qos(p('qos_reliable'), p('queue_size'))
@@ -350,9 +357,19 @@ class ReconNode(Node):
     def _on_results(self, results) -> None:
         """Output thread (worker thread with overlap off): publish one frame's final results."""
         self._publish_results(results)
-        self.path.maybe_publish()
-        self._maybe_publish_map()
-        self._maybe_trim_memory()
+        if results:
+            self._map_dirty = True  # (the periodic thread sends the map only after new frames)
+
+    def _run_periodic(self) -> None:
+        """Periodic thread: ~/path at publish_path_rate, ~/static_map at publish_map_rate, heap trim."""
+        while not self._periodic_stop.wait(0.02):
+            try:
+                with self._periodic_lock:
+                    self.path.maybe_publish()
+                    self._maybe_publish_map()
+                    self._maybe_trim_memory()
+            except Exception as exc:  # noqa: BLE001 - reported (throttled), the node keeps running
+                self.warn('~/static_map and ~/path', f'periodic publishing failed: {exc!r}')
 
     def _maybe_trim_memory(self) -> None:
         """Worker thread: return freed heap memory to the OS every ``trim_memory_period`` s."""
@@ -368,9 +385,10 @@ class ReconNode(Node):
         """Worker thread, input idle: publish what the pipeline still holds, then the map."""
         results = self._pipe.flush()
         self._publish_results(results)
-        self.path.maybe_publish(force=True)
-        self.publish_map()
-        self._maybe_trim_memory()
+        with self._periodic_lock:
+            self.path.maybe_publish(force=True)
+            self.publish_map()
+            self._maybe_trim_memory()
         q = self.queue
         self.get_logger().info(f'input idle: flushed {len(results)} results; frames received {q.received}, '
                                f'processed {self.worker.processed}, dropped {q.dropped}')
@@ -429,9 +447,10 @@ class ReconNode(Node):
     def _maybe_publish_map(self, force: bool = False) -> None:
         rate = float(self._param('publish_map_rate'))
         now = time.monotonic()
-        if not force and (rate <= 0 or now - self._last_map_pub < 1.0 / rate):
+        if not force and (rate <= 0 or not self._map_dirty or now - self._last_map_pub < 1.0 / rate):
             return
         self._last_map_pub = now
+        self._map_dirty = False
         self.publish_map()
 
     def publish_map(self) -> None:
@@ -457,6 +476,8 @@ class ReconNode(Node):
     def finish(self, publish: bool = True) -> None:
         """Stop the worker, flush the pipeline, publish the last results/map, save the map if asked."""
         self.worker.stop()
+        self._periodic_stop.set()
+        self._periodic.join(10.0)
         try:
             results = self._pipe.flush()
         except Exception as exc:  # noqa: BLE001
