@@ -27,6 +27,7 @@ thread while stage B of frame t runs on another (``ReconConfig.overlap``), with 
 from __future__ import annotations
 
 import time
+import collections
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -108,6 +109,9 @@ class StageTimes:
         return {k: total / n for k, (total, n) in list(self._acc.items()) if n}
 
 
+MAP_JOBS = 2  # map-thread jobs queued at most (each holds one frame's outputs at input size)
+
+
 def _world_pose_matrix(v) -> np.ndarray:
     if len(v) != 7:
         raise InputError(f'world_pose must be [tx, ty, tz, qx, qy, qz, qw], got {v}')
@@ -153,7 +157,7 @@ class Reconstructor:
         self._size = None
         self._times = StageTimes()
         self._map_pool = None  # the map thread (started with the first integration)
-        self._map_job = None
+        self._map_jobs: collections.deque = collections.deque()  # (future, deferred), oldest first
         # stage A's own flow estimator (one OpenCV DIS object is not shared by two threads) and the
         # work frames of the last prepared frames, the expected pair partners of the next one
         self._ahead_flows = FlowCache(cfg.flow)
@@ -305,18 +309,19 @@ class Reconstructor:
             self.window.mark_keyframe(entry)
 
     def _map_run(self, job, deferred: bool = False):
-        """Run ``job()`` on the map thread (one job at a time, in order) after the previous one ended.
+        """Run ``job()`` on the map thread (one job at a time, in order); at most ``MAP_JOBS`` queued.
 
         Integration (numpy / OpenCV, which release the GIL in their loops) overlaps the next
         frame's steps on the second core; the map is only read after :meth:`_map_wait`. A deferred
         job's error belongs to whoever holds its future (it is not raised again by :meth:`_map_wait`).
         """
         from concurrent.futures import ThreadPoolExecutor
-        self._map_wait()
+        while len(self._map_jobs) >= MAP_JOBS:
+            self._map_wait_one()
         if self._map_pool is None:
             self._map_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix='dynrecon-map')
         fut = self._map_pool.submit(job)
-        self._map_job = (fut, deferred)
+        self._map_jobs.append((fut, deferred))
         return fut
 
     def _integrate(self, depth, rgb, K, pose, static, conf, pixel_stride) -> None:
@@ -325,15 +330,17 @@ class Reconstructor:
         self._times.add('map_integrate', (time.perf_counter() - t) * 1e3)
 
     def _map_wait(self) -> None:
-        """Wait for the map thread's job (re-raises its error unless it was deferred)."""
-        job, self._map_job = self._map_job, None
-        if job is not None:
-            fut, deferred = job
-            if deferred:
-                from concurrent.futures import wait
-                wait([fut])
-            else:
-                fut.result()
+        """Wait for the map thread's jobs (re-raises their errors unless deferred)."""
+        while self._map_jobs:
+            self._map_wait_one()
+
+    def _map_wait_one(self) -> None:
+        fut, deferred = self._map_jobs.popleft()
+        if deferred:
+            from concurrent.futures import wait
+            wait([fut])
+        else:
+            fut.result()
 
     def _pending_ids(self) -> set[int]:
         """ids of the accepted window entries whose results are not out yet."""
