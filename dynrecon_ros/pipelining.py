@@ -68,8 +68,9 @@ class FramePipeline:
 
     # ------------------------------------------------------------------ caller's thread
     def submit(self, frame) -> None:
-        """Stage A of ``frame`` here, then stage B (on the stage thread with overlap). Waits while an
-        earlier frame still waits for stage B."""
+        """Stage A of ``frame`` here, then stage B (on the stage thread with overlap). Waits first while
+        an earlier frame still waits for stage B, so stage A of this frame runs during stage B of the
+        previous one."""
         self._raise_pending()
         self.submitted += 1
         if not self.overlap:
@@ -78,15 +79,27 @@ class FramePipeline:
             self.completed += 1
             self.on_results(results)
             return
-        prepared = self.rec.prepare(frame, ahead=True)
+        # wait for the slot first, then prepare: the frame prepared is the newest the caller has when
+        # stage B is about to be free (a frame prepared early would wait, stale, while newer ones queue)
         t0 = time.perf_counter()
         with self._cond:
             while self._slot is not None and self._alive():
                 self._cond.wait(0.5)
             self._check_alive()
-            self._slot = prepared
-            self._cond.notify_all()
         self.wait_seconds += time.perf_counter() - t0
+        prepared = self.rec.prepare(frame, ahead=True)
+        with self._cond:
+            self._check_alive()
+            self._slot = prepared  # only this thread fills the slot: still empty
+            self._cond.notify_all()
+
+    def wait_ready(self, timeout: float) -> bool:
+        """True once :meth:`submit` would not wait (no frame waiting for stage B), False after ``timeout`` s.
+        A caller with a queue of its own takes its next frame only then: the newest one."""
+        with self._cond:
+            if self._slot is not None and self._alive():
+                self._cond.wait(timeout)
+            return self._slot is None
 
     def drain(self, timeout: float | None = None) -> bool:
         """Wait until every submitted frame went through stage B (False after ``timeout`` s)."""

@@ -140,7 +140,7 @@ class ReconNode(Node):
 
         self.queue = DropOldestQueue(p('queue_size'))
         self.worker = Worker(self.queue, self._process, self._on_worker_error, on_idle=self._flush,
-                             idle_after=float(p('idle_flush')))
+                             idle_after=float(p('idle_flush')), ready=lambda t: self._pipe.wait_ready(t))
         self.worker.start()
         period = float(p('stats_period'))
         self._stats_at = (time.monotonic(), 0, 0, 0)  # (time, received, published, dropped)

@@ -69,13 +69,15 @@ class Worker(threading.Thread):
 
     def __init__(self, queue: DropOldestQueue, handle: Callable[[Any], None],
                  on_error: Callable[[Any, BaseException], None] | None = None, name: str = 'recon-worker',
-                 on_idle: Callable[[], None] | None = None, idle_after: float = 0.0):
+                 on_idle: Callable[[], None] | None = None, idle_after: float = 0.0,
+                 ready: Callable[[float], bool] | None = None):
         super().__init__(name=name, daemon=True)
         self.queue = queue
         self.handle = handle
         self.on_error = on_error
         self.on_idle = on_idle  # called once when no item came for idle_after seconds after some work
         self.idle_after = idle_after
+        self.ready = ready  # ready(timeout) -> bool: take the next item only once True (the pipeline has room)
         self._last_item = None
         self._stop_event = threading.Event()
         self.processed = 0
@@ -85,6 +87,8 @@ class Worker(threading.Thread):
 
     def run(self) -> None:
         while not self._stop_event.is_set():
+            if self.ready is not None and not self.ready(0.1):
+                continue  # busy downstream: newer frames replace older ones in the queue meanwhile
             item = self.queue.get(timeout=0.1)
             if item is None:
                 if (self.on_idle is not None and self.idle_after > 0 and self._last_item is not None
