@@ -4,9 +4,10 @@ Usage: python bench/pipeline.py [--sizes 320x240,640x480] [--frames 90] [--devic
        [--segmentation-off] [--no-sequential] [--no-node] [--rate 30] [--set section.name=value ...]
 Prints one block per size: frames/s over the whole stream (rendering excluded), driven as the node and
 `dynrecon run` drive it (dynrecon_ros/pipelining.py; with ``overlap``, the default, two frames at once on
-two threads), mean ms per stage (flow, pose = pair predictor incl. RANSAC + direct refinement,
-alignment, segmentation, total = stage B; flow_ahead = flow computed in stage A for the next frame on
-the caller's thread; map = outputs at the input size and map_integrate, both on the map thread),
+two threads), mean ms per stage (flow_ahead = optical flow computed in stage A on the caller's thread, ahead;
+flow = the pairs stage B still had to compute; pose = pair predictor incl. RANSAC + direct refinement,
+alignment, segmentation, total = stage B; map = outputs at the input size and map_integrate, both on
+the map thread with overlap),
 ATE/RPE (evo), dynamic-mask IoU and the static-map outlier fraction (> 5 cm from static surfaces).
 Frames wider than max_work_width (default 320) are processed at a reduced size (see ReconConfig).
 Then, unless --no-sequential, the same stream on one thread (overlap off), back to back: the speed-up
@@ -135,7 +136,7 @@ def main() -> None:
               f'{len(seq.frames) / cpu:.2f} frames per CPU-second (load-independent-ish on a shared box); '
               f'load average {os.getloadavg()[0]:.1f}')
         print('  ms/frame: ' + '  '.join(f'{k} {t[k]:.1f}' for k in
-                                         ['flow', 'pose', 'alignment', 'segmentation', 'map', 'total', 'map_integrate']
+                                         ['flow_ahead', 'flow', 'pose', 'alignment', 'segmentation', 'map', 'total', 'map_integrate']
                                          if k in t))
         print(f'  threads: overlap {"on" if cfg.overlap else "off"}: stage A (caller) prepare '
               f'{t.get("prepare", 0):.1f} + flow_ahead {t.get("flow_ahead", 0):.1f} ms/frame, waited for stage B '
