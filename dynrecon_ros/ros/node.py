@@ -372,7 +372,7 @@ class ReconNode(Node):
                 self.warn('~/static_map and ~/path', f'periodic publishing failed: {exc!r}')
 
     def _maybe_trim_memory(self) -> None:
-        """Worker thread: return freed heap memory to the OS every ``trim_memory_period`` s."""
+        """Periodic thread (and flushes): return freed heap memory to the OS every ``trim_memory_period`` s."""
         period = float(self._param('trim_memory_period'))
         now = time.monotonic()
         if MALLOC_TRIM is None or period <= 0 or now - self._last_trim < period:
