@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import cv2
 import numpy as np
 
-from dynrecon_ros.depth_cue import fill_candidates
+from dynrecon_ros.depth_cue import fill_candidates, soft_step_of_inverse
 from dynrecon_ros.geometry import pixel_grid
 
 if TYPE_CHECKING:
@@ -51,30 +51,40 @@ def ego_flow_and_depth(depth, K, T_j_i, K_j=None) -> tuple[np.ndarray, np.ndarra
 def _ego_planes(depth, K, T_j_i, K_j=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(H, W) float32 ego flow du, dv and depth in camera j, NaN where invalid (planes: fast numpy)."""
     depth = np.asarray(depth, dtype=np.float32)
+    h, w = depth.shape
+    return ego_at(np.arange(w, dtype=np.float32)[None, :], np.arange(h, dtype=np.float32)[:, None], depth,
+                  K, T_j_i, K_j)
+
+
+def ego_at(u: np.ndarray, v: np.ndarray, z: np.ndarray, K, T_j_i, K_j=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Ego flow ``du, dv`` and depth in camera j of frame i's points at pixels ``(u, v)`` with depth ``z``.
+
+    ``u``, ``v`` and ``z`` broadcast together (a row of columns, a column of rows and an (H, W) depth,
+    or three (M,) vectors of chosen pixels); float32 results of the broadcast shape, NaN where ``z`` is
+    not a positive finite depth or the point is not in front of camera j. With the homography
+    ``H = K_j R K_i^-1`` and ``e = K_j t``, pixel p lands at ``q = H p + e / z`` (homogeneous), at
+    depth ``z q_z`` in camera j: a few passes over the pixels, the planes ``H p`` being sums of a
+    row and a column.
+    """
     K = np.asarray(K, dtype=np.float64)
     K_j = K if K_j is None else np.asarray(K_j, dtype=np.float64)
     T = np.asarray(T_j_i, dtype=np.float64)
-    h, w = depth.shape
-    g = pixel_grid(h, w)
-    u, v = g[..., 0], g[..., 1]
-    # camera-i rays (x/z, y/z, 1), then X_j = R (z * ray) + t
-    x = (u - np.float32(K[0, 2])) * np.float32(1 / K[0, 0])
-    y = (v - np.float32(K[1, 2])) * np.float32(1 / K[1, 1])
-    z = depth
-    R = T[:3, :3].astype(np.float32)
-    t = T[:3, 3].astype(np.float32)
-    with np.errstate(over='ignore', invalid='ignore'):  # absurd depths (inf, 1e38) end invalid below
-        xj = z * (R[0, 0] * x + R[0, 1] * y + R[0, 2]) + t[0]
-        yj = z * (R[1, 0] * x + R[1, 1] * y + R[1, 2]) + t[1]
-        zj = z * (R[2, 0] * x + R[2, 1] * y + R[2, 2]) + t[2]
-        invalid = ~(np.isfinite(z) & (z > 0) & (zj > 1e-6) & np.isfinite(zj))
-    zj[invalid] = np.nan
+    H = K_j @ T[:3, :3] @ np.linalg.inv(K)
+    e = (K_j @ T[:3, 3]).astype(np.float32)
+    H32 = H.astype(np.float32)
+    z = np.asarray(z, dtype=np.float32)
     with np.errstate(divide='ignore', invalid='ignore', over='ignore'):
-        iz = 1.0 / zj
-        du = np.float32(K_j[0, 0]) * xj * iz + np.float32(K_j[0, 1]) * yj * iz + np.float32(K_j[0, 2]) - u
-        dv = np.float32(K_j[1, 1]) * yj * iz + np.float32(K_j[1, 2]) - v
-    return du.astype(np.float32, copy=False), dv.astype(np.float32, copy=False), zj
-
+        iz = np.float32(1) / z
+        q2 = (H32[2, 0] * u + (H32[2, 1] * v + H32[2, 2])) + e[2] * iz
+        zj = z * q2
+        # absurd depths (inf, 1e38, <= 0) and points behind camera j end invalid (NaN)
+        valid = (z > 0) & (zj > 1e-6) & (zj < np.inf)
+        q2 = np.where(valid, q2, np.float32(np.nan))
+        zj = z * q2
+        r = np.float32(1) / q2
+        du = ((H32[0, 0] * u + (H32[0, 1] * v + H32[0, 2])) + e[0] * iz) * r - u
+        dv = ((H32[1, 0] * u + (H32[1, 1] * v + H32[1, 2])) + e[1] * iz) * r - v
+    return du.astype(np.float32, copy=False), dv.astype(np.float32, copy=False), zj.astype(np.float32, copy=False)
 
 
 def _edge_tolerant_error(eu, ev, fu, fv, radius: int) -> np.ndarray:
@@ -84,12 +94,12 @@ def _edge_tolerant_error(eu, ev, fu, fv, radius: int) -> np.ndarray:
     minimum (a grey erosion) keeps such edges from lighting up, and shrinks movers by ``radius``
     pixels at most, which the depth-edge snapping of :func:`clean_mask` restores.
     """
-    err = np.sqrt((eu - fu) ** 2 + (ev - fv) ** 2)
+    du, dv = eu - fu, ev - fv
+    err = np.sqrt(du * du + dv * dv)
     if radius > 0:
-        own = np.isfinite(err)
-        err = cv2.erode(np.where(own, err, np.float32(1e6)).astype(np.float32),
-                        np.ones((2 * radius + 1, 2 * radius + 1), np.uint8))
-        err[~own] = np.nan
+        # NaN (no ego flow) takes no part in the minimum (1e6: far beyond any tolerance) and stays NaN
+        eroded = cv2.erode(np.fmin(err, np.float32(1e6)), np.ones((2 * radius + 1, 2 * radius + 1), np.uint8))
+        err = eroded + np.float32(0) * err
     return err
 
 
@@ -219,11 +229,8 @@ def refine_relative_pose(depth_i: np.ndarray, K_i: np.ndarray, T_j_i: np.ndarray
 def _soft_step(err: np.ndarray, eu: np.ndarray, ev: np.ndarray, cfg: 'SegmentationConfig') -> np.ndarray:
     """(H, W) float32 ``r^s / (1 + r^s)`` of the flow error ``err`` against the tolerance of the ego flow."""
     tol = np.float32(cfg.min_flow_px) + np.float32(cfg.flow_rel_tol) * np.sqrt(eu * eu + ev * ev)
-    with np.errstate(invalid='ignore', over='ignore', divide='ignore'):
-        rs = (err / tol) ** np.float32(cfg.steepness)
-        prob = rs / (1.0 + rs)
-        prob[np.isinf(rs)] = 1.0
-    return prob
+    with np.errstate(divide='ignore', invalid='ignore', over='ignore'):
+        return soft_step_of_inverse(tol / err, cfg.steepness)
 
 
 def ego_explains_appearance(gray_i: np.ndarray, gray_j: np.ndarray, eu: np.ndarray, ev: np.ndarray,
@@ -250,25 +257,27 @@ def ego_explains_appearance(gray_i: np.ndarray, gray_j: np.ndarray, eu: np.ndarr
     out = np.full((h, w), np.nan, np.float32)
     if where is not None and not where.any():
         return out
-    g = pixel_grid(h, w)
-    ego_m = np.nan_to_num(g + np.dstack([eu, ev]), nan=-1e4)
-    gj = gray_j.astype(np.float32)
+    gj = np.asarray(gray_j, dtype=np.float32)
+    u = np.arange(w, dtype=np.float32)[None, :]
+    v = np.arange(h, dtype=np.float32)[:, None]
+    lost = np.float32(-1e4)  # where there is no ego flow: outside the image (the border's NaN)
     # one gain for the pair, from every 7th pixel of the image
-    ms = ego_m[3::7, 3::7]
-    gs = gray_i[3::7, 3::7].astype(np.float32)
-    es = cv2.remap(gj, ms, None, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=np.nan)
-    gain = exposure_gain(es, gs)
+    sub = (slice(3, None, 7), slice(3, None, 7))
+    es = cv2.remap(gj, np.fmax(u[:, 3::7] + eu[sub], lost), np.fmax(v[3::7] + ev[sub], lost), cv2.INTER_LINEAR,
+                   borderMode=cv2.BORDER_CONSTANT, borderValue=np.nan)
+    gain = exposure_gain(es, np.asarray(gray_i[sub], dtype=np.float32))
     y0, y1, x0, x1 = 0, h, 0, w
     if where is not None:
         rows, cols = np.flatnonzero(where.any(1)), np.flatnonzero(where.any(0))
         y0, y1 = max(rows[0] - radius, 0), min(rows[-1] + radius + 1, h)
         x0, x1 = max(cols[0] - radius, 0), min(cols[-1] + radius + 1, w)
     box = (slice(y0, y1), slice(x0, x1))
-    gi = gain * gray_i[box].astype(np.float32)
-    ego = cv2.remap(gj, np.ascontiguousarray(ego_m[box]), None, cv2.INTER_LINEAR,
+    ub, vb = u[:, x0:x1], v[y0:y1]
+    gi = np.float32(gain) * np.asarray(gray_i[box], dtype=np.float32)
+    fu, fv = cv2.split(np.asarray(flow[box], dtype=np.float32))
+    ego = cv2.remap(gj, np.fmax(ub + eu[box], lost), np.fmax(vb + ev[box], lost), cv2.INTER_LINEAR,
                     borderMode=cv2.BORDER_CONSTANT, borderValue=np.nan)
-    opt = cv2.remap(gj, np.ascontiguousarray(g[box] + flow[box]), None, cv2.INTER_LINEAR,
-                    borderMode=cv2.BORDER_CONSTANT, borderValue=np.nan)
+    opt = cv2.remap(gj, ub + fu, vb + fv, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=np.nan)
     win = (2 * radius + 1, 2 * radius + 1)
     out[box] = nan_box_mean(np.abs(opt - gi), win) - nan_box_mean(np.abs(ego - gi), win)
     return out
@@ -287,10 +296,12 @@ def nan_box_mean(x: np.ndarray, win: tuple[int, int]) -> np.ndarray:
     """(H, W) float32 mean of the finite values of ``x`` in each ``win`` box; NaN where fewer than
     half are finite (OpenCV's box filter runs sums along rows: one NaN would spread over the image)."""
     ok = np.isfinite(x)
-    s = cv2.boxFilter(np.where(ok, x, 0).astype(np.float32), -1, win, normalize=False)
-    n = cv2.boxFilter(ok.astype(np.float32), -1, win, normalize=False)
+    x0 = np.array(x, dtype=np.float32)
+    x0[~ok] = 0
+    s = cv2.boxFilter(x0, -1, win, normalize=False)
+    n = cv2.boxFilter(ok.view(np.uint8), cv2.CV_32F, win, normalize=False)
     with np.errstate(invalid='ignore', divide='ignore'):
-        return np.where(n >= 0.5 * win[0] * win[1], s / n, np.nan).astype(np.float32)
+        return np.where(n >= np.float32(0.5 * win[0] * win[1]), s / n, np.float32(np.nan))
 
 
 def pair_probability(depth_i, K_i, T_j_i, flow, valid, cfg, K_j=None) -> tuple[np.ndarray, np.ndarray, tuple]:
@@ -306,29 +317,31 @@ def pair_probability(depth_i, K_i, T_j_i, flow, valid, cfg, K_j=None) -> tuple[n
         T_j_i = refine_relative_pose(np.asarray(depth_i, dtype=np.float32), K_i, T_j_i, flow, valid, K_j)
     eu, ev, zj = _ego_planes(depth_i, K_i, T_j_i, K_j)
     flow = np.asarray(flow, dtype=np.float32)
-    fu, fv = flow[..., 0], flow[..., 1]
+    fu, fv = cv2.split(flow)  # contiguous planes: faster arithmetic than strided views
     err = _edge_tolerant_error(eu, ev, fu, fv, cfg.edge_radius_px)
     prob = _soft_step(err, eu, ev, cfg)
     if cfg.hole_fill_px > 0:
         holes, near, far = fill_candidates(np.asarray(depth_i, dtype=np.float32), cfg.hole_fill_px)
-        if holes.any():
+        if holes.any():  # judged at the hole pixels only
+            ys, xs = np.nonzero(holes)
+            hu, hv = fu[ys, xs], fv[ys, xs]
             fits = []
             for cand in (near, far):
-                cu, cv_, _ = _ego_planes(np.where(holes, cand, 0).astype(np.float32), K_i, T_j_i, K_j)
-                fits.append(_soft_step(np.sqrt((cu - fu) ** 2 + (cv_ - fv) ** 2), cu, cv_, cfg))
-            prob[holes] = np.fmin(fits[0], fits[1])[holes]
+                cu, cv_, _ = ego_at(xs.astype(np.float32), ys.astype(np.float32), cand[ys, xs], K_i, T_j_i, K_j)
+                du, dv = cu - hu, cv_ - hv
+                fits.append(_soft_step(np.sqrt(du * du + dv * dv), cu, cv_, cfg))
+            prob[ys, xs] = np.fmin(fits[0], fits[1])
     h, w = prob.shape
-    g = pixel_grid(h, w)
-    u, v = g[..., 0], g[..., 1]
+    u = np.arange(w, dtype=np.float32)[None, :]
+    v = np.arange(h, dtype=np.float32)[:, None]
     # flow that leaves the image cannot be checked: no evidence. Ego flow may leave it: a pixel
     # whose flow finds a consistent match inside the image where the static hypothesis says it
     # was out of view (a mover entering at the border, following the camera) is evidence of motion
-    bad = ~np.isfinite(prob)
     tu, tv = u + fu, v + fv
-    bad |= ~((tu >= 0) & (tu <= w - 1) & (tv >= 0) & (tv <= h - 1))
+    keep = (tu >= 0) & (tu <= w - 1) & (tv >= 0) & (tv <= h - 1)
     if valid is not None:
-        bad |= ~np.asarray(valid, dtype=bool)
-    prob[bad] = np.nan
+        keep &= np.asarray(valid, dtype=bool)
+    prob = np.where(keep, prob, np.float32(np.nan))  # (NaN evidence stays NaN)
     return prob.astype(np.float32, copy=False), zj, (eu, ev)
 
 
