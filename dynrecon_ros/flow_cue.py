@@ -73,18 +73,28 @@ def ego_at(u: np.ndarray, v: np.ndarray, z: np.ndarray, K, T_j_i, K_j=None) -> t
     e = (K_j @ T[:3, 3]).astype(np.float32)
     H32 = H.astype(np.float32)
     z = np.asarray(z, dtype=np.float32)
+    shape = np.broadcast_shapes(np.shape(u), np.shape(v), z.shape)
+    # in place where possible: fresh image-sized temporaries cost page faults (glibc returns freed
+    # heap tops to the OS), which measured 5x the arithmetic here
     with np.errstate(divide='ignore', invalid='ignore', over='ignore'):
-        iz = np.float32(1) / z
-        q2 = (H32[2, 0] * u + (H32[2, 1] * v + H32[2, 2])) + e[2] * iz
+        iz = np.divide(np.float32(1), z, out=np.empty(shape, np.float32))
+        q2 = H32[2, 0] * u + (H32[2, 1] * v + H32[2, 2])  # a row plus a column
+        q2 = q2 + e[2] * iz
         zj = z * q2
         # absurd depths (inf, 1e38, <= 0) and points behind camera j end invalid (NaN)
         valid = (z > 0) & (zj > 1e-6) & (zj < np.inf)
-        q2 = np.where(valid, q2, np.float32(np.nan))
-        zj = z * q2
-        r = np.float32(1) / q2
-        du = ((H32[0, 0] * u + (H32[0, 1] * v + H32[0, 2])) + e[0] * iz) * r - u
-        dv = ((H32[1, 0] * u + (H32[1, 1] * v + H32[1, 2])) + e[1] * iz) * r - v
-    return du.astype(np.float32, copy=False), dv.astype(np.float32, copy=False), zj.astype(np.float32, copy=False)
+        np.copyto(q2, np.float32(np.nan), where=~valid)
+        np.multiply(z, q2, out=zj)
+        r = np.divide(np.float32(1), q2, out=q2)
+        du = e[0] * iz
+        du += H32[0, 0] * u + (H32[0, 1] * v + H32[0, 2])
+        du *= r
+        du -= u
+        dv = np.multiply(e[1], iz, out=iz)
+        dv += H32[1, 0] * u + (H32[1, 1] * v + H32[1, 2])
+        dv *= r
+        dv -= v
+    return du, dv, zj
 
 
 def _edge_tolerant_error(eu, ev, fu, fv, radius: int) -> np.ndarray:
@@ -273,14 +283,33 @@ def ego_explains_appearance(gray_i: np.ndarray, gray_j: np.ndarray, eu: np.ndarr
         x0, x1 = max(cols[0] - radius, 0), min(cols[-1] + radius + 1, w)
     box = (slice(y0, y1), slice(x0, x1))
     ub, vb = u[:, x0:x1], v[y0:y1]
-    gi = np.float32(gain) * np.asarray(gray_i[box], dtype=np.float32)
-    fu, fv = cv2.split(np.asarray(flow[box], dtype=np.float32))
-    ego = cv2.remap(gj, np.fmax(ub + eu[box], lost), np.fmax(vb + ev[box], lost), cv2.INTER_LINEAR,
+    # in place where possible (fresh image-sized temporaries cost page faults)
+    mx = np.add(ub, eu[box])
+    my = np.add(vb, ev[box])
+    ego = cv2.remap(gj, np.fmax(mx, lost, out=mx), np.fmax(my, lost, out=my), cv2.INTER_LINEAR,
                     borderMode=cv2.BORDER_CONSTANT, borderValue=np.nan)
-    opt = cv2.remap(gj, ub + fu, vb + fv, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=np.nan)
+    fu, fv = cv2.split(np.asarray(flow[box], dtype=np.float32))
+    opt = cv2.remap(gj, np.add(ub, fu, out=mx), np.add(vb, fv, out=my), cv2.INTER_LINEAR,
+                    borderMode=cv2.BORDER_CONSTANT, borderValue=np.nan)
+    gi = np.multiply(np.asarray(gray_i[box], dtype=np.float32), np.float32(gain), out=fu)
     win = (2 * radius + 1, 2 * radius + 1)
-    out[box] = nan_box_mean(np.abs(opt - gi), win) - nan_box_mean(np.abs(ego - gi), win)
+    means = [_nan_box_mean_of_abs(np.subtract(x, gi, out=x), win, buf) for x, buf in ((opt, mx), (ego, my))]
+    out[box] = np.subtract(means[0], means[1], out=means[0])
     return out
+
+
+def _nan_box_mean_of_abs(x: np.ndarray, win: tuple[int, int], buf: np.ndarray) -> np.ndarray:
+    """:func:`nan_box_mean` of ``|x|`` (float32), overwriting ``x`` and ``buf`` (same shape) and
+    returning one of them: the photometric check's hot path without temporaries."""
+    ok = x == x  # not NaN
+    np.abs(x, out=x)
+    np.fmax(x, np.float32(0), out=x)  # NaN -> 0
+    s = cv2.boxFilter(x, -1, win, dst=buf, normalize=False)
+    n = cv2.boxFilter(ok.view(np.uint8), cv2.CV_32F, win, dst=x, normalize=False)
+    with np.errstate(invalid='ignore', divide='ignore'):
+        np.divide(s, n, out=s)
+    np.copyto(s, np.float32(np.nan), where=n < np.float32(0.5 * win[0] * win[1]))
+    return s
 
 
 def exposure_gain(seen_j: np.ndarray, gray_i: np.ndarray) -> float:
@@ -304,7 +333,8 @@ def nan_box_mean(x: np.ndarray, win: tuple[int, int]) -> np.ndarray:
         return np.where(n >= np.float32(0.5 * win[0] * win[1]), s / n, np.float32(np.nan))
 
 
-def pair_probability(depth_i, K_i, T_j_i, flow, valid, cfg, K_j=None) -> tuple[np.ndarray, np.ndarray, tuple]:
+def pair_probability(depth_i, K_i, T_j_i, flow, valid, cfg, K_j=None,
+                     candidates=None) -> tuple[np.ndarray, np.ndarray, tuple]:
     """:func:`pair_dynamic_probability` plus the (H, W) depth of frame i's points in camera j and
     their ego flow ``(eu, ev)`` ((H, W) each; NaN where frame i has no depth).
 
@@ -312,6 +342,7 @@ def pair_probability(depth_i, K_i, T_j_i, flow, valid, cfg, K_j=None) -> tuple[n
     their flow is compared with the ego flow of the nearest and of the farthest reading around
     the hole (:func:`~dynrecon_ros.depth_cue.fill_candidates`) and the better fit counts, so a hole
     on a silhouette is static only if its flow moves with one of the two surfaces it borders.
+    ``candidates``: that function's result for ``depth_i`` when the caller has it (one per frame).
     """
     if cfg.refine_pose:
         T_j_i = refine_relative_pose(np.asarray(depth_i, dtype=np.float32), K_i, T_j_i, flow, valid, K_j)
@@ -321,7 +352,7 @@ def pair_probability(depth_i, K_i, T_j_i, flow, valid, cfg, K_j=None) -> tuple[n
     err = _edge_tolerant_error(eu, ev, fu, fv, cfg.edge_radius_px)
     prob = _soft_step(err, eu, ev, cfg)
     if cfg.hole_fill_px > 0:
-        holes, near, far = fill_candidates(np.asarray(depth_i, dtype=np.float32), cfg.hole_fill_px)
+        holes, near, far = candidates or fill_candidates(np.asarray(depth_i, dtype=np.float32), cfg.hole_fill_px)
         if holes.any():  # judged at the hole pixels only
             ys, xs = np.nonzero(holes)
             hu, hv = fu[ys, xs], fv[ys, xs]
