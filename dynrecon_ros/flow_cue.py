@@ -21,7 +21,7 @@ import cv2
 import numpy as np
 
 from dynrecon_ros.depth_cue import fill_candidates, soft_step_of_inverse
-from dynrecon_ros.geometry import pixel_grid
+from dynrecon_ros.geometry import pixel_axes, pixel_grid
 
 if TYPE_CHECKING:
     from dynrecon_ros.segmentation import SegmentationConfig
@@ -52,8 +52,7 @@ def _ego_planes(depth, K, T_j_i, K_j=None) -> tuple[np.ndarray, np.ndarray, np.n
     """(H, W) float32 ego flow du, dv and depth in camera j, NaN where invalid (planes: fast numpy)."""
     depth = np.asarray(depth, dtype=np.float32)
     h, w = depth.shape
-    return ego_at(np.arange(w, dtype=np.float32)[None, :], np.arange(h, dtype=np.float32)[:, None], depth,
-                  K, T_j_i, K_j)
+    return ego_at(*pixel_axes(h, w), depth, K, T_j_i, K_j)
 
 
 def ego_at(u: np.ndarray, v: np.ndarray, z: np.ndarray, K, T_j_i, K_j=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -104,12 +103,16 @@ def _edge_tolerant_error(eu, ev, fu, fv, radius: int) -> np.ndarray:
     minimum (a grey erosion) keeps such edges from lighting up, and shrinks movers by ``radius``
     pixels at most, which the depth-edge snapping of :func:`clean_mask` restores.
     """
-    du, dv = eu - fu, ev - fv
-    err = np.sqrt(du * du + dv * dv)
+    du, dv = np.subtract(eu, fu), np.subtract(ev, fv)
+    du *= du
+    dv *= dv
+    du += dv
+    err = np.sqrt(du, out=du)
     if radius > 0:
         # NaN (no ego flow) takes no part in the minimum (1e6: far beyond any tolerance) and stays NaN
-        eroded = cv2.erode(np.fmin(err, np.float32(1e6)), np.ones((2 * radius + 1, 2 * radius + 1), np.uint8))
-        err = eroded + np.float32(0) * err
+        eroded = cv2.erode(np.fmin(err, np.float32(1e6), out=dv), np.ones((2 * radius + 1, 2 * radius + 1), np.uint8))
+        eroded += np.multiply(err, np.float32(0), out=err)
+        err = eroded
     return err
 
 
@@ -238,9 +241,13 @@ def refine_relative_pose(depth_i: np.ndarray, K_i: np.ndarray, T_j_i: np.ndarray
 
 def _soft_step(err: np.ndarray, eu: np.ndarray, ev: np.ndarray, cfg: 'SegmentationConfig') -> np.ndarray:
     """(H, W) float32 ``r^s / (1 + r^s)`` of the flow error ``err`` against the tolerance of the ego flow."""
-    tol = np.float32(cfg.min_flow_px) + np.float32(cfg.flow_rel_tol) * np.sqrt(eu * eu + ev * ev)
+    tol = np.multiply(eu, eu)
+    tol += np.multiply(ev, ev, out=np.empty_like(tol))
+    np.sqrt(tol, out=tol)
+    tol *= np.float32(cfg.flow_rel_tol)
+    tol += np.float32(cfg.min_flow_px)
     with np.errstate(divide='ignore', invalid='ignore', over='ignore'):
-        return soft_step_of_inverse(tol / err, cfg.steepness)
+        return soft_step_of_inverse(np.divide(tol, err, out=tol), cfg.steepness)
 
 
 def ego_explains_appearance(gray_i: np.ndarray, gray_j: np.ndarray, eu: np.ndarray, ev: np.ndarray,
@@ -268,8 +275,7 @@ def ego_explains_appearance(gray_i: np.ndarray, gray_j: np.ndarray, eu: np.ndarr
     if where is not None and not where.any():
         return out
     gj = np.asarray(gray_j, dtype=np.float32)
-    u = np.arange(w, dtype=np.float32)[None, :]
-    v = np.arange(h, dtype=np.float32)[:, None]
+    u, v = pixel_axes(h, w)
     lost = np.float32(-1e4)  # where there is no ego flow: outside the image (the border's NaN)
     # one gain for the pair, from every 7th pixel of the image
     sub = (slice(3, None, 7), slice(3, None, 7))
@@ -363,16 +369,17 @@ def pair_probability(depth_i, K_i, T_j_i, flow, valid, cfg, K_j=None,
                 fits.append(_soft_step(np.sqrt(du * du + dv * dv), cu, cv_, cfg))
             prob[ys, xs] = np.fmin(fits[0], fits[1])
     h, w = prob.shape
-    u = np.arange(w, dtype=np.float32)[None, :]
-    v = np.arange(h, dtype=np.float32)[:, None]
+    u, v = pixel_axes(h, w)
     # flow that leaves the image cannot be checked: no evidence. Ego flow may leave it: a pixel
     # whose flow finds a consistent match inside the image where the static hypothesis says it
     # was out of view (a mover entering at the border, following the camera) is evidence of motion
-    tu, tv = u + fu, v + fv
-    keep = (tu >= 0) & (tu <= w - 1) & (tv >= 0) & (tv <= h - 1)
+    tu, tv = np.add(u, fu, out=fu), np.add(v, fv, out=fv)
+    keep = (tu >= 0) & (tu <= w - 1)
+    keep &= tv >= 0
+    keep &= tv <= h - 1
     if valid is not None:
         keep &= np.asarray(valid, dtype=bool)
-    prob = np.where(keep, prob, np.float32(np.nan))  # (NaN evidence stays NaN)
+    np.copyto(prob, np.float32(np.nan), where=~keep)  # (NaN evidence stays NaN)
     return prob.astype(np.float32, copy=False), zj, (eu, ev)
 
 

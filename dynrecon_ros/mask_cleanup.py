@@ -253,17 +253,23 @@ def surface_segments(depth: np.ndarray, crease: float) -> tuple[int, np.ndarray]
         (number of labels, (H, W) int32 labels; 0 = boundary).
     """
     ok = np.isfinite(depth) & (depth > 0)
-    d = cv2.medianBlur(np.where(ok, depth, 0).astype(np.float32), 5)
+    d = np.asarray(depth, dtype=np.float32) if ok.all() else np.where(ok, depth, np.float32(0)).astype(np.float32)
+    d = cv2.medianBlur(d, 5)
     ok &= d > 0
-    inv = np.where(ok, 1.0 / np.maximum(d, 1e-3), 0).astype(np.float32)
+    inv = np.divide(np.float32(1), np.maximum(d, np.float32(1e-3)))
+    np.copyto(inv, np.float32(0), where=~ok)
     edge = ~ok
-    step = 0.03 + 0.03 * d
+    step = np.float32(0.03) * d
+    step += np.float32(0.03)
     edge[:, 1:] |= np.abs(d[:, 1:] - d[:, :-1]) > step[:, 1:]
     edge[1:, :] |= np.abs(d[1:, :] - d[:-1, :]) > step[1:, :]
     k2 = np.array([[1, 0, 0, -2, 0, 0, 1]], np.float32)
+    den = np.maximum(inv, np.float32(1e-6), out=step)
     with np.errstate(invalid='ignore', divide='ignore'):
         for kern in (k2, k2.T):
-            dd = np.abs(cv2.filter2D(inv, -1, kern, borderType=cv2.BORDER_REPLICATE)) / np.maximum(inv, 1e-6)
+            dd = cv2.filter2D(inv, -1, kern, borderType=cv2.BORDER_REPLICATE)
+            np.abs(dd, out=dd)
+            dd /= den
             edge |= dd > crease
     # a crease is found on one or two pixels and noise breaks it: thickened, it leaks less
     edge = cv2.dilate(edge.astype(np.uint8), np.ones((3, 3), np.uint8)) > 0
@@ -322,7 +328,7 @@ def clean_mask(prob: np.ndarray, cfg: SegmentationConfig, depth: np.ndarray | No
     Returns:
         (H, W) uint8, 255 = dynamic.
     """
-    p0 = np.nan_to_num(prob, nan=0.0)
+    p0 = np.fmax(prob, np.float32(0))  # NaN -> 0 (probabilities are >= 0)
     m = (p0 > cfg.threshold).astype(np.uint8)
     if cfg.hysteresis < 1.0 and m.any():
         # hysteresis: weaker evidence connected to strong evidence is part of the same mover (a slow
@@ -344,7 +350,9 @@ def clean_mask(prob: np.ndarray, cfg: SegmentationConfig, depth: np.ndarray | No
         if small.size:
             m[np.isin(labels, small)] = 0
     if depth is not None and cfg.snap_px:
-        m = snap_to_depth_edges(m, depth, cfg.snap_px, np.nan_to_num(prob, nan=1.0) < 0.5 * cfg.threshold)
+        with np.errstate(invalid='ignore'):  # NaN (no evidence) is not a static hint
+            hint = prob < np.float32(0.5 * cfg.threshold)
+        m = snap_to_depth_edges(m, depth, cfg.snap_px, hint)
         m = drop_background_segments(m, depth, cfg.max_continuity)
         if cfg.open_px:
             m = morphology(m, cv2.MORPH_OPEN, cfg.open_px)
