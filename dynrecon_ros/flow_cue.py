@@ -60,38 +60,41 @@ def ego_at(u: np.ndarray, v: np.ndarray, z: np.ndarray, K, T_j_i, K_j=None) -> t
 
     ``u``, ``v`` and ``z`` broadcast together (a row of columns, a column of rows and an (H, W) depth,
     or three (M,) vectors of chosen pixels); float32 results of the broadcast shape, NaN where ``z`` is
-    not a positive finite depth or the point is not in front of camera j. With the homography
-    ``H = K_j R K_i^-1`` and ``e = K_j t``, pixel p lands at ``q = H p + e / z`` (homogeneous), at
-    depth ``z q_z`` in camera j: a few passes over the pixels, the planes ``H p`` being sums of a
-    row and a column.
+    not a positive finite depth or the point is not in front of camera j. ``X_j = z R ray + t`` with
+    the camera-i ray ``((u - cx) / fx, (v - cy) / fy, 1)``; ``R ray`` is a sum of a row and a column
+    for image-sized input, and the rest is computed in place (fresh image-sized temporaries cost
+    page faults: 5x the arithmetic here), in the same order of float32 operations as before (the
+    pipeline's poses react to the last bit of the masks).
     """
     K = np.asarray(K, dtype=np.float64)
     K_j = K if K_j is None else np.asarray(K_j, dtype=np.float64)
     T = np.asarray(T_j_i, dtype=np.float64)
-    H = K_j @ T[:3, :3] @ np.linalg.inv(K)
-    e = (K_j @ T[:3, 3]).astype(np.float32)
-    H32 = H.astype(np.float32)
     z = np.asarray(z, dtype=np.float32)
-    shape = np.broadcast_shapes(np.shape(u), np.shape(v), z.shape)
-    # in place where possible: fresh image-sized temporaries cost page faults (glibc returns freed
-    # heap tops to the OS), which measured 5x the arithmetic here
-    with np.errstate(divide='ignore', invalid='ignore', over='ignore'):
-        iz = np.divide(np.float32(1), z, out=np.empty(shape, np.float32))
-        q2 = H32[2, 0] * u + (H32[2, 1] * v + H32[2, 2])  # a row plus a column
-        q2 = q2 + e[2] * iz
-        zj = z * q2
-        # absurd depths (inf, 1e38, <= 0) and points behind camera j end invalid (NaN)
-        valid = (z > 0) & (zj > 1e-6) & (zj < np.inf)
-        np.copyto(q2, np.float32(np.nan), where=~valid)
-        np.multiply(z, q2, out=zj)
-        r = np.divide(np.float32(1), q2, out=q2)
-        du = e[0] * iz
-        du += H32[0, 0] * u + (H32[0, 1] * v + H32[0, 2])
-        du *= r
+    x = (u - np.float32(K[0, 2])) * np.float32(1 / K[0, 0])
+    y = (v - np.float32(K[1, 2])) * np.float32(1 / K[1, 1])
+    R = T[:3, :3].astype(np.float32)
+    t = T[:3, 3].astype(np.float32)
+    with np.errstate(over='ignore', invalid='ignore', divide='ignore'):  # absurd depths (inf, 1e38) end invalid
+        xj = z * (R[0, 0] * x + R[0, 1] * y + R[0, 2])
+        xj += t[0]
+        yj = z * (R[1, 0] * x + R[1, 1] * y + R[1, 2])
+        yj += t[1]
+        zj = z * (R[2, 0] * x + R[2, 1] * y + R[2, 2])
+        zj += t[2]
+        valid = np.isfinite(z) & (z > 0)
+        valid &= zj > 1e-6
+        valid &= np.isfinite(zj)
+        np.copyto(zj, np.float32(np.nan), where=~valid)
+        iz = np.divide(np.float32(1), zj)
+        du = np.multiply(np.float32(K_j[0, 0]), xj, out=xj)
+        du *= iz
+        if K_j[0, 1] != 0:  # skew (0 * finite adds nothing: skipped when there is none)
+            du += np.float32(K_j[0, 1]) * yj * iz
+        du += np.float32(K_j[0, 2])
         du -= u
-        dv = np.multiply(e[1], iz, out=iz)
-        dv += H32[1, 0] * u + (H32[1, 1] * v + H32[1, 2])
-        dv *= r
+        dv = np.multiply(np.float32(K_j[1, 1]), yj, out=yj)
+        dv *= iz
+        dv += np.float32(K_j[1, 2])
         dv -= v
     return du, dv, zj
 
