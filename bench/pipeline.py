@@ -1,20 +1,32 @@
 """Pipeline benchmark: frames/s, per-stage ms and accuracy on the synthetic sequences (2 movers).
 
 Usage: python bench/pipeline.py [--sizes 320x240,640x480] [--frames 90] [--device cpu]
-       [--segmentation-off] [--set section.name=value ...]
-Prints one block per size: frames/s over the whole stream (rendering excluded), mean ms per stage
-(flow, pose = pair predictor incl. RANSAC + direct refinement, alignment, segmentation, map = outputs
-at the input size, total; map_integrate runs on the map thread, overlapping the next frames),
+       [--segmentation-off] [--no-sequential] [--no-node] [--rate 30] [--set section.name=value ...]
+Prints one block per size: frames/s over the whole stream (rendering excluded), driven as the node and
+`dynrecon run` drive it (dynrecon_ros/pipelining.py; with ``overlap``, the default, two frames at once on
+two threads), mean ms per stage (flow_ahead = optical flow computed in stage A on the caller's thread, ahead;
+flow = the pairs stage B still had to compute; pose = pair predictor incl. RANSAC + direct refinement,
+alignment, segmentation, total = stage B; map = outputs at the input size and map_integrate, both on
+the map thread with overlap),
 ATE/RPE (evo), dynamic-mask IoU and the static-map outlier fraction (> 5 cm from static surfaces).
 Frames wider than max_work_width (default 320) are processed at a reduced size (see ReconConfig).
+Then, unless --no-sequential, the same stream on one thread (overlap off), back to back: the speed-up
+and whether poses and masks are identical. Then, unless --no-node, the node: recon_node in its own
+process (default parameters: sensor-data QoS, queue_size 2) fed the same frames at --rate Hz by this
+process (real rclpy, stamped when sent, as a camera driver does): the fraction of frames without a mask
+and pose back, and the latency from stamp to mask and pose received, p50/p95 (output_lag included; the
+last output_lag frames, which wait for the idle flush, left out of it).
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import time
 
+import cv2
 import numpy as np
+import torch
 
 
 def parse_set(cfg, items):
@@ -30,6 +42,61 @@ def parse_set(cfg, items):
         setattr(sub, name, (value.lower() in ('1', 'true', 'yes')) if typ is bool else typ(value))
 
 
+def run(rec, seq):
+    """The stream through ``rec`` as the node drives it: (rec, results, wall s, CPU s, pipeline)."""
+    out = []
+    pipe = rec.pipeline(out.extend)
+    t0 = time.perf_counter()
+    c0 = time.process_time()
+    for f in seq.frames:
+        pipe.submit(f)
+    out += pipe.flush()
+    rec.static_map()  # the map thread's last integration included
+    dt = time.perf_counter() - t0
+    cpu = time.process_time() - c0
+    pipe.close()
+    return rec, out, dt, cpu, pipe
+
+
+def node_replay(seq, rate: float, lag: int, sets) -> None:
+    """recon_node in its own process, fed ``seq`` at ``rate`` Hz from this one; prints one line."""
+    from dynrecon_ros.ros.node import default_fastdds_profile
+    if not os.environ.get('FASTDDS_DEFAULT_PROFILES_FILE') and default_fastdds_profile() is not None:
+        os.environ['FASTDDS_DEFAULT_PROFILES_FILE'] = str(default_fastdds_profile())  # the sender needs it too
+    from dynrecon_ros.ros.testing import NodeProcess, RosHarness, StreamProbe, domain_id_for, node_command
+    domain = domain_id_for('bench_pipeline')
+    params = ['-p', 'idle_flush:=1.0', '-p', 'stats_period:=0.0']
+    for it in sets:
+        params += ['-p', f'pipeline.{it.split("=", 1)[0]}:={it.split("=", 1)[1]}']
+    proc = NodeProcess(node_command(params), domain)
+    ros = RosHarness(domain, name='bench_pipeline')
+    try:
+        if not proc.wait_output('ready:', 120):
+            print(f'  node: did not start:\n{proc.output()}')
+            return
+        probe = StreamProbe(ros)
+        if not probe.wait_matched(60):
+            print('  node: inputs not matched in 60 s')
+            return
+        time.sleep(1.0)
+        load0 = os.getloadavg()[0]
+        probe.play(seq.frames, rate)
+        ros.wait_for(lambda: probe.report()['complete'] == len(seq.frames), 30.0)
+        proc.wait_output('input idle: flushed', 10.0)
+        rep = probe.report(exclude_last=lag)
+    finally:
+        proc.stop()
+        ros.close()
+    import re
+    m = re.search(r'frames received (\d+), processed (\d+), dropped (\d+)', proc.output())
+    queue = f'{m.group(3)} of {m.group(1)} received dropped in its queue' if m else 'no totals line'
+    print(f'  node at {rate:.0f} Hz (recon_node process, default parameters, best effort): {rep["sent"]} frames sent, '
+          f'mask + pose back for {rep["complete"]}: drop rate {100 * rep["drop_rate"]:.1f} % ({queue}); latency '
+          f'stamp -> mask + pose received p50 {rep["latency_p50_ms"]:.0f} ms, p95 {rep["latency_p95_ms"]:.0f} ms '
+          f'(output_lag {lag} frames = {1e3 * lag / rate:.0f} ms included); load average {load0:.1f} -> '
+          f'{os.getloadavg()[0]:.1f}')
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument('--sizes', default='320x240,640x480')
@@ -38,6 +105,9 @@ def main() -> None:
     ap.add_argument('--device', default='cpu')
     ap.add_argument('--segmentation-off', action='store_true')
     ap.add_argument('--set', nargs='*', default=[])
+    ap.add_argument('--no-sequential', action='store_true', help='skip the one-thread run')
+    ap.add_argument('--no-node', action='store_true', help='skip the node replay')
+    ap.add_argument('--rate', type=float, default=30.0, help='node replay rate (Hz)')
     args = ap.parse_args()
 
     from dynrecon_ros.config import ReconConfig
@@ -52,15 +122,7 @@ def main() -> None:
         cfg = ReconConfig()
         cfg.segmentation.enabled = not args.segmentation_off
         parse_set(cfg, args.set)
-        rec = Reconstructor(cfg, device=args.device)
-        out = []
-        t0 = time.perf_counter()
-        c0 = time.process_time()
-        for f in seq.frames:
-            out += rec.push(f)
-        out += rec.flush()
-        dt = time.perf_counter() - t0
-        cpu = time.process_time() - c0
+        rec, out, dt, cpu, pipe = run(Reconstructor(cfg, device=args.device), seq)
         ok = [r for r in out if r.status == 'ok']
         tm = trajectory_metrics(np.array([r.stamp for r in ok]), np.array([r.pose for r in ok]), seq.stamps, seq.poses)
         mm = mask_metrics({r.key: r.mask > 0 for r in ok}, dict(zip(seq.keys, seq.masks)))
@@ -74,12 +136,32 @@ def main() -> None:
               f'{len(seq.frames) / cpu:.2f} frames per CPU-second (load-independent-ish on a shared box); '
               f'load average {os.getloadavg()[0]:.1f}')
         print('  ms/frame: ' + '  '.join(f'{k} {t[k]:.1f}' for k in
-                                         ['flow', 'pose', 'alignment', 'segmentation', 'map', 'total', 'map_integrate']
+                                         ['flow_ahead', 'flow', 'pose', 'alignment', 'segmentation', 'map', 'total', 'map_integrate']
                                          if k in t))
+        print(f'  threads: overlap {"on" if cfg.overlap else "off"}: stage A (caller) prepare '
+              f'{t.get("prepare", 0):.1f} + flow_ahead {t.get("flow_ahead", 0):.1f} ms/frame, waited for stage B '
+              f'{1e3 * pipe.wait_seconds / len(seq.frames):.1f} ms/frame; OpenCV {cv2.getNumThreads()}, torch '
+              f'{torch.get_num_threads()} (alignment.threads {cfg.alignment.threads}), segmentation.threads '
+              f'{cfg.segmentation.threads}')
         print(f'  ATE RMSE SE3: {tm["ate_rmse_se3"] * 1000:.2f} mm   RPE: {tm["rpe_trans_rmse"] * 1000:.2f} mm, '
               f'{tm["rpe_rot_rmse"]:.3f} deg per frame')
         print(f'  mask IoU: {mm["iou"]:.3f} (precision {mm["precision"]:.3f}, recall {mm["recall"]:.3f})')
         print(f'  static map: {len(pts)} points, {100 * (d > 0.05).mean():.2f}% > 5 cm from static surfaces')
+        if not args.no_sequential:
+            cfg1 = copy.deepcopy(cfg)
+            cfg1.overlap = not cfg.overlap
+            _, out1, dt1, cpu1, _ = run(Reconstructor(cfg1, device=args.device), seq)
+            same = len(out1) == len(out) and all(
+                a.key == b.key and a.status == b.status and (a.pose is None or (np.array_equal(a.pose, b.pose)
+                                                                                and np.array_equal(a.mask, b.mask)))
+                for a, b in zip(out, out1))
+            label = 'off (one thread)' if cfg.overlap else 'on (two threads)'
+            print(f'  overlap {label}: {len(seq.frames) / dt1:.2f} frames/s wall ({dt1:.1f} s), CPU {cpu1:.1f} s; '
+                  f'with / without overlap: {(dt1 / dt if cfg.overlap else dt / dt1):.2f}x frames/s; poses and masks '
+                  f'{"identical" if same else "DIFFER"}; load average {os.getloadavg()[0]:.1f}')
+        if not args.no_node:
+            node_replay(seq, args.rate, cfg.window.output_lag,
+                        args.set + (['segmentation.enabled=false'] if args.segmentation_off else []))
 
 
 if __name__ == '__main__':

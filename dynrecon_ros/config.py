@@ -168,7 +168,11 @@ class ReconConfig:
     wider than this many pixels are processed (flow, pair poses, alignment, segmentation) at 1/s of
     their size, s the smallest integer that brings them within it (640x480 -> 320x240), while the
     outputs stay at the input size (masks upsampled with their edges snapped to the input depth,
-    the map integrated from the input depth every map.pixel_stride * s pixels); 0 = always the input size."""
+    the map integrated from the input depth every map.pixel_stride * s pixels); 0 = always the input size;
+    overlap: the ROS node and ``dynrecon run`` work on two frames at once (dynrecon_ros/pipelining.py):
+    frame t+1's processing size and optical flow (of the pairs it will most likely get) on one thread
+    while frame t's poses, alignment, segmentation and outputs run on another; the same results in the
+    same order, about one stage A shorter per frame on two cores (false: one thread, the plain push)."""
 
     window: WindowConfig = field(default_factory=WindowConfig)
     flow: FlowConfig = field(default_factory=FlowConfig)
@@ -180,6 +184,7 @@ class ReconConfig:
     intrinsics: list | None = None
     world_pose: list | None = None
     max_work_width: int = 320
+    overlap: bool = True
 
     @classmethod
     def from_dict(cls, d: dict | None, where: str = 'config') -> 'ReconConfig':

@@ -132,6 +132,10 @@ class FlowCache:
         self._pairs[(key_a, key_b)] = pf
         return pf
 
+    def put(self, key_a: str, key_b: str, pf: PairFlow) -> None:
+        """Store the flow of pair (a, b) computed elsewhere (the Reconstructor's stage A)."""
+        self._pairs[(key_a, key_b)] = pf
+
     def keep_only(self, keys: set[str]) -> None:
         """Forget every pair with a frame not in ``keys``."""
         self._pairs = {k: v for k, v in self._pairs.items() if k[0] in keys and k[1] in keys}

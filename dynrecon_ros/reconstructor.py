@@ -19,13 +19,17 @@ Speed: RGB-D frames wider than ``max_work_width`` go through the step at 1/s of 
 integer; 640x480 -> 320x240); their outputs are brought back to the input size (mask edges snapped
 to the input depth). Map integration runs on a background thread (one frame at a time, in order)
 while the next frames are processed; :meth:`static_map`, :meth:`save_map` and :meth:`flush` wait
-for it.
+for it. ``push`` is :meth:`prepare` (stage A: the processing size and, with ``ahead``, the optical
+flow of the pairs the frame will most likely get) then :meth:`push_prepared` (stage B: checks, window
+step, emission); :class:`dynrecon_ros.pipelining.FramePipeline` runs stage A of frame t+1 on one
+thread while stage B of frame t runs on another (``ReconConfig.overlap``), with the same results.
 """
 from __future__ import annotations
 
 import time
+import collections
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
@@ -61,6 +65,19 @@ class FrameResult:
     K: np.ndarray | None = None
 
 
+@dataclass
+class Prepared:
+    """A frame after stage A (:meth:`Reconstructor.prepare`).
+
+    frame: the input Frame; work: the frame at its processing size (None: made in stage B, after the
+    checks); flows: {(key_a, key_b): PairFlow} computed ahead for the pairs the frame is expected to get.
+    """
+
+    frame: object
+    work: object = None
+    flows: dict = field(default_factory=dict)
+
+
 def upsample(img: np.ndarray, s: int, size: tuple[int, int], interpolation: int) -> np.ndarray:
     """(h, w) work-size map -> (H, W) = ``size`` input-size map (inverse of :func:`downscale_frame`'s
     block layout; the input's pixels beyond the last whole block repeat the border)."""
@@ -91,6 +108,9 @@ class StageTimes:
 
     def means(self) -> dict[str, float]:
         return {k: total / n for k, (total, n) in list(self._acc.items()) if n}
+
+
+MAP_JOBS = 2  # map-thread jobs queued at most (each holds one frame's outputs at input size)
 
 
 def _world_pose_matrix(v) -> np.ndarray:
@@ -139,7 +159,11 @@ class Reconstructor:
         self._size = None
         self._times = StageTimes()
         self._map_pool = None  # the map thread (started with the first integration)
-        self._map_job = None
+        self._map_jobs: collections.deque = collections.deque()  # (future, deferred), oldest first
+        # stage A's own flow estimator (one OpenCV DIS object is not shared by two threads) and the
+        # work frames of the last prepared frames, the expected pair partners of the next one
+        self._ahead_flows = FlowCache(cfg.flow)
+        self._recent_work: list = []
         # the backend's window step: dynrecon_ros/rgbd_step.py (RGB-D) or dynrecon_ros/monocular.py (networks)
         self.step: WindowStep = predictor.window_step(cfg, self.flows, self.segmenter, self._times, device)
 
@@ -155,16 +179,73 @@ class Reconstructor:
         return self._times.means()
 
     def push(self, frame) -> list[FrameResult]:
+        """One frame through both stages on the caller's thread; the results that became final."""
+        return self.push_prepared(self.prepare(frame))
+
+    def prepare(self, frame, ahead: bool = False) -> Prepared:
+        """Stage A: the frame at its processing size and, with ``ahead``, the optical flow of its
+        expected pairs (the last prepared frames as neighbours, the current keyframes).
+
+        Safe on a second thread while :meth:`push_prepared` runs for earlier frames: it only reads
+        frames (never changed once in the window) and its own flow estimator. A window step may add
+        ``prepare_frame(work)``: per-frame work that reads nothing but the frame (stored on it), run
+        here, so on the first thread. A wrong guess (a skipped
+        frame, a new keyframe) costs time, never results: stage B computes the pairs it lacks, and
+        flows depend only on the two images.
+        """
+        t0 = time.perf_counter()
+        p = Prepared(frame)
+        try:
+            if getattr(frame, 'K', None) is None and self.default_K is not None:
+                frame.K = self.default_K
+            p.work = self.step.work_frame(frame)
+        except Exception:  # noqa: BLE001 - stage B runs the checks first; they name the problem
+            return p
+        hook = getattr(self.step, 'prepare_frame', None)  # a step's per-frame work that needs no window state
+        if hook is not None:
+            hook(p.work)
+        self._times.lap('prepare', t0)
+        if not ahead:
+            return p
+        t = time.perf_counter()
+        work = p.work
+        olds = list(reversed(self._recent_work)) + [k.frame for k in list(self.window.keyframes)]
+        seen = {work.key}
+        for old in olds:
+            if old.key in seen or old.rgb.shape != work.rgb.shape:
+                continue
+            seen.add(old.key)
+            p.flows[(old.key, work.key)] = self._ahead_flows.get(old.key, old.rgb, work.key, work.rgb)
+        self._ahead_flows.keep_only(set())
+        self._recent_work = (self._recent_work + [work])[-max(1, self.cfg.window.neighbours):]
+        self._times.lap('flow_ahead', t)
+        return p
+
+    def push_prepared(self, p: Prepared, deferred: bool = False) -> list:
+        """Stage B: checks, the backend's window step, keyframe rule, emission (in push order).
+
+        deferred: the emitted frames' outputs at the input size are made on the map thread, before
+        their integration; they come as ``concurrent.futures.Future`` of FrameResult (skipped frames
+        as FrameResult), in order.
+        """
         t0 = time.perf_counter()
         try:
-            self._step(frame)
+            for (ka, kb), pf in p.flows.items():
+                self.flows.put(ka, kb, pf)
+            self._step(p.frame, p.work)
         finally:
             self._times.add('total', (time.perf_counter() - t0) * 1e3)
             # every pair of a step has the step's newest frame in it, so no cached flow is looked up again:
             # keep none (a skipped frame's flows would stay until the next accepted frame: unbounded while
             # tracking is lost, ~5 MiB per pair at 640x480)
             self.flows.keep_only(set())
-        return self._emit(final=False)
+        return self._emit(final=False, deferred=deferred)
+
+    def pipeline(self, on_results, on_error=None, lock=None):
+        """A :class:`dynrecon_ros.pipelining.FramePipeline` over this reconstructor, two threads when
+        ``overlap`` is on in the config (how the node and ``dynrecon run`` drive it)."""
+        from dynrecon_ros.pipelining import FramePipeline
+        return FramePipeline(self, on_results, on_error, overlap=self.cfg.overlap, lock=lock)
 
     def flush(self) -> list[FrameResult]:
         out = self._emit(final=True)
@@ -208,7 +289,7 @@ class Reconstructor:
             return f'black or constant image (grey std {std:.2f})'
         return ''
 
-    def _step(self, frame) -> None:
+    def _step(self, frame, work=None) -> None:
         reason = self._check(frame)
         if reason:
             return self._skip(frame, reason)
@@ -216,7 +297,8 @@ class Reconstructor:
             frame.K = self.default_K
         pending = self._pending_ids()
         published = {e.index for e in self.window.all_entries() if id(e) not in pending}
-        work = self.step.work_frame(frame)
+        if work is None:
+            work = self.step.work_frame(frame)
         entry, _ = self.window.add(work)
         if work is not frame:  # processed at a reduced size: the outputs go back to the input's
             entry.data['input'] = frame
@@ -228,29 +310,39 @@ class Reconstructor:
         if self.window.is_keyframe(entry.pose, entry.index):
             self.window.mark_keyframe(entry)
 
-    def _map_submit(self, depth, rgb, K, pose, static, conf, pixel_stride) -> None:
-        """Integrate one frame into the map on the map thread (one frame at a time, in order).
+    def _map_run(self, job, deferred: bool = False):
+        """Run ``job()`` on the map thread (one job at a time, in order); at most ``MAP_JOBS`` queued.
 
         Integration (numpy / OpenCV, which release the GIL in their loops) overlaps the next
-        frame's steps on the second core; the map is only read after :meth:`_map_wait`.
+        frame's steps on the second core; the map is only read after :meth:`_map_wait`. A deferred
+        job's error belongs to whoever holds its future (it is not raised again by :meth:`_map_wait`).
         """
         from concurrent.futures import ThreadPoolExecutor
-        self._map_wait()
+        while len(self._map_jobs) >= MAP_JOBS:
+            self._map_wait_one()
         if self._map_pool is None:
             self._map_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix='dynrecon-map')
+        fut = self._map_pool.submit(job)
+        self._map_jobs.append((fut, deferred))
+        return fut
 
-        def job():
-            t = time.perf_counter()
-            self.map.integrate(depth, rgb, K, pose, static, conf, pixel_stride=pixel_stride)
-            self._times.add('map_integrate', (time.perf_counter() - t) * 1e3)
-
-        self._map_job = self._map_pool.submit(job)
+    def _integrate(self, depth, rgb, K, pose, static, conf, pixel_stride) -> None:
+        t = time.perf_counter()
+        self.map.integrate(depth, rgb, K, pose, static, conf, pixel_stride=pixel_stride)
+        self._times.add('map_integrate', (time.perf_counter() - t) * 1e3)
 
     def _map_wait(self) -> None:
-        """Wait for the frame being integrated (re-raises its error)."""
-        job, self._map_job = self._map_job, None
-        if job is not None:
-            job.result()
+        """Wait for the map thread's jobs (re-raises their errors unless deferred)."""
+        while self._map_jobs:
+            self._map_wait_one()
+
+    def _map_wait_one(self) -> None:
+        fut, deferred = self._map_jobs.popleft()
+        if deferred:
+            from concurrent.futures import wait
+            wait([fut])
+        else:
+            fut.result()
 
     def _pending_ids(self) -> set[int]:
         """ids of the accepted window entries whose results are not out yet."""
@@ -261,8 +353,8 @@ class Reconstructor:
         self._size = frame.size
         self._pending.append(entry)
 
-    def _emit(self, final: bool) -> list[FrameResult]:
-        out: list[FrameResult] = []
+    def _emit(self, final: bool, deferred: bool = False) -> list:
+        out: list = []
         newest = self.window.entries[-1].index if self.window.entries else -1
         lag = self.cfg.window.output_lag
         while self._pending:
@@ -273,22 +365,52 @@ class Reconstructor:
             if not final and newest - head.index < lag and len(self._pending) <= self.cfg.window.size + lag:
                 break  # (beyond that bound, frames skipped meanwhile (tracking lost) push the head out early)
             self._pending.pop(0)
-            out.append(self._finish(head))
+            out.append(self._finish_later(head) if deferred else self._finish(head))
         return out
 
     def _finish(self, e: WindowEntry) -> FrameResult:
-        wf = e.frame
-        f = e.data.get('input', wf)
+        """The emitted entry's result at the input size; its map integration goes to the map thread."""
+        t = time.perf_counter()
+        res, integration = self._outputs(*self._snapshot(e))
+        if integration is not None:
+            self._map_run(lambda: self._integrate(*integration))
+        self._times.lap('map', t)
+        return res
+
+    def _finish_later(self, e: WindowEntry):
+        """:meth:`_finish` on the map thread (outputs, then integration): a Future of the FrameResult
+        (its ``frame`` attribute: the input Frame). What it reads is taken now: later steps hold an
+        emitted entry and do not change it, but may replace its pose by an equal one."""
+        snap = self._snapshot(e)
+
+        def job():
+            t = time.perf_counter()
+            res, integration = self._outputs(*snap)
+            self._times.lap('map', t)
+            if integration is not None:
+                self._integrate(*integration)
+            return res
+
+        fut = self._map_run(job, deferred=True)
+        fut.frame = snap[1]
+        return fut
+
+    @staticmethod
+    def _snapshot(e: WindowEntry) -> tuple:
+        return e.frame, e.data.get('input', e.frame), e.data.get('prob'), e.data.get('mask'), e.data.get('conf'), \
+            e.pose.copy()
+
+    def _outputs(self, wf, f, prob, mask, conf, pose) -> tuple[FrameResult, tuple | None]:
+        """(the FrameResult at the input size, the map integration's arguments or None)."""
         h, w = wf.rgb.shape[:2]
-        prob = e.data.get('prob', np.zeros((h, w), np.float32))
-        mask = e.data.get('mask')
+        has_prob = prob is not None
+        if prob is None:
+            prob = np.zeros((h, w), np.float32)
         if mask is None:  # segmented as the newest frame only (end of stream, a skipped neighbour)
             mask = clean_mask(prob, self.cfg.segmentation, wf.depth) if self.cfg.segmentation.enabled and \
-                'prob' in e.data and wf.depth is not None else np.zeros((h, w), np.uint8)
-        conf = e.data.get('conf')
+                has_prob and wf.depth is not None else np.zeros((h, w), np.uint8)
         if conf is None:
             conf = np.ones((h, w), np.float32)
-        t = time.perf_counter()
         s = 1
         if wf is not f:  # processed at a reduced size: back to the input size, mask edges on its depth
             s = f.rgb.shape[1] // w
@@ -296,9 +418,9 @@ class Reconstructor:
             mask = refine_upsampled_mask(mask, s, f.depth, prob, self.cfg.segmentation)
             conf = upsample(conf, s, f.rgb.shape[:2], cv2.INTER_NEAREST) * (f.depth > 0)
         conf = (conf * (1.0 - prob)).astype(np.float32)
+        integration = None
         if f.depth is not None:
             stride = self.cfg.map.pixel_stride * s if self.cfg.map.pixel_stride > 0 else None
-            self._map_submit(f.depth, f.rgb, f.K, e.pose.copy(), mask == 0, conf, stride)
-        self._times.lap('map', t)
-        return FrameResult(stamp=f.stamp, key=f.key, status='ok', reason='', pose=e.pose.copy(),
-                           depth=f.depth, mask=mask, dynamic_prob=prob, confidence=conf, K=f.K)
+            integration = (f.depth, f.rgb, f.K, pose.copy(), mask == 0, conf, stride)
+        return FrameResult(stamp=f.stamp, key=f.key, status='ok', reason='', pose=pose,
+                           depth=f.depth, mask=mask, dynamic_prob=prob, confidence=conf, K=f.K), integration

@@ -228,10 +228,12 @@ def _run(cfg, frames, with_depth=True):
     from dynrecon_ros.reconstructor import Reconstructor
     rec = Reconstructor(cfg)
     out = []
+    pipe = rec.pipeline(out.extend)  # as the node and `dynrecon run` drive it (ReconConfig.overlap)
     for f, K in frames:
-        out += rec.push(Frame(stamp=f.stamp, rgb=f.rgb, depth=f.depth.copy() if with_depth else None, K=K.copy(),
-                              key=f.key, meta={}))
-    out += rec.flush()
+        pipe.submit(Frame(stamp=f.stamp, rgb=f.rgb, depth=f.depth.copy() if with_depth else None, K=K.copy(),
+                          key=f.key, meta={}))
+    out += pipe.flush()
+    pipe.close()
     rec.static_map()
     return out
 

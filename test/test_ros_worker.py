@@ -41,6 +41,23 @@ def test_worker_processes_newest_when_slow_and_stops_cleanly():
     assert not w.is_alive()
 
 
+def test_worker_takes_the_next_item_only_when_ready():
+    """With a ready hook (the pipeline has room) the worker leaves items in the queue until it is True,
+    so the queue keeps the newest ones."""
+    q = DropOldestQueue(2)
+    seen, room = [], threading.Event()
+    w = Worker(q, seen.append, ready=lambda timeout: room.wait(timeout))
+    w.start()
+    for i in range(10):
+        q.put(i)
+    time.sleep(0.3)
+    assert seen == [] and len(q) == 2  # nothing taken while not ready
+    room.set()
+    assert w.wait_idle(5)
+    assert seen == [8, 9] and q.dropped == 8
+    w.stop()
+
+
 def test_worker_survives_errors_and_flushes_when_idle():
     q = DropOldestQueue(4)
     errors, idles = [], []

@@ -110,6 +110,7 @@ def reconstruct(frames, output, config=None, backend: str | None = None, checkpo
 
     t0 = time.perf_counter()
     n = 0
+    pipe = rec.pipeline(consume)  # results written on the output thread while the next frames run
 
     def frames_iter():
         yield first
@@ -120,10 +121,11 @@ def reconstruct(frames, output, config=None, backend: str | None = None, checkpo
             break
         n += 1
         rgbs[frame.key] = frame.rgb
-        consume(rec.push(frame))
+        pipe.submit(frame)
         if bar is not None:
             bar.update(1)
-    consume(rec.flush())
+    consume(pipe.flush())
+    pipe.close()
     seconds = time.perf_counter() - t0
     if bar is not None:
         bar.close()

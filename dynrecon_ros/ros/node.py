@@ -4,7 +4,11 @@ Inputs (relative names, remap them): ``image`` (or ``image/compressed``), ``dept
 ``depth/compressedDepth``), ``camera_info``. Outputs (:mod:`dynrecon_ros.ros.publishers`, which states
 their QoS): ``/tf``, ``~/dynamic_mask``, ``~/depth``, ``~/camera_info``, ``~/pose``, ``~/path``,
 ``~/odom``, ``~/static_map``; service ``~/save_map``. Callbacks only validate, convert and enqueue; one
-worker thread runs the pipeline (see :mod:`dynrecon_ros.ros.worker`).
+worker thread runs the pipeline (see :mod:`dynrecon_ros.ros.worker`), with ``pipeline.overlap`` over two
+threads (:class:`dynrecon_ros.pipelining.FramePipeline`: the worker prepares frame t+1 while a stage
+thread finishes frame t; an output thread publishes). Every ``stats_period`` s the node logs the input,
+published and dropped rates and the latency from an image's stamp to its mask and pose being
+published (p50/p95, output_lag included).
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ from std_srvs.srv import Trigger
 from dynrecon_ros.errors import InputError
 from dynrecon_ros.frames import Frame
 from dynrecon_ros.memory import MALLOC_TRIM, resident_mib, trim_heap
+from dynrecon_ros.pipelining import FramePipeline
 from dynrecon_ros.ros import conversions as conv
 from dynrecon_ros.ros.inputs import InputFrame, StampPairer
 from dynrecon_ros.ros.parameters import (CONFIG_AT_NODE_LEVEL, NODE_PARAMETERS, PIPELINE_PREFIX, flatten,
@@ -39,7 +44,7 @@ from dynrecon_ros.ros.publishers import (FrameImagePublisher, MapPublisher, Odom
                                         PosePublisher)
 from dynrecon_ros.ros.qos import input_qos
 from dynrecon_ros.ros.tf import MODES, ExtrinsicSource, TransformBroadcaster, navigation_pose, stamped
-from dynrecon_ros.ros.worker import DropOldestQueue, Worker
+from dynrecon_ros.ros.worker import DropOldestQueue, LatencyStats, Worker
 
 NODE_NAME = 'dynrecon'
 FASTDDS_PROFILE = 'fastdds_shm.xml'
@@ -78,8 +83,10 @@ class ReconNode(Node):
             K = np.array([[fx, 0.0, cx], [0.0, fy, cy], [0.0, 0.0, 1.0]])
             self._override_info = (K, np.asarray(p('camera_distortion'), dtype=np.float64), (int(cw), int(ch)))
         self._warned: dict[tuple, float] = {}
-        self._lock = threading.Lock()  # guards the reconstructor (worker vs save_map service)
+        self._lock = threading.Lock()  # guards the reconstructor (stage thread vs worker vs save_map service)
         self._rec = self._make_reconstructor()
+        self._pipe = FramePipeline(self._rec, self._on_results, self._on_worker_error,
+                                   overlap=self._config.overlap, lock=self._lock)
         changed = {k: v for k, v in flatten(self._config.to_dict()).items()
                    if v != self._config_defaults.get(k, (v,))[0]}
         self.get_logger().info('pipeline settings changed from the defaults: '
@@ -93,8 +100,11 @@ class ReconNode(Node):
         self._last_pair_time: float | None = None  # monotonic time of the last image paired with a depth
         self._undistorter: conv.Undistorter | None = None
         self._headers: collections.OrderedDict = collections.OrderedDict()  # key -> (header, (W, H), info)
+        self._headers_lock = threading.Lock()  # worker adds, the output thread takes
+        self._latency = LatencyStats()
         self._drop_report = (time.monotonic(), 0, 0)
         self._last_map_pub = 0.0
+        self._map_dirty = False
         self._last_trim = time.monotonic()
         self._nav_origin: np.ndarray | None = None
         self.extrinsic = ExtrinsicSource(self, p('base_to_camera'))
@@ -107,6 +117,12 @@ class ReconNode(Node):
         self.odom = OdometryPublisher(self, p)
         self.map = MapPublisher(self)
         self.srv_save = self.create_service(Trigger, '~/save_map', self._on_save_map)
+        # ~/path, ~/static_map and the heap trim cost in proportion to the path and the map: a thread of
+        # their own, so that they never hold up a frame's mask and pose
+        self._periodic_lock = threading.Lock()
+        self._periodic_stop = threading.Event()
+        self._periodic = threading.Thread(target=self._run_periodic, name='dynrecon-periodic', daemon=True)
+        self._periodic.start()
 
         # inputs
         qos = input_qos(p('qos_reliable'), p('queue_size'))
@@ -124,13 +140,18 @@ class ReconNode(Node):
 
         self.queue = DropOldestQueue(p('queue_size'))
         self.worker = Worker(self.queue, self._process, self._on_worker_error, on_idle=self._flush,
-                             idle_after=float(p('idle_flush')))
+                             idle_after=float(p('idle_flush')), ready=lambda t: self._pipe.wait_ready(t))
         self.worker.start()
+        period = float(p('stats_period'))
+        self._stats_at = (time.monotonic(), 0, 0, 0)  # (time, received, published, dropped)
+        if period > 0:
+            self._stats_timer = self.create_timer(period, self._log_stats)
         self.get_logger().info(
             f'ready: image={self._topic(self.sub_image)} depth='
             f'{self._topic(self.sub_depth) if self.sub_depth else "(off)"} '
             f'camera_info={self._topic(self.sub_info)} tf_mode={self.tf_mode} queue_size={p("queue_size")} '
-            f'qos={"reliable" if p("qos_reliable") else "sensor_data"}')
+            f'qos={"reliable" if p("qos_reliable") else "sensor_data"} '
+            f'overlap={"on (two threads)" if self._config.overlap else "off"}')
 
     # ------------------------------------------------------------ parameters
     def _param(self, name: str):
@@ -291,7 +312,15 @@ class ReconNode(Node):
 
     # ------------------------------------------------------------ worker thread
     def _on_worker_error(self, item, exc: BaseException) -> None:
-        stamp = conv.stamp_to_sec(item.header.stamp) if isinstance(item, InputFrame) else float('nan')
+        """Worker, stage and output threads: a frame's error (``item`` an InputFrame, a Frame or None)."""
+        if isinstance(item, InputFrame):
+            stamp = conv.stamp_to_sec(item.header.stamp)
+        else:
+            stamp = float(getattr(item, 'stamp', float('nan')))
+            key = getattr(item, 'key', None)
+            if key is not None:
+                with self._headers_lock:
+                    self._headers.pop(key, None)
         if isinstance(exc, InputError):
             self.warn(self._topic(self.sub_image), f'frame {stamp:.6f} rejected: {exc}')
         else:
@@ -301,11 +330,13 @@ class ReconNode(Node):
 
     def _process(self, item: InputFrame) -> None:
         if item.reset:
+            self._pipe.drain()  # the old stream's frames through (and published) first
             with self._lock:
-                self._rec = self._make_reconstructor()
+                self._rec = self._pipe.rec = self._make_reconstructor()
             self._nav_origin = None
             self.odom.reset()
-            self._headers.clear()
+            with self._headers_lock:
+                self._headers.clear()
             self.path.reset()
             return
         rgb, depth, K = item.rgb, item.depth, item.K
@@ -317,18 +348,31 @@ class ReconNode(Node):
             depth = self._undistorter(depth, nearest=True) if depth is not None else None
         stamp = conv.stamp_to_sec(item.header.stamp)
         frame = Frame(stamp=stamp, rgb=rgb, depth=depth, K=K, key=f'{stamp:.9f}')
-        self._headers[frame.key] = (item.header, (rgb.shape[1], rgb.shape[0]), K)
-        while len(self._headers) > 256:  # results normally come back within a window: bound the memory
-            self._headers.popitem(last=False)
-        with self._lock:
-            results = self._rec.push(frame)
+        with self._headers_lock:
+            self._headers[frame.key] = (item.header, (rgb.shape[1], rgb.shape[0]), K)
+            while len(self._headers) > 256:  # results normally come back within a window: bound the memory
+                self._headers.popitem(last=False)
+        self._pipe.submit(frame)  # results to _on_results (output thread; with overlap off, before this returns)
+
+    def _on_results(self, results) -> None:
+        """Output thread (worker thread with overlap off): publish one frame's final results."""
         self._publish_results(results)
-        self.path.maybe_publish()
-        self._maybe_publish_map()
-        self._maybe_trim_memory()
+        if results:
+            self._map_dirty = True  # (the periodic thread sends the map only after new frames)
+
+    def _run_periodic(self) -> None:
+        """Periodic thread: ~/path at publish_path_rate, ~/static_map at publish_map_rate, heap trim."""
+        while not self._periodic_stop.wait(0.02):
+            try:
+                with self._periodic_lock:
+                    self.path.maybe_publish()
+                    self._maybe_publish_map()
+                    self._maybe_trim_memory()
+            except Exception as exc:  # noqa: BLE001 - reported (throttled), the node keeps running
+                self.warn('~/static_map and ~/path', f'periodic publishing failed: {exc!r}')
 
     def _maybe_trim_memory(self) -> None:
-        """Worker thread: return freed heap memory to the OS every ``trim_memory_period`` s."""
+        """Periodic thread (and flushes): return freed heap memory to the OS every ``trim_memory_period`` s."""
         period = float(self._param('trim_memory_period'))
         now = time.monotonic()
         if MALLOC_TRIM is None or period <= 0 or now - self._last_trim < period:
@@ -339,19 +383,20 @@ class ReconNode(Node):
 
     def _flush(self) -> None:
         """Worker thread, input idle: publish what the pipeline still holds, then the map."""
-        with self._lock:
-            results = self._rec.flush()
+        results = self._pipe.flush()
         self._publish_results(results)
-        self.path.maybe_publish(force=True)
-        self.publish_map()
-        self._maybe_trim_memory()
+        with self._periodic_lock:
+            self.path.maybe_publish(force=True)
+            self.publish_map()
+            self._maybe_trim_memory()
         q = self.queue
         self.get_logger().info(f'input idle: flushed {len(results)} results; frames received {q.received}, '
                                f'processed {self.worker.processed}, dropped {q.dropped}')
 
     def _publish_results(self, results) -> None:
         for r in results:
-            entry = self._headers.pop(r.key, None)
+            with self._headers_lock:
+                entry = self._headers.pop(r.key, None)
             if entry is None:
                 continue
             header, size, K_in = entry
@@ -383,13 +428,29 @@ class ReconNode(Node):
                 self.tf.send_transform(stamped(T_w_c, pose_header, camera))
             self.odom.publish(pose_header, T_w_c, camera)
         self.path.append(self.pose.publish(pose_header, T_pose))
+        self._latency.add(self.get_clock().now().nanoseconds * 1e-9 - conv.stamp_to_sec(header.stamp))
+
+    def _log_stats(self) -> None:
+        """Timer: rates, drops and the stamp-to-publish latency since the last stats line."""
+        t0, recv0, pub0, drop0 = self._stats_at
+        now, q = time.monotonic(), self.queue
+        pub = self._latency.count
+        self._stats_at = (now, q.received, pub, q.dropped)
+        dt = max(now - t0, 1e-6)
+        if q.received == recv0 and pub == pub0:
+            return  # nothing came: stay quiet
+        self.get_logger().info(
+            f'stats: last {dt:.1f} s: received {(q.received - recv0) / dt:.1f} frames/s, published '
+            f'{(pub - pub0) / dt:.1f}/s, dropped {q.dropped - drop0} of {q.received - recv0} in the queue; '
+            + self._latency.line(self._config.window.output_lag))
 
     def _maybe_publish_map(self, force: bool = False) -> None:
         rate = float(self._param('publish_map_rate'))
         now = time.monotonic()
-        if not force and (rate <= 0 or now - self._last_map_pub < 1.0 / rate):
+        if not force and (rate <= 0 or not self._map_dirty or now - self._last_map_pub < 1.0 / rate):
             return
         self._last_map_pub = now
+        self._map_dirty = False
         self.publish_map()
 
     def publish_map(self) -> None:
@@ -415,12 +476,14 @@ class ReconNode(Node):
     def finish(self, publish: bool = True) -> None:
         """Stop the worker, flush the pipeline, publish the last results/map, save the map if asked."""
         self.worker.stop()
-        with self._lock:
-            try:
-                results = self._rec.flush()
-            except Exception as exc:  # noqa: BLE001
-                self.get_logger().error(f'flush failed: {exc!r}')
-                results = []
+        self._periodic_stop.set()
+        self._periodic.join(10.0)
+        try:
+            results = self._pipe.flush()
+        except Exception as exc:  # noqa: BLE001
+            self.get_logger().error(f'flush failed: {exc!r}')
+            results = []
+        self._pipe.close()
         if publish:
             try:
                 self._publish_results(results)
@@ -439,7 +502,9 @@ class ReconNode(Node):
         voxels = getattr(getattr(self._rec, 'map', None), '__len__', None)
         print(f'[{self.get_name()}] frames received {q.received}, processed {self.worker.processed}, '
               f'dropped {q.dropped}, queue high water {q.high_water}'
-              + (f', static map {voxels()} voxels' if voxels is not None else ''), file=sys.stderr, flush=True)
+              + (f', static map {voxels()} voxels' if voxels is not None else '')
+              + f'; published {self._latency.count}, ' + self._latency.line(self._config.window.output_lag, total=True),
+              file=sys.stderr, flush=True)
 
 
 def main(args: list[str] | None = None) -> int:

@@ -55,6 +55,9 @@ NODE_PARAMETERS: dict[str, tuple[object, str]] = {
     'idle_flush': (2.0, 'Flush the pipeline (publish the results of frames still in its window, and the map) '
                    'after this many seconds without input, e.g. at the end of a bag (0: only on shutdown).'),
     'warn_throttle': (5.0, 'Seconds between repeats of the same warning.'),
+    'stats_period': (10.0, 'Every this many seconds log the input and published rates, the frames dropped in the '
+                     'queue and the latency from image stamp to mask and pose published (p50/p95, output_lag '
+                     'included) since the last such line; silent while no input comes (0: never).'),
     'trim_memory_period': (5.0, 'Every this many seconds the worker hands freed heap memory back to the OS '
                            '(glibc malloc_trim; no effect elsewhere), so resident memory follows what is in '
                            'use (0: never).'),

@@ -18,6 +18,7 @@ topic                  type                   QoS           class
 """
 from __future__ import annotations
 
+import threading
 import time
 from typing import Callable
 
@@ -83,7 +84,9 @@ class PosePublisher:
 
 class PathPublisher:
     """``~/path``: every pose so far (the oldest dropped beyond ``max_path_length``), re-sent at most
-    ``publish_path_rate`` times a second (0: with every pose) since a long path costs CPU to send."""
+    ``publish_path_rate`` times a second (0: with every pose) since a long path costs CPU to send.
+    Thread-safe: poses are appended by the thread that publishes the frames, the path is sent (a copy of
+    the list, so appending does not wait for the send) by the node's periodic thread."""
 
     def __init__(self, node: Node, param: Callable[[str], object], qos=OUTPUT_QOS):
         self.pub = node.create_publisher(Path, '~/path', qos)
@@ -91,29 +94,35 @@ class PathPublisher:
         self.path = Path()
         self._dirty = False
         self._last_pub = 0.0
+        self._lock = threading.Lock()
 
     def append(self, pose: PoseStamped) -> None:
-        self.path.header = pose.header
-        self.path.poses.append(pose)
-        if len(self.path.poses) > int(self._param('max_path_length')):
-            del self.path.poses[0]
-        self._dirty = True
+        with self._lock:
+            self.path.header = pose.header
+            self.path.poses.append(pose)
+            if len(self.path.poses) > int(self._param('max_path_length')):
+                del self.path.poses[0]
+            self._dirty = True
 
     def maybe_publish(self, force: bool = False) -> None:
         rate = float(self._param('publish_path_rate'))
         now = time.monotonic()
-        if not self._dirty or (not force and rate > 0 and now - self._last_pub < 1.0 / rate):
-            return
-        self._last_pub = now
-        self._dirty = False
-        self.pub.publish(self.path)
+        with self._lock:
+            if not self._dirty or (not force and rate > 0 and now - self._last_pub < 1.0 / rate):
+                return
+            self._last_pub = now
+            self._dirty = False
+            msg = Path(header=self.path.header, poses=list(self.path.poses))
+        self.pub.publish(msg)
 
     def last_stamp(self):
         """Stamp of the newest pose, or None when the path is empty."""
-        return self.path.poses[-1].header.stamp if self.path.poses else None
+        with self._lock:
+            return self.path.poses[-1].header.stamp if self.path.poses else None
 
     def reset(self) -> None:
-        self.path = Path()
+        with self._lock:
+            self.path = Path()
 
 
 class OdometryPublisher:

@@ -93,6 +93,72 @@ class RosHarness:
         self._thread.join(2.0)
 
 
+class StreamProbe:
+    """Sends RGB-D frames to a node through ``harness`` and times its answers (tests and bench/pipeline.py).
+
+    Each frame (rgb8 + 32FC1 + camera_info on ``image``, ``depth``, ``camera_info``) is stamped with the
+    wall time at which it is sent, as a camera driver stamps its images; for every ``/<node>/dynamic_mask``
+    and ``/<node>/pose`` that comes back the arrival time is recorded by stamp. Latency of a frame = the
+    later of its mask's and its pose's arrival minus its stamp (output_lag and transport included).
+    """
+
+    def __init__(self, harness: RosHarness, node_name: str = 'dynrecon', reliable: bool = False):
+        from geometry_msgs.msg import PoseStamped
+        from sensor_msgs.msg import CameraInfo, Image
+
+        from dynrecon_ros.ros.qos import OUTPUT_QOS, RELIABLE_INPUT_QOS, SENSOR_QOS
+        qos = RELIABLE_INPUT_QOS if reliable else SENSOR_QOS
+        self.pubs = [harness.publisher(t, n, qos) for t, n in
+                     ((Image, 'image'), (Image, 'depth'), (CameraInfo, 'camera_info'))]
+        self.sent: list[int] = []  # stamps (ns) in send order
+
+        def arrival(msg):
+            return msg.header.stamp.sec * 1_000_000_000 + msg.header.stamp.nanosec, time.time_ns()
+        self.masks = harness.collect(Image, f'/{node_name}/dynamic_mask', OUTPUT_QOS, keep=arrival)
+        self.poses = harness.collect(PoseStamped, f'/{node_name}/pose', OUTPUT_QOS, keep=arrival)
+
+    def wait_matched(self, timeout: float = 30.0) -> bool:
+        """True once the node subscribes to all three inputs."""
+        return RosHarness.wait_for(lambda: all(p.get_subscription_count() for p in self.pubs), timeout)
+
+    def send(self, rgb, depth, K) -> int:
+        """Publish one frame stamped now; returns its stamp in ns."""
+        from std_msgs.msg import Header
+
+        from dynrecon_ros.ros import conversions as conv
+        t = time.time_ns()
+        h = Header(frame_id='camera')
+        h.stamp.sec, h.stamp.nanosec = divmod(t, 1_000_000_000)
+        self.pubs[2].publish(conv.numpy_to_camera_info(K, (rgb.shape[1], rgb.shape[0]), h))
+        self.pubs[0].publish(conv.numpy_to_image(rgb, 'rgb8', h))
+        self.pubs[1].publish(conv.numpy_to_image(depth, '32FC1', h))
+        self.sent.append(t)
+        return t
+
+    def play(self, frames, rate: float) -> None:
+        """Send ``frames`` (objects with rgb, depth, K) at ``rate`` Hz, on schedule (late sends catch up)."""
+        t0 = time.monotonic()
+        for i, f in enumerate(frames):
+            time.sleep(max(0.0, t0 + i / rate - time.monotonic()))
+            self.send(f.rgb, f.depth, f.K)
+
+    def report(self, exclude_last: int = 0) -> dict:
+        """Counts (every stamp's mask and pose, duplicates) and latency p50/p95 in ms over the frames sent,
+        leaving out the last ``exclude_last`` (held for the window until the node's idle flush)."""
+        import numpy as np
+        masks, poses = dict(list(self.masks)), dict(list(self.poses))
+        sent = set(self.sent)
+        got = [t for t in self.sent if t in masks and t in poses]
+        timed = [t for t in self.sent[:len(self.sent) - exclude_last] if t in masks and t in poses]
+        lat = np.array([(max(masks[t], poses[t]) - t) * 1e-6 for t in timed])
+        return {'sent': len(self.sent), 'complete': len(got),
+                'masks': sum(1 for t, _ in list(self.masks) if t in sent),
+                'poses': sum(1 for t, _ in list(self.poses) if t in sent),
+                'dropped': len(self.sent) - len(got), 'drop_rate': 1 - len(got) / max(1, len(self.sent)),
+                'latency_p50_ms': float(np.percentile(lat, 50)) if len(lat) else float('nan'),
+                'latency_p95_ms': float(np.percentile(lat, 95)) if len(lat) else float('nan')}
+
+
 def node_env(domain_id: int, extra: dict | None = None) -> dict:
     """Environment for a node subprocess: this interpreter's, the worktree first on sys.path."""
     env = dict(os.environ)

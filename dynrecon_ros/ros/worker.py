@@ -12,6 +12,8 @@ import threading
 import time
 from typing import Any, Callable
 
+import numpy as np
+
 
 class DropOldestQueue:
     """Thread-safe FIFO of at most ``maxsize`` items; a put on a full queue drops the oldest item."""
@@ -67,13 +69,15 @@ class Worker(threading.Thread):
 
     def __init__(self, queue: DropOldestQueue, handle: Callable[[Any], None],
                  on_error: Callable[[Any, BaseException], None] | None = None, name: str = 'recon-worker',
-                 on_idle: Callable[[], None] | None = None, idle_after: float = 0.0):
+                 on_idle: Callable[[], None] | None = None, idle_after: float = 0.0,
+                 ready: Callable[[float], bool] | None = None):
         super().__init__(name=name, daemon=True)
         self.queue = queue
         self.handle = handle
         self.on_error = on_error
         self.on_idle = on_idle  # called once when no item came for idle_after seconds after some work
         self.idle_after = idle_after
+        self.ready = ready  # ready(timeout) -> bool: take the next item only once True (the pipeline has room)
         self._last_item = None
         self._stop_event = threading.Event()
         self.processed = 0
@@ -83,6 +87,8 @@ class Worker(threading.Thread):
 
     def run(self) -> None:
         while not self._stop_event.is_set():
+            if self.ready is not None and not self.ready(0.1):
+                continue  # busy downstream: newer frames replace older ones in the queue meanwhile
             item = self.queue.get(timeout=0.1)
             if item is None:
                 if (self.on_idle is not None and self.idle_after > 0 and self._last_item is not None
@@ -125,3 +131,33 @@ class Worker(threading.Thread):
                 return True
             time.sleep(0.01)
         return False
+
+
+class LatencyStats:
+    """Seconds from an image's stamp to its mask and pose being published: the last ``keep`` of them
+    (bounded memory) and a count of all."""
+
+    def __init__(self, keep: int = 2000):
+        self._recent: collections.deque = collections.deque(maxlen=keep)
+        self._since_line: list = []
+        self.count = 0
+        self._lock = threading.Lock()
+
+    def add(self, seconds: float) -> None:
+        with self._lock:
+            self._recent.append(seconds)
+            self._since_line.append(seconds)
+            del self._since_line[:-self._recent.maxlen]
+            self.count += 1
+
+    def line(self, output_lag: int, total: bool = False) -> str:
+        """'latency stamp->mask+pose p50 X ms, p95 Y ms over N frames (...)' of the frames since the last
+        line (``total``: of the last ``keep``)."""
+        with self._lock:
+            vals = list(self._recent) if total else self._since_line
+            self._since_line = [] if not total else self._since_line
+        if not vals:
+            return 'latency stamp->mask+pose: no frame published'
+        p50, p95 = np.percentile(np.asarray(vals) * 1e3, [50, 95])
+        return (f'latency stamp->mask+pose p50 {p50:.0f} ms, p95 {p95:.0f} ms over {len(vals)} frames '
+                f'(includes output_lag {output_lag} frames held for the window)')
