@@ -1,13 +1,14 @@
 """Segmentation stage profile: CPU ms per frame of each part of motion segmentation, per input size.
 
 Usage: python bench/segmentation_profile.py [--sizes 320x240,640x480] [--frames 90] [--seed 0]
-       [--save DIR] [--compare DIR] [--set section.name=value ...]
+       [--save DIR] [--compare DIR] [--cv-threads N] [--set section.name=value ...]
 Renders the default synthetic sequence (as bench/pipeline.py), runs the RGB-D pipeline with every
 function of the segmentation modules wrapped by a CPU-time counter (``time.thread_time`` of the
 thread that runs it, so the map thread and other processes on a shared box do not count), and
 prints per size: the stage's CPU ms per frame (the segmenter's calls on the caller's thread plus
 its worker threads; 'upsampling' is the mask's refinement at the input size, in the map stage),
-then per function its own CPU ms per frame (children excluded) and calls, and IoU / ATE.
+then per function its own CPU ms per frame (children excluded) and calls, and IoU / ATE. OpenCV's own
+worker threads are not counted: --cv-threads 1 keeps OpenCV on the calling thread (0: as configured).
 --save DIR writes each frame's mask and pose (npz per size); --compare DIR prints how many mask
 pixels and how much pose differ from a saved run (the same result up to noise?).
 """
@@ -134,8 +135,12 @@ def main() -> None:
     ap.add_argument('--seed', type=int, default=0)
     ap.add_argument('--save', default='')
     ap.add_argument('--compare', default='')
+    ap.add_argument('--cv-threads', type=int, default=0)
     ap.add_argument('--set', nargs='*', default=[])
     args = ap.parse_args()
+    if args.cv_threads > 0:
+        import cv2
+        cv2.setNumThreads(args.cv_threads)
 
     from dynrecon_ros.config import ReconConfig
     from dynrecon_ros.data.synthetic import SyntheticConfig, render_sequence
