@@ -88,7 +88,7 @@ class BackendConfig:
     min_depth_m: float = 0.1
     max_depth_m: float = 10.0
     min_inliers: int = 60
-    photometric_iterations: int = 5
+    photometric_iterations: int = 3
     photometric_samples: int = 2000
     min_gradient: float = 4.0
     ransac_refits: int = 4

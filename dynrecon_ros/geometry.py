@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+import cv2
 import numpy as np
 import torch
 from scipy.spatial.transform import Rotation
@@ -104,7 +105,8 @@ def se3_increment(xi: np.ndarray) -> np.ndarray:
     Rodrigues, the translation taken as v (the SE(3) exponential's to first order; a refinement that
     iterates to convergence ends where the exact exponential would)."""
     T = np.eye(4)
-    T[:3, :3], T[:3, 3] = so3_exp(xi[3:]), xi[:3]
+    # one rotation: OpenCV's Rodrigues (the same formula as so3_exp) costs 2 us, scipy's batch path 30+
+    T[:3, :3], T[:3, 3] = cv2.Rodrigues(np.asarray(xi[3:], np.float64))[0], xi[:3]
     return T
 
 

@@ -210,12 +210,20 @@ class Reconstructor:
         t = time.perf_counter()
         work = p.work
         olds = list(reversed(self._recent_work)) + [k.frame for k in list(self.window.keyframes)]
+        recent = {f.key for f in self._recent_work}
         seen = {work.key}
         for old in olds:
             if old.key in seen or old.rgb.shape != work.rgb.shape:
                 continue
             seen.add(old.key)
-            p.flows[(old.key, work.key)] = self._ahead_flows.get(old.key, old.rgb, work.key, work.rgb)
+            pf = self._ahead_flows.get(old.key, old.rgb, work.key, work.rgb)
+            # the forward-backward checks run when first used (flow.PairFlow): run here, off stage B, those
+            # stage B will use in full: the backward one of every pair (the newest frame's evidence), the
+            # forward one of the neighbours (the segmentation updates them; the anchors' pose reads a grid)
+            pf.valid_bwd
+            if old.key in recent:
+                pf.valid_fwd
+            p.flows[(old.key, work.key)] = pf
         self._ahead_flows.keep_only(set())
         self._recent_work = (self._recent_work + [work])[-max(1, self.cfg.window.neighbours):]
         self._times.lap('flow_ahead', t)

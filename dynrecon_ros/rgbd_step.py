@@ -201,8 +201,12 @@ class RGBDStep:
         # cleans it then; until then its pose prior is the thresholded probability
         lag0 = self.cfg.window.output_lag == 0
         need = [e.index not in published and (e is not new or lag0) for e in ents]
+        skip = [e.index in published for e in ents]
+        # a published older frame gets no evidence (neither its own nor carried back along the forward
+        # flow): the forward flow's full check is not needed for its pair (the pose checked its grid)
+        pflows = [pf.backward_only() if s else pf for pf, s in zip(pflows, skip)]
         _, probs, masks = self.segmenter.segment_newest(pairs, pflows, carry_back=True, need_masks=need,
-                                                        skip_frames=[e.index in published for e in ents])
+                                                        skip_frames=skip)
         for e, p, m, nd in zip(ents, probs, masks, need):
             if nd:
                 e.data['prob'] = p

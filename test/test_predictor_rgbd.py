@@ -54,3 +54,43 @@ def test_make_predictor_errors_are_clear():
         make_predictor('dust3r', BackendConfig())
     with pytest.raises(InputError, match='unknown backend'):
         make_predictor('nope', BackendConfig())
+
+
+def test_refinement_normal_equations_are_those_of_its_residuals():
+    """The stacked Gauss-Newton system equals J^T W J, J^T W r with J by finite differences of the
+    residuals (linear images: their sampled gradients are exact), Huber weights, no depth rows where
+    j has no depth."""
+    from dynrecon_ros.geometry import se3_increment
+    from dynrecon_ros.predictors.rgbd import _normal_equations
+    rng = np.random.default_rng(3)
+    fx, fy, cx, cy = 100.0, 110.0, 32.0, 24.0
+    img = lambda u, v: 100 + 1.5 * u + 0.8 * v  # noqa: E731  (grey levels of j)
+    dep = lambda u, v: 2.0 + 0.01 * u - 0.005 * v  # noqa: E731  (depth of j, metres)
+    X = np.stack([rng.uniform(-0.5, 0.5, 40), rng.uniform(-0.4, 0.4, 40), rng.uniform(1.8, 2.4, 40)], -1)
+    T = se3_increment(np.array([0.01, -0.02, 0.03, 0.01, -0.005, 0.02]))  # T_j_i
+    ref = rng.uniform(90, 200, 40)  # gain-corrected grey levels of i
+    no_depth = np.arange(40) % 7 == 0
+    s_i, s_d, huber = 4.0, 0.01, 1.5
+
+    def project(xi):
+        Y = X @ (se3_increment(xi) @ T)[:3, :3].T + (se3_increment(xi) @ T)[:3, 3]
+        return Y, fx * Y[:, 0] / Y[:, 2] + cx, fy * Y[:, 1] / Y[:, 2] + cy
+
+    Y0, u0, v0 = project(np.zeros(6))
+    keep = ~no_depth
+    sd = 1.0 / (s_d * Y0[keep, 2])  # sigma held at the linearisation point, as Gauss-Newton does
+
+    def residuals(xi):
+        Y, u, v = project(xi)
+        return np.concatenate([(img(u, v) - ref) / s_i, (dep(u, v) - Y[:, 2])[keep] * sd])
+
+    r0 = residuals(np.zeros(6))
+    eps = 1e-6
+    J = np.stack([(residuals(e * eps) - residuals(-e * eps)) / (2 * eps) for e in np.eye(6)], 1)
+    w = np.minimum(1.0, huber / np.abs(r0))
+    assert (w < 1).any() and (w == 1).any()  # both sides of the Huber kink
+    D = np.where(no_depth, 0.0, dep(u0, v0))
+    H, g = _normal_equations(Y0, (img(u0, v0), np.full(40, 1.5), np.full(40, 0.8)),
+                             (D, np.full(40, 0.01), np.full(40, -0.005)), ref, fx, fy, s_i, s_d, huber)
+    assert np.allclose(H, (J * w[:, None]).T @ J, rtol=1e-6, atol=1e-6 * np.abs(H).max())
+    assert np.allclose(g, (J * w[:, None]).T @ r0, rtol=1e-6, atol=1e-6 * np.abs(g).max())

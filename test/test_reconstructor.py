@@ -279,6 +279,32 @@ def test_flow_cache_stays_bounded_while_tracking_is_lost():
     assert sum(r.status == 'skipped' for r in results + rec.flush()) == 30
 
 
+def test_flow_is_computed_once_per_pair_and_grey_once_per_frame(seq):
+    """Per step: two DIS computations (forward, backward) per pair of the newest frame and nothing for
+    the frames already seen: each frame's grey image is made once, however many pairs it is in. The
+    forward-backward checks run once each where used: the backward one of every pair (the newest
+    frame's evidence), the forward one on the pose's stride grid, and in full only for pairs whose
+    older frame the segmentation still updates (not published)."""
+    rec = Reconstructor()
+    pairs, updated = [], []
+    newest = rec.window.pairs_for_newest
+    rec.window.pairs_for_newest = lambda: (lambda p: (pairs.append(len(p)), p)[1])(newest())
+    segment_newest = rec.segmenter.segment_newest
+
+    def counting(prs, pfs, **kw):
+        updated.append(sum(not s for s in kw['skip_frames'][:-1]))
+        return segment_newest(prs, pfs, **kw)
+    rec.segmenter.segment_newest = counting
+    for f in seq.frames[:14]:
+        rec.push(f)
+    assert sum(pairs) > 13  # keyframe anchors: more pairs than frames
+    assert rec.flows.computed == 2 * sum(pairs)
+    assert rec.flows.gray_computed == 14
+    assert len(updated) == 13 and sum(updated) < sum(pairs)  # published anchors are not updated
+    assert rec.flows.grid_checked == sum(pairs)
+    assert rec.flows.checked == sum(pairs) + sum(updated)
+
+
 def test_the_window_step_protocol_is_all_the_reconstructor_calls():
     """Both backends' steps implement WindowStep; a predictor whose step is a bare WindowStep (no
     other predictor method) drives the whole pipeline: poses and depth from the step come out."""

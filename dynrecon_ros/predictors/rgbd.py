@@ -210,7 +210,7 @@ class RGBDPredictor(PairPredictor):
         zj = cv2.remap(dj, uv, None, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=float('nan'))
         # reject interpolation across a depth edge: the bilinear value must agree with the nearest one
         zn = cv2.remap(dj, uv, None, cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT, borderValue=float('nan'))
-        ok = flow.valid_fwd[::st, ::st] & np.isfinite(P[..., 2]) & np.isfinite(zj) & \
+        ok = flow.valid_fwd_on_grid(st) & np.isfinite(P[..., 2]) & np.isfinite(zj) & \
             (np.abs(zj - zn) < 0.02 * zj + 0.005)
         sel = np.flatnonzero(ok)  # grid pixels verified against the fit
         P_s = P.reshape(-1, 3)[sel]  # float32: the verification's precision is ample
@@ -311,13 +311,14 @@ class RGBDPredictor(PairPredictor):
 
 
 def _sampling_stack(gray: np.ndarray, gx: np.ndarray, gy: np.ndarray, depth: np.ndarray):
-    """Two (H, W, 3) float32 stacks [grey, d/dx, d/dy] and [depth, d/dx, d/dy] of an image j for
+    """Two (H, W, 4) float32 stacks [grey, d/dx, d/dy, 0] and [depth, d/dx, d/dy, 0] of an image j for
     :func:`photometric_refine` (intensity gradients per pixel, Scharr / 32; OpenCV remaps up to 4
     channels with exact float coordinates, more channels are quantised to 1/32 pixel: hence two)."""
     dj = depth.astype(np.float32)
     dgx = cv2.Sobel(dj, cv2.CV_32F, 1, 0, ksize=3) / 8.0
     dgy = cv2.Sobel(dj, cv2.CV_32F, 0, 1, ksize=3) / 8.0
-    return np.dstack([gray, gx, gy]), np.dstack([dj, dgx, dgy])
+    zero = np.zeros_like(dj)  # a 4th channel: OpenCV's 4-channel remap is vectorised, 2x faster than 3
+    return np.dstack([gray, gx, gy, zero]), np.dstack([dj, dgx, dgy, zero])
 
 
 def photometric_refine(gray_i: np.ndarray, pts_i: np.ndarray, gray_j: np.ndarray | None, depth_j: np.ndarray,
@@ -354,42 +355,72 @@ def photometric_refine(gray_i: np.ndarray, pts_i: np.ndarray, gray_j: np.ndarray
         ok = (Z > 0.05) & (u >= 1) & (u <= w - 2) & (v >= 1) & (v <= h - 2)
         if ok.sum() < 50:
             break
-        Yo, Zo = Y[ok], Z[ok]
+        # every sample projects inside j in the usual case: then no boolean selection (copies)
+        Yo, uo, vo, gio = (Y, u, v, gi) if ok.all() else (Y[ok], u[ok], v[ok], gi[ok])
         # one row of sample positions: OpenCV then runs the remap on one thread (splitting a few
         # thousand samples over threads costs more than it saves, a lot more on a busy machine)
-        m = np.stack([u[ok], v[ok]], -1).astype(np.float32)[None]
-        Ij, Gx, Gy = cv2.remap(s_int, m, None, cv2.INTER_LINEAR)[0].astype(np.float64).T
-        Dj, DGx, DGy = cv2.remap(s_dep, m, None, cv2.INTER_LINEAR)[0].astype(np.float64).T
-        # d(u, v)/dY = [[fx/z, 0, -fx x/z^2], [0, fy/z, -fy y/z^2]] and dY/dxi = [I, -[Y]x]:
-        # a row a = (a0, a1, a2) of d/dY maps to (a, Y x a) in d/dxi
-        iz = 1.0 / Zo
-        x, y = Yo[:, 0], Yo[:, 1]
-
-        def jac(a0, a1, a2):  # (n,) x 3 d/dY -> (n, 6) d/dxi
-            return np.stack([a0, a1, a2, y * a2 - Zo * a1, Zo * a0 - x * a2, x * a1 - y * a0], 1)
-
-        def dpix(gu, gv):  # d/dY of g(u, v) given its image gradient (gu, gv)
-            return gu * fx * iz, gv * fy * iz, -(gu * fx * x + gv * fy * y) * iz * iz
-
+        m = np.empty((1, len(uo), 2), np.float32)
+        m[0, :, 0], m[0, :, 1] = uo, vo
+        # (4, k) float64 rows [value, d/du, d/dv, 0], contiguous
+        Ij, Gx, Gy, _ = cv2.remap(s_int, m, None, cv2.INTER_LINEAR)[0].T.astype(np.float64, order='C')
+        Dj, DGx, DGy, _ = cv2.remap(s_dep, m, None, cv2.INTER_LINEAR)[0].T.astype(np.float64, order='C')
         # one gain for the pair: auto-exposure changes between frames would bias the pose otherwise
-        gain = np.median(Ij) / max(float(np.median(gi[ok])), 1e-6)
+        gain = _median(Ij) / max(_median(gio), 1e-6)
         gain = gain if 0.5 < gain < 2.0 else 1.0
-        Jp = jac(*dpix(Gx, Gy)) / sigma_intensity
-        rp = (Ij - gain * gi[ok]) / sigma_intensity
-        dok = (Dj > 0) & (np.abs(DGx) + np.abs(DGy) < 0.05 * Zo)  # no depth residual across edges
-        a0, a1, a2 = dpix(DGx, DGy)
-        sd = sigma_depth_rel * Zo
-        Jd = jac(a0, a1, a2 - 1.0)[dok] / sd[dok, None]
-        rd = (Dj - Zo)[dok] / sd[dok]
-        J = np.concatenate([Jp, Jd])
-        r = np.concatenate([rp, rd])
-        a = np.abs(r)
-        wgt = np.where(a < huber, 1.0, huber / np.maximum(a, 1e-12))
-        Jw = J * wgt[:, None]
-        H = Jw.T @ J
-        g = Jw.T @ r
+        H, g = _normal_equations(Yo, (Ij, Gx, Gy), (Dj, DGx, DGy), gain * gio, fx, fy, sigma_intensity,
+                                 sigma_depth_rel, huber)
         xi = -np.linalg.solve(H + 1e-9 * np.eye(6), g)
         T_j_i = se3_increment(xi) @ T_j_i
         if np.abs(xi).max() < 5e-6:  # converged: steps of a few micrometres / microradians
             break
     return np.linalg.inv(T_j_i)
+
+
+def _median(a: np.ndarray) -> float:
+    """np.median of a 1-d array without its generic machinery (NaN checks, axis handling): a partition
+    around the middle, 5x faster on the refinement's few thousand samples."""
+    n = len(a)
+    k = n // 2
+    if n % 2:
+        return float(np.partition(a, k)[k])
+    p = np.partition(a, (k - 1, k))
+    return 0.5 * float(p[k - 1] + p[k])
+
+
+def _normal_equations(Y: np.ndarray, intensity, depth, ref_i: np.ndarray, fx: float, fy: float,
+                      sigma_intensity: float, sigma_depth_rel: float, huber: float):
+    """Gauss-Newton system (H (6, 6), g (6,)) of :func:`photometric_refine`'s robust objective at one
+    linearisation: a left increment xi = [v, omega] of T_j_i, the step is -H^-1 g.
+
+    Y: (k, 3) float64 i's points in camera j; intensity = (I_j, dI_j/du, dI_j/dv) and depth =
+    (D_j, dD_j/du, dD_j/dv), three (k,) float64 each, j sampled at the projections; ref_i: (k,) the
+    gain-corrected intensities of i. Rows: a photometric and a depth residual per sample, each divided
+    by its sigma; the depth row has weight 0 where j has no depth or a depth edge (sum of |gradient|
+    >= 5 % of z). Huber weights. Both kinds go through one (6, 2k) Jacobian (a zero row is cheaper
+    than selecting rows): d(u, v)/dY = [[fx/z, 0, -fx x/z^2], [0, fy/z, -fy y/z^2]] and
+    dY/dxi = [I, -[Y]x], so a row a = (a0, a1, a2) of d/dY is (a, Y x a) in d/dxi.
+    """
+    Ij, Gx, Gy = intensity
+    Dj, DGx, DGy = depth
+    k = len(Y)
+    Yt = Y.T  # (3, k)
+    z = Yt[2]
+    dok = (Dj > 0) & (np.abs(DGx) + np.abs(DGy) < 0.05 * z)  # no depth residual across edges
+    sd = np.where(dok, 1.0 / (sigma_depth_rel * z), 0.0)  # inverse sigma of the depth rows, 0 = unused
+    x, y, zz = np.concatenate([Yt, Yt], axis=1)  # (2k,) each: photometric rows, then depth rows
+    iz = 1.0 / zz
+    sc = np.concatenate([np.full(k, 1.0 / sigma_intensity), sd])
+    s_iz = sc * iz
+    J = np.empty((6, 2 * k))
+    a0, a1, a2 = J[0], J[1], J[2]
+    np.multiply(np.concatenate([Gx, DGx]), s_iz * fx, out=a0)
+    np.multiply(np.concatenate([Gy, DGy]), s_iz * fy, out=a1)
+    np.multiply(a0 * x + a1 * y, -iz, out=a2)
+    a2[k:] -= sd  # the depth residual D_j(u, v) - z: d(-z)/dY = (0, 0, -1)
+    np.subtract(y * a2, zz * a1, out=J[3])
+    np.subtract(zz * a0, x * a2, out=J[4])
+    np.subtract(x * a1, y * a0, out=J[5])
+    r = np.concatenate([Ij - ref_i, np.where(dok, Dj - z, 0.0)]) * sc
+    wgt = np.minimum(1.0, huber / np.maximum(np.abs(r), 1e-12))
+    Jw = J * wgt
+    return Jw @ J.T, Jw @ r
