@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING
 import cv2
 import numpy as np
 
-from dynrecon_ros.geometry import pixel_grid
+from dynrecon_ros.geometry import pixel_axes
+
 
 if TYPE_CHECKING:
     from dynrecon_ros.segmentation import SegmentationConfig
@@ -38,6 +39,33 @@ _SQUARE3 = np.ones((3, 3), np.uint8)
 def depth_sigma(z: np.ndarray, a: float, b: float) -> np.ndarray:
     """(H, W) axial depth noise (metres) of readings ``z`` (metres): ``a + b (z - 0.4)^2``."""
     return np.float32(a) + np.float32(b) * (z - np.float32(0.4)) ** 2
+
+
+def soft_step_of_inverse(q: np.ndarray, s: float) -> np.ndarray:
+    """float32 ``r^s / (1 + r^s)`` for ``r = 1 / q`` >= 0, written ``1 / (1 + q^s)``: 0 at r = 0 (q = inf),
+    1 at r = inf (q = 0), NaN stays NaN; an integer s (the default 4) by multiplications, which are
+    ~25x faster than float32 ``np.power``."""
+    with np.errstate(over='ignore', invalid='ignore'):
+        x = power(q, s)
+        if x is q:  # s = 1: q itself, the caller's
+            x = x.copy()
+        x += np.float32(1)
+        return np.divide(np.float32(1), x, out=x)
+
+
+def power(x: np.ndarray, s: float) -> np.ndarray:
+    """``x ** s`` (float32 array, s > 0), by repeated squaring when s is an integer up to 16."""
+    n = int(s)
+    if n != s or not 1 <= n <= 16:
+        return np.power(x, np.float32(s))
+    out, sq = None, x
+    while True:
+        if n & 1:
+            out = sq if out is None else (np.multiply(out, sq, out=out) if out is not x else out * sq)
+        n >>= 1
+        if not n:
+            return out
+        sq = sq * sq if sq is x or sq is out else np.multiply(sq, sq, out=sq)
 
 
 def nearest_reading(depth: np.ndarray) -> np.ndarray:
@@ -61,17 +89,37 @@ def pair_depth_probability(z_pred: np.ndarray, eu: np.ndarray, ev: np.ndarray, n
         j's holes, or something nearer stands in front in j).
     """
     h, w = z_pred.shape
-    m = np.nan_to_num(pixel_grid(h, w) + np.dstack([eu, ev]), nan=-1.0)
-    zj = cv2.remap(near_j, m, None, cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT, borderValue=np.inf)
-    with np.errstate(invalid='ignore', over='ignore'):
-        s2 = depth_sigma(z_pred, cfg.depth_sigma_a, cfg.depth_sigma_b) ** 2 + \
-            depth_sigma(zj, cfg.depth_sigma_a, cfg.depth_sigma_b) ** 2
-        tol = np.float32(cfg.depth_tol_sigmas) * np.sqrt(s2) + np.float32(cfg.depth_rel_tol) * z_pred
-        r = (zj - z_pred) / tol
-        rs = np.maximum(r, 0) ** np.float32(cfg.steepness)
-        prob = (rs / (1.0 + rs)).astype(np.float32)
-        prob[~np.isfinite(zj) | ~np.isfinite(z_pred) | (r < -1.0)] = np.nan
+    # where frame i's points land in j (NaN -> -1: outside, the border's inf); two float maps, no stacking
+    u, v = pixel_axes(h, w)
+    mx = np.add(u, eu)
+    my = np.add(v, ev)
+    zj = cv2.remap(near_j, np.fmax(mx, np.float32(-1), out=mx), np.fmax(my, np.float32(-1), out=my),
+                   cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT, borderValue=np.inf)
+    with np.errstate(invalid='ignore', over='ignore', divide='ignore'):
+        # in place (image-sized temporaries cost page faults): tol = k sqrt(s(z_pred)^2 + s(z_j)^2) + rel z_pred
+        s2 = _sigma_squared(z_pred, cfg, mx)
+        s2 += _sigma_squared(zj, cfg, my)
+        tol = np.sqrt(s2, out=s2)
+        tol *= np.float32(cfg.depth_tol_sigmas)
+        tol += np.float32(cfg.depth_rel_tol) * z_pred
+        diff = np.subtract(zj, z_pred, out=my)
+        # r = diff / tol; the soft step of max(r, 0); no evidence where j has no reading there, i no
+        # depth, or j's reading is nearer by more than the tolerance (r < -1)
+        keep = zj < np.inf
+        keep &= diff >= -tol
+        prob = soft_step_of_inverse(np.divide(tol, np.fmax(diff, np.float32(0), out=zj), out=zj), cfg.steepness)
+    np.copyto(prob, np.float32(np.nan), where=~keep)
     return prob
+
+
+def _sigma_squared(z: np.ndarray, cfg: 'SegmentationConfig', out: np.ndarray) -> np.ndarray:
+    """:func:`depth_sigma` squared, written into ``out``."""
+    x = np.subtract(z, np.float32(0.4), out=out)
+    x *= x
+    x *= np.float32(cfg.depth_sigma_b)
+    x += np.float32(cfg.depth_sigma_a)
+    x *= x
+    return x
 
 
 def fill_candidates(depth: np.ndarray, max_radius: int = 8) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -21,8 +21,8 @@ import cv2
 import numpy as np
 
 from dynrecon_ros import photometric
-from dynrecon_ros.depth_cue import fill_candidates
-from dynrecon_ros.geometry import pixel_grid
+from dynrecon_ros.depth_cue import fill_candidates, soft_step_of_inverse
+from dynrecon_ros.geometry import pixel_axes, pixel_grid
 from dynrecon_ros.rolling_shutter import ego_points
 
 if TYPE_CHECKING:
@@ -55,33 +55,58 @@ def _ego_planes(depth, K, T_j_i, K_j=None, shutter=None) -> tuple[np.ndarray, np
     shutter: optional (ShutterModel, twist_i (6,), twist_j (6,)): rows seen at their own instants
     (:func:`dynrecon_ros.rolling_shutter.ego_points`)."""
     depth = np.asarray(depth, dtype=np.float32)
+    h, w = depth.shape
+    return ego_at(*pixel_axes(h, w), depth, K, T_j_i, K_j, None if shutter is None else (*shutter, h))
+
+
+def ego_at(u: np.ndarray, v: np.ndarray, z: np.ndarray, K, T_j_i, K_j=None,
+           shutter=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Ego flow ``du, dv`` and depth in camera j of frame i's points at pixels ``(u, v)`` with depth ``z``.
+
+    ``u``, ``v`` and ``z`` broadcast together (a row of columns, a column of rows and an (H, W) depth,
+    or three (M,) vectors of chosen pixels); float32 results of the broadcast shape, NaN where ``z`` is
+    not a positive finite depth or the point is not in front of camera j. ``X_j = z R ray + t`` with
+    the camera-i ray ``((u - cx) / fx, (v - cy) / fy, 1)``; ``R ray`` is a sum of a row and a column
+    for image-sized input, and the rest is computed in place (fresh image-sized temporaries cost
+    page faults: 5x the arithmetic here), in the same order of float32 operations as before (the
+    pipeline's poses react to the last bit of the masks). ``shutter``: optional (ShutterModel, twist_i,
+    twist_j, image height): each row seen at its own instant (:func:`~dynrecon_ros.rolling_shutter.ego_points`).
+    """
     K = np.asarray(K, dtype=np.float64)
     K_j = K if K_j is None else np.asarray(K_j, dtype=np.float64)
     T = np.asarray(T_j_i, dtype=np.float64)
-    h, w = depth.shape
-    g = pixel_grid(h, w)
-    u, v = g[..., 0], g[..., 1]
-    # camera-i rays (x/z, y/z, 1), then X_j = R (z * ray) + t
+    z = np.asarray(z, dtype=np.float32)
     x = (u - np.float32(K[0, 2])) * np.float32(1 / K[0, 0])
     y = (v - np.float32(K[1, 2])) * np.float32(1 / K[1, 1])
-    z = depth
     R = T[:3, :3].astype(np.float32)
     t = T[:3, 3].astype(np.float32)
-    with np.errstate(over='ignore', invalid='ignore'):  # absurd depths (inf, 1e38) end invalid below
-        xj = z * (R[0, 0] * x + R[0, 1] * y + R[0, 2]) + t[0]
-        yj = z * (R[1, 0] * x + R[1, 1] * y + R[1, 2]) + t[1]
-        zj = z * (R[2, 0] * x + R[2, 1] * y + R[2, 2]) + t[2]
-        if shutter is not None:
-            xj, yj, zj = np.moveaxis(ego_points(np.dstack([x * z, y * z, z]), np.dstack([xj, yj, zj]), T[:3, :3],
-                                                shutter[0], shutter[1], shutter[2], K_j), -1, 0)
-        invalid = ~(np.isfinite(z) & (z > 0) & (zj > 1e-6) & np.isfinite(zj))
-    zj[invalid] = np.nan
-    with np.errstate(divide='ignore', invalid='ignore', over='ignore'):
-        iz = 1.0 / zj
-        du = np.float32(K_j[0, 0]) * xj * iz + np.float32(K_j[0, 1]) * yj * iz + np.float32(K_j[0, 2]) - u
-        dv = np.float32(K_j[1, 1]) * yj * iz + np.float32(K_j[1, 2]) - v
-    return du.astype(np.float32, copy=False), dv.astype(np.float32, copy=False), zj
-
+    with np.errstate(over='ignore', invalid='ignore', divide='ignore'):  # absurd depths (inf, 1e38) end invalid
+        xj = z * (R[0, 0] * x + R[0, 1] * y + R[0, 2])
+        xj += t[0]
+        yj = z * (R[1, 0] * x + R[1, 1] * y + R[1, 2])
+        yj += t[1]
+        zj = z * (R[2, 0] * x + R[2, 1] * y + R[2, 2])
+        zj += t[2]
+        if shutter is not None:  # rows seen at their own instants (the rolling shutter)
+            X = np.stack(np.broadcast_arrays(x * z, y * z, z), -1)
+            xj, yj, zj = np.moveaxis(ego_points(X, np.stack([xj, yj, zj], -1), np.broadcast_to(v, zj.shape),
+                                                T[:3, :3], *shutter, K_j), -1, 0).copy()
+        valid = np.isfinite(z) & (z > 0)
+        valid &= zj > 1e-6
+        valid &= np.isfinite(zj)
+        np.copyto(zj, np.float32(np.nan), where=~valid)
+        iz = np.divide(np.float32(1), zj)
+        du = np.multiply(np.float32(K_j[0, 0]), xj, out=xj)
+        du *= iz
+        if K_j[0, 1] != 0:  # skew (0 * finite adds nothing: skipped when there is none)
+            du += np.float32(K_j[0, 1]) * yj * iz
+        du += np.float32(K_j[0, 2])
+        du -= u
+        dv = np.multiply(np.float32(K_j[1, 1]), yj, out=yj)
+        dv *= iz
+        dv += np.float32(K_j[1, 2])
+        dv -= v
+    return du, dv, zj
 
 
 def _edge_tolerant_error(eu, ev, fu, fv, radius: int) -> np.ndarray:
@@ -91,12 +116,16 @@ def _edge_tolerant_error(eu, ev, fu, fv, radius: int) -> np.ndarray:
     minimum (a grey erosion) keeps such edges from lighting up, and shrinks movers by ``radius``
     pixels at most, which the depth-edge snapping of :func:`clean_mask` restores.
     """
-    err = np.sqrt((eu - fu) ** 2 + (ev - fv) ** 2)
+    du, dv = np.subtract(eu, fu), np.subtract(ev, fv)
+    du *= du
+    dv *= dv
+    du += dv
+    err = np.sqrt(du, out=du)
     if radius > 0:
-        own = np.isfinite(err)
-        err = cv2.erode(np.where(own, err, np.float32(1e6)).astype(np.float32),
-                        np.ones((2 * radius + 1, 2 * radius + 1), np.uint8))
-        err[~own] = np.nan
+        # NaN (no ego flow) takes no part in the minimum (1e6: far beyond any tolerance) and stays NaN
+        eroded = cv2.erode(np.fmin(err, np.float32(1e6), out=dv), np.ones((2 * radius + 1, 2 * radius + 1), np.uint8))
+        eroded += np.multiply(err, np.float32(0), out=err)
+        err = eroded
     return err
 
 
@@ -225,12 +254,13 @@ def refine_relative_pose(depth_i: np.ndarray, K_i: np.ndarray, T_j_i: np.ndarray
 
 def _soft_step(err: np.ndarray, eu: np.ndarray, ev: np.ndarray, cfg: 'SegmentationConfig') -> np.ndarray:
     """(H, W) float32 ``r^s / (1 + r^s)`` of the flow error ``err`` against the tolerance of the ego flow."""
-    tol = np.float32(cfg.min_flow_px) + np.float32(cfg.flow_rel_tol) * np.sqrt(eu * eu + ev * ev)
-    with np.errstate(invalid='ignore', over='ignore', divide='ignore'):
-        rs = (err / tol) ** np.float32(cfg.steepness)
-        prob = rs / (1.0 + rs)
-        prob[np.isinf(rs)] = 1.0
-    return prob
+    tol = np.multiply(eu, eu)
+    tol += np.multiply(ev, ev, out=np.empty_like(tol))
+    np.sqrt(tol, out=tol)
+    tol *= np.float32(cfg.flow_rel_tol)
+    tol += np.float32(cfg.min_flow_px)
+    with np.errstate(divide='ignore', invalid='ignore', over='ignore'):
+        return soft_step_of_inverse(np.divide(tol, err, out=tol), cfg.steepness)
 
 
 def ego_explains_appearance(gray_i: np.ndarray, gray_j: np.ndarray, eu: np.ndarray, ev: np.ndarray,
@@ -257,28 +287,48 @@ def ego_explains_appearance(gray_i: np.ndarray, gray_j: np.ndarray, eu: np.ndarr
     out = np.full((h, w), np.nan, np.float32)
     if where is not None and not where.any():
         return out
-    g = pixel_grid(h, w)
-    ego_m = np.nan_to_num(g + np.dstack([eu, ev]), nan=-1e4)
-    gj = gray_j.astype(np.float32)
+    gj = np.asarray(gray_j, dtype=np.float32)
+    u, v = pixel_axes(h, w)
+    lost = np.float32(-1e4)  # where there is no ego flow: outside the image (the border's NaN)
     # one gain for the pair, from every 7th pixel of the image
-    ms = ego_m[3::7, 3::7]
-    gs = gray_i[3::7, 3::7].astype(np.float32)
-    es = cv2.remap(gj, ms, None, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=np.nan)
-    gain = exposure_gain(es, gs)
+    sub = (slice(3, None, 7), slice(3, None, 7))
+    es = cv2.remap(gj, np.fmax(u[:, 3::7] + eu[sub], lost), np.fmax(v[3::7] + ev[sub], lost), cv2.INTER_LINEAR,
+                   borderMode=cv2.BORDER_CONSTANT, borderValue=np.nan)
+    gain = exposure_gain(es, np.asarray(gray_i[sub], dtype=np.float32))
     y0, y1, x0, x1 = 0, h, 0, w
     if where is not None:
         rows, cols = np.flatnonzero(where.any(1)), np.flatnonzero(where.any(0))
         y0, y1 = max(rows[0] - radius, 0), min(rows[-1] + radius + 1, h)
         x0, x1 = max(cols[0] - radius, 0), min(cols[-1] + radius + 1, w)
     box = (slice(y0, y1), slice(x0, x1))
-    gi = gain * gray_i[box].astype(np.float32)
-    ego = cv2.remap(gj, np.ascontiguousarray(ego_m[box]), None, cv2.INTER_LINEAR,
+    ub, vb = u[:, x0:x1], v[y0:y1]
+    # in place where possible (fresh image-sized temporaries cost page faults)
+    mx = np.add(ub, eu[box])
+    my = np.add(vb, ev[box])
+    ego = cv2.remap(gj, np.fmax(mx, lost, out=mx), np.fmax(my, lost, out=my), cv2.INTER_LINEAR,
                     borderMode=cv2.BORDER_CONSTANT, borderValue=np.nan)
-    opt = cv2.remap(gj, np.ascontiguousarray(g[box] + flow[box]), None, cv2.INTER_LINEAR,
+    fu, fv = cv2.split(np.asarray(flow[box], dtype=np.float32))
+    opt = cv2.remap(gj, np.add(ub, fu, out=mx), np.add(vb, fv, out=my), cv2.INTER_LINEAR,
                     borderMode=cv2.BORDER_CONSTANT, borderValue=np.nan)
+    gi = np.multiply(np.asarray(gray_i[box], dtype=np.float32), np.float32(gain), out=fu)
     win = (2 * radius + 1, 2 * radius + 1)
-    out[box] = nan_box_mean(np.abs(opt - gi), win) - nan_box_mean(np.abs(ego - gi), win)
+    means = [_nan_box_mean_of_abs(np.subtract(x, gi, out=x), win, buf) for x, buf in ((opt, mx), (ego, my))]
+    out[box] = np.subtract(means[0], means[1], out=means[0])
     return out
+
+
+def _nan_box_mean_of_abs(x: np.ndarray, win: tuple[int, int], buf: np.ndarray) -> np.ndarray:
+    """:func:`nan_box_mean` of ``|x|`` (float32), overwriting ``x`` and ``buf`` (same shape) and
+    returning one of them: the photometric check's hot path without temporaries."""
+    ok = x == x  # not NaN
+    np.abs(x, out=x)
+    np.fmax(x, np.float32(0), out=x)  # NaN -> 0
+    s = cv2.boxFilter(x, -1, win, dst=buf, normalize=False)
+    n = cv2.boxFilter(ok.view(np.uint8), cv2.CV_32F, win, dst=x, normalize=False)
+    with np.errstate(invalid='ignore', divide='ignore'):
+        np.divide(s, n, out=s)
+    np.copyto(s, np.float32(np.nan), where=n < np.float32(0.5 * win[0] * win[1]))
+    return s
 
 
 def exposure_gain(seen_j: np.ndarray, gray_i: np.ndarray) -> float:
@@ -290,14 +340,16 @@ def nan_box_mean(x: np.ndarray, win: tuple[int, int]) -> np.ndarray:
     """(H, W) float32 mean of the finite values of ``x`` in each ``win`` box; NaN where fewer than
     half are finite (OpenCV's box filter runs sums along rows: one NaN would spread over the image)."""
     ok = np.isfinite(x)
-    s = cv2.boxFilter(np.where(ok, x, 0).astype(np.float32), -1, win, normalize=False)
-    n = cv2.boxFilter(ok.astype(np.float32), -1, win, normalize=False)
+    x0 = np.array(x, dtype=np.float32)
+    x0[~ok] = 0
+    s = cv2.boxFilter(x0, -1, win, normalize=False)
+    n = cv2.boxFilter(ok.view(np.uint8), cv2.CV_32F, win, normalize=False)
     with np.errstate(invalid='ignore', divide='ignore'):
-        return np.where(n >= 0.5 * win[0] * win[1], s / n, np.nan).astype(np.float32)
+        return np.where(n >= np.float32(0.5 * win[0] * win[1]), s / n, np.float32(np.nan))
 
 
 def pair_probability(depth_i, K_i, T_j_i, flow, valid, cfg, K_j=None,
-                     shutter=None) -> tuple[np.ndarray, np.ndarray, tuple]:
+                     candidates=None, shutter=None) -> tuple[np.ndarray, np.ndarray, tuple]:
     """:func:`pair_dynamic_probability` plus the (H, W) depth of frame i's points in camera j and
     their ego flow ``(eu, ev)`` ((H, W) each; NaN where frame i has no depth).
 
@@ -305,35 +357,40 @@ def pair_probability(depth_i, K_i, T_j_i, flow, valid, cfg, K_j=None,
     their flow is compared with the ego flow of the nearest and of the farthest reading around
     the hole (:func:`~dynrecon_ros.depth_cue.fill_candidates`) and the better fit counts, so a hole
     on a silhouette is static only if its flow moves with one of the two surfaces it borders.
+    ``candidates``: that function's result for ``depth_i`` when the caller has it (one per frame).
     shutter: optional rolling-shutter timing and twists of the pair (:func:`_ego_planes`).
     """
     if cfg.refine_pose:
         T_j_i = refine_relative_pose(np.asarray(depth_i, dtype=np.float32), K_i, T_j_i, flow, valid, K_j)
     eu, ev, zj = _ego_planes(depth_i, K_i, T_j_i, K_j, shutter)
     flow = np.asarray(flow, dtype=np.float32)
-    fu, fv = flow[..., 0], flow[..., 1]
+    fu, fv = cv2.split(flow)  # contiguous planes: faster arithmetic than strided views
     err = _edge_tolerant_error(eu, ev, fu, fv, cfg.edge_radius_px)
     prob = _soft_step(err, eu, ev, cfg)
     if cfg.hole_fill_px > 0:
-        holes, near, far = fill_candidates(np.asarray(depth_i, dtype=np.float32), cfg.hole_fill_px)
-        if holes.any():
+        holes, near, far = candidates or fill_candidates(np.asarray(depth_i, dtype=np.float32), cfg.hole_fill_px)
+        if holes.any():  # judged at the hole pixels only
+            ys, xs = np.nonzero(holes)
+            hu, hv = fu[ys, xs], fv[ys, xs]
             fits = []
             for cand in (near, far):
-                cu, cv_, _ = _ego_planes(np.where(holes, cand, 0).astype(np.float32), K_i, T_j_i, K_j, shutter)
-                fits.append(_soft_step(np.sqrt((cu - fu) ** 2 + (cv_ - fv) ** 2), cu, cv_, cfg))
-            prob[holes] = np.fmin(fits[0], fits[1])[holes]
+                cu, cv_, _ = ego_at(xs.astype(np.float32), ys.astype(np.float32), cand[ys, xs], K_i, T_j_i, K_j,
+                                  None if shutter is None else (*shutter, prob.shape[0]))
+                du, dv = cu - hu, cv_ - hv
+                fits.append(_soft_step(np.sqrt(du * du + dv * dv), cu, cv_, cfg))
+            prob[ys, xs] = np.fmin(fits[0], fits[1])
     h, w = prob.shape
-    g = pixel_grid(h, w)
-    u, v = g[..., 0], g[..., 1]
+    u, v = pixel_axes(h, w)
     # flow that leaves the image cannot be checked: no evidence. Ego flow may leave it: a pixel
     # whose flow finds a consistent match inside the image where the static hypothesis says it
     # was out of view (a mover entering at the border, following the camera) is evidence of motion
-    bad = ~np.isfinite(prob)
-    tu, tv = u + fu, v + fv
-    bad |= ~((tu >= 0) & (tu <= w - 1) & (tv >= 0) & (tv <= h - 1))
+    tu, tv = np.add(u, fu, out=fu), np.add(v, fv, out=fv)
+    keep = (tu >= 0) & (tu <= w - 1)
+    keep &= tv >= 0
+    keep &= tv <= h - 1
     if valid is not None:
-        bad |= ~np.asarray(valid, dtype=bool)
-    prob[bad] = np.nan
+        keep &= np.asarray(valid, dtype=bool)
+    np.copyto(prob, np.float32(np.nan), where=~keep)  # (NaN evidence stays NaN)
     return prob.astype(np.float32, copy=False), zj, (eu, ev)
 
 

@@ -39,6 +39,18 @@ def pixel_grid(height: int, width: int) -> np.ndarray:
     return g
 
 
+@lru_cache(maxsize=8)
+def pixel_axes(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """The pixel grid as a (1, W) float32 row of u and an (H, 1) column of v (``pixel_grid``'s
+    convention), which broadcast to it: per-pixel arithmetic on them needs no (H, W, 2) grid and no
+    strided views of it; cached and read-only."""
+    u = np.arange(width, dtype=np.float32)[None, :]
+    v = np.arange(height, dtype=np.float32)[:, None]
+    u.setflags(write=False)
+    v.setflags(write=False)
+    return u, v
+
+
 def intrinsics_matrix(focal: float, pp) -> np.ndarray:
     """(3, 3) pinhole K of a square-pixel camera: focal (px) and principal point pp (2,) (px)."""
     return np.array([[focal, 0.0, pp[0]], [0.0, focal, pp[1]], [0.0, 0.0, 1.0]])

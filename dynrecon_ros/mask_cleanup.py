@@ -21,6 +21,66 @@ def _kernel(size: int) -> np.ndarray:
         np.ones((2 * size + 1, 2 * size + 1), np.uint8)
 
 
+def mask_boxes(mask: np.ndarray, margin: int, max_boxes: int = 8) -> list[tuple[slice, slice]]:
+    """Boxes that hold the masked pixels, each piece's bounding box grown by ``margin`` pixels (clipped
+    to the image) and overlapping boxes merged, so that no masked pixel outside a box lies within
+    ``margin`` pixels of it: work that reads the mask (and what lies around it) at most ``margin``
+    pixels away gives the same in each box as on the whole image, at a fraction of the cost when the
+    movers cover a small part of the view. One box around all pieces when there are more than
+    ``max_boxes`` (specks: the per-box overhead would outweigh the saving); none for an empty mask.
+
+    Args:
+        mask: (H, W) uint8, > 0 = masked.
+        margin: pixels.
+
+    Returns:
+        [(rows slice, columns slice)], disjoint.
+    """
+    h, w = mask.shape
+    # pieces found on 8 x 8 blocks (any masked pixel marks its block: 255 / 64 rounds to 4): cheap, and
+    # a block box holds its pixels' boxes, so the guarantee above holds
+    b = 8
+    hb, wb = -(-h // b), -(-w // b)
+    m = ((mask > 0) * np.uint8(255)).astype(np.uint8)
+    if (hb * b, wb * b) != (h, w):
+        m = cv2.copyMakeBorder(m, 0, hb * b - h, 0, wb * b - w, cv2.BORDER_CONSTANT, value=0)
+    blocks = (cv2.resize(m, (wb, hb), interpolation=cv2.INTER_AREA) > 0).astype(np.uint8)
+    n, _, stats, _ = cv2.connectedComponentsWithStatsWithAlgorithm(blocks, 8, cv2.CV_32S, cv2.CCL_BBDT)
+    if n <= 1:
+        return []
+    x0, y0 = b * stats[1:, cv2.CC_STAT_LEFT], b * stats[1:, cv2.CC_STAT_TOP]
+    x1, y1 = x0 + b * stats[1:, cv2.CC_STAT_WIDTH], y0 + b * stats[1:, cv2.CC_STAT_HEIGHT]
+    boxes = [[max(int(a) - margin, 0), max(int(c) - margin, 0), min(int(e) + margin, h), min(int(f) + margin, w)]
+             for a, c, e, f in zip(y0, x0, y1, x1)]
+    if len(boxes) > max_boxes:
+        boxes = [[min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes)]]
+    merged = True
+    while merged:  # a few boxes: pairwise merging until none overlap
+        merged = False
+        for i in range(len(boxes)):
+            for j in range(i + 1, len(boxes)):
+                a, b = boxes[i], boxes[j]
+                if a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]:
+                    boxes[i] = [min(a[0], b[0]), min(a[1], b[1]), max(a[2], b[2]), max(a[3], b[3])]
+                    del boxes[j]
+                    merged = True
+                    break
+            if merged:
+                break
+    return [(slice(a, c), slice(b, d)) for a, b, c, d in boxes]
+
+
+def morphology(mask: np.ndarray, op: int, radius: int) -> np.ndarray:
+    """(H, W) uint8 opening or closing (``cv2.MORPH_OPEN`` / ``cv2.MORPH_CLOSE``) of a 0/1 mask by the
+    ellipse of ``radius``, computed in the boxes of :func:`mask_boxes` (neither adds pixels outside
+    the pieces' bounding boxes; a margin of 2 radius + 2 keeps every box's result the whole image's)."""
+    out = np.zeros_like(mask)
+    k = _kernel(radius)
+    for box in mask_boxes(mask, 2 * radius + 2):
+        out[box] = cv2.morphologyEx(mask[box], op, k)
+    return out
+
+
 def snap_to_depth_edges(mask: np.ndarray, depth: np.ndarray, radius: int,
                         static_hint: np.ndarray | None = None) -> np.ndarray:
     """Move mask boundaries onto depth discontinuities.
@@ -42,6 +102,15 @@ def snap_to_depth_edges(mask: np.ndarray, depth: np.ndarray, radius: int,
     """
     if radius <= 0 or not mask.any():
         return mask
+    out = mask.copy()
+    # a band pixel (within radius of the mask) reads depths 2 radius around it: boxes 3 radius around the pieces
+    for box in mask_boxes(mask, 3 * radius):
+        out[box] = _snap_in_box(mask[box], depth[box], radius, None if static_hint is None else static_hint[box])
+    return out
+
+
+def _snap_in_box(mask, depth, radius, static_hint):
+    """:func:`snap_to_depth_edges` within one box of :func:`mask_boxes` (same arguments, cropped)."""
     k = _kernel(radius)
     dyn = cv2.erode(mask, k)
     stat = 1 - cv2.dilate(mask, k)
@@ -90,6 +159,18 @@ def drop_background_segments(mask: np.ndarray, depth: np.ndarray, max_continuity
     """
     if max_continuity >= 1.0 or not mask.any():
         return mask
+    h, w = mask.shape
+    reach = max(3, int(0.08 * max(h, w)))  # of the valley test below
+    out = mask.copy()
+    # what a piece's test reads lies within reach (+ 3 pixels out, + the median's 1) of the mask
+    for box in mask_boxes(mask, reach + 5):
+        out[box] = _drop_in_box(mask[box], depth[box], max_continuity, reach)
+    return out
+
+
+def _drop_in_box(mask, depth, max_continuity, reach):
+    """:func:`drop_background_segments` within one box of :func:`mask_boxes` (``reach``: the valley
+    test's, from the whole image's size)."""
     d = np.where(np.isfinite(depth) & (depth > 0), depth, 0).astype(np.float32)
     d = cv2.medianBlur(d, 3)
     good = d > 0
@@ -110,7 +191,6 @@ def drop_background_segments(mask: np.ndarray, depth: np.ndarray, max_continuity
         far_edge |= good & (dq > 0) & (dq < d - step)
     # background in a gap between movers is a depth valley: nearer masked pixels on both sides
     # (left and right, or above and below) within `reach` pixels
-    reach = max(3, int(0.08 * max(h, w)))
     dm = np.where((mask > 0) & good, d, np.float32(1e6)).astype(np.float32)
     valley = np.zeros((h, w), bool)
     for dy, dx in ((0, 1), (1, 0)):  # horizontal, vertical
@@ -131,10 +211,11 @@ def drop_background_segments(mask: np.ndarray, depth: np.ndarray, max_continuity
     n_cont = np.zeros(n)
     # outside pixels that count: unmasked, not in a hole enclosed by the mask, and not in a seam of
     # at most 2 pixels between masked pieces (the unmasked region is eroded); compared 3 pixels out
-    nh, hole_labels, stats, _ = cv2.connectedComponentsWithStats((mask == 0).astype(np.uint8), connectivity=4)
-    x0, y0 = stats[:, cv2.CC_STAT_LEFT], stats[:, cv2.CC_STAT_TOP]
-    x1, y1 = x0 + stats[:, cv2.CC_STAT_WIDTH], y0 + stats[:, cv2.CC_STAT_HEIGHT]
-    touches = (x0 == 0) | (y0 == 0) | (x1 == w) | (y1 == h)
+    nh, hole_labels = cv2.connectedComponents((mask == 0).astype(np.uint8), connectivity=4)
+    touches = np.zeros(nh, bool)  # unmasked regions that reach the border (no stats: 4x faster)
+    for edge in (hole_labels[0], hole_labels[-1], hole_labels[:, 0], hole_labels[:, -1]):
+        touches[edge] = True
+    touches[0] = False  # label 0: the mask itself
     counts = cv2.erode(((mask == 0) & touches[hole_labels]).astype(np.uint8), np.ones((3, 3), np.uint8),
                        borderType=cv2.BORDER_CONSTANT, borderValue=1) > 0
     for dy, dx in shifts:
@@ -172,17 +253,23 @@ def surface_segments(depth: np.ndarray, crease: float) -> tuple[int, np.ndarray]
         (number of labels, (H, W) int32 labels; 0 = boundary).
     """
     ok = np.isfinite(depth) & (depth > 0)
-    d = cv2.medianBlur(np.where(ok, depth, 0).astype(np.float32), 5)
+    d = np.asarray(depth, dtype=np.float32) if ok.all() else np.where(ok, depth, np.float32(0)).astype(np.float32)
+    d = cv2.medianBlur(d, 5)
     ok &= d > 0
-    inv = np.where(ok, 1.0 / np.maximum(d, 1e-3), 0).astype(np.float32)
+    inv = np.divide(np.float32(1), np.maximum(d, np.float32(1e-3)))
+    np.copyto(inv, np.float32(0), where=~ok)
     edge = ~ok
-    step = 0.03 + 0.03 * d
+    step = np.float32(0.03) * d
+    step += np.float32(0.03)
     edge[:, 1:] |= np.abs(d[:, 1:] - d[:, :-1]) > step[:, 1:]
     edge[1:, :] |= np.abs(d[1:, :] - d[:-1, :]) > step[1:, :]
     k2 = np.array([[1, 0, 0, -2, 0, 0, 1]], np.float32)
+    den = np.maximum(inv, np.float32(1e-6), out=step)
     with np.errstate(invalid='ignore', divide='ignore'):
         for kern in (k2, k2.T):
-            dd = np.abs(cv2.filter2D(inv, -1, kern, borderType=cv2.BORDER_REPLICATE)) / np.maximum(inv, 1e-6)
+            dd = cv2.filter2D(inv, -1, kern, borderType=cv2.BORDER_REPLICATE)
+            np.abs(dd, out=dd)
+            dd /= den
             edge |= dd > crease
     # a crease is found on one or two pixels and noise breaks it: thickened, it leaks less
     edge = cv2.dilate(edge.astype(np.uint8), np.ones((3, 3), np.uint8)) > 0
@@ -241,7 +328,7 @@ def clean_mask(prob: np.ndarray, cfg: SegmentationConfig, depth: np.ndarray | No
     Returns:
         (H, W) uint8, 255 = dynamic.
     """
-    p0 = np.nan_to_num(prob, nan=0.0)
+    p0 = np.fmax(prob, np.float32(0))  # NaN -> 0 (probabilities are >= 0)
     m = (p0 > cfg.threshold).astype(np.uint8)
     if cfg.hysteresis < 1.0 and m.any():
         # hysteresis: weaker evidence connected to strong evidence is part of the same mover (a slow
@@ -253,20 +340,22 @@ def clean_mask(prob: np.ndarray, cfg: SegmentationConfig, depth: np.ndarray | No
         keep[0] = False
         m = keep[lab].astype(np.uint8)
     if cfg.open_px:
-        m = cv2.morphologyEx(m, cv2.MORPH_OPEN, _kernel(cfg.open_px))
+        m = morphology(m, cv2.MORPH_OPEN, cfg.open_px)
     if cfg.close_px:
-        m = cv2.morphologyEx(m, cv2.MORPH_CLOSE, _kernel(cfg.close_px))
+        m = morphology(m, cv2.MORPH_CLOSE, cfg.close_px)
     if cfg.min_area_frac > 0 and m.any():
-        n, labels, stats, _ = cv2.connectedComponentsWithStats(m, connectivity=8)
-        small = np.flatnonzero(stats[:, cv2.CC_STAT_AREA] < cfg.min_area_frac * m.size)
+        n, labels = cv2.connectedComponents(m, connectivity=8)  # areas by bincount: 3x faster than with stats
+        small = np.flatnonzero(np.bincount(labels.ravel(), minlength=n) < cfg.min_area_frac * m.size)
         small = small[small > 0]
         if small.size:
             m[np.isin(labels, small)] = 0
     if depth is not None and cfg.snap_px:
-        m = snap_to_depth_edges(m, depth, cfg.snap_px, np.nan_to_num(prob, nan=1.0) < 0.5 * cfg.threshold)
+        with np.errstate(invalid='ignore'):  # NaN (no evidence) is not a static hint
+            hint = prob < np.float32(0.5 * cfg.threshold)
+        m = snap_to_depth_edges(m, depth, cfg.snap_px, hint)
         m = drop_background_segments(m, depth, cfg.max_continuity)
         if cfg.open_px:
-            m = cv2.morphologyEx(m, cv2.MORPH_OPEN, _kernel(cfg.open_px))
+            m = morphology(m, cv2.MORPH_OPEN, cfg.open_px)
     if depth is not None and cfg.grow_fraction < 1.0:  # seeds: what survived the cleaning
         with np.errstate(invalid='ignore'):
             known_static = prob < cfg.grow_static  # NaN (no evidence) is not known static

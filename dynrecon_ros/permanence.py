@@ -19,8 +19,8 @@ import cv2
 import numpy as np
 
 from dynrecon_ros.depth_cue import depth_sigma
-from dynrecon_ros.geometry import pixel_grid
-from dynrecon_ros.flow_cue import ego_flow_and_depth, exposure_gain, nan_box_mean
+from dynrecon_ros.flow_cue import ego_at, exposure_gain, nan_box_mean
+from dynrecon_ros.geometry import pixel_axes
 
 if TYPE_CHECKING:
     from dynrecon_ros.segmentation import SegmentationConfig
@@ -46,11 +46,15 @@ def carry_hold(hold_j: np.ndarray, depth_k: np.ndarray, K_k: np.ndarray, depth_j
         (H, W) float32 stamps of frame k (NaN = not held).
     """
     h, w = hold_j.shape
-    ego, z_pred = ego_flow_and_depth(depth_k, K_k, T_j_k, K_j)
-    m = np.nan_to_num(pixel_grid(h, w) + ego, nan=-1e4)
-    held = cv2.remap(np.asarray(hold_j, dtype=np.float32), m, None, cv2.INTER_NEAREST,
+    u, v = pixel_axes(h, w)
+    du, dv, z_pred = ego_at(u, v, depth_k, K_k, T_j_k, K_j)
+    # where k's points land in j, as two float maps (no ego flow: -1e4, outside)
+    du += u
+    dv += v
+    mx, my = np.fmax(du, np.float32(-1e4), out=du), np.fmax(dv, np.float32(-1e4), out=dv)
+    held = cv2.remap(np.asarray(hold_j, dtype=np.float32), mx, my, cv2.INTER_NEAREST,
                      borderMode=cv2.BORDER_CONSTANT, borderValue=np.nan)
-    zj_meas = cv2.remap(np.asarray(depth_j, dtype=np.float32), m, None, cv2.INTER_NEAREST,
+    zj_meas = cv2.remap(np.asarray(depth_j, dtype=np.float32), mx, my, cv2.INTER_NEAREST,
                         borderMode=cv2.BORDER_CONSTANT, borderValue=0)
     with np.errstate(invalid='ignore'):
         sig = np.sqrt(depth_sigma(z_pred, cfg.depth_sigma_a, cfg.depth_sigma_b) ** 2 +
@@ -58,7 +62,7 @@ def carry_hold(hold_j: np.ndarray, depth_k: np.ndarray, K_k: np.ndarray, depth_j
         same = (zj_meas > 0) & (np.abs(zj_meas - z_pred) <= cfg.depth_tol_sigmas * sig + cfg.depth_rel_tol * z_pred)
     if gray_k is not None and gray_j is not None and np.isfinite(held).any():
         gk = gray_k.astype(np.float32)
-        seen = cv2.remap(gray_j.astype(np.float32), m, None, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
+        seen = cv2.remap(gray_j.astype(np.float32), mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
                          borderValue=np.nan)
         gain = exposure_gain(seen[::7, ::7], gk[::7, ::7])
         with np.errstate(invalid='ignore'):

@@ -38,6 +38,7 @@ from dynrecon_ros.config import ReconConfig
 from dynrecon_ros.errors import InputError
 from dynrecon_ros.flow import FlowCache
 from dynrecon_ros.geometry import poses_from_tum
+from dynrecon_ros.memory import keep_freed_heap
 from dynrecon_ros.segmentation import MotionSegmenter, clean_mask, refine_upsampled_mask
 from dynrecon_ros.static_map import VoxelMap
 from dynrecon_ros.window import SlidingWindow, WindowEntry, WindowStep
@@ -145,6 +146,7 @@ class Reconstructor:
         self.window = SlidingWindow(w)
         if cfg.alignment.threads > 0:
             torch.set_num_threads(cfg.alignment.threads)
+        keep_freed_heap()  # image-sized temporaries reuse freed heap instead of page-faulting it back in
         self.segmenter = MotionSegmenter(cfg.segmentation)
         self.map = VoxelMap(cfg.map)
         self.default_K = None

@@ -142,23 +142,25 @@ def from_frame_instant(Y: np.ndarray, s: np.ndarray, twist: np.ndarray) -> np.nd
     return Y - s * (np.cross(twist[3:], Y) + twist[:3])
 
 
-def ego_points(X: np.ndarray, Y: np.ndarray, R_j_i: np.ndarray, model: ShutterModel, twist_i: np.ndarray,
-               twist_j: np.ndarray, K_j: np.ndarray) -> np.ndarray:
+def ego_points(X: np.ndarray, Y: np.ndarray, rows: np.ndarray, R_j_i: np.ndarray, model: ShutterModel,
+               twist_i: np.ndarray, twist_j: np.ndarray, height: int, K_j: np.ndarray) -> np.ndarray:
     """Frame i's points as the colour camera of j sees them, under the rolling shutter (ego flow).
 
     Args:
-        X: (H, W, 3) points of i's pixels in i's camera (a pixel's depth reading on its colour ray:
-            the colour pixel is what the flow follows); Y: (H, W, 3) the same moved into j's camera by
-            the frames' poses (R_j_i X + t_j_i, global shutter); R_j_i: (3, 3).
-        model, twist_i, twist_j: the sensor's timing and the frames' body twists (6,).
+        X: (..., 3) points of i's pixels in i's camera (a pixel's depth reading on its colour ray:
+            the colour pixel is what the flow follows); Y: (..., 3) the same moved into j's camera by
+            the frames' poses (R_j_i X + t_j_i, global shutter); rows: (...) their pixel rows in i;
+            R_j_i: (3, 3).
+        model, twist_i, twist_j: the sensor's timing and the frames' body twists (6,); height: image rows.
         K_j: (3, 3) intrinsics of j.
-    Returns (H, W, 3) float32 points in the camera of the row of j each projects to.
+    Returns (..., 3) float32 points in the camera of the row of j each projects to.
     """
-    h, w = X.shape[:2]
-    s_i = np.repeat(model.row_offsets(np.arange(h), h), w)
+    shape = X.shape
+    s_i = model.row_offsets(np.asarray(rows).reshape(-1), height)
     X = X.reshape(-1, 3).astype(np.float64)
     Yf = Y.reshape(-1, 3).astype(np.float64) + (to_frame_instant(X, s_i, twist_i) - X) @ R_j_i.T
     with np.errstate(divide='ignore', invalid='ignore'):
         v = K_j[1, 1] * Yf[:, 1] / Yf[:, 2] + K_j[1, 2]
-    s_j = model.row_offsets(np.nan_to_num(v, nan=h / 2, posinf=h / 2, neginf=h / 2), h)
-    return from_frame_instant(Yf, s_j, twist_j).reshape(h, w, 3).astype(np.float32)
+    mid = height / 2
+    s_j = model.row_offsets(np.nan_to_num(v, nan=mid, posinf=mid, neginf=mid), height)
+    return from_frame_instant(Yf, s_j, twist_j).reshape(shape).astype(np.float32)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dynrecon_ros.depth_cue import nearest_reading, pair_depth_probability
+from dynrecon_ros.depth_cue import fill_candidates, nearest_reading, pair_depth_probability
 from dynrecon_ros.errors import InputError
 from dynrecon_ros.flow import to_gray
 from dynrecon_ros.flow_cue import (ego_explains_appearance, ego_flow, pair_dynamic_probability,  # noqa: F401
@@ -196,6 +196,8 @@ class MotionSegmenter:
         self._holds: OrderedDict[str, tuple] = OrderedDict()
         self._calls = 0
         self._pool = None  # worker threads (cfg.threads > 1), started on first use
+        # (what, key) -> (fingerprint of the frame's depth, value): per-frame results that later calls reuse
+        self._frame_cache: OrderedDict[tuple[str, str], tuple] = OrderedDict()
 
     def __len__(self) -> int:
         """Number of frame keys currently remembered."""
@@ -204,6 +206,7 @@ class MotionSegmenter:
     def reset(self) -> None:
         self._state.clear()
         self._holds.clear()
+        self._frame_cache.clear()
         self._calls = 0
 
     def segment(self, keys: list[str], depths: np.ndarray, K: np.ndarray, poses: np.ndarray,
@@ -279,9 +282,16 @@ class MotionSegmenter:
 
         skip = [False] * n if skip_frames is None else [bool(x) for x in skip_frames]
         near = None
-        if self.cfg.depth_cue and measured_depth:
-            targets = sorted({j for _, j in flows})
-            near = dict(zip(targets, self._map(nearest_reading, [depths[j] for j in targets])))
+        if self.cfg.depth_cue and measured_depth:  # per frame, reused by later calls (a frame's depth stays)
+            near = {j: self._per_frame('near', keys[j], depths[j], nearest_reading) for j in sorted({j for _, j in flows})}
+        cands = {}
+        if self.cfg.hole_fill_px > 0:
+            for i in sorted({i for i, _ in flows}):
+                cands[i] = self._per_frame('holes', keys[i], depths[i], self._hole_candidates)
+
+        grey = None  # float32 once per frame, not per pair
+        if images is not None and self.cfg.photometric_check and measured_depth:
+            grey = {k: np.asarray(images[k], dtype=np.float32) for k in sorted({k for pr in flows for k in pr})}
 
         def pair(item):  # evidence of one pair: [(cue, frame, probability)]
             (i, j), flow = item
@@ -292,16 +302,16 @@ class MotionSegmenter:
             sh = None if shutter is None or twists is None or twists[i] is None or twists[j] is None \
                 else (shutter, twists[i], twists[j])
             p, zj, (eu, ev) = pair_probability(depths[i], Ks[i], inv[j] @ poses[i], flow, flow_valid.get((i, j)),
-                                               self.cfg, Ks[j], sh)
+                                               self.cfg, Ks[j], candidates=cands.get(i), shutter=sh)
             if images is not None and self.cfg.photometric_check and measured_depth:
                 # the ego flow explains the appearance clearly better: a flow failure, static evidence;
                 # about as well (a uniform surface, where flow means little): no evidence
                 with np.errstate(invalid='ignore'):
                     suspect = p > 0.01  # only flow evidence of motion needs the check
-                better = ego_explains_appearance(images[i], images[j], eu, ev, flow, where=suspect)
+                better = ego_explains_appearance(grey[i], grey[j], eu, ev, flow, where=suspect)
                 with np.errstate(invalid='ignore'):
-                    p[better >= 1.0] = 0
-                    p[(better >= 0) & (better < 1.0)] = np.nan
+                    np.copyto(p, np.float32(0), where=better >= 1.0)
+                    np.copyto(p, np.float32(np.nan), where=(better >= 0) & (better < 1.0))
             cues = [p] if near is None else [p, pair_depth_probability(zj, eu, ev, near[j], self.cfg)]
             out = [] if skip[i] else [(c, i, pc) for c, pc in enumerate(cues)]
             if carry:
@@ -406,6 +416,28 @@ class MotionSegmenter:
                                     twists=[e.data.get('twist') for e in ents] if shutter is not None else None)
         return ents, probs, masks
 
+    def _per_frame(self, what: str, key: str, depth: np.ndarray, fn):
+        """``fn(depth)``, computed once per frame key and depth (a frame is in several calls: the older
+        frames of a step are the newest of earlier steps, keyframes are in many); at most
+        16 entries, the least recently used dropped. The depth's fingerprint (shape, sum, every 7th pixel)
+        guards against a key reused for other data."""
+        fp = (depth.shape, float(depth.sum(dtype=np.float64)), depth[::7, ::7].tobytes())
+        hit = self._frame_cache.get((what, key))
+        if hit is not None and hit[0] == fp:
+            self._frame_cache.move_to_end((what, key))
+            return hit[1]
+        value = fn(depth)
+        self._frame_cache[(what, key)] = (fp, value)
+        while len(self._frame_cache) > 16:
+            self._frame_cache.popitem(last=False)
+        return value
+
+    def _hole_candidates(self, depth: np.ndarray) -> tuple:
+        """:func:`~dynrecon_ros.depth_cue.fill_candidates` of one frame (without holes: no candidate
+        maps, which would be views of the caller's stacked depths and keep them alive in the cache)."""
+        holes, near, far = fill_candidates(depth, self.cfg.hole_fill_px)
+        return (holes, near, far) if holes.any() else (holes, None, None)
+
     def _remember(self, key: str, psum: np.ndarray, pcnt: np.ndarray) -> np.ndarray:
         """Blend this window's evidence for ``key`` with the remembered one; (H, W) probability."""
         a = self.cfg.temporal_weight
@@ -415,14 +447,14 @@ class MotionSegmenter:
                 # the old evidence keeps weight a relative to the new (both normalised to one count)
                 old = osum / np.maximum(ocnt, 1e-6)
                 new = psum / np.maximum(pcnt, 1e-6)
-                wo = a * (ocnt > 0)
-                wn = (1 - a) * (pcnt > 0)
-                psum = (wo * old + wn * new).astype(np.float32)
-                pcnt = (wo + wn).astype(np.float32)
+                wo = np.float32(a) * (ocnt > 0)
+                wn = np.float32(1 - a) * (pcnt > 0)
+                psum = wo * old + wn * new
+                pcnt = wo + wn
         self._state[key] = (psum, pcnt, self._calls)
         with np.errstate(invalid='ignore', divide='ignore'):
-            prob = np.where(pcnt > 0, psum / np.maximum(pcnt, 1e-6), 0.0)
-        return np.clip(prob, 0.0, 1.0).astype(np.float32)
+            prob = np.where(pcnt > 0, psum / np.maximum(pcnt, np.float32(1e-6)), np.float32(0))
+        return np.clip(prob, np.float32(0), np.float32(1)).astype(np.float32, copy=False)
 
     def _forget(self) -> None:
         for state, when in ((self._state, lambda v: v[2]), (self._holds, lambda v: v[2])):

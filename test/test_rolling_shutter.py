@@ -69,7 +69,7 @@ def test_ego_flow_sees_each_row_at_its_instant(shaken):
         T_j_i = np.linalg.inv(shaken.poses[k + 1]) @ shaken.poses[k]
         for model in (False, True):
             sh = (ShutterModel(0.025), twists[k], twists[k + 1]) if model else None
-            p, _, _ = pair_probability(a.depth, a.K, T_j_i, pf.fwd, pf.valid_fwd, seg, b.K, sh)
+            p, _, _ = pair_probability(a.depth, a.K, T_j_i, pf.fwd, pf.valid_fwd, seg, b.K, shutter=sh)
             flagged[model] += int(np.count_nonzero(p > seg.threshold))
     assert flagged[False] > 200, flagged  # the case is meaningful: a global-shutter ego flow flags the room
     assert flagged[True] < 0.1 * flagged[False], flagged
