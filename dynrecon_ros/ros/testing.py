@@ -116,10 +116,17 @@ class StreamProbe:
             return msg.header.stamp.sec * 1_000_000_000 + msg.header.stamp.nanosec, time.time_ns()
         self.masks = harness.collect(Image, f'/{node_name}/dynamic_mask', OUTPUT_QOS, keep=arrival)
         self.poses = harness.collect(PoseStamped, f'/{node_name}/pose', OUTPUT_QOS, keep=arrival)
+        self.subs = harness._subs[-2:]  # the two output subscriptions just made
 
     def wait_matched(self, timeout: float = 30.0) -> bool:
-        """True once the node subscribes to all three inputs."""
-        return RosHarness.wait_for(lambda: all(p.get_subscription_count() for p in self.pubs), timeout)
+        """True once the node subscribes to all three inputs and its mask and pose publishers match
+        this probe's subscriptions, then 0.5 s more: a reliable reader counted as matched may not have
+        finished the handshake, and a frame published in that gap can be missed."""
+        ok = RosHarness.wait_for(lambda: all(p.get_subscription_count() for p in self.pubs)
+                                 and all(s.get_publisher_count() for s in self.subs), timeout)
+        if ok:
+            time.sleep(0.5)
+        return ok
 
     def send(self, rgb, depth, K) -> int:
         """Publish one frame stamped now; returns its stamp in ns."""
