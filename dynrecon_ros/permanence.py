@@ -21,6 +21,7 @@ import numpy as np
 from dynrecon_ros.depth_cue import depth_sigma
 from dynrecon_ros.flow_cue import ego_at, exposure_gain, nan_box_mean
 from dynrecon_ros.geometry import pixel_axes
+from dynrecon_ros.mask_cleanup import surface_segments
 
 if TYPE_CHECKING:
     from dynrecon_ros.segmentation import SegmentationConfig
@@ -68,6 +69,48 @@ def carry_hold(hold_j: np.ndarray, depth_k: np.ndarray, K_k: np.ndarray, depth_j
         with np.errstate(invalid='ignore'):
             same &= nan_box_mean(np.abs(seen - gain * gk), (5, 5)) <= cfg.hold_grey_tol
     return np.where(same, held, np.nan).astype(np.float32)
+
+
+def complete_hold(hold: np.ndarray, held: np.ndarray, depth: np.ndarray, fraction: float,
+                  crease: float) -> tuple[np.ndarray, np.ndarray]:
+    """The hold spread over the depth-connected smooth surfaces it mostly covers (region completion
+    of :mod:`dynrecon_ros.mask_cleanup`, for what stands still).
+
+    A held region loses pixels from frame to frame (a silhouette pixel whose carried depth misses, a
+    leg the cleaning's opening cut off, a part of the body that comes into view while it stands
+    still) and a still thing has no motion evidence to win them back: every surface of
+    :func:`~dynrecon_ros.mask_cleanup.surface_segments` that the held pixels cover for at least
+    ``fraction`` is held whole, each of its pixels with the oldest stamp held on it (so the surface
+    lets go no later than its oldest part would). The floor a person stands on is another surface
+    (a crease at the feet) and far larger than the feet, so the hold stays off it.
+
+    Args:
+        hold: (H, W) float32 stamps (NaN = not held).
+        held: (H, W) bool pixels held now (:func:`held_pixels`).
+        depth: (H, W) float32 metres (0 = no reading).
+        fraction: 0..1 share of a surface the held pixels must cover; >= 1 disables.
+        crease: see :func:`~dynrecon_ros.mask_cleanup.surface_segments`.
+
+    Returns:
+        held (H, W) bool and stamps (H, W) float32, both grown.
+    """
+    if fraction >= 1.0 or not held.any():
+        return held, hold
+    n, labels = surface_segments(depth, crease)
+    if n <= 1:
+        return held, hold
+    lab_held = labels[held]
+    area = np.bincount(labels.ravel(), minlength=n)
+    grow = np.bincount(lab_held, minlength=n) >= fraction * np.maximum(area, 1)
+    grow[0] = False
+    if not grow.any():
+        return held, hold
+    oldest = np.full(n, np.inf)
+    np.minimum.at(oldest, lab_held, hold[held].astype(np.float64))  # held pixels only: a few thousand
+    joined = grow[labels] & ~held
+    out = np.array(hold, dtype=np.float32, copy=True)
+    out[joined] = oldest[labels[joined]].astype(np.float32)
+    return held | joined, out
 
 
 def update_hold(hold: np.ndarray | None, mask: np.ndarray, moving: np.ndarray, stamp: float) -> np.ndarray:

@@ -33,7 +33,7 @@ from dynrecon_ros.flow_cue import (ego_explains_appearance, ego_flow, pair_dynam
                                    pair_probability, pull_from_source, refine_relative_pose, splat_to_target)
 from dynrecon_ros.mask_cleanup import (clean_mask, complete_regions, drop_background_segments,  # noqa: F401
                                        refine_upsampled_mask, snap_to_depth_edges)
-from dynrecon_ros.permanence import carry_hold, held_pixels, update_hold
+from dynrecon_ros.permanence import carry_hold, complete_hold, held_pixels, update_hold
 
 @dataclass
 class SegmentationConfig:
@@ -114,6 +114,10 @@ class SegmentationConfig:
             held thing left, uncovering background at about its depth.
         crease: relative second difference of inverse depth over 3 pixels that separates two
             surfaces meeting at an angle (a mover's feet and the floor), so completion stops there.
+        hold_grow_fraction: a smooth depth-connected surface that held pixels cover for at least this
+            fraction is held whole (:func:`~dynrecon_ros.permanence.complete_hold`: a still person's
+            hold keeps the limbs and silhouette pixels it would otherwise lose frame by frame); 1
+            disables.
     """
 
     enabled: bool = True
@@ -149,6 +153,7 @@ class SegmentationConfig:
     still_after_s: float = 5.0
     hold_grey_tol: float = 12.0
     crease: float = 0.01
+    hold_grow_fraction: float = 0.2
 
     def __post_init__(self) -> None:
         if self.mode not in ('flow', 'attention', 'both'):
@@ -174,6 +179,8 @@ class SegmentationConfig:
                 raise InputError(f'segmentation {name} must be >= 0 (0 = guard off), got {getattr(self, name)}')
         if not 0.0 < self.grow_fraction <= 1.0 or self.crease <= 0:
             raise InputError('segmentation grow_fraction must be in (0, 1] and crease > 0')
+        if not 0.0 < self.hold_grow_fraction <= 1.0:
+            raise InputError(f'segmentation hold_grow_fraction must be in (0, 1], got {self.hold_grow_fraction}')
         if self.still_after_s < 0:
             raise InputError(f'segmentation still_after_s must be >= 0 (0 = off), got {self.still_after_s}')
         if not 0.0 <= self.grow_static < self.threshold:
@@ -355,15 +362,17 @@ class MotionSegmenter:
 
         def clean(k):  # pixels without any evidence are not known static (region completion)
             p = probs[k].copy()
-            held = held_pixels(holds.get(k), stamps[k], self.cfg.still_after_s) if permanence else None
+            hold = holds.get(k)
+            held = held_pixels(hold, stamps[k], self.cfg.still_after_s) if permanence else None
             if held is not None:
+                held, hold = complete_hold(hold, held, depths[k], self.cfg.hold_grow_fraction, self.cfg.crease)
                 p[held] = 1.0
-            return clean_mask(p, self.cfg, depths[k], evidence=self._state[keys[k]][1] > 0)
+            return clean_mask(p, self.cfg, depths[k], evidence=self._state[keys[k]][1] > 0), hold
 
-        for k, m in zip(todo, self._map(clean, todo)):
+        for k, (m, hold) in zip(todo, self._map(clean, todo)):
             masks[k] = m
             if permanence:
-                self._holds[keys[k]] = (holds[k], update_hold(holds[k], m, probs[k] > self.cfg.threshold, stamps[k]),
+                self._holds[keys[k]] = (holds[k], update_hold(hold, m, probs[k] > self.cfg.threshold, stamps[k]),
                                         self._calls)
         if permanence:  # frames not cleaned now (the newest) inherit the holds just updated
             for k in range(n):

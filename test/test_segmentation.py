@@ -492,10 +492,12 @@ def test_region_completion_masks_the_whole_mover_but_not_the_floor(grow_fraction
 
 
 # ---------------------------------------------------------------- object permanence
-def _stop_and_go(n=14, move_until=5, speed_px=4, fps=30.0):
+def _stop_and_go(n=14, move_until=5, speed_px=4, fps=30.0, flow_rows=None):
     """A static camera, a wall at 3 m and a textured box at 1.5 m that moves right by ``speed_px``
     per frame up to frame ``move_until`` and then stands still. Returns entries as the reconstructor
-    keeps them (key, pose, frame with depth, K, stamp), gt masks and the exact flow function."""
+    keeps them (key, pose, frame with depth, K, stamp), gt masks and the exact flow function (with
+    ``flow_rows``: the box's motion shows in the flow of its rows above that image row only; below,
+    the flow says static, as on a part of a mover whose texture the flow cannot follow)."""
     from types import SimpleNamespace
 
     xs = [20 + speed_px * min(k, move_until) for k in range(n)]
@@ -510,6 +512,8 @@ def _stop_and_go(n=14, move_until=5, speed_px=4, fps=30.0):
     def flow(i, j):
         f = np.zeros((H, W, 2), np.float32)
         f[gt[i], 0] = xs[j] - xs[i]
+        if flow_rows is not None:
+            f[flow_rows:] = 0
         return f
 
     return ents, gt, flow
@@ -543,6 +547,22 @@ def test_object_permanence_holds_a_mover_that_stopped(still_after_s):
         assert min(stopped) >= 0.9, stopped
     else:
         assert max(stopped) < 0.1, stopped
+
+
+@pytest.mark.parametrize('hold_grow_fraction', [0.2, 1.0])
+def test_object_permanence_holds_the_whole_surface_of_a_mover_seen_moving_in_part(hold_grow_fraction):
+    # the box's lower third (rows 70..89) shows no motion in the flow: while it moves, its moving part
+    # carries the mask; once it stands still, only what was held stays, unless the hold spreads over
+    # the depth-connected surface it mostly covers (permanence.complete_hold)
+    ents, gt, flow = _stop_and_go(flow_rows=70)
+    masks = _run_like_the_reconstructor(
+        MotionSegmenter(SegmentationConfig(hold_grow_fraction=hold_grow_fraction)), ents, flow)
+    stopped = [_iou(masks[k], gt[k]) for k in range(9, 13)]
+    if hold_grow_fraction < 1:
+        assert min(stopped) >= 0.9, stopped
+    else:
+        assert max(stopped) < 0.8, stopped
+    assert not (masks[9:13] & ~gt[9:13]).any()  # never onto the wall around it
 
 
 def test_object_permanence_lets_go_after_still_after_s_and_when_the_mover_leaves():
