@@ -347,13 +347,20 @@ class MotionSegmenter:
 
         permanence = stamps is not None and self.cfg.still_after_s > 0
 
-        def inherit(k):  # the hold map of frame k's pair partner nearest in time, carried to k
+        def inherit(k):
+            # the hold maps of frame k's pair partners carried to k, the nearest in time first and the others
+            # where it holds nothing: a still thing that a passer-by hid in the nearest partner keeps the
+            # hold of an older partner that saw it (the depth check still drops what left)
             partners = [j for (i, j) in flows if i == k and self._holds.get(keys[j], (None, None))[1] is not None]
+            partners = [j for j in partners if np.isfinite(self._holds[keys[j]][1]).any()]
             if not partners:
                 return None
-            j = min(partners, key=lambda j: abs(stamps[j] - stamps[k]))
-            return carry_hold(self._holds[keys[j]][1], depths[k], Ks[k], depths[j], Ks[j], inv[j] @ poses[k], self.cfg,
-                              None if images is None else images[k], None if images is None else images[j])
+            out = None
+            for j in sorted(partners, key=lambda j: abs(stamps[j] - stamps[k])):
+                h_j = carry_hold(self._holds[keys[j]][1], depths[k], Ks[k], depths[j], Ks[j], inv[j] @ poses[k],
+                                 self.cfg, None if images is None else images[k], None if images is None else images[j])
+                out = h_j if out is None else np.where(np.isnan(out), h_j, out)
+            return out
 
         holds = {}  # what each frame to clean inherited (never its own earlier verdict: no self-locking)
         if permanence:
