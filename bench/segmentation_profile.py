@@ -44,6 +44,7 @@ PARTS = [
     ('temporal memory', 'segmentation', 'MotionSegmenter._remember'),
     ('permanence: carry hold', 'permanence', 'carry_hold'),
     ('permanence: update hold', 'permanence', 'update_hold'),
+    ('permanence: complete hold', 'permanence', 'complete_hold'),
     ('cleanup: threshold + morphology', 'mask_cleanup', 'clean_mask'),
     ('cleanup: snap to depth edges', 'mask_cleanup', 'snap_to_depth_edges'),
     ('cleanup: drop background', 'mask_cleanup', 'drop_background_segments'),

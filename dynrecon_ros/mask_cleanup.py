@@ -277,7 +277,7 @@ def surface_segments(depth: np.ndarray, crease: float) -> tuple[int, np.ndarray]
 
 
 def complete_regions(mask: np.ndarray, depth: np.ndarray, fraction: float, crease: float,
-                     static: np.ndarray | None = None) -> np.ndarray:
+                     static: np.ndarray | None = None, segments: tuple | None = None) -> np.ndarray:
     """Evidence on part of a surface spreads over the whole surface (DynaSLAM grows its regions).
 
     A mover whose motion shows only at its edges (a uniform or background-like surface that the
@@ -293,13 +293,14 @@ def complete_regions(mask: np.ndarray, depth: np.ndarray, fraction: float, creas
         fraction: 0..1 share of a surface the mask must cover; 1 disables.
         crease: see :func:`surface_segments`.
         static: optional (H, W) bool pixels known static (their evidence says so); they never join.
+        segments: optional :func:`surface_segments` of ``depth`` with ``crease``, when the caller has them.
 
     Returns:
         (H, W) uint8 0/1.
     """
     if fraction >= 1.0 or not mask.any():
         return mask
-    n, labels = surface_segments(depth, crease)
+    n, labels = surface_segments(depth, crease) if segments is None else segments
     if n <= 1:
         return mask
     free = np.ones(mask.shape, bool) if static is None else ~static | (mask > 0)
@@ -313,7 +314,7 @@ def complete_regions(mask: np.ndarray, depth: np.ndarray, fraction: float, creas
 
 
 def clean_mask(prob: np.ndarray, cfg: SegmentationConfig, depth: np.ndarray | None = None,
-               evidence: np.ndarray | None = None) -> np.ndarray:
+               evidence: np.ndarray | None = None, segments: tuple | None = None) -> np.ndarray:
     """Threshold (with hysteresis, ``cfg.hysteresis``) and clean one probability map.
 
     Args:
@@ -324,6 +325,7 @@ def clean_mask(prob: np.ndarray, cfg: SegmentationConfig, depth: np.ndarray | No
         evidence: optional (H, W) bool pixels with any evidence: region completion
             (``cfg.grow_fraction``) never joins pixels known static, i.e. below ``cfg.grow_static``
             with evidence (without this map: below it and not NaN).
+        segments: optional :func:`surface_segments` of ``depth`` (``cfg.crease``) for region completion.
 
     Returns:
         (H, W) uint8, 255 = dynamic.
@@ -361,7 +363,7 @@ def clean_mask(prob: np.ndarray, cfg: SegmentationConfig, depth: np.ndarray | No
             known_static = prob < cfg.grow_static  # NaN (no evidence) is not known static
         if evidence is not None:
             known_static &= evidence
-        m = complete_regions(m, depth, cfg.grow_fraction, cfg.crease, known_static)
+        m = complete_regions(m, depth, cfg.grow_fraction, cfg.crease, known_static, segments)
     if cfg.dilate_px:
         m = cv2.dilate(m, _kernel(cfg.dilate_px))
     return m * np.uint8(255)

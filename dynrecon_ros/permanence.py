@@ -72,7 +72,7 @@ def carry_hold(hold_j: np.ndarray, depth_k: np.ndarray, K_k: np.ndarray, depth_j
 
 
 def complete_hold(hold: np.ndarray, held: np.ndarray, depth: np.ndarray, fraction: float,
-                  crease: float) -> tuple[np.ndarray, np.ndarray]:
+                  crease: float, segments: tuple | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The hold spread over the depth-connected smooth surfaces it mostly covers (region completion
     of :mod:`dynrecon_ros.mask_cleanup`, for what stands still).
 
@@ -90,13 +90,14 @@ def complete_hold(hold: np.ndarray, held: np.ndarray, depth: np.ndarray, fractio
         depth: (H, W) float32 metres (0 = no reading).
         fraction: 0..1 share of a surface the held pixels must cover; >= 1 disables.
         crease: see :func:`~dynrecon_ros.mask_cleanup.surface_segments`.
+        segments: optional ``surface_segments(depth, crease)``, when the caller has them.
 
     Returns:
         held (H, W) bool and stamps (H, W) float32, both grown.
     """
     if fraction >= 1.0 or not held.any():
         return held, hold
-    n, labels = surface_segments(depth, crease)
+    n, labels = surface_segments(depth, crease) if segments is None else segments
     if n <= 1:
         return held, hold
     lab_held = labels[held]

@@ -32,7 +32,7 @@ from dynrecon_ros.flow import to_gray
 from dynrecon_ros.flow_cue import (ego_explains_appearance, ego_flow, pair_dynamic_probability,  # noqa: F401
                                    pair_probability, pull_from_source, refine_relative_pose, splat_to_target)
 from dynrecon_ros.mask_cleanup import (clean_mask, complete_regions, drop_background_segments,  # noqa: F401
-                                       refine_upsampled_mask, snap_to_depth_edges)
+                                       refine_upsampled_mask, snap_to_depth_edges, surface_segments)
 from dynrecon_ros.permanence import carry_hold, complete_hold, held_pixels, update_hold
 
 @dataclass
@@ -348,15 +348,16 @@ class MotionSegmenter:
         permanence = stamps is not None and self.cfg.still_after_s > 0
 
         def inherit(k):
-            # the hold maps of frame k's pair partners carried to k, the nearest in time first and the others
-            # where it holds nothing: a still thing that a passer-by hid in the nearest partner keeps the
-            # hold of an older partner that saw it (the depth check still drops what left)
+            # the hold maps of frame k's nearest and farthest pair partners in time carried to k, the farthest's
+            # where the nearest's holds nothing: a still thing that a passer-by hid in the nearest partner keeps
+            # the hold of an older partner that saw it (the depth check still drops what left)
             partners = [j for (i, j) in flows if i == k and self._holds.get(keys[j], (None, None))[1] is not None]
             partners = [j for j in partners if np.isfinite(self._holds[keys[j]][1]).any()]
             if not partners:
                 return None
+            by_time = sorted(partners, key=lambda j: abs(stamps[j] - stamps[k]))
             out = None
-            for j in sorted(partners, key=lambda j: abs(stamps[j] - stamps[k])):
+            for j in by_time[:1] + by_time[1:][-1:]:  # the nearest and the farthest (most likely before a passer-by)
                 h_j = carry_hold(self._holds[keys[j]][1], depths[k], Ks[k], depths[j], Ks[j], inv[j] @ poses[k],
                                  self.cfg, None if images is None else images[k], None if images is None else images[j])
                 out = h_j if out is None else np.where(np.isnan(out), h_j, out)
@@ -371,10 +372,13 @@ class MotionSegmenter:
             p = probs[k].copy()
             hold = holds.get(k)
             held = held_pixels(hold, stamps[k], self.cfg.still_after_s) if permanence else None
-            if held is not None:
-                held, hold = complete_hold(hold, held, depths[k], self.cfg.hold_grow_fraction, self.cfg.crease)
+            segs = None  # the depth's surfaces, found once for the hold's and the mask's completion
+            if held is not None and held.any():
+                if self.cfg.hold_grow_fraction < 1.0:
+                    segs = surface_segments(depths[k], self.cfg.crease)
+                held, hold = complete_hold(hold, held, depths[k], self.cfg.hold_grow_fraction, self.cfg.crease, segs)
                 p[held] = 1.0
-            return clean_mask(p, self.cfg, depths[k], evidence=self._state[keys[k]][1] > 0), hold
+            return clean_mask(p, self.cfg, depths[k], evidence=self._state[keys[k]][1] > 0, segments=segs), hold
 
         for k, (m, hold) in zip(todo, self._map(clean, todo)):
             masks[k] = m
