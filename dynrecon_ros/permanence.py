@@ -10,6 +10,13 @@ farther than the thing was and the hold is dropped (carrying the hold along the 
 instead left ghosts: background of about the mover's depth took over its hold); a moving thing
 needs no hold (its cues speak). Held pixels whose region has not moved for ``cfg.still_after_s``
 seconds are let go: they count as scenery from then on (a parked cart, a person who sat down).
+
+A frame inherits from two partners, the nearest in time and, where that one holds nothing, the
+farthest (a still person whom a passer-by hid in the nearest partner was held in an older one), and
+the hold spreads over the depth-connected smooth surfaces it mostly covers (:func:`complete_hold`:
+a still thing shows no motion to win back the pixels its hold loses from frame to frame).
+What was never seen moving is never held: a person who comes into view as they stop, or who stood
+hidden behind another the whole time they moved, stays static until they walk on.
 """
 from __future__ import annotations
 
