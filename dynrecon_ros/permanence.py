@@ -62,20 +62,32 @@ def carry_hold(hold_j: np.ndarray, depth_k: np.ndarray, K_k: np.ndarray, depth_j
     mx, my = np.fmax(du, np.float32(-1e4), out=du), np.fmax(dv, np.float32(-1e4), out=dv)
     held = cv2.remap(np.asarray(hold_j, dtype=np.float32), mx, my, cv2.INTER_NEAREST,
                      borderMode=cv2.BORDER_CONSTANT, borderValue=np.nan)
-    zj_meas = cv2.remap(np.asarray(depth_j, dtype=np.float32), mx, my, cv2.INTER_NEAREST,
+    fin = np.isfinite(held)
+    rows, cols = np.flatnonzero(fin.any(axis=1)), np.flatnonzero(fin.any(axis=0))
+    if rows.size == 0:
+        return held
+    # the checks only where something is held (its bounding box, 2 pixels more for the 5 x 5 grey means)
+    box = (slice(max(rows[0] - 2, 0), min(rows[-1] + 3, h)), slice(max(cols[0] - 2, 0), min(cols[-1] + 3, w)))
+    bx, by, zp = np.ascontiguousarray(mx[box]), np.ascontiguousarray(my[box]), z_pred[box]
+    zj_meas = cv2.remap(np.asarray(depth_j, dtype=np.float32), bx, by, cv2.INTER_NEAREST,
                         borderMode=cv2.BORDER_CONSTANT, borderValue=0)
     with np.errstate(invalid='ignore'):
-        sig = np.sqrt(depth_sigma(z_pred, cfg.depth_sigma_a, cfg.depth_sigma_b) ** 2 +
+        sig = np.sqrt(depth_sigma(zp, cfg.depth_sigma_a, cfg.depth_sigma_b) ** 2 +
                       depth_sigma(zj_meas, cfg.depth_sigma_a, cfg.depth_sigma_b) ** 2)
-        same = (zj_meas > 0) & (np.abs(zj_meas - z_pred) <= cfg.depth_tol_sigmas * sig + cfg.depth_rel_tol * z_pred)
-    if gray_k is not None and gray_j is not None and np.isfinite(held).any():
+        same = (zj_meas > 0) & (np.abs(zj_meas - zp) <= cfg.depth_tol_sigmas * sig + cfg.depth_rel_tol * zp)
+    if gray_k is not None and gray_j is not None:
+        gj = gray_j.astype(np.float32)
         gk = gray_k.astype(np.float32)
-        seen = cv2.remap(gray_j.astype(np.float32), mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
-                         borderValue=np.nan)
-        gain = exposure_gain(seen[::7, ::7], gk[::7, ::7])
+        # one gain from every 7th pixel of the whole image (remap is per pixel: these are the full remap's)
+        seen7 = cv2.remap(gj, np.ascontiguousarray(mx[::7, ::7]), np.ascontiguousarray(my[::7, ::7]),
+                          cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=np.nan)
+        gain = exposure_gain(seen7, gk[::7, ::7])
+        seen = cv2.remap(gj, bx, by, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=np.nan)
         with np.errstate(invalid='ignore'):
-            same &= nan_box_mean(np.abs(seen - gain * gk), (5, 5)) <= cfg.hold_grey_tol
-    return np.where(same, held, np.nan).astype(np.float32)
+            same &= nan_box_mean(np.abs(seen - gain * gk[box]), (5, 5)) <= cfg.hold_grey_tol
+    out = np.full((h, w), np.nan, np.float32)
+    out[box] = np.where(same, held[box], np.nan)
+    return out
 
 
 def complete_hold(hold: np.ndarray, held: np.ndarray, depth: np.ndarray, fraction: float,
