@@ -145,6 +145,7 @@ def _grid_points(depth: np.ndarray, K: np.ndarray, st: int, min_depth: float, ma
 class RGBDPredictor(PairPredictor):
     metric = True
     needs_depth = True
+    shutter_order = 2  # terms of each frame's in-frame motion under a rolling shutter (PairShutter's order)
 
     def __init__(self, config: RGBDPredictorConfig):
         self.cfg = config
@@ -314,7 +315,8 @@ class RGBDPredictor(PairPredictor):
         return T
 
     def frame_twist(self, frame) -> np.ndarray | None:
-        """(6,) body twist of ``frame`` fitted by the rolling-shutter refinement, or None."""
+        """(6 shutter_order,) in-frame motion of ``frame`` fitted by the rolling-shutter refinement (the first
+        6: its body twist; :func:`~dynrecon_ros.rolling_shutter.motion_offsets`), or None."""
         return self._frame_data(frame).get('twist') if self.shutter.active else None
 
     def _pair_shutter(self, frame_i, frame_j, rows: np.ndarray, adjacent: bool) -> PairShutter:
@@ -323,7 +325,7 @@ class RGBDPredictor(PairPredictor):
         tw_i = self._frame_data(frame_i).get('twist')
         tw_j = None if adjacent else self._frame_data(frame_j).get('twist')
         return PairShutter(self.shutter, rows, frame_i.depth.shape[0], frame_j.K, frame_j.stamp - frame_i.stamp,
-                           tw_i, tw_j)
+                           tw_i, tw_j, order=self.shutter_order)
 
     def predict(self, frame_i, frame_j, flow, static_i: np.ndarray | None = None) -> PairPrediction:
         T, inliers, _ = self.relative_pose(frame_i, frame_j, flow, static_i)
@@ -351,11 +353,12 @@ def _sampling_stack(gray: np.ndarray, gx: np.ndarray, gy: np.ndarray, depth: np.
 
 
 def _gram(Jw: np.ndarray, J: np.ndarray) -> np.ndarray:
-    """Jw^T J of (n, k) arrays. Beyond 6 columns in blocks of 800 rows: OpenBLAS threads a product of
+    """Jw^T J of (n, k) arrays. Beyond 6 columns in blocks of rows: OpenBLAS threads a product of
     more than 2^18 multiply-adds, which on a busy 2-core machine costs 50 ms instead of 0.6."""
     if J.shape[1] <= 6:
         return Jw.T @ J
-    return sum(Jw[k:k + 800].T @ J[k:k + 800] for k in range(0, len(J), 800))
+    b = 800 if J.shape[1] <= 18 else max(16, (1 << 18) // J.shape[1] ** 2)  # under OpenBLAS's threading threshold
+    return sum(Jw[k:k + b].T @ J[k:k + b] for k in range(0, len(J), b))
 
 
 def photometric_refine(gray_i: np.ndarray, pts_i: np.ndarray, gray_j: np.ndarray | None, depth_j: np.ndarray,
@@ -479,7 +482,9 @@ def _shutter_step(shutter: PairShutter, Y: np.ndarray, Yd: np.ndarray, ok: np.nd
     Hp, gp = shutter.normal_prior()
     H[6:, 6:] += Hp
     g[6:] += gp
-    step = -np.linalg.solve(H, g)
+    # Jacobi scaling: the in-frame terms' columns are s (1e-2) and s^2 / 2 (1e-4) times the pose's
+    d = 1.0 / np.sqrt(np.diag(H))
+    step = -d * np.linalg.solve(H * d[:, None] * d[None], g * d)
     shutter.nu = shutter.nu + step[6:]
     return step[:6]
 
