@@ -146,6 +146,10 @@ class Reconstructor:
         self.window = SlidingWindow(w)
         if cfg.alignment.threads > 0:
             torch.set_num_threads(cfg.alignment.threads)
+        if cfg.opencv_threads < 0:
+            raise InputError(f'opencv_threads must be >= 0 (0 = OpenCV\'s own setting), got {cfg.opencv_threads}')
+        if cfg.opencv_threads > 0:
+            cv2.setNumThreads(cfg.opencv_threads)  # process-wide, like torch's threads above
         keep_freed_heap()  # image-sized temporaries reuse freed heap instead of page-faulting it back in
         self.segmenter = MotionSegmenter(cfg.segmentation)
         self.map = VoxelMap(cfg.map)

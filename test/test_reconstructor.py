@@ -344,3 +344,26 @@ def test_the_window_step_protocol_is_all_the_reconstructor_calls():
     assert out[2].reason == 'planted reason'
     assert [r.pose[0, 3] for r in out if r.status == 'ok'] == [0, 1, 3]  # push indices (the bad one popped)
     assert all((r.depth == 2.0).all() for r in out if r.status == 'ok')
+
+
+def test_opencv_threads_is_set_for_the_process_when_the_reconstructor_is_built():
+    """opencv_threads (default 1) sets OpenCV's worker threads; 0 leaves OpenCV's setting; < 0 is an error."""
+    from dynrecon_ros.errors import InputError
+    before = cv2.getNumThreads()
+    try:
+        cv2.setNumThreads(3)
+        Reconstructor(ReconConfig())
+        assert cv2.getNumThreads() == 1
+        cfg = ReconConfig()
+        cfg.opencv_threads = 0
+        cv2.setNumThreads(3)
+        Reconstructor(cfg)
+        assert cv2.getNumThreads() == 3
+        cfg.opencv_threads = 2
+        Reconstructor(cfg)
+        assert cv2.getNumThreads() == 2
+        cfg.opencv_threads = -1
+        with pytest.raises(InputError, match='opencv_threads'):
+            Reconstructor(cfg)
+    finally:
+        cv2.setNumThreads(before)
