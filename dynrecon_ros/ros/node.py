@@ -507,6 +507,23 @@ class ReconNode(Node):
               file=sys.stderr, flush=True)
 
 
+EXECUTORS = ('events', 'single')
+
+
+def make_executor(name: str, check_only: bool = False):
+    """The rclpy executor named by the ``executor`` parameter: 'events' (rclpy.experimental.EventsExecutor,
+    whose wait loop is C++) or 'single' (rclpy.executors.SingleThreadedExecutor). InputError for others."""
+    if name not in EXECUTORS:
+        raise InputError(f"executor must be one of {', '.join(repr(e) for e in EXECUTORS)}, got {name!r}")
+    if check_only:
+        return None
+    if name == 'events':
+        from rclpy.experimental import EventsExecutor
+        return EventsExecutor()
+    from rclpy.executors import SingleThreadedExecutor
+    return SingleThreadedExecutor()
+
+
 def main(args: list[str] | None = None) -> int:
     """Console script ``recon_node``.
 
@@ -517,7 +534,6 @@ def main(args: list[str] | None = None) -> int:
         profile = default_fastdds_profile()
         if profile is not None:  # larger SHM segment: no silent loss of big best-effort images
             os.environ['FASTDDS_DEFAULT_PROFILES_FILE'] = str(profile)
-    from rclpy.executors import SingleThreadedExecutor
     from rclpy.signals import SignalHandlerOptions
     rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
     stop = threading.Event()
@@ -527,10 +543,11 @@ def main(args: list[str] | None = None) -> int:
     try:
         try:
             node = ReconNode()
+            make_executor(node.get_parameter('executor').value, check_only=True)
         except (InputError, ValueError, ParameterException) as exc:  # a bad parameter: one line, exit 2 (as the CLI)
             print(f'recon_node: error: {exc}', file=sys.stderr, flush=True)
             return 2
-        executor = SingleThreadedExecutor()
+        executor = make_executor(node.get_parameter('executor').value)
         executor.add_node(node)
         while rclpy.ok() and not stop.is_set():
             executor.spin_once(timeout_sec=0.1)
