@@ -26,8 +26,9 @@ thread while stage B of frame t runs on another (``ReconConfig.overlap``), with 
 """
 from __future__ import annotations
 
-import time
 import collections
+import threading
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -164,6 +165,7 @@ class Reconstructor:
         self._times = StageTimes()
         self._map_pool = None  # the map thread (started with the first integration)
         self._map_jobs: collections.deque = collections.deque()  # (future, deferred), oldest first
+        self._map_lock = threading.Lock()  # held while the map changes (integration) or is read
         # stage A's own flow estimator (one OpenCV DIS object is not shared by two threads) and the
         # work frames of the last prepared frames, the expected pair partners of the next one
         self._ahead_flows = FlowCache(cfg.flow)
@@ -264,14 +266,21 @@ class Reconstructor:
         self._map_wait()
         return out
 
-    def static_map(self) -> np.ndarray:
-        """(M, 6) float32 x y z r g b of the static map in the world frame."""
-        self._map_wait()
-        return self.map.points()
+    def static_map(self, wait: bool = True) -> np.ndarray:
+        """(M, 6) float32 x y z r g b of the static map in the world frame.
+
+        wait: first wait for the frames queued on the map thread (call it from the thread that pushes,
+        or with the pushes held off); False: the map as the integrations finished so far left it,
+        without waiting (safe from any thread: a periodic publisher that must not hold up frames)."""
+        if wait:
+            self._map_wait()
+        with self._map_lock:
+            return self.map.points()
 
     def save_map(self, path) -> int:
         self._map_wait()
-        return self.map.save_ply(path)
+        with self._map_lock:
+            return self.map.save_ply(path)
 
     # ------------------------------------------------------------------ internals
     def _skip(self, frame, reason: str) -> None:
@@ -340,7 +349,8 @@ class Reconstructor:
 
     def _integrate(self, depth, rgb, K, pose, static, conf, pixel_stride) -> None:
         t = time.perf_counter()
-        self.map.integrate(depth, rgb, K, pose, static, conf, pixel_stride=pixel_stride)
+        with self._map_lock:  # static_map(wait=False) reads it from other threads
+            self.map.integrate(depth, rgb, K, pose, static, conf, pixel_stride=pixel_stride)
         self._times.add('map_integrate', (time.perf_counter() - t) * 1e3)
 
     def _map_wait(self) -> None:

@@ -367,3 +367,31 @@ def test_opencv_threads_is_set_for_the_process_when_the_reconstructor_is_built()
             Reconstructor(cfg)
     finally:
         cv2.setNumThreads(before)
+
+
+def test_static_map_without_waiting_returns_while_the_map_thread_is_busy(seq):
+    """static_map(wait=False) (the node's periodic publishing) gives the map as integrated so far while a
+    map-thread job is still running; static_map() waits for it."""
+    import threading
+    rec = Reconstructor(ReconConfig())
+    for f in seq.frames[:8]:
+        rec.push(f)
+    before = rec.static_map()
+    assert len(before) > 0
+    release = threading.Event()
+    rec._map_run(release.wait)  # the map thread busy (a long integration, say)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(rec.static_map(wait=False)), daemon=True)
+    reader.start()
+    reader.join(5.0)
+    waiting = threading.Thread(target=lambda: got.append(rec.static_map()), daemon=True)
+    waiting.start()
+    waiting.join(0.5)
+    try:
+        assert not reader.is_alive() and len(got) == 1, 'static_map(wait=False) waited for the map thread'
+        np.testing.assert_array_equal(got[0], before)
+        assert waiting.is_alive(), 'static_map() did not wait for the queued map job'
+    finally:
+        release.set()
+    waiting.join(5.0)
+    assert len(got) == 2

@@ -451,11 +451,17 @@ class ReconNode(Node):
             return
         self._last_map_pub = now
         self._map_dirty = False
-        self.publish_map()
+        self.publish_map(wait=force)
 
-    def publish_map(self) -> None:
-        with self._lock:
-            points = self._rec.static_map()
+    def publish_map(self, wait: bool = True) -> None:
+        """~/static_map; ``wait``: with the frames queued on the map thread (holds the pipeline's lock while
+        they are integrated); False (the periodic publishing): the map as integrated so far, without
+        holding up stage B."""
+        if wait:
+            with self._lock:
+                points = self._rec.static_map()
+        else:
+            points = self._rec.static_map(wait=False)
         header = Header(stamp=self._last_output_stamp(), frame_id=self.map_frame)
         self.map.publish(points, header)
 
