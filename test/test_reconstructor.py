@@ -395,3 +395,19 @@ def test_static_map_without_waiting_returns_while_the_map_thread_is_busy(seq):
         release.set()
     waiting.join(5.0)
     assert len(got) == 2
+
+
+def test_stage_a_computes_the_checks_image_figures_and_stage_b_uses_them(seq):
+    """prepare (stage A) measures the valid-depth fraction and the grey std once; stage B's checks read
+    them from the Prepared frame (not again from the image)."""
+    rec = Reconstructor(ReconConfig())
+    f0, f1 = seq.frames[0], seq.frames[1]
+    p0 = rec.prepare(f0)
+    valid = float((f0.depth > 0).mean())
+    assert p0.stats is not None and abs(p0.stats[0] - valid) < 1e-12 and p0.stats[1] > 10
+    assert [r.status for r in rec.push_prepared(p0)] == []
+    p1 = rec.prepare(f1)
+    p1.stats = (0.01, p1.stats[1])  # as if stage A had seen almost no depth
+    rec.push_prepared(p1)
+    out = rec.flush()
+    assert [r.status for r in out] == ['ok', 'skipped'] and 'of the depth is valid' in out[1].reason
