@@ -133,8 +133,7 @@ class VoxelMap:
             # edge-preserving denoising: sensor noise grows with depth^2 and scatters far points
             # over several voxels; invalid readings (0) stay out of the median where it matters
             bad = ~np.isfinite(depth)
-            if bad.any():
-                depth = np.where(bad, np.float32(0), depth)
+            depth = np.where(bad, np.float32(0), depth) if bad.any() else np.ascontiguousarray(depth)
             med = cv2.medianBlur(depth, cfg.median_px)
             med[~(depth > 0)] = 0
             depth = med
@@ -233,7 +232,7 @@ class VoxelMap:
         self._data = self._data[keep]
 
     def _merge(self, ukey: np.ndarray, frame: np.ndarray) -> None:
-        """Add one frame's per-voxel observations (``ukey`` sorted unique, ``frame`` (8, n)) into the map."""
+        """Add one frame's per-voxel observations (``ukey`` sorted unique, ``frame`` (n, 8)) into the map."""
         pos = np.searchsorted(self._key, ukey)
         if self._key.size:
             pos_c = np.minimum(pos, self._key.size - 1)
