@@ -32,7 +32,7 @@ from dynrecon_ros.flow import to_gray
 from dynrecon_ros.flow_cue import (ego_explains_appearance, ego_flow, pair_dynamic_probability,  # noqa: F401
                                    pair_probability, pull_from_source, refine_relative_pose, splat_to_target)
 from dynrecon_ros.mask_cleanup import (clean_mask, complete_regions, drop_background_segments,  # noqa: F401
-                                       refine_upsampled_mask, snap_to_depth_edges)
+                                       refine_upsampled_mask, snap_holes_to_colour_edges, snap_to_depth_edges)
 from dynrecon_ros.permanence import carry_hold, held_pixels, update_hold
 
 @dataclass
@@ -114,6 +114,10 @@ class SegmentationConfig:
             held thing left, uncovering background at about its depth.
         crease: relative second difference of inverse depth over 3 pixels that separates two
             surfaces meeting at an angle (a mover's feet and the floor), so completion stops there.
+        colour_snap_px: pixels without a depth reading within this many processing-size pixels of
+            the final mask's boundary take the side their colour joins in the input-size colour
+            image (:func:`~dynrecon_ros.mask_cleanup.snap_holes_to_colour_edges`: a structured-light
+            sensor's shadow beside a mover and its silhouette holes); RGB-D backend only; 0 disables.
     """
 
     enabled: bool = True
@@ -149,6 +153,7 @@ class SegmentationConfig:
     still_after_s: float = 5.0
     hold_grey_tol: float = 12.0
     crease: float = 0.01
+    colour_snap_px: int = 10
 
     def __post_init__(self) -> None:
         if self.mode not in ('flow', 'attention', 'both'):
@@ -164,7 +169,8 @@ class SegmentationConfig:
         if self.depth_sigma_a <= 0 or self.depth_sigma_b < 0 or self.depth_tol_sigmas <= 0 or self.depth_rel_tol < 0:
             raise InputError('segmentation depth_sigma_a and depth_tol_sigmas must be > 0, depth_sigma_b and '
                              'depth_rel_tol >= 0')
-        for name in ('edge_radius_px', 'open_px', 'close_px', 'snap_px', 'dilate_px', 'hole_fill_px'):
+        for name in ('edge_radius_px', 'open_px', 'close_px', 'snap_px', 'dilate_px', 'hole_fill_px',
+                     'colour_snap_px'):
             if getattr(self, name) < 0:
                 raise InputError(f'segmentation {name} must be >= 0, got {getattr(self, name)}')
         if self.max_tracked_frames < 1 or self.forget_after_calls < 1 or self.threads < 1:

@@ -1,0 +1,108 @@
+"""Motion masks where a structured-light sensor has no depth: a mover's shadow band and silhouette holes
+(issue 16). Small hand-made images; each test fails when its mechanism is switched off."""
+import numpy as np
+import pytest
+
+from dynrecon_ros.mask_cleanup import (across_holes, drop_background_segments, hole_band_px,
+                                       snap_holes_to_colour_edges)
+
+H, W = 120, 160
+
+
+def _iou(a, b):
+    return (a & b).sum() / max((a | b).sum(), 1)
+
+
+def _textured(seed, base):
+    """(H, W, 3) uint8 smooth random texture around the colour ``base``."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    noise = cv2.GaussianBlur(rng.normal(0, 25, (H, W, 3)).astype(np.float32), (0, 0), 2.0)
+    return np.clip(np.asarray(base, np.float32) + noise, 0, 255).astype(np.uint8)
+
+
+def _person_with_shadow(shadow_px):
+    """A near mover (1 m, columns 90.., touching the top, bottom and right border like a person close
+    to the camera entering the view) in front of a wall at 4 m, with no readings in a ``shadow_px``
+    band left of it (the projector's shadow) and on a 2-pixel rim inside its silhouette. Returns
+    depth and truth."""
+    depth = np.full((H, W), 4.0, np.float32)
+    truth = np.zeros((H, W), bool)
+    truth[:, 90:] = True
+    depth[truth] = 1.0
+    depth[:, 90 - shadow_px:92] = 0  # shadow on the wall + the mover's own rim
+    return depth, truth
+
+
+@pytest.mark.parametrize('band', [None, 0])
+def test_a_depth_step_hidden_by_the_shadow_band_keeps_the_mover(band):
+    """The flow's mask covers the mover, the shadow band and 3 pixels of the wall beyond it. The only
+    readings on the piece's boundary are the wall's (the border and the shadow hold the rest), so a
+    continuity test that does not look across the band takes the mover for smeared background."""
+    depth, truth = _person_with_shadow(6)
+    mask = np.zeros((H, W), np.uint8)
+    mask[:, 81:] = 1
+    if band is None:
+        out = drop_background_segments(mask, depth, 0.8)
+        assert (out[truth] > 0).mean() > 0.95, (out[truth] > 0).mean()
+    else:  # looking across no hole at all: the mover is dropped (what main did)
+        import dynrecon_ros.mask_cleanup as mc
+
+        orig = mc.hole_band_px
+        mc.hole_band_px = lambda width: 0
+        try:
+            out = drop_background_segments(mask, depth, 0.8)
+        finally:
+            mc.hole_band_px = orig
+        assert (out[truth] > 0).mean() < 0.5, (out[truth] > 0).mean()
+
+
+def test_smeared_background_beside_a_hole_is_still_dropped():
+    """A piece of the wall (depth-continuous all round) next to a random hole blob stays background."""
+    depth = np.full((H, W), 4.0, np.float32)
+    depth[40:60, 60:70] = 0  # a blob without readings
+    mask = np.zeros((H, W), np.uint8)
+    mask[30:70, 50:90] = 1
+    assert drop_background_segments(mask, depth, 0.8).sum() == 0
+
+
+def test_across_holes_reads_the_nearest_and_farthest_surface_around_a_hole():
+    depth, _ = _person_with_shadow(6)
+    near, far = across_holes(depth, 8)
+    assert np.array_equal(near[depth > 0], depth[depth > 0]) and np.array_equal(far[depth > 0], depth[depth > 0])
+    assert np.all(near[:, 86:92] == 1.0) and np.all(far[:, 86:92] == 4.0)
+    assert hole_band_px(320) == 16 and hole_band_px(20) == 2
+
+
+@pytest.mark.parametrize('radius', [10, 0])
+def test_pixels_without_depth_at_the_boundary_take_the_side_of_their_colour(radius):
+    """A red-clothed mover on a grey textured wall; no depth in a 10-pixel shadow band beside it and on
+    a 3-pixel rim inside its silhouette. The flow's mask (depth-snapped where there is depth) covers the
+    shadow band and misses the rim on the other side: colour puts both on the right side."""
+    depth = np.full((H, W), 4.0, np.float32)
+    truth = np.zeros((H, W), bool)
+    truth[20:110, 70:110] = True
+    depth[truth] = 1.5
+    rgb = np.where(truth[..., None], _textured(1, (200, 60, 50)), _textured(2, (120, 120, 120)))
+    depth[20:110, 60:73] = 0  # shadow band (10 px on the wall) + 3 px of the mover's rim
+    depth[20:110, 107:110] = 0  # the rim on the other side
+    depth[30:40, 20:30] = 0  # a blob far from the mover: never touched
+    mask = np.zeros((H, W), np.uint8)
+    mask[20:110, 60:107] = 1  # too wide over the shadow, too narrow on the right rim
+    out = snap_holes_to_colour_edges(mask, depth, rgb, radius) > 0
+    if radius:
+        assert _iou(out, truth) > 0.97, _iou(out, truth)
+        assert not out[30:40, 20:30].any()
+        assert np.array_equal(out[depth > 0], mask[depth > 0] > 0)  # pixels with depth keep their label
+    else:
+        assert _iou(out, truth) < 0.85
+
+
+def test_colour_snapping_without_holes_or_mask_changes_nothing():
+    depth = np.full((H, W), 2.0, np.float32)
+    rgb = _textured(3, (100, 100, 100))
+    mask = np.zeros((H, W), np.uint8)
+    mask[30:60, 30:60] = 1
+    assert np.array_equal(snap_holes_to_colour_edges(mask, depth, rgb, 10), mask)
+    assert not snap_holes_to_colour_edges(np.zeros_like(mask), depth * 0, rgb, 10).any()
