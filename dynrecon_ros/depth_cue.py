@@ -112,6 +112,75 @@ def pair_depth_probability(z_pred: np.ndarray, eu: np.ndarray, ev: np.ndarray, n
     return prob
 
 
+def reverse_depth_probability(z_pred: np.ndarray, eu: np.ndarray, ev: np.ndarray, depth_j: np.ndarray,
+                              K_j: np.ndarray, T_i_j: np.ndarray, K_i: np.ndarray, near_i: np.ndarray,
+                              cfg: 'SegmentationConfig') -> np.ndarray:
+    """Dynamic probability of frame j's pixels where j reads clearly *nearer* than frame i's points
+    predict: the geometric cue seen from j (a mover walking away from the camera between j and i).
+
+    :func:`pair_depth_probability` judges frame i's pixels; where j reads nearer it has no evidence
+    (an occluder in j, or a mover that stood there in j). The two differ from j's side: a static
+    occluder's point, moved into frame i, lands where i reads it again, a mover's lands where i now
+    reads farther. So j's pixels that i's points find nearer are candidates, and each is checked
+    as the cue checks i's pixels, in the other direction (its reading moved into i against i's
+    nearest reading within one pixel). Sparse: only the candidates are moved (a few per cent of the
+    pixels when something moved along the line of sight, the parallax edges otherwise); global
+    shutter (the candidates are what the rolling-shutter ego flow found; the check itself ignores
+    the shutter: a few millimetres at walking speed).
+
+    Args:
+        z_pred: (H, W) float32 depth of frame i's points in camera j (NaN = invalid).
+        eu, ev: (H, W) float32 ego flow of frame i's pixels into frame j (NaN = invalid).
+        depth_j: (H, W) float32 frame j's readings (0 = none).
+        K_j, K_i: (3, 3) intrinsics; T_i_j: (4, 4) with ``X_i = T_i_j @ X_j``.
+        near_i: (H, W) :func:`nearest_reading` of frame i's depth.
+        cfg: as :func:`pair_depth_probability`.
+
+    Returns:
+        (H, W) float32 probability of frame j's pixels; NaN where there is no evidence (not a
+        candidate, or the check has none).
+    """
+    h, w = z_pred.shape
+    out = np.full((h, w), np.nan, np.float32)
+    u, v = pixel_axes(h, w)
+    with np.errstate(invalid='ignore'):
+        qx = np.rint(u + eu)
+        qy = np.rint(v + ev)
+        inside = (qx >= 0) & (qx <= w - 1) & (qy >= 0) & (qy <= h - 1)
+    ys, xs = np.nonzero(inside)
+    if not len(ys):
+        return out
+    qx, qy, zp = qx[ys, xs].astype(np.int64), qy[ys, xs].astype(np.int64), z_pred[ys, xs]
+    zq = depth_j[qy, qx]
+    a, b = cfg.depth_sigma_a, cfg.depth_sigma_b
+    with np.errstate(invalid='ignore'):
+        tol = cfg.depth_tol_sigmas * np.sqrt(depth_sigma(zp, a, b) ** 2 + depth_sigma(zq, a, b) ** 2) + \
+            cfg.depth_rel_tol * zp
+        cand = (zq > 0) & (zp - zq > tol)
+    if not cand.any():
+        return out
+    q = np.unique(qy[cand] * w + qx[cand])
+    qy, qx = np.divmod(q, w)
+    z = depth_j[qy, qx].astype(np.float64)
+    Kj, Ki, T = (np.asarray(m, dtype=np.float64) for m in (K_j, K_i, T_i_j))
+    X = np.stack([(qx - Kj[0, 2]) / Kj[0, 0] * z, (qy - Kj[1, 2]) / Kj[1, 1] * z, z], -1) @ T[:3, :3].T + T[:3, 3]
+    zi_pred = X[:, 2]
+    with np.errstate(invalid='ignore', divide='ignore'):
+        pu = np.rint(Ki[0, 0] * X[:, 0] / zi_pred + Ki[0, 2])
+        pv = np.rint(Ki[1, 1] * X[:, 1] / zi_pred + Ki[1, 2])
+        ok = (zi_pred > 1e-6) & (pu >= 0) & (pu <= w - 1) & (pv >= 0) & (pv <= h - 1)
+    qy, qx, zi_pred = qy[ok], qx[ok], zi_pred[ok].astype(np.float32)
+    zi = near_i[pv[ok].astype(np.int64), pu[ok].astype(np.int64)]
+    with np.errstate(invalid='ignore', over='ignore', divide='ignore'):
+        tol = np.float32(cfg.depth_tol_sigmas) * np.sqrt(depth_sigma(zi_pred, a, b) ** 2 + depth_sigma(zi, a, b) ** 2)
+        tol += np.float32(cfg.depth_rel_tol) * zi_pred
+        diff = zi - zi_pred
+        keep = np.isfinite(zi) & (diff >= -tol)
+        prob = soft_step_of_inverse((tol / np.fmax(diff, np.float32(0))).astype(np.float32), cfg.steepness)
+    out[qy[keep], qx[keep]] = prob[keep]
+    return out
+
+
 def _sigma_squared(z: np.ndarray, cfg: 'SegmentationConfig', out: np.ndarray) -> np.ndarray:
     """:func:`depth_sigma` squared, written into ``out``."""
     x = np.subtract(z, np.float32(0.4), out=out)
@@ -144,8 +213,10 @@ def fill_candidates(depth: np.ndarray, max_radius: int = 8) -> tuple[np.ndarray,
     for _ in range(max_radius):
         if np.isfinite(near).all():
             break
-        near = np.where(np.isfinite(near), near, cv2.erode(near, _SQUARE3))
-        far = np.where(far > 0, far, cv2.dilate(far, _SQUARE3))
+        # explicit borders: OpenCV's default for erosion is the largest float, a finite 'reading'
+        near = np.where(np.isfinite(near), near, cv2.erode(near, _SQUARE3, borderType=cv2.BORDER_CONSTANT,
+                                                           borderValue=np.inf))
+        far = np.where(far > 0, far, cv2.dilate(far, _SQUARE3, borderType=cv2.BORDER_CONSTANT, borderValue=0))
     holes = ~ok & np.isfinite(near)
     near = np.where(np.isfinite(near), near, np.nan).astype(np.float32)
     far = np.where(far > 0, far, np.nan).astype(np.float32)

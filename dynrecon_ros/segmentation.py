@@ -26,7 +26,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dynrecon_ros.depth_cue import fill_candidates, nearest_reading, pair_depth_probability
+from dynrecon_ros.depth_cue import (fill_candidates, nearest_reading, pair_depth_probability,
+                                    reverse_depth_probability)
 from dynrecon_ros.errors import InputError
 from dynrecon_ros.flow import to_gray
 from dynrecon_ros.flow_cue import (ego_explains_appearance, ego_flow, pair_dynamic_probability,  # noqa: F401
@@ -289,7 +290,8 @@ class MotionSegmenter:
         skip = [False] * n if skip_frames is None else [bool(x) for x in skip_frames]
         near = None
         if self.cfg.depth_cue and measured_depth:  # per frame, reused by later calls (a frame's depth stays)
-            near = {j: self._per_frame('near', keys[j], depths[j], nearest_reading) for j in sorted({j for _, j in flows})}
+            near = {k: self._per_frame('near', keys[k], depths[k], nearest_reading)
+                    for k in sorted({k for pr in flows for k in pr})}
         cands = {}
         if self.cfg.hole_fill_px > 0:
             for i in sorted({i for i, _ in flows}):
@@ -324,9 +326,13 @@ class MotionSegmenter:
                 for c, pc in enumerate(cues):
                     if target_flows and (i, j) in target_flows:
                         back, back_valid = target_flows[(i, j)]
-                        out.append((c, j, pull_from_source(pc, back, back_valid)))
+                        pj = pull_from_source(pc, back, back_valid)
                     else:
-                        out.append((c, j, splat_to_target(pc, flow, zj)))
+                        pj = splat_to_target(pc, flow, zj)
+                    if c == 1:  # the geometric cue seen from j: what walked away from the camera
+                        pj = np.fmax(pj, reverse_depth_probability(zj, eu, ev, depths[j], Ks[j], inv[i] @ poses[j],
+                                                                   Ks[i], near[i], self.cfg))
+                    out.append((c, j, pj))
             return out
 
         for ev in self._map(pair, list(flows.items())):  # summed in pair order: deterministic
