@@ -96,7 +96,9 @@ def install(prof: Profiler) -> dict:
             cls, meth = name.split('.')
             setattr(MotionSegmenter, meth, prof.wrap(label, getattr(MotionSegmenter, meth)))
             continue
-        orig = getattr(importlib.import_module(f'dynrecon_ros.{mod}'), name)
+        orig = getattr(importlib.import_module(f'dynrecon_ros.{mod}'), name, None)
+        if orig is None:  # a part this version of the code does not have (comparing with an older one)
+            continue
         wrapped = prof.wrap(label, orig)
         for m in mods:
             if getattr(m, name, None) is orig:

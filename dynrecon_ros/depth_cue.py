@@ -112,7 +112,8 @@ def pair_depth_probability(z_pred: np.ndarray, eu: np.ndarray, ev: np.ndarray, n
     return prob
 
 
-def reverse_depth_probability(z_pred: np.ndarray, eu: np.ndarray, ev: np.ndarray, depth_j: np.ndarray,
+def reverse_depth_probability(prob_i: np.ndarray, z_pred: np.ndarray, eu: np.ndarray, ev: np.ndarray,
+                              depth_j: np.ndarray,
                               K_j: np.ndarray, T_i_j: np.ndarray, K_i: np.ndarray, near_i: np.ndarray,
                               cfg: 'SegmentationConfig') -> np.ndarray:
     """Dynamic probability of frame j's pixels where j reads clearly *nearer* than frame i's points
@@ -129,6 +130,8 @@ def reverse_depth_probability(z_pred: np.ndarray, eu: np.ndarray, ev: np.ndarray
     the shutter: a few millimetres at walking speed).
 
     Args:
+        prob_i: (H, W) float32 :func:`pair_depth_probability` of the pair (NaN = no evidence: the
+            candidates are among these pixels).
         z_pred: (H, W) float32 depth of frame i's points in camera j (NaN = invalid).
         eu, ev: (H, W) float32 ego flow of frame i's pixels into frame j (NaN = invalid).
         depth_j: (H, W) float32 frame j's readings (0 = none).
@@ -142,24 +145,26 @@ def reverse_depth_probability(z_pred: np.ndarray, eu: np.ndarray, ev: np.ndarray
     """
     h, w = z_pred.shape
     out = np.full((h, w), np.nan, np.float32)
-    u, v = pixel_axes(h, w)
-    with np.errstate(invalid='ignore'):
-        qx = np.rint(u + eu)
-        qy = np.rint(v + ev)
-        inside = (qx >= 0) & (qx <= w - 1) & (qy >= 0) & (qy <= h - 1)
-    ys, xs = np.nonzero(inside)
+    # candidates: i's pixels without evidence of the forward cue (j nearer, or no reading of j) that
+    # land in j on a reading clearly nearer than predicted (sparse from here on)
+    cand = np.isnan(prob_i)
+    cand &= np.isfinite(eu)
+    ys, xs = np.nonzero(cand)
     if not len(ys):
         return out
-    qx, qy, zp = qx[ys, xs].astype(np.int64), qy[ys, xs].astype(np.int64), z_pred[ys, xs]
+    zp = z_pred[ys, xs]
+    qx, qy = np.rint(xs + eu[ys, xs]).astype(np.int64), np.rint(ys + ev[ys, xs]).astype(np.int64)
+    inside = (qx >= 0) & (qx < w) & (qy >= 0) & (qy < h)
+    qx, qy, zp = qx[inside], qy[inside], zp[inside]
     zq = depth_j[qy, qx]
     a, b = cfg.depth_sigma_a, cfg.depth_sigma_b
     with np.errstate(invalid='ignore'):
         tol = cfg.depth_tol_sigmas * np.sqrt(depth_sigma(zp, a, b) ** 2 + depth_sigma(zq, a, b) ** 2) + \
             cfg.depth_rel_tol * zp
-        cand = (zq > 0) & (zp - zq > tol)
-    if not cand.any():
+        near = (zq > 0) & (zp - zq > tol)
+    if not near.any():
         return out
-    q = np.unique(qy[cand] * w + qx[cand])
+    q = np.unique(qy[near] * w + qx[near])
     qy, qx = np.divmod(q, w)
     z = depth_j[qy, qx].astype(np.float64)
     Kj, Ki, T = (np.asarray(m, dtype=np.float64) for m in (K_j, K_i, T_i_j))

@@ -120,7 +120,7 @@ def test_a_mover_walking_away_from_the_camera_is_caught_in_the_older_frames(reve
     from dynrecon_ros.segmentation import MotionSegmenter, SegmentationConfig
 
     if not reverse:
-        monkeypatch.setattr(seg, 'reverse_depth_probability', lambda z, *a: np.full(z.shape, np.nan, np.float32))
+        monkeypatch.setattr(seg, 'reverse_depth_probability', lambda p, *a: np.full(p.shape, np.nan, np.float32))
     f = 150.0
     K = np.array([[f, 0, W / 2], [0, f, H / 2], [0, 0, 1]])
     n = 4
@@ -145,7 +145,7 @@ def test_the_reverse_geometric_cue_leaves_a_static_occluder_alone():
     """A static box in front of a wall seen by a translating camera: the parallax makes the older frame
     read the box where the newest frame's wall points land (nearer), but the box's own points land on
     the box again: no motion."""
-    from dynrecon_ros.depth_cue import nearest_reading, reverse_depth_probability
+    from dynrecon_ros.depth_cue import nearest_reading, pair_depth_probability, reverse_depth_probability
     from dynrecon_ros.flow_cue import ego_flow_and_depth
     from dynrecon_ros.segmentation import SegmentationConfig
 
@@ -164,6 +164,8 @@ def test_the_reverse_geometric_cue_leaves_a_static_occluder_alone():
     nearer = (zj - nearest_reading(d_j)[np.clip(np.rint(v + fl[..., 1]).astype(int), 0, H - 1),
                                        np.clip(np.rint(u + fl[..., 0]).astype(int), 0, W - 1)]) > 0.5
     assert nearer.sum() > 100  # the parallax hides wall points behind the box in j
-    p = reverse_depth_probability(zj, fl[..., 0], fl[..., 1], d_j, K, np.linalg.inv(T_j_i), K, nearest_reading(d_i),
-                                  SegmentationConfig())
+    cfg = SegmentationConfig()
+    fwd = pair_depth_probability(zj, fl[..., 0], fl[..., 1], nearest_reading(d_j), cfg)
+    p = reverse_depth_probability(fwd, zj, fl[..., 0], fl[..., 1], d_j, K, np.linalg.inv(T_j_i), K,
+                                  nearest_reading(d_i), cfg)
     assert np.isfinite(p).sum() > 100 and np.nanmax(p) < 0.1
