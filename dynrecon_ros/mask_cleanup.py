@@ -189,11 +189,10 @@ def _drop_in_box(mask, depth, max_continuity, reach, band):
         return out
 
     # a depth step hidden by a band without readings (a structured-light sensor's shadow, its
-    # silhouette holes) is still a step: a hole reads the nearest surface around it when it is the
-    # near side of a step (and a piece's boundary pixel), the farthest when it is outside a piece
-    d_in, d_out = across_holes(d, band)
+    # silhouette holes) is still a step: compared across the band, along the line (across_holes)
+    first = {sh: across_holes(d, *sh, band) for sh in shifts}  # the next reading each way, across a band
     for dy, dx in shifts:
-        dq = shifted(d_in, dy, dx, 0)
+        dq = shifted(first[(dy, dx)], dy, dx, 0)
         far_edge |= good & (dq > 0) & (dq < d - step)
     # background in a gap between movers is a depth valley: nearer masked pixels on both sides
     # (left and right, or above and below) within `reach` pixels
@@ -224,14 +223,17 @@ def _drop_in_box(mask, depth, max_continuity, reach, band):
     touches[0] = False  # label 0: the mask itself
     counts = cv2.erode(((mask == 0) & touches[hole_labels]).astype(np.uint8), np.ones((3, 3), np.uint8),
                        borderType=cv2.BORDER_CONSTANT, borderValue=1) > 0
-    step_in = np.float32(0.05) + np.float32(0.05) * d_in
     for dy, dx in shifts:
         lq = shifted(labels, dy, dx, -1)
-        dq = shifted(d_out, 3 * dy, 3 * dx, 0)
+        # a boundary pixel without a reading reads the first one inwards, the outside the first one
+        # outwards: a depth step hidden by a band without readings is still a step
+        d_in = first[(-dy, -dx)]
+        dq = shifted(first[(dy, dx)], 3 * dy, 3 * dx, 0)
         cq = shifted(counts, 3 * dy, 3 * dx, False)
         border = (labels > 0) & (lq != labels) & cq & (d_in > 0) & (dq > 0)
         lab = labels[border]
         n_out += np.bincount(lab, minlength=n)
+        step_in = np.float32(0.05) + np.float32(0.05) * d_in
         n_cont += np.bincount(lab, weights=(np.abs(d_in - dq) < step_in)[border], minlength=n)
     background = np.flatnonzero((n_cont > max_continuity * np.maximum(n_out, 1)) & (n_out > 0))
     background = background[background > 0]
@@ -251,25 +253,35 @@ def hole_band_px(width: int) -> int:
     return max(2, int(round(0.05 * width)))
 
 
-def across_holes(d: np.ndarray, radius: int) -> tuple[np.ndarray, np.ndarray]:
-    """Depth seen across holes: ``d`` where it has a reading; in a hole, the nearest (first) and the
-    farthest (second) reading within ``radius`` pixels (square window; 0 where there is none).
+def across_holes(d: np.ndarray, dy: int, dx: int, radius: int) -> np.ndarray:
+    """The first reading from each pixel in direction ``(dy, dx)`` (one of the 4 axis directions),
+    the pixel's own if it has one, at most ``radius`` pixels on: what lies on the other side of a band
+    without readings, along that line (0 where none is that close).
 
     Args:
         d: (H, W) float32 metres, 0 = no reading.
+        dy, dx: the direction, e.g. (0, 1) = to the right.
         radius: pixels.
 
     Returns:
-        two (H, W) float32.
+        (H, W) float32.
     """
     hole = d <= 0
-    if not hole.any():
-        return d, d
-    k = np.ones((2 * radius + 1, 2 * radius + 1), np.uint8)
-    near = cv2.erode(np.where(hole, np.float32(np.inf), d), k, borderType=cv2.BORDER_CONSTANT, borderValue=np.inf)
-    near = np.where(hole, np.where(np.isfinite(near), near, np.float32(0)), d).astype(np.float32)
-    far = np.where(hole, cv2.dilate(d, k, borderType=cv2.BORDER_CONSTANT, borderValue=0), d).astype(np.float32)
-    return near, far
+    if not hole.any() or radius <= 0:
+        return d
+    axis = 0 if dy else 1
+    n = d.shape[axis]
+    pos = np.arange(n).reshape((-1, 1) if axis == 0 else (1, -1))
+    if dy + dx > 0:  # the next reading onwards: running minimum of the reading positions, from the end
+        idx = np.where(hole, n, pos)
+        idx = np.flip(np.minimum.accumulate(np.flip(idx, axis), axis=axis), axis)
+        ok = (idx < n) & (idx - pos <= radius)
+    else:  # the previous reading: running maximum from the start
+        idx = np.maximum.accumulate(np.where(hole, -1, pos), axis=axis)
+        ok = (idx >= 0) & (pos - idx <= radius)
+    idx = np.clip(idx, 0, n - 1)
+    got = np.take_along_axis(d, idx, axis=axis)
+    return np.where(ok, got, np.float32(0)).astype(np.float32)
 
 
 def surface_segments(depth: np.ndarray, crease: float) -> tuple[int, np.ndarray]:

@@ -67,11 +67,13 @@ def test_smeared_background_beside_a_hole_is_still_dropped():
     assert drop_background_segments(mask, depth, 0.8).sum() == 0
 
 
-def test_across_holes_reads_the_nearest_and_farthest_surface_around_a_hole():
+def test_across_holes_reads_the_first_reading_along_the_line():
     depth, _ = _person_with_shadow(6)
-    near, far = across_holes(depth, 8)
-    assert np.array_equal(near[depth > 0], depth[depth > 0]) and np.array_equal(far[depth > 0], depth[depth > 0])
-    assert np.all(near[:, 86:92] == 1.0) and np.all(far[:, 86:92] == 4.0)
+    right, left = across_holes(depth, 0, 1, 10), across_holes(depth, 0, -1, 10)
+    ok = depth > 0
+    assert np.array_equal(right[ok], depth[ok]) and np.array_equal(left[ok], depth[ok])
+    assert np.all(right[:, 84:92] == 1.0) and np.all(left[:, 84:92] == 4.0)  # the shadow band: mover / wall
+    assert np.all(across_holes(depth, 0, 1, 3)[:, 84:88] == 0)  # farther than 3 pixels from any reading
     assert hole_band_px(320) == 16 and hole_band_px(20) == 2
 
 
