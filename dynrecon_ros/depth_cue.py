@@ -115,7 +115,7 @@ def pair_depth_probability(z_pred: np.ndarray, eu: np.ndarray, ev: np.ndarray, n
 def reverse_depth_probability(prob_i: np.ndarray, z_pred: np.ndarray, eu: np.ndarray, ev: np.ndarray,
                               depth_j: np.ndarray,
                               K_j: np.ndarray, T_i_j: np.ndarray, K_i: np.ndarray, near_i: np.ndarray,
-                              cfg: 'SegmentationConfig') -> np.ndarray:
+                              cfg: 'SegmentationConfig', shutter=None) -> np.ndarray:
     """Dynamic probability of frame j's pixels where j reads clearly *nearer* than frame i's points
     predict: the geometric cue seen from j (a mover walking away from the camera between j and i).
 
@@ -125,9 +125,7 @@ def reverse_depth_probability(prob_i: np.ndarray, z_pred: np.ndarray, eu: np.nda
     reads farther. So j's pixels that i's points find nearer are candidates, and each is checked
     as the cue checks i's pixels, in the other direction (its reading moved into i against i's
     nearest reading within one pixel). Sparse: only the candidates are moved (a few per cent of the
-    pixels when something moved along the line of sight, the parallax edges otherwise); global
-    shutter (the candidates are what the rolling-shutter ego flow found; the check itself ignores
-    the shutter: a few millimetres at walking speed).
+    pixels when something moved along the line of sight, the parallax edges otherwise).
 
     Args:
         prob_i: (H, W) float32 :func:`pair_depth_probability` of the pair (NaN = no evidence: the
@@ -138,6 +136,8 @@ def reverse_depth_probability(prob_i: np.ndarray, z_pred: np.ndarray, eu: np.nda
         K_j, K_i: (3, 3) intrinsics; T_i_j: (4, 4) with ``X_i = T_i_j @ X_j``.
         near_i: (H, W) :func:`nearest_reading` of frame i's depth.
         cfg: as :func:`pair_depth_probability`.
+        shutter: optional (ShutterModel, twist_j, twist_i): rows seen at their own instants, as the
+            flow cue's ego flow (:func:`~dynrecon_ros.flow_cue.ego_at`), from j into i.
 
     Returns:
         (H, W) float32 probability of frame j's pixels; NaN where there is no evidence (not a
@@ -166,15 +166,14 @@ def reverse_depth_probability(prob_i: np.ndarray, z_pred: np.ndarray, eu: np.nda
         return out
     q = np.unique(qy[near] * w + qx[near])
     qy, qx = np.divmod(q, w)
-    z = depth_j[qy, qx].astype(np.float64)
-    Kj, Ki, T = (np.asarray(m, dtype=np.float64) for m in (K_j, K_i, T_i_j))
-    X = np.stack([(qx - Kj[0, 2]) / Kj[0, 0] * z, (qy - Kj[1, 2]) / Kj[1, 1] * z, z], -1) @ T[:3, :3].T + T[:3, 3]
-    zi_pred = X[:, 2]
-    with np.errstate(invalid='ignore', divide='ignore'):
-        pu = np.rint(Ki[0, 0] * X[:, 0] / zi_pred + Ki[0, 2])
-        pv = np.rint(Ki[1, 1] * X[:, 1] / zi_pred + Ki[1, 2])
-        ok = (zi_pred > 1e-6) & (pu >= 0) & (pu <= w - 1) & (pv >= 0) & (pv <= h - 1)
-    qy, qx, zi_pred = qy[ok], qx[ok], zi_pred[ok].astype(np.float32)
+    from dynrecon_ros.flow_cue import ego_at  # (flow_cue imports this module)
+    du, dv, zi_pred = ego_at(qx.astype(np.float32), qy.astype(np.float32), depth_j[qy, qx], K_j, T_i_j, K_i,
+                             None if shutter is None else (*shutter, h))
+    with np.errstate(invalid='ignore'):
+        pu = np.rint(qx + du)
+        pv = np.rint(qy + dv)
+        ok = np.isfinite(zi_pred) & (pu >= 0) & (pu <= w - 1) & (pv >= 0) & (pv <= h - 1)
+    qy, qx, zi_pred = qy[ok], qx[ok], zi_pred[ok]
     zi = near_i[pv[ok].astype(np.int64), pu[ok].astype(np.int64)]
     with np.errstate(invalid='ignore', over='ignore', divide='ignore'):
         tol = np.float32(cfg.depth_tol_sigmas) * np.sqrt(depth_sigma(zi_pred, a, b) ** 2 + depth_sigma(zi, a, b) ** 2)

@@ -191,9 +191,12 @@ def _drop_in_box(mask, depth, max_continuity, reach, band):
     # a depth step hidden by a band without readings (a structured-light sensor's shadow, its
     # silhouette holes) is still a step: compared across the band, along the line (across_holes)
     first = {sh: across_holes(d, *sh, band) for sh in shifts}  # the next reading each way, across a band
+    # across a band a step must be a clear one (HOLE_STEP_M + 10 %: a mover in front of what is behind it),
+    # not a slanted or curved surface continuing under the band
+    step_hole = np.float32(HOLE_STEP_M) + np.float32(0.1) * d
     for dy, dx in shifts:
         dq = shifted(first[(dy, dx)], dy, dx, 0)
-        far_edge |= good & (dq > 0) & (dq < d - step)
+        far_edge |= good & (dq > 0) & (dq < d - np.where(shifted(d, dy, dx, 0) > 0, step, step_hole))
     # background in a gap between movers is a depth valley: nearer masked pixels on both sides
     # (left and right, or above and below) within `reach` pixels
     dm = np.where((mask > 0) & good, d, np.float32(1e6)).astype(np.float32)
@@ -233,7 +236,9 @@ def _drop_in_box(mask, depth, max_continuity, reach, band):
         border = (labels > 0) & (lq != labels) & cq & (d_in > 0) & (dq > 0)
         lab = labels[border]
         n_out += np.bincount(lab, minlength=n)
-        step_in = np.float32(0.05) + np.float32(0.05) * d_in
+        crossed = (d <= 0) | (shifted(d, 3 * dy, 3 * dx, 0) <= 0)
+        step_in = np.where(crossed, np.float32(HOLE_STEP_M) + np.float32(0.1) * d_in,
+                           np.float32(0.05) + np.float32(0.05) * d_in)
         n_cont += np.bincount(lab, weights=(np.abs(d_in - dq) < step_in)[border], minlength=n)
     background = np.flatnonzero((n_cont > max_continuity * np.maximum(n_out, 1)) & (n_out > 0))
     background = background[background > 0]
@@ -242,6 +247,10 @@ def _drop_in_box(mask, depth, max_continuity, reach, band):
         out[np.isin(labels, background)] = 0
     out[far_edge & (mask > 0) & ~cv2.dilate(out, np.ones((3, 3), np.uint8)).astype(bool)] = 0
     return out
+
+
+# the smallest depth step (metres, plus 10 % of the depth) that counts across a band without readings
+HOLE_STEP_M = 0.3
 
 
 def hole_band_px(width: int) -> int:

@@ -330,8 +330,9 @@ class MotionSegmenter:
                     else:
                         pj = splat_to_target(pc, flow, zj)
                     if c == 1:  # the geometric cue seen from j: what walked away from the camera
-                        pj = np.fmax(pj, reverse_depth_probability(pc, zj, eu, ev, depths[j], Ks[j],
-                                                                   inv[i] @ poses[j], Ks[i], near[i], self.cfg))
+                        pj = np.fmax(pj, reverse_depth_probability(
+                            pc, zj, eu, ev, depths[j], Ks[j], inv[i] @ poses[j], Ks[i], near[i], self.cfg,
+                            shutter=None if sh is None else (sh[0], sh[2], sh[1])))
                     out.append((c, j, pj))
             return out
 

@@ -122,7 +122,7 @@ def test_a_mover_walking_away_from_the_camera_is_caught_in_the_older_frames(reve
     from dynrecon_ros.segmentation import MotionSegmenter, SegmentationConfig
 
     if not reverse:
-        monkeypatch.setattr(seg, 'reverse_depth_probability', lambda p, *a: np.full(p.shape, np.nan, np.float32))
+        monkeypatch.setattr(seg, 'reverse_depth_probability', lambda p, *a, **k: np.full(p.shape, np.nan, np.float32))
     f = 150.0
     K = np.array([[f, 0, W / 2], [0, f, H / 2], [0, 0, 1]])
     n = 4
