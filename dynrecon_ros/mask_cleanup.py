@@ -217,6 +217,7 @@ def _drop_in_box(mask, depth, max_continuity, reach, band):
         return mask
     n_out = np.zeros(n)
     n_cont = np.zeros(n)
+    n_direct, n_direct_cont, n_hole_step = np.zeros(n), np.zeros(n), np.zeros(n)
     # outside pixels that count: unmasked, not in a hole enclosed by the mask, and not in a seam of
     # at most 2 pixels between masked pieces (the unmasked region is eroded); compared 3 pixels out
     nh, hole_labels = cv2.connectedComponents((mask == 0).astype(np.uint8), connectivity=4)
@@ -239,8 +240,20 @@ def _drop_in_box(mask, depth, max_continuity, reach, band):
         crossed = (d <= 0) | (shifted(d, 3 * dy, 3 * dx, 0) <= 0)
         step_in = np.where(crossed, np.float32(HOLE_STEP_M) + np.float32(0.1) * d_in,
                            np.float32(0.05) + np.float32(0.05) * d_in)
-        n_cont += np.bincount(lab, weights=(np.abs(d_in - dq) < step_in)[border], minlength=n)
-    background = np.flatnonzero((n_cont > max_continuity * np.maximum(n_out, 1)) & (n_out > 0))
+        cont = (np.abs(d_in - dq) < step_in)[border]
+        n_cont += np.bincount(lab, weights=cont, minlength=n)
+        direct = ~crossed[border]
+        n_direct += np.bincount(lab, weights=direct, minlength=n)
+        n_direct_cont += np.bincount(lab, weights=direct & cont, minlength=n)
+        n_hole_step += np.bincount(lab, weights=~direct & ~cont, minlength=n)
+    # judged on the readings on both sides where the boundary has them (a static surface beside a thin
+    # band of holes, e.g. along a box's edge, stays background), unless steps across hole bands make
+    # more than half of the boundary (a mover behind its shadow, whose only direct readings are the
+    # background the flow smeared beyond the band); a boundary without direct readings: all of it
+    background = np.where(n_direct > 0,
+                          (n_direct_cont > max_continuity * n_direct) & (n_hole_step <= 0.5 * n_out),
+                          (n_cont > max_continuity * np.maximum(n_out, 1)) & (n_out > 0))
+    background = np.flatnonzero(background)
     background = background[background > 0]
     out = mask.copy()
     if background.size:

@@ -204,3 +204,46 @@ def test_pipeline_masks_on_kinect_people_reach_the_silhouette_where_depth_is_mis
     assert on > off + 0.04, (on, off)
     for k, m in masks[10].items():
         assert not (m != masks[0][k])[seq.frames[index[k]].depth > 0].any()
+
+
+# ---------------------------------------------------------------- hole candidates
+def test_fill_candidates_reads_nothing_beyond_the_image():
+    """OpenCV's default erosion border is the largest float: it must not become a 'reading' in a ring at
+    the image border (those pixels then got candidate depths of 1e38 m)."""
+    from dynrecon_ros.depth_cue import fill_candidates
+
+    holes, near, far = fill_candidates(np.zeros((H, W), np.float32), 8)
+    assert not holes.any()
+    d = np.zeros((H, W), np.float32)
+    d[60, 80] = 2.0
+    holes, near, far = fill_candidates(d, 8)
+    assert holes.sum() == 17 * 17 - 1 and np.nanmax(near) == 2.0 and np.nanmax(far) == 2.0
+
+
+@pytest.mark.parametrize('beyond', [True, False])
+def test_a_hole_that_sees_beyond_the_sensor_range_is_static(beyond, monkeypatch):
+    """A camera translating 5 cm and turning 1 degree; a static person-sized surface at 1 m on the left,
+    and on the right a wall too far for the sensor (no readings: its flow is the rotation's). Hole pixels
+    next to the near surface get only its depth as candidates; their flow fits the far-away surface."""
+    import dynrecon_ros.flow_cue as fc
+    from dynrecon_ros.flow_cue import ego_flow_and_depth, pair_probability
+    from dynrecon_ros.segmentation import SegmentationConfig
+
+    if not beyond:
+        monkeypatch.setattr(fc, 'BEYOND_RANGE_M', float('nan'))
+    f = 150.0
+    K = np.array([[f, 0, W / 2], [0, f, H / 2], [0, 0, 1]])
+    c, s = np.cos(np.radians(1)), np.sin(np.radians(1))
+    T = np.eye(4)
+    T[:3, :3] = [[c, 0, s], [0, 1, 0], [-s, 0, c]]
+    T[0, 3] = 0.05
+    depth = np.zeros((H, W), np.float32)
+    depth[:, :80] = 1.0
+    truth = np.where(depth > 0, depth, np.float32(1e4))  # the far wall
+    flow, _ = ego_flow_and_depth(truth, K, T)
+    p, _, _ = pair_probability(depth, K, T, flow.astype(np.float32), None, SegmentationConfig(hole_fill_px=8))
+    band = p[:, 82:88]  # hole pixels with the near surface's candidates
+    if beyond:
+        assert np.nanmax(band) < 0.1
+    else:
+        assert np.nanmin(band) > 0.9
