@@ -15,7 +15,8 @@ and whether poses and masks are identical. Then, unless --no-node, the node: rec
 process (default parameters: sensor-data QoS, queue_size 2) fed the same frames at --rate Hz by this
 process (real rclpy, stamped when sent, as a camera driver does): the fraction of frames without a mask
 and pose back, and the latency from stamp to mask and pose received, p50/p95 (output_lag included; the
-last output_lag frames, which wait for the idle flush, left out of it).
+last output_lag frames, which wait for the idle flush, left out of it), and the node process's CPU time per
+processed frame (its callbacks, pipeline threads and publishing; /proc).
 """
 from __future__ import annotations
 
@@ -58,6 +59,12 @@ def run(rec, seq):
     return rec, out, dt, cpu, pipe
 
 
+def process_cpu(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (all its threads), from /proc."""
+    fields = open(f'/proc/{pid}/stat').read().rsplit(')', 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')
+
+
 def node_replay(seq, rate: float, lag: int, sets) -> None:
     """recon_node in its own process, fed ``seq`` at ``rate`` Hz from this one; prints one line."""
     from dynrecon_ros.ros.node import default_fastdds_profile
@@ -80,9 +87,12 @@ def node_replay(seq, rate: float, lag: int, sets) -> None:
             return
         time.sleep(1.0)
         load0 = os.getloadavg()[0]
+        cpu0, sender0 = process_cpu(proc.pid), time.process_time()
         probe.play(seq.frames, rate)
+        sender = time.process_time() - sender0
         ros.wait_for(lambda: probe.report()['complete'] == len(seq.frames), 30.0)
         proc.wait_output('input idle: flushed', 10.0)
+        cpu = process_cpu(proc.pid) - cpu0
         rep = probe.report(exclude_last=lag)
     finally:
         proc.stop()
@@ -90,11 +100,15 @@ def node_replay(seq, rate: float, lag: int, sets) -> None:
     import re
     m = re.search(r'frames received (\d+), processed (\d+), dropped (\d+)', proc.output())
     queue = f'{m.group(3)} of {m.group(1)} received dropped in its queue' if m else 'no totals line'
+    processed = int(m.group(2)) if m else 0
     print(f'  node at {rate:.0f} Hz (recon_node process, default parameters, best effort): {rep["sent"]} frames sent, '
           f'mask + pose back for {rep["complete"]}: drop rate {100 * rep["drop_rate"]:.1f} % ({queue}); latency '
           f'stamp -> mask + pose received p50 {rep["latency_p50_ms"]:.0f} ms, p95 {rep["latency_p95_ms"]:.0f} ms '
           f'(output_lag {lag} frames = {1e3 * lag / rate:.0f} ms included); load average {load0:.1f} -> '
           f'{os.getloadavg()[0]:.1f}')
+    print(f'  node process CPU {1e3 * cpu / max(processed, 1):.1f} ms per processed frame ({cpu:.2f} s, {processed} '
+          f'processed, callbacks of {len(seq.frames)} received included); the sender (this process) '
+          f'{1e3 * sender / len(seq.frames):.1f} ms CPU per frame sent')
 
 
 def main() -> None:

@@ -5,10 +5,12 @@ Usage: python bench/rgbd_stages.py [--sizes 320x240,640x480] [--frames 90] [--se
 Runs the default pipeline on the synthetic sequence with OpenCV on one thread (so the calling
 thread's CPU time, ``time.thread_time``, is all the work of a stage: figures hold on a shared,
 loaded machine) and prints per frame: CPU ms of flow (of which DIS), pose (RANSAC, direct refinement,
-the rest), alignment, segmentation, and of the forward-backward checks wherever they run (in flow
-before they were deferred; now in pose, on its grid, and segmentation); the counts of pairs, DIS
-computations and checks; ATE and mask IoU. ``--profile N`` prints the
-top N functions of a cProfile of the stream (cumulative time).
+the rest), alignment, segmentation, the processing size, checks, outputs at the input size and the map
+integration (carving, merging; on the map thread), the process's CPU in all, and of the forward-backward
+checks wherever they run (in flow before they were deferred; now in pose, on its grid, and
+segmentation); the counts of pairs, DIS computations and checks; ATE and mask IoU. ``--profile N``
+prints the top N functions of a cProfile of the stream (cumulative time). With --set
+segmentation.threads=1 every stage's CPU is on the threads the wrappers time.
 """
 from __future__ import annotations
 
@@ -77,6 +79,16 @@ def main() -> None:
     tm.wrap(step_mod.RGBDStep, '_align', 'alignment')
     tm.wrap(step_mod.RGBDStep, '_segment', 'segmentation')
     tm.wrap(step_mod.RGBDStep, 'step', 'step')
+    # the rest of a frame's CPU: processing size and checks, outputs at input size, map integration
+    import dynrecon_ros.reconstructor as rec_mod
+    import dynrecon_ros.static_map as map_mod
+    tm.wrap(step_mod.RGBDStep, 'work_frame', 'work_frame')
+    tm.wrap(rec_mod.Reconstructor, '_image_stats' if hasattr(rec_mod.Reconstructor, '_image_stats') else '_check',
+            'checks')  # (the image figures of the checks: computed in stage A since issue 19)
+    tm.wrap(rec_mod.Reconstructor, '_outputs', 'outputs')
+    tm.wrap(map_mod.VoxelMap, 'integrate', 'map')
+    tm.wrap(map_mod.VoxelMap, '_carve', 'map.carve')
+    tm.wrap(map_mod.VoxelMap, '_merge', 'map.merge')
     print(f'machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; OpenCV threads 1; CPU ms per frame')
     for size in args.sizes.split(','):
         w, h = (int(v) for v in size.split('x'))
@@ -90,9 +102,12 @@ def main() -> None:
         prof = cProfile.Profile() if args.profile else None
         if prof:
             prof.enable()
+        c0 = time.process_time()
         for f in seq.frames:
             out += rec.push(f)
         out += rec.flush()
+        rec.static_map()
+        cpu = time.process_time() - c0
         if prof:
             prof.disable()
         ok = [r for r in out if r.status == 'ok']
@@ -103,6 +118,10 @@ def main() -> None:
         print('  CPU ms/frame: ' + '  '.join(f'{k} {tm.ms.get(k, 0.0) / n:.1f}' for k in
               ['step', 'flow', 'flow.dis', 'pose', 'pose.ransac', 'pose.refine', 'alignment', 'segmentation',
                'fb_checks']))
+        print('  CPU ms/frame, the rest: ' + '  '.join(f'{k} {tm.ms.get(k, 0.0) / n:.1f}' for k in
+              ['work_frame', 'checks', 'outputs', 'map', 'map.carve', 'map.merge'])
+              + f'; process CPU {1e3 * cpu / n:.1f} (all threads; segmentation.threads {cfg.segmentation.threads}: '
+              'its workers count here, not in segmentation, unless --set segmentation.threads=1)')
         print(f'  per frame: pairs {tm.calls.get("pose", 0) / n:.2f}, DIS computations '
               f'{tm.calls.get("flow.dis", 0) / n:.2f} (FlowCache.computed {rec.flows.computed / n:.2f}), '
               f'forward-backward checks {tm.calls.get("fb_checks", 0) / n:.2f}')

@@ -185,7 +185,13 @@ class ReconConfig:
     overlap: the ROS node and ``dynrecon run`` work on two frames at once (dynrecon_ros/pipelining.py):
     frame t+1's processing size and optical flow (of the pairs it will most likely get) on one thread
     while frame t's poses, alignment, segmentation and outputs run on another; the same results in the
-    same order, about one stage A shorter per frame on two cores (false: one thread, the plain push)."""
+    same order, about one stage A shorter per frame on two cores (false: one thread, the plain push);
+    opencv_threads: OpenCV's worker threads for the process (cv2.setNumThreads, set when the
+    Reconstructor is built, as alignment.threads sets torch's; 0 = leave OpenCV's setting, one per
+    core by default): 1 by default, because the pipeline's own threads (overlap, map, segmentation)
+    already keep the cores busy and OpenCV's pool then costs CPU time (its workers wait actively):
+    ~10 % more CPU per frame at 640x480 with one per core on 2 cores (bench/pipeline.py --set opencv_threads=0),
+    with the same results."""
 
     window: WindowConfig = field(default_factory=WindowConfig)
     flow: FlowConfig = field(default_factory=FlowConfig)
@@ -198,6 +204,7 @@ class ReconConfig:
     world_pose: list | None = None
     max_work_width: int = 320
     overlap: bool = True
+    opencv_threads: int = 1
 
     @classmethod
     def from_dict(cls, d: dict | None, where: str = 'config') -> 'ReconConfig':

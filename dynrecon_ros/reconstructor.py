@@ -26,8 +26,9 @@ thread while stage B of frame t runs on another (``ReconConfig.overlap``), with 
 """
 from __future__ import annotations
 
-import time
 import collections
+import threading
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -70,12 +71,14 @@ class Prepared:
     """A frame after stage A (:meth:`Reconstructor.prepare`).
 
     frame: the input Frame; work: the frame at its processing size (None: made in stage B, after the
-    checks); flows: {(key_a, key_b): PairFlow} computed ahead for the pairs the frame is expected to get.
+    checks); stats: the checks' image figures (Reconstructor._image_stats; None: made in stage B);
+    flows: {(key_a, key_b): PairFlow} computed ahead for the pairs the frame is expected to get.
     """
 
     frame: object
     work: object = None
     flows: dict = field(default_factory=dict)
+    stats: tuple | None = None
 
 
 def upsample(img: np.ndarray, s: int, size: tuple[int, int], interpolation: int) -> np.ndarray:
@@ -146,6 +149,10 @@ class Reconstructor:
         self.window = SlidingWindow(w)
         if cfg.alignment.threads > 0:
             torch.set_num_threads(cfg.alignment.threads)
+        if cfg.opencv_threads < 0:
+            raise InputError(f'opencv_threads must be >= 0 (0 = OpenCV\'s own setting), got {cfg.opencv_threads}')
+        if cfg.opencv_threads > 0:
+            cv2.setNumThreads(cfg.opencv_threads)  # process-wide, like torch's threads above
         keep_freed_heap()  # image-sized temporaries reuse freed heap instead of page-faulting it back in
         self.segmenter = MotionSegmenter(cfg.segmentation)
         self.map = VoxelMap(cfg.map)
@@ -160,6 +167,7 @@ class Reconstructor:
         self._times = StageTimes()
         self._map_pool = None  # the map thread (started with the first integration)
         self._map_jobs: collections.deque = collections.deque()  # (future, deferred), oldest first
+        self._map_lock = threading.Lock()  # held while the map changes (integration) or is read
         # stage A's own flow estimator (one OpenCV DIS object is not shared by two threads) and the
         # work frames of the last prepared frames, the expected pair partners of the next one
         self._ahead_flows = FlowCache(cfg.flow)
@@ -204,6 +212,10 @@ class Reconstructor:
         hook = getattr(self.step, 'prepare_frame', None)  # a step's per-frame work that needs no window state
         if hook is not None:
             hook(p.work)
+        try:
+            p.stats = self._image_stats(frame)
+        except Exception:  # noqa: BLE001 - stage B computes them again and its checks name the problem
+            p.stats = None
         self._times.lap('prepare', t0)
         if not ahead:
             return p
@@ -240,7 +252,7 @@ class Reconstructor:
         try:
             for (ka, kb), pf in p.flows.items():
                 self.flows.put(ka, kb, pf)
-            self._step(p.frame, p.work)
+            self._step(p.frame, p.work, p.stats)
         finally:
             self._times.add('total', (time.perf_counter() - t0) * 1e3)
             # every pair of a step has the step's newest frame in it, so no cached flow is looked up again:
@@ -260,14 +272,21 @@ class Reconstructor:
         self._map_wait()
         return out
 
-    def static_map(self) -> np.ndarray:
-        """(M, 6) float32 x y z r g b of the static map in the world frame."""
-        self._map_wait()
-        return self.map.points()
+    def static_map(self, wait: bool = True) -> np.ndarray:
+        """(M, 6) float32 x y z r g b of the static map in the world frame.
+
+        wait: first wait for the frames queued on the map thread (call it from the thread that pushes,
+        or with the pushes held off); False: the map as the integrations finished so far left it,
+        without waiting (safe from any thread: a periodic publisher that must not hold up frames)."""
+        if wait:
+            self._map_wait()
+        with self._map_lock:
+            return self.map.points()
 
     def save_map(self, path) -> int:
         self._map_wait()
-        return self.map.save_ply(path)
+        with self._map_lock:
+            return self.map.save_ply(path)
 
     # ------------------------------------------------------------------ internals
     def _skip(self, frame, reason: str) -> None:
@@ -275,7 +294,8 @@ class Reconstructor:
         self._pending.append(FrameResult(stamp=float(getattr(frame, 'stamp', float('nan'))),
                                          key=str(getattr(frame, 'key', '')), status='skipped', reason=reason))
 
-    def _check(self, frame) -> str:
+    def _check(self, frame, stats: tuple | None = None) -> str:
+        """'' or the reason to skip ``frame``; ``stats``: its :meth:`_image_stats` when stage A made them."""
         c = self.cfg.checks
         if self._last_stamp is not None and frame.stamp <= self._last_stamp:
             return (f'timestamp {frame.stamp:.6f} is not after the previous accepted one '
@@ -284,21 +304,27 @@ class Reconstructor:
             return f'image size {frame.size} differs from the stream size {self._size}'
         if frame.K is None and self.default_K is None and not self.step.estimates_intrinsics:
             return 'no intrinsics (frame has no K and no default intrinsics are configured)'
-        if self.step.needs_depth:
-            if frame.depth is None:
-                return 'no depth image (the rgbd backend needs depth)'
-            d = frame.depth
-            valid = np.isfinite(d) & (d > 0)
-            if valid.mean() < c.min_valid_depth:
-                return f'only {100 * valid.mean():.1f}% of the depth is valid (min {100 * c.min_valid_depth:.0f}%)'
-        grey = cv2.cvtColor(frame.rgb[::2, ::2], cv2.COLOR_RGB2GRAY)  # every 2nd pixel: std all the same
-        std = float(grey.std())
+        if self.step.needs_depth and frame.depth is None:
+            return 'no depth image (the rgbd backend needs depth)'
+        valid, std = stats if stats is not None else self._image_stats(frame)
+        if valid is not None and valid < c.min_valid_depth:
+            return f'only {100 * valid:.1f}% of the depth is valid (min {100 * c.min_valid_depth:.0f}%)'
         if std < c.min_image_std:
             return f'black or constant image (grey std {std:.2f})'
         return ''
 
-    def _step(self, frame, work=None) -> None:
-        reason = self._check(frame)
+    def _image_stats(self, frame) -> tuple:
+        """(fraction of valid depth readings, None without a depth check; grey std): the checks' figures
+        that need only the frame, so stage A computes them (:meth:`prepare`), off stage B's path."""
+        valid = None
+        if self.step.needs_depth and frame.depth is not None:
+            d = frame.depth
+            valid = float((np.isfinite(d) & (d > 0)).mean())
+        grey = cv2.cvtColor(frame.rgb[::2, ::2], cv2.COLOR_RGB2GRAY)  # every 2nd pixel: std all the same
+        return valid, float(grey.std())
+
+    def _step(self, frame, work=None, stats=None) -> None:
+        reason = self._check(frame, stats)
         if reason:
             return self._skip(frame, reason)
         if frame.K is None:
@@ -336,7 +362,8 @@ class Reconstructor:
 
     def _integrate(self, depth, rgb, K, pose, static, conf, pixel_stride) -> None:
         t = time.perf_counter()
-        self.map.integrate(depth, rgb, K, pose, static, conf, pixel_stride=pixel_stride)
+        with self._map_lock:  # static_map(wait=False) reads it from other threads
+            self.map.integrate(depth, rgb, K, pose, static, conf, pixel_stride=pixel_stride)
         self._times.add('map_integrate', (time.perf_counter() - t) * 1e3)
 
     def _map_wait(self) -> None:

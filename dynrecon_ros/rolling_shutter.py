@@ -4,11 +4,13 @@ A rolling-shutter sensor reads its rows top to bottom over ``readout`` seconds: 
 seen at ``row_offsets(v)`` seconds from the frame's instant (the middle row's time, the stamp's pose);
 a depth image taken ``depth_delay`` s after the colour one (registered to it) sees its row v that much
 later, so a depth point and a colour pixel of one pixel are seen from two camera poses. Within a
-frame the camera moves at a constant body velocity ``twist`` = (v (3,) m/s, omega (3,) rad/s) in the
-camera's own axes, so the camera of offset s sits at exp(s twist) in the frame-instant camera (to first
-order: rotation s omega, translation s v; s omega is < 0.2 degree at the speeds of a hand-held camera,
-where the second-order terms are below 1e-6 rad). The twist comes from the pair's relative pose and
-time (:func:`pair_twist`) and is refined with the pose (:class:`PairShutter`). Readout and delay 0:
+frame the camera moves by a twist-valued polynomial of the instant s, sum_k s^k / k! c_k in the
+camera's own axes (:func:`motion_offsets`; c_1 = (v (3,) m/s, omega (3,) rad/s) the body twist, c_2
+its rate), so the camera of offset s sits at exp(M(s)) in the frame-instant camera (to first order:
+rotation and translation M(s); the rotation is < 0.2 degree at the speeds of a hand-held camera,
+where the second-order terms are below 1e-6 rad). A constant twist (order 1) is not enough for
+hand tremor: see :class:`PairShutter`. The motions start from the pair's relative pose and time
+(:func:`pair_twist`) and are refined with the pose (:class:`PairShutter`). Readout and delay 0:
 the model is off (the predictor does not build one), so such a sequence is processed exactly as before.
 
 Written by hand: OpenCV, Open3D and the odometry libraries we use model global shutters only (Kerl et
@@ -44,44 +46,75 @@ class ShutterModel:
 class PairShutter:
     """A pair's rolling shutter inside the direct refinement of T_i_j (pose of j in i).
 
-    The refinement's unknowns grow by the two frames' body twists nu = [twist_i, twist_j] (12,): a
-    hand-held camera's velocity changes within a frame interval (tremor at 4-12 Hz), so the pair's
-    mean velocity is not the frames' own (20 deg/s off on the renderer's jitter) and each frame's is
-    fitted from the rows' distortion, with a Gaussian prior around the twist known from the frame's
-    earlier pair (sigma ``known_scale`` x sigma_v, sigma_w) or else around the pair's mean velocity.
+    The refinement's unknowns grow by the two frames' in-frame motions nu = [motion_i, motion_j]
+    (2 x 6 ``order``): each frame's camera moves within its readout by the twist-valued polynomial
+    sum_k s^k / k! c_k of the row's instant s (:func:`motion_offsets`; c_1 the body twist, c_2 its
+    rate). Hand-held tremor (4-12 Hz) is not a constant velocity over a 25 ms readout (a 12 Hz
+    rotation's phase turns by ~55 degrees in 12.5 ms): on the renderer's jitter (static room, every
+    sensor effect, 320x240, 90 adjacent pairs of seeds 102 / 104) a constant twist (order 1) leaves
+    the pairs 5.4 / 5.3 mm off, order 2 3.1 / 3.7 mm (the renderer's exact in-frame motion: 1.9 mm
+    on 104, a global-shutter sensor 1.4 mm); order 3 did not do better (3.6 / 4.0 mm). A pair
+    observes mostly the difference of the two frames' motions; Gaussian priors hold their common
+    part: around the motion known from the frame's earlier pair (sigma x ``known_scale``) or else the
+    pair's mean velocity and zero for the higher terms.
 
     Args:
         model: the sensor's :class:`ShutterModel`; rows_i: (n,) rows of the refined pixels of i;
         height: image rows; K_j: (3, 3) intrinsics of j; dt: t_j - t_i (s);
-        twist_i, twist_j: (6,) body twists of the frames when known from earlier pairs, else None.
-        sigma_v, sigma_w: prior spread of an unknown twist (m/s, rad/s).
+        twist_i, twist_j: (6 k,) in-frame motions of the frames when known from earlier pairs, else
+            None (a shorter one is extended with unknown higher terms).
+        sigma_v, sigma_w: prior spread of an unknown twist (m/s, rad/s); order: terms per frame;
+        sigma_higher: ((m/s^2, rad/s^2), (m/s^3, rad/s^3)) prior spreads of the higher terms (hand
+            tremor: accelerations up to a few m/s^2 and ~10 rad/s^2, x ~75 /s per order at 12 Hz;
+            (20, 40) instead of (5, 10) m/s^2, rad/s^2 left the pairs 10 % further off).
     """
 
     def __init__(self, model: ShutterModel, rows_i: np.ndarray, height: int, K_j: np.ndarray, dt: float,
                  twist_i: np.ndarray | None = None, twist_j: np.ndarray | None = None,
-                 sigma_v: float = 0.2, sigma_w: float = 0.5, known_scale: float = 0.5):
-        self.model, self.height, self.dt = model, height, dt
+                 sigma_v: float = 0.2, sigma_w: float = 0.5, known_scale: float = 0.5, order: int = 1,
+                 sigma_higher: tuple = ((5.0, 10.0), (400.0, 800.0))):
+        if not 1 <= order <= 1 + len(sigma_higher):
+            raise ValueError(f'order must be in [1, {1 + len(sigma_higher)}], got {order}')
+        self.model, self.height, self.dt, self.order = model, height, dt, order
         self.s_i = model.row_offsets(rows_i, height)  # (n,) colour instants of i's pixels
         self.s_id = model.row_offsets(rows_i, height, depth=True)  # (n,) their depth readings' instants
         self.fy, self.cy = float(K_j[1, 1]), float(K_j[1, 2])
-        self.known = (twist_i, twist_j)
-        sig = np.array([sigma_v] * 3 + [sigma_w] * 3)
-        self.prior = np.concatenate([sig * (known_scale if tw is not None else 1.0) for tw in self.known]) ** -2.0
+        self.known = tuple(None if tw is None else np.asarray(tw, dtype=np.float64)[:6 * order]
+                           for tw in (twist_i, twist_j))
+        sig = np.concatenate([[sigma_v] * 3 + [sigma_w] * 3]
+                             + [[a] * 3 + [b] * 3 for a, b in sigma_higher[:order - 1]])
+        prior = []
+        for tw in self.known:
+            scale = np.ones(6 * order)
+            if tw is not None:
+                scale[:len(tw)] = known_scale
+            prior.append(sig * scale)
+        self.prior = np.concatenate(prior) ** -2.0
         self.nu = self.nu0 = None
 
     def start(self, T_i_j: np.ndarray) -> None:
-        """Initial twists (12,): the known ones, the pair's mean velocity for the others."""
-        pair = pair_twist(T_i_j, self.dt)
-        self.nu0 = np.concatenate([pair if tw is None else tw for tw in self.known])
+        """Initial motions (2 x 6 order): the known ones, the pair's mean velocity (and zero higher
+        terms) for the others."""
+        m = 6 * self.order
+        pair = np.zeros(m)
+        pair[:6] = pair_twist(T_i_j, self.dt)
+        nu0 = []
+        for tw in self.known:
+            x = pair.copy()
+            if tw is not None:
+                x[:len(tw)] = tw
+            nu0.append(x)
+        self.nu0 = np.concatenate(nu0)
         self.nu = self.nu0.copy()
 
     @property
     def twist_i(self) -> np.ndarray:
-        return self.nu[:6]
+        """(6 order,) in-frame motion of i (the first 6: its body twist)."""
+        return self.nu[:6 * self.order]
 
     @property
     def twist_j(self) -> np.ndarray:
-        return self.nu[6:]
+        return self.nu[6 * self.order:]
 
     def _move(self, X: np.ndarray, T_j_i: np.ndarray, s_i: np.ndarray, depth: bool):
         """(n, 3) points of i seen at instants s_i -> (points in j's frame-instant camera (n, 3), their
@@ -105,17 +138,37 @@ class PairShutter:
 
     def columns(self, a: np.ndarray, ok: np.ndarray, depth: bool = False) -> np.ndarray:
         """(m, 3) derivatives of m residuals by the points of :meth:`points` (those of ``ok``, an (n,)
-        bool mask or indices, of the last call; the depth points with ``depth``) -> (m, 12) derivatives
-        by nu (first order in the instants)."""
+        bool mask or indices, of the last call; the depth points with ``depth``) -> (m, 12 order)
+        derivatives by nu (first order in the instants; term k of a frame scales by s^k / k!)."""
         b = a @ self._R  # R^T a: the residual's derivative by i's frame-instant point
         Y, s_i, s_j = (self._Yd, self.s_id, self.s_jd) if depth else (self._Y, self.s_i, self.s_j)
         X, Y, si, sj = self._X[ok], Y[ok], s_i[ok, None], s_j[ok, None]
-        return np.concatenate([si * np.concatenate([b, np.cross(X, b)], 1),
-                               -sj * np.concatenate([a, np.cross(Y, a)], 1)], 1)
+        ci = np.concatenate([b, np.cross(X, b)], 1)
+        cj = -np.concatenate([a, np.cross(Y, a)], 1)
+        fi, fj = _powers(si, self.order), _powers(sj, self.order)
+        return np.concatenate([f * ci for f in fi] + [f * cj for f in fj], 1)
 
     def normal_prior(self) -> tuple[np.ndarray, np.ndarray]:
-        """(12, 12) information and (12,) gradient of the twists' prior at the current nu."""
+        """(12 order, 12 order) information and (12 order,) gradient of the motions' prior at nu."""
         return np.diag(self.prior), self.prior * (self.nu - self.nu0)
+
+
+def _powers(s: np.ndarray, order: int) -> list:
+    """s (any shape) -> [s^k / k! for k = 1..order]."""
+    out, f = [], np.ones_like(s)
+    for k in range(1, order + 1):
+        f = f * s / k
+        out.append(f)
+    return out
+
+
+def motion_offsets(s: np.ndarray, motion: np.ndarray) -> np.ndarray:
+    """(n,) instants s from the frame's, (6 k,) in-frame motion [c_1, ..., c_k] (c_1 the body twist
+    [v, omega] in m/s, rad/s; c_m its (m-1)-th time derivative) -> (n, 6) the camera's displacement
+    sum_m s^m / m! c_m (first order: translation, rotation vector) from the frame instant."""
+    s = np.asarray(s, dtype=np.float64)
+    c = np.asarray(motion, dtype=np.float64).reshape(-1, 6)
+    return np.stack(_powers(s, len(c)), -1) @ c
 
 
 def pair_twist(T_i_j: np.ndarray, dt: float) -> np.ndarray:
@@ -130,7 +183,11 @@ def pair_twist(T_i_j: np.ndarray, dt: float) -> np.ndarray:
 
 def to_frame_instant(X: np.ndarray, s: np.ndarray, twist: np.ndarray) -> np.ndarray:
     """(n, 3) points in the camera of their own instants s (n,) s -> (n, 3) in the frame-instant camera:
-    X + s (omega x X + v) (first-order exp(s twist) applied to X)."""
+    X + s (omega x X + v) (first-order exp(s twist) applied to X); a (6 k,) in-frame motion
+    (:func:`motion_offsets`) moves them by its displacement at s instead."""
+    if len(twist) > 6:
+        d = motion_offsets(s, twist)
+        return X + np.cross(d[:, 3:], X) + d[:, :3]
     s = np.asarray(s, dtype=np.float64)[:, None]
     return X + s * (np.cross(twist[3:], X) + twist[:3])
 
@@ -138,6 +195,9 @@ def to_frame_instant(X: np.ndarray, s: np.ndarray, twist: np.ndarray) -> np.ndar
 def from_frame_instant(Y: np.ndarray, s: np.ndarray, twist: np.ndarray) -> np.ndarray:
     """(n, 3) points in the frame-instant camera -> (n, 3) in the camera of instants s (n,): the inverse
     of :func:`to_frame_instant` to first order, Y - s (omega x Y + v)."""
+    if len(twist) > 6:
+        d = motion_offsets(s, twist)
+        return Y - np.cross(d[:, 3:], Y) - d[:, :3]
     s = np.asarray(s, dtype=np.float64)[:, None]
     return Y - s * (np.cross(twist[3:], Y) + twist[:3])
 
@@ -151,7 +211,8 @@ def ego_points(X: np.ndarray, Y: np.ndarray, rows: np.ndarray, R_j_i: np.ndarray
             the colour pixel is what the flow follows); Y: (..., 3) the same moved into j's camera by
             the frames' poses (R_j_i X + t_j_i, global shutter); rows: (...) their pixel rows in i;
             R_j_i: (3, 3).
-        model, twist_i, twist_j: the sensor's timing and the frames' body twists (6,); height: image rows.
+        model, twist_i, twist_j: the sensor's timing and the frames' in-frame motions ((6,) body twists or
+            (6 k,) :func:`motion_offsets` polynomials); height: image rows.
         K_j: (3, 3) intrinsics of j.
     Returns (..., 3) float32 points in the camera of the row of j each projects to.
     """

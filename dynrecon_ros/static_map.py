@@ -80,27 +80,29 @@ def _keys(idx: np.ndarray) -> np.ndarray:
     return (i[:, 0] << (2 * _BITS)) | (i[:, 1] << _BITS) | i[:, 2]
 
 
-# rows of VoxelMap._data
+# columns of VoxelMap._data (one 8-float record per voxel)
 _W, _X, _Y, _Z, _R, _G, _B, _SEEN = range(8)
+_RECORD = np.dtype((np.void, 32))  # one record as a single item (np.insert of whole records)
 
 
 class VoxelMap:
     """Coloured, carved voxel map; see the module docstring.
 
-    Storage: ``_key`` (M,) int64 sorted voxel keys and ``_data`` (8, M) float32 rows weight, mean
-    x y z, mean r g b, last frame seen (one array: one insert / one select per update). Carved-out
-    voxels keep their slot with weight 0 until the arrays are compacted.
+    Storage: ``_key`` (M,) int64 sorted voxel keys and ``_data`` (M, 8) float32, one record per voxel:
+    weight, mean x y z, mean r g b, last frame seen (new voxels are inserted as whole 32-byte records:
+    ~5x faster than into the 8 rows of an (8, M) array). Carved-out voxels keep their slot with
+    weight 0 until the arrays are compacted.
     """
 
     def __init__(self, cfg: MapConfig):
         self.cfg = cfg
         self._key = np.zeros(0, np.int64)
-        self._data = np.zeros((8, 0), np.float32)
+        self._data = np.zeros((0, 8), np.float32)
         self._frame = 0
 
     def __len__(self) -> int:
         """Number of live voxels (weight > 0, published or not)."""
-        return int(np.count_nonzero(self._data[_W] > 0))
+        return int(np.count_nonzero(self._data[:, _W] > 0))
 
     def integrate(self, depth: np.ndarray, rgb: np.ndarray, K: np.ndarray, pose: np.ndarray,
                   static: np.ndarray | None = None, confidence: np.ndarray | None = None,
@@ -130,28 +132,36 @@ class VoxelMap:
         if cfg.median_px in (3, 5):
             # edge-preserving denoising: sensor noise grows with depth^2 and scatters far points
             # over several voxels; invalid readings (0) stay out of the median where it matters
-            depth = np.where(np.isfinite(depth), depth, 0).astype(np.float32)
-            depth = np.where(depth > 0, cv2.medianBlur(depth, cfg.median_px), 0).astype(np.float32)
-        good = np.isfinite(depth) & (depth >= cfg.min_depth) & (depth <= cfg.max_depth)
+            bad = ~np.isfinite(depth)
+            depth = np.where(bad, np.float32(0), depth) if bad.any() else np.ascontiguousarray(depth)
+            med = cv2.medianBlur(depth, cfg.median_px)
+            med[~(depth > 0)] = 0
+            depth = med
+            good = (depth >= cfg.min_depth) & (depth <= cfg.max_depth)  # (all finite now)
+        else:
+            good = np.isfinite(depth) & (depth >= cfg.min_depth) & (depth <= cfg.max_depth)
         static = np.ones((h, w), bool) if static is None else np.asarray(static, dtype=bool)
         self._carve(depth, good, static, K, pose)
 
-        use = good & static
-        if confidence is not None:
-            conf = np.asarray(confidence, dtype=np.float32)
-            use &= np.isfinite(conf) & (conf >= cfg.min_confidence)
-        else:
-            conf = None
+        conf = None if confidence is None else np.asarray(confidence, dtype=np.float32)
         s = cfg.pixel_stride if pixel_stride is None else int(pixel_stride)
-        if s == 0 and use.any():
-            s = max(1, int(0.5 * cfg.voxel_size * K[0, 0] / float(np.median(depth[use][::7]))))
-        if s > 1:
-            sub = np.zeros_like(use)
-            sub[::s, ::s] = True
-            use &= sub
+        if s == 0:
+            use = good & static
+            if conf is not None:
+                use &= np.isfinite(conf) & (conf >= cfg.min_confidence)
+            s = max(1, int(0.5 * cfg.voxel_size * K[0, 0] / float(np.median(depth[use][::7])))) if use.any() else 1
+        # the pixels (s v, s u): selected on the stride grid only (the same pixels, in the same order,
+        # as on the whole image; the carving above needed the whole image)
+        use = good[::s, ::s] & static[::s, ::s]
+        if conf is not None:
+            cg = conf[::s, ::s]
+            use &= np.isfinite(cg) & (cg >= cfg.min_confidence)
         v, u = np.nonzero(use)
         if v.size == 0:
             return
+        if s > 1:
+            v *= s
+            u *= s
         z = depth[v, u]
         x = (u.astype(np.float32) - np.float32(K[0, 2])) * np.float32(1 / K[0, 0]) * z
         y = (v.astype(np.float32) - np.float32(K[1, 2])) * np.float32(1 / K[1, 1]) * z
@@ -165,14 +175,14 @@ class VoxelMap:
         # per-voxel aggregates of this frame (confidence-weighted means)
         wpx = None if conf is None else np.maximum(conf[v, u], 1e-3).astype(np.float64)
         cnt = np.bincount(inv, weights=wpx, minlength=n)
-        frame = np.empty((8, n), np.float32)
+        frame = np.empty((n, 8), np.float32)
         col = rgb[v, u]
         for row, c in zip((_X, _Y, _Z, _R, _G, _B), pw + [col[:, 0], col[:, 1], col[:, 2]]):
             c = c.astype(np.float64)
-            frame[row] = np.bincount(inv, weights=c if wpx is None else wpx * c, minlength=n) / cnt
+            frame[:, row] = np.bincount(inv, weights=c if wpx is None else wpx * c, minlength=n) / cnt
         # one observation per voxel per frame, weighted by its mean confidence
-        frame[_W] = 1.0 if wpx is None else cnt / np.bincount(inv, minlength=n)
-        frame[_SEEN] = self._frame
+        frame[:, _W] = 1.0 if wpx is None else cnt / np.bincount(inv, minlength=n)
+        frame[:, _SEEN] = self._frame
         self._merge(ukey, frame)
         self._bound()
 
@@ -182,14 +192,13 @@ class VoxelMap:
         if self._key.size == 0 or cfg.free_weight == 0:
             return
         h, w = depth.shape
-        alive = np.flatnonzero(self._data[_W] > 0)
         wc = np.linalg.inv(pose)
         R = wc[:3, :3].astype(np.float32)
         t = wc[:3, 3].astype(np.float32)
-        X, Y, Z = (self._data[r, alive] for r in (_X, _Y, _Z))
-        z = R[2, 0] * X + R[2, 1] * Y + R[2, 2] * Z + t[2]
-        front = np.flatnonzero(z > cfg.min_depth)
-        alive, X, Y, Z, z = alive[front], X[front], Y[front], Z[front], z[front]
+        d = self._data
+        z = R[2, 0] * d[:, _X] + R[2, 1] * d[:, _Y] + R[2, 2] * d[:, _Z] + t[2]  # every stored voxel, dead ones too
+        alive = np.flatnonzero((z > cfg.min_depth) & (d[:, _W] > 0))  # live voxels in front of the camera
+        X, Y, Z, z = d[alive, _X], d[alive, _Y], d[alive, _Z], z[alive]
         inv_z = 1.0 / z
         u = np.rint((R[0, 0] * X + R[0, 1] * Y + R[0, 2] * Z + t[0]) * inv_z * np.float32(K[0, 0]) + np.float32(K[0, 2]))
         v = np.rint((R[1, 0] * X + R[1, 1] * Y + R[1, 2] * Z + t[1]) * inv_z * np.float32(K[1, 1]) + np.float32(K[1, 2]))
@@ -212,7 +221,7 @@ class VoxelMap:
         hit = idx[free | dynamic]
         if hit.size == 0:
             return
-        wts = self._data[_W]
+        wts = self._data[:, _W]
         wts[hit] = np.maximum(wts[hit] - cfg.free_weight, 0.0)
         dead = self._key.size - np.count_nonzero(wts > 0)
         if dead > 0.25 * self._key.size:
@@ -220,10 +229,10 @@ class VoxelMap:
 
     def _select(self, keep: np.ndarray) -> None:
         self._key = self._key[keep]
-        self._data = self._data[:, keep]
+        self._data = self._data[keep]
 
     def _merge(self, ukey: np.ndarray, frame: np.ndarray) -> None:
-        """Add one frame's per-voxel observations (``ukey`` sorted unique, ``frame`` (8, n)) into the map."""
+        """Add one frame's per-voxel observations (``ukey`` sorted unique, ``frame`` (n, 8)) into the map."""
         pos = np.searchsorted(self._key, ukey)
         if self._key.size:
             pos_c = np.minimum(pos, self._key.size - 1)
@@ -232,35 +241,38 @@ class VoxelMap:
             pos_c, old = pos, np.zeros(ukey.size, bool)
         if old.any():
             i = pos_c[old]
-            cur = self._data[:, i]
-            w0 = cur[_W]
-            w1 = frame[_W, old]
+            cur = self._data[i]
+            w0 = cur[:, _W]
+            w1 = frame[old, _W]
             tot = w0 + w1
-            a0, a1 = w0 / tot, w1 / tot
-            cur[_X:_B + 1] = cur[_X:_B + 1] * a0 + frame[_X:_B + 1, old] * a1
-            cur[_W] = np.minimum(tot, self.cfg.max_weight)
-            cur[_SEEN] = self._frame
-            self._data[:, i] = cur
+            a0, a1 = (w0 / tot)[:, None], (w1 / tot)[:, None]
+            cur[:, _X:_B + 1] = cur[:, _X:_B + 1] * a0 + frame[old, _X:_B + 1] * a1
+            cur[:, _W] = np.minimum(tot, self.cfg.max_weight)
+            cur[:, _SEEN] = self._frame
+            self._data[i] = cur
         new = ~old
         if new.any():
             at = pos[new]
             self._key = np.insert(self._key, at, ukey[new])
-            self._data = np.insert(self._data, at, frame[:, new], axis=1)
+            # whole records as one 32-byte item each: numpy's insert then moves blocks of records
+            # (~5x faster than inserting into 8 rows of (8, M))
+            self._data = np.insert(self._data.view(_RECORD).ravel(), at,
+                                   np.ascontiguousarray(frame[new]).view(_RECORD).ravel()).view(np.float32).reshape(-1, 8)
 
     def _bound(self) -> None:
         """Keep at most ``max_voxels``: drop dead ones, then the lowest weight (least recently seen first)."""
         extra = self._key.size - self.cfg.max_voxels
         if extra <= 0:
             return
-        order = np.lexsort((self._data[_SEEN], self._data[_W]))  # by weight, then by last seen
+        order = np.lexsort((self._data[:, _SEEN], self._data[:, _W]))  # by weight, then by last seen
         keep = np.ones(self._key.size, bool)
         keep[order[:extra]] = False
         self._select(keep)
 
     def points(self) -> np.ndarray:
         """(M, 6) float32: x y z (world, metres) and r g b (0..255) of voxels with weight >= min_weight."""
-        sel = self._data[_W] >= max(self.cfg.min_weight, 1e-6)
-        out = self._data[_X:_B + 1, sel].T.copy()
+        sel = self._data[:, _W] >= max(self.cfg.min_weight, 1e-6)
+        out = self._data[sel, _X:_B + 1]
         out[:, 3:] = np.clip(np.rint(out[:, 3:]), 0, 255)
         return out
 

@@ -344,3 +344,70 @@ def test_the_window_step_protocol_is_all_the_reconstructor_calls():
     assert out[2].reason == 'planted reason'
     assert [r.pose[0, 3] for r in out if r.status == 'ok'] == [0, 1, 3]  # push indices (the bad one popped)
     assert all((r.depth == 2.0).all() for r in out if r.status == 'ok')
+
+
+def test_opencv_threads_is_set_for_the_process_when_the_reconstructor_is_built():
+    """opencv_threads (default 1) sets OpenCV's worker threads; 0 leaves OpenCV's setting; < 0 is an error."""
+    from dynrecon_ros.errors import InputError
+    before = cv2.getNumThreads()
+    try:
+        cv2.setNumThreads(3)
+        Reconstructor(ReconConfig())
+        assert cv2.getNumThreads() == 1
+        cfg = ReconConfig()
+        cfg.opencv_threads = 0
+        cv2.setNumThreads(3)
+        Reconstructor(cfg)
+        assert cv2.getNumThreads() == 3
+        cfg.opencv_threads = 2
+        Reconstructor(cfg)
+        assert cv2.getNumThreads() == 2
+        cfg.opencv_threads = -1
+        with pytest.raises(InputError, match='opencv_threads'):
+            Reconstructor(cfg)
+    finally:
+        cv2.setNumThreads(before)
+
+
+def test_static_map_without_waiting_returns_while_the_map_thread_is_busy(seq):
+    """static_map(wait=False) (the node's periodic publishing) gives the map as integrated so far while a
+    map-thread job is still running; static_map() waits for it."""
+    import threading
+    rec = Reconstructor(ReconConfig())
+    for f in seq.frames[:8]:
+        rec.push(f)
+    before = rec.static_map()
+    assert len(before) > 0
+    release = threading.Event()
+    rec._map_run(release.wait)  # the map thread busy (a long integration, say)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(rec.static_map(wait=False)), daemon=True)
+    reader.start()
+    reader.join(5.0)
+    waiting = threading.Thread(target=lambda: got.append(rec.static_map()), daemon=True)
+    waiting.start()
+    waiting.join(0.5)
+    try:
+        assert not reader.is_alive() and len(got) == 1, 'static_map(wait=False) waited for the map thread'
+        np.testing.assert_array_equal(got[0], before)
+        assert waiting.is_alive(), 'static_map() did not wait for the queued map job'
+    finally:
+        release.set()
+    waiting.join(5.0)
+    assert len(got) == 2
+
+
+def test_stage_a_computes_the_checks_image_figures_and_stage_b_uses_them(seq):
+    """prepare (stage A) measures the valid-depth fraction and the grey std once; stage B's checks read
+    them from the Prepared frame (not again from the image)."""
+    rec = Reconstructor(ReconConfig())
+    f0, f1 = seq.frames[0], seq.frames[1]
+    p0 = rec.prepare(f0)
+    valid = float((f0.depth > 0).mean())
+    assert p0.stats is not None and abs(p0.stats[0] - valid) < 1e-12 and p0.stats[1] > 10
+    assert [r.status for r in rec.push_prepared(p0)] == []
+    p1 = rec.prepare(f1)
+    p1.stats = (0.01, p1.stats[1])  # as if stage A had seen almost no depth
+    rec.push_prepared(p1)
+    out = rec.flush()
+    assert [r.status for r in out] == ['ok', 'skipped'] and 'of the depth is valid' in out[1].reason

@@ -6,7 +6,7 @@ from dynrecon_ros.config import BackendConfig, FlowConfig
 from dynrecon_ros.data.synthetic import SyntheticConfig, render_sequence
 from dynrecon_ros.flow import FlowCache
 from dynrecon_ros.predictors.rgbd import RGBDPredictor, RGBDPredictorConfig
-from dynrecon_ros.rolling_shutter import ShutterModel, from_frame_instant, to_frame_instant
+from dynrecon_ros.rolling_shutter import ShutterModel, from_frame_instant, motion_offsets, to_frame_instant
 
 
 @pytest.fixture(scope='module')
@@ -17,9 +17,22 @@ def shaken():
                                            rolling_shutter=0.025, jitter=1.0))
 
 
-def pair_errors(seq, readout):
-    """Translation errors (mm) of the chained adjacent pair poses with the given readout time."""
-    pred = RGBDPredictor(RGBDPredictorConfig.from_backend(BackendConfig(rolling_shutter_s=readout)))
+@pytest.fixture(scope='module')
+def tremor():
+    # static room at 320x240, 25 ms readout, depth 10 ms late, hand-held jitter (tremor up to 12 Hz):
+    # the camera's velocity changes within a frame's readout
+    return render_sequence(SyntheticConfig(width=320, height=240, frames=10, movers=0, seed=22,
+                                           rolling_shutter=0.025, depth_delay=0.01, jitter=1.0))
+
+
+def pair_errors(seq, readout, order=None):
+    """Translation errors (mm) of the adjacent pair poses with the given readout time (the depth delay
+    of the sequence) and terms of in-frame motion (None: the predictor's default)."""
+    delay = seq.config.depth_delay if readout else 0.0
+    pred = RGBDPredictor(RGBDPredictorConfig.from_backend(BackendConfig(rolling_shutter_s=readout,
+                                                                        depth_delay_s=delay)))
+    if order is not None:
+        pred.shutter_order = order
     flows = FlowCache(FlowConfig())
     errs = []
     for k in range(len(seq.frames) - 1):
@@ -34,6 +47,54 @@ def test_rolling_shutter_model_recovers_the_pair_poses(shaken):
     modelled, global_ = pair_errors(shaken, 0.025), pair_errors(shaken, 0.0)
     assert global_.mean() > 12.0, global_  # the case is meaningful: a global shutter model fails
     assert modelled.mean() < 0.5 * global_.mean() and modelled.mean() < 6.0, (modelled, global_)
+
+
+def test_in_frame_acceleration_recovers_the_pair_poses(tremor):
+    """A constant velocity per frame (order 1) is not the camera's motion over a 25 ms readout under
+    hand tremor; its rate of change (order 2, the default) brings the pairs closer."""
+    constant, accelerating = pair_errors(tremor, 0.025, order=1), pair_errors(tremor, 0.025)
+    assert constant.mean() > 4.5, constant  # the case is meaningful: the constant twist leaves the pairs off
+    assert accelerating.mean() < 0.7 * constant.mean() and accelerating.mean() < 5.0, (accelerating, constant)
+
+
+def test_flow_fit_threshold_widened_by_the_readout(tremor, monkeypatch):
+    """Under a rolling shutter the flow's global-shutter RANSAC fit keeps the static rows the readout
+    distorts (its threshold widened to readout x 0.3 rad/s x fx); a 0.75 px threshold drops them and the
+    refinement starts from a fit on part of the image."""
+    wide = pair_errors(tremor, 0.025)
+    monkeypatch.setattr(RGBDPredictor, '_px_threshold', lambda self, K: self.cfg.ransac_px_threshold)
+    narrow = pair_errors(tremor, 0.025)
+    assert wide.mean() < 0.8 * narrow.mean(), (wide, narrow)
+
+
+def test_global_shutter_pose_step_builds_no_shutter(shaken, monkeypatch):
+    """rolling_shutter_s = depth_delay_s = 0: the pose step is the global-shutter one (no in-frame motion
+    built, none fitted), the same poses as before the model existed."""
+    import dynrecon_ros.predictors.rgbd as rgbd
+    a, b = shaken.frames[2], shaken.frames[3]
+    flow = FlowCache(FlowConfig()).get(a.key, a.rgb, b.key, b.rgb)
+    ref = RGBDPredictor(RGBDPredictorConfig.from_backend(BackendConfig())).relative_pose(a, b, flow)[0]
+
+    def no_shutter(*args, **kw):
+        raise AssertionError('a PairShutter was built with rolling_shutter_s = 0')
+    monkeypatch.setattr(rgbd, 'PairShutter', no_shutter)
+    pred = RGBDPredictor(RGBDPredictorConfig.from_backend(BackendConfig()))
+    T = pred.relative_pose(a, b, flow)[0]
+    assert np.array_equal(T, ref) and pred.frame_twist(b) is None
+
+
+def test_in_frame_motion_polynomial():
+    """Order 1 is the constant twist; the second term moves a point by s^2 / 2 times its rate."""
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(10, 3)) + [0, 0, 3]
+    tw, acc = np.array([0.1, -0.05, 0.02, 0.3, -0.2, 0.1]), np.array([2.0, 1.0, -3.0, 8.0, -5.0, 4.0])
+    s = rng.uniform(-0.0125, 0.0125, 10)
+    assert np.allclose(motion_offsets(s, tw), s[:, None] * tw)
+    assert np.allclose(motion_offsets(s, np.concatenate([tw, acc])), s[:, None] * tw + s[:, None] ** 2 / 2 * acc)
+    d = s[:, None] * tw + s[:, None] ** 2 / 2 * acc
+    Y = to_frame_instant(X, s, np.concatenate([tw, acc]))
+    assert np.allclose(Y, X + np.cross(d[:, 3:], X) + d[:, :3])
+    assert np.abs(Y - X).max() > 1e-3 and np.allclose(from_frame_instant(Y, s, np.concatenate([tw, acc])), X, atol=2e-4)
 
 
 def test_row_instants_and_their_motion():

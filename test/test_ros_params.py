@@ -68,3 +68,11 @@ def test_bad_parameter_value_is_one_line_exit_2():
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 2, res.stderr
     assert 'window' in res.stderr and 'size' in res.stderr and 'Traceback' not in res.stderr
+
+
+def test_unknown_executor_is_one_line_exit_2():
+    res = subprocess.run(node_command(['-p', 'executor:=threads']), env=node_env(DOMAIN), cwd=str(ROOT),
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2, res.stderr
+    assert "executor must be one of 'events', 'single'" in res.stderr and 'threads' in res.stderr
+    assert 'Traceback' not in res.stderr

@@ -226,3 +226,23 @@ def test_invalid_depth_and_nan_are_ignored():
     d[::2] = np.nan
     m.integrate(d, RGB, K, _pose(), None)
     assert len(m) > 0 and np.isfinite(m.points()).all()
+
+
+def test_voxels_inserted_between_stored_ones_keep_their_own_records():
+    """New voxels land between stored keys (a wall seen again from a shifted, tilted view): every stored
+    record must stay with its key (its mean position inside its voxel), the keys sorted; and the strided integration picks the same pixels as the whole image's stride grid."""
+    from dynrecon_ros.static_map import _X, _Z, _keys
+    m = VoxelMap(MapConfig(pixel_stride=3, voxel_size=0.02, min_weight=1, median_px=0))
+    rng = np.random.default_rng(1)
+    for k in range(5):
+        depth = (2.0 + 0.3 * rng.random() + 0.002 * np.arange(W)[None, :] * k + np.zeros((H, 1))).astype(np.float32)
+        rgb = np.dstack([np.full((H, W), 40 * k + c, np.uint8) for c in (10, 20, 30)])
+        m.integrate(depth, rgb, K, _pose(0.013 * k, 0.007 * k), np.ones((H, W), bool))
+    keys, data = m._key, m._data
+    assert len(keys) > 1000 and np.all(np.diff(keys) > 0)
+    idx = np.floor(data[:, _X:_Z + 1] / 0.02).astype(np.int64)
+    np.testing.assert_array_equal(_keys(idx), keys)
+    # stride 3: only pixels (3v, 3u) are integrated (a single frame, one voxel per pixel at 1 m)
+    m1 = VoxelMap(MapConfig(pixel_stride=3, voxel_size=0.001, min_weight=1, median_px=0))
+    m1.integrate(np.ones((H, W), np.float32), RGB, K, _pose(), np.ones((H, W), bool))
+    assert len(m1) == len(range(0, H, 3)) * len(range(0, W, 3))

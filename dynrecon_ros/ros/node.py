@@ -451,11 +451,17 @@ class ReconNode(Node):
             return
         self._last_map_pub = now
         self._map_dirty = False
-        self.publish_map()
+        self.publish_map(wait=force)
 
-    def publish_map(self) -> None:
-        with self._lock:
-            points = self._rec.static_map()
+    def publish_map(self, wait: bool = True) -> None:
+        """~/static_map; ``wait``: with the frames queued on the map thread (holds the pipeline's lock while
+        they are integrated); False (the periodic publishing): the map as integrated so far, without
+        holding up stage B."""
+        if wait:
+            with self._lock:
+                points = self._rec.static_map()
+        else:
+            points = self._rec.static_map(wait=False)
         header = Header(stamp=self._last_output_stamp(), frame_id=self.map_frame)
         self.map.publish(points, header)
 
@@ -507,6 +513,23 @@ class ReconNode(Node):
               file=sys.stderr, flush=True)
 
 
+EXECUTORS = ('events', 'single')
+
+
+def make_executor(name: str, check_only: bool = False):
+    """The rclpy executor named by the ``executor`` parameter: 'events' (rclpy.experimental.EventsExecutor,
+    whose wait loop is C++) or 'single' (rclpy.executors.SingleThreadedExecutor). InputError for others."""
+    if name not in EXECUTORS:
+        raise InputError(f"executor must be one of {', '.join(repr(e) for e in EXECUTORS)}, got {name!r}")
+    if check_only:
+        return None
+    if name == 'events':
+        from rclpy.experimental import EventsExecutor
+        return EventsExecutor()
+    from rclpy.executors import SingleThreadedExecutor
+    return SingleThreadedExecutor()
+
+
 def main(args: list[str] | None = None) -> int:
     """Console script ``recon_node``.
 
@@ -517,7 +540,6 @@ def main(args: list[str] | None = None) -> int:
         profile = default_fastdds_profile()
         if profile is not None:  # larger SHM segment: no silent loss of big best-effort images
             os.environ['FASTDDS_DEFAULT_PROFILES_FILE'] = str(profile)
-    from rclpy.executors import SingleThreadedExecutor
     from rclpy.signals import SignalHandlerOptions
     rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
     stop = threading.Event()
@@ -527,10 +549,11 @@ def main(args: list[str] | None = None) -> int:
     try:
         try:
             node = ReconNode()
+            make_executor(node.get_parameter('executor').value, check_only=True)
         except (InputError, ValueError, ParameterException) as exc:  # a bad parameter: one line, exit 2 (as the CLI)
             print(f'recon_node: error: {exc}', file=sys.stderr, flush=True)
             return 2
-        executor = SingleThreadedExecutor()
+        executor = make_executor(node.get_parameter('executor').value)
         executor.add_node(node)
         while rclpy.ok() and not stop.is_set():
             executor.spin_once(timeout_sec=0.1)

@@ -58,6 +58,9 @@ NODE_PARAMETERS: dict[str, tuple[object, str]] = {
     'stats_period': (10.0, 'Every this many seconds log the input and published rates, the frames dropped in the '
                      'queue and the latency from image stamp to mask and pose published (p50/p95, output_lag '
                      'included) since the last such line; silent while no input comes (0: never).'),
+    'executor': ('events', "rclpy executor of the node's callbacks: 'events' (rclpy.experimental.EventsExecutor, "
+                 "its wait loop in C++: 2.3 instead of 5.8 ms of CPU per received 640x480 RGB-D frame at 30 Hz "
+                 "on 2 cores) or 'single' (rclpy's SingleThreadedExecutor, the Python one). Read at start."),
     'trim_memory_period': (5.0, 'Every this many seconds the worker hands freed heap memory back to the OS '
                            '(glibc malloc_trim; no effect elsewhere), so resident memory follows what is in '
                            'use (0: never).'),
