@@ -112,6 +112,79 @@ def pair_depth_probability(z_pred: np.ndarray, eu: np.ndarray, ev: np.ndarray, n
     return prob
 
 
+def reverse_depth_probability(prob_i: np.ndarray, z_pred: np.ndarray, eu: np.ndarray, ev: np.ndarray,
+                              depth_j: np.ndarray,
+                              K_j: np.ndarray, T_i_j: np.ndarray, K_i: np.ndarray, near_i: np.ndarray,
+                              cfg: 'SegmentationConfig', shutter=None) -> np.ndarray:
+    """Dynamic probability of frame j's pixels where j reads clearly *nearer* than frame i's points
+    predict: the geometric cue seen from j (a mover walking away from the camera between j and i).
+
+    :func:`pair_depth_probability` judges frame i's pixels; where j reads nearer it has no evidence
+    (an occluder in j, or a mover that stood there in j). The two differ from j's side: a static
+    occluder's point, moved into frame i, lands where i reads it again, a mover's lands where i now
+    reads farther. So j's pixels that i's points find nearer are candidates, and each is checked
+    as the cue checks i's pixels, in the other direction (its reading moved into i against i's
+    nearest reading within one pixel). Sparse: only the candidates are moved (a few per cent of the
+    pixels when something moved along the line of sight, the parallax edges otherwise).
+
+    Args:
+        prob_i: (H, W) float32 :func:`pair_depth_probability` of the pair (NaN = no evidence: the
+            candidates are among these pixels).
+        z_pred: (H, W) float32 depth of frame i's points in camera j (NaN = invalid).
+        eu, ev: (H, W) float32 ego flow of frame i's pixels into frame j (NaN = invalid).
+        depth_j: (H, W) float32 frame j's readings (0 = none).
+        K_j, K_i: (3, 3) intrinsics; T_i_j: (4, 4) with ``X_i = T_i_j @ X_j``.
+        near_i: (H, W) :func:`nearest_reading` of frame i's depth.
+        cfg: as :func:`pair_depth_probability`.
+        shutter: optional (ShutterModel, twist_j, twist_i): rows seen at their own instants, as the
+            flow cue's ego flow (:func:`~dynrecon_ros.flow_cue.ego_at`), from j into i.
+
+    Returns:
+        (H, W) float32 probability of frame j's pixels; NaN where there is no evidence (not a
+        candidate, or the check has none).
+    """
+    h, w = z_pred.shape
+    out = np.full((h, w), np.nan, np.float32)
+    # candidates: i's pixels without evidence of the forward cue (j nearer, or no reading of j) that
+    # land in j on a reading clearly nearer than predicted (sparse from here on)
+    cand = np.isnan(prob_i)
+    cand &= np.isfinite(eu)
+    ys, xs = np.nonzero(cand)
+    if not len(ys):
+        return out
+    zp = z_pred[ys, xs]
+    qx, qy = np.rint(xs + eu[ys, xs]).astype(np.int64), np.rint(ys + ev[ys, xs]).astype(np.int64)
+    inside = (qx >= 0) & (qx < w) & (qy >= 0) & (qy < h)
+    qx, qy, zp = qx[inside], qy[inside], zp[inside]
+    zq = depth_j[qy, qx]
+    a, b = cfg.depth_sigma_a, cfg.depth_sigma_b
+    with np.errstate(invalid='ignore'):
+        tol = cfg.depth_tol_sigmas * np.sqrt(depth_sigma(zp, a, b) ** 2 + depth_sigma(zq, a, b) ** 2) + \
+            cfg.depth_rel_tol * zp
+        near = (zq > 0) & (zp - zq > tol)
+    if not near.any():
+        return out
+    q = np.unique(qy[near] * w + qx[near])
+    qy, qx = np.divmod(q, w)
+    from dynrecon_ros.flow_cue import ego_at  # (flow_cue imports this module)
+    du, dv, zi_pred = ego_at(qx.astype(np.float32), qy.astype(np.float32), depth_j[qy, qx], K_j, T_i_j, K_i,
+                             None if shutter is None else (*shutter, h))
+    with np.errstate(invalid='ignore'):
+        pu = np.rint(qx + du)
+        pv = np.rint(qy + dv)
+        ok = np.isfinite(zi_pred) & (pu >= 0) & (pu <= w - 1) & (pv >= 0) & (pv <= h - 1)
+    qy, qx, zi_pred = qy[ok], qx[ok], zi_pred[ok]
+    zi = near_i[pv[ok].astype(np.int64), pu[ok].astype(np.int64)]
+    with np.errstate(invalid='ignore', over='ignore', divide='ignore'):
+        tol = np.float32(cfg.depth_tol_sigmas) * np.sqrt(depth_sigma(zi_pred, a, b) ** 2 + depth_sigma(zi, a, b) ** 2)
+        tol += np.float32(cfg.depth_rel_tol) * zi_pred
+        diff = zi - zi_pred
+        keep = np.isfinite(zi) & (diff >= -tol)
+        prob = soft_step_of_inverse((tol / np.fmax(diff, np.float32(0))).astype(np.float32), cfg.steepness)
+    out[qy[keep], qx[keep]] = prob[keep]
+    return out
+
+
 def _sigma_squared(z: np.ndarray, cfg: 'SegmentationConfig', out: np.ndarray) -> np.ndarray:
     """:func:`depth_sigma` squared, written into ``out``."""
     x = np.subtract(z, np.float32(0.4), out=out)
@@ -144,8 +217,10 @@ def fill_candidates(depth: np.ndarray, max_radius: int = 8) -> tuple[np.ndarray,
     for _ in range(max_radius):
         if np.isfinite(near).all():
             break
-        near = np.where(np.isfinite(near), near, cv2.erode(near, _SQUARE3))
-        far = np.where(far > 0, far, cv2.dilate(far, _SQUARE3))
+        # explicit borders: OpenCV's default for erosion is the largest float, a finite 'reading'
+        near = np.where(np.isfinite(near), near, cv2.erode(near, _SQUARE3, borderType=cv2.BORDER_CONSTANT,
+                                                           borderValue=np.inf))
+        far = np.where(far > 0, far, cv2.dilate(far, _SQUARE3, borderType=cv2.BORDER_CONSTANT, borderValue=0))
     holes = ~ok & np.isfinite(near)
     near = np.where(np.isfinite(near), near, np.nan).astype(np.float32)
     far = np.where(far > 0, far, np.nan).astype(np.float32)

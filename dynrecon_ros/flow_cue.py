@@ -28,6 +28,11 @@ from dynrecon_ros.rolling_shutter import ego_points
 if TYPE_CHECKING:
     from dynrecon_ros.segmentation import SegmentationConfig
 
+# depth (metres) of the surface a pixel without a reading sees when that surface is beyond the sensor's
+# range: far enough that its ego flow is the camera rotation's (a Kinect reads up to 4-6 m)
+BEYOND_RANGE_M = 50.0
+
+
 def ego_flow(depth: np.ndarray, K: np.ndarray, T_j_i: np.ndarray, K_j: np.ndarray | None = None) -> np.ndarray:
     """Pixel displacement in frame j that the camera motion and the depth of frame i induce.
 
@@ -373,12 +378,14 @@ def pair_probability(depth_i, K_i, T_j_i, flow, valid, cfg, K_j=None,
             ys, xs = np.nonzero(holes)
             hu, hv = fu[ys, xs], fv[ys, xs]
             fits = []
-            for cand in (near, far):
-                cu, cv_, _ = ego_at(xs.astype(np.float32), ys.astype(np.float32), cand[ys, xs], K_i, T_j_i, K_j,
+            # a pixel without a reading may also see a surface beyond the sensor's range (a far wall
+            # beside a mover): its ego flow is the rotation's, that of a point BEYOND_RANGE_M away
+            for z in (near[ys, xs], far[ys, xs], np.full(len(ys), BEYOND_RANGE_M, np.float32)):
+                cu, cv_, _ = ego_at(xs.astype(np.float32), ys.astype(np.float32), z, K_i, T_j_i, K_j,
                                   None if shutter is None else (*shutter, prob.shape[0]))
                 du, dv = cu - hu, cv_ - hv
                 fits.append(_soft_step(np.sqrt(du * du + dv * dv), cu, cv_, cfg))
-            prob[ys, xs] = np.fmin(fits[0], fits[1])
+            prob[ys, xs] = np.fmin(np.fmin(fits[0], fits[1]), fits[2])
     h, w = prob.shape
     u, v = pixel_axes(h, w)
     # flow that leaves the image cannot be checked: no evidence. Ego flow may leave it: a pixel

@@ -161,16 +161,18 @@ def drop_background_segments(mask: np.ndarray, depth: np.ndarray, max_continuity
         return mask
     h, w = mask.shape
     reach = max(3, int(0.08 * max(h, w)))  # of the valley test below
+    band = hole_band_px(w)
     out = mask.copy()
-    # what a piece's test reads lies within reach (+ 3 pixels out, + the median's 1) of the mask
-    for box in mask_boxes(mask, reach + 5):
-        out[box] = _drop_in_box(mask[box], depth[box], max_continuity, reach)
+    # what a piece's test reads lies within reach (+ 3 pixels out, + the median's 1) of the mask, or
+    # 3 pixels and a hole band out
+    for box in mask_boxes(mask, max(reach, band + 3) + 5):
+        out[box] = _drop_in_box(mask[box], depth[box], max_continuity, reach, band)
     return out
 
 
-def _drop_in_box(mask, depth, max_continuity, reach):
+def _drop_in_box(mask, depth, max_continuity, reach, band):
     """:func:`drop_background_segments` within one box of :func:`mask_boxes` (``reach``: the valley
-    test's, from the whole image's size)."""
+    test's, ``band``: :func:`hole_band_px`, both from the whole image's size)."""
     d = np.where(np.isfinite(depth) & (depth > 0), depth, 0).astype(np.float32)
     d = cv2.medianBlur(d, 3)
     good = d > 0
@@ -186,9 +188,15 @@ def _drop_in_box(mask, depth, max_continuity, reach):
         out[yd, xd] = a[ys, xs]  # out[p] = a[p + (dy, dx)]
         return out
 
+    # a depth step hidden by a band without readings (a structured-light sensor's shadow, its
+    # silhouette holes) is still a step: compared across the band, along the line (across_holes)
+    first = {sh: across_holes(d, *sh, band) for sh in shifts}  # the next reading each way, across a band
+    # across a band a step must be a clear one (HOLE_STEP_M + 10 %: a mover in front of what is behind it),
+    # not a slanted or curved surface continuing under the band
+    step_hole = np.float32(HOLE_STEP_M) + np.float32(0.1) * d
     for dy, dx in shifts:
-        dq = shifted(d, dy, dx, 0)
-        far_edge |= good & (dq > 0) & (dq < d - step)
+        dq = shifted(first[(dy, dx)], dy, dx, 0)
+        far_edge |= good & (dq > 0) & (dq < d - np.where(shifted(d, dy, dx, 0) > 0, step, step_hole))
     # background in a gap between movers is a depth valley: nearer masked pixels on both sides
     # (left and right, or above and below) within `reach` pixels
     dm = np.where((mask > 0) & good, d, np.float32(1e6)).astype(np.float32)
@@ -209,6 +217,7 @@ def _drop_in_box(mask, depth, max_continuity, reach):
         return mask
     n_out = np.zeros(n)
     n_cont = np.zeros(n)
+    n_direct, n_direct_cont, n_hole_step = np.zeros(n), np.zeros(n), np.zeros(n)
     # outside pixels that count: unmasked, not in a hole enclosed by the mask, and not in a seam of
     # at most 2 pixels between masked pieces (the unmasked region is eroded); compared 3 pixels out
     nh, hole_labels = cv2.connectedComponents((mask == 0).astype(np.uint8), connectivity=4)
@@ -220,19 +229,81 @@ def _drop_in_box(mask, depth, max_continuity, reach):
                        borderType=cv2.BORDER_CONSTANT, borderValue=1) > 0
     for dy, dx in shifts:
         lq = shifted(labels, dy, dx, -1)
-        dq = shifted(d, 3 * dy, 3 * dx, 0)
+        # a boundary pixel without a reading reads the first one inwards, the outside the first one
+        # outwards: a depth step hidden by a band without readings is still a step
+        d_in = first[(-dy, -dx)]
+        dq = shifted(first[(dy, dx)], 3 * dy, 3 * dx, 0)
         cq = shifted(counts, 3 * dy, 3 * dx, False)
-        border = (labels > 0) & (lq != labels) & cq & good & (dq > 0)
+        border = (labels > 0) & (lq != labels) & cq & (d_in > 0) & (dq > 0)
         lab = labels[border]
         n_out += np.bincount(lab, minlength=n)
-        n_cont += np.bincount(lab, weights=(np.abs(d - dq) < step)[border], minlength=n)
-    background = np.flatnonzero((n_cont > max_continuity * np.maximum(n_out, 1)) & (n_out > 0))
+        crossed = (d <= 0) | (shifted(d, 3 * dy, 3 * dx, 0) <= 0)
+        step_in = np.where(crossed, np.float32(HOLE_STEP_M) + np.float32(0.1) * d_in,
+                           np.float32(0.05) + np.float32(0.05) * d_in)
+        cont = (np.abs(d_in - dq) < step_in)[border]
+        n_cont += np.bincount(lab, weights=cont, minlength=n)
+        direct = ~crossed[border]
+        n_direct += np.bincount(lab, weights=direct, minlength=n)
+        n_direct_cont += np.bincount(lab, weights=direct & cont, minlength=n)
+        n_hole_step += np.bincount(lab, weights=~direct & ~cont, minlength=n)
+    # judged on the readings on both sides where the boundary has them (a static surface beside a thin
+    # band of holes, e.g. along a box's edge, stays background), unless steps across hole bands make
+    # more than half of the boundary (a mover behind its shadow, whose only direct readings are the
+    # background the flow smeared beyond the band); a boundary without direct readings: all of it
+    background = np.where(n_direct > 0,
+                          (n_direct_cont > max_continuity * n_direct) & (n_hole_step <= 0.5 * n_out),
+                          (n_cont > max_continuity * np.maximum(n_out, 1)) & (n_out > 0))
+    background = np.flatnonzero(background)
     background = background[background > 0]
     out = mask.copy()
     if background.size:
         out[np.isin(labels, background)] = 0
     out[far_edge & (mask > 0) & ~cv2.dilate(out, np.ones((3, 3), np.uint8)).astype(bool)] = 0
     return out
+
+
+# the smallest depth step (metres, plus 10 % of the depth) that counts across a band without readings
+HOLE_STEP_M = 0.3
+
+
+def hole_band_px(width: int) -> int:
+    """Widest band without depth readings (pixels) between two surfaces that still counts as their
+    common edge, for an image ``width`` pixels wide: 5 % of the width. A structured-light sensor's
+    projector shadow beside a mover is ``f b (1 / z_mover - 1 / z_background)`` wide: a Kinect v1
+    (baseline 7.5 cm) shows a person 0.85 m away in front of a wall 4 m away with a 18-pixel
+    shadow at 320 pixels wide (f = 268), 6 % of it, one 2 m away with 5 pixels."""
+    return max(2, int(round(0.05 * width)))
+
+
+def across_holes(d: np.ndarray, dy: int, dx: int, radius: int) -> np.ndarray:
+    """The first reading from each pixel in direction ``(dy, dx)`` (one of the 4 axis directions),
+    the pixel's own if it has one, at most ``radius`` pixels on: what lies on the other side of a band
+    without readings, along that line (0 where none is that close).
+
+    Args:
+        d: (H, W) float32 metres, 0 = no reading.
+        dy, dx: the direction, e.g. (0, 1) = to the right.
+        radius: pixels.
+
+    Returns:
+        (H, W) float32.
+    """
+    hole = d <= 0
+    if not hole.any() or radius <= 0:
+        return d
+    axis = 0 if dy else 1
+    n = d.shape[axis]
+    pos = np.arange(n).reshape((-1, 1) if axis == 0 else (1, -1))
+    if dy + dx > 0:  # the next reading onwards: running minimum of the reading positions, from the end
+        idx = np.where(hole, n, pos)
+        idx = np.flip(np.minimum.accumulate(np.flip(idx, axis), axis=axis), axis)
+        ok = (idx < n) & (idx - pos <= radius)
+    else:  # the previous reading: running maximum from the start
+        idx = np.maximum.accumulate(np.where(hole, -1, pos), axis=axis)
+        ok = (idx >= 0) & (pos - idx <= radius)
+    idx = np.clip(idx, 0, n - 1)
+    got = np.take_along_axis(d, idx, axis=axis)
+    return np.where(ok, got, np.float32(0)).astype(np.float32)
 
 
 def surface_segments(depth: np.ndarray, crease: float) -> tuple[int, np.ndarray]:
@@ -367,6 +438,78 @@ def clean_mask(prob: np.ndarray, cfg: SegmentationConfig, depth: np.ndarray | No
     if cfg.dilate_px:
         m = cv2.dilate(m, _kernel(cfg.dilate_px))
     return m * np.uint8(255)
+
+
+def snap_holes_to_colour_edges(mask: np.ndarray, depth: np.ndarray, rgb: np.ndarray, radius: int) -> np.ndarray:
+    """Pixels without a depth reading near the mask's boundary take the side their colour joins.
+
+    Depth snapping (:func:`snap_to_depth_edges`) cannot place a boundary where the sensor has no
+    reading: a structured-light sensor has none in the projector's shadow beside a mover and on
+    its silhouette, so the mask ends there wherever the flow's band happened to end (too wide
+    beside the mover, too narrow on its own rim, or on thin limbs). Those pixels (no reading,
+    within ``radius`` of the boundary) are flooded from both sides in the colour image, and each
+    takes the side that reaches it first along the smallest colour steps: the mask's boundary then
+    lies on the colour edge between mover and background (OpenCV's marker watershed, which is
+    exactly that flooding; computed in the boxes of :func:`mask_boxes`).
+
+    Args:
+        mask: (H, W) uint8 0/1.
+        depth: (H, W) float32 metres (0/NaN = no reading).
+        rgb: (H, W, 3) uint8 colour image of the same frame (any channel order).
+        radius: pixels from the boundary that may change side; 0 disables.
+
+    Returns:
+        (H, W) uint8 0/1.
+    """
+    if radius <= 0 or not mask.any():
+        return mask
+    hole = ~(np.isfinite(depth) & (depth > 0))
+    if not hole.any():
+        return mask
+    out = mask.copy()
+    k = np.ones((2 * radius + 1, 2 * radius + 1), np.uint8)  # a square: separable, fast at any radius
+    for box in mask_boxes(mask, radius + 2):
+        m = mask[box]
+        unknown = hole[box] & (cv2.dilate(m, k) > 0) & (cv2.erode(m, k, borderType=cv2.BORDER_CONSTANT,
+                                                                   borderValue=1) == 0)
+        if not unknown.any():
+            continue
+        markers = np.where(m > 0, 1, 2).astype(np.int32)
+        markers[unknown] = 0
+        img = np.ascontiguousarray(rgb[box], dtype=np.uint8)
+        cv2.watershed(cv2.GaussianBlur(img, (3, 3), 0), markers)
+        _resolve_watershed_lines(markers, img, unknown)
+        side = markers[unknown]
+        o = out[box]
+        o[unknown] = np.where(side == 1, 1, np.where(side == 2, 0, m[unknown]))
+    return out
+
+
+def _resolve_watershed_lines(markers: np.ndarray, img: np.ndarray, where: np.ndarray) -> None:
+    """In place: the pixels of ``cv2.watershed``'s lines between regions (-1) within ``where`` take
+    the label of the 4-neighbour most like them in colour (the line pixel lies on the colour edge,
+    on either side).
+
+    Args:
+        markers: (h, w) int32 labels after ``cv2.watershed`` (-1 on the lines).
+        img: (h, w, 3) uint8 the colour image it flooded.
+        where: (h, w) bool the pixels that need a label.
+    """
+    line = (markers == -1) & where
+    if not line.any():
+        return
+    ys, xs = np.nonzero(line)
+    h, w = markers.shape
+    c = img[ys, xs].astype(np.int32)
+    best = np.full(len(ys), np.iinfo(np.int32).max)
+    label = np.full(len(ys), -1, np.int32)
+    for dy, dx in ((0, 1), (0, -1), (1, 0), (-1, 0)):
+        y2, x2 = np.clip(ys + dy, 0, h - 1), np.clip(xs + dx, 0, w - 1)
+        lab = markers[y2, x2]
+        dist = np.abs(img[y2, x2].astype(np.int32) - c).sum(axis=1)
+        better = (lab > 0) & (dist < best)
+        best[better], label[better] = dist[better], lab[better]
+    markers[ys, xs] = label
 
 
 def refine_upsampled_mask(mask: np.ndarray, s: int, depth: np.ndarray | None, prob: np.ndarray,

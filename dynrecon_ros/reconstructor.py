@@ -40,7 +40,7 @@ from dynrecon_ros.errors import InputError
 from dynrecon_ros.flow import FlowCache
 from dynrecon_ros.geometry import poses_from_tum
 from dynrecon_ros.memory import keep_freed_heap
-from dynrecon_ros.segmentation import MotionSegmenter, clean_mask, refine_upsampled_mask
+from dynrecon_ros.segmentation import MotionSegmenter, clean_mask, refine_upsampled_mask, snap_holes_to_colour_edges
 from dynrecon_ros.static_map import VoxelMap
 from dynrecon_ros.window import SlidingWindow, WindowEntry, WindowStep
 
@@ -452,6 +452,11 @@ class Reconstructor:
             prob = upsample(prob, s, f.rgb.shape[:2], cv2.INTER_LINEAR)
             mask = refine_upsampled_mask(mask, s, f.depth, prob, self.cfg.segmentation)
             conf = upsample(conf, s, f.rgb.shape[:2], cv2.INTER_NEAREST) * (f.depth > 0)
+        seg = self.cfg.segmentation
+        if seg.enabled and seg.colour_snap_px and self.step.needs_depth and f.depth is not None and mask.any():
+            # the sensor's pixels without depth near the boundary: by colour, at the input size
+            mask = snap_holes_to_colour_edges((mask > 0).astype(np.uint8), f.depth, f.rgb,
+                                              seg.colour_snap_px * s) * np.uint8(255)
         conf = (conf * (1.0 - prob)).astype(np.float32)
         integration = None
         if f.depth is not None:

@@ -26,13 +26,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dynrecon_ros.depth_cue import fill_candidates, nearest_reading, pair_depth_probability
+from dynrecon_ros.depth_cue import (fill_candidates, nearest_reading, pair_depth_probability,
+                                    reverse_depth_probability)
 from dynrecon_ros.errors import InputError
 from dynrecon_ros.flow import to_gray
 from dynrecon_ros.flow_cue import (ego_explains_appearance, ego_flow, pair_dynamic_probability,  # noqa: F401
                                    pair_probability, pull_from_source, refine_relative_pose, splat_to_target)
 from dynrecon_ros.mask_cleanup import (clean_mask, complete_regions, drop_background_segments,  # noqa: F401
-                                       refine_upsampled_mask, snap_to_depth_edges, surface_segments)
+                                       refine_upsampled_mask, snap_holes_to_colour_edges, snap_to_depth_edges,
+                                       surface_segments)
 from dynrecon_ros.permanence import carry_hold, complete_hold, held_pixels, update_hold
 
 @dataclass
@@ -118,6 +120,10 @@ class SegmentationConfig:
             fraction is held whole (:func:`~dynrecon_ros.permanence.complete_hold`: a still person's
             hold keeps the limbs and silhouette pixels it would otherwise lose frame by frame); 1
             disables.
+        colour_snap_px: pixels without a depth reading within this many processing-size pixels of
+            the final mask's boundary take the side their colour joins in the input-size colour
+            image (:func:`~dynrecon_ros.mask_cleanup.snap_holes_to_colour_edges`: a structured-light
+            sensor's shadow beside a mover and its silhouette holes); RGB-D backend only; 0 disables.
     """
 
     enabled: bool = True
@@ -154,6 +160,7 @@ class SegmentationConfig:
     hold_grey_tol: float = 12.0
     crease: float = 0.01
     hold_grow_fraction: float = 0.2
+    colour_snap_px: int = 10
 
     def __post_init__(self) -> None:
         if self.mode not in ('flow', 'attention', 'both'):
@@ -169,7 +176,8 @@ class SegmentationConfig:
         if self.depth_sigma_a <= 0 or self.depth_sigma_b < 0 or self.depth_tol_sigmas <= 0 or self.depth_rel_tol < 0:
             raise InputError('segmentation depth_sigma_a and depth_tol_sigmas must be > 0, depth_sigma_b and '
                              'depth_rel_tol >= 0')
-        for name in ('edge_radius_px', 'open_px', 'close_px', 'snap_px', 'dilate_px', 'hole_fill_px'):
+        for name in ('edge_radius_px', 'open_px', 'close_px', 'snap_px', 'dilate_px', 'hole_fill_px',
+                     'colour_snap_px'):
             if getattr(self, name) < 0:
                 raise InputError(f'segmentation {name} must be >= 0, got {getattr(self, name)}')
         if self.max_tracked_frames < 1 or self.forget_after_calls < 1 or self.threads < 1:
@@ -290,7 +298,8 @@ class MotionSegmenter:
         skip = [False] * n if skip_frames is None else [bool(x) for x in skip_frames]
         near = None
         if self.cfg.depth_cue and measured_depth:  # per frame, reused by later calls (a frame's depth stays)
-            near = {j: self._per_frame('near', keys[j], depths[j], nearest_reading) for j in sorted({j for _, j in flows})}
+            near = {k: self._per_frame('near', keys[k], depths[k], nearest_reading)
+                    for k in sorted({k for pr in flows for k in pr})}
         cands = {}
         if self.cfg.hole_fill_px > 0:
             for i in sorted({i for i, _ in flows}):
@@ -325,9 +334,14 @@ class MotionSegmenter:
                 for c, pc in enumerate(cues):
                     if target_flows and (i, j) in target_flows:
                         back, back_valid = target_flows[(i, j)]
-                        out.append((c, j, pull_from_source(pc, back, back_valid)))
+                        pj = pull_from_source(pc, back, back_valid)
                     else:
-                        out.append((c, j, splat_to_target(pc, flow, zj)))
+                        pj = splat_to_target(pc, flow, zj)
+                    if c == 1:  # the geometric cue seen from j: what walked away from the camera
+                        pj = np.fmax(pj, reverse_depth_probability(
+                            pc, zj, eu, ev, depths[j], Ks[j], inv[i] @ poses[j], Ks[i], near[i], self.cfg,
+                            shutter=None if sh is None else (sh[0], sh[2], sh[1])))
+                    out.append((c, j, pj))
             return out
 
         for ev in self._map(pair, list(flows.items())):  # summed in pair order: deterministic
