@@ -41,6 +41,15 @@ def depth_sigma(z: np.ndarray, a: float, b: float) -> np.ndarray:
     return np.float32(a) + np.float32(b) * (z - np.float32(0.4)) ** 2
 
 
+def depth_tolerance(z_a: np.ndarray, z_b: np.ndarray, cfg: 'SegmentationConfig') -> np.ndarray:
+    """(N,) or (H, W) largest |z_a - z_b| (metres) of two readings of one static point (predicted ``z_a``,
+    measured ``z_b``): ``depth_tol_sigmas * sqrt(sigma(z_a)^2 + sigma(z_b)^2) + depth_rel_tol * z_a``
+    (the module's noise model; :func:`pair_depth_probability` computes it in place, image-sized)."""
+    a, b = cfg.depth_sigma_a, cfg.depth_sigma_b
+    return np.float32(cfg.depth_tol_sigmas) * np.sqrt(depth_sigma(z_a, a, b) ** 2 + depth_sigma(z_b, a, b) ** 2) + \
+        np.float32(cfg.depth_rel_tol) * z_a
+
+
 def soft_step_of_inverse(q: np.ndarray, s: float) -> np.ndarray:
     """float32 ``r^s / (1 + r^s)`` for ``r = 1 / q`` >= 0, written ``1 / (1 + q^s)``: 0 at r = 0 (q = inf),
     1 at r = inf (q = 0), NaN stays NaN; an integer s (the default 4) by multiplications, which are
@@ -157,10 +166,8 @@ def reverse_depth_probability(prob_i: np.ndarray, z_pred: np.ndarray, eu: np.nda
     inside = (qx >= 0) & (qx < w) & (qy >= 0) & (qy < h)
     qx, qy, zp = qx[inside], qy[inside], zp[inside]
     zq = depth_j[qy, qx]
-    a, b = cfg.depth_sigma_a, cfg.depth_sigma_b
     with np.errstate(invalid='ignore'):
-        tol = cfg.depth_tol_sigmas * np.sqrt(depth_sigma(zp, a, b) ** 2 + depth_sigma(zq, a, b) ** 2) + \
-            cfg.depth_rel_tol * zp
+        tol = depth_tolerance(zp, zq, cfg)
         near = (zq > 0) & (zp - zq > tol)
     if not near.any():
         return out
@@ -176,8 +183,7 @@ def reverse_depth_probability(prob_i: np.ndarray, z_pred: np.ndarray, eu: np.nda
     qy, qx, zi_pred = qy[ok], qx[ok], zi_pred[ok]
     zi = near_i[pv[ok].astype(np.int64), pu[ok].astype(np.int64)]
     with np.errstate(invalid='ignore', over='ignore', divide='ignore'):
-        tol = np.float32(cfg.depth_tol_sigmas) * np.sqrt(depth_sigma(zi_pred, a, b) ** 2 + depth_sigma(zi, a, b) ** 2)
-        tol += np.float32(cfg.depth_rel_tol) * zi_pred
+        tol = depth_tolerance(zi_pred, zi, cfg)
         diff = zi - zi_pred
         keep = np.isfinite(zi) & (diff >= -tol)
         prob = soft_step_of_inverse((tol / np.fmax(diff, np.float32(0))).astype(np.float32), cfg.steepness)

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import cv2
 import numpy as np
 
-from dynrecon_ros.depth_cue import depth_sigma
+from dynrecon_ros.depth_cue import depth_tolerance
 from dynrecon_ros.flow_cue import ego_at, exposure_gain, nan_box_mean
 from dynrecon_ros.geometry import pixel_axes
 from dynrecon_ros.mask_cleanup import surface_segments
@@ -72,9 +72,7 @@ def carry_hold(hold_j: np.ndarray, depth_k: np.ndarray, K_k: np.ndarray, depth_j
     zj_meas = cv2.remap(np.asarray(depth_j, dtype=np.float32), bx, by, cv2.INTER_NEAREST,
                         borderMode=cv2.BORDER_CONSTANT, borderValue=0)
     with np.errstate(invalid='ignore'):
-        sig = np.sqrt(depth_sigma(zp, cfg.depth_sigma_a, cfg.depth_sigma_b) ** 2 +
-                      depth_sigma(zj_meas, cfg.depth_sigma_a, cfg.depth_sigma_b) ** 2)
-        same = (zj_meas > 0) & (np.abs(zj_meas - zp) <= cfg.depth_tol_sigmas * sig + cfg.depth_rel_tol * zp)
+        same = (zj_meas > 0) & (np.abs(zj_meas - zp) <= depth_tolerance(zp, zj_meas, cfg))
     if gray_k is not None and gray_j is not None:
         gj = gray_j.astype(np.float32)
         gk = gray_k.astype(np.float32)
