@@ -516,13 +516,11 @@ class ReconNode(Node):
 EXECUTORS = ('events', 'single')
 
 
-def make_executor(name: str, check_only: bool = False):
+def make_executor(name: str):
     """The rclpy executor named by the ``executor`` parameter: 'events' (rclpy.experimental.EventsExecutor,
     whose wait loop is C++) or 'single' (rclpy.executors.SingleThreadedExecutor). InputError for others."""
     if name not in EXECUTORS:
         raise InputError(f"executor must be one of {', '.join(repr(e) for e in EXECUTORS)}, got {name!r}")
-    if check_only:
-        return None
     if name == 'events':
         from rclpy.experimental import EventsExecutor
         return EventsExecutor()
@@ -549,11 +547,10 @@ def main(args: list[str] | None = None) -> int:
     try:
         try:
             node = ReconNode()
-            make_executor(node.get_parameter('executor').value, check_only=True)
+            executor = make_executor(node.get_parameter('executor').value)
         except (InputError, ValueError, ParameterException) as exc:  # a bad parameter: one line, exit 2 (as the CLI)
             print(f'recon_node: error: {exc}', file=sys.stderr, flush=True)
             return 2
-        executor = make_executor(node.get_parameter('executor').value)
         executor.add_node(node)
         while rclpy.ok() and not stop.is_set():
             executor.spin_once(timeout_sec=0.1)
