@@ -36,7 +36,8 @@ if TYPE_CHECKING:
 
 def carry_hold(hold_j: np.ndarray, depth_k: np.ndarray, K_k: np.ndarray, depth_j: np.ndarray,
                K_j: np.ndarray, T_j_k: np.ndarray, cfg: 'SegmentationConfig',
-               gray_k: np.ndarray | None = None, gray_j: np.ndarray | None = None) -> np.ndarray:
+               gray_k: np.ndarray | None = None, gray_j: np.ndarray | None = None,
+               ego: tuple | None = None) -> np.ndarray:
     """Frame j's hold map carried to frame k (see the module docstring).
 
     Args:
@@ -49,16 +50,21 @@ def carry_hold(hold_j: np.ndarray, depth_k: np.ndarray, K_k: np.ndarray, depth_j
             there does not look like frame k (5 x 5 mean absolute difference after one gain above
             ``cfg.hold_grey_tol`` grey levels): a person who left, uncovering background at about
             their depth (a wall they walked along).
+        ego: optional ``ego_at(u, v, depth_k, K_k, T_j_k, K_j)`` ((H, W) du, dv, depth in camera j; not
+            changed) when the caller has it (the flow cue's ego flow of the pair k -> j, without rolling shutter).
 
     Returns:
         (H, W) float32 stamps of frame k (NaN = not held).
     """
     h, w = hold_j.shape
     u, v = pixel_axes(h, w)
-    du, dv, z_pred = ego_at(u, v, depth_k, K_k, T_j_k, K_j)
-    # where k's points land in j, as two float maps (no ego flow: -1e4, outside)
-    du += u
-    dv += v
+    if ego is None:
+        du, dv, z_pred = ego_at(u, v, depth_k, K_k, T_j_k, K_j)
+        # where k's points land in j, as two float maps (no ego flow: -1e4, outside)
+        du += u
+        dv += v
+    else:
+        du, dv, z_pred = np.add(ego[0], u), np.add(ego[1], v), ego[2]
     mx, my = np.fmax(du, np.float32(-1e4), out=du), np.fmax(dv, np.float32(-1e4), out=dv)
     held = cv2.remap(np.asarray(hold_j, dtype=np.float32), mx, my, cv2.INTER_NEAREST,
                      borderMode=cv2.BORDER_CONSTANT, borderValue=np.nan)

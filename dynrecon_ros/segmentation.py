@@ -197,6 +197,26 @@ class SegmentationConfig:
             raise InputError('segmentation max_continuity must be in [0, 1] and min_area_frac in [0, 1)')
 
 
+def _cue_mean(ps: list[np.ndarray] | None) -> np.ndarray | None:
+    """(H, W) float32 mean of one cue's pair evidence for a frame over the pairs that have any there (NaN
+    where none has: a pair without evidence (NaN) does not dilute the others'); None without pairs.
+    One pair's evidence is its own mean (in [0, 1] or NaN, returned as is, not copied); several are summed
+    in pair order (the same float32 sums and counts as one accumulator per frame and cue)."""
+    if not ps:
+        return None
+    if len(ps) == 1:
+        return ps[0]
+    ok = np.isfinite(ps[0])
+    s = np.where(ok, ps[0], np.float32(0))
+    cnt = ok.astype(np.float32)
+    for p in ps[1:]:
+        ok = np.isfinite(p, out=ok)
+        s += np.where(ok, p, np.float32(0))
+        cnt += ok
+    with np.errstate(invalid='ignore', divide='ignore'):
+        return np.divide(s, cnt, out=s)  # 0 / 0: NaN
+
+
 class MotionSegmenter:
     """Per-window motion segmentation with temporal memory keyed by frame key.
 
@@ -278,16 +298,7 @@ class MotionSegmenter:
         if not self.cfg.enabled:
             return np.zeros((n, h, w), np.float32), np.zeros((n, h, w), np.uint8)
         flow_valid = flow_valid or {}
-        # per cue (0 flow, 1 depth): sum and count of the pairs' evidence of each frame; a cue that
-        # has no evidence in a pair (NaN) does not dilute the other pairs' evidence
-        psum = np.zeros((2, n, h, w), np.float32)
-        pcnt = np.zeros((2, n, h, w), np.float32)
         inv = np.linalg.inv(poses)
-
-        def add(c: int, k: int, p: np.ndarray) -> None:
-            ok = np.isfinite(p)
-            psum[c, k] += np.where(ok, p, np.float32(0))
-            pcnt[c, k] += ok
 
         for (i, j), flow in flows.items():
             if not (0 <= i < n and 0 <= j < n) or i == j:
@@ -309,6 +320,8 @@ class MotionSegmenter:
         if images is not None and self.cfg.photometric_check and measured_depth:
             grey = {k: np.asarray(images[k], dtype=np.float32) for k in sorted({k for pr in flows for k in pr})}
 
+        ego = {}  # (i, j) -> ego flow u, v and depth in j of frame i's points (no rolling shutter)
+
         def pair(item):  # evidence of one pair: [(cue, frame, probability)]
             (i, j), flow = item
             carry = (j, i) not in flows and not skip[j]  # frame j gets the evidence carried along the flow
@@ -319,6 +332,8 @@ class MotionSegmenter:
                 else (shutter, twists[i], twists[j])
             p, zj, (eu, ev) = pair_probability(depths[i], Ks[i], inv[j] @ poses[i], flow, flow_valid.get((i, j)),
                                                self.cfg, Ks[j], candidates=cands.get(i), shutter=sh)
+            if sh is None:  # the hold carried from j to i moves i's points as the ego flow does: reused
+                ego[(i, j)] = (eu, ev, zj)
             if images is not None and self.cfg.photometric_check and measured_depth:
                 # the ego flow explains the appearance clearly better: a flow failure, static evidence;
                 # about as well (a uniform surface, where flow means little): no evidence
@@ -344,19 +359,21 @@ class MotionSegmenter:
                     out.append((c, j, pj))
             return out
 
-        for ev in self._map(pair, list(flows.items())):  # summed in pair order: deterministic
+        # per cue (0 flow, 1 depth) and frame: the pairs' evidence, in pair order (deterministic sums)
+        evidence: dict[tuple[int, int], list[np.ndarray]] = {}
+        for ev in self._map(pair, list(flows.items())):
             for c, k, p in ev:
-                add(c, k, p)
+                evidence.setdefault((c, k), []).append(p)
         probs = np.zeros((n, h, w), np.float32)
         masks = np.zeros((n, h, w), np.uint8)
-        with np.errstate(invalid='ignore', divide='ignore'):
-            cue_means = psum / pcnt  # NaN where a cue has no evidence
         for k, key in enumerate(keys):
             if not skip[k]:
                 # either cue's motion evidence counts (the geometric cue sees what the flow cannot)
-                p = np.fmax(cue_means[0, k], cue_means[1, k])
-                has = np.isfinite(p)
-                probs[k] = self._remember(key, np.where(has, p, 0).astype(np.float32), has.astype(np.float32))
+                m0, m1 = _cue_mean(evidence.get((0, k))), _cue_mean(evidence.get((1, k)))
+                p = np.full((h, w), np.nan, np.float32) if m0 is None and m1 is None else \
+                    m0 if m1 is None else m1 if m0 is None else np.fmax(m0, m1)
+                has = p == p  # not NaN (the evidence is in [0, 1] or NaN)
+                probs[k] = self._remember(key, np.where(has, p, np.float32(0)), has.astype(np.float32))
         todo = [k for k in range(n) if (need_masks is None or need_masks[k]) and not skip[k]]
 
         permanence = stamps is not None and self.cfg.still_after_s > 0
@@ -373,7 +390,8 @@ class MotionSegmenter:
             out = None
             for j in by_time[:1] + by_time[1:][-1:]:  # the nearest and the farthest (most likely before a passer-by)
                 h_j = carry_hold(self._holds[keys[j]][1], depths[k], Ks[k], depths[j], Ks[j], inv[j] @ poses[k],
-                                 self.cfg, None if images is None else images[k], None if images is None else images[j])
+                                 self.cfg, None if images is None else images[k], None if images is None else images[j],
+                                 ego=ego.get((k, j)))
                 out = h_j if out is None else np.where(np.isnan(out), h_j, out)
             return out
 
@@ -478,17 +496,25 @@ class MotionSegmenter:
         if key in self._state and a > 0:
             osum, ocnt, _ = self._state.pop(key)
             if osum.shape == psum.shape:
-                # the old evidence keeps weight a relative to the new (both normalised to one count)
-                old = osum / np.maximum(ocnt, 1e-6)
-                new = psum / np.maximum(pcnt, 1e-6)
+                # the old evidence keeps weight a relative to the new (both normalised to one count);
+                # in place (fresh image-sized temporaries cost page faults), the same float32 operations
+                old = np.maximum(ocnt, np.float32(1e-6))
+                old = np.divide(osum, old, out=old)
+                new = np.maximum(pcnt, np.float32(1e-6))
+                new = np.divide(psum, new, out=new)
                 wo = np.float32(a) * (ocnt > 0)
                 wn = np.float32(1 - a) * (pcnt > 0)
-                psum = wo * old + wn * new
-                pcnt = wo + wn
+                old *= wo
+                new *= wn
+                psum = np.add(old, new, out=old)
+                pcnt = np.add(wo, wn, out=wo)
         self._state[key] = (psum, pcnt, self._calls)
+        has = pcnt > 0
         with np.errstate(invalid='ignore', divide='ignore'):
-            prob = np.where(pcnt > 0, psum / np.maximum(pcnt, np.float32(1e-6)), np.float32(0))
-        return np.clip(prob, np.float32(0), np.float32(1)).astype(np.float32, copy=False)
+            prob = np.maximum(pcnt, np.float32(1e-6))
+            prob = np.divide(psum, prob, out=prob)
+        np.copyto(prob, np.float32(0), where=~has)
+        return np.clip(prob, np.float32(0), np.float32(1), out=prob)
 
     def _forget(self) -> None:
         for state, when in ((self._state, lambda v: v[2]), (self._holds, lambda v: v[2])):
