@@ -607,3 +607,38 @@ def test_object_permanence_lets_go_after_still_after_s_and_when_the_mover_leaves
     # (max_continuity 1: the cleaning does not drop a held patch of the wall by itself)
     masks = _run_like_the_reconstructor(MotionSegmenter(SegmentationConfig(max_continuity=1.0)), ents, flow2)
     assert _iou(masks[9], gt[9]) >= 0.9 and not masks[11:13].any()
+
+
+@pytest.mark.parametrize('s,radius', [(2, 12), (2, 3), (3, 6), (4, 1)])
+def test_block_morphology_equals_the_morphology_of_the_repeated_mask(s, radius):
+    """The input-size snapping erodes and dilates the work-size mask repeated over s x s blocks on the
+    work grid (mask_cleanup._block_morphology): the same pixels as cv2 on the repeated mask, borders too."""
+    import cv2
+
+    from dynrecon_ros.mask_cleanup import _block_morphology, _kernel
+    rng = np.random.default_rng(s * 100 + radius)
+    c = (cv2.GaussianBlur(rng.random((37, 53)).astype(np.float32), (7, 7), 0) > 0.5).astype(np.uint8)
+    c[0, :5] = 1  # pieces on the border
+    c[-3:, -1] = 1
+    up = np.repeat(np.repeat(c, s, 0), s, 1)
+    for op, fn in ((cv2.MORPH_ERODE, cv2.erode), (cv2.MORPH_DILATE, cv2.dilate)):
+        np.testing.assert_array_equal(_block_morphology(c, s, radius, op), fn(up, _kernel(radius)))
+
+
+def test_refine_upsampled_mask_is_the_snapping_of_the_repeated_mask():
+    """refine_upsampled_mask (block morphology on the work grid) = snap_to_depth_edges on the repeated mask."""
+    from dynrecon_ros.mask_cleanup import refine_upsampled_mask, snap_to_depth_edges
+    rng = np.random.default_rng(3)
+    h, w, s = 40, 60, 2
+    mask = np.zeros((h, w), np.uint8)
+    mask[10:30, 15:35] = 255
+    depth = np.full((h * s, w * s), 3.0, np.float32)
+    depth[18:62, 34:66] = 1.5  # the mover's depth edge a few pixels off the mask's
+    depth += rng.normal(0, 0.005, depth.shape).astype(np.float32)
+    prob = np.where(np.repeat(np.repeat(mask, s, 0), s, 1) > 0, 0.9, 0.1).astype(np.float32)
+    cfg = SegmentationConfig()
+    got = refine_upsampled_mask(mask, s, depth, prob, cfg)
+    up = np.repeat(np.repeat((mask > 0).astype(np.uint8), s, 0), s, 1)
+    want = snap_to_depth_edges(up, depth, cfg.snap_px * s, prob < 0.5 * cfg.threshold) * np.uint8(255)
+    np.testing.assert_array_equal(got, want)
+    assert (got[18:62, 34:66] > 0).all() and got[:18].sum() == 0  # snapped onto the depth edge
