@@ -32,6 +32,7 @@ from pipeline import parse_set  # noqa: E402
 PARTS = [
     ('flow cue: ego flow', 'flow_cue', '_ego_planes'),
     ('flow cue: error + soft step', 'flow_cue', 'pair_probability'),
+    ('flow cue: error + soft step', 'flow_cue', 'pair_probability_and_landing'),
     ('flow cue: edge-tolerant error', 'flow_cue', '_edge_tolerant_error'),
     ('flow cue: soft step', 'flow_cue', '_soft_step'),
     ('hole candidates', 'depth_cue', 'fill_candidates'),

@@ -269,7 +269,8 @@ def _soft_step(err: np.ndarray, eu: np.ndarray, ev: np.ndarray, cfg: 'Segmentati
 
 
 def ego_explains_appearance(gray_i: np.ndarray, gray_j: np.ndarray, eu: np.ndarray, ev: np.ndarray,
-                            flow: np.ndarray, radius: int = 2, where: np.ndarray | None = None) -> np.ndarray:
+                            flow: np.ndarray, radius: int = 2, where: np.ndarray | None = None,
+                            landing: tuple | None = None) -> np.ndarray:
     """(H, W) float32: how much better frame j seen through the ego flow looks like frame i than
     seen through the optical flow: the difference of their mean absolute differences over
     (2 radius + 1)^2 pixels, after one gain for the pair (grey levels; > 0: the ego flow explains
@@ -287,6 +288,8 @@ def ego_explains_appearance(gray_i: np.ndarray, gray_j: np.ndarray, eu: np.ndarr
         radius: half-size of the window.
         where: optional (H, W) bool pixels that need the answer: only their bounding box (plus the
             window) is computed, the rest is NaN (the check costs 2 remaps and 4 box filters).
+        landing: optional ((H, W), (H, W)) float32 ``u + flow[..., 0]``, ``v + flow[..., 1]`` (where the optical
+            flow lands, as :func:`pair_probability_and_landing` gives it), instead of adding them here.
     """
     h, w = gray_i.shape
     out = np.full((h, w), np.nan, np.float32)
@@ -312,9 +315,14 @@ def ego_explains_appearance(gray_i: np.ndarray, gray_j: np.ndarray, eu: np.ndarr
     my = np.add(vb, ev[box])
     ego = cv2.remap(gj, np.fmax(mx, lost, out=mx), np.fmax(my, lost, out=my), cv2.INTER_LINEAR,
                     borderMode=cv2.BORDER_CONSTANT, borderValue=np.nan)
-    fu, fv = cv2.split(np.asarray(flow[box], dtype=np.float32))
-    opt = cv2.remap(gj, np.add(ub, fu, out=mx), np.add(vb, fv, out=my), cv2.INTER_LINEAR,
-                    borderMode=cv2.BORDER_CONSTANT, borderValue=np.nan)
+    if landing is None:
+        fu, fv = cv2.split(np.asarray(flow[box], dtype=np.float32))
+        opt = cv2.remap(gj, np.add(ub, fu, out=mx), np.add(vb, fv, out=my), cv2.INTER_LINEAR,
+                        borderMode=cv2.BORDER_CONSTANT, borderValue=np.nan)
+    else:  # (the same float32 sums)
+        opt = cv2.remap(gj, np.ascontiguousarray(landing[0][box]), np.ascontiguousarray(landing[1][box]),
+                        cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=np.nan)
+        fu = np.empty_like(mx)
     gi = np.multiply(np.asarray(gray_i[box], dtype=np.float32), np.float32(gain), out=fu)
     win = (2 * radius + 1, 2 * radius + 1)
     means = [_nan_box_mean_of_abs(np.subtract(x, gi, out=x), win, buf) for x, buf in ((opt, mx), (ego, my))]
@@ -355,6 +363,13 @@ def nan_box_mean(x: np.ndarray, win: tuple[int, int]) -> np.ndarray:
 
 def pair_probability(depth_i, K_i, T_j_i, flow, valid, cfg, K_j=None,
                      candidates=None, shutter=None) -> tuple[np.ndarray, np.ndarray, tuple]:
+    """:func:`pair_dynamic_probability` plus the depth of frame i's points in camera j and their ego flow
+    (:func:`pair_probability_and_landing` without the landing maps)."""
+    return pair_probability_and_landing(depth_i, K_i, T_j_i, flow, valid, cfg, K_j, candidates, shutter)[:3]
+
+
+def pair_probability_and_landing(depth_i, K_i, T_j_i, flow, valid, cfg, K_j=None,
+                                 candidates=None, shutter=None) -> tuple[np.ndarray, np.ndarray, tuple, tuple]:
     """:func:`pair_dynamic_probability` plus the (H, W) depth of frame i's points in camera j and
     their ego flow ``(eu, ev)`` ((H, W) each; NaN where frame i has no depth).
 
@@ -364,6 +379,7 @@ def pair_probability(depth_i, K_i, T_j_i, flow, valid, cfg, K_j=None,
     on a silhouette is static only if its flow moves with one of the two surfaces it borders.
     ``candidates``: that function's result for ``depth_i`` when the caller has it (one per frame).
     shutter: optional rolling-shutter timing and twists of the pair (:func:`_ego_planes`).
+    Also returned: where the optical flow lands in frame j, ``(u + flow_u, v + flow_v)`` ((H, W) float32 each).
     """
     if cfg.refine_pose:
         T_j_i = refine_relative_pose(np.asarray(depth_i, dtype=np.float32), K_i, T_j_i, flow, valid, K_j)
@@ -398,7 +414,7 @@ def pair_probability(depth_i, K_i, T_j_i, flow, valid, cfg, K_j=None,
     if valid is not None:
         keep &= np.asarray(valid, dtype=bool)
     np.copyto(prob, np.float32(np.nan), where=~keep)  # (NaN evidence stays NaN)
-    return prob.astype(np.float32, copy=False), zj, (eu, ev)
+    return prob.astype(np.float32, copy=False), zj, (eu, ev), (tu, tv)
 
 
 def pull_from_source(prob_i: np.ndarray, flow_ji: np.ndarray, valid_ji: np.ndarray | None) -> np.ndarray:

@@ -31,7 +31,8 @@ from dynrecon_ros.depth_cue import (fill_candidates, nearest_reading, pair_depth
 from dynrecon_ros.errors import InputError
 from dynrecon_ros.flow import to_gray
 from dynrecon_ros.flow_cue import (ego_explains_appearance, ego_flow, pair_dynamic_probability,  # noqa: F401
-                                   pair_probability, pull_from_source, refine_relative_pose, splat_to_target)
+                                   pair_probability, pair_probability_and_landing, pull_from_source,
+                                   refine_relative_pose, splat_to_target)
 from dynrecon_ros.mask_cleanup import (clean_mask, complete_regions, drop_background_segments,  # noqa: F401
                                        refine_upsampled_mask, snap_holes_to_colour_edges, snap_to_depth_edges,
                                        surface_segments)
@@ -330,8 +331,9 @@ class MotionSegmenter:
             flow = np.asarray(flow, dtype=np.float32)
             sh = None if shutter is None or twists is None or twists[i] is None or twists[j] is None \
                 else (shutter, twists[i], twists[j])
-            p, zj, (eu, ev) = pair_probability(depths[i], Ks[i], inv[j] @ poses[i], flow, flow_valid.get((i, j)),
-                                               self.cfg, Ks[j], candidates=cands.get(i), shutter=sh)
+            p, zj, (eu, ev), landing = pair_probability_and_landing(
+                depths[i], Ks[i], inv[j] @ poses[i], flow, flow_valid.get((i, j)), self.cfg, Ks[j],
+                candidates=cands.get(i), shutter=sh)
             if sh is None:  # the hold carried from j to i moves i's points as the ego flow does: reused
                 ego[(i, j)] = (eu, ev, zj)
             if images is not None and self.cfg.photometric_check and measured_depth:
@@ -339,7 +341,7 @@ class MotionSegmenter:
                 # about as well (a uniform surface, where flow means little): no evidence
                 with np.errstate(invalid='ignore'):
                     suspect = p > 0.01  # only flow evidence of motion needs the check
-                better = ego_explains_appearance(grey[i], grey[j], eu, ev, flow, where=suspect)
+                better = ego_explains_appearance(grey[i], grey[j], eu, ev, flow, where=suspect, landing=landing)
                 with np.errstate(invalid='ignore'):
                     np.copyto(p, np.float32(0), where=better >= 1.0)
                     np.copyto(p, np.float32(np.nan), where=(better >= 0) & (better < 1.0))
