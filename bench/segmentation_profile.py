@@ -190,7 +190,7 @@ def main() -> None:
               f'{os.getloadavg()[0]:.1f}; wall {wall:.1f} s')
         print(f'  segmentation stage CPU: {1e3 * stage["cpu"] / n:.1f} ms/frame ({stage["calls"]} calls); wall '
               f'{rec.timings.get("segmentation", 0):.1f} ms/frame; upsampling (map stage) CPU {1e3 * up / n:.1f} ms/frame')
-        for label, _, _ in PARTS:
+        for label in dict.fromkeys(label for label, _, _ in PARTS):  # (a label may name two functions)
             if prof.calls.get(label):
                 print(f'    {label:34s} {1e3 * prof.own[label] / n:7.2f} ms/frame  {prof.calls[label]:5d} calls')
         print(f'  ATE RMSE SE3: {tm["ate_rmse_se3"] * 1000:.3f} mm   mask IoU: {mm["iou"]:.4f} '
