@@ -2,7 +2,8 @@
 
 A person who stops shows neither flow nor depth change, so both cues go quiet. Each frame therefore
 keeps a *hold map*: per pixel, the time (stamp, seconds) its region last showed motion, NaN where
-nothing is held. A new frame inherits its pair partner's hold map where it sees the same surface at
+nothing is held. Hold maps are float32: their stamps are seconds since a reference (the segmenter's
+first stamp), never absolute clock stamps (~1.7e9 s, rounded to 128 s in float32). A new frame inherits its pair partner's hold map where it sees the same surface at
 the same place: its point, moved by the camera motion into the partner, lands on a held pixel
 whose reading agrees with the predicted depth (within the geometric cue's noise model). What
 stands still keeps its hold; where the held thing walked off, the uncovered background is

@@ -210,6 +210,9 @@ class MotionSegmenter:
         # key -> (inherited hold map or None, hold map after the frame's last cleaning or None, call)
         self._holds: OrderedDict[str, tuple] = OrderedDict()
         self._calls = 0
+        # the first stamp seen (float64 s): hold maps keep float32 stamps relative to it (an absolute ROS
+        # stamp ~1.7e9 s in float32 is rounded to 128 s, which broke ``still_after_s``)
+        self._epoch: float | None = None
         self._pool = None  # worker threads (cfg.threads > 1), started on first use
         # (what, key) -> (fingerprint of the frame's depth, value): per-frame results that later calls reuse
         self._frame_cache: OrderedDict[tuple[str, str], tuple] = OrderedDict()
@@ -223,6 +226,7 @@ class MotionSegmenter:
         self._holds.clear()
         self._frame_cache.clear()
         self._calls = 0
+        self._epoch = None
 
     def segment(self, keys: list[str], depths: np.ndarray, K: np.ndarray, poses: np.ndarray,
                 flows: dict, flow_valid: dict | None = None,
@@ -360,6 +364,10 @@ class MotionSegmenter:
         todo = [k for k in range(n) if (need_masks is None or need_masks[k]) and not skip[k]]
 
         permanence = stamps is not None and self.cfg.still_after_s > 0
+        if permanence:  # seconds since the first stamp seen: exact enough in the float32 hold maps
+            if self._epoch is None:
+                self._epoch = float(stamps[0])
+            stamps = [float(s) - self._epoch for s in stamps]
 
         def inherit(k):
             # the hold maps of frame k's nearest and farthest pair partners in time carried to k, the farthest's
