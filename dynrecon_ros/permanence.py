@@ -90,7 +90,8 @@ def carry_hold(hold_j: np.ndarray, depth_k: np.ndarray, K_k: np.ndarray, depth_j
 
 
 def complete_hold(hold: np.ndarray, held: np.ndarray, depth: np.ndarray, fraction: float,
-                  crease: float, segments: tuple | None = None) -> tuple[np.ndarray, np.ndarray]:
+                  crease: float, segments: tuple | None = None, moving: np.ndarray | None = None,
+                  static: np.ndarray | None = None, moving_share: float = 0.01) -> tuple[np.ndarray, np.ndarray]:
     """The hold spread over the depth-connected smooth surfaces it mostly covers (region completion
     of :mod:`dynrecon_ros.mask_cleanup`, for what stands still).
 
@@ -102,6 +103,14 @@ def complete_hold(hold: np.ndarray, held: np.ndarray, depth: np.ndarray, fractio
     lets go no later than its oldest part would). The floor a person stands on is another surface
     (a crease at the feet) and far larger than the feet, so the hold stays off it.
 
+    Where the crease is lost (a mover's side meets the floor behind it at its own depth), one surface
+    holds a mover and a patch of floor. While the held part of a surface shows motion now (at
+    least ``moving_share`` of its held pixels, and one), the cues see that thing move, and pixels they
+    call static (``static``) are the static part of the surface: they are not joined. Joined, the
+    patch would hold itself (static scenery passes every check of :func:`carry_hold`) and take static
+    pixels from the pose; a surface whose held part stands still (a person who stopped) still joins
+    all of it, as a still thing looks static everywhere.
+
     Args:
         hold: (H, W) float32 stamps (NaN = not held).
         held: (H, W) bool pixels held now (:func:`held_pixels`).
@@ -109,6 +118,11 @@ def complete_hold(hold: np.ndarray, held: np.ndarray, depth: np.ndarray, fractio
         fraction: 0..1 share of a surface the held pixels must cover; >= 1 disables.
         crease: see :func:`~dynrecon_ros.mask_cleanup.surface_segments`.
         segments: optional ``surface_segments(depth, crease)``, when the caller has them.
+        moving: optional (H, W) bool pixels with motion evidence now (either cue).
+        static: optional (H, W) bool pixels known static (their evidence says so; the caller leaves
+            out those the frame's pair partner masked on the same surface: the inside of a mover
+            whose surface the cues cannot follow). With ``moving``, the guard above; without, none.
+        moving_share: 0..1 share of a surface's held pixels with motion evidence that makes it moving.
 
     Returns:
         held (H, W) bool and stamps (H, W) float32, both grown.
@@ -127,6 +141,10 @@ def complete_hold(hold: np.ndarray, held: np.ndarray, depth: np.ndarray, fractio
     oldest = np.full(n, np.inf)
     np.minimum.at(oldest, lab_held, hold[held].astype(np.float64))  # held pixels only: a few thousand
     joined = grow[labels] & ~held
+    if moving is not None and static is not None:
+        n_mov = np.bincount(lab_held, weights=moving[held], minlength=n)
+        live = (n_mov > 0) & (n_mov >= moving_share * np.bincount(lab_held, minlength=n))
+        joined &= ~(live[labels] & static)
     out = np.array(hold, dtype=np.float32, copy=True)
     out[joined] = oldest[labels[joined]].astype(np.float32)
     return held | joined, out
