@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 
 def carry_hold(hold_j: np.ndarray, depth_k: np.ndarray, K_k: np.ndarray, depth_j: np.ndarray,
                K_j: np.ndarray, T_j_k: np.ndarray, cfg: 'SegmentationConfig',
-               gray_k: np.ndarray | None = None, gray_j: np.ndarray | None = None) -> np.ndarray:
+               gray_k: np.ndarray | None = None, gray_j: np.ndarray | None = None, same_surface: bool = False):
     """Frame j's hold map carried to frame k (see the module docstring).
 
     Args:
@@ -51,8 +51,12 @@ def carry_hold(hold_j: np.ndarray, depth_k: np.ndarray, K_k: np.ndarray, depth_j
             ``cfg.hold_grey_tol`` grey levels): a person who left, uncovering background at about
             their depth (a wall they walked along).
 
+        same_surface: also return (H, W) bool where k sees a surface that j held, by the depth check
+            alone (also where the grey check dropped the hold: the held thing's look changed, a
+            camouflaged mover's surface that slides along itself).
+
     Returns:
-        (H, W) float32 stamps of frame k (NaN = not held).
+        (H, W) float32 stamps of frame k (NaN = not held); with ``same_surface`` also that (H, W) bool.
     """
     h, w = hold_j.shape
     u, v = pixel_axes(h, w)
@@ -66,7 +70,7 @@ def carry_hold(hold_j: np.ndarray, depth_k: np.ndarray, K_k: np.ndarray, depth_j
     fin = np.isfinite(held)
     rows, cols = np.flatnonzero(fin.any(axis=1)), np.flatnonzero(fin.any(axis=0))
     if rows.size == 0:
-        return held
+        return (held, fin) if same_surface else held
     # the checks only where something is held (its bounding box, 2 pixels more for the 5 x 5 grey means)
     box = (slice(max(rows[0] - 2, 0), min(rows[-1] + 3, h)), slice(max(cols[0] - 2, 0), min(cols[-1] + 3, w)))
     bx, by, zp = np.ascontiguousarray(mx[box]), np.ascontiguousarray(my[box]), z_pred[box]
@@ -74,6 +78,10 @@ def carry_hold(hold_j: np.ndarray, depth_k: np.ndarray, K_k: np.ndarray, depth_j
                         borderMode=cv2.BORDER_CONSTANT, borderValue=0)
     with np.errstate(invalid='ignore'):
         same = (zj_meas > 0) & (np.abs(zj_meas - zp) <= depth_tolerance(zp, zj_meas, cfg))
+    surf = None
+    if same_surface:
+        surf = np.zeros((h, w), bool)
+        surf[box] = same & fin[box]
     if gray_k is not None and gray_j is not None:
         gj = gray_j.astype(np.float32)
         gk = gray_k.astype(np.float32)
@@ -86,7 +94,7 @@ def carry_hold(hold_j: np.ndarray, depth_k: np.ndarray, K_k: np.ndarray, depth_j
             same &= nan_box_mean(np.abs(seen - gain * gk[box]), (5, 5)) <= cfg.hold_grey_tol
     out = np.full((h, w), np.nan, np.float32)
     out[box] = np.where(same, held[box], np.nan)
-    return out
+    return (out, surf) if same_surface else out
 
 
 def complete_hold(hold: np.ndarray, held: np.ndarray, depth: np.ndarray, fraction: float,
@@ -120,8 +128,9 @@ def complete_hold(hold: np.ndarray, held: np.ndarray, depth: np.ndarray, fractio
         segments: optional ``surface_segments(depth, crease)``, when the caller has them.
         moving: optional (H, W) bool pixels with motion evidence now (either cue).
         static: optional (H, W) bool pixels known static (their evidence says so; the caller leaves
-            out those the frame's pair partner masked on the same surface: the inside of a mover
-            whose surface the cues cannot follow). With ``moving``, the guard above; without, none.
+            out those a pair partner held on the same surface, :func:`carry_hold`'s ``same_surface``:
+            the inside of a mover whose surface slides along itself, where both cues are blind).
+            With ``moving``, the guard above; without, none.
         moving_share: 0..1 share of a surface's held pixels with motion evidence that makes it moving.
 
     Returns:

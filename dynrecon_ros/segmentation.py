@@ -121,8 +121,8 @@ class SegmentationConfig:
             hold keeps the limbs and silhouette pixels it would otherwise lose frame by frame); 1
             disables.
         hold_moving_share: while at least this share of a surface's held pixels shows motion now, the
-            hold's completion leaves out its pixels known static that the pair partner did not mask on
-            the same surface (a patch of floor one surface with a mover whose side meets it at its own
+            hold's completion leaves out its pixels known static that no pair partner held on the same
+            surface (a patch of floor one surface with a mover whose side meets it at its own
             depth: held, it would hold itself and take static pixels from the pose); > 1 disables.
         colour_snap_px: pixels without a depth reading within this many processing-size pixels of
             the final mask's boundary take the side their colour joins in the input-size colour
@@ -214,8 +214,8 @@ class MotionSegmenter:
     def __init__(self, cfg: SegmentationConfig | None = None):
         self.cfg = cfg or SegmentationConfig()
         self._state: OrderedDict[str, tuple[np.ndarray, np.ndarray, int]] = OrderedDict()
-        # key -> ((inherited hold map, where a partner masked the same surface) or None, hold map after the
-        # frame's last cleaning or None, call, final mask (H, W) bool of that cleaning or None)
+        # key -> ((inherited hold map, where a partner held the same surface) or None, hold map after the
+        # frame's last cleaning or None, call)
         self._holds: OrderedDict[str, tuple] = OrderedDict()
         self._calls = 0
         # the first stamp seen (float64 s): hold maps keep float32 stamps relative to it (an absolute ROS
@@ -381,7 +381,7 @@ class MotionSegmenter:
             # the hold maps of frame k's nearest and farthest pair partners in time carried to k, the farthest's
             # where the nearest's holds nothing: a still thing that a passer-by hid in the nearest partner keeps
             # the hold of an older partner that saw it (the depth check still drops what left); and (H, W) bool
-            # where either partner's final mask lay on the same surface (None without stored masks)
+            # where either partner held the same surface (the depth check alone, see complete_hold's static)
             partners = [j for (i, j) in flows if i == k and self._holds.get(keys[j], (None, None))[1] is not None]
             partners = [j for j in partners if np.isfinite(self._holds[keys[j]][1]).any()]
             if not partners:
@@ -389,19 +389,14 @@ class MotionSegmenter:
             by_time = sorted(partners, key=lambda j: abs(stamps[j] - stamps[k]))
             out = was = None
             for j in by_time[:1] + by_time[1:][-1:]:  # the nearest and the farthest (most likely before a passer-by)
-                args = (depths[k], Ks[k], depths[j], Ks[j], inv[j] @ poses[k], self.cfg)
-                h_j = carry_hold(self._holds[keys[j]][1], *args, None if images is None else images[k],
-                                 None if images is None else images[j])
+                h_j, w_j = carry_hold(self._holds[keys[j]][1], depths[k], Ks[k], depths[j], Ks[j], inv[j] @ poses[k],
+                                      self.cfg, None if images is None else images[k],
+                                      None if images is None else images[j], same_surface=True)
                 out = h_j if out is None else np.where(np.isnan(out), h_j, out)
-                m_j = self._holds[keys[j]][3]
-                if m_j is not None and self.cfg.hold_moving_share <= 1.0:
-                    # where partner j masked the same surface (the depth check alone: no ghosts of a
-                    # mover that left, whose uncovered background is farther)
-                    w_j = np.isfinite(carry_hold(np.where(m_j, np.float32(0), np.float32(np.nan)), *args))
-                    was = w_j if was is None else was | w_j
+                was = w_j if was is None else was | w_j
             return out, was
 
-        holds = {}  # what each frame to clean inherited, (hold, was masked) (never its own earlier verdict: no self-locking)
+        holds = {}  # what each frame to clean inherited, (hold, was held) (never its own earlier verdict: no self-locking)
         if permanence:
             for k in todo:
                 holds[k] = self._holds[keys[k]][0] if keys[k] in self._holds else inherit(k)
@@ -416,8 +411,8 @@ class MotionSegmenter:
                     segs = surface_segments(depths[k], self.cfg.crease)
                 moving = static = None
                 if self.cfg.hold_moving_share <= 1.0:
-                    # known static, less what the pair partner masked on the same surface (the inside of
-                    # a mover whose surface slides along itself: both cues are blind there)
+                    # known static, less what a pair partner held on the same surface (the inside of a
+                    # mover whose surface slides along itself: both cues are blind there)
                     with np.errstate(invalid='ignore'):
                         static = (p < self.cfg.grow_static) & (self._state[keys[k]][1] > 0)
                     if was is not None:
@@ -432,13 +427,13 @@ class MotionSegmenter:
             masks[k] = m
             if permanence:
                 self._holds[keys[k]] = (holds[k], update_hold(hold, m, probs[k] > self.cfg.threshold, stamps[k]),
-                                        self._calls, m > 0)
+                                        self._calls)
         if permanence:  # frames not cleaned now (the newest) inherit the holds just updated
             for k in range(n):
                 if k not in holds and not skip[k]:
                     h_k = inherit(k)
                     if h_k[0] is not None:
-                        self._holds[keys[k]] = (h_k, None, self._calls, None)
+                        self._holds[keys[k]] = (h_k, None, self._calls)
         self._forget()
         return probs, masks
 

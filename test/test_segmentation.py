@@ -612,3 +612,27 @@ def test_object_permanence_lets_go_after_still_after_s_and_when_the_mover_leaves
     # (max_continuity 1: the cleaning does not drop a held patch of the wall by itself)
     masks = _run_like_the_reconstructor(MotionSegmenter(SegmentationConfig(max_continuity=1.0)), ents, flow2)
     assert _iou(masks[9], gt[9]) >= 0.9 and not masks[11:13].any()
+
+
+@pytest.mark.parametrize('hold_moving_share', [0.01, 2.0])
+def test_object_permanence_does_not_hold_static_surface_merged_with_a_moving_mover(hold_moving_share):
+    # a box moving right along a static ledge at its own depth (the ledge's top meets the box's bottom:
+    # no depth step, no crease, one surface of surface_segments, as a mover's side and the floor behind
+    # it where the crease is lost); the box's held pixels cover > 20 % of that surface. The ledge is
+    # textured and still (its flow and depth say static): completing the moving box's hold over the
+    # surface would hold the ledge, which then holds itself (hold_moving_share > 1: the guard off)
+    ents, gt, flow = _stop_and_go(n=12, move_until=12, speed_px=3)
+    ledge = np.zeros((H, W), bool)
+    ledge[90:104, :] = True
+    for e in ents:
+        e.frame.depth = e.frame.depth.copy()
+        e.frame.depth[ledge] = BOX_Z
+    masks = _run_like_the_reconstructor(
+        MotionSegmenter(SegmentationConfig(hold_moving_share=hold_moving_share)), ents, flow)
+    on_ledge = [int((masks[k] & ledge).sum()) for k in range(3, 10)]
+    boxes = [_iou(masks[k], gt[k]) for k in range(3, 10)]
+    if hold_moving_share <= 1:
+        assert max(on_ledge) < 0.05 * ledge.sum(), on_ledge
+        assert min(boxes) >= 0.9, boxes  # the box itself is still masked whole
+    else:
+        assert max(on_ledge) > 0.5 * ledge.sum(), on_ledge
