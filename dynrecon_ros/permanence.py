@@ -2,7 +2,8 @@
 
 A person who stops shows neither flow nor depth change, so both cues go quiet. Each frame therefore
 keeps a *hold map*: per pixel, the time (stamp, seconds) its region last showed motion, NaN where
-nothing is held. A new frame inherits its pair partner's hold map where it sees the same surface at
+nothing is held. Hold maps are float32: their stamps are seconds since a reference (the segmenter's
+first stamp), never absolute clock stamps (~1.7e9 s, rounded to 128 s in float32). A new frame inherits its pair partner's hold map where it sees the same surface at
 the same place: its point, moved by the camera motion into the partner, lands on a held pixel
 whose reading agrees with the predicted depth (within the geometric cue's noise model). What
 stands still keeps its hold; where the held thing walked off, the uncovered background is
@@ -37,7 +38,7 @@ if TYPE_CHECKING:
 def carry_hold(hold_j: np.ndarray, depth_k: np.ndarray, K_k: np.ndarray, depth_j: np.ndarray,
                K_j: np.ndarray, T_j_k: np.ndarray, cfg: 'SegmentationConfig',
                gray_k: np.ndarray | None = None, gray_j: np.ndarray | None = None,
-               ego: tuple | None = None) -> np.ndarray:
+               ego: tuple | None = None, same_surface: bool = False):
     """Frame j's hold map carried to frame k (see the module docstring).
 
     Args:
@@ -52,9 +53,12 @@ def carry_hold(hold_j: np.ndarray, depth_k: np.ndarray, K_k: np.ndarray, depth_j
             their depth (a wall they walked along).
         ego: optional ``ego_at(u, v, depth_k, K_k, T_j_k, K_j)`` ((H, W) du, dv, depth in camera j; not
             changed) when the caller has it (the flow cue's ego flow of the pair k -> j, without rolling shutter).
+        same_surface: also return (H, W) bool where k sees a surface that j held, by the depth check
+            alone (also where the grey check dropped the hold: the held thing's look changed, a
+            camouflaged mover's surface that slides along itself).
 
     Returns:
-        (H, W) float32 stamps of frame k (NaN = not held).
+        (H, W) float32 stamps of frame k (NaN = not held); with ``same_surface`` also that (H, W) bool.
     """
     h, w = hold_j.shape
     u, v = pixel_axes(h, w)
@@ -71,7 +75,7 @@ def carry_hold(hold_j: np.ndarray, depth_k: np.ndarray, K_k: np.ndarray, depth_j
     fin = np.isfinite(held)
     rows, cols = np.flatnonzero(fin.any(axis=1)), np.flatnonzero(fin.any(axis=0))
     if rows.size == 0:
-        return held
+        return (held, fin) if same_surface else held
     # the checks only where something is held (its bounding box, 2 pixels more for the 5 x 5 grey means)
     box = (slice(max(rows[0] - 2, 0), min(rows[-1] + 3, h)), slice(max(cols[0] - 2, 0), min(cols[-1] + 3, w)))
     bx, by, zp = np.ascontiguousarray(mx[box]), np.ascontiguousarray(my[box]), z_pred[box]
@@ -79,6 +83,10 @@ def carry_hold(hold_j: np.ndarray, depth_k: np.ndarray, K_k: np.ndarray, depth_j
                         borderMode=cv2.BORDER_CONSTANT, borderValue=0)
     with np.errstate(invalid='ignore'):
         same = (zj_meas > 0) & (np.abs(zj_meas - zp) <= depth_tolerance(zp, zj_meas, cfg))
+    surf = None
+    if same_surface:
+        surf = np.zeros((h, w), bool)
+        surf[box] = same & fin[box]
     if gray_k is not None and gray_j is not None:
         gj = gray_j.astype(np.float32)
         gk = gray_k.astype(np.float32)
@@ -91,11 +99,12 @@ def carry_hold(hold_j: np.ndarray, depth_k: np.ndarray, K_k: np.ndarray, depth_j
             same &= nan_box_mean(np.abs(seen - gain * gk[box]), (5, 5)) <= cfg.hold_grey_tol
     out = np.full((h, w), np.nan, np.float32)
     out[box] = np.where(same, held[box], np.nan)
-    return out
+    return (out, surf) if same_surface else out
 
 
 def complete_hold(hold: np.ndarray, held: np.ndarray, depth: np.ndarray, fraction: float,
-                  crease: float, segments: tuple | None = None) -> tuple[np.ndarray, np.ndarray]:
+                  crease: float, segments: tuple | None = None, moving: np.ndarray | None = None,
+                  static: np.ndarray | None = None, moving_share: float = 0.01) -> tuple[np.ndarray, np.ndarray]:
     """The hold spread over the depth-connected smooth surfaces it mostly covers (region completion
     of :mod:`dynrecon_ros.mask_cleanup`, for what stands still).
 
@@ -107,6 +116,14 @@ def complete_hold(hold: np.ndarray, held: np.ndarray, depth: np.ndarray, fractio
     lets go no later than its oldest part would). The floor a person stands on is another surface
     (a crease at the feet) and far larger than the feet, so the hold stays off it.
 
+    Where the crease is lost (a mover's side meets the floor behind it at its own depth), one surface
+    holds a mover and a patch of floor. While the held part of a surface shows motion now (at
+    least ``moving_share`` of its held pixels, and one), the cues see that thing move, and pixels they
+    call static (``static``) are the static part of the surface: they are not joined. Joined, the
+    patch would hold itself (static scenery passes every check of :func:`carry_hold`) and take static
+    pixels from the pose; a surface whose held part stands still (a person who stopped) still joins
+    all of it, as a still thing looks static everywhere.
+
     Args:
         hold: (H, W) float32 stamps (NaN = not held).
         held: (H, W) bool pixels held now (:func:`held_pixels`).
@@ -114,6 +131,12 @@ def complete_hold(hold: np.ndarray, held: np.ndarray, depth: np.ndarray, fractio
         fraction: 0..1 share of a surface the held pixels must cover; >= 1 disables.
         crease: see :func:`~dynrecon_ros.mask_cleanup.surface_segments`.
         segments: optional ``surface_segments(depth, crease)``, when the caller has them.
+        moving: optional (H, W) bool pixels with motion evidence now (either cue).
+        static: optional (H, W) bool pixels known static (their evidence says so; the caller leaves
+            out those a pair partner held on the same surface, :func:`carry_hold`'s ``same_surface``:
+            the inside of a mover whose surface slides along itself, where both cues are blind).
+            With ``moving``, the guard above; without, none.
+        moving_share: 0..1 share of a surface's held pixels with motion evidence that makes it moving.
 
     Returns:
         held (H, W) bool and stamps (H, W) float32, both grown.
@@ -132,6 +155,10 @@ def complete_hold(hold: np.ndarray, held: np.ndarray, depth: np.ndarray, fractio
     oldest = np.full(n, np.inf)
     np.minimum.at(oldest, lab_held, hold[held].astype(np.float64))  # held pixels only: a few thousand
     joined = grow[labels] & ~held
+    if moving is not None and static is not None:
+        n_mov = np.bincount(lab_held, weights=moving[held], minlength=n)
+        live = (n_mov > 0) & (n_mov >= moving_share * np.bincount(lab_held, minlength=n))
+        joined &= ~(live[labels] & static)
     out = np.array(hold, dtype=np.float32, copy=True)
     out[joined] = oldest[labels[joined]].astype(np.float32)
     return held | joined, out

@@ -121,6 +121,10 @@ class SegmentationConfig:
             fraction is held whole (:func:`~dynrecon_ros.permanence.complete_hold`: a still person's
             hold keeps the limbs and silhouette pixels it would otherwise lose frame by frame); 1
             disables.
+        hold_moving_share: while at least this share of a surface's held pixels shows motion now, the
+            hold's completion leaves out its pixels known static that no pair partner held on the same
+            surface (a patch of floor one surface with a mover whose side meets it at its own
+            depth: held, it would hold itself and take static pixels from the pose); > 1 disables.
         colour_snap_px: pixels without a depth reading within this many processing-size pixels of
             the final mask's boundary take the side their colour joins in the input-size colour
             image (:func:`~dynrecon_ros.mask_cleanup.snap_holes_to_colour_edges`: a structured-light
@@ -161,6 +165,7 @@ class SegmentationConfig:
     hold_grey_tol: float = 12.0
     crease: float = 0.01
     hold_grow_fraction: float = 0.2
+    hold_moving_share: float = 0.01
     colour_snap_px: int = 10
 
     def __post_init__(self) -> None:
@@ -188,6 +193,8 @@ class SegmentationConfig:
                 raise InputError(f'segmentation {name} must be >= 0 (0 = guard off), got {getattr(self, name)}')
         if not 0.0 < self.grow_fraction <= 1.0 or self.crease <= 0:
             raise InputError('segmentation grow_fraction must be in (0, 1] and crease > 0')
+        if self.hold_moving_share < 0:
+            raise InputError(f'segmentation hold_moving_share must be >= 0 (> 1 = off), got {self.hold_moving_share}')
         if not 0.0 < self.hold_grow_fraction <= 1.0:
             raise InputError(f'segmentation hold_grow_fraction must be in (0, 1], got {self.hold_grow_fraction}')
         if self.still_after_s < 0:
@@ -228,9 +235,13 @@ class MotionSegmenter:
     def __init__(self, cfg: SegmentationConfig | None = None):
         self.cfg = cfg or SegmentationConfig()
         self._state: OrderedDict[str, tuple[np.ndarray, np.ndarray, int]] = OrderedDict()
-        # key -> (inherited hold map or None, hold map after the frame's last cleaning or None, call)
+        # key -> ((inherited hold map, where a partner held the same surface) or None, hold map after the
+        # frame's last cleaning or None, call)
         self._holds: OrderedDict[str, tuple] = OrderedDict()
         self._calls = 0
+        # the first stamp seen (float64 s): hold maps keep float32 stamps relative to it (an absolute ROS
+        # stamp ~1.7e9 s in float32 is rounded to 128 s, which broke ``still_after_s``)
+        self._epoch: float | None = None
         self._pool = None  # worker threads (cfg.threads > 1), started on first use
         # (what, key) -> (fingerprint of the frame's depth, value): per-frame results that later calls reuse
         self._frame_cache: OrderedDict[tuple[str, str], tuple] = OrderedDict()
@@ -244,6 +255,7 @@ class MotionSegmenter:
         self._holds.clear()
         self._frame_cache.clear()
         self._calls = 0
+        self._epoch = None
 
     def segment(self, keys: list[str], depths: np.ndarray, K: np.ndarray, poses: np.ndarray,
                 flows: dict, flow_valid: dict | None = None,
@@ -379,38 +391,54 @@ class MotionSegmenter:
         todo = [k for k in range(n) if (need_masks is None or need_masks[k]) and not skip[k]]
 
         permanence = stamps is not None and self.cfg.still_after_s > 0
+        if permanence:  # seconds since the first stamp seen: exact enough in the float32 hold maps
+            if self._epoch is None:
+                self._epoch = float(stamps[0])
+            stamps = [float(s) - self._epoch for s in stamps]
 
         def inherit(k):
             # the hold maps of frame k's nearest and farthest pair partners in time carried to k, the farthest's
             # where the nearest's holds nothing: a still thing that a passer-by hid in the nearest partner keeps
-            # the hold of an older partner that saw it (the depth check still drops what left)
+            # the hold of an older partner that saw it (the depth check still drops what left); and (H, W) bool
+            # where either partner held the same surface (the depth check alone, see complete_hold's static)
             partners = [j for (i, j) in flows if i == k and self._holds.get(keys[j], (None, None))[1] is not None]
             partners = [j for j in partners if np.isfinite(self._holds[keys[j]][1]).any()]
             if not partners:
-                return None
+                return None, None
             by_time = sorted(partners, key=lambda j: abs(stamps[j] - stamps[k]))
-            out = None
+            out = was = None
             for j in by_time[:1] + by_time[1:][-1:]:  # the nearest and the farthest (most likely before a passer-by)
-                h_j = carry_hold(self._holds[keys[j]][1], depths[k], Ks[k], depths[j], Ks[j], inv[j] @ poses[k],
-                                 self.cfg, None if images is None else images[k], None if images is None else images[j],
-                                 ego=ego.get((k, j)))
+                h_j, w_j = carry_hold(self._holds[keys[j]][1], depths[k], Ks[k], depths[j], Ks[j], inv[j] @ poses[k],
+                                      self.cfg, None if images is None else images[k],
+                                      None if images is None else images[j], ego=ego.get((k, j)), same_surface=True)
                 out = h_j if out is None else np.where(np.isnan(out), h_j, out)
-            return out
+                was = w_j if was is None else was | w_j
+            return out, was
 
-        holds = {}  # what each frame to clean inherited (never its own earlier verdict: no self-locking)
+        holds = {}  # what each frame to clean inherited, (hold, was held) (never its own earlier verdict: no self-locking)
         if permanence:
             for k in todo:
                 holds[k] = self._holds[keys[k]][0] if keys[k] in self._holds else inherit(k)
 
         def clean(k):  # pixels without any evidence are not known static (region completion)
             p = probs[k].copy()
-            hold = holds.get(k)
+            hold, was = holds.get(k) or (None, None)
             held = held_pixels(hold, stamps[k], self.cfg.still_after_s) if permanence else None
             segs = None  # the depth's surfaces, found once for the hold's and the mask's completion
             if held is not None and held.any():
                 if self.cfg.hold_grow_fraction < 1.0:
                     segs = surface_segments(depths[k], self.cfg.crease)
-                held, hold = complete_hold(hold, held, depths[k], self.cfg.hold_grow_fraction, self.cfg.crease, segs)
+                moving = static = None
+                if self.cfg.hold_moving_share <= 1.0:
+                    # known static, less what a pair partner held on the same surface (the inside of a
+                    # mover whose surface slides along itself: both cues are blind there)
+                    with np.errstate(invalid='ignore'):
+                        static = (p < self.cfg.grow_static) & (self._state[keys[k]][1] > 0)
+                    if was is not None:
+                        static &= ~was
+                    moving = p > self.cfg.threshold
+                held, hold = complete_hold(hold, held, depths[k], self.cfg.hold_grow_fraction, self.cfg.crease, segs,
+                                           moving, static, self.cfg.hold_moving_share)
                 p[held] = 1.0
             return clean_mask(p, self.cfg, depths[k], evidence=self._state[keys[k]][1] > 0, segments=segs), hold
 
@@ -423,7 +451,7 @@ class MotionSegmenter:
             for k in range(n):
                 if k not in holds and not skip[k]:
                     h_k = inherit(k)
-                    if h_k is not None:
+                    if h_k[0] is not None:
                         self._holds[keys[k]] = (h_k, None, self._calls)
         self._forget()
         return probs, masks
