@@ -127,3 +127,44 @@ def test_a_steps_prepare_frame_runs_in_stage_a_on_the_callers_thread(seq):
     pipe.close()
     main = threading.current_thread().name
     assert calls == [(k, (120, 160, 3), main) for k in seq.keys[:5]]
+
+
+def test_trace_breaks_each_published_frames_latency_into_phases(seq):
+    """FrameTrace: one record per frame delivered through on_results, the phases of the overlapped path, none
+    negative, summing to the total; with output_lag 0 a frame is emitted by its own stage B (lag 0 s)."""
+    for lag in (2, 0):
+        cfg = config()
+        cfg.window.output_lag = lag
+        delivered = []
+        pipe = FramePipeline(Reconstructor(cfg), delivered.extend, overlap=True)
+        recorded = []
+        finish = pipe.trace.finish
+        pipe.trace.finish = lambda key, keep=True: recorded.append(finish(key, keep)) or recorded[-1]
+        for f in frames(seq)[:8]:
+            pipe.submit(f)
+        pipe.drain(timeout=120)
+        pipe.close()
+        assert len(delivered) == 8 - lag and len(recorded) == len(delivered)
+        for ph in recorded:
+            assert set(ph) == {'slot_wait', 'stage_a', 'to_b', 'stage_b', 'lag', 'outputs', 'total'}, ph
+            assert min(ph.values()) >= 0 and abs(sum(v for k, v in ph.items() if k != 'total') - ph['total']) < 1e-9
+            if lag == 0:
+                assert ph['lag'] == 0.0
+        assert pipe.trace.line().startswith(f'latency breakdown over {8 - lag} frames, mean / p95 ms: slot_wait ')
+
+
+def test_trace_is_bounded_and_skips_frames_without_a_key():
+    from dynrecon_ros.pipelining import FrameTrace
+    tr = FrameTrace(keep=3, pending=2)
+    for k in 'abc':
+        tr.mark(k, 'submit', 0.0)
+    tr.mark(None, 'submit', 0.0)
+    assert tr.finish('a') is None  # forgotten: at most 2 unfinished frames
+    for k, t in (('b', 1.0), ('c', 2.0)):
+        tr.mark(k, 'received', -0.5)
+        tr.mark(k, 'transport', 0.25)
+        tr.mark(k, 'out', t)
+    gap = 'slot_wait+stage_a+to_b+stage_b+lag+outputs'  # the phases between 'submit' and 'out'
+    assert tr.finish('b') == {'queue': 0.5, gap: 1.0, 'transport': 0.25, 'total': 1.75}
+    assert tr.finish('c', keep=False)[gap] == 2.0
+    assert tr.line().startswith('latency breakdown over 1 frames')
