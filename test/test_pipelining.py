@@ -129,6 +129,33 @@ def test_a_steps_prepare_frame_runs_in_stage_a_on_the_callers_thread(seq):
     assert calls == [(k, (120, 160, 3), main) for k in seq.keys[:5]]
 
 
+def test_deferred_outputs_are_handed_over_before_their_map_integration(seq):
+    """The emitted frame's Future resolves once its outputs are made, while the map thread still holds its
+    integration (publishing does not wait for it); the integration follows, in order."""
+    rec = Reconstructor(config())
+    release, integrating = threading.Event(), threading.Event()
+    integrated = []
+    real = rec._integrate
+
+    def held_integrate(*args):
+        integrating.set()
+        assert release.wait(60)
+        real(*args)
+        integrated.append(1)
+    rec._integrate = held_integrate
+    fs = frames(seq)
+    lag = rec.cfg.window.output_lag
+    futs = []
+    for f in fs[:lag + 1]:
+        futs += rec.push_prepared(rec.prepare(f), deferred=True)
+    assert len(futs) == 1
+    assert futs[0].result(timeout=60).key == fs[0].key  # resolved: the integration has not run yet
+    assert integrating.wait(60) and integrated == []
+    release.set()
+    rec.flush()
+    assert len(integrated) == 1 + lag  # flush() emitted and integrated the rest
+
+
 def test_trace_breaks_each_published_frames_latency_into_phases(seq):
     """FrameTrace: one record per frame delivered through on_results, the phases of the overlapped path, none
     negative, summing to the total; with output_lag 0 a frame is emitted by its own stage B (lag 0 s)."""
