@@ -16,7 +16,8 @@ process (default parameters: sensor-data QoS, queue_size 2) fed the same frames 
 process (real rclpy, stamped when sent, as a camera driver does): the fraction of frames without a mask
 and pose back, and the latency from stamp to mask and pose received, p50/p95 (output_lag included; the
 last output_lag frames, which wait for the idle flush, left out of it), and the node process's CPU time per
-processed frame (its callbacks, pipeline threads and publishing; /proc).
+processed frame (its callbacks, pipeline threads and publishing; /proc), and where the latency goes
+(the node's own trace, dynrecon_ros.pipelining.FrameTrace: mean / p95 ms per phase).
 """
 from __future__ import annotations
 
@@ -65,8 +66,9 @@ def process_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')
 
 
-def node_replay(seq, rate: float, lag: int, sets) -> None:
-    """recon_node in its own process, fed ``seq`` at ``rate`` Hz from this one; prints one line."""
+def node_replay(seq, rate: float, lag: int, sets, node_params=()) -> None:
+    """recon_node in its own process, fed ``seq`` at ``rate`` Hz from this one; prints its lines.
+    ``node_params``: 'name=value' node parameters (e.g. queue_size=1) besides the pipeline's ``sets``."""
     from dynrecon_ros.ros.node import default_fastdds_profile
     if not os.environ.get('FASTDDS_DEFAULT_PROFILES_FILE') and default_fastdds_profile() is not None:
         os.environ['FASTDDS_DEFAULT_PROFILES_FILE'] = str(default_fastdds_profile())  # the sender needs it too
@@ -75,6 +77,8 @@ def node_replay(seq, rate: float, lag: int, sets) -> None:
     params = ['-p', 'idle_flush:=1.0', '-p', 'stats_period:=0.0']
     for it in sets:
         params += ['-p', f'pipeline.{it.split("=", 1)[0]}:={it.split("=", 1)[1]}']
+    for it in node_params:
+        params += ['-p', f'{it.split("=", 1)[0]}:={it.split("=", 1)[1]}']
     proc = NodeProcess(node_command(params), domain)
     ros = RosHarness(domain, name='bench_pipeline')
     try:
@@ -101,7 +105,7 @@ def node_replay(seq, rate: float, lag: int, sets) -> None:
     m = re.search(r'frames received (\d+), processed (\d+), dropped (\d+)', proc.output())
     queue = f'{m.group(3)} of {m.group(1)} received dropped in its queue' if m else 'no totals line'
     processed = int(m.group(2)) if m else 0
-    print(f'  node at {rate:.0f} Hz (recon_node process, default parameters, best effort): {rep["sent"]} frames sent, '
+    print(f'  node at {rate:.0f} Hz (recon_node process, {", ".join(node_params) or "default parameters"}, best effort): {rep["sent"]} frames sent, '
           f'mask + pose back for {rep["complete"]}: drop rate {100 * rep["drop_rate"]:.1f} % ({queue}); latency '
           f'stamp -> mask + pose received p50 {rep["latency_p50_ms"]:.0f} ms, p95 {rep["latency_p95_ms"]:.0f} ms '
           f'(output_lag {lag} frames = {1e3 * lag / rate:.0f} ms included); load average {load0:.1f} -> '
@@ -109,6 +113,9 @@ def node_replay(seq, rate: float, lag: int, sets) -> None:
     print(f'  node process CPU {1e3 * cpu / max(processed, 1):.1f} ms per processed frame ({cpu:.2f} s, {processed} '
           f'processed, callbacks of {len(seq.frames)} received included); the sender (this process) '
           f'{1e3 * sender / len(seq.frames):.1f} ms CPU per frame sent')
+    m = re.search(r'latency breakdown .*', proc.output())
+    print(f'  node {m.group(0) if m else "latency breakdown: no line"} (node clock; transport = stamp to callback, '
+          'queue = in the node\'s queue, to_b = prepared, waiting for stage B, lag = output_lag, outputs = map thread)')
 
 
 def main() -> None:
@@ -122,6 +129,7 @@ def main() -> None:
     ap.add_argument('--no-sequential', action='store_true', help='skip the one-thread run')
     ap.add_argument('--no-node', action='store_true', help='skip the node replay')
     ap.add_argument('--rate', type=float, default=30.0, help='node replay rate (Hz)')
+    ap.add_argument('--node-param', nargs='*', default=[], help="node parameters 'name=value' (e.g. queue_size=1)")
     args = ap.parse_args()
 
     from dynrecon_ros.config import ReconConfig
@@ -175,7 +183,7 @@ def main() -> None:
                   f'{"identical" if same else "DIFFER"}; load average {os.getloadavg()[0]:.1f}')
         if not args.no_node:
             node_replay(seq, args.rate, cfg.window.output_lag,
-                        args.set + (['segmentation.enabled=false'] if args.segmentation_off else []))
+                        args.set + (['segmentation.enabled=false'] if args.segmentation_off else []), args.node_param)
 
 
 if __name__ == '__main__':

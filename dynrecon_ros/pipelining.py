@@ -26,6 +26,84 @@ from typing import Callable
 
 OUTPUT_BACKLOG = 4  # frames' results waiting for on_results before stage B waits (bounded memory)
 
+# A frame's path through the pipeline (and the node around it), as named instants; each phase is the time
+# between two consecutive instants that the frame has (FrameTrace). 'received' and 'published' come from the
+# node; 'emit' is the end of the stage B that emitted the frame (its own, or output_lag frames later).
+TRACE_MARKS = ('received', 'submit', 'a0', 'a1', 'b0', 'b1', 'emit', 'out', 'published')
+TRACE_PHASES = ('queue', 'slot_wait', 'stage_a', 'to_b', 'stage_b', 'lag', 'outputs', 'publish')
+
+
+class FrameTrace:
+    """Where a frame's latency goes: per frame, the instants of :data:`TRACE_MARKS` (``time.monotonic``),
+    and per finished frame the phases between consecutive ones (:data:`TRACE_PHASES`: queue = waiting in
+    the node's queue, slot_wait = for stage B to take the previous frame, stage_a, to_b = prepared, waiting
+    for stage B, stage_b, lag = held for the window (output_lag), outputs = the map thread's outputs at the
+    input size and the in-order hand-over, publish), plus ``transport`` (stamp to the callback, seconds of
+    wall time) when the node gives it. Bounded memory: at most ``keep`` finished frames and ``pending``
+    unfinished ones (a frame whose results never come, e.g. at a reset, is forgotten oldest first).
+    Thread-safe: the worker, stage and output threads mark their instants.
+    """
+
+    def __init__(self, keep: int = 2000, pending: int = 256):
+        self._lock = threading.Lock()
+        self._marks: collections.OrderedDict = collections.OrderedDict()  # key -> {mark: t}
+        self._done: collections.deque = collections.deque(maxlen=keep)  # {phase: seconds}
+        self._pending = pending
+
+    def mark(self, key: str, name: str, t: float | None = None) -> None:
+        """Instant ``name`` (one of TRACE_MARKS, or 'transport' as a duration in s) of frame ``key``."""
+        if key is None:
+            return
+        t = time.monotonic() if t is None else t
+        with self._lock:
+            m = self._marks.get(key)
+            if m is None:
+                m = self._marks[key] = {}
+                while len(self._marks) > self._pending:
+                    self._marks.popitem(last=False)
+            m[name] = t
+
+    def finish(self, key: str, keep: bool = True) -> dict | None:
+        """The frame's phases in seconds ({phase: s}; None when nothing was marked), recorded when ``keep``."""
+        with self._lock:
+            m = self._marks.pop(key, None)
+            if m is None:
+                return None
+            have = [k for k in TRACE_MARKS if k in m]
+            phases = {}
+            for a, b in zip(have, have[1:]):  # a phase the frame lacks a mark inside of: named 'p1+p2+...'
+                name = '+'.join(TRACE_PHASES[TRACE_MARKS.index(a):TRACE_MARKS.index(b)])
+                phases[name] = m[b] - m[a]
+            if 'transport' in m:
+                phases['transport'] = m['transport']
+            if len(have) >= 2:
+                phases['total'] = m[have[-1]] - m[have[0]] + m.get('transport', 0.0)
+            if keep:
+                self._done.append(phases)
+            return phases
+
+    def line(self) -> str:
+        """'latency breakdown over N frames, mean / p95 ms: transport a / b, queue c / d, ...' of the kept frames."""
+        import numpy as np
+        with self._lock:
+            done = list(self._done)
+        if not done:
+            return 'latency breakdown: no frame traced'
+        parts = []
+        names = list(dict.fromkeys(k for d in done for k in d))
+        order = ('transport',) + TRACE_PHASES
+        names.sort(key=lambda k: (k == 'total', order.index(k.split('+')[0]) if k.split('+')[0] in order else 0))
+        for ph in names:
+            v = np.array([d[ph] for d in done if ph in d]) * 1e3
+            if len(v):
+                parts.append(f'{ph} {v.mean():.0f} / {np.percentile(v, 95):.0f}')
+        return f'latency breakdown over {len(done)} frames, mean / p95 ms: ' + ', '.join(parts)
+
+
+def _result_key(r) -> str:
+    """The frame key of a stage B result: a FrameResult, or a Future of one (its ``frame`` attribute)."""
+    return getattr(getattr(r, 'frame', None), 'key', None) if isinstance(r, Future) else r.key
+
 
 class FramePipeline:
     """Runs frames through ``rec`` (a Reconstructor) over two threads.
@@ -59,6 +137,7 @@ class FramePipeline:
         self.submitted = 0
         self.completed = 0  # frames through stage B (errors included)
         self.wait_seconds = 0.0  # time submit() waited for a free slot (stage B the slower one)
+        self.trace = FrameTrace()  # where each frame's time goes (the node adds its queue and publishing)
         self._thread = self._out_thread = None
         if self.overlap:
             self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -73,11 +152,15 @@ class FramePipeline:
         previous one."""
         self._raise_pending()
         self.submitted += 1
+        key = getattr(frame, 'key', None)
+        self.trace.mark(key, 'submit')
         if not self.overlap:
+            self.trace.mark(key, 'b0')
             with self.lock:
                 results = self.rec.push(frame)
             self.completed += 1
-            self.on_results(results)
+            self.trace.mark(key, 'b1')
+            self._deliver(results, emitted=time.monotonic(), catch=False)
             return
         # wait for the slot first, then prepare: the frame prepared is the newest the caller has when
         # stage B is about to be free (a frame prepared early would wait, stale, while newer ones queue)
@@ -87,7 +170,9 @@ class FramePipeline:
                 self._cond.wait(0.5)
             self._check_alive()
         self.wait_seconds += time.perf_counter() - t0
+        self.trace.mark(key, 'a0')
         prepared = self.rec.prepare(frame, ahead=True)
+        self.trace.mark(key, 'a1')
         with self._cond:
             self._check_alive()
             self._slot = prepared  # only this thread fills the slot: still empty
@@ -162,11 +247,19 @@ class FramePipeline:
                 self._busy = True
                 self._cond.notify_all()
             results = None
+            key = getattr(item.frame, 'key', None)
+            self.trace.mark(key, 'b0')
             try:
                 with self.lock:
                     results = self.rec.push_prepared(item, deferred=True)
             except BaseException as exc:  # noqa: BLE001 - one bad frame must not stop the stage thread
                 self._failed(item.frame, exc)
+                self.trace.finish(key, keep=False)
+            if results is not None:
+                t_end = time.monotonic()
+                self.trace.mark(key, 'b1', t_end)
+                for r in results:
+                    self.trace.mark(_result_key(r), 'emit', t_end)
             with self._cond:
                 while results is not None and len(self._out) >= OUTPUT_BACKLOG and not self._closed:
                     self._cond.wait(0.5)
@@ -197,14 +290,30 @@ class FramePipeline:
                         results.append(r.result())
                     except BaseException as exc:  # noqa: BLE001 - that frame's outputs failed
                         self._failed(getattr(r, 'frame', None), exc)
-                try:
-                    self.on_results(results)
-                except BaseException as exc:  # noqa: BLE001
-                    self._failed(None, exc)
+                self._deliver(results)
             finally:
                 with self._cond:
                     self._emitting = False
                     self._cond.notify_all()
+
+    def _deliver(self, results: list, emitted: float | None = None, catch: bool = True) -> None:
+        """``on_results(results)`` (``catch``: its errors to :meth:`_failed`, else raised), the frames' trace
+        marked and finished (only frames with a pose kept: skipped ones are not published). ``emitted``:
+        the instant their stage B ended (the overlap marks it on the stage thread)."""
+        now = time.monotonic()
+        for r in results:
+            if emitted is not None:
+                self.trace.mark(r.key, 'emit', emitted)
+            self.trace.mark(r.key, 'out', now)
+        try:
+            self.on_results(results)
+        except BaseException as exc:  # noqa: BLE001
+            if not catch:
+                raise
+            self._failed(None, exc)
+        finally:
+            for r in results:
+                self.trace.finish(r.key, keep=r.status == 'ok')
 
     def _failed(self, frame, exc: BaseException) -> None:
         if self.on_error is not None:

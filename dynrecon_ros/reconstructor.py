@@ -113,7 +113,8 @@ class StageTimes:
         return {k: total / n for k, (total, n) in list(self._acc.items()) if n}
 
 
-MAP_JOBS = 2  # map-thread jobs queued at most (each holds one frame's outputs at input size)
+MAP_JOBS = 2  # frames queued on the map thread at most (each holds one frame's outputs at input size), counted
+# by their integration jobs (a frame emitted with deferred outputs has its outputs job before that one)
 
 
 def _world_pose_matrix(v) -> np.ndarray:
@@ -345,14 +346,15 @@ class Reconstructor:
             self.window.mark_keyframe(entry)
 
     def _map_run(self, job, deferred: bool = False):
-        """Run ``job()`` on the map thread (one job at a time, in order); at most ``MAP_JOBS`` queued.
+        """Run ``job()`` on the map thread (one job at a time, in order); at most ``MAP_JOBS`` not deferred
+        (integrations: one per frame) queued.
 
         Integration (numpy / OpenCV, which release the GIL in their loops) overlaps the next
         frame's steps on the second core; the map is only read after :meth:`_map_wait`. A deferred
         job's error belongs to whoever holds its future (it is not raised again by :meth:`_map_wait`).
         """
         from concurrent.futures import ThreadPoolExecutor
-        while len(self._map_jobs) >= MAP_JOBS:
+        while sum(not d for _, d in self._map_jobs) >= MAP_JOBS:
             self._map_wait_one()
         if self._map_pool is None:
             self._map_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix='dynrecon-map')
@@ -413,20 +415,27 @@ class Reconstructor:
         return res
 
     def _finish_later(self, e: WindowEntry):
-        """:meth:`_finish` on the map thread (outputs, then integration): a Future of the FrameResult
-        (its ``frame`` attribute: the input Frame). What it reads is taken now: later steps hold an
-        emitted entry and do not change it, but may replace its pose by an equal one."""
+        """:meth:`_finish` on the map thread: a Future of the FrameResult (its ``frame`` attribute: the
+        input Frame), resolved once the outputs are made, before the integration, which follows as a job
+        of its own (so the frame is published while the map integrates it; an integration error is
+        raised as :meth:`_finish`'s, by the next wait for the map thread). What it reads is taken now:
+        later steps hold an emitted entry and do not change it, but may replace its pose by an equal one."""
         snap = self._snapshot(e)
+        made = []  # the outputs job hands the integration's arguments to the integration job (same thread, in order)
 
-        def job():
+        def outputs():
             t = time.perf_counter()
             res, integration = self._outputs(*snap)
             self._times.lap('map', t)
-            if integration is not None:
-                self._integrate(*integration)
+            made.append(integration)
             return res
 
-        fut = self._map_run(job, deferred=True)
+        def integrate():
+            if made and made[0] is not None:
+                self._integrate(*made[0])
+
+        fut = self._map_run(outputs, deferred=True)
+        self._map_run(integrate)
         fut.frame = snap[1]
         return fut
 

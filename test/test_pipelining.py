@@ -127,3 +127,71 @@ def test_a_steps_prepare_frame_runs_in_stage_a_on_the_callers_thread(seq):
     pipe.close()
     main = threading.current_thread().name
     assert calls == [(k, (120, 160, 3), main) for k in seq.keys[:5]]
+
+
+def test_deferred_outputs_are_handed_over_before_their_map_integration(seq):
+    """The emitted frame's Future resolves once its outputs are made, while the map thread still holds its
+    integration (publishing does not wait for it); the integration follows, in order."""
+    rec = Reconstructor(config())
+    release, integrating = threading.Event(), threading.Event()
+    integrated = []
+    real = rec._integrate
+
+    def held_integrate(*args):
+        integrating.set()
+        assert release.wait(60)
+        real(*args)
+        integrated.append(1)
+    rec._integrate = held_integrate
+    fs = frames(seq)
+    lag = rec.cfg.window.output_lag
+    futs = []
+    for f in fs[:lag + 1]:
+        futs += rec.push_prepared(rec.prepare(f), deferred=True)
+    assert len(futs) == 1
+    assert futs[0].result(timeout=60).key == fs[0].key  # resolved: the integration has not run yet
+    assert integrating.wait(60) and integrated == []
+    release.set()
+    rec.flush()
+    assert len(integrated) == 1 + lag  # flush() emitted and integrated the rest
+
+
+def test_trace_breaks_each_published_frames_latency_into_phases(seq):
+    """FrameTrace: one record per frame delivered through on_results, the phases of the overlapped path, none
+    negative, summing to the total; with output_lag 0 a frame is emitted by its own stage B (lag 0 s)."""
+    for lag in (2, 0):
+        cfg = config()
+        cfg.window.output_lag = lag
+        delivered = []
+        pipe = FramePipeline(Reconstructor(cfg), delivered.extend, overlap=True)
+        recorded = []
+        finish = pipe.trace.finish
+        pipe.trace.finish = lambda key, keep=True: recorded.append(finish(key, keep)) or recorded[-1]
+        for f in frames(seq)[:8]:
+            pipe.submit(f)
+        pipe.drain(timeout=120)
+        pipe.close()
+        assert len(delivered) == 8 - lag and len(recorded) == len(delivered)
+        for ph in recorded:
+            assert set(ph) == {'slot_wait', 'stage_a', 'to_b', 'stage_b', 'lag', 'outputs', 'total'}, ph
+            assert min(ph.values()) >= 0 and abs(sum(v for k, v in ph.items() if k != 'total') - ph['total']) < 1e-9
+            if lag == 0:
+                assert ph['lag'] == 0.0
+        assert pipe.trace.line().startswith(f'latency breakdown over {8 - lag} frames, mean / p95 ms: slot_wait ')
+
+
+def test_trace_is_bounded_and_skips_frames_without_a_key():
+    from dynrecon_ros.pipelining import FrameTrace
+    tr = FrameTrace(keep=3, pending=2)
+    for k in 'abc':
+        tr.mark(k, 'submit', 0.0)
+    tr.mark(None, 'submit', 0.0)
+    assert tr.finish('a') is None  # forgotten: at most 2 unfinished frames
+    for k, t in (('b', 1.0), ('c', 2.0)):
+        tr.mark(k, 'received', -0.5)
+        tr.mark(k, 'transport', 0.25)
+        tr.mark(k, 'out', t)
+    gap = 'slot_wait+stage_a+to_b+stage_b+lag+outputs'  # the phases between 'submit' and 'out'
+    assert tr.finish('b') == {'queue': 0.5, gap: 1.0, 'transport': 0.25, 'total': 1.75}
+    assert tr.finish('c', keep=False)[gap] == 2.0
+    assert tr.line().startswith('latency breakdown over 1 frames')

@@ -47,3 +47,11 @@ def test_every_frame_comes_back_with_overlap(ros):
         proc.stop()
     out = proc.output()
     assert re.search(rf'processed {FRAMES}, dropped 0.*published {FRAMES}, latency stamp->mask\+pose p50', out), out
+    # where the latency goes: every frame published through the pipeline's output thread (all but those the
+    # idle flushes published: the last output_lag, more if the sender stalled), each phase of its path from
+    # the callback to the publishing
+    flushed = sum(int(n) for n in re.findall(r'input idle: flushed (\d+) results', out))
+    m = re.search(r'latency breakdown over (\d+) frames, mean / p95 ms: (.*)', out)
+    assert m and int(m.group(1)) == FRAMES - flushed and flushed >= 2, out
+    assert [p.split()[0] for p in m.group(2).split(', ')] == [
+        'transport', 'queue', 'slot_wait', 'stage_a', 'to_b', 'stage_b', 'lag', 'outputs', 'publish', 'total'], out

@@ -21,6 +21,8 @@ class InputFrame:
     K: np.ndarray | None  # (3, 3)
     D: np.ndarray | None  # (N,)
     reset: bool = False
+    received: float | None = None  # time.monotonic() when the callback queued it
+    transport: float | None = None  # seconds from the image's stamp to the callback (wall clock)
 
 
 class StampPairer:

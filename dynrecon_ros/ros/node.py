@@ -295,7 +295,8 @@ class ReconNode(Node):
             self.warn(self._topic(self.sub_info), 'no camera_info received yet (waiting; set '
                       'wait_for_camera_info:=false to run without intrinsics)')
             return
-        dropped = self.queue.put(InputFrame(header, rgb, depth, K, D))
+        transport = time.time() - conv.stamp_to_sec(header.stamp)
+        dropped = self.queue.put(InputFrame(header, rgb, depth, K, D, received=time.monotonic(), transport=transport))
         if dropped:
             self._report_drops()
 
@@ -352,6 +353,9 @@ class ReconNode(Node):
             self._headers[frame.key] = (item.header, (rgb.shape[1], rgb.shape[0]), K)
             while len(self._headers) > 256:  # results normally come back within a window: bound the memory
                 self._headers.popitem(last=False)
+        if item.received is not None:
+            self._pipe.trace.mark(frame.key, 'received', item.received)
+            self._pipe.trace.mark(frame.key, 'transport', item.transport)
         self._pipe.submit(frame)  # results to _on_results (output thread; with overlap off, before this returns)
 
     def _on_results(self, results) -> None:
@@ -428,6 +432,7 @@ class ReconNode(Node):
                 self.tf.send_transform(stamped(T_w_c, pose_header, camera))
             self.odom.publish(pose_header, T_w_c, camera)
         self.path.append(self.pose.publish(pose_header, T_pose))
+        self._pipe.trace.mark(r.key, 'published')
         self._latency.add(self.get_clock().now().nanoseconds * 1e-9 - conv.stamp_to_sec(header.stamp))
 
     def _log_stats(self) -> None:
@@ -511,6 +516,7 @@ class ReconNode(Node):
               + (f', static map {voxels()} voxels' if voxels is not None else '')
               + f'; published {self._latency.count}, ' + self._latency.line(self._config.window.output_lag, total=True),
               file=sys.stderr, flush=True)
+        print(f'[{self.get_name()}] {self._pipe.trace.line()}', file=sys.stderr, flush=True)
 
 
 EXECUTORS = ('events', 'single')
