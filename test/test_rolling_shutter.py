@@ -134,3 +134,27 @@ def test_ego_flow_sees_each_row_at_its_instant(shaken):
             flagged[model] += int(np.count_nonzero(p > seg.threshold))
     assert flagged[False] > 200, flagged  # the case is meaningful: a global-shutter ego flow flags the room
     assert flagged[True] < 0.1 * flagged[False], flagged
+
+
+@pytest.mark.xfail(strict=True, reason='issue 16, open: under a 25 ms rolling shutter the flow RANSAC takes a close '
+                   'person who covers ~40 % of the view from the first frame for the static world (seed 0: 42-55 mm '
+                   'per step on the first frames); strict, so the fix shows as an XPASS to turn into a plain test')
+def test_pose_holds_with_a_close_person_in_view_from_the_first_frame_under_a_rolling_shutter():
+    """every_effect, 30 frames (the close crosser passes mid-sequence, so it covers 37-45 % of the view before
+    any mask exists), 160x120: the trajectory stays within 3 mm ATE, as with the 90-frame preset."""
+    from dynrecon_ros.config import ReconConfig
+    from dynrecon_ros.data.scenarios import scenario_config
+    from dynrecon_ros.data.synthetic import render_sequence
+    from dynrecon_ros.evaluation import trajectory_metrics
+    from dynrecon_ros.reconstructor import Reconstructor
+    syn = scenario_config('every_effect', seed=0, width=160, height=120, frames=30)
+    seq = render_sequence(syn)
+    assert np.mean([m.mean() for m in seq.masks[:5]]) > 0.35  # the condition: the person covers the view at start
+    cfg = ReconConfig()
+    cfg.backend.rolling_shutter_s, cfg.backend.depth_delay_s = syn.rolling_shutter, syn.depth_delay
+    rec = Reconstructor(cfg)
+    out = [r for f in seq.frames for r in rec.push(f)] + rec.flush()
+    ok = [r for r in out if r.status == 'ok']
+    assert len(ok) >= 27
+    tm = trajectory_metrics(np.array([r.stamp for r in ok]), np.array([r.pose for r in ok]), seq.stamps, seq.poses)
+    assert tm['ate_rmse_se3'] <= 3e-3, tm['ate_rmse_se3']
