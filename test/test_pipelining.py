@@ -27,8 +27,8 @@ def config():
     return cfg
 
 
-def run_pipeline(seq, overlap: bool):
-    rec = Reconstructor(config())
+def run_pipeline(seq, overlap: bool, cfg: ReconConfig | None = None):
+    rec = Reconstructor(config() if cfg is None else cfg)
     out = []
     pipe = FramePipeline(rec, out.extend, overlap=overlap)
     for f in frames(seq):
@@ -208,14 +208,7 @@ def test_every_effect_runs_repeat_bit_identically():
     def run(overlap):
         cfg = ReconConfig()
         cfg.backend.rolling_shutter_s, cfg.backend.depth_delay_s = cfg_s.rolling_shutter, cfg_s.depth_delay
-        rec = Reconstructor(cfg)
-        out = []
-        pipe = FramePipeline(rec, out.extend, overlap=overlap)
-        for f in frames(sq):
-            pipe.submit(f)
-        out += pipe.flush()
-        pipe.close()
-        return out
+        return run_pipeline(sq, overlap, cfg)[1]
 
     a, b = run(False), run(True)
     assert [r.key for r in a] == [r.key for r in b] and sum(r.status == 'ok' for r in a) >= 12
