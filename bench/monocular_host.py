@@ -32,6 +32,7 @@ Usage: python bench/monocular_host.py [--frames 16] [--warmup 9] [--sweeps 1] [-
 from __future__ import annotations
 
 import argparse
+import itertools
 import collections
 import functools
 import os
@@ -105,6 +106,9 @@ def main() -> None:
     ap.add_argument('--size', default='512x384')
     ap.add_argument('--render', type=int, default=10, help='synthetic frames rendered (replayed back and forth)')
     ap.add_argument('--device', default='cpu', choices=['cpu', 'cuda'], help='alignment device (default cpu)')
+    ap.add_argument('--profile', type=int, default=0, metavar='N',
+                    help='then push N more frames under torch.profiler and print where the time goes '
+                         '(bench/torch_profile.py)')
     args = ap.parse_args()
     import torch
     if args.device == 'cuda':
@@ -154,17 +158,21 @@ def main() -> None:
     m = len(seq.frames)
     period = 2 * (m - 1)
     steps, pairs_per_step, step_ms, skipped = 0, [], [], collections.Counter()
-    for k in range(args.frames):
+    def frame(k: int) -> Frame:
         i = k % period
         i = i if i < m else period - i
         stamp = 1000.0 + k / 30.0
         key = f'{stamp:.6f}'
         net.frame_of[key] = i
+        return Frame(stamp=stamp, rgb=seq.frames[i].rgb, depth=None, K=seq.K.copy(), key=key, meta={})
+
+    for k in range(args.frames):
+        f = frame(k)
         ACTIVE['on'] = k >= args.warmup
         if ACTIVE['sync']:
             ACTIVE['sync']()
         t = time.perf_counter()
-        rec.push(Frame(stamp=stamp, rgb=seq.frames[i].rgb, depth=None, K=seq.K.copy(), key=key, meta={}))
+        rec.push(f)
         if ACTIVE['sync']:
             ACTIVE['sync']()
         if ACTIVE['on']:
@@ -180,6 +188,13 @@ def main() -> None:
         print(f'  stage {name:36s} {ms:8.1f}  (Reconstructor StageTimes, all frames, wall)')
     print(f'  {"whole push (wall)":42s} {np.mean(step_ms) if step_ms else 0:8.1f}')
     print(f'cache sizes: pairs {len(rec.predictor._pairs)}; load average {os.getloadavg()[0]:.2f} at the end')
+    if args.profile:
+        ACTIVE['on'] = False
+        sys.path.insert(0, str(Path(__file__).parent))
+        from torch_profile import profile
+        more = itertools.count(args.frames)
+        profile(lambda: rec.push(frame(next(more))), args.profile, args.device == 'cuda',
+                title=f'monocular step (oracle network), alignment on {args.device}, {W}x{H}')
 
 
 def report(args, steps, W, H, pairs_per_step, wrapped, tot, clock) -> None:

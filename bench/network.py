@@ -48,7 +48,7 @@ def window_pairs(n=8, k=3):
             for (i, j) in ((i, j), (j, i))]
 
 
-def measure(config: str, device: str, reps: int) -> dict:
+def measure(config: str, device: str, reps: int, profile_n: int = 0) -> dict:
     """Time naive / engine / online step, alternating them rep by rep (min over reps: robust to
     other jobs on a shared machine). Returns seconds and peak memory per method."""
     import numpy as np
@@ -112,15 +112,19 @@ def measure(config: str, device: str, reps: int) -> dict:
             if cuda:
                 torch.cuda.synchronize()
             times[name].append(time.perf_counter() - t)
+    if profile_n:
+        from torch_profile import profile
+        profile(online, profile_n, cuda, title=f'{config} online step (1 encode + 6 pairs), {device}')
+        profile(engine, max(1, profile_n // 4), cuda, title=f'{config} engine window (36 pairs), {device}')
     if not cuda:
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         peak = {k: rss for k in fns}
     return {k: {'sec': min(v), 'peak_bytes': peak[k]} for k, v in times.items()}
 
 
-def report(config, device, reps):
+def report(config, device, reps, profile_n=0):
     cfg_str, (H, W) = CONFIGS[config]
-    r = measure(config, device, reps)
+    r = measure(config, device, reps, profile_n)
     naive, eng, onl = r['naive'], r['engine'], r['online']
     npps, epps = 36 / naive['sec'], 36 / eng['sec']
     gib = 1 << 30
@@ -150,6 +154,9 @@ def main():
     ap.add_argument('--threads', type=int, default=2)
     ap.add_argument('--configs', default='small,parity-small', help="CPU configs to run ('' for none)")
     ap.add_argument('--gpu-reps', type=int, default=None, help='reps of the CUDA config (default max(reps, 5))')
+    ap.add_argument('--profile', type=int, default=0, metavar='N',
+                    help='also run the online step N times (the engine window N/4 times) under torch.profiler '
+                         'and print where the time goes (bench/torch_profile.py)')
     ap.add_argument('--no-cuda', action='store_true', help='skip the CUDA config even when CUDA is available')
     args = ap.parse_args()
     import torch
@@ -158,12 +165,12 @@ def main():
     for config in filter(None, args.configs.split(',')):
         if config not in CONFIGS:
             ap.error(f'unknown config {config!r} (known: {", ".join(CONFIGS)})')
-        report(config, 'cpu', args.reps)
+        report(config, 'cpu', args.reps, args.profile)
     if args.no_cuda:
         print('CUDA config skipped (--no-cuda)')
     elif torch.cuda.is_available():
         print(f'CUDA device: {torch.cuda.get_device_name(0)}, torch CUDA {torch.version.cuda}')
-        report('vitl512dpt', 'cuda', args.gpu_reps or max(args.reps, 5))
+        report('vitl512dpt', 'cuda', args.gpu_reps or max(args.reps, 5), args.profile)
     else:
         print('CUDA not available: ViT-L/512 dpt GPU figures skipped')
 
