@@ -191,7 +191,11 @@ class ReconConfig:
     core by default): 1 by default, because the pipeline's own threads (overlap, map, segmentation)
     already keep the cores busy and OpenCV's pool then costs CPU time (its workers wait actively):
     ~10 % more CPU per frame at 640x480 with one per core on 2 cores (bench/pipeline.py --set opencv_threads=0),
-    with the same results."""
+    with the same results; blas_threads: the BLAS library's threads (numpy's matmuls; threadpoolctl, set when
+    the Reconstructor is built; 0 = leave its setting, one per core by default): 1 by default for the same
+    reason: OpenBLAS splits an image-sized matmul over its threads, which then spin, and under the pipeline's
+    own threads that doubled the CPU of such a product (the process's CPU per frame with the rolling shutter
+    on, every_effect 640x480: see README), with the same results."""
 
     window: WindowConfig = field(default_factory=WindowConfig)
     flow: FlowConfig = field(default_factory=FlowConfig)
@@ -205,6 +209,7 @@ class ReconConfig:
     max_work_width: int = 320
     overlap: bool = True
     opencv_threads: int = 1
+    blas_threads: int = 1
 
     @classmethod
     def from_dict(cls, d: dict | None, where: str = 'config') -> 'ReconConfig':
