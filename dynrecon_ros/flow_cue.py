@@ -390,15 +390,14 @@ def pair_probability_and_landing(depth_i, K_i, T_j_i, flow, valid, cfg, K_j=None
         holes, near, far = candidates or fill_candidates(np.asarray(depth_i, dtype=np.float32), cfg.hole_fill_px)
         if holes.any():  # judged at the hole pixels only
             ys, xs = np.nonzero(holes)
-            hu, hv = fu[ys, xs], fv[ys, xs]
-            fits = []
             # a pixel without a reading may also see a surface beyond the sensor's range (a far wall
-            # beside a mover): its ego flow is the rotation's, that of a point BEYOND_RANGE_M away
-            for z in (near[ys, xs], far[ys, xs], np.full(len(ys), BEYOND_RANGE_M, np.float32)):
-                cu, cv_, _ = ego_at(xs.astype(np.float32), ys.astype(np.float32), z, K_i, T_j_i, K_j,
-                                  None if shutter is None else (*shutter, prob.shape[0]))
-                du, dv = cu - hu, cv_ - hv
-                fits.append(_soft_step(np.sqrt(du * du + dv * dv), cu, cv_, cfg))
+            # beside a mover): its ego flow is the rotation's, that of a point BEYOND_RANGE_M away.
+            # The three candidates of the M hole pixels in one (3 M,) call (elementwise: the same values)
+            z = np.concatenate([near[ys, xs], far[ys, xs], np.full(len(ys), BEYOND_RANGE_M, np.float32)])
+            cu, cv_, _ = ego_at(np.tile(xs.astype(np.float32), 3), np.tile(ys.astype(np.float32), 3), z, K_i,
+                                T_j_i, K_j, None if shutter is None else (*shutter, prob.shape[0]))
+            du, dv = cu - np.tile(fu[ys, xs], 3), cv_ - np.tile(fv[ys, xs], 3)
+            fits = _soft_step(np.sqrt(du * du + dv * dv), cu, cv_, cfg).reshape(3, -1)
             prob[ys, xs] = np.fmin(np.fmin(fits[0], fits[1]), fits[2])
     h, w = prob.shape
     u, v = pixel_axes(h, w)

@@ -113,7 +113,7 @@ def test_row_instants_and_their_motion():
 
 
 @pytest.mark.parametrize('order', [1, 2])
-def test_ego_points_as_the_point_formulation(order):
+def test_ego_points_as_the_point_formulation(order, monkeypatch):
     """ego_points / ego_planes (per component, one displacement per row) give the float32 points of the
     (N, 3) formulation: frame i's rows moved to the frame instant, rotated into j, then seen at the
     instant of the row of j they project to (to_frame_instant / from_frame_instant)."""
@@ -146,6 +146,13 @@ def test_ego_points_as_the_point_formulation(order):
     planes = ego_planes((X[..., 0], X[..., 1], X[..., 2]), (Y[..., 0], Y[..., 1], Y[..., 2]), v, R, model, tw_i,
                         tw_j, h, K)  # the rows as an (H, 1) column: one displacement per row
     assert all(np.array_equal(p, got[..., m], equal_nan=True) for m, p in enumerate(planes))
+    import dynrecon_ros.rolling_shutter as rs
+    monkeypatch.setattr(rs, '_BLOCK', 100)  # in blocks of 2 rows (and of 100 of the (N,) points): the same values
+    blocked = ego_planes((X[..., 0], X[..., 1], X[..., 2]), (Y[..., 0], Y[..., 1], Y[..., 2]), v, R, model, tw_i,
+                         tw_j, h, K)
+    assert all(np.array_equal(p, got[..., m], equal_nan=True) for m, p in enumerate(blocked))
+    flat = ego_points(X.reshape(-1, 3), Y.reshape(-1, 3), rows.reshape(-1), R, model, tw_i, tw_j, h, K)
+    assert np.array_equal(flat, got.reshape(-1, 3), equal_nan=True)
 
 
 def test_ego_flow_sees_each_row_at_its_instant(shaken):
