@@ -193,9 +193,10 @@ class ReconConfig:
     ~10 % more CPU per frame at 640x480 with one per core on 2 cores (bench/pipeline.py --set opencv_threads=0),
     with the same results; blas_threads: the BLAS library's threads (numpy's matmuls; threadpoolctl, set when
     the Reconstructor is built; 0 = leave its setting, one per core by default): 1 by default for the same
-    reason: OpenBLAS splits an image-sized matmul over its threads, which then spin, and under the pipeline's
-    own threads that doubled the CPU of such a product (the process's CPU per frame with the rolling shutter
-    on, every_effect 640x480: see README), with the same results."""
+    reason: OpenBLAS splits an image-sized matmul over its threads, which then spin beside the pipeline's own
+    threads (main's rolling-shutter ego flow, (N, 2) x (2, 6) products: every_effect 640x480 process CPU 484-501
+    -> 195 ms/frame with OPENBLAS_NUM_THREADS=1; no such product is left on the default path, where the
+    setting measured within noise), with the same results."""
 
     window: WindowConfig = field(default_factory=WindowConfig)
     flow: FlowConfig = field(default_factory=FlowConfig)
