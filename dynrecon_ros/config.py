@@ -191,7 +191,12 @@ class ReconConfig:
     core by default): 1 by default, because the pipeline's own threads (overlap, map, segmentation)
     already keep the cores busy and OpenCV's pool then costs CPU time (its workers wait actively):
     ~10 % more CPU per frame at 640x480 with one per core on 2 cores (bench/pipeline.py --set opencv_threads=0),
-    with the same results."""
+    with the same results; blas_threads: the BLAS library's threads (numpy's matmuls; threadpoolctl, set when
+    the Reconstructor is built; 0 = leave its setting, one per core by default): 1 by default for the same
+    reason: OpenBLAS splits an image-sized matmul over its threads, which then spin beside the pipeline's own
+    threads (main's rolling-shutter ego flow, (N, 2) x (2, 6) products: every_effect 640x480 process CPU 484-501
+    -> 195 ms/frame with OPENBLAS_NUM_THREADS=1; no such product is left on the default path, where the
+    setting measured within noise), with the same results."""
 
     window: WindowConfig = field(default_factory=WindowConfig)
     flow: FlowConfig = field(default_factory=FlowConfig)
@@ -205,6 +210,7 @@ class ReconConfig:
     max_work_width: int = 320
     overlap: bool = True
     opencv_threads: int = 1
+    blas_threads: int = 1
 
     @classmethod
     def from_dict(cls, d: dict | None, where: str = 'config') -> 'ReconConfig':

@@ -23,7 +23,7 @@ import numpy as np
 from dynrecon_ros import photometric
 from dynrecon_ros.depth_cue import fill_candidates, soft_step_of_inverse
 from dynrecon_ros.geometry import pixel_axes, pixel_grid
-from dynrecon_ros.rolling_shutter import ego_points
+from dynrecon_ros.rolling_shutter import ego_planes
 
 if TYPE_CHECKING:
     from dynrecon_ros.segmentation import SegmentationConfig
@@ -58,7 +58,7 @@ def ego_flow_and_depth(depth, K, T_j_i, K_j=None) -> tuple[np.ndarray, np.ndarra
 def _ego_planes(depth, K, T_j_i, K_j=None, shutter=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(H, W) float32 ego flow du, dv and depth in camera j, NaN where invalid (planes: fast numpy).
     shutter: optional (ShutterModel, twist_i (6,), twist_j (6,)): rows seen at their own instants
-    (:func:`dynrecon_ros.rolling_shutter.ego_points`)."""
+    (:func:`dynrecon_ros.rolling_shutter.ego_planes`)."""
     depth = np.asarray(depth, dtype=np.float32)
     h, w = depth.shape
     return ego_at(*pixel_axes(h, w), depth, K, T_j_i, K_j, None if shutter is None else (*shutter, h))
@@ -75,7 +75,7 @@ def ego_at(u: np.ndarray, v: np.ndarray, z: np.ndarray, K, T_j_i, K_j=None,
     for image-sized input, and the rest is computed in place (fresh image-sized temporaries cost
     page faults: 5x the arithmetic here), in the same order of float32 operations as before (the
     pipeline's poses react to the last bit of the masks). ``shutter``: optional (ShutterModel, twist_i,
-    twist_j, image height): each row seen at its own instant (:func:`~dynrecon_ros.rolling_shutter.ego_points`).
+    twist_j, image height): each row seen at its own instant (:func:`~dynrecon_ros.rolling_shutter.ego_planes`).
     """
     K = np.asarray(K, dtype=np.float64)
     K_j = K if K_j is None else np.asarray(K_j, dtype=np.float64)
@@ -93,9 +93,7 @@ def ego_at(u: np.ndarray, v: np.ndarray, z: np.ndarray, K, T_j_i, K_j=None,
         zj = z * (R[2, 0] * x + R[2, 1] * y + R[2, 2])
         zj += t[2]
         if shutter is not None:  # rows seen at their own instants (the rolling shutter)
-            X = np.stack(np.broadcast_arrays(x * z, y * z, z), -1)
-            xj, yj, zj = np.moveaxis(ego_points(X, np.stack([xj, yj, zj], -1), np.broadcast_to(v, zj.shape),
-                                                T[:3, :3], *shutter, K_j), -1, 0).copy()
+            xj, yj, zj = ego_planes((x * z, y * z, z), (xj, yj, zj), v, T[:3, :3], *shutter, K_j)
         valid = np.isfinite(z) & (z > 0)
         valid &= zj > 1e-6
         valid &= np.isfinite(zj)
@@ -392,15 +390,14 @@ def pair_probability_and_landing(depth_i, K_i, T_j_i, flow, valid, cfg, K_j=None
         holes, near, far = candidates or fill_candidates(np.asarray(depth_i, dtype=np.float32), cfg.hole_fill_px)
         if holes.any():  # judged at the hole pixels only
             ys, xs = np.nonzero(holes)
-            hu, hv = fu[ys, xs], fv[ys, xs]
-            fits = []
             # a pixel without a reading may also see a surface beyond the sensor's range (a far wall
-            # beside a mover): its ego flow is the rotation's, that of a point BEYOND_RANGE_M away
-            for z in (near[ys, xs], far[ys, xs], np.full(len(ys), BEYOND_RANGE_M, np.float32)):
-                cu, cv_, _ = ego_at(xs.astype(np.float32), ys.astype(np.float32), z, K_i, T_j_i, K_j,
-                                  None if shutter is None else (*shutter, prob.shape[0]))
-                du, dv = cu - hu, cv_ - hv
-                fits.append(_soft_step(np.sqrt(du * du + dv * dv), cu, cv_, cfg))
+            # beside a mover): its ego flow is the rotation's, that of a point BEYOND_RANGE_M away.
+            # The three candidates of the M hole pixels in one (3 M,) call (elementwise: the same values)
+            z = np.concatenate([near[ys, xs], far[ys, xs], np.full(len(ys), BEYOND_RANGE_M, np.float32)])
+            cu, cv_, _ = ego_at(np.tile(xs.astype(np.float32), 3), np.tile(ys.astype(np.float32), 3), z, K_i,
+                                T_j_i, K_j, None if shutter is None else (*shutter, prob.shape[0]))
+            du, dv = cu - np.tile(fu[ys, xs], 3), cv_ - np.tile(fv[ys, xs], 3)
+            fits = _soft_step(np.sqrt(du * du + dv * dv), cu, cv_, cfg).reshape(3, -1)
             prob[ys, xs] = np.fmin(np.fmin(fits[0], fits[1]), fits[2])
     h, w = prob.shape
     u, v = pixel_axes(h, w)

@@ -154,6 +154,11 @@ class Reconstructor:
             raise InputError(f'opencv_threads must be >= 0 (0 = OpenCV\'s own setting), got {cfg.opencv_threads}')
         if cfg.opencv_threads > 0:
             cv2.setNumThreads(cfg.opencv_threads)  # process-wide, like torch's threads above
+        if cfg.blas_threads < 0:
+            raise InputError(f'blas_threads must be >= 0 (0 = the BLAS library\'s own setting), got {cfg.blas_threads}')
+        if cfg.blas_threads > 0:
+            from threadpoolctl import threadpool_limits
+            threadpool_limits(limits=cfg.blas_threads, user_api='blas')  # process-wide too (not undone)
         keep_freed_heap()  # image-sized temporaries reuse freed heap instead of page-faulting it back in
         self.segmenter = MotionSegmenter(cfg.segmentation)
         self.map = VoxelMap(cfg.map)

@@ -369,6 +369,30 @@ def test_opencv_threads_is_set_for_the_process_when_the_reconstructor_is_built()
         cv2.setNumThreads(before)
 
 
+def test_blas_threads_is_set_for_the_process_when_the_reconstructor_is_built():
+    """blas_threads (default 1) sets numpy's BLAS threads; 0 leaves the setting; < 0 is an error."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from dynrecon_ros.errors import InputError
+
+    def blas():
+        return {i['num_threads'] for i in threadpool_info() if i['user_api'] == 'blas'}
+    with threadpool_limits(limits=3, user_api='blas'):  # restores the BLAS threads afterwards
+        Reconstructor(ReconConfig())
+        assert blas() == {1}
+        cfg = ReconConfig()
+        cfg.blas_threads = 0
+        threadpool_limits(limits=3, user_api='blas')
+        Reconstructor(cfg)
+        assert blas() == {3}
+        cfg.blas_threads = 2
+        Reconstructor(cfg)
+        assert blas() == {2}
+        cfg.blas_threads = -1
+        with pytest.raises(InputError, match='blas_threads'):
+            Reconstructor(cfg)
+
+
 def test_static_map_without_waiting_returns_while_the_map_thread_is_busy(seq):
     """static_map(wait=False) (the node's periodic publishing) gives the map as integrated so far while a
     map-thread job is still running; static_map() waits for it."""

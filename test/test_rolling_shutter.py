@@ -1,6 +1,7 @@
 """The RGB-D pose step under a rolling shutter (dynrecon_ros/rolling_shutter.py, backend.rolling_shutter_s)."""
 import numpy as np
 import pytest
+from scipy.spatial.transform import Rotation
 
 from dynrecon_ros.config import BackendConfig, FlowConfig
 from dynrecon_ros.data.synthetic import SyntheticConfig, render_sequence
@@ -109,6 +110,49 @@ def test_row_instants_and_their_motion():
     Y = to_frame_instant(X, s, tw)
     assert np.abs(Y - X).max() > 1e-3  # the camera moved between the row's instant and the frame's
     assert np.allclose(from_frame_instant(Y, s, tw), X, atol=1e-4)  # inverse to first order
+
+
+@pytest.mark.parametrize('order', [1, 2])
+def test_ego_points_as_the_point_formulation(order, monkeypatch):
+    """ego_points / ego_planes (per component, one displacement per row) give the float32 points of the
+    (N, 3) formulation: frame i's rows moved to the frame instant, rotated into j, then seen at the
+    instant of the row of j they project to (to_frame_instant / from_frame_instant)."""
+    from dynrecon_ros.rolling_shutter import ego_planes, ego_points
+    rng = np.random.default_rng(order)
+    h, w = 30, 40
+    K = np.array([[50.0, 0, 20], [0, 50.0, 15], [0, 0, 1]])
+    z = rng.uniform(0.5, 4.0, (h, w)).astype(np.float32)
+    z[0, :5] = np.nan  # invalid depths stay invalid (NaN), rows projecting nowhere take the middle row's instant
+    u, v = np.arange(w, dtype=np.float32)[None], np.arange(h, dtype=np.float32)[:, None]
+    X = np.stack(np.broadcast_arrays((u - 20) / 50 * z, (v - 15) / 50 * z, z), -1).astype(np.float32)
+    R = Rotation.from_rotvec([0.01, -0.02, 0.005]).as_matrix()
+    Y = (X.astype(np.float64) @ R.T + [0.01, 0.0, -0.02]).astype(np.float32)
+    model = ShutterModel(0.025, 0.01)
+    tw_i, tw_j = (rng.normal(size=6 * order) * np.repeat([0.3, 1.0, 40.0][:order], 6) for _ in range(2))
+    rows = np.broadcast_to(v, z.shape)
+    got = ego_points(X, Y, rows, R, model, tw_i, tw_j, h, K)
+    # the reference: the (N, 3) float64 formulation
+    X64, s_i = X.reshape(-1, 3).astype(np.float64), model.row_offsets(rows.reshape(-1), h)
+    Yf = Y.reshape(-1, 3).astype(np.float64) + (to_frame_instant(X64, s_i, tw_i) - X64) @ R.T
+    with np.errstate(divide='ignore', invalid='ignore'):
+        vj = K[1, 1] * Yf[:, 1] / Yf[:, 2] + K[1, 2]
+    s_j = model.row_offsets(np.nan_to_num(vj, nan=h / 2, posinf=h / 2, neginf=h / 2), h)
+    ref = from_frame_instant(Yf, s_j, tw_j).reshape(X.shape).astype(np.float32)
+    assert got.shape == X.shape and got.dtype == np.float32
+    assert np.array_equal(np.isnan(got), np.isnan(ref)) and np.isnan(got).any()
+    assert np.abs(got - Y)[~np.isnan(got)].max() > 1e-4  # the shutter moved the points
+    assert np.allclose(got, ref, rtol=1e-6, atol=0, equal_nan=True)  # within a float32 rounding
+    assert np.mean(got == ref) > 0.99  # the same float32 almost everywhere
+    planes = ego_planes((X[..., 0], X[..., 1], X[..., 2]), (Y[..., 0], Y[..., 1], Y[..., 2]), v, R, model, tw_i,
+                        tw_j, h, K)  # the rows as an (H, 1) column: one displacement per row
+    assert all(np.array_equal(p, got[..., m], equal_nan=True) for m, p in enumerate(planes))
+    import dynrecon_ros.rolling_shutter as rs
+    monkeypatch.setattr(rs, '_BLOCK', 100)  # in blocks of 2 rows (and of 100 of the (N,) points): the same values
+    blocked = ego_planes((X[..., 0], X[..., 1], X[..., 2]), (Y[..., 0], Y[..., 1], Y[..., 2]), v, R, model, tw_i,
+                         tw_j, h, K)
+    assert all(np.array_equal(p, got[..., m], equal_nan=True) for m, p in enumerate(blocked))
+    flat = ego_points(X.reshape(-1, 3), Y.reshape(-1, 3), rows.reshape(-1), R, model, tw_i, tw_j, h, K)
+    assert np.array_equal(flat, got.reshape(-1, 3), equal_nan=True)
 
 
 def test_ego_flow_sees_each_row_at_its_instant(shaken):
