@@ -75,59 +75,86 @@ def reprojection_errors(R: np.ndarray, t: np.ndarray, P: np.ndarray, Q: np.ndarr
     return np.sqrt(du * du + dv * dv), np.abs(X[..., 2] - Q[:, 2]) / Q[:, 2]
 
 
+def _cross(w: np.ndarray, X: np.ndarray) -> np.ndarray:
+    """w (..., 3) x X (..., N, 3) -> (..., N, 3) (np.cross costs several times more on arrays this small)."""
+    w = w[..., None, :]
+    x, y, z = X[..., 0], X[..., 1], X[..., 2]
+    return np.stack([w[..., 1] * z - w[..., 2] * y, w[..., 2] * x - w[..., 0] * z, w[..., 0] * y - w[..., 1] * x], -1)
+
+
+def _inlier_median(e: np.ndarray, inl: np.ndarray) -> np.ndarray:
+    """(k,) median of each row of e (k, N) over its inliers inl (k, N) (inf where a row has none)."""
+    n = inl.sum(1)
+    srt = np.sort(np.where(inl, e, np.inf), 1)
+    lo, hi = np.maximum((n - 1) // 2, 0), np.maximum(n // 2, 0)
+    rows = np.arange(len(e))
+    return np.where(n > 0, 0.5 * (srt[rows, lo] + srt[rows, hi]), np.inf)
+
+
 def shutter_reprojection_errors(T: np.ndarray, skew: np.ndarray, s: np.ndarray, P: np.ndarray, Q: np.ndarray,
                                 uv: np.ndarray, K: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`reprojection_errors` of one hypothesis T (4, 4) under a rolling shutter's row skew: P (N, 3)
-    moved into j, then turned by s x skew (s (N,) the points' row instants in s, skew (3,) rad/s: the
-    rotation rate difference of the two frames' in-frame motions, :func:`fit_reprojection`). Returns
-    (pixel error (N,), relative depth error (N,)), float64."""
-    X = (P - T[:3, 3]) @ T[:3, :3]
-    X = X + s[:, None] * np.cross(skew, X)
-    iz = 1.0 / np.maximum(X[:, 2], 1e-6)
-    du = K[0, 0] * X[:, 0] * iz + K[0, 2] - uv[:, 0]
-    dv = K[1, 1] * X[:, 1] * iz + K[1, 2] - uv[:, 1]
-    return np.sqrt(du * du + dv * dv), np.abs(X[:, 2] - Q[:, 2]) / Q[:, 2]
+    """:func:`reprojection_errors` of hypotheses T (..., 4, 4) under a rolling shutter's row skew: P (N, 3)
+    moved into j, then turned by s x skew (s (N,) the points' row instants in s, skew (..., 3) rad/s: the
+    difference of the two frames' angular rates, :func:`fit_reprojection`). Returns (pixel error (..., N),
+    relative depth error (..., N)), float64."""
+    T, skew = np.asarray(T, np.float64), np.asarray(skew, np.float64)
+    X = (P - T[..., None, :3, 3]) @ T[..., :3, :3]
+    X = X + s[:, None] * _cross(skew, X)
+    iz = 1.0 / np.maximum(X[..., 2], 1e-6)
+    du = K[0, 0] * X[..., 0] * iz + K[0, 2] - uv[:, 0]
+    dv = K[1, 1] * X[..., 1] * iz + K[1, 2] - uv[:, 1]
+    return np.sqrt(du * du + dv * dv), np.abs(X[..., 2] - Q[:, 2]) / Q[:, 2]
 
 
 def fit_reprojection(T: np.ndarray, skew: np.ndarray, s: np.ndarray, P: np.ndarray, uv: np.ndarray, K: np.ndarray,
-                     iterations: int = 3, sigma_px: float = 0.5, sigma_skew: float = 0.5):
-    """Gauss-Newton fit of T_i_j (4, 4) and a row skew (3,) rad/s to the flow targets uv (N, 2) of i's points
-    P (N, 3) under a rolling shutter (the model of :func:`shutter_reprojection_errors`).
+                     w: np.ndarray, iterations: int = 3, sigma_px: float = 0.5, sigma_skew: float = 0.5):
+    """Gauss-Newton fits of hypotheses T_i_j (k, 4, 4) and their row skews (k, 3) rad/s to the flow targets
+    uv (N, 2) of i's points P (N, 3) with weights w (k, N) (0 / 1: each hypothesis' inliers) under a
+    rolling shutter (the model of :func:`shutter_reprojection_errors`; s (N,) the rows' instants).
 
     A pair seen by two rolling shutters is, to first order and for the far points that pin the
     rotation, the global-shutter motion plus a rotation growing linearly with the row's instant s by
     the difference of the frames' angular rates (hand tremor: a few tenths of a rad/s, 1-2 px over a
     25 ms readout at 320x240). Reprojection residuals (sigma_px px), the skew held to 0 by a Gaussian
-    prior (sigma_skew rad/s). Returns (T (4, 4), skew (3,)).
+    prior (sigma_skew rad/s). Batched over the k hypotheses (one small solve each would cost 10x more
+    in numpy's per-call overhead). Returns (T (k, 4, 4), skew (k, 3)).
     """
     T_j_i = np.linalg.inv(T)
-    skew = np.asarray(skew, np.float64).copy()
+    skew = np.array(skew, np.float64)
     fx, fy = float(K[0, 0]), float(K[1, 1])
+    k = len(T)
+    prior = np.zeros((9, 9))
+    prior[6:, 6:] = np.eye(3) * (sigma_px / sigma_skew) ** 2
     for _ in range(iterations):
-        Y = P @ T_j_i[:3, :3].T + T_j_i[:3, 3]
-        Y = Y + s[:, None] * np.cross(skew, Y)
-        iz = 1.0 / np.maximum(Y[:, 2], 1e-6)
-        r = np.concatenate([fx * Y[:, 0] * iz + K[0, 2] - uv[:, 0], fy * Y[:, 1] * iz + K[1, 2] - uv[:, 1]])
+        Y = P @ T_j_i[:, :3, :3].transpose(0, 2, 1) + T_j_i[:, None, :3, 3]  # (k, N, 3)
+        Y = Y + s[:, None] * _cross(skew, Y)
+        x, y, z = Y[..., 0], Y[..., 1], Y[..., 2]
+        iz = 1.0 / np.maximum(z, 1e-6)
+        ru, rv = fx * x * iz + K[0, 2] - uv[:, 0], fy * y * iz + K[1, 2] - uv[:, 1]
+        # rows of d pixel / d(left pose increment of T_j_i, skew): d pixel / dY = a, d/d omega = Y x a
+        au, av = fx * iz, fy * iz
+        cu, cv = -au * x * iz, -av * y * iz
         zero = np.zeros_like(iz)
-        a = np.concatenate([np.stack([fx * iz, zero, -fx * Y[:, 0] * iz * iz], 1),
-                            np.stack([zero, fy * iz, -fy * Y[:, 1] * iz * iz], 1)])  # (2N, 3) d pixel / dY
-        Y2, s2 = np.concatenate([Y, Y]), np.concatenate([s, s])[:, None]
-        ya = np.cross(Y2, a)  # d/d omega of a left rotation increment: Y x a
-        J = np.concatenate([a, ya, s2 * ya], 1)  # (2N, 9): pose increment of T_j_i, skew
-        H = J.T @ J / sigma_px ** 2
-        g = J.T @ r / sigma_px ** 2
-        H[6:, 6:] += np.eye(3) / sigma_skew ** 2
-        g[6:] += skew / sigma_skew ** 2
-        step = -np.linalg.solve(H + 1e-9 * np.eye(9), g)
-        T_j_i = se3_increment(step[:6]) @ T_j_i
-        skew = skew + step[6:]
+        Ju = np.stack([au, zero, cu, y * cu, z * au - x * cu, -y * au], -1)
+        Jv = np.stack([zero, av, cv, y * cv - z * av, -x * cv, x * av], -1)
+        J = np.concatenate([np.concatenate([Ju, s[:, None] * Ju[..., 3:]], -1),
+                            np.concatenate([Jv, s[:, None] * Jv[..., 3:]], -1)], 1)  # (k, 2N, 9)
+        r = np.concatenate([ru, rv], 1)
+        Jw = J * np.concatenate([w, w], 1)[..., None]
+        Jwt = Jw.transpose(0, 2, 1)
+        H = Jwt @ J + prior + 1e-9 * np.eye(9)
+        g = (Jwt @ r[..., None])[..., 0]
+        g[:, 6:] += skew * (sigma_px / sigma_skew) ** 2
+        step = -np.linalg.solve(H, g[..., None])[..., 0]
+        T_j_i = np.stack([se3_increment(step[m, :6]) @ T_j_i[m] for m in range(k)])
+        skew = skew + step[:, 6:]
     return np.linalg.inv(T_j_i), skew
 
 
 def ransac_rigid(P: np.ndarray, Q: np.ndarray, uv: np.ndarray, K: np.ndarray, iterations: int,
                  px_threshold: float, rel_depth_threshold: float, rng: np.random.Generator,
                  refine: int = 3, min_px_threshold: float = 0.3, rows_s: np.ndarray | None = None,
-                 base_px_threshold: float = 0.75, top: int = 16) -> tuple[np.ndarray, np.ndarray, float, np.ndarray | None]:
+                 base_px_threshold: float = 0.75, top: int = 8) -> tuple[np.ndarray, np.ndarray, float, np.ndarray | None]:
     """Robust rigid fit P ≈ T Q over (N, 3) correspondences (uv: (N, 2) pixel of Q in j, K: j's).
 
     3-point Kabsch hypotheses scored by inlier count (reprojection < px_threshold and relative depth
@@ -141,7 +168,7 @@ def ransac_rigid(P: np.ndarray, Q: np.ndarray, uv: np.ndarray, K: np.ndarray, it
     covering much of the view joins the consensus: over a background metres away a translation of a few
     cm is compensated by a rotation to a fraction of a pixel, so "the camera moved with the mover" keeps
     the background and adds the mover (every_effect, 30 frames, seed 0, 320x240: 40-55 mm off per pair,
-    the mover 20-55 % inlier). Then the ``top`` hypotheses are each refined by :func:`local_fit` under
+    the mover 20-55 % inlier). Then the ``top`` hypotheses are each refined by :func:`local_fits` under
     the rolling-shutter model (:func:`fit_reprojection`), which leaves the background at the flow's
     noise, and the one that wins is the one with the least MSAC cost at 2 x the smallest median residual
     of their consensus sets (the noise scale): at that scale the background's parallax decides, and the
@@ -159,15 +186,13 @@ def ransac_rigid(P: np.ndarray, Q: np.ndarray, uv: np.ndarray, K: np.ndarray, it
         tight = np.where((epx < base_px_threshold) & (ez < rel_depth_threshold), (epx / base_px_threshold) ** 2, 1.0)
         ranked = np.stack([np.argsort(cost.sum(1), kind='stable'), np.argsort(tight.sum(1), kind='stable')], 1)
         _, first = np.unique(ranked.reshape(-1), return_index=True)
-        fits = []
-        for b in ranked.reshape(-1)[np.sort(first)][:top]:
-            fits.append(local_fit(to_matrix(R[b], t[b]), P, Q, uv, K, rows_s, px_threshold, rel_depth_threshold,
-                                  refine + 1, min_px_threshold))
-        scale = 2.0 * min(f[4] for f in fits)
-        scores = [np.where((e < scale) & (ez_ < rel_depth_threshold), (e / scale) ** 2, 1.0).sum()
-                  for _, _, e, ez_, _, _ in fits]
-        T, skew, e, ez_, _, thr = fits[int(np.argmin(scores))]
-        return T, (e < thr) & (ez_ < rel_depth_threshold), thr, skew
+        b = ranked.reshape(-1)[np.sort(first)][:top]
+        T, skew, e, ez, med = local_fits(to_matrix(R[b], t[b]), P, Q, uv, K, rows_s, px_threshold,
+                                         rel_depth_threshold, refine + 1, min_px_threshold)
+        scale = 2.0 * med.min()
+        k = int(np.argmin(np.where((e < scale) & (ez < rel_depth_threshold), (e / scale) ** 2, 1.0).sum(1)))
+        thr = float(np.clip(3.0 * 1.4826 * med[k], min_px_threshold, px_threshold))
+        return T[k], (e[k] < thr) & (ez[k] < rel_depth_threshold), thr, skew[k]
     best = int(np.argmin(cost.sum(1)))
     inl = (epx[best] < px_threshold) & (ez[best] < rel_depth_threshold)
     T = np.eye(4)
@@ -185,25 +210,25 @@ def ransac_rigid(P: np.ndarray, Q: np.ndarray, uv: np.ndarray, K: np.ndarray, it
     return T, inl, thr, None
 
 
-def local_fit(T: np.ndarray, P: np.ndarray, Q: np.ndarray, uv: np.ndarray, K: np.ndarray, s: np.ndarray,
-              px_threshold: float, rel_depth_threshold: float, rounds: int, min_px_threshold: float):
-    """A hypothesis T (4, 4) refined under a rolling shutter (:func:`ransac_rigid`'s local optimisation):
-    ``rounds`` of :func:`fit_reprojection` on its inliers while the pixel threshold shrinks to 3 robust
-    sigmas of them (not below min_px_threshold). Returns (T, skew (3,), pixel errors (N,), relative
-    depth errors (N,), median pixel error of the final inliers, final threshold)."""
-    skew, thr = np.zeros(3), px_threshold
+def local_fits(T: np.ndarray, P: np.ndarray, Q: np.ndarray, uv: np.ndarray, K: np.ndarray, s: np.ndarray,
+               px_threshold: float, rel_depth_threshold: float, rounds: int, min_px_threshold: float):
+    """Hypotheses T (k, 4, 4) refined under a rolling shutter (:func:`ransac_rigid`'s local optimisation):
+    ``rounds`` of :func:`fit_reprojection` on each one's inliers while its pixel threshold shrinks (x 0.6
+    a round, and to 3 robust sigmas of the inliers, not below min_px_threshold): the shrinking lets a fit
+    that started on the background and part of a mover settle on one of them. Returns (T (k, 4, 4),
+    skew (k, 3), pixel errors (k, N), relative depth errors (k, N), median pixel error of the final
+    inliers (k,))."""
+    k = len(T)
+    skew, thr = np.zeros((k, 3)), np.full(k, float(px_threshold))
     e, ez = shutter_reprojection_errors(T, skew, s, P, Q, uv, K)
-    inl = (e < thr) & (ez < rel_depth_threshold)
+    inl = (e < thr[:, None]) & (ez < rel_depth_threshold)
     for _ in range(rounds):
-        if inl.sum() < 6:
-            break
-        T, skew = fit_reprojection(T, skew, s[inl], P[inl], uv[inl], K)
+        T, skew = fit_reprojection(T, skew, s, P, uv, K, inl.astype(np.float64), 1)
         e, ez = shutter_reprojection_errors(T, skew, s, P, Q, uv, K)
-        thr = float(np.clip(min(SHRINK * thr, 3.0 * 1.4826 * np.median(e[inl])), min_px_threshold, thr))
-        inl = (e < thr) & (ez < rel_depth_threshold)
-    med = float(np.median(e[inl])) if inl.any() else float(thr)
-    return T, skew, e, ez, med, float(np.clip(3.0 * 1.4826 * med, min_px_threshold, px_threshold))
-SHRINK = 0.6
+        thr = np.clip(np.minimum(0.6 * thr, 3.0 * 1.4826 * _inlier_median(e, inl)), min_px_threshold, thr)
+        inl = (e < thr[:, None]) & (ez < rel_depth_threshold)
+    med = _inlier_median(e, inl)
+    return T, skew, e, ez, np.where(np.isfinite(med), med, float(px_threshold))
 
 
 class _FrameCache:
