@@ -57,14 +57,32 @@ def test_in_frame_acceleration_recovers_the_pair_poses(tremor):
     assert accelerating.mean() < 0.7 * constant.mean() and accelerating.mean() < 5.0, (accelerating, constant)
 
 
-def test_flow_fit_threshold_widened_by_the_readout(tremor, monkeypatch):
-    """Under a rolling shutter the flow's global-shutter RANSAC fit keeps the static rows the readout
-    distorts (its threshold widened to readout x 0.3 rad/s x fx); a 0.75 px threshold drops them and the
-    refinement starts from a fit on part of the image."""
-    wide = pair_errors(tremor, 0.025)
+def inlier_fractions(seq, readout):
+    """Inlier fractions of the adjacent pair poses' flow fits (the sequence's depth delay)."""
+    pred = RGBDPredictor(RGBDPredictorConfig.from_backend(BackendConfig(rolling_shutter_s=readout,
+                                                                        depth_delay_s=seq.config.depth_delay)))
+    flows = FlowCache(FlowConfig())
+    out = []
+    for k in range(len(seq.frames) - 1):
+        a, b = seq.frames[k], seq.frames[k + 1]
+        _, inl, n = pred.relative_pose(a, b, flows.get(a.key, a.rgb, b.key, b.rgb))
+        out.append(inl.sum() / n)
+    return np.array(out)
+
+
+def test_flow_fit_keeps_the_rows_the_readout_distorts(tremor, monkeypatch):
+    """Under a rolling shutter the flow's RANSAC hypotheses are refined under the pair's row skew
+    (ransac_rigid): the static rows the readout distorts stay inliers, even from the global-shutter
+    threshold (0.75 px), where a global-shutter fit drops a fifth of the static room and the refinement
+    starts from a fit on part of the image."""
+    import dynrecon_ros.predictors.rgbd as rgbd
     monkeypatch.setattr(RGBDPredictor, '_px_threshold', lambda self, K: self.cfg.ransac_px_threshold)
-    narrow = pair_errors(tremor, 0.025)
-    assert wide.mean() < 0.8 * narrow.mean(), (wide, narrow)
+    skew = inlier_fractions(tremor, 0.025)
+    ransac = rgbd.ransac_rigid
+    monkeypatch.setattr(rgbd, 'ransac_rigid', lambda *a: ransac(*a[:10]))  # no row instants: global-shutter fit
+    global_ = inlier_fractions(tremor, 0.025)
+    assert global_.mean() < 0.9, global_  # the case is meaningful
+    assert skew.mean() > 0.95 and skew.min() > 0.9, skew
 
 
 def test_global_shutter_pose_step_builds_no_shutter(shaken, monkeypatch):
@@ -177,18 +195,19 @@ def test_flow_ransac_keeps_a_close_mover_out_of_the_consensus_under_a_rolling_sh
     assert np.abs(skew - [0.2, -0.3, 0.1]).max() < 0.1  # the row skew itself is recovered
 
 
-@pytest.mark.xfail(strict=True, reason='issue 16, open: under a 25 ms rolling shutter the flow RANSAC takes a close '
-                   'person who covers ~40 % of the view from the first frame for the static world (seed 0: 42-55 mm '
-                   'per step on the first frames); strict, so the fix shows as an XPASS to turn into a plain test')
+@pytest.mark.slow  # 320x240, 30 frames: ~25 s of CPU; the fast suite has the pair case above
 def test_pose_holds_with_a_close_person_in_view_from_the_first_frame_under_a_rolling_shutter():
     """every_effect, 30 frames (the close crosser passes mid-sequence, so it covers 37-45 % of the view before
-    any mask exists), 160x120: the trajectory stays within 3 mm ATE, as with the 90-frame preset."""
+    any mask exists), 320x240: the trajectory stays within 3 mm ATE, as with the 90-frame preset (it was 67 mm
+    when the flow RANSAC's 2 px rolling-shutter threshold let the person into the consensus: the pose followed
+    it; see ransac_rigid). At 160x120 the room's parallax over a pair is about the flow's noise: there even
+    ground-truth masks in the pair poses left 10.7 mm (this fix: 19.5 -> 17.7 mm), so the case runs at 320x240."""
     from dynrecon_ros.config import ReconConfig
     from dynrecon_ros.data.scenarios import scenario_config
     from dynrecon_ros.data.synthetic import render_sequence
     from dynrecon_ros.evaluation import trajectory_metrics
     from dynrecon_ros.reconstructor import Reconstructor
-    syn = scenario_config('every_effect', seed=0, width=160, height=120, frames=30)
+    syn = scenario_config('every_effect', seed=0, width=320, height=240, frames=30)
     seq = render_sequence(syn)
     assert np.mean([m.mean() for m in seq.masks[:5]]) > 0.35  # the condition: the person covers the view at start
     cfg = ReconConfig()
