@@ -3,7 +3,9 @@
 Points come from depth and intrinsics. The pose of j in i comes from dense correspondences (DIS flow
 i->j, forward-backward consistent, depth valid on both ends, taken on a pixel grid of stride
 ``stride``) by RANSAC over 3-point Umeyama/Kabsch fits, then a direct photometric + depth
-refinement on the inliers; moving objects are a minority and end up outliers. Per-frame data
+refinement on the inliers; moving objects are a minority and end up outliers (under a rolling shutter
+the hypotheses are refined with the pair's row skew and judged at the flow's noise scale, so that a
+close mover cannot join the background's consensus: :func:`ransac_rigid`). Per-frame data
 (grey, gradients, grid points) is computed once per frame and shared by its pairs.
 Confidence is 1 + a positive score where depth is valid and the flow is consistent.
 """
@@ -154,7 +156,8 @@ def fit_reprojection(T: np.ndarray, skew: np.ndarray, s: np.ndarray, P: np.ndarr
 def ransac_rigid(P: np.ndarray, Q: np.ndarray, uv: np.ndarray, K: np.ndarray, iterations: int,
                  px_threshold: float, rel_depth_threshold: float, rng: np.random.Generator,
                  refine: int = 3, min_px_threshold: float = 0.3, rows_s: np.ndarray | None = None,
-                 base_px_threshold: float = 0.75, top: int = 8) -> tuple[np.ndarray, np.ndarray, float, np.ndarray | None]:
+                 base_px_threshold: float = 0.75,
+                 top: int = 8) -> tuple[np.ndarray, np.ndarray, float, np.ndarray | None]:
     """Robust rigid fit P ≈ T Q over (N, 3) correspondences (uv: (N, 2) pixel of Q in j, K: j's).
 
     3-point Kabsch hypotheses scored by inlier count (reprojection < px_threshold and relative depth
@@ -168,11 +171,15 @@ def ransac_rigid(P: np.ndarray, Q: np.ndarray, uv: np.ndarray, K: np.ndarray, it
     covering much of the view joins the consensus: over a background metres away a translation of a few
     cm is compensated by a rotation to a fraction of a pixel, so "the camera moved with the mover" keeps
     the background and adds the mover (every_effect, 30 frames, seed 0, 320x240: 40-55 mm off per pair,
-    the mover 20-55 % inlier). Then the ``top`` hypotheses are each refined by :func:`local_fits` under
+    the mover 20-55 % inlier). Then the ``top`` hypotheses (the best by the wide score and by the
+    global-shutter base_px_threshold, in turn) are each refined by :func:`local_fits` under
     the rolling-shutter model (:func:`fit_reprojection`), which leaves the background at the flow's
     noise, and the one that wins is the one with the least MSAC cost at 2 x the smallest median residual
     of their consensus sets (the noise scale): at that scale the background's parallax decides, and the
-    mover no longer fits (same case: 10-30 mm off, the mover 1-5 % inlier in 8 of 10 pairs).
+    mover no longer fits (same case: 2.6-12 mm off in 9 of the first 10 pairs, the mover 0-3 % inlier, 32 mm
+    and 8 % in one; the inliers are those within 3 robust sigmas of the winner, ~0.6-0.9 px: the direct
+    refinement follows a few % of mover pixels, a 1-2 px band lets them back in). At 160x120 the room's
+    parallax over a pair is near the flow's noise and this decides less often (ATE 19.5 -> 17 mm).
     """
     n = len(P)
     idx = rng.integers(0, n, size=(iterations, 3))
@@ -187,9 +194,10 @@ def ransac_rigid(P: np.ndarray, Q: np.ndarray, uv: np.ndarray, K: np.ndarray, it
         ranked = np.stack([np.argsort(cost.sum(1), kind='stable'), np.argsort(tight.sum(1), kind='stable')], 1)
         _, first = np.unique(ranked.reshape(-1), return_index=True)
         b = ranked.reshape(-1)[np.sort(first)][:top]
-        T, skew, e, ez, med = local_fits(to_matrix(R[b], t[b]), P, Q, uv, K, rows_s, px_threshold,
-                                         rel_depth_threshold, refine + 1, min_px_threshold)
-        scale = 2.0 * med.min()
+        T, skew, e, ez, med, count = local_fits(to_matrix(R[b], t[b]), P, Q, uv, K, rows_s, px_threshold,
+                                                rel_depth_threshold, refine + 1, min_px_threshold)
+        # the noise scale from the fits that kept a consensus (not a handful of points that happen to agree)
+        scale = 2.0 * med[count >= max(6, count.max() // 4)].min()
         k = int(np.argmin(np.where((e < scale) & (ez < rel_depth_threshold), (e / scale) ** 2, 1.0).sum(1)))
         thr = float(np.clip(3.0 * 1.4826 * med[k], min_px_threshold, px_threshold))
         return T[k], (e[k] < thr) & (ez[k] < rel_depth_threshold), thr, skew[k]
@@ -217,7 +225,7 @@ def local_fits(T: np.ndarray, P: np.ndarray, Q: np.ndarray, uv: np.ndarray, K: n
     a round, and to 3 robust sigmas of the inliers, not below min_px_threshold): the shrinking lets a fit
     that started on the background and part of a mover settle on one of them. Returns (T (k, 4, 4),
     skew (k, 3), pixel errors (k, N), relative depth errors (k, N), median pixel error of the final
-    inliers (k,))."""
+    inliers (k,), their count (k,))."""
     k = len(T)
     skew, thr = np.zeros((k, 3)), np.full(k, float(px_threshold))
     e, ez = shutter_reprojection_errors(T, skew, s, P, Q, uv, K)
@@ -228,7 +236,7 @@ def local_fits(T: np.ndarray, P: np.ndarray, Q: np.ndarray, uv: np.ndarray, K: n
         thr = np.clip(np.minimum(0.6 * thr, 3.0 * 1.4826 * _inlier_median(e, inl)), min_px_threshold, thr)
         inl = (e < thr[:, None]) & (ez < rel_depth_threshold)
     med = _inlier_median(e, inl)
-    return T, skew, e, ez, np.where(np.isfinite(med), med, float(px_threshold))
+    return T, skew, e, ez, np.where(np.isfinite(med), med, float(px_threshold)), inl.sum(1)
 
 
 class _FrameCache:
@@ -421,7 +429,8 @@ class RGBDPredictor(PairPredictor):
         rows' distortion a global-shutter fit leaves on the static background (readout x 0.3 rad/s, the
         two frames' angular rates differing like a hand-held camera's, x fx: 2 px at 320x240 and 25 ms;
         the refits then shrink it to 3 robust sigmas). On every_effect seeds 101 / 102 / 202 / 303 / 104
-        ATE 3.57 / 4.21 / 3.66 / 5.04 / 5.65 -> 3.30 / 4.26 / 2.56 / 3.48 / 5.57 mm."""
+        ATE 3.57 / 4.21 / 3.66 / 5.04 / 5.65 -> 3.30 / 4.26 / 2.56 / 3.48 / 5.57 mm (with the global-shutter
+        flow fit of then; now it is the starting threshold of ransac_rigid's fits under the row skew)."""
         thr = self.cfg.ransac_px_threshold
         if self.shutter.readout > 0:
             thr = max(thr, self.shutter.readout * 0.3 * float(K_j[0, 0]))
