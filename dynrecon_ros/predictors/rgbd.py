@@ -22,6 +22,7 @@ from dynrecon_ros.geometry import (fit_rigid, fit_similarity, pixel_grid, se3_in
                                    unproject)
 from dynrecon_ros.photometric import exposure_gain
 from dynrecon_ros.predictors.base import PairPrediction, PairPredictor
+from dynrecon_ros.predictors.row_skew import local_fits, shutter_reprojection_errors
 from dynrecon_ros.rolling_shutter import PairShutter, ShutterModel
 
 if TYPE_CHECKING:
@@ -77,82 +78,6 @@ def reprojection_errors(R: np.ndarray, t: np.ndarray, P: np.ndarray, Q: np.ndarr
     return np.sqrt(du * du + dv * dv), np.abs(X[..., 2] - Q[:, 2]) / Q[:, 2]
 
 
-def _cross(w: np.ndarray, X: np.ndarray) -> np.ndarray:
-    """w (..., 3) x X (..., N, 3) -> (..., N, 3) (np.cross costs several times more on arrays this small)."""
-    w = w[..., None, :]
-    x, y, z = X[..., 0], X[..., 1], X[..., 2]
-    return np.stack([w[..., 1] * z - w[..., 2] * y, w[..., 2] * x - w[..., 0] * z, w[..., 0] * y - w[..., 1] * x], -1)
-
-
-def _inlier_median(e: np.ndarray, inl: np.ndarray) -> np.ndarray:
-    """(k,) median of each row of e (k, N) over its inliers inl (k, N) (inf where a row has none)."""
-    n = inl.sum(1)
-    srt = np.sort(np.where(inl, e, np.inf), 1)
-    lo, hi = np.maximum((n - 1) // 2, 0), np.maximum(n // 2, 0)
-    rows = np.arange(len(e))
-    return np.where(n > 0, 0.5 * (srt[rows, lo] + srt[rows, hi]), np.inf)
-
-
-def shutter_reprojection_errors(T: np.ndarray, skew: np.ndarray, s: np.ndarray, P: np.ndarray, Q: np.ndarray,
-                                uv: np.ndarray, K: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`reprojection_errors` of hypotheses T (..., 4, 4) under a rolling shutter's row skew: P (N, 3)
-    moved into j, then turned by s x skew (s (N,) the points' row instants in s, skew (..., 3) rad/s: the
-    difference of the two frames' angular rates, :func:`fit_reprojection`). Returns (pixel error (..., N),
-    relative depth error (..., N)), float64."""
-    T, skew = np.asarray(T, np.float64), np.asarray(skew, np.float64)
-    X = (P - T[..., None, :3, 3]) @ T[..., :3, :3]
-    X = X + s[:, None] * _cross(skew, X)
-    iz = 1.0 / np.maximum(X[..., 2], 1e-6)
-    du = K[0, 0] * X[..., 0] * iz + K[0, 2] - uv[:, 0]
-    dv = K[1, 1] * X[..., 1] * iz + K[1, 2] - uv[:, 1]
-    return np.sqrt(du * du + dv * dv), np.abs(X[..., 2] - Q[:, 2]) / Q[:, 2]
-
-
-def fit_reprojection(T: np.ndarray, skew: np.ndarray, s: np.ndarray, P: np.ndarray, uv: np.ndarray, K: np.ndarray,
-                     w: np.ndarray, iterations: int = 3, sigma_px: float = 0.5, sigma_skew: float = 0.5):
-    """Gauss-Newton fits of hypotheses T_i_j (k, 4, 4) and their row skews (k, 3) rad/s to the flow targets
-    uv (N, 2) of i's points P (N, 3) with weights w (k, N) (0 / 1: each hypothesis' inliers) under a
-    rolling shutter (the model of :func:`shutter_reprojection_errors`; s (N,) the rows' instants).
-
-    A pair seen by two rolling shutters is, to first order and for the far points that pin the
-    rotation, the global-shutter motion plus a rotation growing linearly with the row's instant s by
-    the difference of the frames' angular rates (hand tremor: a few tenths of a rad/s, 1-2 px over a
-    25 ms readout at 320x240). Reprojection residuals (sigma_px px), the skew held to 0 by a Gaussian
-    prior (sigma_skew rad/s). Batched over the k hypotheses (one small solve each would cost 10x more
-    in numpy's per-call overhead). Returns (T (k, 4, 4), skew (k, 3)).
-    """
-    T_j_i = np.linalg.inv(T)
-    skew = np.array(skew, np.float64)
-    fx, fy = float(K[0, 0]), float(K[1, 1])
-    k = len(T)
-    prior = np.zeros((9, 9))
-    prior[6:, 6:] = np.eye(3) * (sigma_px / sigma_skew) ** 2
-    for _ in range(iterations):
-        Y = P @ T_j_i[:, :3, :3].transpose(0, 2, 1) + T_j_i[:, None, :3, 3]  # (k, N, 3)
-        Y = Y + s[:, None] * _cross(skew, Y)
-        x, y, z = Y[..., 0], Y[..., 1], Y[..., 2]
-        iz = 1.0 / np.maximum(z, 1e-6)
-        ru, rv = fx * x * iz + K[0, 2] - uv[:, 0], fy * y * iz + K[1, 2] - uv[:, 1]
-        # rows of d pixel / d(left pose increment of T_j_i, skew): d pixel / dY = a, d/d omega = Y x a
-        au, av = fx * iz, fy * iz
-        cu, cv = -au * x * iz, -av * y * iz
-        zero = np.zeros_like(iz)
-        Ju = np.stack([au, zero, cu, y * cu, z * au - x * cu, -y * au], -1)
-        Jv = np.stack([zero, av, cv, y * cv - z * av, -x * cv, x * av], -1)
-        J = np.concatenate([np.concatenate([Ju, s[:, None] * Ju[..., 3:]], -1),
-                            np.concatenate([Jv, s[:, None] * Jv[..., 3:]], -1)], 1)  # (k, 2N, 9)
-        r = np.concatenate([ru, rv], 1)
-        Jw = J * np.concatenate([w, w], 1)[..., None]
-        Jwt = Jw.transpose(0, 2, 1)
-        H = Jwt @ J + prior + 1e-9 * np.eye(9)
-        g = (Jwt @ r[..., None])[..., 0]
-        g[:, 6:] += skew * (sigma_px / sigma_skew) ** 2
-        step = -np.linalg.solve(H, g[..., None])[..., 0]
-        T_j_i = np.stack([se3_increment(step[m, :6]) @ T_j_i[m] for m in range(k)])
-        skew = skew + step[:, 6:]
-    return np.linalg.inv(T_j_i), skew
-
-
 def ransac_rigid(P: np.ndarray, Q: np.ndarray, uv: np.ndarray, K: np.ndarray, iterations: int,
                  px_threshold: float, rel_depth_threshold: float, rng: np.random.Generator,
                  refine: int = 3, min_px_threshold: float = 0.3, rows_s: np.ndarray | None = None,
@@ -172,8 +97,8 @@ def ransac_rigid(P: np.ndarray, Q: np.ndarray, uv: np.ndarray, K: np.ndarray, it
     cm is compensated by a rotation to a fraction of a pixel, so "the camera moved with the mover" keeps
     the background and adds the mover (every_effect, 30 frames, seed 0, 320x240: 40-55 mm off per pair,
     the mover 20-55 % inlier). Then the ``top`` hypotheses (the best by the wide score and by the
-    global-shutter base_px_threshold, in turn) are each refined by :func:`local_fits` under
-    the rolling-shutter model (:func:`fit_reprojection`), which leaves the background at the flow's
+    global-shutter base_px_threshold, in turn) are each refined under the pair's row skew
+    (:func:`~dynrecon_ros.predictors.row_skew.local_fits`), which leaves the background at the flow's
     noise, and the one that wins is the one with the least MSAC cost at 2 x the smallest median residual
     of their consensus sets (the noise scale): at that scale the background's parallax decides, and the
     mover no longer fits (same case: 2.6-12 mm off in 9 of the first 10 pairs, the mover 0-3 % inlier, 32 mm
@@ -216,27 +141,6 @@ def ransac_rigid(P: np.ndarray, Q: np.ndarray, uv: np.ndarray, K: np.ndarray, it
         thr = float(np.clip(3.0 * 1.4826 * np.median(epx[inl]), min_px_threshold, thr))
         inl = (epx < thr) & (ez < rel_depth_threshold)
     return T, inl, thr, None
-
-
-def local_fits(T: np.ndarray, P: np.ndarray, Q: np.ndarray, uv: np.ndarray, K: np.ndarray, s: np.ndarray,
-               px_threshold: float, rel_depth_threshold: float, rounds: int, min_px_threshold: float):
-    """Hypotheses T (k, 4, 4) refined under a rolling shutter (:func:`ransac_rigid`'s local optimisation):
-    ``rounds`` of :func:`fit_reprojection` on each one's inliers while its pixel threshold shrinks (x 0.6
-    a round, and to 3 robust sigmas of the inliers, not below min_px_threshold): the shrinking lets a fit
-    that started on the background and part of a mover settle on one of them. Returns (T (k, 4, 4),
-    skew (k, 3), pixel errors (k, N), relative depth errors (k, N), median pixel error of the final
-    inliers (k,), their count (k,))."""
-    k = len(T)
-    skew, thr = np.zeros((k, 3)), np.full(k, float(px_threshold))
-    e, ez = shutter_reprojection_errors(T, skew, s, P, Q, uv, K)
-    inl = (e < thr[:, None]) & (ez < rel_depth_threshold)
-    for _ in range(rounds):
-        T, skew = fit_reprojection(T, skew, s, P, uv, K, inl.astype(np.float64), 1)
-        e, ez = shutter_reprojection_errors(T, skew, s, P, Q, uv, K)
-        thr = np.clip(np.minimum(0.6 * thr, 3.0 * 1.4826 * _inlier_median(e, inl)), min_px_threshold, thr)
-        inl = (e < thr[:, None]) & (ez < rel_depth_threshold)
-    med = _inlier_median(e, inl)
-    return T, skew, e, ez, np.where(np.isfinite(med), med, float(px_threshold)), inl.sum(1)
 
 
 class _FrameCache:
