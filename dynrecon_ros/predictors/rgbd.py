@@ -309,7 +309,8 @@ class RGBDPredictor(PairPredictor):
                 keep = keep_s
         wz = 1.0 / np.maximum(P_s[:, 2].astype(np.float64), 0.1) ** 2 if c.photometric_iterations <= 0 else None
         # refits on the flow (skipped when the direct refinement follows: it supersedes them)
-        for _ in range(0 if c.photometric_iterations > 0 else 2):
+        # (and under a rolling shutter: ransac_rigid's fits under the row skew did them)
+        for _ in range(0 if c.photometric_iterations > 0 or skew is not None else 2):
             use = keep & (epx < thr) & (ez < c.ransac_depth_threshold)
             idx = np.flatnonzero(use)
             if len(idx) < c.min_inliers:
