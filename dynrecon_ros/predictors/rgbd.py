@@ -4,7 +4,7 @@ Points come from depth and intrinsics. The pose of j in i comes from dense corre
 i->j, forward-backward consistent, depth valid on both ends, taken on a pixel grid of stride
 ``stride``) by RANSAC over 3-point Umeyama/Kabsch fits, then a direct photometric + depth
 refinement on the inliers; moving objects are a minority and end up outliers (under a rolling shutter
-the hypotheses are also refined with the pair's row skew and judged at the flow's noise scale, so that a
+the hypotheses are refined with the pair's row skew and judged at the flow's noise scale, so that a
 close mover cannot join the background's consensus: :func:`ransac_rigid`). Per-frame data
 (grey, gradients, grid points) is computed once per frame and shared by its pairs.
 Confidence is 1 + a positive score where depth is valid and the flow is consistent.
@@ -81,8 +81,8 @@ def reprojection_errors(R: np.ndarray, t: np.ndarray, P: np.ndarray, Q: np.ndarr
 def ransac_rigid(P: np.ndarray, Q: np.ndarray, uv: np.ndarray, K: np.ndarray, iterations: int,
                  px_threshold: float, rel_depth_threshold: float, rng: np.random.Generator,
                  refine: int = 3, min_px_threshold: float = 0.3, rows_s: np.ndarray | None = None,
-                 base_px_threshold: float = 0.75, top: int = 8,
-                 absorbed: float = 0.03) -> tuple[np.ndarray, np.ndarray, float, np.ndarray | None]:
+                 base_px_threshold: float = 0.75,
+                 top: int = 8) -> tuple[np.ndarray, np.ndarray, float, np.ndarray | None]:
     """Robust rigid fit P ≈ T Q over (N, 3) correspondences (uv: (N, 2) pixel of Q in j, K: j's).
 
     3-point Kabsch hypotheses scored by inlier count (reprojection < px_threshold and relative depth
@@ -96,19 +96,15 @@ def ransac_rigid(P: np.ndarray, Q: np.ndarray, uv: np.ndarray, K: np.ndarray, it
     covering much of the view joins the consensus: over a background metres away a translation of a few
     cm is compensated by a rotation to a fraction of a pixel, so "the camera moved with the mover" keeps
     the background and adds the mover (every_effect, 30 frames, seed 0, 320x240: 40-55 mm off per pair,
-    the mover 20-55 % inlier). So the ``top`` hypotheses (the best by the wide score and by the
-    global-shutter base_px_threshold, in turn) are also refined under the pair's row skew
+    the mover 20-55 % inlier). Then the ``top`` hypotheses (the best by the wide score and by the
+    global-shutter base_px_threshold, in turn) are each refined under the pair's row skew
     (:func:`~dynrecon_ros.predictors.row_skew.local_fits`), which leaves the background at the flow's
-    noise, and the one with the least MSAC cost at 2 x the smallest median residual of their consensus
-    sets (the noise scale) wins: at that scale the background's parallax decides, and the mover no longer
-    fits (same case: 2.6-12 mm off in 9 of the first 10 pairs, the mover 0-3 % inlier, 32 mm and 8 % in
-    one). When more than ``absorbed`` of the points are in the global-shutter consensus but beyond
-    px_threshold of that fit, the global-shutter fit has absorbed a mover and the fit under the skew is
-    returned, with its inliers within 3 robust sigmas (~0.6-0.9 px: the direct refinement follows even a
-    few % of mover pixels, which a 1-2 px band lets back in); else the global-shutter fit, whose wider band
-    keeps the rows that the first-order skew leaves ~1 px off under hand tremor (the refinement models
-    them: static room pairs 2.7 mm from it, 3.9 mm from the skew fit's inliers). Static room pairs leave
-    0-0.6 % so absorbed, the close person 6-28 %.
+    noise, and the one that wins is the one with the least MSAC cost at 2 x the smallest median residual
+    of their consensus sets (the noise scale): at that scale the background's parallax decides, and the
+    mover no longer fits (same case: 2.6-12 mm off in 9 of the first 10 pairs, the mover 0-3 % inlier, 32 mm
+    and 8 % in one; the inliers are those within 3 robust sigmas of the winner, ~0.6-0.9 px: the direct
+    refinement follows a few % of mover pixels, a 1-2 px band lets them back in). At 160x120 the room's
+    parallax over a pair is near the flow's noise and this decides less often (ATE 19.5 -> 17 mm).
     """
     n = len(P)
     idx = rng.integers(0, n, size=(iterations, 3))
@@ -116,32 +112,24 @@ def ransac_rigid(P: np.ndarray, Q: np.ndarray, uv: np.ndarray, K: np.ndarray, it
     epx, ez = reprojection_errors(R, t, P, Q, uv, K)
     # MSAC score: truncated quadratic, prefers the tightest consensus over a mere count
     cost = np.where((epx < px_threshold) & (ez < rel_depth_threshold), (epx / px_threshold) ** 2, 1.0)
+    if rows_s is not None:
+        # candidates: the best by the wide score and the best by a global-shutter threshold (hypotheses from
+        # background-only samples rank low by the wide score, below those the mover joins)
+        tight = np.where((epx < base_px_threshold) & (ez < rel_depth_threshold), (epx / base_px_threshold) ** 2, 1.0)
+        ranked = np.stack([np.argsort(cost.sum(1), kind='stable'), np.argsort(tight.sum(1), kind='stable')], 1)
+        _, first = np.unique(ranked.reshape(-1), return_index=True)
+        b = ranked.reshape(-1)[np.sort(first)][:top]
+        T, skew, e, ez, med, count = local_fits(to_matrix(R[b], t[b]), P, Q, uv, K, rows_s, px_threshold,
+                                                rel_depth_threshold, refine + 1, min_px_threshold)
+        # the noise scale from the fits that kept a consensus (not a handful of points that happen to agree)
+        scale = 2.0 * med[count >= max(6, count.max() // 4)].min()
+        k = int(np.argmin(np.where((e < scale) & (ez < rel_depth_threshold), (e / scale) ** 2, 1.0).sum(1)))
+        thr = float(np.clip(3.0 * 1.4826 * med[k], min_px_threshold, px_threshold))
+        return T[k], (e[k] < thr) & (ez[k] < rel_depth_threshold), thr, skew[k]
     best = int(np.argmin(cost.sum(1)))
-    T, inl, thr = _refit(P, Q, uv, K, to_matrix(R[best], t[best]), (epx[best] < px_threshold) &
-                         (ez[best] < rel_depth_threshold), px_threshold, rel_depth_threshold, refine, min_px_threshold)
-    if rows_s is None:
-        return T, inl, thr, None
-    # candidates: the best by the wide score and the best by a global-shutter threshold (hypotheses from
-    # background-only samples rank low by the wide score, below those the mover joins)
-    tight = np.where((epx < base_px_threshold) & (ez < rel_depth_threshold), (epx / base_px_threshold) ** 2, 1.0)
-    ranked = np.stack([np.argsort(cost.sum(1), kind='stable'), np.argsort(tight.sum(1), kind='stable')], 1)
-    _, first = np.unique(ranked.reshape(-1), return_index=True)
-    b = ranked.reshape(-1)[np.sort(first)][:top]
-    Ts, skew, e, ez, med, count = local_fits(to_matrix(R[b], t[b]), P, Q, uv, K, rows_s, px_threshold,
-                                             rel_depth_threshold, refine + 1, min_px_threshold)
-    # the noise scale from the fits that kept a consensus (not a handful of points that happen to agree)
-    scale = 2.0 * med[count >= max(6, count.max() // 4)].min()
-    k = int(np.argmin(np.where((e < scale) & (ez < rel_depth_threshold), (e / scale) ** 2, 1.0).sum(1)))
-    if np.count_nonzero(inl & ~((e[k] < px_threshold) & (ez[k] < rel_depth_threshold))) <= absorbed * n:
-        return T, inl, thr, None
-    thr = float(np.clip(3.0 * 1.4826 * med[k], min_px_threshold, px_threshold))
-    return Ts[k], (e[k] < thr) & (ez[k] < rel_depth_threshold), thr, skew[k]
-
-
-def _refit(P: np.ndarray, Q: np.ndarray, uv: np.ndarray, K: np.ndarray, T: np.ndarray, inl: np.ndarray,
-           px_threshold: float, rel_depth_threshold: float, refine: int, min_px_threshold: float):
-    """:func:`ransac_rigid`'s global-shutter refits of the winner T (4, 4) from its inliers inl (N,) ->
-    (T, inliers, final pixel threshold)."""
+    inl = (epx[best] < px_threshold) & (ez[best] < rel_depth_threshold)
+    T = np.eye(4)
+    T[:3, :3], T[:3, 3] = R[best], t[best]
     thr = px_threshold
     w = 1.0 / np.maximum(P[:, 2], 0.1) ** 2
     for _ in range(refine):
@@ -152,7 +140,7 @@ def _refit(P: np.ndarray, Q: np.ndarray, uv: np.ndarray, K: np.ndarray, T: np.nd
         epx, ez = epx[0], ez[0]
         thr = float(np.clip(3.0 * 1.4826 * np.median(epx[inl]), min_px_threshold, thr))
         inl = (epx < thr) & (ez < rel_depth_threshold)
-    return T, inl, thr
+    return T, inl, thr, None
 
 
 class _FrameCache:
@@ -346,8 +334,8 @@ class RGBDPredictor(PairPredictor):
         rows' distortion a global-shutter fit leaves on the static background (readout x 0.3 rad/s, the
         two frames' angular rates differing like a hand-held camera's, x fx: 2 px at 320x240 and 25 ms;
         the refits then shrink it to 3 robust sigmas). On every_effect seeds 101 / 102 / 202 / 303 / 104
-        ATE 3.57 / 4.21 / 3.66 / 5.04 / 5.65 -> 3.30 / 4.26 / 2.56 / 3.48 / 5.57 mm (the fits under the row
-        skew that ransac_rigid adds for a close mover start from it too)."""
+        ATE 3.57 / 4.21 / 3.66 / 5.04 / 5.65 -> 3.30 / 4.26 / 2.56 / 3.48 / 5.57 mm (with the global-shutter
+        flow fit of then; now it is the starting threshold of ransac_rigid's fits under the row skew)."""
         thr = self.cfg.ransac_px_threshold
         if self.shutter.readout > 0:
             thr = max(thr, self.shutter.readout * 0.3 * float(K_j[0, 0]))
