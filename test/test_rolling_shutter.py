@@ -58,14 +58,32 @@ def test_in_frame_acceleration_recovers_the_pair_poses(tremor):
     assert accelerating.mean() < 0.7 * constant.mean() and accelerating.mean() < 5.0, (accelerating, constant)
 
 
-def test_flow_fit_threshold_widened_by_the_readout(tremor, monkeypatch):
-    """Under a rolling shutter the flow's global-shutter RANSAC fit keeps the static rows the readout
-    distorts (its threshold widened to readout x 0.3 rad/s x fx); a 0.75 px threshold drops them and the
-    refinement starts from a fit on part of the image."""
-    wide = pair_errors(tremor, 0.025)
+def inlier_fractions(seq, readout):
+    """Inlier fractions of the adjacent pair poses' flow fits (the sequence's depth delay)."""
+    pred = RGBDPredictor(RGBDPredictorConfig.from_backend(BackendConfig(rolling_shutter_s=readout,
+                                                                        depth_delay_s=seq.config.depth_delay)))
+    flows = FlowCache(FlowConfig())
+    out = []
+    for k in range(len(seq.frames) - 1):
+        a, b = seq.frames[k], seq.frames[k + 1]
+        _, inl, n = pred.relative_pose(a, b, flows.get(a.key, a.rgb, b.key, b.rgb))
+        out.append(inl.sum() / n)
+    return np.array(out)
+
+
+def test_flow_fit_keeps_the_rows_the_readout_distorts(tremor, monkeypatch):
+    """Under a rolling shutter the flow's RANSAC hypotheses are refined under the pair's row skew
+    (ransac_rigid): the static rows the readout distorts stay inliers, even from the global-shutter
+    threshold (0.75 px), where a global-shutter fit drops a fifth of the static room and the refinement
+    starts from a fit on part of the image."""
+    import dynrecon_ros.predictors.rgbd as rgbd
     monkeypatch.setattr(RGBDPredictor, '_px_threshold', lambda self, K: self.cfg.ransac_px_threshold)
-    narrow = pair_errors(tremor, 0.025)
-    assert wide.mean() < 0.8 * narrow.mean(), (wide, narrow)
+    skew = inlier_fractions(tremor, 0.025)
+    ransac = rgbd.ransac_rigid
+    monkeypatch.setattr(rgbd, 'ransac_rigid', lambda *a: ransac(*a[:10]))  # no row instants: global-shutter fit
+    global_ = inlier_fractions(tremor, 0.025)
+    assert global_.mean() < 0.9, global_  # the case is meaningful
+    assert skew.mean() > 0.95 and skew.min() > 0.9, skew
 
 
 def test_global_shutter_pose_step_builds_no_shutter(shaken, monkeypatch):
@@ -180,18 +198,60 @@ def test_ego_flow_sees_each_row_at_its_instant(shaken):
     assert flagged[True] < 0.1 * flagged[False], flagged
 
 
-@pytest.mark.xfail(strict=True, reason='issue 16, open: under a 25 ms rolling shutter the flow RANSAC takes a close '
-                   'person who covers ~40 % of the view from the first frame for the static world (seed 0: 42-55 mm '
-                   'per step on the first frames); strict, so the fix shows as an XPASS to turn into a plain test')
+def close_mover_pair(seed, rows):
+    """Flow correspondences of one pair at 320x240 under a 25 ms rolling shutter whose frames' angular rates differ
+    by 0.37 rad/s (1-2 px of row skew), the room 2.5-6 m away and a rigid mover 1 m away over the right 40 % of
+    the view walking 40 mm sideways while the camera moves 10 mm: (ransac_rigid's result, T_i_j, mover (N,))."""
+    from dynrecon_ros.geometry import se3_increment
+    from dynrecon_ros.predictors.rgbd import ransac_rigid
+    rng = np.random.default_rng(seed)
+    K = np.array([[267.7, 0, 159.5], [0, 267.7, 119.5], [0, 0, 1]])
+    n = 800
+    u, v = rng.uniform(0, 320, n), rng.uniform(0, 240, n)
+    mover = u > 190
+    z = np.where(mover, rng.uniform(0.9, 1.1, n), rng.uniform(2.5, 6.0, n))
+    P = np.stack([(u - K[0, 2]) / K[0, 0] * z, (v - K[1, 2]) / K[1, 1] * z, z], -1)
+    T_j_i = se3_increment(np.array([0.008, -0.004, 0.006, 0.004, -0.006, 0.002]))
+    walk = np.array([0.04, 0.0, 0.005])
+    Y = (P + mover[:, None] * walk) @ T_j_i[:3, :3].T + T_j_i[:3, 3]
+    s = ShutterModel(0.025).row_offsets(v, 240)
+    Y = Y + s[:, None] * np.cross(np.array([0.2, -0.3, 0.1]), Y)  # first order: the pair's row skew
+    uv = np.stack([K[0, 0] * Y[:, 0] / Y[:, 2] + K[0, 2], K[1, 1] * Y[:, 1] / Y[:, 2] + K[1, 2]], -1)
+    uv += rng.normal(0, 0.2, uv.shape)  # flow noise, px
+    zq = Y[:, 2] * (1 + rng.normal(0, 0.005, n))
+    Q = np.stack([(uv[:, 0] - K[0, 2]) / K[0, 0] * zq, (uv[:, 1] - K[1, 2]) / K[1, 1] * zq, zq], -1)
+    fit = ransac_rigid(P, Q, uv, K, 64, 0.025 * 0.3 * K[0, 0], 0.02, np.random.default_rng(seed), 4, 0.3,
+                       s if rows else None)
+    return fit, np.linalg.inv(T_j_i), mover
+
+
+@pytest.mark.parametrize('seed', [0, 1, 2])
+def test_flow_ransac_keeps_a_close_mover_out_of_the_consensus_under_a_rolling_shutter(seed):
+    """Within the 2 px a global-shutter fit needs for the row skew, "the camera moved with the mover" keeps most
+    of the room (a few cm of translation, compensated by a rotation, moves points metres away by a pixel or
+    two) and adds the mover; the hypotheses refined under the row skew are judged at the flow's noise, where
+    the room's parallax rules the mover out."""
+    (T_gs, inl_gs, _, _), T, mover = close_mover_pair(seed, rows=False)
+    assert inl_gs[mover].mean() > 0.9 and np.linalg.norm(T_gs[:3, 3] - T[:3, 3]) > 0.03  # the case is meaningful
+    (T_rs, inl_rs, _, skew), _, _ = close_mover_pair(seed, rows=True)
+    assert inl_rs[mover].mean() < 0.02 and inl_rs[~mover].mean() > 0.9, (inl_rs[mover].mean(), inl_rs[~mover].mean())
+    assert np.linalg.norm(T_rs[:3, 3] - T[:3, 3]) < 0.004
+    assert np.abs(skew - [0.2, -0.3, 0.1]).max() < 0.1  # the row skew itself is recovered
+
+
+@pytest.mark.slow  # 320x240, 30 frames: ~25 s of CPU; the fast suite has the pair case above
 def test_pose_holds_with_a_close_person_in_view_from_the_first_frame_under_a_rolling_shutter():
     """every_effect, 30 frames (the close crosser passes mid-sequence, so it covers 37-45 % of the view before
-    any mask exists), 160x120: the trajectory stays within 3 mm ATE, as with the 90-frame preset."""
+    any mask exists), 320x240: the trajectory stays within 3 mm ATE, as with the 90-frame preset (it was 67 mm
+    when the flow RANSAC's 2 px rolling-shutter threshold let the person into the consensus: the pose followed
+    it; see ransac_rigid). At 160x120 the room's parallax over a pair is about the flow's noise: there even
+    ground-truth masks in the pair poses left 10.7 mm (this fix: 19.5 -> 17.7 mm), so the case runs at 320x240."""
     from dynrecon_ros.config import ReconConfig
     from dynrecon_ros.data.scenarios import scenario_config
     from dynrecon_ros.data.synthetic import render_sequence
     from dynrecon_ros.evaluation import trajectory_metrics
     from dynrecon_ros.reconstructor import Reconstructor
-    syn = scenario_config('every_effect', seed=0, width=160, height=120, frames=30)
+    syn = scenario_config('every_effect', seed=0, width=320, height=240, frames=30)
     seq = render_sequence(syn)
     assert np.mean([m.mean() for m in seq.masks[:5]]) > 0.35  # the condition: the person covers the view at start
     cfg = ReconConfig()
