@@ -50,12 +50,17 @@ def generate_launch_description():
                                                                get('checkpoint', ''), get('namespace', ''), True)
         return [ExecuteProcess(cmd=cmd, name=recon.NODE_NAME, output='screen', sigterm_timeout='30'),
                 ExecuteProcess(cmd=replay_command(get('bag'), get('rate', '1.0'), get('player', 'dynrecon'),
-                                                  get('loop', 'false')), name='replay', output='screen')]
+                                                  get('loop', 'false'), get('delay', '2.0')),
+                               name='replay', output='screen')]
     return LaunchDescription([
         DeclareLaunchArgument('bag', description='TUM bag: ROS 1 .bag file or ROS 2 bag directory'),
         DeclareLaunchArgument('rate', default_value='1.0', description='playback rate'),
         DeclareLaunchArgument('loop', default_value='false', description='loop the bag'),
         DeclareLaunchArgument('player', default_value='dynrecon', description="'dynrecon' or 'ros2' (ros2 bag play)"),
+        DeclareLaunchArgument('delay', default_value='2.0',
+                              description='seconds the player waits before the first message (after the node '
+                                          'subscribes, with the dynrecon player): time for other nodes, a /tf '
+                                          'listener or a recorder, to match the node\'s outputs'),
         DeclareLaunchArgument('config', default_value=str(recon.share_dir() / 'config' / 'tum.yaml')),
         DeclareLaunchArgument('backend', default_value=''),
         DeclareLaunchArgument('checkpoint', default_value=''),

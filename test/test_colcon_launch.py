@@ -160,7 +160,10 @@ def test_tum_replay_launch_on_a_rendered_bag_matches_offline(ws, tmp_path):
 
     ros = RosHarness(int(env['ROS_DOMAIN_ID']))
     tfs = ros.collect(TFMessage, '/tf', TF_QOS, keep=lambda m: list(m.transforms))
-    launch = ros_stack.Launch(ws, ['dynrecon_ros', 'tum_replay.launch.py', f'bag:={bag}'], env, tmp_path / 'launch.log')
+    # delay: the /tf subscription above must match the node's publisher before the first pose (volatile, as
+    # tf2_ros); 2 s was once too short on the loaded 2-core CI machine (the first 5 of 30 poses missed)
+    launch = ros_stack.Launch(ws, ['dynrecon_ros', 'tum_replay.launch.py', f'bag:={bag}', 'delay:=8.0'], env,
+                              tmp_path / 'launch.log')
     try:
         assert launch.wait_output('input idle: flushed', 240), launch.output()[-3000:]
     finally:
