@@ -78,6 +78,12 @@ def reprojection_errors(R: np.ndarray, t: np.ndarray, P: np.ndarray, Q: np.ndarr
     return np.sqrt(du * du + dv * dv), np.abs(X[..., 2] - Q[:, 2]) / Q[:, 2]
 
 
+def _msac(epx: np.ndarray, ez: np.ndarray, px_threshold: float, rel_depth_threshold: float) -> np.ndarray:
+    """MSAC cost per point (same shape as epx, ez): (epx / px_threshold)^2 for an inlier (both errors under
+    their thresholds), 1 otherwise; its sum prefers the tightest consensus over a mere count."""
+    return np.where((epx < px_threshold) & (ez < rel_depth_threshold), (epx / px_threshold) ** 2, 1.0)
+
+
 def ransac_rigid(P: np.ndarray, Q: np.ndarray, uv: np.ndarray, K: np.ndarray, iterations: int,
                  px_threshold: float, rel_depth_threshold: float, rng: np.random.Generator,
                  refine: int = 3, min_px_threshold: float = 0.3, rows_s: np.ndarray | None = None,
@@ -111,11 +117,11 @@ def ransac_rigid(P: np.ndarray, Q: np.ndarray, uv: np.ndarray, K: np.ndarray, it
     _, R, t = fit_similarity(Q[idx], P[idx], scale=False)  # 3-point Kabsch hypotheses
     epx, ez = reprojection_errors(R, t, P, Q, uv, K)
     # MSAC score: truncated quadratic, prefers the tightest consensus over a mere count
-    cost = np.where((epx < px_threshold) & (ez < rel_depth_threshold), (epx / px_threshold) ** 2, 1.0)
+    cost = _msac(epx, ez, px_threshold, rel_depth_threshold)
     if rows_s is not None:
         # candidates: the best by the wide score and the best by a global-shutter threshold (hypotheses from
         # background-only samples rank low by the wide score, below those the mover joins)
-        tight = np.where((epx < base_px_threshold) & (ez < rel_depth_threshold), (epx / base_px_threshold) ** 2, 1.0)
+        tight = _msac(epx, ez, base_px_threshold, rel_depth_threshold)
         ranked = np.stack([np.argsort(cost.sum(1), kind='stable'), np.argsort(tight.sum(1), kind='stable')], 1)
         _, first = np.unique(ranked.reshape(-1), return_index=True)
         b = ranked.reshape(-1)[np.sort(first)][:top]
@@ -123,7 +129,7 @@ def ransac_rigid(P: np.ndarray, Q: np.ndarray, uv: np.ndarray, K: np.ndarray, it
                                                 rel_depth_threshold, refine + 1, min_px_threshold)
         # the noise scale from the fits that kept a consensus (not a handful of points that happen to agree)
         scale = 2.0 * med[count >= max(6, count.max() // 4)].min()
-        k = int(np.argmin(np.where((e < scale) & (ez < rel_depth_threshold), (e / scale) ** 2, 1.0).sum(1)))
+        k = int(np.argmin(_msac(e, ez, scale, rel_depth_threshold).sum(1)))
         thr = float(np.clip(3.0 * 1.4826 * med[k], min_px_threshold, px_threshold))
         return T[k], (e[k] < thr) & (ez[k] < rel_depth_threshold), thr, skew[k]
     best = int(np.argmin(cost.sum(1)))
