@@ -5,6 +5,7 @@ workspace, `source install/setup.bash`, `ros2 pkg executables`, `ros2 launch dyn
 ../shared/ros; skipped, with the reason, without it."""
 import json
 import pathlib
+import re
 import subprocess
 
 import numpy as np
@@ -171,6 +172,10 @@ def test_tum_replay_launch_on_a_rendered_bag_matches_offline(ws, tmp_path):
         ros.close()
     out = launch.output()
     assert 'dropped 0' in out, out[-3000:]
+    # the latency breakdown's transport is measured on the node's clock (sim time here: the bag's stamps are
+    # years old, so wall time minus stamp would read ~1e11 ms)
+    transport = re.search(r'latency breakdown .*?transport (-?\d+) / (-?\d+)', out)
+    assert transport and abs(float(transport.group(2))) < 5000, out[-3000:]
     transforms = [t for msg in tfs for t in msg]
     frames = {(t.header.frame_id, t.child_frame_id) for t in transforms}
     assert frames == {('map', 'openni_rgb_optical_frame')}, frames  # the bag's optical frame (tum.yaml)

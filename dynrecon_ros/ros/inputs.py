@@ -22,7 +22,7 @@ class InputFrame:
     D: np.ndarray | None  # (N,)
     reset: bool = False
     received: float | None = None  # time.monotonic() when the callback queued it
-    transport: float | None = None  # seconds from the image's stamp to the callback (wall clock)
+    transport: float | None = None  # seconds from the image's stamp to the callback (node clock: sim time under use_sim_time)
 
 
 class StampPairer:

@@ -295,7 +295,10 @@ class ReconNode(Node):
             self.warn(self._topic(self.sub_info), 'no camera_info received yet (waiting; set '
                       'wait_for_camera_info:=false to run without intrinsics)')
             return
-        transport = time.time() - conv.stamp_to_sec(header.stamp)
+        # the node's clock, as the stamp's: under use_sim_time both are bag time (wall time minus a bag
+        # stamp is the recording's age, ~1e8 s, not a transport delay); no /clock yet (0): not measured
+        now_ns = self.get_clock().now().nanoseconds
+        transport = now_ns * 1e-9 - conv.stamp_to_sec(header.stamp) if now_ns > 0 else None
         dropped = self.queue.put(InputFrame(header, rgb, depth, K, D, received=time.monotonic(), transport=transport))
         if dropped:
             self._report_drops()
@@ -355,7 +358,8 @@ class ReconNode(Node):
                 self._headers.popitem(last=False)
         if item.received is not None:
             self._pipe.trace.mark(frame.key, 'received', item.received)
-            self._pipe.trace.mark(frame.key, 'transport', item.transport)
+            if item.transport is not None:
+                self._pipe.trace.mark(frame.key, 'transport', item.transport)
         self._pipe.submit(frame)  # results to _on_results (output thread; with overlap off, before this returns)
 
     def _on_results(self, results) -> None:
