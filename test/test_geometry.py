@@ -171,3 +171,37 @@ def test_fit_rigid_from_moments():
     R, t = g.fit_rigid_from_moments(sw, sx, sy, sxy)
     assert torch.allclose(R[0], torch.as_tensor(RZ90)) and torch.allclose(t[0], torch.tensor([1.0, 2.0, 3.0],
                                                                                           dtype=torch.float64))
+
+
+def _products_case(device):
+    gen = torch.Generator().manual_seed(3)
+    R = torch.as_tensor(np.stack([RZ90, np.eye(3)[[2, 0, 1]], RZ90.T]), dtype=torch.float64)
+    X, Y = (torch.randn(3, 7, 3, generator=gen, dtype=torch.float64) for _ in range(2))
+    w = torch.rand(3, 7, generator=gen, dtype=torch.float64)
+    return [t.to(device) for t in (R, X, Y, w)]
+
+
+def test_batched_products_match_their_definitions_and_the_cuda_forms():
+    """batched_* on CPU (bmm / einsum) against the plain definitions, and the elementwise forms CUDA takes
+    (called here on CPU tensors) against the same: one formula wrong in either path fails."""
+    R, X, Y, w = _products_case('cpu')
+    ref = {'rotate': X @ R.transpose(1, 2), 'rotate_inv': X @ R, 'wsum': (w[..., None] * X).sum(1),
+           'moment': torch.stack([sum(torch.outer(X[b, m], Y[b, m]) for m in range(7)) for b in range(3)]),
+           'dot': torch.tensor([[float(X[b, m] @ Y[b, m]) for m in range(7)] for b in range(3)], dtype=X.dtype),
+           'total': torch.tensor([sum(float(w[b, m] * X[b, m, 0]) for m in range(7)) for b in range(3)], dtype=X.dtype)}
+    got = {'rotate': g.batched_rotate(R, X), 'rotate_inv': g.batched_rotate_inv(R, X), 'wsum': g.batched_wsum(w, X),
+           'moment': g.batched_moment(X, Y), 'dot': g.batched_dot(X, Y), 'total': g.batched_total(w, X[..., 0])}
+    cuda_forms = {'rotate': g._rotate_elementwise(R, X), 'rotate_inv': g._rotate_elementwise(R.transpose(1, 2), X),
+                  'wsum': g._wsum_elementwise(w, X), 'moment': g._moment_elementwise(X, Y), 'dot': (X * Y).sum(-1),
+                  'total': (w * X[..., 0]).sum(1)}
+    for k, v in ref.items():
+        assert torch.allclose(got[k], v, atol=1e-12), k
+        assert torch.allclose(cuda_forms[k], v, atol=1e-12), k
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='no CUDA device (checked on the lent GPU machine)')
+def test_batched_products_on_cuda_equal_cpu():
+    cpu, dev = _products_case('cpu'), _products_case('cuda')
+    for f, args in ((g.batched_rotate, (0, 1)), (g.batched_rotate_inv, (0, 1)), (g.batched_wsum, (3, 1)),
+                    (g.batched_moment, (1, 2)), (g.batched_dot, (1, 2)), (g.batched_total, (3, 3))):
+        assert torch.allclose(f(*[dev[i] for i in args]).cpu(), f(*[cpu[i] for i in args]), atol=1e-12), f.__name__

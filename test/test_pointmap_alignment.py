@@ -616,3 +616,24 @@ def test_align_config_takes_its_backend_settings_from_the_backend_config():
     assert (d.iterations, d.warm_iterations, d.warm_mode, d.shared_focal) == (
         ref.align_iterations, ref.align_warm_iterations, ref.align_warm_mode, ref.shared_focal)
     assert AlignConfig.from_backend(b, iterations=11).iterations == 11
+
+
+@pytest.mark.skipif(not __import__('torch').cuda.is_available(), reason='no CUDA device (checked on the lent GPU '
+                    'machine: bench/cuda_products.py, docs/GPU.md)')
+@pytest.mark.parametrize('with_flow', [True, False])
+def test_closed_form_on_cuda_matches_cpu(seq12, with_flow):
+    """The CUDA path (float32, elementwise batched products, geometry.batched_*) against the CPU's float64
+    bmm path: block sweeps with the flow term, and joint Gauss-Newton steps without it (the focal refined)."""
+    pairs, out, prev, flows = _flow_window(seq12)
+    masks = seq12.masks[1:9]
+    start = replace(prev, poses=seq12.poses[1:9].copy(), depths=seq12.depth_gt[1:9].astype(np.float64),
+                    frame_ids=list(range(1, 9)))
+    start.poses[7, :3, 3] += [0.01, 0, 0]
+    kw = dict(frozen=[0], frozen_depth=[], scale_anchor=[0], sweeps=4, focal='shared',
+              **(dict(flows=flows, **FLOW_GATE) if with_flow else {}))
+    ref = refine_closed_form(start, pairs, out, masks, device='cpu', **kw)
+    got = refine_closed_form(start, pairs, out, masks, device='cuda', **kw)
+    assert np.abs(ref.poses - start.poses).max() > 1e-3  # the refinement moved the start
+    np.testing.assert_allclose(got.poses, ref.poses, rtol=0, atol=2e-5)
+    np.testing.assert_allclose(got.depths, ref.depths, rtol=2e-4)
+    assert np.isclose(got.loss, ref.loss, rtol=1e-3)

@@ -10,7 +10,7 @@ import torch
 from dynrecon_ros.errors import InputError
 from dynrecon_ros.geometry import fit_rigid_from_moments, fit_similarity_torch
 from dynrecon_ros.pointmap_alignment.joint import _joint_step
-from dynrecon_ros.pointmap_alignment.problem import _ClosedFormProblem, _dot, _rotate, _rotate_inv, _wsum
+from dynrecon_ros.pointmap_alignment.problem import _ClosedFormProblem, _dot, _moment, _rotate, _rotate_inv, _wsum
 from dynrecon_ros.pointmap_alignment.state import AlignmentState
 
 
@@ -283,7 +283,7 @@ def refine_closed_form(state: AlignmentState, pairs, pair_outputs, masks=None, f
         sa = torch.zeros(n, H * W, 3, dtype=dt, device=dev).index_add_(0, fs, Wr[..., None] * (A - t[fs][:, None]))
         xc = d[..., None] * prob.rays  # (current focal)
         cnt = (sw > 0).sum(1)
-        Mw, Mx, My, Mxy = sw.sum(1), _wsum(sw, xc), sa.sum(1), torch.bmm(sa.transpose(1, 2), xc)
+        Mw, Mx, My, Mxy = sw.sum(1), _wsum(sw, xc), sa.sum(1), _moment(sa, xc)
         if prob.flow is not None:
             fa, fb, _, _, g = prob.flow
             Xf, c, L, dist = prob.flow_geometry(R, t, chi)
@@ -300,7 +300,7 @@ def refine_closed_form(state: AlignmentState, pairs, pair_outputs, masks=None, f
                 Mw = Mw.index_add(0, fr, ww.sum(1))
                 Mx = Mx.index_add(0, fr, _wsum(ww, x))
                 My = My.index_add(0, fr, _wsum(ww, y))
-                Mxy = Mxy.index_add(0, fr, torch.bmm((y * ww[..., None]).transpose(1, 2), x))
+                Mxy = Mxy.index_add(0, fr, _moment(y * ww[..., None], x))
                 cnt = cnt.index_add(0, fr, (ww > 0).sum(1))
         Rn, tn = fit_rigid_from_moments(Mw, Mx, My, Mxy)
         ok = free & (cnt >= 3)

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from dynrecon_ros.geometry import hat
-from dynrecon_ros.pointmap_alignment.problem import _dot, _rotate, _wsum
+from dynrecon_ros.geometry import batched_total, hat
+from dynrecon_ros.pointmap_alignment.problem import _dot, _moment, _rotate, _wsum
 
 
 def _vee(M):
@@ -26,9 +26,9 @@ def _slot_normal_equations(w, y, z, c, r):
     W0 = w.sum(1)
     wy, wz = y * w[..., None], z * w[..., None]
     Sy, Sz = wy.sum(1), wz.sum(1)
-    Syy = torch.bmm(wy.transpose(1, 2), y)
-    Szz = torch.bmm(wz.transpose(1, 2), z)
-    Szy = torch.bmm(wz.transpose(1, 2), y)  # sum w z y^T
+    Syy = _moment(wy, y)
+    Szz = _moment(wz, z)
+    Szy = _moment(wz, y)  # sum w z y^T
     eye = torch.eye(3, dtype=w.dtype, device=w.device).expand(B, 3, 3)
     tr = lambda m: m.diagonal(dim1=1, dim2=2).sum(1)  # noqa: E731
     yxz = _vee(Szy.transpose(1, 2))  # sum w y x z
@@ -59,7 +59,7 @@ def _slot_normal_equations(w, y, z, c, r):
     else:
         Sr = _wsum(w, r)
         g = torch.cat([_wsum(w, torch.linalg.cross(y, r)), Sr, -_wsum(w, torch.linalg.cross(z, r)),
-                       -torch.einsum('bm,bm->b', w, _dot(z, r))[:, None], -Sr], 1)
+                       -batched_total(w, _dot(z, r))[:, None], -Sr], 1)
     return H, g
 
 
@@ -156,14 +156,14 @@ def _joint_delta(prob, R, t, d, sims, free, free_d, anchor, pair_gauge, fcol=Non
         kuv = prob.rays[..., :2]  # (n, HW, 2) k (u - cx, v - cy)
         q = (_rotate(R, torch.cat([kuv, torch.zeros_like(kuv[..., :1])], -1)) * d[..., None])[fs]  # (2P, HW, 3)
         wq = q * w[..., None]
-        Wq, Qy, Qz = wq.sum(1), torch.bmm(wq.transpose(1, 2), y), torch.bmm(wq.transpose(1, 2), z)  # sum w q y^T ...
+        Wq, Qy, Qz = wq.sum(1), _moment(wq, y), _moment(wq, z)  # sum w q y^T ...
         c13 = torch.cat([-_vee(Qy), Wq, _vee(Qz), -Qz.diagonal(dim1=1, dim2=2).sum(1)[:, None], -Wq], 1).to(sd)
         hq = (wq * q).sum((1, 2)).to(sd)
         sk = fk[fs][:, None].expand(-1, 13)
         Hg.index_put_((sk, cols), c13, accumulate=True)
         Hg.index_put_((cols, sk), c13, accumulate=True)
         Hg.index_put_((fk[fs], fk[fs]), hq, accumulate=True)
-        gg.index_put_((fk[fs],), torch.einsum('bm,bm->b', w, _dot(q, r)).to(sd), accumulate=True)
+        gg.index_put_((fk[fs],), batched_total(w, _dot(q, r)).to(sd), accumulate=True)
         k2 = _dot(kuv, kuv)  # (n, HW): a . q / d = k^2 |uvc|^2
     for f in free_d.nonzero()[:, 0].tolist():
         sl = (fs == f).nonzero()[:, 0]
@@ -188,7 +188,8 @@ def _joint_delta(prob, R, t, d, sims, free, free_d, anchor, pair_gauge, fcol=Non
             bc.append(fk[f:f + 1])
         B = B.to(sd)  # (no copy on CPU)
         h = (wsum * (af * af).sum(-1)).to(sd)
-        gd = torch.einsum('mk,kmi,mi->m', ws, r[sl], af).to(sd)
+        gd = (_dot(r[sl], af[None]) * ws.T).sum(0) if af.is_cuda else torch.einsum('mk,kmi,mi->m', ws, r[sl], af)
+        gd = gd.to(sd)
         bc = torch.cat(bc)
         hinv = torch.where(h > 0, 1 / h.clamp_min(torch.finfo(sd).tiny), torch.zeros_like(h))
         # no index repeats within a frame's columns except the held-pose dummy (discarded), so no
