@@ -64,7 +64,8 @@ class RGBDPredictorConfig:
     depth_sigma_b: float
 
     @classmethod
-    def from_backend(cls, backend: BackendConfig, segmentation: SegmentationConfig | None = None) -> 'RGBDPredictorConfig':
+    def from_backend(cls, backend: BackendConfig,
+                     segmentation: SegmentationConfig | None = None) -> 'RGBDPredictorConfig':
         """The fields of ``backend`` (a :class:`dynrecon_ros.config.BackendConfig`) with these names; the
         depth noise model (``depth_sigma_a``, ``depth_sigma_b``) from ``segmentation`` (the pipeline's
         :class:`~dynrecon_ros.segmentation.SegmentationConfig`, its one source; None: its defaults)."""
