@@ -67,7 +67,11 @@ class BackendConfig:
     RGB-D) read out over most of the 33 ms frame: Kerl et al. (ICCV 2015) simulate them with 0.028;
     depth_delay_s: the depth image is taken this many seconds after the colour image (its rows as the
     colour's; both 0 = the pose step of a global-shutter, synchronised sensor, the default).
-    (RGBDPredictorConfig.from_backend.)
+    ransac_depth_sigmas: the flow fit's depth gate (besides the flat ransac_depth_threshold) shrinks with
+    the refits to 3 robust sigmas of its consensus's depth residuals, in units of the sensor's noise
+    sigma(z) (segmentation.depth_sigma_a / depth_sigma_b), but not below this many: a correspondence whose
+    flow fits but whose measured depth does not (a camouflaged mover) is no inlier
+    (dynrecon_ros.predictors.rgbd.depth_gate). (RGBDPredictorConfig.from_backend.)
     The dust3r backend's network (Dust3rConfig.from_backend): image_size: network input size (0 =
     the model's, 512 or 224; else >= 16); pair_cache: ordered pairs whose outputs are kept at least
     (0 = the last window step's, all the next step can reuse; 7.9 MB per pair at 512x384).
@@ -102,6 +106,7 @@ class BackendConfig:
     ransac_seed: int = 0
     rolling_shutter_s: float = 0.0
     depth_delay_s: float = 0.0
+    ransac_depth_sigmas: float = 1.0
     image_size: int = 0
     pair_cache: int = 0
     shared_focal: bool = True
@@ -123,6 +128,9 @@ class BackendConfig:
             raise InputError(f'backend.rolling_shutter_s must be a readout time in [0, 1) s, got {self.rolling_shutter_s}')
         if not abs(self.depth_delay_s) < 1.0:
             raise InputError(f'backend.depth_delay_s must be within (-1, 1) s, got {self.depth_delay_s}')
+        if not self.ransac_depth_sigmas > 0:
+            raise InputError(f'backend.ransac_depth_sigmas must be > 0 (sigmas of the depth noise), '
+                             f'got {self.ransac_depth_sigmas}')
         if self.pair_cache < 0:
             raise InputError(f'backend.pair_cache must be >= 0, got {self.pair_cache}')
 

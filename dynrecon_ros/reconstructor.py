@@ -141,7 +141,7 @@ class Reconstructor:
         if predictor is None:
             from dynrecon_ros.predictors import make_predictor
             name = 'rgbd' if cfg.backend.name == 'auto' else cfg.backend.name
-            predictor = make_predictor(name, cfg.backend, cfg.backend.checkpoint or None, device)
+            predictor = make_predictor(name, cfg.backend, cfg.backend.checkpoint or None, device, cfg.segmentation)
         self.predictor = predictor
         self.flows = FlowCache(cfg.flow)
         w = cfg.window

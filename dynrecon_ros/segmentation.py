@@ -93,7 +93,7 @@ class SegmentationConfig:
             camouflaged movers, whose optical flow says little).
         depth_sigma_a, depth_sigma_b: the depth noise model of that cue, ``sigma(z) = a + b (z - 0.4)^2``
             metres (Kinect v1, Nguyen et al. 2012; a stereo or time-of-flight camera: fit a and b to
-            its datasheet).
+            its datasheet); the RGB-D pose step's depth gate uses the same model (backend.ransac_depth_sigmas).
         depth_tol_sigmas: the depth difference reaches the cue's tolerance at this many sigmas.
         depth_rel_tol: extra tolerance of that cue as a fraction of the depth (pose error, depth
             taken a few ms off the colour).

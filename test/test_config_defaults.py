@@ -97,13 +97,21 @@ def test_every_yaml_in_config_is_valid_for_the_node():
                 assert ros_value(_get(cfg, key[len(PIPELINE_PREFIX):])) == v, (name, key)
 
 
+# the depth sensor's noise model has one source, the segmentation section; the RGB-D pose step reads it too
+FROM_SEGMENTATION = {RGBDPredictorConfig: ('depth_sigma_a', 'depth_sigma_b')}
+
+
 def test_predictor_configs_are_built_from_backend_and_have_no_defaults_of_their_own():
     backend = {f.name for f in dataclasses.fields(BackendConfig)}
     for cls in PREDICTOR_CONFIGS:
         for f in dataclasses.fields(cls):
-            assert f.name in backend, f'{cls.__name__}.{f.name} is not a backend field: not settable'
+            assert f.name in backend or f.name in FROM_SEGMENTATION.get(cls, ()), \
+                f'{cls.__name__}.{f.name} is not a backend field: not settable'
             assert f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING, \
                 f'{cls.__name__}.{f.name} has a default of its own (the backend section holds it)'
+    cfg = ReconConfig.from_dict({'segmentation': {'depth_sigma_a': 0.002, 'depth_sigma_b': 0.003}})
+    got = RGBDPredictorConfig.from_backend(cfg.backend, cfg.segmentation)
+    assert (got.depth_sigma_a, got.depth_sigma_b) == (0.002, 0.003)
 
 
 # ------------------------------------------------------------------ every field can be set

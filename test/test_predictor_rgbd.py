@@ -94,3 +94,68 @@ def test_refinement_normal_equations_are_those_of_its_residuals():
                              (D, np.full(40, 0.01), np.full(40, -0.005)), ref, fx, fy, s_i, s_d, huber)
     assert np.allclose(H, (J * w[:, None]).T @ J, rtol=1e-6, atol=1e-6 * np.abs(H).max())
     assert np.allclose(g, (J * w[:, None]).T @ r0, rtol=1e-6, atol=1e-6 * np.abs(g).max())
+
+
+def camouflaged_pair(seed, depth_noise=None):
+    """Flow correspondences of one pair at 320x240: the room 2.5-6 m away over the left 55 % of the view and a
+    camouflaged rigid mover 1.2-1.6 m away over the right 45 % (its pattern fixed in the world: its flow is the
+    room's, the camera's 8 mm step; its measured depth in j is 1.2 % farther, the mover walking away), depth
+    without noise. (ransac_rigid's result with the sensor's sigma(z) / z ``depth_noise`` (callable of z) or
+    without a depth gate (None), T_i_j, mover (N,))."""
+    from dynrecon_ros.geometry import se3_increment
+    from dynrecon_ros.predictors.rgbd import ransac_rigid
+    rng = np.random.default_rng(seed)
+    K = np.array([[267.7, 0, 159.5], [0, 269.6, 123.8], [0, 0, 1]])
+    n = 800
+    u, v = rng.uniform(0, 320, n), rng.uniform(0, 240, n)
+    mover = u > 176
+    z = np.where(mover, rng.uniform(1.2, 1.6, n), rng.uniform(2.5, 6.0, n))
+    P = np.stack([(u - K[0, 2]) / K[0, 0] * z, (v - K[1, 2]) / K[1, 1] * z, z], -1)
+    T_j_i = se3_increment(np.array([0.006, -0.003, 0.004, 0.003, -0.004, 0.002]))
+    Y = P @ T_j_i[:3, :3].T + T_j_i[:3, 3]
+    uv = np.stack([K[0, 0] * Y[:, 0] / Y[:, 2] + K[0, 2], K[1, 1] * Y[:, 1] / Y[:, 2] + K[1, 2]], -1)
+    uv += rng.normal(0, 0.15, uv.shape)  # flow noise, px
+    zq = Y[:, 2] * np.where(mover, 1.012, 1.0) * (1 + rng.normal(0, 0.0005, n))
+    Q = np.stack([(uv[:, 0] - K[0, 2]) / K[0, 0] * zq, (uv[:, 1] - K[1, 2]) / K[1, 1] * zq, zq], -1)
+    fit = ransac_rigid(P, Q, uv, K, 64, 0.75, 0.02, np.random.default_rng(seed), 4, 0.3, None, 0.75, 8,
+                       None if depth_noise is None else depth_noise(zq), 1.0)
+    return fit, np.linalg.inv(T_j_i), mover
+
+
+@pytest.mark.parametrize('seed', [0, 1, 2])
+def test_flow_ransac_keeps_a_camouflaged_mover_out_by_its_depth(seed):
+    """A camouflaged mover's flow fits the camera's motion; only its depth tells. Within the flat 2 % relative
+    depth gate it joins the consensus, and the weighted 3D refits follow its 1.2 % depth offset (17 mm; over the
+    far room the 18 mm translation they end at is hidden by a rotation: 0.4-0.6 px); the depth gate at the
+    consensus's own noise (in units of the sensor's sigma(z), not below 1 sigma), applied from the hypothesis
+    on, leaves the mover out."""
+    from dynrecon_ros.segmentation import SegmentationConfig
+    s = SegmentationConfig()
+    (T0, inl0, _, _, gate0), T, mover = camouflaged_pair(seed)
+    assert np.linalg.norm(T0[:3, 3] - T[:3, 3]) > 0.01  # the case is meaningful: without the gate the fit follows
+    (T1, inl1, _, _, gate), _, _ = camouflaged_pair(
+        seed, lambda z: (s.depth_sigma_a + s.depth_sigma_b * (z - 0.4) ** 2) / z)
+    assert np.linalg.norm(T1[:3, 3] - T[:3, 3]) < 0.0012
+    assert inl1[mover].mean() < 0.05 and inl1[~mover].mean() > 0.9, (inl1[mover].mean(), inl1[~mover].mean())
+    assert np.isinf(gate0) and 1.0 <= gate < 3.0
+
+
+@pytest.mark.slow  # 320x240, 30 frames: ~10 s of CPU; the fast suite has the pair case above
+def test_pose_holds_with_camouflaged_movers_covering_half_the_view():
+    """camouflage_small seed 511 (the seed the mechanism was found on), 30 frames, 320x240: the movers cover
+    37-49 % of the view and the older frame's mask has only 55-75 % of them when the pair poses run. Their
+    flow fits the camera's motion, only their depth does not: with the flat 2 % depth gate alone the pair poses
+    followed them by 10-30 mm (ATE 5.4 mm); with the depth gate at the consensus's noise 1.6 mm."""
+    from dynrecon_ros.config import ReconConfig
+    from dynrecon_ros.data.scenarios import scenario_config
+    from dynrecon_ros.data.synthetic import render_sequence
+    from dynrecon_ros.evaluation import trajectory_metrics
+    from dynrecon_ros.reconstructor import Reconstructor
+    seq = render_sequence(scenario_config('camouflage_small', seed=511, frames=30))
+    assert np.mean([m.mean() for m in seq.masks[5:27]]) > 0.35  # the condition: movers over much of the view
+    rec = Reconstructor(ReconConfig())
+    out = [r for f in seq.frames for r in rec.push(f)] + rec.flush()
+    ok = [r for r in out if r.status == 'ok']
+    assert len(ok) == 30
+    tm = trajectory_metrics(np.array([r.stamp for r in ok]), np.array([r.pose for r in ok]), seq.stamps, seq.poses)
+    assert tm['ate_rmse_se3'] < 0.003, tm['ate_rmse_se3']

@@ -231,9 +231,9 @@ def test_flow_ransac_keeps_a_close_mover_out_of_the_consensus_under_a_rolling_sh
     of the room (a few cm of translation, compensated by a rotation, moves points metres away by a pixel or
     two) and adds the mover; the hypotheses refined under the row skew are judged at the flow's noise, where
     the room's parallax rules the mover out."""
-    (T_gs, inl_gs, _, _), T, mover = close_mover_pair(seed, rows=False)
+    (T_gs, inl_gs, _, _, _), T, mover = close_mover_pair(seed, rows=False)
     assert inl_gs[mover].mean() > 0.9 and np.linalg.norm(T_gs[:3, 3] - T[:3, 3]) > 0.03  # the case is meaningful
-    (T_rs, inl_rs, _, skew), _, _ = close_mover_pair(seed, rows=True)
+    (T_rs, inl_rs, _, skew, _), _, _ = close_mover_pair(seed, rows=True)
     assert inl_rs[mover].mean() < 0.02 and inl_rs[~mover].mean() > 0.9, (inl_rs[mover].mean(), inl_rs[~mover].mean())
     assert np.linalg.norm(T_rs[:3, 3] - T[:3, 3]) < 0.004
     assert np.abs(skew - [0.2, -0.3, 0.1]).max() < 0.1  # the row skew itself is recovered

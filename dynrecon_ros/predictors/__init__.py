@@ -9,13 +9,15 @@ from dynrecon_ros.predictors.base import PairPrediction, PairPredictor
 __all__ = ['PairPrediction', 'PairPredictor', 'make_predictor']
 
 
-def make_predictor(name: str, backend, checkpoint: str | None = None, device: str = 'cpu'):
+def make_predictor(name: str, backend, checkpoint: str | None = None, device: str = 'cpu', segmentation=None):
     """Predictor for a backend name ('rgbd' or 'dust3r'), configured by ``backend`` (the pipeline's
-    :class:`dynrecon_ros.config.BackendConfig`); checkpoint None: ``backend.checkpoint``."""
+    :class:`dynrecon_ros.config.BackendConfig`); checkpoint None: ``backend.checkpoint``; ``segmentation``
+    (its :class:`~dynrecon_ros.segmentation.SegmentationConfig`, None: the defaults) gives the RGB-D
+    predictor the sensor's depth noise model."""
     from dynrecon_ros.errors import InputError
     if name == 'rgbd':
         from dynrecon_ros.predictors.rgbd import RGBDPredictor, RGBDPredictorConfig
-        return RGBDPredictor(RGBDPredictorConfig.from_backend(backend))
+        return RGBDPredictor(RGBDPredictorConfig.from_backend(backend, segmentation))
     if name == 'dust3r':
         try:
             from dynrecon_ros.predictors import dust3r  # provided by the network work (issue 6)

@@ -3,7 +3,9 @@
 Points come from depth and intrinsics. The pose of j in i comes from dense correspondences (DIS flow
 i->j, forward-backward consistent, depth valid on both ends, taken on a pixel grid of stride
 ``stride``) by RANSAC over 3-point Umeyama/Kabsch fits, then a direct photometric + depth
-refinement on the inliers; moving objects are a minority and end up outliers (under a rolling shutter
+refinement on the inliers; moving objects are a minority and end up outliers (a correspondence whose
+measured depth disagrees with the fit by more than the consensus's own depth noise is one even when its
+flow agrees: a camouflaged mover, :func:`depth_gate`; under a rolling shutter
 the hypotheses are refined with the pair's row skew and judged at the flow's noise scale, so that a
 close mover cannot join the background's consensus: :func:`ransac_rigid`). Per-frame data
 (grey, gradients, grid points) is computed once per frame and shared by its pairs.
@@ -18,6 +20,7 @@ from typing import TYPE_CHECKING
 import cv2
 import numpy as np
 
+from dynrecon_ros.depth_cue import depth_sigma
 from dynrecon_ros.geometry import (fit_rigid, fit_similarity, pixel_grid, se3_increment, to_matrix, transform_points,
                                    unproject)
 from dynrecon_ros.photometric import exposure_gain
@@ -27,6 +30,7 @@ from dynrecon_ros.rolling_shutter import PairShutter, ShutterModel
 
 if TYPE_CHECKING:
     from dynrecon_ros.config import BackendConfig
+    from dynrecon_ros.segmentation import SegmentationConfig
 
 
 @dataclass
@@ -55,11 +59,22 @@ class RGBDPredictorConfig:
     min_gradient: float
     rolling_shutter_s: float  # row readout time (0 = global shutter); see rolling_shutter.py
     depth_delay_s: float  # depth image taken this long after the colour one
+    ransac_depth_sigmas: float  # the depth gate's floor, in sigma(z) of the depth noise model (depth_gate)
+    depth_sigma_a: float  # the sensor's depth noise model sigma(z) = a + b (z - 0.4)^2 (segmentation's)
+    depth_sigma_b: float
 
     @classmethod
-    def from_backend(cls, backend: BackendConfig) -> 'RGBDPredictorConfig':
-        """The fields of ``backend`` (a :class:`dynrecon_ros.config.BackendConfig`) with these names."""
-        return cls(**{f.name: getattr(backend, f.name) for f in dataclasses.fields(cls)})
+    def from_backend(cls, backend: BackendConfig,
+                     segmentation: SegmentationConfig | None = None) -> 'RGBDPredictorConfig':
+        """The fields of ``backend`` (a :class:`dynrecon_ros.config.BackendConfig`) with these names; the
+        depth noise model (``depth_sigma_a``, ``depth_sigma_b``) from ``segmentation`` (the pipeline's
+        :class:`~dynrecon_ros.segmentation.SegmentationConfig`, its one source; None: its defaults)."""
+        if segmentation is None:
+            from dynrecon_ros.segmentation import SegmentationConfig
+            segmentation = SegmentationConfig()
+        sensor = {'depth_sigma_a': segmentation.depth_sigma_a, 'depth_sigma_b': segmentation.depth_sigma_b}
+        return cls(**{f.name: sensor[f.name] if f.name in sensor else getattr(backend, f.name)
+                      for f in dataclasses.fields(cls)})
 
 
 def reprojection_errors(R: np.ndarray, t: np.ndarray, P: np.ndarray, Q: np.ndarray, uv: np.ndarray,
@@ -78,6 +93,22 @@ def reprojection_errors(R: np.ndarray, t: np.ndarray, P: np.ndarray, Q: np.ndarr
     return np.sqrt(du * du + dv * dv), np.abs(X[..., 2] - Q[:, 2]) / Q[:, 2]
 
 
+def depth_gate(rz: np.ndarray, inl: np.ndarray, floor: float, widest: float = np.inf) -> float:
+    """The depth gate of a rigid fit, in units of the sensor's depth noise: 3 robust sigmas (1.4826 x the
+    median) of the consensus's normalised depth residuals ``rz`` (N,) over ``inl`` (N,) bool, not below
+    ``floor``, not above ``widest``; a correspondence with rz above it is no inlier, whatever its flow.
+
+    Why: a camouflaged mover (a pattern like the background's, fixed in the world, or no texture) has flow
+    that fits the camera's motion, but its measured depth moves with it. Within the flat relative gate
+    (``ransac_depth_threshold``, 2 %) a mover covering 40-50 % of the view keeps ~1 % of depth residual
+    and pulls the 3D fit by 10-30 mm per pair (camouflage_small seed 511, 320x240, frames 6-26); the
+    static background's residual is the sensor's noise (Kinect: 3 robust sigmas ~ 4 sigma(z), a gate
+    the z^2 model keeps uniform over depth) or, with noise-free depth, far below it: then ``floor``
+    (``ransac_depth_sigmas`` x sigma(z)) holds the gate."""
+    m = np.median(rz[inl]) if inl.any() else np.inf
+    return float(np.clip(3.0 * 1.4826 * m, floor, widest))
+
+
 def _msac(epx: np.ndarray, ez: np.ndarray, px_threshold: float, rel_depth_threshold: float) -> np.ndarray:
     """MSAC cost per point (same shape as epx, ez): (epx / px_threshold)^2 for an inlier (both errors under
     their thresholds), 1 otherwise; its sum prefers the tightest consensus over a mere count."""
@@ -87,15 +118,18 @@ def _msac(epx: np.ndarray, ez: np.ndarray, px_threshold: float, rel_depth_thresh
 def ransac_rigid(P: np.ndarray, Q: np.ndarray, uv: np.ndarray, K: np.ndarray, iterations: int,
                  px_threshold: float, rel_depth_threshold: float, rng: np.random.Generator,
                  refine: int = 3, min_px_threshold: float = 0.3, rows_s: np.ndarray | None = None,
-                 base_px_threshold: float = 0.75,
-                 top: int = 8) -> tuple[np.ndarray, np.ndarray, float, np.ndarray | None]:
+                 base_px_threshold: float = 0.75, top: int = 8, depth_noise: np.ndarray | None = None,
+                 min_depth_sigmas: float = 1.0) -> tuple[np.ndarray, np.ndarray, float, np.ndarray | None, float]:
     """Robust rigid fit P ≈ T Q over (N, 3) correspondences (uv: (N, 2) pixel of Q in j, K: j's).
 
     3-point Kabsch hypotheses scored by inlier count (reprojection < px_threshold and relative depth
     error < rel_depth_threshold), then weighted Umeyama refits on the inliers (weights 1/z^2, the
     information of a point with a fixed pixel error) while the pixel threshold shrinks to 3 robust
-    sigmas of the inliers. Returns (T (4, 4), inlier (N,) bool, final pixel threshold, row skew (3,)
-    or None).
+    sigmas of the inliers. With ``depth_noise`` ((N,) the sensor's sigma(z) / z of Q's depths) the best
+    hypothesis's consensus and each refit's are also gated on the relative depth error in those units
+    (:func:`depth_gate`, shrinking, not below ``min_depth_sigmas``; the rolling-shutter path below has
+    none). Returns (T (4, 4), inlier (N,) bool, final pixel threshold, row skew (3,) or None, the depth
+    gate in sigmas (inf: none)).
 
     Under a rolling shutter (``rows_s``: (N,) the points' row instants in s) the global-shutter model
     leaves the background px_threshold (~2 px) of row skew, and within so wide a threshold a close mover
@@ -131,12 +165,16 @@ def ransac_rigid(P: np.ndarray, Q: np.ndarray, uv: np.ndarray, K: np.ndarray, it
         scale = 2.0 * med[count >= max(6, count.max() // 4)].min()
         k = int(np.argmin(_msac(e, ez, scale, rel_depth_threshold).sum(1)))
         thr = float(np.clip(3.0 * 1.4826 * med[k], min_px_threshold, px_threshold))
-        return T[k], (e[k] < thr) & (ez[k] < rel_depth_threshold), thr, skew[k]
+        return T[k], (e[k] < thr) & (ez[k] < rel_depth_threshold), thr, skew[k], np.inf
     best = int(np.argmin(cost.sum(1)))
     inl = (epx[best] < px_threshold) & (ez[best] < rel_depth_threshold)
     T = np.eye(4)
     T[:3, :3], T[:3, 3] = R[best], t[best]
-    thr = px_threshold
+    thr, zthr = px_threshold, np.inf
+    if depth_noise is not None:  # gated before the first fit: a weighted 3D fit follows a mover's depth
+        rz = ez[best] / depth_noise
+        zthr = depth_gate(rz, inl, min_depth_sigmas)
+        inl &= rz < zthr
     w = 1.0 / np.maximum(P[:, 2], 0.1) ** 2
     for _ in range(refine):
         if inl.sum() < 3:
@@ -145,8 +183,13 @@ def ransac_rigid(P: np.ndarray, Q: np.ndarray, uv: np.ndarray, K: np.ndarray, it
         epx, ez = reprojection_errors(T[None, :3, :3], T[None, :3, 3], P, Q, uv, K)
         epx, ez = epx[0], ez[0]
         thr = float(np.clip(3.0 * 1.4826 * np.median(epx[inl]), min_px_threshold, thr))
-        inl = (epx < thr) & (ez < rel_depth_threshold)
-    return T, inl, thr, None
+        if depth_noise is None:
+            inl = (epx < thr) & (ez < rel_depth_threshold)
+            continue
+        rz = ez / depth_noise
+        zthr = depth_gate(rz, inl, min_depth_sigmas, zthr)  # from the consensus the fit was made on
+        inl = (epx < thr) & (ez < rel_depth_threshold) & (rz < zthr)
+    return T, inl, thr, None, zthr
 
 
 class _FrameCache:
@@ -275,6 +318,9 @@ class RGBDPredictor(PairPredictor):
             return None, empty, len(sel)
 
         skew = None
+        # the sensor's depth noise relative to each correspondence's depth in j (depth_gate's unit)
+        z64 = z_s.astype(np.float64)
+        depth_noise = depth_sigma(z64, c.depth_sigma_a, c.depth_sigma_b) / z64
         rows_s = self.shutter.row_offsets((sel // gw) * st, h) if self.shutter.readout > 0 else None
 
         def errors(T):
@@ -286,10 +332,11 @@ class RGBDPredictor(PairPredictor):
 
         if init is None:
             sub = cand if len(cand) <= c.ransac_samples else self.rng.choice(cand, c.ransac_samples, replace=False)
-            T, inl, thr, skew = ransac_rigid(P_s[sub].astype(np.float64), Q_s[sub].astype(np.float64), uv_s[sub], K_j,
-                                             c.ransac_iterations, self._px_threshold(K_j), c.ransac_depth_threshold,
-                                             self.rng, c.ransac_refits, c.min_px_threshold,
-                                             None if rows_s is None else rows_s[sub], c.ransac_px_threshold)
+            T, inl, thr, skew, zthr = ransac_rigid(
+                P_s[sub].astype(np.float64), Q_s[sub].astype(np.float64), uv_s[sub], K_j, c.ransac_iterations,
+                self._px_threshold(K_j), c.ransac_depth_threshold, self.rng, c.ransac_refits, c.min_px_threshold,
+                None if rows_s is None else rows_s[sub], c.ransac_px_threshold, 8, depth_noise[sub],
+                c.ransac_depth_sigmas)
             n_fit = inl.sum()
             epx, ez = errors(T)
         else:
@@ -298,6 +345,7 @@ class RGBDPredictor(PairPredictor):
             epx, ez = errors(T)
             fit = (epx[cand] < thr) & (ez[cand] < c.ransac_depth_threshold)
             n_fit = fit.sum() * min(1.0, c.ransac_samples / len(cand))
+            zthr = depth_gate(ez[cand] / depth_noise[cand], fit, c.ransac_depth_sigmas)
         if n_fit < c.min_inliers:
             return None, empty, len(sel)
         # flow near moving objects is dragged along with them (a halo a few px wide): exclude a band
@@ -317,7 +365,7 @@ class RGBDPredictor(PairPredictor):
         # refits on the flow (skipped when the direct refinement follows: it supersedes them)
         # (and under a rolling shutter: ransac_rigid's fits under the row skew did them)
         for _ in range(0 if c.photometric_iterations > 0 or skew is not None else 2):
-            use = keep & (epx < thr) & (ez < c.ransac_depth_threshold)
+            use = keep & (epx < thr) & (ez < c.ransac_depth_threshold) & (ez < zthr * depth_noise)
             idx = np.flatnonzero(use)
             if len(idx) < c.min_inliers:
                 break
@@ -326,7 +374,8 @@ class RGBDPredictor(PairPredictor):
             T = fit_rigid(Q_s[idx].astype(np.float64), P_s[idx].astype(np.float64), wz[idx])
             epx, ez = errors(T)
             thr = float(np.clip(3.0 * 1.4826 * np.median(epx[use]), c.min_px_threshold, thr))
-        inl_sel = keep & (epx < max(thr, 2 * c.min_px_threshold)) & (ez < c.ransac_depth_threshold)
+        inl_sel = keep & (epx < max(thr, 2 * c.min_px_threshold)) & (ez < c.ransac_depth_threshold) & \
+            (ez < zthr * depth_noise)
         if c.photometric_iterations > 0:
             T = self._refine(frame_i, frame_j, sel[inl_sel], P_s[inl_sel], st, T, adjacent=init is None)
         g = np.zeros(gh * gw, bool)
