@@ -2,7 +2,7 @@
 
 Auto-exposure changes a frame's brightness by a common factor; the photometric terms compare
 ``I_j`` with ``gain * I_i``: the RGB-D pose step's direct refinement
-(:func:`dynrecon_ros.predictors.rgbd.photometric_refine`), the segmentation's appearance check
+(:func:`dynrecon_ros.predictors.direct_refinement.photometric_refine`), the segmentation's appearance check
 (:func:`dynrecon_ros.flow_cue.ego_explains_appearance`) and the hold's grey check
 (:mod:`dynrecon_ros.permanence`) all take it from :func:`exposure_gain`.
 """

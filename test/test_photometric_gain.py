@@ -3,7 +3,8 @@ import cv2
 import numpy as np
 
 from dynrecon_ros.data.synthetic import SyntheticConfig, render_sequence
-from dynrecon_ros.predictors.rgbd import photometric_refine, unproject
+from dynrecon_ros.geometry import unproject
+from dynrecon_ros.predictors.direct_refinement import photometric_refine
 
 
 def test_photometric_refinement_is_blind_to_an_exposure_change():

@@ -61,7 +61,7 @@ def test_refinement_normal_equations_are_those_of_its_residuals():
     residuals (linear images: their sampled gradients are exact), Huber weights, no depth rows where
     j has no depth."""
     from dynrecon_ros.geometry import se3_increment
-    from dynrecon_ros.predictors.rgbd import _normal_equations
+    from dynrecon_ros.predictors.direct_refinement import _normal_equations
     rng = np.random.default_rng(3)
     fx, fy, cx, cy = 100.0, 110.0, 32.0, 24.0
     img = lambda u, v: 100 + 1.5 * u + 0.8 * v  # noqa: E731  (grey levels of j)
