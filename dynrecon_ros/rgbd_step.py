@@ -29,6 +29,7 @@ from dynrecon_ros.alignment import PairConstraint, WindowAligner
 from dynrecon_ros.errors import InputError
 from dynrecon_ros.frames import Frame
 from dynrecon_ros.geometry import transform_points
+from dynrecon_ros.segmentation import frame_grey
 from dynrecon_ros.window import SlidingWindow, WindowEntry
 
 
@@ -98,6 +99,20 @@ class RGBDStep:
         if mw <= 0 or w <= mw:
             return frame
         return downscale_frame(frame, -(-w // mw))
+
+    def prepare_frame(self, work) -> None:
+        """Stage A's per-frame work on the frame at its processing size (``Reconstructor.prepare``: on the
+        caller's thread, while stage B steps the previous frame): what the pose step and the segmentation
+        derive from the frame alone (grey levels, gradients and sampling stacks, valid depth, grid points;
+        nearest readings, hole candidates, the depth's surfaces), so that stage B finds it computed. The
+        same values either way (a frame's images never change once prepared)."""
+        if work.depth is None:
+            return
+        self.pred.prepare_frame(work)
+        if self.cfg.segmentation.enabled:
+            self.segmenter.prepare_frame(work.key, work.depth)
+            if self.cfg.segmentation.photometric_check or self.cfg.segmentation.still_after_s > 0:
+                frame_grey(work)
 
     def step(self, window: SlidingWindow, entry: WindowEntry, published: set[int], world_pose: np.ndarray) -> str:
         """One window step for the newest ``entry`` of ``window``. ``published``: push indices of frames
