@@ -196,20 +196,37 @@ class VoxelMap:
         R = wc[:3, :3].astype(np.float32)
         t = wc[:3, 3].astype(np.float32)
         d = self._data
-        z = R[2, 0] * d[:, _X] + R[2, 1] * d[:, _Y] + R[2, 2] * d[:, _Z] + t[2]  # every stored voxel, dead ones too
-        alive = np.flatnonzero((z > cfg.min_depth) & (d[:, _W] > 0))  # live voxels in front of the camera
-        X, Y, Z, z = d[alive, _X], d[alive, _Y], d[alive, _Z], z[alive]
-        inv_z = 1.0 / z
-        u = np.rint((R[0, 0] * X + R[0, 1] * Y + R[0, 2] * Z + t[0]) * inv_z * np.float32(K[0, 0]) + np.float32(K[0, 2]))
-        v = np.rint((R[1, 0] * X + R[1, 1] * Y + R[1, 2] * Z + t[1]) * inv_z * np.float32(K[1, 1]) + np.float32(K[1, 2]))
-        inside = np.flatnonzero((u >= 0) & (u < w) & (v >= 0) & (v < h))
-        if inside.size == 0:
+        # every stored voxel, dead ones too (masked below: cheaper than gathering the live ones first), from
+        # contiguous copies of the coordinates, in place; the float32 operations of R X + t and of the
+        # projection in their former order (the same pixels)
+        X, Y, Z = (np.ascontiguousarray(d[:, c]) for c in (_X, _Y, _Z))
+
+        def row(r):  # R[r] . (X, Y, Z) + t[r]
+            a = np.multiply(R[r, 0], X)
+            a += R[r, 1] * Y
+            a += R[r, 2] * Z
+            a += t[r]
+            return a
+
+        z = row(2)
+        use = (z > cfg.min_depth) & (d[:, _W] > 0)  # live voxels in front of the camera
+        with np.errstate(divide='ignore', invalid='ignore', over='ignore'):  # (the others, masked)
+            inv_z = np.divide(1.0, z)
+            u, v = row(0), row(1)
+            for a, f, c, n in ((u, K[0, 0], K[0, 2], w), (v, K[1, 1], K[1, 2], h)):
+                a *= inv_z
+                a *= np.float32(f)
+                a += np.float32(c)
+                np.rint(a, out=a)
+                use &= a >= 0
+                use &= a < n
+        idx = np.flatnonzero(use)
+        if idx.size == 0:
             return
-        idx = alive[inside]
         # v w + u of whole numbers below 2^24: exact in float32, one conversion
-        pix = (v[inside] * np.float32(w) + u[inside]).astype(np.int64) if h * w < 1 << 24 else \
-            v[inside].astype(np.int64) * w + u[inside].astype(np.int64)
-        zi = z[inside]
+        pix = (v[idx] * np.float32(w) + u[idx]).astype(np.int64) if h * w < 1 << 24 else \
+            v[idx].astype(np.int64) * w + u[idx].astype(np.int64)
+        zi = z[idx]
         # seen through only if every valid reading of the pixel's 3x3 neighbourhood is farther
         # (silhouette edges never carve); missing readings neither carve nor block (when they
         # blocked, Kinect-like holes on 10 % of the pixels kept a paused person's voxels 2.5x longer:
