@@ -289,3 +289,26 @@ def test_carving_hits_exactly_the_voxels_of_the_plain_projection():
     want[hit] = np.maximum(want[hit] - cfg.free_weight, 0.0)
     assert 100 < hit.size < n // 2
     np.testing.assert_array_equal(m._data[:, _W], want)
+
+
+def test_integrating_every_second_frame_keeps_the_per_frame_meaning_of_the_weights():
+    """integrate_every=2: only the 1st, 3rd, ... frames are carved and integrated, each counting for two, so the
+    map publishes after as many frames as integrating every frame (min_weight), and a person who paused long
+    and left is gone after as many frames of the wall behind them (max_weight, free_weight)."""
+    cfg = MapConfig(pixel_stride=0, integrate_every=2)
+    m = VoxelMap(cfg)
+    m.integrate(_wall(), RGB, K, _pose(), None)  # integrated, counting for 2 frames: published
+    n = len(m)
+    assert n > 0 and len(m.points()) == n
+    m.integrate(_wall(1.5), RGB, K, _pose(), None)  # skipped: nothing carved (the wall at 2 m lies behind 1.5 m)
+    assert len(m) == n and (m.points()[:, 2] < 1.8).sum() == 0
+    m = VoxelMap(cfg)
+    for k in range(90):
+        m.integrate(_with_person(_wall()), RGB, K, _pose(0.001 * (k % 5)), np.ones((H, W), bool))
+    assert (m.points()[:, 2] < 1.5).sum() > 100
+    n_clear = int(cfg.max_weight - cfg.min_weight) + 1
+    for k in range(n_clear + 1):  # (+1: the skipped frame of the pair)
+        m.integrate(_wall(), RGB, K, _pose(), np.ones((H, W), bool))
+    assert (m.points()[:, 2] < 1.9).sum() == 0
+    with pytest.raises(InputError, match='integrate_every'):
+        MapConfig(integrate_every=0)
