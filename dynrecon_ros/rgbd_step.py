@@ -29,6 +29,7 @@ from dynrecon_ros.alignment import PairConstraint, WindowAligner
 from dynrecon_ros.errors import InputError
 from dynrecon_ros.frames import Frame
 from dynrecon_ros.geometry import transform_points
+from dynrecon_ros.segmentation import frame_grey
 from dynrecon_ros.window import SlidingWindow, WindowEntry
 
 
@@ -45,14 +46,7 @@ def downscale_frame(frame, s: int):
     rgb = cv2.resize(frame.rgb[:h * s, :w * s], (w, h), interpolation=cv2.INTER_AREA)
     depth = None
     if frame.depth is not None:
-        # block statistics over the s * s strided views (one per position in the block)
-        views = [frame.depth[dy:h * s:s, dx:w * s:s] for dy in range(s) for dx in range(s)]
-        cnt = sum((v > 0).astype(np.float32) for v in views)
-        mean = sum(views) / np.maximum(cnt, 1)
-        inf = np.float32(np.inf)
-        near = np.minimum.reduce([np.where(v > 0, v, inf) for v in views])
-        far = np.maximum.reduce(views)
-        depth = np.where(cnt == 0, 0, np.where(far - near <= 0.02 * near + 0.01, mean, near)).astype(np.float32)
+        depth = _downscale_depth(frame.depth, s)
     K = None
     if frame.K is not None:
         K = frame.K.copy()
@@ -61,6 +55,32 @@ def downscale_frame(frame, s: int):
         K[0, 2] = (K[0, 2] - (s - 1) / 2) / s
         K[1, 2] = (K[1, 2] - (s - 1) / 2) / s
     return Frame(frame.stamp, rgb, depth, K, key=frame.key, meta=frame.meta)
+
+
+def _downscale_depth(depth: np.ndarray, s: int) -> np.ndarray:
+    """(H // s, W // s) float32 work depth of a cleaned (H, W) float32 depth (readings > 0, else 0): per s x s
+    block the mean of its readings when they lie on one surface (spread <= 2 % + 1 cm), else the nearest one,
+    0 without any. The block statistics run over the s * s positions of a block, each a contiguous copy (numpy
+    is ~2x faster on them than on strided views); the mean sums them in block order (the float32 sums of
+    ``sum(views)``)."""
+    H, W = depth.shape
+    h, w = H // s, W // s
+    views = [np.ascontiguousarray(depth[dy:h * s:s, dx:w * s:s]) for dy in range(s) for dx in range(s)]
+    valid = [v > 0 for v in views]
+    cnt = valid[0].astype(np.float32)
+    inf = np.float32(np.inf)
+    near = np.where(valid[0], views[0], inf)
+    far = views[0]
+    tot = views[0].copy()
+    for v, m in zip(views[1:], valid[1:]):
+        cnt += m
+        tot += v
+        np.minimum(near, np.where(m, v, inf), out=near)
+        far = np.maximum(far, v, out=None if far is views[0] else far)
+    mean = np.divide(tot, np.maximum(cnt, np.float32(1)), out=tot)
+    out = np.where(far - near <= np.float32(0.02) * near + np.float32(0.01), mean, near)
+    out[cnt == 0] = 0
+    return out
 
 
 class RGBDStep:
@@ -91,13 +111,28 @@ class RGBDStep:
     def work_frame(self, frame):
         """The frame at the processing size (see ReconConfig.max_work_width); its depth readings that
         are not finite and positive set to 0 (in place: the outputs carry the cleaned depth)."""
-        if frame.depth is not None:
-            frame.depth = np.where(np.isfinite(frame.depth) & (frame.depth > 0), frame.depth, 0).astype(np.float32)
+        if frame.depth is not None:  # (d < inf is False for inf and NaN)
+            d = np.asarray(frame.depth, dtype=np.float32)
+            frame.depth = np.where((d > 0) & (d < np.float32(np.inf)), d, np.float32(0))
         mw = self.cfg.max_work_width
         w = frame.rgb.shape[1]
         if mw <= 0 or w <= mw:
             return frame
         return downscale_frame(frame, -(-w // mw))
+
+    def prepare_frame(self, work) -> None:
+        """Stage A's per-frame work on the frame at its processing size (``Reconstructor.prepare``: on the
+        caller's thread, while stage B steps the previous frame): what the pose step and the segmentation
+        derive from the frame alone (grey levels, gradients and sampling stacks, valid depth, grid points;
+        nearest readings, hole candidates, the depth's surfaces), so that stage B finds it computed. The
+        same values either way (a frame's images never change once prepared)."""
+        if work.depth is None:
+            return
+        self.pred.prepare_frame(work)
+        if self.cfg.segmentation.enabled:
+            self.segmenter.prepare_frame(work.key, work.depth)
+            if self.cfg.segmentation.photometric_check or self.cfg.segmentation.still_after_s > 0:
+                frame_grey(work)
 
     def step(self, window: SlidingWindow, entry: WindowEntry, published: set[int], world_pose: np.ndarray) -> str:
         """One window step for the newest ``entry`` of ``window``. ``published``: push indices of frames

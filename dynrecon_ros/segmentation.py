@@ -21,6 +21,7 @@ seen by several overlapping windows gets a stable mask), held where permanence s
 """
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -205,6 +206,19 @@ class SegmentationConfig:
             raise InputError('segmentation max_continuity must be in [0, 1] and min_area_frac in [0, 1)')
 
 
+_GREY = '_grey'  # a frame's attribute: (its rgb array, that image's (H, W) uint8 grey)
+
+
+def frame_grey(frame) -> np.ndarray:
+    """(H, W) uint8 grey of ``frame.rgb`` (:func:`~dynrecon_ros.flow.to_gray`), converted once per frame and kept
+    on it (a frame is in several calls; stage A converts the newest ahead); a new rgb array is converted again."""
+    g = frame.__dict__.get(_GREY)
+    if g is None or g[0] is not frame.rgb:
+        g = (frame.rgb, to_gray(frame.rgb))
+        frame.__dict__[_GREY] = g
+    return g[1]
+
+
 def _cue_mean(ps: list[np.ndarray] | None) -> np.ndarray | None:
     """(H, W) float32 mean of one cue's pair evidence for a frame over the pairs that have any there (NaN
     where none has: a pair without evidence (NaN) does not dilute the others'); None without pairs.
@@ -244,7 +258,10 @@ class MotionSegmenter:
         self._epoch: float | None = None
         self._pool = None  # worker threads (cfg.threads > 1), started on first use
         # (what, key) -> (fingerprint of the frame's depth, value): per-frame results that later calls reuse
+        # (and that :meth:`prepare_frame` computes ahead on another thread: hence the lock)
         self._frame_cache: OrderedDict[tuple[str, str], tuple] = OrderedDict()
+        self._cache_lock = threading.Lock()
+        self._masks_seen = False  # a cleaned mask had pixels (then stage A prepares the depth's surfaces too)
 
     def __len__(self) -> int:
         """Number of frame keys currently remembered."""
@@ -253,7 +270,9 @@ class MotionSegmenter:
     def reset(self) -> None:
         self._state.clear()
         self._holds.clear()
-        self._frame_cache.clear()
+        with self._cache_lock:
+            self._frame_cache.clear()
+        self._masks_seen = False
         self._calls = 0
         self._epoch = None
 
@@ -424,10 +443,12 @@ class MotionSegmenter:
             p = probs[k].copy()
             hold, was = holds.get(k) or (None, None)
             held = held_pixels(hold, stamps[k], self.cfg.still_after_s) if permanence else None
-            segs = None  # the depth's surfaces, found once for the hold's and the mask's completion
+            # the depth's surfaces, found once for the hold's and the mask's completion (prepared in stage A, or
+            # found here when the hold needs them, else by clean_mask when its mask has pixels)
+            segs = self._per_frame('segments', keys[k], depths[k], self._segments, compute=False)
             if held is not None and held.any():
-                if self.cfg.hold_grow_fraction < 1.0:
-                    segs = surface_segments(depths[k], self.cfg.crease)
+                if self.cfg.hold_grow_fraction < 1.0 and segs is None:
+                    segs = self._per_frame('segments', keys[k], depths[k], self._segments)
                 moving = static = None
                 if self.cfg.hold_moving_share <= 1.0:
                     # known static, less what a pair partner held on the same surface (the inside of a
@@ -447,6 +468,8 @@ class MotionSegmenter:
             if permanence:
                 self._holds[keys[k]] = (holds[k], update_hold(hold, m, probs[k] > self.cfg.threshold, stamps[k]),
                                         self._calls)
+        if todo:
+            self._masks_seen = bool(masks[todo].any())
         if permanence:  # frames not cleaned now (the newest) inherit the holds just updated
             for k in range(n):
                 if k not in holds and not skip[k]:
@@ -490,7 +513,7 @@ class MotionSegmenter:
         probs, masks = self.segment([e.key for e in ents], np.stack([e.frame.depth for e in ents]),
                                     np.stack([e.frame.K for e in ents]), np.stack([e.pose for e in ents]),
                                     flows, valid, target_flows=back, need_masks=need_masks, skip_frames=skip_frames,
-                                    images=np.stack([to_gray(e.frame.rgb) for e in ents])
+                                    images=np.stack([frame_grey(e.frame) for e in ents])
                                     if all(getattr(e.frame, 'rgb', None) is not None for e in ents) else None,
                                     stamps=[float(e.frame.stamp) for e in ents]
                                     if all(hasattr(e.frame, 'stamp') for e in ents) else None,
@@ -498,20 +521,44 @@ class MotionSegmenter:
                                     twists=[e.data.get('twist') for e in ents] if shutter is not None else None)
         return ents, probs, masks
 
-    def _per_frame(self, what: str, key: str, depth: np.ndarray, fn):
+    def prepare_frame(self, key: str, depth: np.ndarray | None) -> None:
+        """Stage A (:meth:`dynrecon_ros.reconstructor.Reconstructor.prepare`, on another thread than :meth:`segment`):
+        the per-frame maps of a new frame's (H, W) depth that the next calls read (nearest reading, hole
+        candidates, and the depth's surfaces while masks have pixels), into the per-frame cache: the same
+        values as computed in :meth:`segment`, off its path."""
+        if not self.cfg.enabled or depth is None:
+            return
+        depth = np.asarray(depth, dtype=np.float32)
+        if self.cfg.depth_cue:
+            self._per_frame('near', key, depth, nearest_reading)
+        if self.cfg.hole_fill_px > 0:
+            self._per_frame('holes', key, depth, self._hole_candidates)
+        if self._masks_seen:
+            self._per_frame('segments', key, depth, self._segments)
+
+    def _segments(self, depth: np.ndarray) -> tuple:
+        """:func:`~dynrecon_ros.mask_cleanup.surface_segments` of a frame's depth (``cfg.crease``)."""
+        return surface_segments(depth, self.cfg.crease)
+
+    def _per_frame(self, what: str, key: str, depth: np.ndarray, fn, compute: bool = True):
         """``fn(depth)``, computed once per frame key and depth (a frame is in several calls: the older
         frames of a step are the newest of earlier steps, keyframes are in many); at most
-        16 entries, the least recently used dropped. The depth's fingerprint (shape, sum, every 7th pixel)
-        guards against a key reused for other data."""
+        24 entries, the least recently used dropped. The depth's fingerprint (shape, sum, every 7th pixel)
+        guards against a key reused for other data. ``compute`` False: None unless cached. Thread-safe
+        (``fn`` runs outside the lock)."""
         fp = (depth.shape, float(depth.sum(dtype=np.float64)), depth[::7, ::7].tobytes())
-        hit = self._frame_cache.get((what, key))
-        if hit is not None and hit[0] == fp:
-            self._frame_cache.move_to_end((what, key))
-            return hit[1]
+        with self._cache_lock:
+            hit = self._frame_cache.get((what, key))
+            if hit is not None and hit[0] == fp:
+                self._frame_cache.move_to_end((what, key))
+                return hit[1]
+        if not compute:
+            return None
         value = fn(depth)
-        self._frame_cache[(what, key)] = (fp, value)
-        while len(self._frame_cache) > 16:
-            self._frame_cache.popitem(last=False)
+        with self._cache_lock:
+            self._frame_cache[(what, key)] = (fp, value)
+            while len(self._frame_cache) > 24:
+                self._frame_cache.popitem(last=False)
         return value
 
     def _hole_candidates(self, depth: np.ndarray) -> tuple:

@@ -46,6 +46,10 @@ class MapConfig:
             (640x480 at 2 m with 2 cm voxels: 2; 320x240: 1).
         median_px: median filter (3 or 5 pixels, 0 = off) applied to depth before integration;
             removes most sensor noise, which grows with depth squared, while keeping edges.
+        integrate_every: carve and integrate only every n-th frame given (the first, then every n-th), each
+            such frame counting for n (its observation weight and ``free_weight`` times n), so that
+            ``min_weight``, ``max_weight`` and ``free_weight`` keep their per-frame meaning; the map's CPU
+            per frame divided by about n (1 = every frame). At 30 Hz the camera moves a few mm between frames.
     """
 
     voxel_size: float = 0.02
@@ -60,6 +64,7 @@ class MapConfig:
     max_voxels: int = 2_000_000
     pixel_stride: int = 2
     median_px: int = 5
+    integrate_every: int = 1
 
     def __post_init__(self) -> None:
         if not self.voxel_size > 0:
@@ -70,6 +75,8 @@ class MapConfig:
             raise InputError(f'map median_px must be 0, 3 or 5, got {self.median_px}')
         if self.max_voxels < 1 or self.pixel_stride < 0:
             raise InputError('map max_voxels must be >= 1 and pixel_stride >= 0')
+        if self.integrate_every < 1:
+            raise InputError(f'map integrate_every must be >= 1, got {self.integrate_every}')
         if self.free_weight < 0 or self.carve_margin < 0 or self.carve_margin_rel < 0:
             raise InputError('map free_weight, carve_margin and carve_margin_rel must be >= 0')
 
@@ -98,7 +105,7 @@ class VoxelMap:
         self.cfg = cfg
         self._key = np.zeros(0, np.int64)
         self._data = np.zeros((0, 8), np.float32)
-        self._frame = 0
+        self._frame = 0  # frames given to integrate (those skipped by integrate_every included)
 
     def __len__(self) -> int:
         """Number of live voxels (weight > 0, published or not)."""
@@ -129,6 +136,8 @@ class VoxelMap:
         pose = np.asarray(pose, dtype=np.float64)
         cfg = self.cfg
         self._frame += 1
+        if (self._frame - 1) % cfg.integrate_every:
+            return  # (integrate_every: the next integrated frame counts for this one)
         if cfg.median_px in (3, 5):
             # edge-preserving denoising: sensor noise grows with depth^2 and scatters far points
             # over several voxels; invalid readings (0) stay out of the median where it matters
@@ -182,6 +191,8 @@ class VoxelMap:
             frame[:, row] = np.bincount(inv, weights=c if wpx is None else wpx * c, minlength=n) / cnt
         # one observation per voxel per frame, weighted by its mean confidence
         frame[:, _W] = 1.0 if wpx is None else cnt / np.bincount(inv, minlength=n)
+        if cfg.integrate_every > 1:  # this frame counts for integrate_every frames
+            frame[:, _W] *= cfg.integrate_every
         frame[:, _SEEN] = self._frame
         self._merge(ukey, frame)
         self._bound()
@@ -196,20 +207,37 @@ class VoxelMap:
         R = wc[:3, :3].astype(np.float32)
         t = wc[:3, 3].astype(np.float32)
         d = self._data
-        z = R[2, 0] * d[:, _X] + R[2, 1] * d[:, _Y] + R[2, 2] * d[:, _Z] + t[2]  # every stored voxel, dead ones too
-        alive = np.flatnonzero((z > cfg.min_depth) & (d[:, _W] > 0))  # live voxels in front of the camera
-        X, Y, Z, z = d[alive, _X], d[alive, _Y], d[alive, _Z], z[alive]
-        inv_z = 1.0 / z
-        u = np.rint((R[0, 0] * X + R[0, 1] * Y + R[0, 2] * Z + t[0]) * inv_z * np.float32(K[0, 0]) + np.float32(K[0, 2]))
-        v = np.rint((R[1, 0] * X + R[1, 1] * Y + R[1, 2] * Z + t[1]) * inv_z * np.float32(K[1, 1]) + np.float32(K[1, 2]))
-        inside = np.flatnonzero((u >= 0) & (u < w) & (v >= 0) & (v < h))
-        if inside.size == 0:
+        # every stored voxel, dead ones too (masked below: cheaper than gathering the live ones first), from
+        # contiguous copies of the coordinates, in place; the float32 operations of R X + t and of the
+        # projection in their former order (the same pixels)
+        X, Y, Z = (np.ascontiguousarray(d[:, c]) for c in (_X, _Y, _Z))
+
+        def row(r):  # R[r] . (X, Y, Z) + t[r]
+            a = np.multiply(R[r, 0], X)
+            a += R[r, 1] * Y
+            a += R[r, 2] * Z
+            a += t[r]
+            return a
+
+        z = row(2)
+        use = (z > cfg.min_depth) & (d[:, _W] > 0)  # live voxels in front of the camera
+        with np.errstate(divide='ignore', invalid='ignore', over='ignore'):  # (the others, masked)
+            inv_z = np.divide(1.0, z)
+            u, v = row(0), row(1)
+            for a, f, c, n in ((u, K[0, 0], K[0, 2], w), (v, K[1, 1], K[1, 2], h)):
+                a *= inv_z
+                a *= np.float32(f)
+                a += np.float32(c)
+                np.rint(a, out=a)
+                use &= a >= 0
+                use &= a < n
+        idx = np.flatnonzero(use)
+        if idx.size == 0:
             return
-        idx = alive[inside]
         # v w + u of whole numbers below 2^24: exact in float32, one conversion
-        pix = (v[inside] * np.float32(w) + u[inside]).astype(np.int64) if h * w < 1 << 24 else \
-            v[inside].astype(np.int64) * w + u[inside].astype(np.int64)
-        zi = z[inside]
+        pix = (v[idx] * np.float32(w) + u[idx]).astype(np.int64) if h * w < 1 << 24 else \
+            v[idx].astype(np.int64) * w + u[idx].astype(np.int64)
+        zi = z[idx]
         # seen through only if every valid reading of the pixel's 3x3 neighbourhood is farther
         # (silhouette edges never carve); missing readings neither carve nor block (when they
         # blocked, Kinect-like holes on 10 % of the pixels kept a paused person's voxels 2.5x longer:
@@ -224,7 +252,8 @@ class VoxelMap:
         if hit.size == 0:
             return
         wts = self._data[:, _W]
-        wts[hit] = np.maximum(wts[hit] - cfg.free_weight, 0.0)
+        loss = cfg.free_weight if cfg.integrate_every == 1 else cfg.free_weight * cfg.integrate_every
+        wts[hit] = np.maximum(wts[hit] - loss, 0.0)
         dead = self._key.size - np.count_nonzero(wts > 0)
         if dead > 0.25 * self._key.size:
             self._select(wts > 0)

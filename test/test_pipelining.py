@@ -217,3 +217,48 @@ def test_every_effect_runs_repeat_bit_identically():
         if x.status == 'ok':
             np.testing.assert_array_equal(x.pose, y.pose, err_msg=x.key)
             np.testing.assert_array_equal(x.mask, y.mask, err_msg=x.key)
+
+
+def test_stage_a_prepares_the_frames_data_and_stage_b_reuses_it(seq, monkeypatch):
+    """Stage A (``prepare``) derives what the pose step and the segmentation read from a frame alone (the
+    refinement's sampling stacks, the segmentation's nearest readings and hole candidates, the grey image):
+    stage B computes none of it again for a prepared frame, and the results are those without it."""
+    import dynrecon_ros.predictors.rgbd as rgbd_mod
+    import dynrecon_ros.rgbd_step as step_mod
+    import dynrecon_ros.segmentation as seg_mod
+
+    _, ref = run_pipeline(seq, overlap=False)
+    calls = {'stack': 0, 'near': 0, 'grey': 0}
+    in_b = threading.local()
+
+    def counted(name, fn):
+        def wrapped(*a, **k):
+            if getattr(in_b, 'on', False):
+                calls[name] += 1
+            return fn(*a, **k)
+        return wrapped
+
+    monkeypatch.setattr(rgbd_mod, '_sampling_stack', counted('stack', rgbd_mod._sampling_stack))
+    monkeypatch.setattr(seg_mod, 'nearest_reading', counted('near', seg_mod.nearest_reading))
+    monkeypatch.setattr(seg_mod, 'to_gray', counted('grey', seg_mod.to_gray))
+    rec = Reconstructor(config())
+    out = []
+    for f in frames(seq):
+        p = rec.prepare(f)
+        assert rgbd_mod._PREPARED in p.work.__dict__ and seg_mod._GREY in p.work.__dict__
+        in_b.on = True
+        out += rec.push_prepared(p)
+        in_b.on = False
+    out += rec.flush()
+    assert calls == {'stack': 0, 'near': 0, 'grey': 0}
+    for a, b in zip(ref, out):
+        np.testing.assert_array_equal(a.pose, b.pose, err_msg=a.key)
+        np.testing.assert_array_equal(a.mask, b.mask, err_msg=a.key)
+    # without stage A's preparation, stage B computes them itself
+    monkeypatch.setattr(step_mod.RGBDStep, 'prepare_frame', lambda self, work: None)
+    rec = Reconstructor(config())
+    in_b.on = True
+    for f in frames(seq)[:4]:
+        rec.push(f)
+    in_b.on = False
+    assert calls['stack'] > 0 and calls['near'] > 0 and calls['grey'] > 0

@@ -199,6 +199,30 @@ def test_downscale_frame_keeps_geometry_and_foreground_edges():
     assert up.shape == (481, 641) and np.array_equal(up[:480, :640][::2, ::2], w.depth)
 
 
+@pytest.mark.parametrize('s', [2, 3])
+def test_downscaled_depth_equals_the_block_statistics_bit_for_bit(s):
+    """The work depth (contiguous block positions, in-place sums) is bit-identical to the plain formula over
+    strided views: mean of a block's readings on one surface, else the nearest, 0 without any."""
+    from dynrecon_ros.rgbd_step import _downscale_depth
+    rng = np.random.default_rng(s)
+    d = rng.uniform(1.995, 2.005, (97, 131)).astype(np.float32)  # one surface per block ...
+    d[:, 61:] += np.float32(1.0)  # ... but for a depth step through blocks
+    d[40:50] = rng.uniform(0.3, 6.0, (10, 131))  # and rows of scattered readings
+    d[rng.random(d.shape) < 0.2] = 0  # no reading (the work frame's cleaned depth)
+    d[:s * 3, :s * 3] = 0  # whole blocks without any
+    h, w = 97 // s, 131 // s
+    views = [d[dy:h * s:s, dx:w * s:s] for dy in range(s) for dx in range(s)]
+    cnt = sum((v > 0).astype(np.float32) for v in views)
+    mean = sum(views) / np.maximum(cnt, 1)
+    near = np.minimum.reduce([np.where(v > 0, v, np.float32(np.inf)) for v in views])
+    far = np.maximum.reduce(views)
+    ref = np.where(cnt == 0, 0, np.where(far - near <= 0.02 * near + 0.01, mean, near)).astype(np.float32)
+    out = _downscale_depth(d, s)
+    assert out.dtype == np.float32 and out.shape == (h, w)
+    np.testing.assert_array_equal(out.view(np.uint32), ref.view(np.uint32))
+    assert (out == 0).sum() >= 9 and ((out > 0) & (out != near)).any()  # both kinds of blocks occur
+
+
 def test_large_frames_are_processed_at_the_work_size_with_outputs_at_input_size():
     big = render_sequence(SyntheticConfig(width=640, height=480, frames=12, seed=0))
     rec, out = run(big)

@@ -246,3 +246,69 @@ def test_voxels_inserted_between_stored_ones_keep_their_own_records():
     m1 = VoxelMap(MapConfig(pixel_stride=3, voxel_size=0.001, min_weight=1, median_px=0))
     m1.integrate(np.ones((H, W), np.float32), RGB, K, _pose(), np.ones((H, W), bool))
     assert len(m1) == len(range(0, H, 3)) * len(range(0, W, 3))
+
+
+def test_carving_hits_exactly_the_voxels_of_the_plain_projection():
+    """The carve projects every stored voxel in place (dead ones and those behind the camera masked): the
+    voxels it weakens are those of the plain formula (live voxels in front gathered first, then projected)."""
+    import cv2
+    from dynrecon_ros.static_map import _W, _X, _Y, _Z
+    rng = np.random.default_rng(3)
+    m = VoxelMap(MapConfig(pixel_stride=0, median_px=0))
+    n = 5000
+    key = np.arange(n, dtype=np.int64)  # (sorted keys; their values do not matter to the carve)
+    data = np.zeros((n, 8), np.float32)
+    data[:, _X:_Z + 1] = rng.uniform([-3, -2, -1.0], [3, 2, 4.0], (n, 3))  # some behind the camera, some outside
+    data[:, _W] = np.where(rng.random(n) < 0.2, 0.0, rng.uniform(1, 5, n))  # dead ones too
+    m._key, m._data = key, data.copy()
+    depth = rng.uniform(2.5, 2.6, (H, W)).astype(np.float32)  # a wall: voxels in front of it are seen through
+    depth[rng.random((H, W)) < 0.1] = 0
+    good = depth > 0
+    static = rng.random((H, W)) > 0.1
+    pose = np.eye(4)
+    pose[:3, :3] = cv2.Rodrigues(np.array([0.05, -0.1, 0.02]))[0]
+    pose[:3, 3] = (0.1, -0.05, 0.2)
+    m._carve(depth, good, static, K, pose)
+    # the plain formula
+    cfg = m.cfg
+    wc = np.linalg.inv(pose)
+    R, t = wc[:3, :3].astype(np.float32), wc[:3, 3].astype(np.float32)
+    z = R[2, 0] * data[:, _X] + R[2, 1] * data[:, _Y] + R[2, 2] * data[:, _Z] + t[2]
+    alive = np.flatnonzero((z > cfg.min_depth) & (data[:, _W] > 0))
+    X, Y, Z, z = data[alive, _X], data[alive, _Y], data[alive, _Z], z[alive]
+    u = np.rint((R[0, 0] * X + R[0, 1] * Y + R[0, 2] * Z + t[0]) * (1.0 / z) * np.float32(K[0, 0]) + np.float32(K[0, 2]))
+    v = np.rint((R[1, 0] * X + R[1, 1] * Y + R[1, 2] * Z + t[1]) * (1.0 / z) * np.float32(K[1, 1]) + np.float32(K[1, 2]))
+    ins = np.flatnonzero((u >= 0) & (u < W) & (v >= 0) & (v < H))
+    pix = (v[ins] * np.float32(W) + u[ins]).astype(np.int64)
+    zi = z[ins]
+    near = cv2.erode(np.where(good, depth, np.float32(np.inf)), np.ones((3, 3), np.uint8)).ravel()
+    margin = cfg.carve_margin + cfg.carve_margin_rel * zi
+    hit = alive[ins][(zi < near[pix] - margin) | (good.ravel()[pix] & ~static.ravel()[pix]
+                                                  & (np.abs(zi - depth.ravel()[pix]) <= margin))]
+    want = data[:, _W].copy()
+    want[hit] = np.maximum(want[hit] - cfg.free_weight, 0.0)
+    assert 100 < hit.size < n // 2
+    np.testing.assert_array_equal(m._data[:, _W], want)
+
+
+def test_integrating_every_second_frame_keeps_the_per_frame_meaning_of_the_weights():
+    """integrate_every=2: only the 1st, 3rd, ... frames are carved and integrated, each counting for two, so the
+    map publishes after as many frames as integrating every frame (min_weight), and a person who paused long
+    and left is gone after as many frames of the wall behind them (max_weight, free_weight)."""
+    cfg = MapConfig(pixel_stride=0, integrate_every=2)
+    m = VoxelMap(cfg)
+    m.integrate(_wall(), RGB, K, _pose(), None)  # integrated, counting for 2 frames: published
+    n = len(m)
+    assert n > 0 and len(m.points()) == n
+    m.integrate(_wall(1.5), RGB, K, _pose(), None)  # skipped: nothing carved (the wall at 2 m lies behind 1.5 m)
+    assert len(m) == n and (m.points()[:, 2] < 1.8).sum() == 0
+    m = VoxelMap(cfg)
+    for k in range(90):
+        m.integrate(_with_person(_wall()), RGB, K, _pose(0.001 * (k % 5)), np.ones((H, W), bool))
+    assert (m.points()[:, 2] < 1.5).sum() > 100
+    n_clear = int(cfg.max_weight - cfg.min_weight) + 1
+    for k in range(n_clear + 1):  # (+1: the skipped frame of the pair)
+        m.integrate(_wall(), RGB, K, _pose(), np.ones((H, W), bool))
+    assert (m.points()[:, 2] < 1.9).sum() == 0
+    with pytest.raises(InputError, match='integrate_every'):
+        MapConfig(integrate_every=0)

@@ -192,6 +192,9 @@ def ransac_rigid(P: np.ndarray, Q: np.ndarray, uv: np.ndarray, K: np.ndarray, it
     return T, inl, thr, None, zthr
 
 
+_PREPARED = '_rgbd_prepared'  # a frame's attribute: the per-frame data stage A derived for the pose step
+
+
 class _FrameCache:
     """Per-frame images the predictor derives once and reuses across pairs (small, LRU by identity).
 
@@ -209,7 +212,8 @@ class _FrameCache:
                 if k != len(self._items) - 1:
                     self._items.append(self._items.pop(k))
                 return d
-        d: dict = {}
+        # what stage A derived from the frame (:meth:`RGBDPredictor.prepare_frame`), taken over here
+        d = frame.__dict__.pop(_PREPARED, None) or {}
         self._items.append((frame, d))
         if len(self._items) > self.size:
             self._items.pop(0)
@@ -245,7 +249,11 @@ class RGBDPredictor(PairPredictor):
 
     def _frame_data(self, frame) -> dict:
         """Cached per-frame data: grey (H, W) float32, gradient magnitude, grid points."""
-        d = self._cache.get(frame)
+        return self._derive(self._cache.get(frame), frame)
+
+    @staticmethod
+    def _derive(d: dict, frame) -> dict:
+        """``d`` with the frame's grey (H, W) float32, gradient magnitude and gradients / 32 filled in."""
         if 'gray' not in d:
             g = cv2.cvtColor(frame.rgb, cv2.COLOR_RGB2GRAY).astype(np.float32)
             gx = cv2.Scharr(g, cv2.CV_32F, 1, 0)
@@ -254,6 +262,23 @@ class RGBDPredictor(PairPredictor):
             d['grad_mag'] = np.abs(gx) + np.abs(gy)
             d['grad'] = (gx / 32.0, gy / 32.0)
         return d
+
+    def prepare_frame(self, frame) -> None:
+        """Stage A (:meth:`dynrecon_ros.reconstructor.Reconstructor.prepare`, on the caller's thread while stage
+        B works on the previous frame): the per-frame images the pose step derives from a new frame (grey,
+        gradients, the refinement's sampling stacks, the valid depth, the grid points), stored on the
+        frame; stage B's :meth:`_frame_data` takes them over (the same values, computed off its path)."""
+        if frame.depth is None or frame.K is None or _PREPARED in frame.__dict__:
+            return
+        d = self._derive({}, frame)
+        d['stack'] = _sampling_stack(d['gray'], *d['grad'], frame.depth)
+        d['valid_depth'] = self._valid_depth_of(frame.depth)
+        st = max(1, self.cfg.stride)
+        d[('pts', st)] = _grid_points(frame.depth, frame.K, st, self.cfg.min_depth_m, self.cfg.max_depth_m)
+        frame.__dict__[_PREPARED] = d
+
+    def _valid_depth_of(self, z: np.ndarray) -> np.ndarray:
+        return np.where((z > self.cfg.min_depth_m) & (z < self.cfg.max_depth_m), z, np.nan).astype(np.float32)
 
     def _sample_stack(self, frame) -> np.ndarray:
         """(H, W, 6) float32 [grey, d grey/dx, d grey/dy, depth, d depth/dx, d depth/dy] of a frame,
@@ -268,9 +293,7 @@ class RGBDPredictor(PairPredictor):
         """(H, W) float32 depth, NaN outside [min_depth_m, max_depth_m] (cached per frame)."""
         d = self._frame_data(frame)
         if 'valid_depth' not in d:
-            z = frame.depth
-            d['valid_depth'] = np.where((z > self.cfg.min_depth_m) & (z < self.cfg.max_depth_m), z,
-                                        np.nan).astype(np.float32)
+            d['valid_depth'] = self._valid_depth_of(frame.depth)
         return d['valid_depth']
 
     def _grid(self, frame, st: int) -> np.ndarray:
