@@ -30,7 +30,7 @@ from dynrecon_ros.rolling_shutter import PairShutter, ShutterModel
 
 if TYPE_CHECKING:
     from dynrecon_ros.config import BackendConfig
-    from dynrecon_ros.segmentation import SegmentationConfig
+    from dynrecon_ros.segmentation_config import SegmentationConfig
 
 
 @dataclass
@@ -70,7 +70,7 @@ class RGBDPredictorConfig:
         depth noise model (``depth_sigma_a``, ``depth_sigma_b``) from ``segmentation`` (the pipeline's
         :class:`~dynrecon_ros.segmentation.SegmentationConfig`, its one source; None: its defaults)."""
         if segmentation is None:
-            from dynrecon_ros.segmentation import SegmentationConfig
+            from dynrecon_ros.segmentation_config import SegmentationConfig
             segmentation = SegmentationConfig()
         sensor = {'depth_sigma_a': segmentation.depth_sigma_a, 'depth_sigma_b': segmentation.depth_sigma_b}
         return cls(**{f.name: sensor[f.name] if f.name in sensor else getattr(backend, f.name)
