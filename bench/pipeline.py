@@ -69,9 +69,8 @@ def process_cpu(pid: int) -> float:
 def node_replay(seq, rate: float, lag: int, sets, node_params=()) -> None:
     """recon_node in its own process, fed ``seq`` at ``rate`` Hz from this one; prints its lines.
     ``node_params``: 'name=value' node parameters (e.g. queue_size=1) besides the pipeline's ``sets``."""
-    from dynrecon_ros.ros.node import default_fastdds_profile
-    if not os.environ.get('FASTDDS_DEFAULT_PROFILES_FILE') and default_fastdds_profile() is not None:
-        os.environ['FASTDDS_DEFAULT_PROFILES_FILE'] = str(default_fastdds_profile())  # the sender needs it too
+    from dynrecon_ros.ros.qos import use_large_shm_segment
+    use_large_shm_segment()  # the sender needs it too
     from dynrecon_ros.ros.testing import NodeProcess, RosHarness, StreamProbe, domain_id_for, node_command
     domain = domain_id_for('bench_pipeline')
     params = ['-p', 'idle_flush:=1.0', '-p', 'stats_period:=0.0']

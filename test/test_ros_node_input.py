@@ -167,3 +167,45 @@ def test_sigterm_is_clean_and_saves_the_map(ros, node):
     assert (out / 'final_map.ply').is_file()
     assert 'Traceback' not in proc.output()
     assert 'frames received' in proc.output()
+
+
+def test_frame_before_the_first_camera_info_waits_for_it():
+    """camera_info and images travel on separate topics: the first frame can arrive before the first camera_info.
+    The latest such frame waits for it and is processed; an older one is dropped with a warning naming
+    /camera_info (before, every frame before the first camera_info was dropped)."""
+    domain = domain_id_for(__name__ + '.camera_info')  # (the module's node, on DOMAIN, has had its camera_info)
+    ros = RosHarness(domain)
+    proc = NodeProcess(node_command(['-p', 'qos_reliable:=true', '-p', 'queue_size:=50', '-p', 'warn_throttle:=0.0',
+                                     '-p', 'idle_flush:=1.0']), domain)
+    try:
+        assert proc.wait_output('ready:', 60), proc.output()
+        pub_img = ros.publisher(Image, '/image', RELIABLE_INPUT_QOS)
+        pub_depth = ros.publisher(Image, '/depth', RELIABLE_INPUT_QOS)
+        pub_info = ros.publisher(CameraInfo, '/camera_info', RELIABLE_INPUT_QOS)
+        masks = ros.collect(Image, '/dynrecon/dynamic_mask', OUTPUT_QOS)
+        assert ros.wait_for(lambda: pub_img.get_subscription_count() and pub_depth.get_subscription_count()
+                            and pub_info.get_subscription_count()
+                            and ros.node.count_publishers('/dynrecon/dynamic_mask') > 0, 20)
+        ros.wait_for(lambda: False, 1.0)  # (reliable handshake: see StreamProbe.wait_matched)
+
+        def frame(t, info: bool):
+            rgb, depth = scene(int(t * 10))
+            if info:
+                pub_info.publish(conv.numpy_to_camera_info(K, (W, H), header(t)))
+            pub_img.publish(conv.numpy_to_image(rgb, 'rgb8', header(t)))
+            pub_depth.publish(conv.numpy_to_image(depth, '32FC1', header(t)))
+
+        frame(20.0, info=False)  # dropped: a newer frame arrives before any camera_info
+        ros.wait_for(lambda: False, 0.5)
+        frame(20.1, info=False)  # waits for the camera_info
+        assert proc.wait_output('no camera_info received yet', 20), proc.output()
+        for t in (20.2, 20.3, 20.4):
+            frame(t, info=True)
+        stamps = lambda: {round(conv.stamp_to_sec(m.header.stamp), 3) for m in masks}  # noqa: E731
+        assert ros.wait_for(lambda: {20.1, 20.2, 20.3, 20.4} <= stamps(), 60), (stamps(), proc.output()[-3000:])
+        assert 20.0 not in stamps()
+        warns = [ln for ln in proc.output().splitlines() if 'no camera_info received yet' in ln]
+        assert len(warns) == 1 and '/camera_info:' in warns[0], warns
+    finally:
+        proc.stop()
+        ros.close()

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import collections
 import os
-import pathlib
 import re
 import signal
 import sys
@@ -42,26 +41,11 @@ from dynrecon_ros.ros.parameters import (CONFIG_AT_NODE_LEVEL, NODE_PARAMETERS, 
                                         pipeline_config, pipeline_defaults, ros_value)
 from dynrecon_ros.ros.publishers import (FrameImagePublisher, MapPublisher, OdometryPublisher, PathPublisher,
                                         PosePublisher)
-from dynrecon_ros.ros.qos import input_qos
+from dynrecon_ros.ros.qos import default_fastdds_profile, input_qos, use_large_shm_segment  # noqa: F401
 from dynrecon_ros.ros.tf import MODES, ExtrinsicSource, TransformBroadcaster, navigation_pose, stamped
 from dynrecon_ros.ros.worker import DropOldestQueue, LatencyStats, Worker
 
 NODE_NAME = 'dynrecon'
-FASTDDS_PROFILE = 'fastdds_shm.xml'
-
-def default_fastdds_profile() -> pathlib.Path | None:
-    """config/fastdds_shm.xml from the installed share dir, else from the source tree."""
-    candidates = []
-    try:
-        from ament_index_python.packages import get_package_share_directory
-        candidates.append(pathlib.Path(get_package_share_directory('dynrecon_ros')) / 'config' / FASTDDS_PROFILE)
-    except Exception:  # noqa: BLE001 - no ament index outside a ROS install
-        pass
-    candidates.append(pathlib.Path(__file__).resolve().parents[2] / 'config' / FASTDDS_PROFILE)
-    candidates.append(pathlib.Path(sys.prefix) / 'share' / 'dynrecon_ros' / 'config' / FASTDDS_PROFILE)
-    return next((p for p in candidates if p.is_file()), None)
-
-
 class ReconNode(Node):
     """The reconstruction node. ``reconstructor_factory(config, backend, checkpoint, device, log)``
     builds the pipeline (the default builds :class:`Reconstructor`)."""
@@ -94,6 +78,7 @@ class ReconNode(Node):
 
         # state touched by callbacks (single-threaded executor) and read by the worker
         self._last_info: tuple[np.ndarray, np.ndarray, tuple[int, int]] | None = None
+        self._before_info: tuple | None = None  # (header, rgb, depth) of the latest frame before any camera_info
         self._last_stamp: dict[str, float] = {}
         self._pairs = StampPairer(self.rgbd_slop)
         self._first_image_time: float | None = None
@@ -226,6 +211,9 @@ class ReconNode(Node):
         info = self._convert(self._topic(self.sub_info), conv.camera_info_to_numpy, msg)
         if info is not None:
             self._last_info = info
+            if self._before_info is not None:  # the frame that came before the first camera_info
+                pending, self._before_info = self._before_info, None
+                self._enqueue(*pending)
 
     def _on_image(self, msg: Image) -> None:
         topic = self._topic(self.sub_image)
@@ -292,8 +280,12 @@ class ReconNode(Node):
                 K[0] *= w / size[0]
                 K[1] *= h / size[1]
         elif self._param('wait_for_camera_info'):
-            self.warn(self._topic(self.sub_info), 'no camera_info received yet (waiting; set '
-                      'wait_for_camera_info:=false to run without intrinsics)')
+            # a driver's camera_info and image travel on separate topics, so the first image can come a
+            # moment before the first camera_info: the latest such frame waits for it, older ones are dropped
+            if self._before_info is not None:
+                self.warn(self._topic(self.sub_info), 'no camera_info received yet (waiting; set '
+                          'wait_for_camera_info:=false to run without intrinsics)')
+            self._before_info = (header, rgb, depth)
             return
         # the node's clock, as the stamp's: under use_sim_time both are bag time (wall time minus a bag
         # stamp is the recording's age, ~1e8 s, not a transport delay); no /clock yet (0): not measured
@@ -544,10 +536,7 @@ def main(args: list[str] | None = None) -> int:
     Ctrl-C and SIGTERM only set a flag: the DDS context stays valid while the node stops the worker,
     flushes the pipeline, publishes the last results and map and writes ``save_map_path``.
     """
-    if not os.environ.get('FASTDDS_DEFAULT_PROFILES_FILE'):
-        profile = default_fastdds_profile()
-        if profile is not None:  # larger SHM segment: no silent loss of big best-effort images
-            os.environ['FASTDDS_DEFAULT_PROFILES_FILE'] = str(profile)
+    use_large_shm_segment()  # before this process's first DDS participant
     from rclpy.signals import SignalHandlerOptions
     rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
     stop = threading.Event()

@@ -22,7 +22,8 @@ NODE_PARAMETERS: dict[str, tuple[object, str]] = {
     'use_compressed_depth': (False, 'Subscribe to depth/compressedDepth (image_transport compressedDepth: PNG of '
                              '16UC1 mm or of inverse-depth quantised 32FC1) instead of depth.'),
     'use_depth': (True, 'Pair each image with a depth image (false: monocular).'),
-    'wait_for_camera_info': (True, 'Drop images until a camera_info arrives (false: intrinsics unknown).'),
+    'wait_for_camera_info': (True, 'Hold images until a camera_info arrives: the latest one waits for it, older '
+                             'ones are dropped with a warning (false: intrinsics unknown).'),
     'camera_intrinsics': ([0.0] * 6, 'Override camera_info: [fx, fy, cx, cy, width, height] of the '
                           'calibration (scaled to the image size); all zero: use camera_info.'),
     'camera_distortion': ([0.0] * 5, 'Distortion (plumb_bob k1 k2 p1 p2 k3) used with camera_intrinsics.'),

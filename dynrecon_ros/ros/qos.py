@@ -1,5 +1,9 @@
-"""QoS profiles of the node's topics, stated in one place."""
+"""QoS profiles of the node's topics, stated in one place, and the DDS transport profile its frames need."""
 from __future__ import annotations
+
+import os
+import pathlib
+import sys
 
 from rclpy.qos import (DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy,
                        qos_profile_sensor_data)
@@ -26,3 +30,31 @@ def input_qos(reliable: bool, depth: int = 5) -> QoSProfile:
         return SENSOR_QOS
     return QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=max(depth, 10),
                       reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.VOLATILE)
+
+
+# Transport: Fast DDS's default shared-memory segment (512 KB) holds less than one 320x240 RGB-D frame (image +
+# depth); the writer puts samples into its own segment, so publishers and subscribers of frames both need the
+# large segment of config/fastdds_shm.xml, or frames are lost (best effort silently; reliable under load too).
+FASTDDS_PROFILE = 'fastdds_shm.xml'
+
+
+def default_fastdds_profile() -> pathlib.Path | None:
+    """config/fastdds_shm.xml from the installed share dir, else from the source tree."""
+    candidates = []
+    try:
+        from ament_index_python.packages import get_package_share_directory
+        candidates.append(pathlib.Path(get_package_share_directory('dynrecon_ros')) / 'config' / FASTDDS_PROFILE)
+    except Exception:  # noqa: BLE001 - no ament index outside a ROS install
+        pass
+    candidates.append(pathlib.Path(__file__).resolve().parents[2] / 'config' / FASTDDS_PROFILE)
+    candidates.append(pathlib.Path(sys.prefix) / 'share' / 'dynrecon_ros' / 'config' / FASTDDS_PROFILE)
+    return next((p for p in candidates if p.is_file()), None)
+
+
+def use_large_shm_segment() -> None:
+    """Point FASTDDS_DEFAULT_PROFILES_FILE at :func:`default_fastdds_profile` unless it is set: call before this
+    process's first DDS participant (Fast DDS reads its profiles once per process)."""
+    if not os.environ.get('FASTDDS_DEFAULT_PROFILES_FILE'):
+        profile = default_fastdds_profile()
+        if profile is not None:
+            os.environ['FASTDDS_DEFAULT_PROFILES_FILE'] = str(profile)

@@ -27,6 +27,8 @@ class RosHarness:
     """A test-side ROS participant on ``domain_id``: publish, collect, wait."""
 
     def __init__(self, domain_id: int, name: str = 'dynrecon_test'):
+        from dynrecon_ros.ros.qos import use_large_shm_segment
+        use_large_shm_segment()  # its publishers send whole frames (as the node's profile: no loss under load)
         self.context = rclpy.Context()
         rclpy.init(context=self.context, domain_id=domain_id)
         self.node = Node(f'{name}_{os.getpid()}', context=self.context)
