@@ -252,7 +252,7 @@ class VoxelMap:
         if hit.size == 0:
             return
         wts = self._data[:, _W]
-        loss = cfg.free_weight if cfg.integrate_every == 1 else cfg.free_weight * cfg.integrate_every
+        loss = cfg.free_weight * cfg.integrate_every
         wts[hit] = np.maximum(wts[hit] - loss, 0.0)
         dead = self._key.size - np.count_nonzero(wts > 0)
         if dead > 0.25 * self._key.size:

@@ -30,8 +30,7 @@ pytest.importorskip('rclpy')
 from nav_msgs.msg import Path  # noqa: E402
 from sensor_msgs.msg import Image  # noqa: E402
 
-from dynrecon_ros.ros.node import default_fastdds_profile  # noqa: E402
-from dynrecon_ros.ros.qos import OUTPUT_QOS  # noqa: E402
+from dynrecon_ros.ros.qos import OUTPUT_QOS, default_fastdds_profile  # noqa: E402
 from dynrecon_ros.ros.testing import NodeProcess, RosHarness, domain_id_for, node_command  # noqa: E402
 
 DOMAIN = domain_id_for(__name__)

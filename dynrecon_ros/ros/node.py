@@ -41,7 +41,7 @@ from dynrecon_ros.ros.parameters import (CONFIG_AT_NODE_LEVEL, NODE_PARAMETERS, 
                                         pipeline_config, pipeline_defaults, ros_value)
 from dynrecon_ros.ros.publishers import (FrameImagePublisher, MapPublisher, OdometryPublisher, PathPublisher,
                                         PosePublisher)
-from dynrecon_ros.ros.qos import default_fastdds_profile, input_qos, use_large_shm_segment  # noqa: F401
+from dynrecon_ros.ros.qos import input_qos, use_large_shm_segment
 from dynrecon_ros.ros.tf import MODES, ExtrinsicSource, TransformBroadcaster, navigation_pose, stamped
 from dynrecon_ros.ros.worker import DropOldestQueue, LatencyStats, Worker
 
