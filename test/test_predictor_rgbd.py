@@ -199,3 +199,28 @@ def test_long_pair_is_dropped_when_its_inliers_cannot_pin_the_translation():
     finally:
         rgbd.LONG_PAIR_MAX_SIGMA_M = old
     assert np.linalg.norm(T_kept[:3, 3] - T_gt[:3, 3]) > 0.03
+
+
+def test_translation_sigma_is_the_rigid_fits_translation_uncertainty():
+    """translation_sigma's moment sums equal its definition: the 6x6 information sum_k J_k^T W_k J_k of a left
+    increment (t, omega), J_k = [I, -[X_k]x], the translation's covariance its inverse's top-left block; a far
+    thin band pins the translation far worse than a room's depth spread."""
+    from dynrecon_ros.predictors.rgbd import translation_sigma
+    K = np.array([[260.0, 0, 160], [0, 250.0, 120], [0, 0, 1]])
+    rng = np.random.default_rng(4)
+
+    def by_definition(P, sigma_px=0.5, sigma_rel=0.01):
+        H = np.zeros((6, 6))
+        for X in P:
+            J = np.hstack([np.eye(3), -np.array([[0, -X[2], X[1]], [X[2], 0, -X[0]], [-X[1], X[0], 0]])])
+            W = np.diag([(K[0, 0] / (sigma_px * X[2])) ** 2, (K[1, 1] / (sigma_px * X[2])) ** 2,
+                         1 / (sigma_rel * X[2]) ** 2])
+            H += J.T @ W @ J
+        return np.sqrt(np.linalg.eigvalsh(np.linalg.inv(H)[:3, :3]).max())
+
+    room = np.c_[rng.uniform(-2, 2, (400, 2)), rng.uniform(1, 5, 400)]
+    band = np.c_[rng.uniform(-2, 2, 80), rng.uniform(-1.5, -1.4, 80), rng.uniform(4.5, 5.0, 80)]
+    for P in (room, band, room[:3]):
+        assert translation_sigma(P, K) == pytest.approx(by_definition(P), rel=1e-9)
+    assert translation_sigma(band, K) > 20 * translation_sigma(room, K)
+    assert translation_sigma(room[:2], K) == np.inf
