@@ -13,6 +13,8 @@ and these fits are batched over the hypotheses (numpy's per-call overhead domina
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 from dynrecon_ros.geometry import se3_increment
@@ -28,11 +30,10 @@ def _cross(w: np.ndarray, X: np.ndarray) -> np.ndarray:
 
 def _inlier_median(e: np.ndarray, inl: np.ndarray) -> np.ndarray:
     """(k,) median of each row of e (k, N) over its inliers inl (k, N) (inf where a row has none)."""
-    n = inl.sum(1)
-    srt = np.sort(np.where(inl, e, np.inf), 1)
-    lo, hi = np.maximum((n - 1) // 2, 0), np.maximum(n // 2, 0)
-    rows = np.arange(len(e))
-    return np.where(n > 0, 0.5 * (srt[rows, lo] + srt[rows, hi]), np.inf)
+    with warnings.catch_warnings():  # numpy warns on the rows without inliers (all NaN), set to inf below
+        warnings.simplefilter('ignore', RuntimeWarning)
+        med = np.nanmedian(np.where(inl, e, np.nan), axis=1)
+    return np.where(inl.any(1), med, np.inf)
 
 
 def shutter_reprojection_errors(T: np.ndarray, skew: np.ndarray, s: np.ndarray, P: np.ndarray, Q: np.ndarray,
