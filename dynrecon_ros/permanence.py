@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 def carry_hold(hold_j: np.ndarray, depth_k: np.ndarray, K_k: np.ndarray, depth_j: np.ndarray,
                K_j: np.ndarray, T_j_k: np.ndarray, cfg: 'SegmentationConfig',
                gray_k: np.ndarray | None = None, gray_j: np.ndarray | None = None,
-               ego: tuple | None = None, same_surface: bool = False):
+               ego: tuple | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Frame j's hold map carried to frame k (see the module docstring).
 
     Args:
@@ -53,12 +53,10 @@ def carry_hold(hold_j: np.ndarray, depth_k: np.ndarray, K_k: np.ndarray, depth_j
             their depth (a wall they walked along).
         ego: optional ``ego_at(u, v, depth_k, K_k, T_j_k, K_j)`` ((H, W) du, dv, depth in camera j; not
             changed) when the caller has it (the flow cue's ego flow of the pair k -> j, without rolling shutter).
-        same_surface: also return (H, W) bool where k sees a surface that j held, by the depth check
-            alone (also where the grey check dropped the hold: the held thing's look changed, a
-            camouflaged mover's surface that slides along itself).
-
     Returns:
-        (H, W) float32 stamps of frame k (NaN = not held); with ``same_surface`` also that (H, W) bool.
+        ((H, W) float32 stamps of frame k (NaN = not held), (H, W) bool where k sees a surface that j held
+        by the depth check alone: also where the grey check dropped the hold (the held thing's look
+        changed: a camouflaged mover's surface that slides along itself)).
     """
     h, w = hold_j.shape
     u, v = pixel_axes(h, w)
@@ -75,7 +73,7 @@ def carry_hold(hold_j: np.ndarray, depth_k: np.ndarray, K_k: np.ndarray, depth_j
     fin = np.isfinite(held)
     rows, cols = np.flatnonzero(fin.any(axis=1)), np.flatnonzero(fin.any(axis=0))
     if rows.size == 0:
-        return (held, fin) if same_surface else held
+        return held, fin
     # the checks only where something is held (its bounding box, 2 pixels more for the 5 x 5 grey means)
     box = (slice(max(rows[0] - 2, 0), min(rows[-1] + 3, h)), slice(max(cols[0] - 2, 0), min(cols[-1] + 3, w)))
     bx, by, zp = np.ascontiguousarray(mx[box]), np.ascontiguousarray(my[box]), z_pred[box]
@@ -83,10 +81,8 @@ def carry_hold(hold_j: np.ndarray, depth_k: np.ndarray, K_k: np.ndarray, depth_j
                         borderMode=cv2.BORDER_CONSTANT, borderValue=0)
     with np.errstate(invalid='ignore'):
         same = (zj_meas > 0) & (np.abs(zj_meas - zp) <= depth_tolerance(zp, zj_meas, cfg))
-    surf = None
-    if same_surface:
-        surf = np.zeros((h, w), bool)
-        surf[box] = same & fin[box]
+    surf = np.zeros((h, w), bool)
+    surf[box] = same & fin[box]
     if gray_k is not None and gray_j is not None:
         gj = gray_j.astype(np.float32)
         gk = gray_k.astype(np.float32)
@@ -99,7 +95,7 @@ def carry_hold(hold_j: np.ndarray, depth_k: np.ndarray, K_k: np.ndarray, depth_j
             same &= nan_box_mean(np.abs(seen - gain * gk[box]), (5, 5)) <= cfg.hold_grey_tol
     out = np.full((h, w), np.nan, np.float32)
     out[box] = np.where(same, held[box], np.nan)
-    return (out, surf) if same_surface else out
+    return out, surf
 
 
 def complete_hold(hold: np.ndarray, held: np.ndarray, depth: np.ndarray, fraction: float,
@@ -133,7 +129,7 @@ def complete_hold(hold: np.ndarray, held: np.ndarray, depth: np.ndarray, fractio
         segments: optional ``surface_segments(depth, crease)``, when the caller has them.
         moving: optional (H, W) bool pixels with motion evidence now (either cue).
         static: optional (H, W) bool pixels known static (their evidence says so; the caller leaves
-            out those a pair partner held on the same surface, :func:`carry_hold`'s ``same_surface``:
+            out those a pair partner held on the same surface, :func:`carry_hold`'s second output:
             the inside of a mover whose surface slides along itself, where both cues are blind).
             With ``moving``, the guard above; without, none.
         moving_share: 0..1 share of a surface's held pixels with motion evidence that makes it moving.

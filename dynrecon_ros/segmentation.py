@@ -263,7 +263,7 @@ class MotionSegmenter:
             for j in by_time[:1] + by_time[1:][-1:]:  # the nearest and the farthest (most likely before a passer-by)
                 h_j, w_j = carry_hold(self._holds[keys[j]][1], depths[k], Ks[k], depths[j], Ks[j], inv[j] @ poses[k],
                                       self.cfg, None if images is None else images[k],
-                                      None if images is None else images[j], ego=ego.get((k, j)), same_surface=True)
+                                      None if images is None else images[j], ego=ego.get((k, j)))
                 out = h_j if out is None else np.where(np.isnan(out), h_j, out)
                 was = w_j if was is None else was | w_j
             return out, was
