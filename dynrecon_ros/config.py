@@ -71,7 +71,11 @@ class BackendConfig:
     the refits to 3 robust sigmas of its consensus's depth residuals, in units of the sensor's noise
     sigma(z) (segmentation.depth_sigma_a / depth_sigma_b), but not below this many: a correspondence whose
     flow fits but whose measured depth does not (a camouflaged mover) is no inlier
-    (dynrecon_ros.predictors.rgbd.depth_gate). (RGBDPredictorConfig.from_backend.)
+    (dynrecon_ros.predictors.rgbd.depth_gate). long_pair_max_sigma_m: a long (keyframe) pair gives no pose
+    when its inliers cannot pin its translation: the translation's standard deviation of a rigid fit to them
+    (0.5 px across each ray, 1 % of z along it) above this many metres (a thin band of far wall beside a
+    close person; dynrecon_ros.predictors.rgbd.translation_sigma; inf = never).
+    (RGBDPredictorConfig.from_backend.)
     The dust3r backend's network (Dust3rConfig.from_backend): image_size: network input size (0 =
     the model's, 512 or 224; else >= 16); pair_cache: ordered pairs whose outputs are kept at least
     (0 = the last window step's, all the next step can reuse; 7.9 MB per pair at 512x384).
@@ -107,6 +111,7 @@ class BackendConfig:
     rolling_shutter_s: float = 0.0
     depth_delay_s: float = 0.0
     ransac_depth_sigmas: float = 1.0
+    long_pair_max_sigma_m: float = 0.006
     image_size: int = 0
     pair_cache: int = 0
     shared_focal: bool = True
@@ -131,6 +136,9 @@ class BackendConfig:
         if not self.ransac_depth_sigmas > 0:
             raise InputError(f'backend.ransac_depth_sigmas must be > 0 (sigmas of the depth noise), '
                              f'got {self.ransac_depth_sigmas}')
+        if not self.long_pair_max_sigma_m > 0:
+            raise InputError(f'backend.long_pair_max_sigma_m must be > 0 metres (inf: never drop a long pair), '
+                             f'got {self.long_pair_max_sigma_m}')
         if self.pair_cache < 0:
             raise InputError(f'backend.pair_cache must be >= 0, got {self.pair_cache}')
 

@@ -178,7 +178,6 @@ def test_long_pair_is_dropped_when_its_inliers_cannot_pin_the_translation():
     near a close person in close_crossing and every_effect) refines ~80 mm away from a start 6 mm off:
     translation and rotation look alike there. It is dropped (no pose); the same pair with its whole flow is
     kept and accurate."""
-    import dynrecon_ros.predictors.rgbd as rgbd
     s = render_sequence(SyntheticConfig(width=160, height=120, frames=11, movers=0, seed=3))
     a, b = s.frames[0], s.frames[10]
     flow = FlowCache(FlowConfig()).get(a.key, a.rgb, b.key, b.rgb)
@@ -192,12 +191,8 @@ def test_long_pair_is_dropped_when_its_inliers_cannot_pin_the_translation():
     T_band, inl, n = pred.relative_pose(a, b, band, init=init)
     assert n > 150 and T_band is None and not inl.any()
     # the case is meaningful: kept, the band's pose would be far off
-    old = rgbd.LONG_PAIR_MAX_SIGMA_M
-    try:
-        rgbd.LONG_PAIR_MAX_SIGMA_M = np.inf
-        T_kept, _, _ = pred.relative_pose(a, b, band, init=init)
-    finally:
-        rgbd.LONG_PAIR_MAX_SIGMA_M = old
+    never = RGBDPredictor(RGBDPredictorConfig.from_backend(BackendConfig(long_pair_max_sigma_m=np.inf)))
+    T_kept, _, _ = never.relative_pose(a, b, band, init=init)
     assert np.linalg.norm(T_kept[:3, 3] - T_gt[:3, 3]) > 0.03
 
 

@@ -10,7 +10,7 @@ the hypotheses are refined with the pair's row skew and judged at the flow's noi
 close mover cannot join the background's consensus: :func:`ransac_rigid`). Per-frame data
 (grey, gradients, grid points) is computed once per frame and shared by its pairs. The direct refinement is
 :mod:`dynrecon_ros.predictors.direct_refinement`. A long pair (verified and refined from a predicted pose)
-gives no pose when its inliers cannot pin its translation (:func:`translation_sigma` > ``LONG_PAIR_MAX_SIGMA_M``).
+gives no pose when its inliers cannot pin its translation (:func:`translation_sigma` > ``long_pair_max_sigma_m``).
 Confidence is 1 + a positive score where depth is valid and the flow is consistent.
 """
 from __future__ import annotations
@@ -61,6 +61,7 @@ class RGBDPredictorConfig:
     rolling_shutter_s: float  # row readout time (0 = global shutter); see rolling_shutter.py
     depth_delay_s: float  # depth image taken this long after the colour one
     ransac_depth_sigmas: float  # the depth gate's floor, in sigma(z) of the depth noise model (depth_gate)
+    long_pair_max_sigma_m: float  # a long pair's largest translation_sigma (m) for a pose
     depth_sigma_a: float  # the sensor's depth noise model sigma(z) = a + b (z - 0.4)^2 (segmentation's)
     depth_sigma_b: float
 
@@ -78,17 +79,16 @@ class RGBDPredictorConfig:
                       for f in dataclasses.fields(cls)})
 
 
-# A long pair (the newest frame to an older keyframe, refined from the tracked poses) is kept only when its
-# inliers can pin its translation: translation_sigma below this. Near a close person the long pairs whose valid
-# flow is left on a thin band of far wall (76-600 inliers in rows 0-60 of 240, 4-6 m away, where the person and
-# the baseline invalidate the rest) refine 20-100 mm away from a start 2-24 mm off, whatever the masks
-# (ground-truth masks of both frames: as far off) or the in-frame motions: translation and rotation look alike
-# there, and the window alignment takes every pair's points as exact. close_crossing (global shutter) seed 621:
-# pair 40 -> 55, 76 inliers in rows 3-30, refined from 14 mm off to 84 mm off, frame 55 then 28 mm off; ATE
-# 5.52 -> 2.79 mm with the gate; held-out seeds 630-634 mean 2.39 -> 1.63 mm. The 6 mm was set on every_effect
-# (branch scale-gate, where it alone was no clear gain under the rolling shutter: its adjacent pairs come out
-# short), not on close_crossing.
-LONG_PAIR_MAX_SIGMA_M = 0.006
+# backend.long_pair_max_sigma_m (default 6 mm): a long pair (the newest frame to an older keyframe, refined from
+# the tracked poses) is kept only when its inliers can pin its translation: translation_sigma below it. Near a
+# close person the long pairs whose valid flow is left on a thin band of far wall (76-600 inliers in rows 0-60 of
+# 240, 4-6 m away, where the person and the baseline invalidate the rest) refine 20-100 mm away from a start 2-24
+# mm off, whatever the masks (ground-truth masks of both frames: as far off) or the in-frame motions: translation
+# and rotation look alike there, and the window alignment takes every pair's points as exact. close_crossing
+# (global shutter) seed 621: pair 40 -> 55, 76 inliers in rows 3-30, refined from 14 mm off to 84 mm off, frame 55
+# then 28 mm off; ATE 5.52 -> 2.79 mm with the gate; held-out seeds 630-634 mean 2.39 -> 1.63 mm. The 6 mm was set
+# on every_effect (branch scale-gate, where it alone was no clear gain under the rolling shutter: its adjacent
+# pairs come out short), not on close_crossing.
 
 
 def translation_sigma(P: np.ndarray, K: np.ndarray, sigma_px: float = 0.5, sigma_depth_rel: float = 0.01) -> float:
@@ -450,7 +450,7 @@ class RGBDPredictor(PairPredictor):
             thr = float(np.clip(3.0 * 1.4826 * np.median(epx[use]), c.min_px_threshold, thr))
         inl_sel = keep & (epx < max(thr, 2 * c.min_px_threshold)) & (ez < c.ransac_depth_threshold) & \
             (ez < zthr * depth_noise)
-        if init is not None and translation_sigma(P_s[inl_sel], K_j) > LONG_PAIR_MAX_SIGMA_M:
+        if init is not None and translation_sigma(P_s[inl_sel], K_j) > c.long_pair_max_sigma_m:
             return None, empty, len(sel)  # a long pair whose inliers cannot pin its translation
         if c.photometric_iterations > 0:
             T = self._refine(frame_i, frame_j, sel[inl_sel], P_s[inl_sel], st, T, adjacent=init is None)
