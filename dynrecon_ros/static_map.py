@@ -87,6 +87,21 @@ def _keys(idx: np.ndarray) -> np.ndarray:
     return (i[:, 0] << (2 * _BITS)) | (i[:, 1] << _BITS) | i[:, 2]
 
 
+def _unique_inverse(key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``np.unique(key, return_inverse=True)`` of (N,) int64 keys: (sorted unique keys, (N,) index of each).
+    Written out because np.unique sorts with quicksort and has no choice of sort: a frame's voxel keys come
+    in runs (neighbouring pixels, row by row) that a stable sort (timsort) exploits, ~3x faster; the same
+    output."""
+    perm = key.argsort(kind='stable')
+    srt = key[perm]
+    first = np.empty(srt.size, bool)
+    first[:1] = True
+    np.not_equal(srt[1:], srt[:-1], out=first[1:])
+    inv = np.empty(srt.size, np.intp)
+    inv[perm] = np.cumsum(first) - 1
+    return srt[first], inv
+
+
 # columns of VoxelMap._data (one 8-float record per voxel)
 _W, _X, _Y, _Z, _R, _G, _B, _SEEN = range(8)
 _RECORD = np.dtype((np.void, 32))  # one record as a single item (np.insert of whole records)
@@ -179,7 +194,7 @@ class VoxelMap:
         pw = [R[r, 0] * x + R[r, 1] * y + R[r, 2] * z + t[r] for r in range(3)]
         inv_vox = np.float32(1.0 / cfg.voxel_size)
         key = _keys(np.stack([np.floor(c * inv_vox) for c in pw], 1).astype(np.int64))
-        ukey, inv = np.unique(key, return_inverse=True)
+        ukey, inv = _unique_inverse(key)
         n = ukey.size
         # per-voxel aggregates of this frame (confidence-weighted means)
         wpx = None if conf is None else np.maximum(cg[use], 1e-3).astype(np.float64)
@@ -276,8 +291,9 @@ class VoxelMap:
             w0 = cur[:, _W]
             w1 = frame[old, _W]
             tot = w0 + w1
-            a0, a1 = (w0 / tot)[:, None], (w1 / tot)[:, None]
-            cur[:, _X:_B + 1] = cur[:, _X:_B + 1] * a0 + frame[old, _X:_B + 1] * a1
+            a0, a1 = w0 / tot, w1 / tot
+            for c in range(_X, _B + 1):  # column by column: ~3x faster than on the strided (n, 6) block
+                cur[:, c] = cur[:, c] * a0 + frame[old, c] * a1
             cur[:, _W] = np.minimum(tot, self.cfg.max_weight)
             cur[:, _SEEN] = self._frame
             self._data[i] = cur

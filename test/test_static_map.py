@@ -312,3 +312,15 @@ def test_integrating_every_second_frame_keeps_the_per_frame_meaning_of_the_weigh
     assert (m.points()[:, 2] < 1.9).sum() == 0
     with pytest.raises(InputError, match='integrate_every'):
         MapConfig(integrate_every=0)
+
+
+def test_unique_inverse_is_numpys_unique():
+    """The map's stable-sort unique gives np.unique's sorted keys and inverse (runs, duplicates, one key, none)."""
+    from dynrecon_ros.static_map import _unique_inverse
+    rng = np.random.default_rng(2)
+    runs = np.repeat(rng.integers(-2 ** 40, 2 ** 40, 300), rng.integers(1, 9, 300))
+    for key in (runs, rng.integers(0, 50, 1000), np.array([7]), np.zeros(0, np.int64)):
+        key = key.astype(np.int64)
+        want = np.unique(key, return_inverse=True)
+        got = _unique_inverse(key)
+        assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1].ravel())
