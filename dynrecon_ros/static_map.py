@@ -261,7 +261,8 @@ class VoxelMap:
         d = depth.ravel()[pix]
         ok = good.ravel()[pix]
         margin = cfg.carve_margin + cfg.carve_margin_rel * zi
-        free = zi < near[pix] - margin  # (inf where no reading around: never)
+        free = zi < near[pix] - margin  # (near inf where no reading around: then never, below)
+        free &= np.isfinite(near[pix])
         dynamic = ok & ~static.ravel()[pix] & (np.abs(zi - d) <= margin)
         hit = idx[free | dynamic]
         if hit.size == 0:

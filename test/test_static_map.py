@@ -283,12 +283,25 @@ def test_carving_hits_exactly_the_voxels_of_the_plain_projection():
     zi = z[ins]
     near = cv2.erode(np.where(good, depth, np.float32(np.inf)), np.ones((3, 3), np.uint8)).ravel()
     margin = cfg.carve_margin + cfg.carve_margin_rel * zi
-    hit = alive[ins][(zi < near[pix] - margin) | (good.ravel()[pix] & ~static.ravel()[pix]
-                                                  & (np.abs(zi - depth.ravel()[pix]) <= margin))]
+    hit = alive[ins][((zi < near[pix] - margin) & np.isfinite(near[pix])) | (
+        good.ravel()[pix] & ~static.ravel()[pix] & (np.abs(zi - depth.ravel()[pix]) <= margin))]
     want = data[:, _W].copy()
     want[hit] = np.maximum(want[hit] - cfg.free_weight, 0.0)
     assert 100 < hit.size < n // 2
     np.testing.assert_array_equal(m._data[:, _W], want)
+
+
+def test_a_frame_carves_only_where_it_has_readings():
+    """Pixels without a depth reading anywhere in their 3x3 neighbourhood neither carve nor block: the wall
+    behind a hole keeps its weight (it was worn down by one per frame when no reading counted as seen through)."""
+    m = VoxelMap(MapConfig(pixel_stride=0, median_px=0))
+    for k in range(5):
+        m.integrate(_wall(), RGB, K, _pose(), None)
+    d = _wall()
+    d[20:100, 40:120] = 0  # a depth hole (a black monitor, a Kinect blob) in front of the wall
+    for _ in range(3):
+        m.integrate(d, RGB, K, _pose(), None)
+    assert m._data[m._data[:, 0] > 0, 0].min() == 5.0  # 5 observations, none since (old: 2)
 
 
 def test_integrating_every_second_frame_keeps_the_per_frame_meaning_of_the_weights():
