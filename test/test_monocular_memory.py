@@ -230,5 +230,5 @@ def test_memory_bounded_oracle_no_intrinsics(seq):
     assert status.count('ok') >= n_frames - 2 and len(status) == n_frames, status
     b = bounds(rec, 0)
     assert max(s['estimated_K'] for s in seen) >= cfg.window.size  # K estimated for the whole window
-    assert max(s['map'] for s in seen) == b['map']
+    assert 0.9 * b['map'] <= max(s['map'] for s in seen) <= b['map']  # at its bound (cut to 90 % beyond it)
     assert net.pairs_run > 4 * max(s['pairs'] for s in seen)  # many more pairs went through than are kept

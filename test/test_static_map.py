@@ -121,11 +121,28 @@ def test_low_confidence_and_out_of_range_depth_are_ignored():
 
 
 def test_max_voxels_bound_respected():
+    """Beyond max_voxels the map is cut to 90 % of it, the weakest first."""
     m = VoxelMap(MapConfig(pixel_stride=0, voxel_size=0.01, max_voxels=500))
     for k in range(3):
         m.integrate(_wall(), RGB, K, _pose(0.05 * k), None)
         assert len(m) <= 500
-    assert len(m) == 500
+    assert len(m) == 450
+
+
+def test_weakest_voxels_are_lexsorts_first():
+    """_weakest picks the n voxels of lowest weight, then least recently seen, then first stored: np.lexsort's
+    first n, ties included (few distinct weights and frames, -0.0 weights, n at the ends)."""
+    from dynrecon_ros.static_map import _weakest
+    rng = np.random.default_rng(5)
+    for m in (1, 7, 5000):
+        w = rng.choice(np.float32([0.0, -0.0, 0.4, 1.0, 2.0, 20.0]), m)
+        w[rng.random(m) < 0.2] = rng.random() * 3  # one fractional weight, many times
+        seen = rng.integers(0, 4, m).astype(np.float32)
+        order = np.lexsort((seen, w))
+        for n in {1, m // 3, m - 1, m} - {0}:
+            want = np.zeros(m, bool)
+            want[order[:n]] = True
+            assert np.array_equal(_weakest(w, seen, n), want), (m, n)
 
 
 def test_ply_round_trip(tmp_path):
@@ -256,10 +273,10 @@ def test_carving_hits_exactly_the_voxels_of_the_plain_projection():
     rng = np.random.default_rng(3)
     m = VoxelMap(MapConfig(pixel_stride=0, median_px=0))
     n = 5000
-    key = np.arange(n, dtype=np.int64)  # (sorted keys; their values do not matter to the carve)
     data = np.zeros((n, 8), np.float32)
     data[:, _X:_Z + 1] = rng.uniform([-3, -2, -1.0], [3, 2, 4.0], (n, 3))  # some behind the camera, some outside
     data[:, _W] = np.where(rng.random(n) < 0.2, 0.0, rng.uniform(1, 5, n))  # dead ones too
+    key, data = _keyed(data, m.cfg.voxel_size)
     m._key, m._data = key, data.copy()
     depth = rng.uniform(2.5, 2.6, (H, W)).astype(np.float32)  # a wall: voxels in front of it are seen through
     depth[rng.random((H, W)) < 0.1] = 0
@@ -291,6 +308,15 @@ def test_carving_hits_exactly_the_voxels_of_the_plain_projection():
     np.testing.assert_array_equal(m._data[:, _W], want)
 
 
+def _keyed(data: np.ndarray, voxel_size: float) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted keys, records in their order) of voxel records (n, 8) keyed by their mean position, as the map
+    keys them."""
+    from dynrecon_ros.static_map import _X, _Z, _keys
+    key = _keys(np.floor(data[:, _X:_Z + 1] / np.float32(voxel_size)).astype(np.int64))
+    key, first = np.unique(key, return_index=True)
+    return key, data[first]
+
+
 def test_a_frame_carves_only_where_it_has_readings():
     """Pixels without a depth reading anywhere in their 3x3 neighbourhood neither carve nor block: the wall
     behind a hole keeps its weight (it was worn down by one per frame when no reading counted as seen through)."""
@@ -302,6 +328,40 @@ def test_a_frame_carves_only_where_it_has_readings():
     for _ in range(3):
         m.integrate(d, RGB, K, _pose(), None)
     assert m._data[m._data[:, 0] > 0, 0].min() == 5.0  # 5 observations, none since (old: 2)
+
+
+def test_carving_scans_only_the_voxels_a_frame_can_reach():
+    """The carve projects the run of sorted keys within the view's x-extent (to the farthest depth a carve
+    reaches): the same voxels weakened as by projecting every stored voxel, on a map reaching 60 m around."""
+    from dynrecon_ros.static_map import _W, _X, _Z
+    import cv2
+    n = 40000
+    for seed in range(4):
+        r = np.random.default_rng(seed)
+        pose = np.eye(4)
+        pose[:3, :3] = cv2.Rodrigues(r.normal(0, 1.0, 3))[0]  # any direction: the x-extent differs
+        pose[:3, 3] = r.uniform(-2, 2, 3)
+        data = np.zeros((n, 8), np.float32)
+        data[:, _X:_Z + 1] = r.uniform(-30, 30, (n, 3))
+        z = r.uniform(0.5, 7.5, n // 2)  # half of them in the camera's view, some beyond its reach
+        cam = np.c_[r.uniform(-0.7, 0.7, n // 2) * z, r.uniform(-0.5, 0.5, n // 2) * z, z]
+        data[: n // 2, _X:_Z + 1] = cam @ pose[:3, :3].T + pose[:3, 3]
+        data[:, _W] = r.uniform(1, 5, n)
+        m = VoxelMap(MapConfig(pixel_stride=0, median_px=0))
+        key, rec = _keyed(data, m.cfg.voxel_size)
+        depth = r.uniform(1.0, 6.5, (H, W)).astype(np.float32)
+        depth[r.random((H, W)) < 0.05] = 0
+        good = (depth > m.cfg.min_depth) & (depth <= m.cfg.max_depth)
+        static = r.random((H, W)) > 0.2
+        full = VoxelMap(m.cfg)
+        full._view_slab = lambda *a: (0, full._key.size)
+        for mm in (m, full):
+            mm._key, mm._data = key.copy(), rec.copy()
+            mm._carve(depth, good, static, K, pose)
+        lo, hi = m._view_slab(K, pose, H, W)
+        hit = full._data[:, _W] < rec[:, _W]
+        assert hit.sum() > 50 and hi - lo < 0.8 * len(key)
+        np.testing.assert_array_equal(m._data, full._data)
 
 
 def test_integrating_every_second_frame_keeps_the_per_frame_meaning_of_the_weights():
