@@ -30,7 +30,9 @@ class MapConfig:
 
     Attributes:
         voxel_size: voxel edge in metres.
-        min_depth, max_depth: depth readings outside [min_depth, max_depth] metres are ignored.
+        min_depth, max_depth: depth readings outside [min_depth, max_depth] metres are not integrated; a
+            pixel without such a reading anywhere in its 3x3 neighbourhood counts as seeing no surface up
+            to max_depth (keep max_depth within the sensor's range).
         min_confidence: pixels whose confidence is below it are not integrated.
         min_weight: voxels are published by :meth:`VoxelMap.points` from this weight on (about the
             number of frames that observed them, times their mean confidence).
@@ -274,15 +276,16 @@ class VoxelMap:
             pix_v.astype(np.int64) * w + pix_u.astype(np.int64)
         zi = z[idx - lo]
         # seen through only if every valid reading of the pixel's 3x3 neighbourhood is farther
-        # (silhouette edges never carve); missing readings neither carve nor block (when they
-        # blocked, Kinect-like holes on 10 % of the pixels kept a paused person's voxels 2.5x longer:
-        # a full 3x3 of readings is then rare)
+        # (silhouette edges never carve); missing readings do not block (when they blocked, Kinect-like
+        # holes on 10 % of the pixels kept a paused person's voxels 2.5x longer: a full 3x3 of readings is
+        # then rare); a pixel with no reading around saw no surface within the sensor's range: it carves
+        # up to max_depth, not beyond (a wall the camera moved away from stays)
         near = cv2.erode(np.where(good, depth, np.float32(np.inf)), np.ones((3, 3), np.uint8)).ravel()
         d = depth.ravel()[pix]
         ok = good.ravel()[pix]
         margin = cfg.carve_margin + cfg.carve_margin_rel * zi
-        free = zi < near[pix] - margin  # (near inf where no reading around: then never, below)
-        free &= np.isfinite(near[pix])
+        free = zi < near[pix] - margin  # (near inf where no reading around: then up to max_depth)
+        free &= np.isfinite(near[pix]) | (zi <= cfg.max_depth)
         dynamic = ok & ~static.ravel()[pix] & (np.abs(zi - d) <= margin)
         hit = idx[free | dynamic]
         if hit.size == 0:
@@ -298,7 +301,8 @@ class VoxelMap:
         """[lo, hi): the run of the sorted keys (x index first) whose voxels a frame (K (3, 3), pose (4, 4)
         camera-to-world, h x w pixels) can carve: those whose x index lies within the world x-extent of its
         view, between min_depth and the farthest depth a carve reaches ((max_depth + carve_margin) / (1 -
-        carve_margin_rel): a voxel is carved only in front of, or at, a valid reading), one pixel and one voxel
+        carve_margin_rel): a voxel is carved only in front of, or at, a valid reading, or within max_depth
+        where there is none), one pixel and one voxel
         wider (float32 rounding); everything when that depth is unbounded or the x indices wrap."""
         cfg, n = self.cfg, self._key.size
         if cfg.carve_margin_rel >= 1:

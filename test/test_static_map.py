@@ -317,17 +317,24 @@ def _keyed(data: np.ndarray, voxel_size: float) -> tuple[np.ndarray, np.ndarray]
     return key, data[first]
 
 
-def test_a_frame_carves_only_where_it_has_readings():
-    """Pixels without a depth reading anywhere in their 3x3 neighbourhood neither carve nor block: the wall
-    behind a hole keeps its weight (it was worn down by one per frame when no reading counted as seen through)."""
-    m = VoxelMap(MapConfig(pixel_stride=0, median_px=0))
+def test_a_wall_beyond_max_depth_is_not_carved():
+    """A pixel without a reading within [min_depth, max_depth] carves up to max_depth only: a wall the camera
+    moved away from (now read beyond max_depth) keeps its voxels (every voxel in view lost weight there when
+    no reading counted as seen through at any depth); one within max_depth behind a hole is carved."""
+    m = VoxelMap(MapConfig(pixel_stride=0, median_px=0, max_depth=2.5))
     for k in range(5):
-        m.integrate(_wall(), RGB, K, _pose(), None)
+        m.integrate(_wall(), RGB, K, _pose(), None)  # the wall at 2 m
+    n = len(m.points())
+    back = _pose()
+    back[2, 3] = -1.0
+    for _ in range(8):  # the camera 1 m back: the wall read at 3 m, beyond max_depth
+        m.integrate(_wall(3.0), RGB, K, back, None)
+    assert len(m.points()) == n and m._data[:, 0].min() == 5.0
     d = _wall()
-    d[20:100, 40:120] = 0  # a depth hole (a black monitor, a Kinect blob) in front of the wall
-    for _ in range(3):
+    d[20:100, 40:120] = 0  # a hole in the readings, the wall within max_depth behind it
+    for _ in range(4):
         m.integrate(d, RGB, K, _pose(), None)
-    assert m._data[m._data[:, 0] > 0, 0].min() == 5.0  # 5 observations, none since (old: 2)
+    assert 0 < len(m.points()) < n
 
 
 def test_carving_scans_only_the_voxels_a_frame_can_reach():
