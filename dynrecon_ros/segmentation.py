@@ -30,9 +30,9 @@ from dynrecon_ros.depth_cue import (fill_candidates, nearest_reading, pair_depth
                                     reverse_depth_probability)
 from dynrecon_ros.errors import InputError
 from dynrecon_ros.flow import to_gray
-from dynrecon_ros.flow_cue import (ego_explains_appearance, ego_flow, pair_dynamic_probability,  # noqa: F401
-                                   pair_probability, pair_probability_and_landing, pull_from_source,
-                                   refine_relative_pose, splat_to_target)
+from dynrecon_ros.flow_cue import (ego_explains_appearance, ego_flow, flow_match_unconfirmed,  # noqa: F401
+                                   pair_dynamic_probability, pair_probability, pair_probability_and_landing,
+                                   pull_from_source, refine_relative_pose, splat_to_target)
 from dynrecon_ros.mask_cleanup import (clean_mask, complete_regions, drop_background_segments,  # noqa: F401
                                        refine_upsampled_mask, snap_holes_to_colour_edges, snap_to_depth_edges,
                                        surface_segments)
@@ -206,10 +206,16 @@ class MotionSegmenter:
                 # about as well (a uniform surface, where flow means little): no evidence
                 with np.errstate(invalid='ignore'):
                     suspect = p > 0.01  # only flow evidence of motion needs the check
-                better = ego_explains_appearance(grey[i], grey[j], eu, ev, flow, where=suspect, landing=landing)
+                better, match = ego_explains_appearance(grey[i], grey[j], eu, ev, flow, where=suspect,
+                                                        landing=landing, with_match=True)
                 with np.errstate(invalid='ignore'):
                     np.copyto(p, np.float32(0), where=better >= 1.0)
                     np.copyto(p, np.float32(np.nan), where=(better >= 0) & (better < 1.0))
+                if self.cfg.match_grey_tol > 0:
+                    # no verdict (the ego warp leaves frame j), the flow's match does not look the same and the
+                    # pair's flow failed elsewhere: the flow found nothing (the point is out of view in j)
+                    np.copyto(p, np.float32(np.nan), where=suspect & flow_match_unconfirmed(
+                        better, match, eu, ev, self.cfg.match_grey_tol, flow_valid.get((i, j))))
             cues = [p] if near is None else [p, pair_depth_probability(zj, eu, ev, near[j], self.cfg)]
             out = [] if skip[i] else [(c, i, pc) for c, pc in enumerate(cues)]
             if carry:

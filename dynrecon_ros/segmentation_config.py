@@ -85,6 +85,15 @@ class SegmentationConfig:
         hold_grey_tol: a held pixel loses its hold where the frame it inherits from does not look
             the same there (5 x 5 mean absolute grey difference after one gain above this): the
             held thing left, uncovering background at about its depth.
+        match_grey_tol: where the ego warp leaves the pair's other frame (the static hypothesis puts the
+            point out of its view, so the photometric check has no verdict) and the pair's flow failed
+            (forward-backward consistent on less than half of the pixels both frames see), a pair's flow
+            evidence counts only if that frame seen through the optical flow looks like the pixel: 5 x 5
+            mean absolute grey difference after one gain at most this; above, the flow matched nothing
+            (DIS losing a long pair's large displacement ends near zero at the border and passes the
+            forward-backward check there: a static scene's border flagged) and the pair gives no evidence
+            there. A mover following the camera at the border is matched and keeps it
+            (:func:`~dynrecon_ros.flow_cue.flow_match_unconfirmed`); 0 disables.
         crease: relative second difference of inverse depth over 3 pixels that separates two
             surfaces meeting at an angle (a mover's feet and the floor), so completion stops there.
         hold_grow_fraction: a smooth depth-connected surface that held pixels cover for at least this
@@ -133,6 +142,7 @@ class SegmentationConfig:
     grow_static: float = 0.1
     still_after_s: float = 5.0
     hold_grey_tol: float = 12.0
+    match_grey_tol: float = 12.0
     crease: float = 0.01
     hold_grow_fraction: float = 0.2
     hold_moving_share: float = 0.01
@@ -156,6 +166,8 @@ class SegmentationConfig:
                      'colour_snap_px'):
             if getattr(self, name) < 0:
                 raise InputError(f'segmentation {name} must be >= 0, got {getattr(self, name)}')
+        if self.match_grey_tol < 0:
+            raise InputError(f'segmentation match_grey_tol must be >= 0 (0 = off), got {self.match_grey_tol}')
         if self.max_tracked_frames < 1 or self.forget_after_calls < 1 or self.threads < 1:
             raise InputError('segmentation max_tracked_frames, forget_after_calls and threads must be >= 1')
         for name in ('attention_min_contrast', 'attention_min_separation'):

@@ -159,6 +159,61 @@ def test_segmenter_static_scene_has_no_false_positives():
     assert probs.mean() < 0.05
 
 
+def _out_of_view_pair(follow: bool):
+    """A textured wall at 3 m seen by frame 0 and by frame 1 turned 8.6 degrees: frame 1's right edge (about 26
+    columns) is out of frame 0's view. The flow 1 -> 0 is zero there, where it passes the forward-backward check,
+    and exact but failing that check elsewhere (DIS losing the large displacement). ``follow``: a patch at that
+    edge looks the same at the same pixel in both frames (a thing carried with the camera; its flow 0 is a true
+    match). Returns depths (2, H, W), poses (2, 4, 4), flows, flow_valid, grey images (2, H, W) uint8,
+    out-of-view and patch (H, W) bool."""
+    cv2 = pytest.importorskip('cv2')
+    rng = np.random.default_rng(3)
+    tex = rng.uniform(0, 255, (200, 400)).astype(np.float32)  # 2 cm cells, about a pixel at 3 m
+    u, v = np.meshgrid(np.arange(W, dtype=np.float64), np.arange(H, dtype=np.float64))
+    rays = np.stack([(u - K[0, 2]) / F, (v - K[1, 2]) / F, np.ones_like(u)], -1)
+    poses = np.stack([np.eye(4), _T(_rot_y(0.15))])
+    depths, greys = [], []
+    for k in range(2):
+        X = rays @ poses[k, :3, :3].T
+        X *= (WALL_Z / X[..., 2])[..., None]
+        depths.append(np.linalg.norm(X, axis=-1) / np.linalg.norm(rays, axis=-1))
+        greys.append(cv2.remap(tex, (X[..., 0] / 0.02 + 200).astype(np.float32),
+                               (X[..., 1] / 0.02 + 100).astype(np.float32), cv2.INTER_LINEAR))
+    depths = np.stack(depths).astype(np.float32)
+    ego = ego_flow(depths[1], K, np.linalg.inv(poses[0]) @ poses[1])
+    out = (u + ego[..., 0] > W - 1) | (u + ego[..., 0] < 0)
+    flow = np.where(out[..., None], np.float32(0), ego).astype(np.float32)
+    patch = np.zeros((H, W), bool)
+    if follow:
+        patch[30:60, W - 14:] = True
+        own = rng.uniform(0, 255, (H, W)).astype(np.float32)
+        for g in greys:
+            g[patch] = own[patch]
+    images = np.stack([np.clip(g, 0, 255).astype(np.uint8) for g in greys])
+    return depths, poses, {(1, 0): flow}, {(1, 0): out.copy()}, images, out, patch
+
+
+@pytest.mark.parametrize('follow', [False, True])
+def test_failed_flow_that_matched_nothing_out_of_view_is_no_evidence(follow):
+    # the static scene's edge that the long pair's other frame does not see: the flow (0) disagrees with the ego
+    # flow (out of the image, so the photometric check has no verdict), frame 0 through it does not look like
+    # frame 1 (it matched nothing) and the pair's flow failed on the rest of the view: no evidence (it flagged
+    # static_effects 700's border: 276 pixels). A patch that follows the camera looks the same: still motion
+    depths, poses, flows, valid, images, out, patch = _out_of_view_pair(follow)
+    assert 2000 < out.sum() < 4000
+    probs, _ = MotionSegmenter().segment(['a', 'b'], depths, K, poses, flows, valid, images=images)
+    wall = out & ~patch
+    assert (probs[1][wall] > 0.5).mean() < 0.02, (probs[1][wall] > 0.5).mean()
+    if follow:  # (its inside: the 5 x 5 match of its edge pixels sees the wall beside it too)
+        assert (probs[1][32:58, W - 12:] > 0.5).mean() > 0.95
+    off, _ = MotionSegmenter(SegmentationConfig(match_grey_tol=0)).segment(['a', 'b'], depths, K, poses, flows,
+                                                                           valid, images=images)
+    assert (off[1][wall] > 0.5).mean() > 0.9  # the gate off: the flow's failure reads as motion
+    # a pair whose flow holds on the rest of the view gives no sign that it failed: the evidence stays
+    held, _ = MotionSegmenter().segment(['a', 'b'], depths, K, poses, flows, images=images)
+    assert (held[1][wall] > 0.5).mean() > 0.9
+
+
 def test_segmenter_disabled_returns_all_static():
     depths, poses, gt, flow = _scene(n=3)
     flows = {(0, 1): flow(0, 1)}
