@@ -247,3 +247,34 @@ def test_a_hole_that_sees_beyond_the_sensor_range_is_static(beyond, monkeypatch)
         assert np.nanmax(band) < 0.1
     else:
         assert np.nanmin(band) > 0.9
+
+
+def test_a_patch_of_holes_the_colour_snap_gives_back_leaves_no_remnant():
+    """A false dynamic patch made only of depth holes in an image corner (static_effects seed 702, frame 7: 71
+    pixels) whose colour joins the background: the colour snap returns it to the background but for the
+    corner pixel (the erosion counts the image border as mask); the outputs drop what the snap shrank below
+    min_area_frac, as the cleanup does, so the published mask is empty. A mover's patch stays whole."""
+    from dynrecon_ros.config import ReconConfig
+    from dynrecon_ros.frames import Frame
+    from dynrecon_ros.reconstructor import Reconstructor
+    h, w = 120, 160
+    rng = np.random.default_rng(1)
+    rgb = np.clip(rng.normal(120, 3, (h, w, 3)), 0, 255).astype(np.uint8)  # one surface, sensor noise
+    depth = np.full((h, w), 3.0, np.float32)
+    depth[100:, :12] = 0  # the sensor's holes in the corner
+    mask = np.zeros((h, w), np.uint8)
+    mask[104:, :6] = 1  # a false patch inside them (96 px > min_area_frac of 19 px)
+    K = np.array([[150.0, 0, 80], [0, 150.0, 60], [0, 0, 1]])
+    f = Frame(0.0, rgb, depth, K)
+    rec = Reconstructor(ReconConfig())
+    assert mask.sum() > rec.cfg.segmentation.min_area_frac * mask.size
+    res, _ = rec._outputs(f, f, np.zeros((h, w), np.float32), mask * 255, None, np.eye(4))
+    assert not res.mask.any()
+    # a mover in a larger hole, its own colour: kept (the snap moves its boundary onto its colour edge)
+    rgb2, depth2, mask2 = rgb.copy(), depth.copy(), np.zeros((h, w), np.uint8)
+    depth2[80:, :40] = 0
+    rgb2[80:, :30] = 30
+    mask2[84:, :26] = 1
+    f2 = Frame(0.0, rgb2, depth2, K)
+    res2, _ = rec._outputs(f2, f2, np.zeros((h, w), np.float32), mask2 * 255, None, np.eye(4))
+    assert (res2.mask > 0).sum() >= mask2.sum()
