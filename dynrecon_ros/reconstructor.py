@@ -471,12 +471,15 @@ class Reconstructor:
         seg = self.cfg.segmentation
         if seg.enabled and seg.colour_snap_px and self.step.needs_depth and f.depth is not None and mask.any():
             # the sensor's pixels without depth near the boundary: by colour, at the input size
-            snapped = snap_holes_to_colour_edges((mask > 0).astype(np.uint8), f.depth, f.rgb, seg.colour_snap_px * s)
-            # its pixels without a reading in regions below min_area_frac dropped, as the cleanup drops such
-            # regions (a false patch of holes whose colour joined the background left a one-pixel remnant in
-            # an image corner); pixels with a reading keep the snap's label (it changes only holes)
-            small = drop_small_regions(snapped.copy(), seg.min_area_frac)
-            mask = np.where(f.depth > 0, snapped, small) * np.uint8(255)
+            m01 = (mask > 0).astype(np.uint8)
+            snapped = snap_holes_to_colour_edges(m01, f.depth, f.rgb, seg.colour_snap_px * s)
+            if (snapped < m01).any():
+                # where it gave pixels back: its pixels without a reading in regions now below min_area_frac
+                # dropped, as the cleanup drops such regions (a false patch of holes whose colour joined the
+                # background left a one-pixel remnant in an image corner); pixels with a reading keep the snap's
+                # label (it changes only holes)
+                snapped = np.where(f.depth > 0, snapped, drop_small_regions(snapped.copy(), seg.min_area_frac))
+            mask = snapped * np.uint8(255)
         conf = (conf * (1.0 - prob)).astype(np.float32)
         integration = None
         if f.depth is not None:
