@@ -302,8 +302,8 @@ class VoxelMap:
         camera-to-world, h x w pixels) can carve: those whose x index lies within the world x-extent of its
         view, between min_depth and the farthest depth a carve reaches ((max_depth + carve_margin) / (1 -
         carve_margin_rel): a voxel is carved only in front of, or at, a valid reading, or within max_depth
-        where there is none), one pixel and one voxel
-        wider (float32 rounding); everything when that depth is unbounded or the x indices wrap."""
+        where there is none), one pixel and one voxel wider (float32 rounding); everything when that depth
+        is unbounded or the x indices wrap."""
         cfg, n = self.cfg, self._key.size
         if cfg.carve_margin_rel >= 1:
             return 0, n
