@@ -268,9 +268,9 @@ def _soft_step(err: np.ndarray, eu: np.ndarray, ev: np.ndarray, cfg: 'Segmentati
 
 def ego_explains_appearance(gray_i: np.ndarray, gray_j: np.ndarray, eu: np.ndarray, ev: np.ndarray,
                             flow: np.ndarray, radius: int = 2, where: np.ndarray | None = None,
-                            landing: tuple | None = None, with_match: bool = False):
-    """(H, W) float32: how much better frame j seen through the ego flow looks like frame i than
-    seen through the optical flow: the difference of their mean absolute differences over
+                            landing: tuple | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(H, W) float32 (and the match error, below): how much better frame j seen through the ego flow looks
+    like frame i than seen through the optical flow: the difference of their mean absolute differences over
     (2 radius + 1)^2 pixels, after one gain for the pair (grey levels; > 0: the ego flow explains
     the appearance better; NaN where either warp leaves the image).
 
@@ -288,19 +288,17 @@ def ego_explains_appearance(gray_i: np.ndarray, gray_j: np.ndarray, eu: np.ndarr
             window) is computed, the rest is NaN (the check costs 2 remaps and 4 box filters).
         landing: optional ((H, W), (H, W)) float32 ``u + flow[..., 0]``, ``v + flow[..., 1]`` (where the optical
             flow lands, as :func:`pair_probability_and_landing` gives it), instead of adding them here.
-        with_match: also return the (H, W) float32 mean absolute difference (after the gain) of frame j
-            seen through the optical flow alone (how well the flow's match looks like frame i; NaN
-            where it leaves the image or outside ``where``'s box): the one verdict left where the
-            ego warp has none (see :func:`flow_match_unconfirmed`).
-
     Returns:
-        (H, W) float32 difference; with ``with_match`` also that (H, W) float32 match error.
+        (the difference, the match error): the (H, W) float32 mean absolute difference (after the gain) of
+        frame j seen through the optical flow alone (how well the flow's match looks like frame i; NaN where
+        it leaves the image or outside ``where``'s box): the one verdict left where the ego warp has none
+        (see :func:`flow_match_unconfirmed`).
     """
     h, w = gray_i.shape
     out = np.full((h, w), np.nan, np.float32)
-    match = np.full((h, w), np.nan, np.float32) if with_match else None
+    match = np.full((h, w), np.nan, np.float32)
     if where is not None and not where.any():
-        return (out, match) if with_match else out
+        return out, match
     gj = np.asarray(gray_j, dtype=np.float32)
     u, v = pixel_axes(h, w)
     lost = np.float32(-1e4)  # where there is no ego flow: outside the image (the border's NaN)
@@ -332,10 +330,9 @@ def ego_explains_appearance(gray_i: np.ndarray, gray_j: np.ndarray, eu: np.ndarr
     gi = np.multiply(np.asarray(gray_i[box], dtype=np.float32), np.float32(gain), out=fu)
     win = (2 * radius + 1, 2 * radius + 1)
     means = [_nan_box_mean_of_abs(np.subtract(x, gi, out=x), win, buf) for x, buf in ((opt, mx), (ego, my))]
-    if with_match:
-        match[box] = means[0]
+    match[box] = means[0]
     out[box] = np.subtract(means[0], means[1], out=means[0])
-    return (out, match) if with_match else out
+    return out, match
 
 
 # a pair whose flow passes the forward-backward check on less than this share of the pixels that both frames see
@@ -362,24 +359,25 @@ def flow_match_unconfirmed(better: np.ndarray, match: np.ndarray, eu: np.ndarray
     flow) are not judged here.
 
     Args:
-        better, match: (H, W) float32 of :func:`ego_explains_appearance` (``with_match``).
+        better, match: (H, W) float32 of :func:`ego_explains_appearance`.
         eu, ev: (H, W) float32 ego flow of frame i into j (NaN = none).
         tol: mean absolute grey difference (5 x 5, after one gain) above which the match is none.
         valid: (H, W) bool forward-backward consistent pixels of the pair, or None (unknown: not failed).
     """
     h, w = better.shape
+    if valid is None:
+        return np.zeros((h, w), bool)
     u, v = pixel_axes(h, w)
     with np.errstate(invalid='ignore'):
         tu, tv = np.add(u, eu), np.add(v, ev)
         inside = (tu >= 0) & (tu <= w - 1) & (tv >= 0) & (tv <= h - 1)  # (NaN: False)
-        out = ~inside & np.isfinite(tu) & np.isfinite(tv)
-        out &= np.isnan(better)
-        out &= match > np.float32(tol)
-    if valid is None or not out.any():
-        return np.zeros((h, w), bool)
     seen = np.count_nonzero(inside)
     if seen and np.count_nonzero(inside & np.asarray(valid, dtype=bool)) >= FLOW_FAILED_SHARE * seen:
         return np.zeros((h, w), bool)  # the flow held on most of the view: no sign that it failed
+    with np.errstate(invalid='ignore'):
+        out = ~inside & np.isfinite(tu) & np.isfinite(tv)
+        out &= np.isnan(better)
+        out &= match > np.float32(tol)
     return out
 
 

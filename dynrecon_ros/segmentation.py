@@ -207,7 +207,7 @@ class MotionSegmenter:
                 with np.errstate(invalid='ignore'):
                     suspect = p > 0.01  # only flow evidence of motion needs the check
                 better, match = ego_explains_appearance(grey[i], grey[j], eu, ev, flow, where=suspect,
-                                                        landing=landing, with_match=True)
+                                                        landing=landing)
                 with np.errstate(invalid='ignore'):
                     np.copyto(p, np.float32(0), where=better >= 1.0)
                     np.copyto(p, np.float32(np.nan), where=(better >= 0) & (better < 1.0))
