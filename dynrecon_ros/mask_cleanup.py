@@ -490,7 +490,8 @@ def drop_small_regions(mask: np.ndarray, min_area_frac: float) -> np.ndarray:
     return mask
 
 
-def snap_holes_to_colour_edges(mask: np.ndarray, depth: np.ndarray, rgb: np.ndarray, radius: int) -> np.ndarray:
+def snap_holes_to_colour_edges(mask: np.ndarray, depth: np.ndarray, rgb: np.ndarray, radius: int,
+                               min_area_frac: float = 0.0) -> np.ndarray:
     """Pixels without a depth reading near the mask's boundary take the side their colour joins.
 
     Depth snapping (:func:`snap_to_depth_edges`) cannot place a boundary where the sensor has no
@@ -507,6 +508,8 @@ def snap_holes_to_colour_edges(mask: np.ndarray, depth: np.ndarray, rgb: np.ndar
         depth: (H, W) float32 metres (0/NaN = no reading).
         rgb: (H, W, 3) uint8 colour image of the same frame (any channel order).
         radius: pixels from the boundary that may change side; 0 disables.
+        min_area_frac: where pixels were given back, holes of regions now below this fraction of the image are
+            dropped, as :func:`clean_mask` drops small regions (a false patch of holes kept its corner pixel); 0: off.
 
     Returns:
         (H, W) uint8 0/1.
@@ -532,6 +535,8 @@ def snap_holes_to_colour_edges(mask: np.ndarray, depth: np.ndarray, rgb: np.ndar
         side = markers[unknown]
         o = out[box]
         o[unknown] = np.where(side == 1, 1, np.where(side == 2, 0, m[unknown]))
+    if min_area_frac > 0 and (out < mask).any():
+        out = np.where(hole, drop_small_regions(out.copy(), min_area_frac), out)
     return out
 
 

@@ -39,7 +39,6 @@ from dynrecon_ros.config import ReconConfig
 from dynrecon_ros.errors import InputError
 from dynrecon_ros.flow import FlowCache
 from dynrecon_ros.geometry import poses_from_tum
-from dynrecon_ros.mask_cleanup import drop_small_regions
 from dynrecon_ros.memory import keep_freed_heap
 from dynrecon_ros.segmentation import MotionSegmenter, clean_mask, refine_upsampled_mask, snap_holes_to_colour_edges
 from dynrecon_ros.static_map import VoxelMap
@@ -471,15 +470,8 @@ class Reconstructor:
         seg = self.cfg.segmentation
         if seg.enabled and seg.colour_snap_px and self.step.needs_depth and f.depth is not None and mask.any():
             # the sensor's pixels without depth near the boundary: by colour, at the input size
-            m01 = (mask > 0).astype(np.uint8)
-            snapped = snap_holes_to_colour_edges(m01, f.depth, f.rgb, seg.colour_snap_px * s)
-            if (snapped < m01).any():
-                # where it gave pixels back: its pixels without a reading in regions now below min_area_frac
-                # dropped, as the cleanup drops such regions (a false patch of holes whose colour joined the
-                # background left a one-pixel remnant in an image corner); pixels with a reading keep the snap's
-                # label (it changes only holes)
-                snapped = np.where(f.depth > 0, snapped, drop_small_regions(snapped.copy(), seg.min_area_frac))
-            mask = snapped * np.uint8(255)
+            mask = snap_holes_to_colour_edges((mask > 0).astype(np.uint8), f.depth, f.rgb, seg.colour_snap_px * s,
+                                              seg.min_area_frac) * np.uint8(255)
         conf = (conf * (1.0 - prob)).astype(np.float32)
         integration = None
         if f.depth is not None:
