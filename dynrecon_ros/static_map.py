@@ -269,12 +269,11 @@ class VoxelMap:
         idx = np.flatnonzero(use)
         if idx.size == 0:
             return
-        pix_v, pix_u = v[idx], u[idx]
-        idx += lo
+        pix_v, pix_u, zi = v[idx], u[idx], z[idx]
+        idx += lo  # (positions in the whole map)
         # v w + u of whole numbers below 2^24: exact in float32, one conversion
         pix = (pix_v * np.float32(w) + pix_u).astype(np.int64) if h * w < 1 << 24 else \
             pix_v.astype(np.int64) * w + pix_u.astype(np.int64)
-        zi = z[idx - lo]
         # seen through only if every valid reading of the pixel's 3x3 neighbourhood is farther
         # (silhouette edges never carve); missing readings do not block (when they blocked, Kinect-like
         # holes on 10 % of the pixels kept a paused person's voxels 2.5x longer: a full 3x3 of readings is
