@@ -508,8 +508,8 @@ def snap_holes_to_colour_edges(mask: np.ndarray, depth: np.ndarray, rgb: np.ndar
         depth: (H, W) float32 metres (0/NaN = no reading).
         rgb: (H, W, 3) uint8 colour image of the same frame (any channel order).
         radius: pixels from the boundary that may change side; 0 disables.
-        min_area_frac: where pixels were given back, holes of regions now below this fraction of the image are
-            dropped, as :func:`clean_mask` drops small regions (a false patch of holes kept its corner pixel); 0: off.
+        min_area_frac: regions that lost pixels and are now below this fraction of the image are dropped whole, as
+            :func:`clean_mask` drops small regions (false patches of holes kept a corner or a lone reading); 0: off.
 
     Returns:
         (H, W) uint8 0/1.
@@ -536,14 +536,15 @@ def snap_holes_to_colour_edges(mask: np.ndarray, depth: np.ndarray, rgb: np.ndar
         o = out[box]
         o[unknown] = np.where(side == 1, 1, np.where(side == 2, 0, m[unknown]))
     if min_area_frac > 0 and (out < mask).any():
-        out = np.where(hole, drop_small_regions(out.copy(), min_area_frac), out)
+        _, lab = cv2.connectedComponents(mask, connectivity=8)
+        shrunk = np.isin(lab, np.unique(lab[out < mask]))  # (the regions untouched were judged by clean_mask)
+        out = np.where(shrunk, drop_small_regions(out * shrunk, min_area_frac), out)
     return out
 
 
 def _resolve_watershed_lines(markers: np.ndarray, img: np.ndarray, where: np.ndarray) -> None:
-    """In place: the pixels of ``cv2.watershed``'s lines between regions (-1) within ``where`` take
-    the label of the 4-neighbour most like them in colour (the line pixel lies on the colour edge,
-    on either side).
+    """In place: the pixels of ``cv2.watershed``'s lines between regions (-1) within ``where`` take the label of
+    the 4-neighbour most like them in colour (the line pixel lies on the colour edge, on either side).
 
     Args:
         markers: (h, w) int32 labels after ``cv2.watershed`` (-1 on the lines).
@@ -554,10 +555,8 @@ def _resolve_watershed_lines(markers: np.ndarray, img: np.ndarray, where: np.nda
     if not line.any():
         return
     ys, xs = np.nonzero(line)
-    h, w = markers.shape
-    c = img[ys, xs].astype(np.int32)
-    best = np.full(len(ys), np.iinfo(np.int32).max)
-    label = np.full(len(ys), -1, np.int32)
+    (h, w), c = markers.shape, img[ys, xs].astype(np.int32)
+    best, label = np.full(len(ys), np.iinfo(np.int32).max), np.full(len(ys), -1, np.int32)
     for dy, dx in ((0, 1), (0, -1), (1, 0), (-1, 0)):
         y2, x2 = np.clip(ys + dy, 0, h - 1), np.clip(xs + dx, 0, w - 1)
         lab = markers[y2, x2]
