@@ -524,8 +524,20 @@ class RGBDPredictor(PairPredictor):
         (close_crossing seed 102: 2.57 mm ATE with order 2, 2.11 before)."""
         tw_i = self._frame_data(frame_i).get('twist')
         tw_j = None if adjacent else self._frame_data(frame_j).get('twist')
+        vel_i = vel_j = None
+        if not adjacent:  # a long pair: the frames' velocities from the aligned trajectory (set_frame_velocity)
+            vel_i, vel_j = self._frame_data(frame_i).get('velocity'), self._frame_data(frame_j).get('velocity')
         return PairShutter(self.shutter, rows, frame_i.depth.shape[0], frame_j.K, frame_j.stamp - frame_i.stamp,
-                           tw_i, tw_j, order=self.shutter_order if self.shutter.readout > 0 else 1)
+                           tw_i, tw_j, order=self.shutter_order if self.shutter.readout > 0 else 1,
+                           velocity_i=vel_i, velocity_j=vel_j)
+
+    def set_frame_velocity(self, frame, v: np.ndarray, sigma: float) -> None:
+        """The camera's velocity at ``frame``'s instant, (3,) m/s in its own axes, known to ``sigma`` m/s from the
+        aligned trajectory (:func:`~dynrecon_ros.rolling_shutter.trajectory_velocity`): the frame's later long
+        pairs start their rolling-shutter model's in-frame velocity there and hold it within ``sigma``
+        (:class:`~dynrecon_ros.rolling_shutter.PairShutter`'s velocity_i / velocity_j). No effect without a
+        rolling shutter."""
+        self._frame_data(frame)['velocity'] = (np.asarray(v, dtype=np.float64), float(sigma))
 
     def predict(self, frame_i, frame_j, flow, static_i: np.ndarray | None = None) -> PairPrediction:
         T, inliers, _ = self.relative_pose(frame_i, frame_j, flow, static_i)
