@@ -74,7 +74,9 @@ class BackendConfig:
     (dynrecon_ros.predictors.rgbd.depth_gate). long_pair_max_sigma_m: a long (keyframe) pair gives no pose
     when its inliers cannot pin its translation: the translation's standard deviation of a rigid fit to them
     (0.5 px across each ray, 1 % of z along it) above this many metres (a thin band of far wall beside a
-    close person; dynrecon_ros.predictors.rgbd.translation_sigma; inf = never).
+    close person; dynrecon_ros.predictors.rgbd.translation_sigma; inf = never). long_pair_max_move_m: nor
+    when its direct refinement moves its translation more than this many metres from the pose the tracked
+    trajectory predicts for it (the same thin-band pairs that pass that test; inf = never).
     (RGBDPredictorConfig.from_backend.)
     The dust3r backend's network (Dust3rConfig.from_backend): image_size: network input size (0 =
     the model's, 512 or 224; else >= 16); pair_cache: ordered pairs whose outputs are kept at least
@@ -112,6 +114,7 @@ class BackendConfig:
     depth_delay_s: float = 0.0
     ransac_depth_sigmas: float = 1.0
     long_pair_max_sigma_m: float = 0.006
+    long_pair_max_move_m: float = 0.015
     image_size: int = 0
     pair_cache: int = 0
     shared_focal: bool = True
@@ -139,6 +142,9 @@ class BackendConfig:
         if not self.long_pair_max_sigma_m > 0:
             raise InputError(f'backend.long_pair_max_sigma_m must be > 0 metres (inf: never drop a long pair), '
                              f'got {self.long_pair_max_sigma_m}')
+        if not self.long_pair_max_move_m > 0:
+            raise InputError(f'backend.long_pair_max_move_m must be > 0 metres (inf: never drop a long pair), '
+                             f'got {self.long_pair_max_move_m}')
         if self.pair_cache < 0:
             raise InputError(f'backend.pair_cache must be >= 0, got {self.pair_cache}')
 

@@ -191,9 +191,17 @@ def test_long_pair_is_dropped_when_its_inliers_cannot_pin_the_translation():
     T_band, inl, n = pred.relative_pose(a, b, band, init=init)
     assert n > 150 and T_band is None and not inl.any()
     # the case is meaningful: kept, the band's pose would be far off
-    never = RGBDPredictor(RGBDPredictorConfig.from_backend(BackendConfig(long_pair_max_sigma_m=np.inf)))
+    never = RGBDPredictor(RGBDPredictorConfig.from_backend(BackendConfig(long_pair_max_sigma_m=np.inf,
+                                                                         long_pair_max_move_m=np.inf)))
     T_kept, _, _ = never.relative_pose(a, b, band, init=init)
     assert np.linalg.norm(T_kept[:3, 3] - T_gt[:3, 3]) > 0.03
+    # the second test alone drops it too: its refinement moves it > long_pair_max_move_m off the prediction
+    moved = RGBDPredictor(RGBDPredictorConfig.from_backend(BackendConfig(long_pair_max_sigma_m=np.inf)))
+    T_moved, inl, _ = moved.relative_pose(a, b, band, init=init)
+    assert T_moved is None and not inl.any()
+    assert np.linalg.norm(T_kept[:3, 3] - init[:3, 3]) > BackendConfig().long_pair_max_move_m
+    # and it keeps the pairs whose refinement stays near the prediction (the whole flow)
+    assert moved.relative_pose(a, b, flow, init=init)[0] is not None
 
 
 def test_translation_sigma_is_the_rigid_fits_translation_uncertainty():

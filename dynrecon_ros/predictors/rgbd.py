@@ -10,7 +10,8 @@ the hypotheses are refined with the pair's row skew and judged at the flow's noi
 close mover cannot join the background's consensus: :func:`ransac_rigid`). Per-frame data
 (grey, gradients, grid points) is computed once per frame and shared by its pairs. The direct refinement is
 :mod:`dynrecon_ros.predictors.direct_refinement`. A long pair (verified and refined from a predicted pose)
-gives no pose when its inliers cannot pin its translation (:func:`translation_sigma` > ``long_pair_max_sigma_m``).
+gives no pose when its inliers cannot pin its translation (:func:`translation_sigma` > ``long_pair_max_sigma_m``)
+or when its refinement moves it more than ``long_pair_max_move_m`` from that prediction.
 Confidence is 1 + a positive score where depth is valid and the flow is consistent.
 """
 from __future__ import annotations
@@ -62,6 +63,7 @@ class RGBDPredictorConfig:
     depth_delay_s: float  # depth image taken this long after the colour one
     ransac_depth_sigmas: float  # the depth gate's floor, in sigma(z) of the depth noise model (depth_gate)
     long_pair_max_sigma_m: float  # a long pair's largest translation_sigma (m) for a pose
+    long_pair_max_move_m: float  # a long pair's largest refinement away from its predicted pose (m)
     depth_sigma_a: float  # the sensor's depth noise model sigma(z) = a + b (z - 0.4)^2 (segmentation's)
     depth_sigma_b: float
 
@@ -89,6 +91,12 @@ class RGBDPredictorConfig:
 # then 28 mm off; ATE 5.52 -> 2.79 mm with the gate; held-out seeds 630-634 mean 2.39 -> 1.63 mm. The 6 mm was set
 # on every_effect (branch scale-gate, where it alone was no clear gain under the rolling shutter: its adjacent
 # pairs come out short), not on close_crossing.
+# backend.long_pair_max_move_m (default 15 mm): some such pairs pass that test (a few hundred inliers left beside
+# the close person) and still refine far from their start: every_effect seed 700, pairs 41 -> 49 / 41 -> 50 (296 /
+# 185 inliers) moved 23 / 20 mm from starts 4 / 10 mm off and ended 24 / 30 mm off; over that run's 176 long pairs
+# the refinement moves a pair 3.4 mm (median), 6.3 (90 %), 16.4 (99 %) from its start, which the tracked poses
+# predict to a few mm (0.5-14 mm off there). The limit is above the tracked poses' error, so a pair whose start
+# is off and whose data is good (41 -> 51: 22 mm -> 10 mm off) can be lost too.
 
 
 def translation_sigma(P: np.ndarray, K: np.ndarray, sigma_px: float = 0.5, sigma_depth_rel: float = 0.01) -> float:
@@ -416,6 +424,7 @@ class RGBDPredictor(PairPredictor):
         else:
             # verify the prediction on all candidates; the count is scaled to a RANSAC sample's
             T, thr = np.asarray(init, dtype=np.float64), self._px_threshold(K_j)
+            max_sigma, max_move = c.long_pair_max_sigma_m, c.long_pair_max_move_m  # a long pair's tests (below)
             epx, ez = errors(T)
             fit = (epx[cand] < thr) & (ez[cand] < c.ransac_depth_threshold)
             n_fit = fit.sum() * min(1.0, c.ransac_samples / len(cand))
@@ -450,10 +459,12 @@ class RGBDPredictor(PairPredictor):
             thr = float(np.clip(3.0 * 1.4826 * np.median(epx[use]), c.min_px_threshold, thr))
         inl_sel = keep & (epx < max(thr, 2 * c.min_px_threshold)) & (ez < c.ransac_depth_threshold) & \
             (ez < zthr * depth_noise)
-        if init is not None and translation_sigma(P_s[inl_sel], K_j) > c.long_pair_max_sigma_m:
+        if init is not None and translation_sigma(P_s[inl_sel], K_j) > max_sigma:
             return None, empty, len(sel)  # a long pair whose inliers cannot pin its translation
         if c.photometric_iterations > 0:
             T = self._refine(frame_i, frame_j, sel[inl_sel], P_s[inl_sel], st, T, adjacent=init is None)
+            if init is not None and np.linalg.norm(T[:3, 3] - init[:3, 3]) > max_move:
+                return None, empty, len(sel)  # a long pair its own data pulled far off the tracked poses
         g = np.zeros(gh * gw, bool)
         g[sel[inl_sel]] = True
         inliers = np.zeros((h, w), bool)
@@ -513,8 +524,20 @@ class RGBDPredictor(PairPredictor):
         (close_crossing seed 102: 2.57 mm ATE with order 2, 2.11 before)."""
         tw_i = self._frame_data(frame_i).get('twist')
         tw_j = None if adjacent else self._frame_data(frame_j).get('twist')
+        vel_i = vel_j = None
+        if not adjacent:  # a long pair: the frames' velocities from the aligned trajectory (set_frame_velocity)
+            vel_i, vel_j = self._frame_data(frame_i).get('velocity'), self._frame_data(frame_j).get('velocity')
         return PairShutter(self.shutter, rows, frame_i.depth.shape[0], frame_j.K, frame_j.stamp - frame_i.stamp,
-                           tw_i, tw_j, order=self.shutter_order if self.shutter.readout > 0 else 1)
+                           tw_i, tw_j, order=self.shutter_order if self.shutter.readout > 0 else 1,
+                           velocity_i=vel_i, velocity_j=vel_j)
+
+    def set_frame_velocity(self, frame, v: np.ndarray, sigma: float) -> None:
+        """The camera's velocity at ``frame``'s instant, (3,) m/s in its own axes, known to ``sigma`` m/s from the
+        aligned trajectory (:func:`~dynrecon_ros.rolling_shutter.trajectory_velocity`): the frame's later long
+        pairs start their rolling-shutter model's in-frame velocity there and hold it within ``sigma``
+        (:class:`~dynrecon_ros.rolling_shutter.PairShutter`'s velocity_i / velocity_j). No effect without a
+        rolling shutter."""
+        self._frame_data(frame)['velocity'] = (np.asarray(v, dtype=np.float64), float(sigma))
 
     def predict(self, frame_i, frame_j, flow, static_i: np.ndarray | None = None) -> PairPrediction:
         T, inliers, _ = self.relative_pose(frame_i, frame_j, flow, static_i)
