@@ -14,9 +14,8 @@ seconds are let go: they count as scenery from then on (a parked cart, a person 
 
 A frame inherits from two partners, the nearest in time and, where that one holds nothing, the
 farthest (a still person whom a passer-by hid in the nearest partner was held in an older one), and
-in each frame the hold spreads over the depth-connected smooth surfaces it mostly covers (:func:`complete_hold`:
-a still thing shows no motion to win back the pixels its hold loses from frame to frame; what the spread
-joins is masked, not held in its own right).
+the hold spreads over the depth-connected smooth surfaces it mostly covers (:func:`complete_hold`:
+a still thing shows no motion to win back the pixels its hold loses from frame to frame).
 What was never seen moving is never held: a person who comes into view as they stop, or who stood
 hidden behind another the whole time they moved, stays static until they walk on.
 """
@@ -99,9 +98,9 @@ def carry_hold(hold_j: np.ndarray, depth_k: np.ndarray, K_k: np.ndarray, depth_j
     return out, surf
 
 
-def complete_hold(held: np.ndarray, depth: np.ndarray, fraction: float, crease: float,
-                  segments: tuple | None = None, moving: np.ndarray | None = None,
-                  static: np.ndarray | None = None, moving_share: float = 0.01) -> np.ndarray:
+def complete_hold(hold: np.ndarray, held: np.ndarray, depth: np.ndarray, fraction: float,
+                  crease: float, segments: tuple | None = None, moving: np.ndarray | None = None,
+                  static: np.ndarray | None = None, moving_share: float = 0.01) -> tuple[np.ndarray, np.ndarray]:
     """The hold spread over the depth-connected smooth surfaces it mostly covers (region completion
     of :mod:`dynrecon_ros.mask_cleanup`, for what stands still).
 
@@ -109,13 +108,9 @@ def complete_hold(held: np.ndarray, depth: np.ndarray, fraction: float, crease: 
     leg the cleaning's opening cut off, a part of the body that comes into view while it stands
     still) and a still thing has no motion evidence to win them back: every surface of
     :func:`~dynrecon_ros.mask_cleanup.surface_segments` that the held pixels cover for at least
-    ``fraction`` is held whole in this frame. The pixels it joins get no stamp of their own
-    (:func:`update_hold` keeps only what the frame inherited or saw moving): the next frame joins them
-    again from the held pixels, or lets them go. Stamped, a static patch joined once would hold itself
-    (static scenery passes every check of :func:`carry_hold`) and spread from surface to surface as the
-    depth's surfaces change from frame to frame (walking_people seed 773: a patch of floor at a person's
-    feet grew to 10 % of the image over 2.5 s, mask IoU 0.70; 0.94 without stamps). The floor a person
-    stands on is another surface (a crease at the feet) and far larger than the feet, so the hold stays off it.
+    ``fraction`` is held whole, each of its pixels with the oldest stamp held on it (so the surface
+    lets go no later than its oldest part would). The floor a person stands on is another surface
+    (a crease at the feet) and far larger than the feet, so the hold stays off it.
 
     Where the crease is lost (a mover's side meets the floor behind it at its own depth), one surface
     holds a mover and a patch of floor. While the held part of a surface shows motion now (at
@@ -126,6 +121,7 @@ def complete_hold(held: np.ndarray, depth: np.ndarray, fraction: float, crease: 
     all of it, as a still thing looks static everywhere.
 
     Args:
+        hold: (H, W) float32 stamps (NaN = not held).
         held: (H, W) bool pixels held now (:func:`held_pixels`).
         depth: (H, W) float32 metres (0 = no reading).
         fraction: 0..1 share of a surface the held pixels must cover; >= 1 disables.
@@ -139,34 +135,38 @@ def complete_hold(held: np.ndarray, depth: np.ndarray, fraction: float, crease: 
         moving_share: 0..1 share of a surface's held pixels with motion evidence that makes it moving.
 
     Returns:
-        (H, W) bool: held, grown.
+        held (H, W) bool and stamps (H, W) float32, both grown.
     """
     if fraction >= 1.0 or not held.any():
-        return held
+        return held, hold
     n, labels = surface_segments(depth, crease) if segments is None else segments
     if n <= 1:
-        return held
+        return held, hold
     lab_held = labels[held]
     area = np.bincount(labels.ravel(), minlength=n)
     grow = np.bincount(lab_held, minlength=n) >= fraction * np.maximum(area, 1)
     grow[0] = False
     if not grow.any():
-        return held
+        return held, hold
+    oldest = np.full(n, np.inf)
+    np.minimum.at(oldest, lab_held, hold[held].astype(np.float64))  # held pixels only: a few thousand
     joined = grow[labels] & ~held
     if moving is not None and static is not None:
         n_mov = np.bincount(lab_held, weights=moving[held], minlength=n)
         live = (n_mov > 0) & (n_mov >= moving_share * np.bincount(lab_held, minlength=n))
         joined &= ~(live[labels] & static)
-    return held | joined
+    out = np.array(hold, dtype=np.float32, copy=True)
+    out[joined] = oldest[labels[joined]].astype(np.float32)
+    return held | joined, out
 
 
 def update_hold(hold: np.ndarray | None, mask: np.ndarray, moving: np.ndarray, stamp: float) -> np.ndarray:
     """A frame's hold map after its mask is final: ``stamp`` on masked pixels with motion evidence
     now, the inherited stamp on masked pixels without, NaN elsewhere.
 
-    Pixels that the cleaning or the hold's completion (:func:`complete_hold`) added without either get
-    no stamp: the hold never spreads by itself over static surfaces it touches (it would then sustain
-    itself there, since static scenery passes every check of :func:`carry_hold`).
+    Pixels that the cleaning added without either (region completion, morphology) get no stamp:
+    the hold never spreads by itself over static surfaces it touches (it would then sustain itself
+    there, since static scenery passes every check of :func:`carry_hold`).
 
     Args:
         hold: (H, W) float32 the frame's inherited stamps (NaN = none), or None.

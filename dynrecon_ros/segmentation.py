@@ -298,8 +298,8 @@ class MotionSegmenter:
                     if was is not None:
                         static &= ~was
                     moving = p > self.cfg.threshold
-                held = complete_hold(held, depths[k], self.cfg.hold_grow_fraction, self.cfg.crease, segs, moving,
-                                     static, self.cfg.hold_moving_share)
+                held, hold = complete_hold(hold, held, depths[k], self.cfg.hold_grow_fraction, self.cfg.crease, segs,
+                                           moving, static, self.cfg.hold_moving_share)
                 p[held] = 1.0
             return clean_mask(p, self.cfg, depths[k], evidence=self._state[keys[k]][1] > 0, segments=segs), hold
 
