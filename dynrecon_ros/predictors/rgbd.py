@@ -424,6 +424,7 @@ class RGBDPredictor(PairPredictor):
         else:
             # verify the prediction on all candidates; the count is scaled to a RANSAC sample's
             T, thr = np.asarray(init, dtype=np.float64), self._px_threshold(K_j)
+            max_sigma, max_move = c.long_pair_max_sigma_m, c.long_pair_max_move_m  # a long pair's tests (below)
             epx, ez = errors(T)
             fit = (epx[cand] < thr) & (ez[cand] < c.ransac_depth_threshold)
             n_fit = fit.sum() * min(1.0, c.ransac_samples / len(cand))
@@ -458,11 +459,11 @@ class RGBDPredictor(PairPredictor):
             thr = float(np.clip(3.0 * 1.4826 * np.median(epx[use]), c.min_px_threshold, thr))
         inl_sel = keep & (epx < max(thr, 2 * c.min_px_threshold)) & (ez < c.ransac_depth_threshold) & \
             (ez < zthr * depth_noise)
-        if init is not None and translation_sigma(P_s[inl_sel], K_j) > c.long_pair_max_sigma_m:
+        if init is not None and translation_sigma(P_s[inl_sel], K_j) > max_sigma:
             return None, empty, len(sel)  # a long pair whose inliers cannot pin its translation
         if c.photometric_iterations > 0:
             T = self._refine(frame_i, frame_j, sel[inl_sel], P_s[inl_sel], st, T, adjacent=init is None)
-            if init is not None and np.linalg.norm(T[:3, 3] - init[:3, 3]) > c.long_pair_max_move_m:
+            if init is not None and np.linalg.norm(T[:3, 3] - init[:3, 3]) > max_move:
                 return None, empty, len(sel)  # a long pair its own data pulled far off the tracked poses
         g = np.zeros(gh * gw, bool)
         g[sel[inl_sel]] = True
