@@ -299,7 +299,7 @@ class MotionSegmenter:
                         static &= ~was
                     moving = p > self.cfg.threshold
                 held, hold = complete_hold(hold, held, depths[k], self.cfg.hold_grow_fraction, self.cfg.crease, segs,
-                                           moving, static, self.cfg.hold_moving_share)
+                                           moving, static, self.cfg.hold_moving_share, self.cfg.max_continuity)
                 p[held] = 1.0
             return clean_mask(p, self.cfg, depths[k], evidence=self._state[keys[k]][1] > 0, segments=segs), hold
 

@@ -35,7 +35,9 @@ class SegmentationConfig:
             across silhouettes; depth does not); 0 disables.
         max_continuity: mask pieces (cut at depth steps) whose boundary is depth-continuous with
             their surroundings for more than this fraction are background smeared by the flow and are
-            dropped (:func:`drop_background_segments`); 1 disables.
+            dropped (:func:`drop_background_segments`); 1 disables. The same share tells a still
+            surface that the hold's completion joined from one that stands out
+            (:func:`~dynrecon_ros.permanence.stands_out`).
         dilate_px: radius of a final dilation that covers the soft boundary of movers; 0 disables.
         min_area_frac: connected dynamic regions smaller than this fraction of the image are dropped.
         temporal_weight: weight (0..1) of the evidence remembered from earlier windows for a frame

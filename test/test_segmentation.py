@@ -726,3 +726,39 @@ def test_object_permanence_does_not_hold_static_surface_merged_with_a_moving_mov
         assert min(boxes) >= 0.9, boxes  # the box itself is still masked whole
     else:
         assert max(on_ledge) > 0.5 * ledge.sum(), on_ledge
+
+
+@pytest.mark.parametrize('scene', ['floor', 'box'])
+def test_hold_completion_does_not_spread_from_piece_to_piece_of_a_continuous_surface(scene):
+    """What the hold's completion joins to a still surface that continues into its surroundings (a piece of a
+    tilted floor) is held but does not count towards a surface's share in the next frame, whose surfaces are
+    cut differently (sensor noise): the hold cannot creep over the floor piece by piece. A still thing in
+    front of a wall (a box) stands out: its joined pixels count, so the hold wins back what it lost."""
+    from dynrecon_ros.permanence import complete_hold, held_pixels, stamps_of
+    h, w = 40, 80
+    if scene == 'floor':  # inverse depth affine in the row: a plane, 2.5 .. 5 m
+        depth = np.broadcast_to(1.0 / (0.2 + 0.005 * np.arange(h, dtype=np.float32))[:, None], (h, w)).copy()
+    else:  # a box at 1 m over columns 0..59, the wall at 3 m beyond
+        depth = np.full((h, w), 3.0, np.float32)
+        depth[:, :60] = 1.0
+    cols = np.broadcast_to(np.arange(w), (h, w))
+
+    def labels(*edges):  # surfaces between the given column edges, labelled 1, 2, ...
+        return len(edges) + 1, np.searchsorted(np.asarray(edges[1:]), cols, side='right').astype(np.int32) + 1
+
+    still = dict(moving=np.zeros((h, w), bool), static=np.ones((h, w), bool))
+    # frame 1: held (seen moving at t = 1 s) on columns 0..29: all of surface 1, a quarter of surface 2
+    hold = np.where(cols < 30, np.float32(1.0), np.float32(np.nan))
+    held, hold = complete_hold(hold, cols < 30, depth, 0.2, 0.01, labels(0, 20, 60), **still)
+    assert held[:, :60].all() and not held[:, 60:].any()  # surface 2 joined, the surroundings not
+    np.testing.assert_array_equal(stamps_of(hold)[held], 1.0)
+    # frame 2: surfaces cut differently; columns 10..29 lost their hold (the depth check missed them)
+    hold[:, 10:30] = np.nan
+    held2 = held_pixels(hold, 1.5, 5.0)
+    assert held2[:, 30:60].all() and not held2[:, 10:30].any()
+    held2, hold2 = complete_hold(hold, held2, depth, 0.2, 0.01, labels(0, 10, 60), **still)
+    if scene == 'floor':  # columns 30..59 were joined to a piece of the floor: they do not spread the hold
+        assert not held2[:, 10:30].any() and not held2[:, 60:].any()
+    else:  # the box's joined pixels count: its whole surface is held again, with the oldest stamp
+        assert held2[:, :60].all() and not held2[:, 60:].any()
+        np.testing.assert_array_equal(stamps_of(hold2)[:, 10:30], 1.0)
