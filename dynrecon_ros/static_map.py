@@ -3,9 +3,11 @@
 Each frame adds its static, confident depth points (one observation per voxel per frame: weight +=
 mean confidence, running mean of position and colour). Before adding, every stored voxel is
 projected into the frame: if it lies clearly in front of the observed depth (the camera sees
-through it: free space) or at the depth of a pixel labelled dynamic, it loses weight, and voxels
-whose weight falls to zero are removed. A person who walked through therefore leaves no trail even
-when segmentation missed them in some frames. Voxels are keyed by one int64 per voxel index
+through it: free space) it loses weight; if it lies at the depth of a pixel labelled dynamic (a mover
+occupies it now) it is removed at once by default; voxels whose weight falls to zero are removed. A
+person who walked through therefore leaves no trail even when segmentation missed them in some frames,
+and one who stood unmasked (never seen moving) and walks on loses, the moment the masks catch them, the
+voxels they still cover. Voxels are keyed by one int64 per voxel index
 (21 bits per axis) kept sorted, so all updates are vectorised numpy (searchsorted / bincount).
 """
 from __future__ import annotations
@@ -37,7 +39,13 @@ class MapConfig:
         min_weight: voxels are published by :meth:`VoxelMap.points` from this weight on (about the
             number of frames that observed them, times their mean confidence).
         max_weight: weight cap, so that a long-observed voxel can still be carved away in bounded time.
-        free_weight: weight a voxel loses each time a frame sees through it or sees it as dynamic.
+        free_weight: weight a voxel loses each time a frame sees through it.
+        dynamic_weight: weight a voxel loses each time a frame sees it at the depth of a pixel labelled
+            dynamic (>= max_weight: removed at once). A mover occupies that place now, so it is not static
+            structure: typically a person who stood unmasked (revealed by the camera while standing) and
+            now walks on, whose voxels would otherwise need max_weight frames of the wall behind them. The
+            price: static voxels where the mask overlaps scenery at the mover's depth (the floor at the feet)
+            go too, and come back min_weight frames after they are seen static again.
         carve_margin: a voxel is seen through when it lies more than
             ``carve_margin + carve_margin_rel * depth`` metres in front of the observed depth.
         carve_margin_rel: depth-proportional part of the carving margin (depth noise, pose error).
@@ -50,8 +58,8 @@ class MapConfig:
         median_px: median filter (3 or 5 pixels, 0 = off) applied to depth before integration;
             removes most sensor noise, which grows with depth squared, while keeping edges.
         integrate_every: carve and integrate only every n-th frame given (the first, then every n-th), each
-            such frame counting for n (its observation weight and ``free_weight`` times n), so that
-            ``min_weight``, ``max_weight`` and ``free_weight`` keep their per-frame meaning; the map's CPU
+            such frame counting for n (its observation weight, ``free_weight`` and ``dynamic_weight`` times n),
+            so that ``min_weight``, ``max_weight``, ``free_weight`` and ``dynamic_weight`` keep their per-frame meaning; the map's CPU
             per frame divided by about n (1 = every frame). At 30 Hz the camera moves a few mm between frames.
     """
 
@@ -62,6 +70,7 @@ class MapConfig:
     min_weight: float = 2.0
     max_weight: float = 20.0
     free_weight: float = 1.0
+    dynamic_weight: float = 20.0
     carve_margin: float = 0.05
     carve_margin_rel: float = 0.02
     max_voxels: int = 2_000_000
@@ -80,8 +89,8 @@ class MapConfig:
             raise InputError('map max_voxels must be >= 1 and pixel_stride >= 0')
         if self.integrate_every < 1:
             raise InputError(f'map integrate_every must be >= 1, got {self.integrate_every}')
-        if self.free_weight < 0 or self.carve_margin < 0 or self.carve_margin_rel < 0:
-            raise InputError('map free_weight, carve_margin and carve_margin_rel must be >= 0')
+        if self.free_weight < 0 or self.dynamic_weight < 0 or self.carve_margin < 0 or self.carve_margin_rel < 0:
+            raise InputError('map free_weight, dynamic_weight, carve_margin and carve_margin_rel must be >= 0')
 
 
 def _keys(idx: np.ndarray) -> np.ndarray:
@@ -232,9 +241,10 @@ class VoxelMap:
         self._bound()
 
     def _carve(self, depth: np.ndarray, good: np.ndarray, static: np.ndarray, K: np.ndarray, pose: np.ndarray) -> None:
-        """Lower the weight of voxels this frame sees through or sees as dynamic; compact when many died."""
+        """Lower the weight of voxels this frame sees through (``free_weight``) or sees as dynamic
+        (``dynamic_weight``); compact when many died."""
         cfg = self.cfg
-        if self._key.size == 0 or cfg.free_weight == 0:
+        if self._key.size == 0 or (cfg.free_weight == 0 and cfg.dynamic_weight == 0):
             return
         h, w = depth.shape
         wc = np.linalg.inv(pose)
@@ -286,11 +296,15 @@ class VoxelMap:
         free = zi < near[pix] - margin  # (near inf where no reading around: then up to max_depth)
         free &= np.isfinite(near[pix]) | (zi <= cfg.max_depth)
         dynamic = ok & ~static.ravel()[pix] & (np.abs(zi - d) <= margin)
-        hit = idx[free | dynamic]
+        either = free | dynamic
+        hit = idx[either]
         if hit.size == 0:
             return
         wts = self._data[:, _W]
-        loss = cfg.free_weight * cfg.integrate_every
+        # (a voxel both seen through and seen as dynamic: a mover's pixel beside it is farther, the nearer one
+        # in front; it takes the dynamic loss)
+        loss = np.where(dynamic[either], np.float32(cfg.dynamic_weight), np.float32(cfg.free_weight))
+        loss *= np.float32(cfg.integrate_every)
         wts[hit] = np.maximum(wts[hit] - loss, 0.0)
         dead = self._key.size - np.count_nonzero(wts > 0)
         if dead > 0.25 * self._key.size:
