@@ -59,8 +59,8 @@ class MapConfig:
             removes most sensor noise, which grows with depth squared, while keeping edges.
         integrate_every: carve and integrate only every n-th frame given (the first, then every n-th), each
             such frame counting for n (its observation weight, ``free_weight`` and ``dynamic_weight`` times n),
-            so that ``min_weight``, ``max_weight``, ``free_weight`` and ``dynamic_weight`` keep their per-frame meaning; the map's CPU
-            per frame divided by about n (1 = every frame). At 30 Hz the camera moves a few mm between frames.
+            so that ``min_weight``, ``max_weight``, ``free_weight`` and ``dynamic_weight`` keep their per-frame
+            meaning; the map's CPU per frame divided by about n (1 = every frame). At 30 Hz the camera moves a few mm between frames.
     """
 
     voxel_size: float = 0.02
@@ -301,8 +301,7 @@ class VoxelMap:
         if hit.size == 0:
             return
         wts = self._data[:, _W]
-        # (a voxel both seen through and seen as dynamic: a mover's pixel beside it is farther, the nearer one
-        # in front; it takes the dynamic loss)
+        # (never both: seen through means in front of the 3 x 3 minimum, which is at most the pixel's own depth)
         loss = np.where(dynamic[either], np.float32(cfg.dynamic_weight), np.float32(cfg.free_weight))
         loss *= np.float32(cfg.integrate_every)
         wts[hit] = np.maximum(wts[hit] - loss, 0.0)
