@@ -60,7 +60,8 @@ class MapConfig:
         integrate_every: carve and integrate only every n-th frame given (the first, then every n-th), each
             such frame counting for n (its observation weight, ``free_weight`` and ``dynamic_weight`` times n),
             so that ``min_weight``, ``max_weight``, ``free_weight`` and ``dynamic_weight`` keep their per-frame
-            meaning; the map's CPU per frame divided by about n (1 = every frame). At 30 Hz the camera moves a few mm between frames.
+            meaning; the map's CPU per frame divided by about n (1 = every frame). At 30 Hz the camera moves a
+            few mm between frames.
     """
 
     voxel_size: float = 0.02

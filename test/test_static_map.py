@@ -323,9 +323,8 @@ def test_carving_hits_exactly_the_voxels_of_the_plain_projection():
     zi = z[ins]
     near = cv2.erode(np.where(good, depth, np.float32(np.inf)), np.ones((3, 3), np.uint8)).ravel()
     margin = cfg.carve_margin + cfg.carve_margin_rel * zi
-    hit = alive[ins][((zi < near[pix] - margin) & np.isfinite(near[pix])) | (
-        good.ravel()[pix] & ~static.ravel()[pix] & (np.abs(zi - depth.ravel()[pix]) <= margin))]
     dyn = good.ravel()[pix] & ~static.ravel()[pix] & (np.abs(zi - depth.ravel()[pix]) <= margin)
+    hit = alive[ins][((zi < near[pix] - margin) & np.isfinite(near[pix])) | dyn]
     seen_dyn = alive[ins][dyn]
     want = data[:, _W].copy()
     want[hit] = np.maximum(want[hit] - cfg.free_weight, 0.0)
