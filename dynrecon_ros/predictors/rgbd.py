@@ -220,8 +220,14 @@ def ransac_rigid(P: np.ndarray, Q: np.ndarray, uv: np.ndarray, K: np.ndarray, it
         b = ranked.reshape(-1)[np.sort(first)][:top]
         T, skew, e, ez, med, count = local_fits(to_matrix(R[b], t[b]), P, Q, uv, K, rows_s, px_threshold,
                                                 rel_depth_threshold, refine + 1, min_px_threshold)
-        # the noise scale from the fits that kept a consensus (not a handful of points that happen to agree)
-        scale = 2.0 * med[count >= max(6, count.max() // 4)].min()
+        # the noise scale from the fits that kept a consensus (not a handful of points that happen to agree);
+        # when none kept 6 points (no rigid motion in the correspondences), from the largest, not below the
+        # threshold's floor (3 points fit exactly): the caller then finds too few inliers, a failed pair
+        kept = count >= max(6, count.max() // 4)
+        if kept.any():
+            scale = 2.0 * med[kept].min()
+        else:
+            scale = max(2.0 * med[count == count.max()].min(), min_px_threshold)
         k = int(np.argmin(_msac(e, ez, scale, rel_depth_threshold).sum(1)))
         thr = float(np.clip(3.0 * 1.4826 * med[k], min_px_threshold, px_threshold))
         return T[k], (e[k] < thr) & (ez[k] < rel_depth_threshold), thr, skew[k], np.inf
