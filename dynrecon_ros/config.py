@@ -76,7 +76,8 @@ class BackendConfig:
     (0.5 px across each ray, 1 % of z along it) above this many metres (a thin band of far wall beside a
     close person; dynrecon_ros.predictors.rgbd.translation_sigma; inf = never). long_pair_max_move_m: nor
     when its direct refinement moves its translation more than this many metres from the pose the tracked
-    trajectory predicts for it (the same thin-band pairs that pass that test; inf = never).
+    trajectory predicts for it (the same thin-band pairs that pass that test; inf = never), unless another long
+    pair of the frame moved it to within half this of the same place (then the adjacent pair is the one off).
     (RGBDPredictorConfig.from_backend.)
     The dust3r backend's network (Dust3rConfig.from_backend): image_size: network input size (0 =
     the model's, 512 or 224; else >= 16); pair_cache: ordered pairs whose outputs are kept at least

@@ -168,10 +168,12 @@ class RGBDStep:
             if k > 0 and rel[0][0] is not None:
                 # long pair: predict from the tracked poses and the nearest pair, verify + refine only
                 init = np.linalg.inv(old.pose) @ pairs[0][0].pose @ rel[0][0]
-            T, inl, n = self.pred.relative_pose(old.frame, frame, pf, static, init=init)
+            T, inl, n = self.pred.relative_pose(old.frame, frame, pf, static, init=init, move_gate=init is None)
             rel.append((T, inl, n))
             if k == 0 and T is not None and self.pred.shutter.readout > 0:
                 self._newest_velocity(old, entry, T)
+        if rel[0][0] is not None and len(rel) > 1:
+            rel = self._long_pair_moves(pairs, rel)
         t = self.times.lap('pose', t)
         T0, inl0, n0 = rel[0]
         c = self.cfg.checks
@@ -204,6 +206,21 @@ class RGBDStep:
         keep = {e.index for e in window.all_entries()}
         self._constraints = {k: v for k, v in self._constraints.items() if k[0] in keep and k[1] in keep}
         return ''
+
+    def _long_pair_moves(self, pairs, rel):
+        """The long pairs' move test (``backend.long_pair_max_move_m``): a long pair whose refinement moved the
+        newest frame farther than that from where the adjacent pair put it is dropped, unless another long pair
+        moved it to the same place (within half that distance): then the adjacent pair is the one that is off
+        (its flow fit and in-frame motions trade a rotation for a translation over a far background), and the
+        agreeing long pairs are kept. rel: [(T_old_new, inliers, n)] in the order of ``pairs`` (adjacent
+        first) -> the same with the dropped pairs' T None."""
+        max_move = self.cfg.backend.long_pair_max_move_m
+        prev = pairs[0][0]
+        w0 = prev.pose @ rel[0][0]  # the newest frame's pose by the adjacent pair
+        pos = {k: (pairs[k][0].pose @ T)[:3, 3] for k, (T, _, _) in enumerate(rel) if k > 0 and T is not None}
+        far = {k for k, p in pos.items() if np.linalg.norm(p - w0[:3, 3]) > max_move}
+        keep = {k for k in far if any(np.linalg.norm(pos[k] - pos[m]) < 0.5 * max_move for m in pos if m != k)}
+        return [(None, r[1], r[2]) if k in far - keep else r for k, r in enumerate(rel)]
 
     def _newest_velocity(self, prev: WindowEntry, entry: WindowEntry, T_prev_new: np.ndarray) -> None:
         """The newest frame's velocity for its long pairs (rolling shutter): the backward difference over its

@@ -11,7 +11,8 @@ close mover cannot join the background's consensus: :func:`ransac_rigid`). Per-f
 (grey, gradients, grid points) is computed once per frame and shared by its pairs. The direct refinement is
 :mod:`dynrecon_ros.predictors.direct_refinement`. A long pair (verified and refined from a predicted pose)
 gives no pose when its inliers cannot pin its translation (:func:`translation_sigma` > ``long_pair_max_sigma_m``)
-or when its refinement moves it more than ``long_pair_max_move_m`` from that prediction.
+or when its refinement moves it more than ``long_pair_max_move_m`` from that prediction (``move_gate``; the RGB-D
+window step applies that test itself, keeping long pairs that agree with each other against the adjacent pair).
 Confidence is 1 + a positive score where depth is valid and the flow is consistent.
 """
 from __future__ import annotations
@@ -369,13 +370,15 @@ class RGBDPredictor(PairPredictor):
         return d[key]
 
     def relative_pose(self, frame_i, frame_j, flow, static_i: np.ndarray | None = None,
-                      init: np.ndarray | None = None):
+                      init: np.ndarray | None = None, move_gate: bool = True):
         """(T_i_j (4,4), inliers_i (H,W) bool, n verified correspondences) from flow + depth, or (None, ...).
 
         Correspondences are taken on the pixel grid of stride ``cfg.stride`` (RANSAC samples, the
         verification and the inliers; every pixel's flow is there, a denser set only costs time).
         ``init``: a predicted T_i_j (e.g. from already tracked poses); RANSAC is then skipped and the
-        prediction only verified and refined (cheaper, used for the long pairs to keyframes).
+        prediction only verified and refined (cheaper, used for the long pairs to keyframes). ``move_gate``:
+        with ``init``, no pose when the refinement moves it more than ``long_pair_max_move_m`` (False: the
+        caller tests that, :meth:`dynrecon_ros.rgbd_step.RGBDStep._long_pair_moves`).
         """
         c = self.cfg
         h, w = frame_i.depth.shape
@@ -469,7 +472,7 @@ class RGBDPredictor(PairPredictor):
             return None, empty, len(sel)  # a long pair whose inliers cannot pin its translation
         if c.photometric_iterations > 0:
             T = self._refine(frame_i, frame_j, sel[inl_sel], P_s[inl_sel], st, T, adjacent=init is None)
-            if init is not None and np.linalg.norm(T[:3, 3] - init[:3, 3]) > max_move:
+            if init is not None and move_gate and np.linalg.norm(T[:3, 3] - init[:3, 3]) > max_move:
                 return None, empty, len(sel)  # a long pair its own data pulled far off the tracked poses
         g = np.zeros(gh * gw, bool)
         g[sel[inl_sel]] = True
