@@ -276,10 +276,10 @@ class _LosingTracking:
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
-    def relative_pose(self, a, b, flow, static, init=None):
+    def relative_pose(self, a, b, flow, static, init=None, **kw):
         if self.lost:
             return None, np.zeros(0, bool), 0
-        return self.inner.relative_pose(a, b, flow, static, init=init)
+        return self.inner.relative_pose(a, b, flow, static, init=init, **kw)
 
 
 def test_flow_cache_stays_bounded_while_tracking_is_lost():
