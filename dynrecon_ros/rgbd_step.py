@@ -11,8 +11,9 @@ Per accepted frame t (:meth:`RGBDStep.step`):
      cached by the shared :class:`~dynrecon_ros.flow.FlowCache`;
   3. relative pose per pair from the predictor (RANSAC Umeyama on flow + depth, then direct
      refinement; long pairs start from the tracked poses and, under a rolling shutter, hold each frame's
-     in-frame velocity to the trajectory's: ``VELOCITY_SIGMA``), initial pose of t from the nearest pair;
-     tracking-lost (inlier ratio) and jump (``checks``) tests;
+     in-frame velocity to the trajectory's: ``VELOCITY_SIGMA``; a long pair that moves t far from where the
+     nearest pair put it is dropped unless another long pair agrees with it: :meth:`_long_pair_moves`),
+     initial pose of t from the nearest pair; tracking-lost (inlier ratio) and jump (``checks``) tests;
   4. static correspondences of every pair that gave a pose are stored (:meth:`_make_constraint`), and
      the poses not published yet are aligned over all stored pairs of the window
      (:class:`~dynrecon_ros.alignment.WindowAligner`; published frames and the first are held);
