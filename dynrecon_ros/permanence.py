@@ -6,13 +6,14 @@ nothing is held. Hold maps are float32: their stamps are seconds since a referen
 first stamp), never absolute clock stamps (~1.7e9 s, rounded to 128 s in float32). A stamp t is
 stored as -1 - t on pixels that the hold's completion joined to a still surface continuous with its
 surroundings (:func:`complete_hold`; :func:`stamps_of` reads both). A new frame inherits its pair
-partner's hold map where it sees the same surface at the same place: its point, moved by the camera motion into the partner, lands on a held pixel
-whose reading agrees with the predicted depth (within the geometric cue's noise model). What
-stands still keeps its hold; where the held thing walked off, the uncovered background is
-farther than the thing was and the hold is dropped (carrying the hold along the optical flow
-instead left ghosts: background of about the mover's depth took over its hold); a moving thing
-needs no hold (its cues speak). Held pixels whose region has not moved for ``cfg.still_after_s``
-seconds are let go: they count as scenery from then on (a parked cart, a person who sat down).
+partner's hold map where it sees the same surface at the same place: its point, moved by the camera
+motion into the partner, lands on a held pixel whose reading agrees with the predicted depth (within
+the geometric cue's noise model). What stands still keeps its hold; where the held thing walked off,
+the uncovered background is farther than the thing was and the hold is dropped (carrying the hold
+along the optical flow instead left ghosts: background of about the mover's depth took over its
+hold); a moving thing needs no hold (its cues speak). Held pixels whose region has not moved for
+``cfg.still_after_s`` seconds are let go: they count as scenery from then on (a parked cart, a person
+who sat down).
 
 A frame inherits from two partners, the nearest in time and, where that one holds nothing, the
 farthest (a still person whom a passer-by hid in the nearest partner was held in an older one), and

@@ -169,7 +169,8 @@ class RGBDStep:
             if k > 0 and rel[0][0] is not None:
                 # long pair: predict from the tracked poses and the nearest pair, verify + refine only
                 init = np.linalg.inv(old.pose) @ pairs[0][0].pose @ rel[0][0]
-            T, inl, n = self.pred.relative_pose(old.frame, frame, pf, static, init=init, move_gate=init is None)
+            # (a long pair's move test is _long_pair_moves', over all of the frame's pairs)
+            T, inl, n = self.pred.relative_pose(old.frame, frame, pf, static, init=init, move_gate=False)
             rel.append((T, inl, n))
             if k == 0 and T is not None and self.pred.shutter.readout > 0:
                 self._newest_velocity(old, entry, T)
