@@ -96,3 +96,27 @@ def test_demo_runs_and_reports_accurate_figures(tmp_path, capsys):
     for name in ('trajectory.tum', 'static_map.ply', 'summary.json', 'preview.png'):
         assert (tmp_path / 'run' / name).is_file(), name
     assert main(['demo', '--frames', '3']) == 2  # too few frames: one line, exit 2
+
+
+def test_run_takes_the_sensor_timing_of_the_input_unless_the_config_gives_one(tmp_path, capsys):
+    seq = render_sequence(SyntheticConfig(width=96, height=72, frames=5, seed=3, rolling_shutter=0.02,
+                                          depth_delay=0.004))
+    d = write_tum(seq, tmp_path / 'data')
+    assert 'rolling_shutter_s: 0.02' in (d / 'sensor.yaml').read_text()
+    assert main(['run', '--input', str(d), '--output', str(tmp_path / 'a')]) == 0
+    backend = json.loads((tmp_path / 'a' / 'summary.json').read_text())['config']['backend']
+    assert (backend['rolling_shutter_s'], backend['depth_delay_s']) == (0.02, 0.004)
+    assert 'rolling shutter readout 20 ms, depth 4 ms after colour' in capsys.readouterr().err
+    cfg = tmp_path / 'timing.yaml'
+    cfg.write_text('backend:\n  rolling_shutter_s: 0.03\n')  # the user's own value wins, with a log line
+    assert main(['run', '--input', str(d), '--output', str(tmp_path / 'b'), '--config', str(cfg)]) == 0
+    backend = json.loads((tmp_path / 'b' / 'summary.json').read_text())['config']['backend']
+    assert (backend['rolling_shutter_s'], backend['depth_delay_s']) == (0.03, 0.0)
+    assert 'sensor.yaml says 20 / 4 ms' in capsys.readouterr().err
+    (d / 'sensor.yaml').write_text('rolling_shutter_s: fast\n')
+    assert main(['run', '--input', str(d), '--output', str(tmp_path / 'c')]) == 2
+    err = capsys.readouterr().err
+    assert 'rolling_shutter_s must be a number of seconds' in err and 'sensor.yaml' in err
+    (d / 'sensor.yaml').write_text('readout: 0.02\n')
+    assert main(['run', '--input', str(d), '--output', str(tmp_path / 'c')]) == 2
+    assert 'unknown key(s) readout' in capsys.readouterr().err

@@ -132,3 +132,22 @@ def test_bad_directories(tum_dir, tmp_path):
     with pytest.raises(InputError, match='goes backwards') as exc:
         read_tum_directory(tum_dir)
     assert 'rgb.txt:6:' in str(exc.value)
+
+
+def test_a_late_depth_image_is_matched_with_its_own_colour_image(tmp_path):
+    # Colour at 30 Hz, depth 12 ms late and stamped 6 ms later still (stamp jitter): the nearest-stamp match
+    # pairs each colour image with the depth image before it (15 ms off, against 18), the first gets none;
+    # told the delay, every pair is right.
+    colour = np.arange(4) / 30.0
+    depth = colour + 0.012 + 0.006
+    assert associate(colour, depth) == [(1, 0), (2, 1), (3, 2)]
+    assert associate(colour, depth, offset=-0.012) == [(0, 0), (1, 1), (2, 2), (3, 3)]
+    seq = render_sequence(SyntheticConfig(width=32, height=24, frames=60, seed=4, depth_delay=0.012))
+    d = write_tum(seq, tmp_path / 'late')
+    read = read_tum_directory(d)
+    assert read.sensor_timing == {'rolling_shutter_s': 0.0, 'depth_delay_s': 0.012}
+    assert len(read) == 60 and all(abs(f.meta['depth_stamp'] - f.stamp - 0.012) < 0.0085 for f in read)
+    (d / 'sensor.yaml').unlink()  # a reader that does not know the delay mismatches some of them
+    plain = read_tum_directory(d)
+    assert plain.sensor_timing is None
+    assert len(plain) < 60 or any(abs(f.meta['depth_stamp'] - f.stamp - 0.012) > 0.0085 for f in plain)

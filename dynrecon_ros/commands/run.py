@@ -73,6 +73,8 @@ def reconstruct(frames, output, config=None, backend: str | None = None, checkpo
         if log is not None:
             log(msg)
 
+    _take_sensor_timing(cfg, frames, _log)
+
     rec = Reconstructor(cfg, device=device, log=_log)
     total = None
     try:
@@ -148,6 +150,27 @@ def reconstruct(frames, output, config=None, backend: str | None = None, checkpo
     }
     (out / 'summary.json').write_text(json.dumps(summary, indent=2, default=str) + '\n')
     return summary
+
+
+def _take_sensor_timing(cfg, frames, log) -> None:
+    """The input's sensor timing (a TUM directory's sensor.yaml) fills the config's when the config gives none
+    (backend.rolling_shutter_s and backend.depth_delay_s both 0, the defaults); a config that gives one wins.
+    Either way a log line says which timing the pose step uses."""
+    timing = getattr(frames, 'sensor_timing', None)
+    if not timing:
+        return
+    b = cfg.backend
+    given = (b.rolling_shutter_s, b.depth_delay_s)
+    said = (timing['rolling_shutter_s'], timing['depth_delay_s'])
+    where = getattr(frames, 'sensor_timing_path', None) or 'the input'
+    if given == (0.0, 0.0):
+        b.rolling_shutter_s, b.depth_delay_s = said
+        if said != (0.0, 0.0):
+            log(f'sensor timing from {where}: rolling shutter readout {1000 * said[0]:g} ms, depth '
+                f'{1000 * said[1]:g} ms after colour')
+    elif given != said:
+        log(f'sensor timing from the config (rolling shutter readout {1000 * given[0]:g} ms, depth '
+            f'{1000 * given[1]:g} ms after colour); {where} says {1000 * said[0]:g} / {1000 * said[1]:g} ms')
 
 
 def run(args) -> int:

@@ -15,7 +15,7 @@ from decimal import Decimal
 import numpy as np
 
 from dynrecon_ros import image_encodings as encodings
-from dynrecon_ros.data.tum import associate
+from dynrecon_ros.data.tum import associate, read_sensor_timing, write_sensor_timing
 from dynrecon_ros.errors import InputError
 from dynrecon_ros.frames import Frame
 
@@ -143,9 +143,21 @@ def write_frames_bag(frames, path, ros_version: int = 1, storage: str = 'sqlite3
     return path
 
 
+def sensor_timing_path(path) -> pathlib.Path:
+    """Where a bag's sensor timing file (tum.read_sensor_timing) lives: ``sensor.yaml`` inside a ROS 2 bag
+    directory, ``NAME.sensor.yaml`` beside a ROS 1 ``NAME.bag`` (a bag has no field for it)."""
+    path = pathlib.Path(path)
+    return path.with_name(path.stem + '.sensor.yaml') if path.suffix == '.bag' else path / 'sensor.yaml'
+
+
 def write_bag(seq, path, ros_version: int = 1, storage: str = 'sqlite3') -> pathlib.Path:
-    """Write a SyntheticSequence (or anything with ``.frames``) as a TUM-style bag; see write_frames_bag."""
-    return write_frames_bag(seq.frames, path, ros_version=ros_version, storage=storage)
+    """Write a SyntheticSequence (or anything with ``.frames``) as a TUM-style bag; see write_frames_bag.
+    A SyntheticSequence's sensor timing (rolling shutter, depth delay) goes in :func:`sensor_timing_path`."""
+    out = write_frames_bag(seq.frames, path, ros_version=ros_version, storage=storage)
+    cfg = getattr(seq, 'config', None)
+    if cfg is not None and hasattr(cfg, 'rolling_shutter'):
+        write_sensor_timing(sensor_timing_path(out), cfg.rolling_shutter, cfg.depth_delay)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,7 +185,9 @@ class BagFrames:
 
     Colour and depth messages are paired by header stamp like TUM's associate tool (nearest within
     ``max_dt``, each used once); K comes from the colour camera_info (first message), or ``K`` if given.
-    A bag without the depth topic gives monocular frames (depth None). Frame keys are the colour
+    A bag without the depth topic gives monocular frames (depth None). A sensor timing file
+    (:func:`sensor_timing_path`) gives ``sensor_timing`` (else None), and its depth delay is taken off the
+    depth stamps before pairing. Frame keys are the colour
     header stamps as ``sec.micro`` strings with 6 decimals (TUM's style). ``K`` may be reassigned before
     iterating; ``size`` is the (W, H) of the first colour image.
     """
@@ -209,8 +223,12 @@ class BagFrames:
             raise InputError(f'no messages on {rgb_topic}', path)
         self._rgb_ns, self._depth_ns = np.array(rgb_ns, np.int64), np.array(depth_ns, np.int64)
         self.has_depth = bool(depth_ns)
+        timing = sensor_timing_path(path)
+        self.sensor_timing_path = timing if timing.is_file() else None
+        self.sensor_timing = read_sensor_timing(timing) if timing.is_file() else None
         if self.has_depth:
-            pairs = associate(self._rgb_ns * 1e-9, self._depth_ns * 1e-9, max_dt)
+            delay = self.sensor_timing['depth_delay_s'] if self.sensor_timing else 0.0
+            pairs = associate(self._rgb_ns * 1e-9, self._depth_ns * 1e-9, max_dt, offset=-delay)
             if not pairs:
                 raise InputError(f'no colour/depth pair within {max_dt * 1000:.0f} ms: association is empty '
                                  f'({len(rgb_ns)} colour, {len(depth_ns)} depth messages)', path)

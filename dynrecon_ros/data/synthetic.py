@@ -27,7 +27,7 @@ from dynrecon_ros.data import people, sensor_model
 from dynrecon_ros.data.scene import (LIGHT, MOVER_HEIGHT, MOVER_RADIUS, ROOM_HI, ROOM_LO,  # noqa: F401 (re-exported)
                                      STATIC_BOXES, _cast, _screen_cull, _Texture, static_surface_distance)
 from dynrecon_ros.data.bags import write_bag  # noqa: F401  (re-exported: synthetic.write_bag)
-from dynrecon_ros.data.tum import write_depth_png, write_masks, write_trajectory
+from dynrecon_ros.data.tum import write_depth_png, write_masks, write_sensor_timing, write_trajectory
 from dynrecon_ros.frames import Frame
 from dynrecon_ros.geometry import transform_points, unproject
 
@@ -379,8 +379,9 @@ def write_tum(seq: SyntheticSequence, directory) -> pathlib.Path:
 
     Files: rgb/<ts>.png (8-bit colour), depth/<depth_ts>.png (16-bit, 5000 units/m, 0 = no reading),
     rgb.txt, depth.txt, groundtruth.txt (camera-to-world at the colour stamps), masks_gt/<ts>.png
-    (mono8, 255 = dynamic, named by the colour stamp) and calibration.txt (one line
-    ``fx fy cx cy`` of the colour camera; TUM's readers use it when present).
+    (mono8, 255 = dynamic, named by the colour stamp), calibration.txt (one line
+    ``fx fy cx cy`` of the colour camera; TUM's readers use it when present) and sensor.yaml (the
+    rolling shutter's readout and the depth delay rendered, which `dynrecon run` uses as the sensor's timing).
     """
     root = pathlib.Path(directory)
     for sub in ('rgb', 'depth'):
@@ -402,4 +403,5 @@ def write_tum(seq: SyntheticSequence, directory) -> pathlib.Path:
                      header=f'ground truth trajectory\n# file: \'{name}\'\n# timestamp tx ty tz qx qy qz qw')
     K = seq.K
     (root / 'calibration.txt').write_text(f'{K[0, 0]:.9g} {K[1, 1]:.9g} {K[0, 2]:.9g} {K[1, 2]:.9g}\n')
+    write_sensor_timing(root / 'sensor.yaml', seq.config.rolling_shutter, seq.config.depth_delay)
     return root

@@ -3,8 +3,10 @@
 Directory layout (the benchmark's): ``rgb/<ts>.png`` 8-bit colour, ``depth/<ts>.png`` 16-bit with
 5000 units per metre (0 = no reading), ``rgb.txt`` / ``depth.txt`` lines ``timestamp filename``
 (``#`` comments), ``groundtruth.txt`` lines ``timestamp tx ty tz qx qy qz qw`` (colour camera optical
-frame in world). Our additions, both optional: ``calibration.txt`` (one line
-``fx fy cx cy [k1 k2 p1 p2 k3]`` for the colour images as stored; ``#`` comments) and
+frame in world). Our additions, all optional: ``calibration.txt`` (one line
+``fx fy cx cy [k1 k2 p1 p2 k3]`` for the colour images as stored; ``#`` comments),
+``sensor.yaml`` (the sensor's timing, :func:`read_sensor_timing`: ``rolling_shutter_s``, the row readout
+time, and ``depth_delay_s``, how long after the colour image the depth image is taken) and
 ``masks_gt/<rgb ts>.png`` (mono8, 255 = dynamic pixel).
 """
 from __future__ import annotations
@@ -154,15 +156,17 @@ def read_file_list(path) -> list[tuple[str, float, str, int]]:
 # Association
 
 
-def associate(stamps_a, stamps_b, max_dt: float = 0.02) -> list[tuple[int, int]]:
+def associate(stamps_a, stamps_b, max_dt: float = 0.02, offset: float = 0.0) -> list[tuple[int, int]]:
     """Match two stamp lists like TUM's associate.py: candidate pairs closer than ``max_dt`` seconds,
-    taken greedily in order of increasing time difference, each entry used at most once.
+    taken greedily in order of increasing time difference, each entry used at most once; ``offset`` s is
+    added to the second list's stamps first (associate.py's ``--offset``: a depth image known to be taken
+    d s after its colour one matches with offset -d).
 
     Returns [(index into a, index into b)] sorted by the index into a. Hand-written: the benchmark's
     tool is a script, not an importable library, and evo's association allows reuse differently.
     """
     a = np.asarray(stamps_a, dtype=np.float64).reshape(-1)
-    b = np.asarray(stamps_b, dtype=np.float64).reshape(-1)
+    b = np.asarray(stamps_b, dtype=np.float64).reshape(-1) + offset
     if not len(a) or not len(b):
         return []
     order = np.argsort(b, kind='stable')
@@ -256,6 +260,47 @@ def read_calibration(path) -> Intrinsics:
     raise InputError('no calibration line', path)
 
 
+SENSOR_TIMING_KEYS = ('rolling_shutter_s', 'depth_delay_s')
+
+
+def read_sensor_timing(path) -> dict[str, float]:
+    """sensor.yaml -> {'rolling_shutter_s': s, 'depth_delay_s': s} (a key left out is 0: global shutter,
+    synchronised depth). The same names and ranges as the config's ``backend`` fields; InputError naming
+    the file and the key when a value is not a number in range or a key is unknown."""
+    import yaml
+    try:
+        data = yaml.safe_load(pathlib.Path(path).read_text())
+    except yaml.YAMLError as exc:
+        raise InputError(f'not valid YAML: {exc}', path) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise InputError(f'expected a mapping of {", ".join(SENSOR_TIMING_KEYS)}', path)
+    unknown = sorted(set(data) - set(SENSOR_TIMING_KEYS))
+    if unknown:
+        raise InputError(f'unknown key(s) {", ".join(map(str, unknown))} (known: {", ".join(SENSOR_TIMING_KEYS)})', path)
+    out = {}
+    for key in SENSOR_TIMING_KEYS:
+        v = data.get(key, 0.0)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v):
+            raise InputError(f'{key} must be a number of seconds, got {v!r}', path)
+        out[key] = float(v)
+    if not 0.0 <= out['rolling_shutter_s'] < 1.0:
+        raise InputError(f'rolling_shutter_s must be a readout time in [0, 1) s, got {out["rolling_shutter_s"]}', path)
+    if not abs(out['depth_delay_s']) < 1.0:
+        raise InputError(f'depth_delay_s must be within (-1, 1) s, got {out["depth_delay_s"]}', path)
+    return out
+
+
+def write_sensor_timing(path, rolling_shutter_s: float, depth_delay_s: float) -> pathlib.Path:
+    """Write sensor.yaml (see :func:`read_sensor_timing`)."""
+    path = pathlib.Path(path)
+    path.write_text('# sensor timing, seconds: row readout time (0 = global shutter); depth image taken this long\n'
+                    '# after the colour image. `dynrecon run` uses it when its config gives no timing.\n'
+                    f'rolling_shutter_s: {float(rolling_shutter_s)!r}\ndepth_delay_s: {float(depth_delay_s)!r}\n')
+    return path
+
+
 def resolve_intrinsics(spec, root: pathlib.Path | None, width: int, height: int) -> Intrinsics:
     """Intrinsics for images of ``width`` x ``height`` from a spec: 'fr1' | 'fr2' | 'fr3' | 'ros' (scaled from
     640x480 when the images are another size), a (3, 3) K, an Intrinsics, or 'auto' (``calibration.txt`` in
@@ -282,7 +327,9 @@ def resolve_intrinsics(spec, root: pathlib.Path | None, width: int, height: int)
 class TumDirectory:
     """A TUM RGB-D directory as a lazily loaded sequence of :class:`Frame` (``len``, indexing, iteration).
 
-    Colour and depth are associated by nearest stamp within ``max_dt`` (each used once). Without
+    Colour and depth are associated by nearest stamp within ``max_dt`` (each used once; a depth delay in
+    ``sensor.yaml`` is taken off the depth stamps first, so a late depth image is not matched with the next
+    colour image). Without
     ``depth.txt`` the frames are monocular (depth None). With distortion in the intrinsics (fr1, fr2,
     or a calibration file) and ``undistort=True``, images are undistorted to the pinhole K (depth with
     nearest-neighbour sampling, so readings are never blended across edges).
@@ -290,7 +337,8 @@ class TumDirectory:
     Attributes:
         root: the directory; stamps (N,) colour stamps; keys: the rgb.txt stamp strings;
         K (3, 3); intrinsics: the resolved Intrinsics; groundtruth: path of groundtruth.txt or None;
-        masks_gt: path of masks_gt/ or None.
+        masks_gt: path of masks_gt/ or None; sensor_timing: ``sensor.yaml``'s values
+        (:func:`read_sensor_timing`) or None without one; sensor_timing_path: its path or None.
     """
 
     def __init__(self, root, intrinsics='auto', max_dt: float = 0.02, undistort: bool = True):
@@ -300,11 +348,15 @@ class TumDirectory:
         rgb_list = read_file_list(root / 'rgb.txt')
         if not rgb_list:
             raise InputError('no images listed', root / 'rgb.txt')
+        timing = root / 'sensor.yaml'
+        self.sensor_timing_path = timing if timing.exists() else None
+        self.sensor_timing = read_sensor_timing(timing) if timing.exists() else None
+        delay = self.sensor_timing['depth_delay_s'] if self.sensor_timing else 0.0
         depth_txt = root / 'depth.txt'
         self._pairs: list[tuple[tuple, tuple | None]]
         if depth_txt.exists():
             depth_list = read_file_list(depth_txt)
-            pairs = associate([e[1] for e in rgb_list], [e[1] for e in depth_list], max_dt)
+            pairs = associate([e[1] for e in rgb_list], [e[1] for e in depth_list], max_dt, offset=-delay)
             if not pairs:
                 raise InputError(f'no colour/depth pair within {max_dt * 1000:.0f} ms: association is empty '
                                  f'({len(rgb_list)} colour, {len(depth_list)} depth stamps)', depth_txt)
