@@ -3,7 +3,9 @@
     ros2 launch dynrecon_ros tum_replay.launch.py bag:=rgbd_dataset_freiburg3_walking_xyz.bag rate:=0.5
 
 Uses config/tum.yaml (TUM topic remappings, fr3 intrinsics) and `dynrecon replay --clock` (or
-`ros2 bag play --clock` with player:=ros2, for ROS 2 bags), the node with use_sim_time.
+`ros2 bag play --clock` with player:=ros2, for ROS 2 bags), the node with use_sim_time. A bag written by
+`dynrecon render` carries its sensor timing (rolling shutter, depth delay) in a file beside it, which is
+passed on to the node (:func:`sensor_timing_arguments`).
 """
 from __future__ import annotations
 
@@ -39,6 +41,23 @@ def replay_command(bag: str, rate: float | str = 1.0, player: str = 'dynrecon', 
     return cmd + (['--loop'] if loop else [])
 
 
+def sensor_timing_arguments(bag: str) -> list[str]:
+    """``-p`` arguments giving the node the sensor timing stored with a bag (`dynrecon render` writes it:
+    ``sensor.yaml`` inside a ROS 2 bag directory, ``NAME.sensor.yaml`` beside ``NAME.bag``); [] without one
+    (a bag has no field for it; a real sensor's timing goes in the config). Pure; tested without launch."""
+    import yaml
+    path = pathlib.Path(bag)
+    path = path.with_name(path.stem + '.sensor.yaml') if path.suffix == '.bag' else path / 'sensor.yaml'
+    if not path.is_file():
+        return []
+    timing = yaml.safe_load(path.read_text()) or {}
+    args = []
+    for key in ('rolling_shutter_s', 'depth_delay_s'):
+        if key in timing:
+            args += ['-p', f'pipeline.backend.{key}:={float(timing[key])!r}']
+    return args
+
+
 def generate_launch_description():
     from launch import LaunchDescription
     from launch.actions import DeclareLaunchArgument, ExecuteProcess, OpaqueFunction
@@ -48,6 +67,7 @@ def generate_launch_description():
         get = context.launch_configurations.get
         cmd = [recon.executable_path()] + recon.node_arguments(get('config'), get('backend', ''),
                                                                get('checkpoint', ''), get('namespace', ''), True)
+        cmd += sensor_timing_arguments(get('bag'))
         return [ExecuteProcess(cmd=cmd, name=recon.NODE_NAME, output='screen', sigterm_timeout='30'),
                 ExecuteProcess(cmd=replay_command(get('bag'), get('rate', '1.0'), get('player', 'dynrecon'),
                                                   get('loop', 'false'), get('delay', '2.0')),

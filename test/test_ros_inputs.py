@@ -23,3 +23,11 @@ def test_stale_items_dropped_and_bounded():
     assert [t for t, _ in p.rgb] == [4.0]
     p.clear()
     assert not p.rgb and not p.depth
+
+
+def test_a_known_depth_delay_pairs_each_depth_image_with_its_own_colour_image():
+    # Depth taken 22 ms after its colour image, which arrives after the next colour image (30 Hz).
+    for delay, partner in ((0.0, 'c1'), (0.022, 'c0')):
+        p = StampPairer(0.02, depth_delay=delay)
+        assert p.add_rgb(0.0, 'c0') is None and p.add_rgb(1 / 30, 'c1') is None
+        assert p.add_depth(0.028, 'd0') == partner  # untold: 5 ms from c1, 28 ms (outside the slop) from c0

@@ -65,6 +65,18 @@ def test_replay_launch_command():
     assert tum_launch.replay_command('d', player='ros2')[:4] == ['ros2', 'bag', 'play', 'd']
 
 
+def test_replay_launch_passes_a_rendered_bags_sensor_timing_to_the_node(tmp_path):
+    from dynrecon_ros.data.bags import write_bag
+    from dynrecon_ros.data.synthetic import SyntheticConfig, render_sequence
+    tum_launch = load('tum_replay.launch.py')
+    seq = render_sequence(SyntheticConfig(width=32, height=24, frames=2, rolling_shutter=0.025, depth_delay=0.01))
+    for bag in (write_bag(seq, tmp_path / 's.bag'), write_bag(seq, tmp_path / 's2', ros_version=2)):
+        assert tum_launch.sensor_timing_arguments(str(bag)) == [
+            '-p', 'pipeline.backend.rolling_shutter_s:=0.025', '-p', 'pipeline.backend.depth_delay_s:=0.01']
+    (tmp_path / 's.sensor.yaml').unlink()
+    assert tum_launch.sensor_timing_arguments(str(tmp_path / 's.bag')) == []
+
+
 def test_launch_description_builds_where_launch_imports():
     try:  # the repo's launch/ folder is a namespace package called `launch` too: import the real thing
         from launch import LaunchDescription  # noqa: F401

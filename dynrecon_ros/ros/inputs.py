@@ -28,10 +28,13 @@ class InputFrame:
 class StampPairer:
     """Pairs colour and depth by stamp: each arrival takes the waiting partner nearest in time within
     ``slop`` seconds, each item used once; items older than any partner can still pair are dropped.
-    At most ``maxlen`` items wait per side (the oldest go first)."""
+    At most ``maxlen`` items wait per side (the oldest go first). ``depth_delay`` s (the sensor's,
+    ``backend.depth_delay_s``) is taken off each depth stamp first: a depth image known to be taken that
+    long after its colour image is paired with that one, not the next."""
 
-    def __init__(self, slop: float, maxlen: int = 8):
+    def __init__(self, slop: float, maxlen: int = 8, depth_delay: float = 0.0):
         self.slop = slop
+        self.depth_delay = depth_delay
         self.rgb: collections.deque = collections.deque(maxlen=maxlen)  # (stamp, item)
         self.depth: collections.deque = collections.deque(maxlen=maxlen)
 
@@ -41,7 +44,7 @@ class StampPairer:
 
     def add_depth(self, t: float, item):
         """The waiting colour item paired with this depth item, or None (then the depth item waits)."""
-        return self._add(t, item, mine=self.depth, other=self.rgb)
+        return self._add(t - self.depth_delay, item, mine=self.depth, other=self.rgb)
 
     def clear(self) -> None:
         self.rgb.clear()

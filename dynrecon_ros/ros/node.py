@@ -80,7 +80,7 @@ class ReconNode(Node):
         self._last_info: tuple[np.ndarray, np.ndarray, tuple[int, int]] | None = None
         self._before_info: tuple | None = None  # (header, rgb, depth) of the latest frame before any camera_info
         self._last_stamp: dict[str, float] = {}
-        self._pairs = StampPairer(self.rgbd_slop)
+        self._pairs = StampPairer(self.rgbd_slop, depth_delay=self._config.backend.depth_delay_s)
         self._first_image_time: float | None = None
         self._last_pair_time: float | None = None  # monotonic time of the last image paired with a depth
         self._undistorter: conv.Undistorter | None = None
