@@ -260,7 +260,12 @@ class MonocularWindow:
                     scale = self.cfg.backend.metric_scale / float(np.exp(np.mean(np.log(st.pair_scales))))
                 if scale is None:
                     ok = (self._first_depth > 0) & (st.depths[0] > 0)
+                    if not ok.any():
+                        return ('window alignment failed: the first window gives the first frame no pixel of '
+                                'positive depth, so the stream has no scale')
                     scale = float(np.median(self._first_depth[ok] / st.depths[0][ok]))
+                if not (np.isfinite(scale) and scale > 0):
+                    return f'window alignment failed: the first window\'s scale is {scale:.4g}, not a positive number'
                 P0 = st.poses[0].copy()
                 P0[:3, 3] *= scale
                 return transform_state(st, self.world_pose @ np.linalg.inv(P0), scale)

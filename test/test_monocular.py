@@ -270,3 +270,20 @@ def test_attention_masks_empty_without_movers(seed):
                                                         seg={'attention_min_separation': 4.0})[0]]
         print(f'separation guard: flagged fraction per frame {np.round(sep, 2)}')
         assert sum(f > 0 for f in sep) <= sum(f > 0 for f in flagged) // 2
+
+
+def test_a_first_window_without_positive_depth_is_refused_not_published_as_nan(seq, monkeypatch):
+    from dynrecon_ros.pointmap_alignment import PointmapAligner
+    real = PointmapAligner.align
+
+    def behind_the_camera(self, *a, **kw):  # what a diverged first alignment can give
+        st = real(self, *a, **kw)
+        if kw.get('init') is None:
+            st.depths = [-np.abs(d) for d in st.depths]
+        return st
+    monkeypatch.setattr(PointmapAligner, 'align', behind_the_camera)
+    res, _ = _run(seq)
+    failed = [r for r in res if r.status != 'ok']
+    assert failed and all('no pixel of positive depth' in r.reason for r in failed if 'alignment' in r.reason)
+    assert any('no pixel of positive depth' in r.reason for r in failed)
+    assert all(np.all(np.isfinite(r.pose)) for r in res if r.status == 'ok')
