@@ -120,3 +120,19 @@ def test_run_takes_the_sensor_timing_of_the_input_unless_the_config_gives_one(tm
     (d / 'sensor.yaml').write_text('readout: 0.02\n')
     assert main(['run', '--input', str(d), '--output', str(tmp_path / 'c')]) == 2
     assert 'unknown key(s) readout' in capsys.readouterr().err
+
+
+def test_run_says_when_depth_is_stamped_late_and_no_timing_is_known(tmp_path, capsys):
+    seq = render_sequence(SyntheticConfig(width=96, height=72, frames=5, seed=3, depth_delay=0.012))
+    d = write_tum(seq, tmp_path / 'data')
+    (d / 'sensor.yaml').unlink()  # a recording that does not say its timing
+    assert main(['run', '--input', str(d), '--output', str(tmp_path / 'a')]) == 0
+    err = capsys.readouterr().err
+    assert 'the depth images are stamped +' in err and 'backend.depth_delay_s' in err
+    cfg = tmp_path / 'timing.yaml'
+    cfg.write_text('backend:\n  depth_delay_s: 0.012\n')  # told: no such line
+    assert main(['run', '--input', str(d), '--output', str(tmp_path / 'b'), '--config', str(cfg)]) == 0
+    assert 'stamped' not in capsys.readouterr().err
+    plain = write_tum(render_sequence(SyntheticConfig(width=96, height=72, frames=5, seed=3)), tmp_path / 'p')
+    assert main(['run', '--input', str(plain), '--output', str(tmp_path / 'c')]) == 0
+    assert 'stamped' not in capsys.readouterr().err  # stamps jittered around the colour ones: nothing to say

@@ -152,12 +152,24 @@ def reconstruct(frames, output, config=None, backend: str | None = None, checkpo
     return summary
 
 
+LATE_DEPTH_S = 0.004  # a median stamp offset beyond this is worth a log line (TUM's own sequences: about 0)
+
+
 def _take_sensor_timing(cfg, frames, log) -> None:
     """The input's sensor timing (a TUM directory's sensor.yaml) fills the config's when the config gives none
     (backend.rolling_shutter_s and backend.depth_delay_s both 0, the defaults); a config that gives one wins.
-    Either way a log line says which timing the pose step uses."""
+    Either way a log line says which timing the pose step uses. Without a timing file and with no depth delay
+    configured, depth stamped consistently apart from colour (median beyond LATE_DEPTH_S) gets a log line."""
     timing = getattr(frames, 'sensor_timing', None)
     if not timing:
+        offsets = getattr(frames, 'depth_offsets', None)
+        b = cfg.backend
+        if offsets is not None and np.isfinite(offsets).any() and b.depth_delay_s == 0:
+            late = float(np.nanmedian(offsets))
+            if abs(late) > LATE_DEPTH_S:
+                log(f'the depth images are stamped {1000 * late:+.1f} ms from their colour images (median); the pose '
+                    f'step assumes they were taken at the same instant: if the sensor takes depth later, set '
+                    f'backend.depth_delay_s (and backend.rolling_shutter_s for a rolling shutter) in --config')
         return
     b = cfg.backend
     given = (b.rolling_shutter_s, b.depth_delay_s)

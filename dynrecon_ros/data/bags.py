@@ -187,7 +187,8 @@ class BagFrames:
     ``max_dt``, each used once); K comes from the colour camera_info (first message), or ``K`` if given.
     A bag without the depth topic gives monocular frames (depth None). A sensor timing file
     (:func:`sensor_timing_path`) gives ``sensor_timing`` (else None), and its depth delay is taken off the
-    depth stamps before pairing. Frame keys are the colour
+    depth stamps before pairing; ``depth_offsets`` (N,): each frame's depth stamp - colour stamp (NaN without
+    depth). Frame keys are the colour
     header stamps as ``sec.micro`` strings with 6 decimals (TUM's style). ``K`` may be reassigned before
     iterating; ``size`` is the (W, H) of the first colour image.
     """
@@ -237,6 +238,9 @@ class BagFrames:
         self._pairs = pairs
         self.stamps = np.array([_ns_to_s(self._rgb_ns[a]) for a, _ in pairs])
         self.keys = [self._key(self._rgb_ns[a]) for a, _ in pairs]
+        # (N,) depth stamp - colour stamp of each frame (NaN: monocular)
+        self.depth_offsets = np.array([np.nan if b is None else (int(self._depth_ns[b]) - int(self._rgb_ns[a])) * 1e-9
+                                       for a, b in pairs])
 
     @staticmethod
     def _key(ns: int) -> str:

@@ -337,7 +337,8 @@ class TumDirectory:
     Attributes:
         root: the directory; stamps (N,) colour stamps; keys: the rgb.txt stamp strings;
         K (3, 3); intrinsics: the resolved Intrinsics; groundtruth: path of groundtruth.txt or None;
-        masks_gt: path of masks_gt/ or None; sensor_timing: ``sensor.yaml``'s values
+        masks_gt: path of masks_gt/ or None; depth_offsets: (N,) depth stamp - colour stamp of each frame
+        (NaN without depth); sensor_timing: ``sensor.yaml``'s values
         (:func:`read_sensor_timing`) or None without one; sensor_timing_path: its path or None.
     """
 
@@ -375,6 +376,8 @@ class TumDirectory:
             self._maps = cv2.initUndistortRectifyMap(self.intrinsics.K, dist, None, self.K, (w, h), cv2.CV_32FC1)
         self.stamps = np.array([p[0][1] for p in self._pairs])
         self.keys = [p[0][0] for p in self._pairs]
+        # (N,) depth stamp - colour stamp of each frame (NaN: monocular)
+        self.depth_offsets = np.array([np.nan if d is None else d[1] - c[1] for c, d in self._pairs])
         gt = root / 'groundtruth.txt'
         self.groundtruth = gt if gt.exists() else None
         self.masks_gt = root / 'masks_gt' if (root / 'masks_gt').is_dir() else None
