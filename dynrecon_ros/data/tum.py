@@ -278,7 +278,8 @@ def read_sensor_timing(path) -> dict[str, float]:
         raise InputError(f'expected a mapping of {", ".join(SENSOR_TIMING_KEYS)}', path)
     unknown = sorted(set(data) - set(SENSOR_TIMING_KEYS))
     if unknown:
-        raise InputError(f'unknown key(s) {", ".join(map(str, unknown))} (known: {", ".join(SENSOR_TIMING_KEYS)})', path)
+        raise InputError(f'unknown key(s) {", ".join(map(str, unknown))} '
+                         f'(known: {", ".join(SENSOR_TIMING_KEYS)})', path)
     out = {}
     for key in SENSOR_TIMING_KEYS:
         v = data.get(key, 0.0)
