@@ -1,6 +1,6 @@
 """The README's steps for ROS 2 users, run for real across processes: `colcon build` of this package into a
 workspace, `source install/setup.bash`, `ros2 pkg executables`, `ros2 launch dynrecon_ros recon.launch.py`
-(read back with `ros2 node info` / `ros2 param get|dump`), and `tum_replay.launch.py` on a rendered bag
+(read back with `ros2 node info` / `ros2 param get|dump`), and `tum_replay.launch.py` on a rendered bag (with its sensor timing)
 (/tf poses scored against the offline `dynrecon run`). Needs the launch stack `make setup` installs from
 ../shared/ros; skipped, with the reason, without it."""
 import json
@@ -153,11 +153,15 @@ def test_tum_replay_launch_on_a_rendered_bag_matches_offline(ws, tmp_path):
 
     env = shell_env(ws, 'replay')
     seq, bag = tmp_path / 'seq', tmp_path / 'bag2'
+    # a rolling shutter and late depth: the bag's sensor file reaches the offline run and, through the launch file,
+    # the node (the same pairs and the same pose model, so the same trajectory)
     subprocess.run(['dynrecon', 'render', '--output', str(seq), '--width', '160', '--height', '120',
-                    '--frames', '30', '--bag2', str(bag)], env=env, check=True, capture_output=True)
+                    '--frames', '30', '--rolling-shutter', '0.02', '--depth-delay', '0.01', '--bag2', str(bag)],
+                   env=env, check=True, capture_output=True)
     offline = ros_stack.run(['dynrecon', 'run', '--input', str(bag), '--output', str(tmp_path / 'off')], env, tmp_path,
                             timeout=300)
     assert offline.returncode == 0, offline.stderr
+    assert 'rolling shutter readout 20 ms, depth 10 ms after colour' in offline.stderr, offline.stderr
 
     ros = RosHarness(int(env['ROS_DOMAIN_ID']))
     tfs = ros.collect(TFMessage, '/tf', TF_QOS, keep=lambda m: list(m.transforms))
@@ -172,6 +176,7 @@ def test_tum_replay_launch_on_a_rendered_bag_matches_offline(ws, tmp_path):
         ros.close()
     out = launch.output()
     assert 'dropped 0' in out, out[-3000:]
+    assert 'rolling_shutter_s=0.02' in out and 'depth_delay_s=0.01' in out, out[:3000]
     # the latency breakdown's transport is measured on the node's clock (sim time here: the bag's stamps are
     # years old, so wall time minus stamp would read ~1e11 ms)
     transport = re.search(r'latency breakdown .*?transport (-?\d+) / (-?\d+)', out)
