@@ -44,18 +44,14 @@ def replay_command(bag: str, rate: float | str = 1.0, player: str = 'dynrecon', 
 def sensor_timing_arguments(bag: str) -> list[str]:
     """``-p`` arguments giving the node the sensor timing stored with a bag (`dynrecon render` writes it:
     ``sensor.yaml`` inside a ROS 2 bag directory, ``NAME.sensor.yaml`` beside ``NAME.bag``); [] without one
-    (a bag has no field for it; a real sensor's timing goes in the config). Pure; tested without launch."""
-    import yaml
-    path = pathlib.Path(bag)
-    path = path.with_name(path.stem + '.sensor.yaml') if path.suffix == '.bag' else path / 'sensor.yaml'
+    (a bag has no field for it; a real sensor's timing goes in the config). The file is found and checked as
+    `dynrecon run` does it (dynrecon_ros.data.bags / tum). Pure; tested without launch."""
+    from dynrecon_ros.data.bags import sensor_timing_path
+    from dynrecon_ros.data.tum import read_sensor_timing
+    path = sensor_timing_path(bag)
     if not path.is_file():
         return []
-    timing = yaml.safe_load(path.read_text()) or {}
-    args = []
-    for key in ('rolling_shutter_s', 'depth_delay_s'):
-        if key in timing:
-            args += ['-p', f'pipeline.backend.{key}:={float(timing[key])!r}']
-    return args
+    return [a for key, value in read_sensor_timing(path).items() for a in ('-p', f'pipeline.backend.{key}:={value!r}')]
 
 
 def generate_launch_description():

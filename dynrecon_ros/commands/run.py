@@ -160,10 +160,10 @@ def _take_sensor_timing(cfg, frames, log) -> None:
     (backend.rolling_shutter_s and backend.depth_delay_s both 0, the defaults); a config that gives one wins.
     Either way a log line says which timing the pose step uses. Without a timing file and with no depth delay
     configured, depth stamped consistently apart from colour (median beyond LATE_DEPTH_S) gets a log line."""
+    b = cfg.backend
     timing = getattr(frames, 'sensor_timing', None)
     if not timing:
         offsets = getattr(frames, 'depth_offsets', None)
-        b = cfg.backend
         if offsets is not None and np.isfinite(offsets).any() and b.depth_delay_s == 0:
             late = float(np.nanmedian(offsets))
             if abs(late) > LATE_DEPTH_S:
@@ -171,7 +171,6 @@ def _take_sensor_timing(cfg, frames, log) -> None:
                     f'step assumes they were taken at the same instant: if the sensor takes depth later, set '
                     f'backend.depth_delay_s (and backend.rolling_shutter_s for a rolling shutter) in --config')
         return
-    b = cfg.backend
     given = (b.rolling_shutter_s, b.depth_delay_s)
     said = (timing['rolling_shutter_s'], timing['depth_delay_s'])
     where = getattr(frames, 'sensor_timing_path', None) or 'the input'
