@@ -47,11 +47,9 @@ def sensor_timing_arguments(bag: str) -> list[str]:
     (a bag has no field for it; a real sensor's timing goes in the config). The file is found and checked as
     `dynrecon run` does it (dynrecon_ros.data.bags / tum). Pure; tested without launch."""
     from dynrecon_ros.data.bags import sensor_timing_path
-    from dynrecon_ros.data.tum import read_sensor_timing
-    path = sensor_timing_path(bag)
-    if not path.is_file():
-        return []
-    return [a for key, value in read_sensor_timing(path).items() for a in ('-p', f'pipeline.backend.{key}:={value!r}')]
+    from dynrecon_ros.data.tum import optional_sensor_timing
+    _, timing = optional_sensor_timing(sensor_timing_path(bag))
+    return [a for key, value in (timing or {}).items() for a in ('-p', f'pipeline.backend.{key}:={value!r}')]
 
 
 def generate_launch_description():

@@ -151,3 +151,15 @@ def test_a_late_depth_image_is_matched_with_its_own_colour_image(tmp_path):
     plain = read_tum_directory(d)
     assert plain.sensor_timing is None
     assert len(plain) < 60 or any(abs(f.meta['depth_stamp'] - f.stamp - 0.012) > 0.0085 for f in plain)
+
+
+def test_an_unreadable_sensor_timing_file_is_an_error_naming_it(tmp_path):
+    """A sensor.yaml that exists but cannot be read (here a directory of that name) is one InputError naming it,
+    not an OSError from deep in the reader, and not silently ignored (the run would use the wrong timing)."""
+    seq = render_sequence(SyntheticConfig(width=32, height=24, frames=4, seed=4))
+    d = write_tum(seq, tmp_path / 'seq')
+    (d / 'sensor.yaml').unlink()
+    (d / 'sensor.yaml').mkdir()
+    with pytest.raises(InputError, match='cannot read the sensor timing file') as exc:
+        read_tum_directory(d)
+    assert 'sensor.yaml' in str(exc.value)

@@ -15,7 +15,7 @@ from decimal import Decimal
 import numpy as np
 
 from dynrecon_ros import image_encodings as encodings
-from dynrecon_ros.data.tum import associate, read_sensor_timing, write_sensor_timing
+from dynrecon_ros.data.tum import associate, optional_sensor_timing, write_sensor_timing
 from dynrecon_ros.errors import InputError
 from dynrecon_ros.frames import Frame
 
@@ -224,9 +224,7 @@ class BagFrames:
             raise InputError(f'no messages on {rgb_topic}', path)
         self._rgb_ns, self._depth_ns = np.array(rgb_ns, np.int64), np.array(depth_ns, np.int64)
         self.has_depth = bool(depth_ns)
-        timing = sensor_timing_path(path)
-        self.sensor_timing_path = timing if timing.is_file() else None
-        self.sensor_timing = read_sensor_timing(timing) if timing.is_file() else None
+        self.sensor_timing_path, self.sensor_timing = optional_sensor_timing(sensor_timing_path(path))
         if self.has_depth:
             delay = self.sensor_timing['depth_delay_s'] if self.sensor_timing else 0.0
             pairs = associate(self._rgb_ns * 1e-9, self._depth_ns * 1e-9, max_dt, offset=-delay)

@@ -272,6 +272,8 @@ def read_sensor_timing(path) -> dict[str, float]:
         data = yaml.safe_load(pathlib.Path(path).read_text())
     except yaml.YAMLError as exc:
         raise InputError(f'not valid YAML: {exc}', path) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f'cannot read the sensor timing file: {exc.strerror or exc}', path) from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -291,6 +293,15 @@ def read_sensor_timing(path) -> dict[str, float]:
     if not abs(out['depth_delay_s']) < 1.0:
         raise InputError(f'depth_delay_s must be within (-1, 1) s, got {out["depth_delay_s"]}', path)
     return out
+
+
+def optional_sensor_timing(path) -> tuple[pathlib.Path | None, dict[str, float] | None]:
+    """(path, :func:`read_sensor_timing` of it) when a sensor timing file exists at ``path``, else (None, None)
+    (a recording without one: the config's timing applies)."""
+    path = pathlib.Path(path)
+    if not path.exists():
+        return None, None
+    return path, read_sensor_timing(path)
 
 
 def write_sensor_timing(path, rolling_shutter_s: float, depth_delay_s: float) -> pathlib.Path:
@@ -350,9 +361,7 @@ class TumDirectory:
         rgb_list = read_file_list(root / 'rgb.txt')
         if not rgb_list:
             raise InputError('no images listed', root / 'rgb.txt')
-        timing = root / 'sensor.yaml'
-        self.sensor_timing_path = timing if timing.exists() else None
-        self.sensor_timing = read_sensor_timing(timing) if timing.exists() else None
+        self.sensor_timing_path, self.sensor_timing = optional_sensor_timing(root / 'sensor.yaml')
         delay = self.sensor_timing['depth_delay_s'] if self.sensor_timing else 0.0
         depth_txt = root / 'depth.txt'
         self._pairs: list[tuple[tuple, tuple | None]]
