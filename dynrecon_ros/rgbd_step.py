@@ -10,8 +10,8 @@ Per accepted frame t (:meth:`RGBDStep.step`):
   2. flow for each pair (older, t) of the pair graph (neighbours + keyframe anchors, nearest first),
      cached by the shared :class:`~dynrecon_ros.flow.FlowCache`;
   3. relative pose per pair from the predictor (RANSAC Umeyama on flow + depth, then direct
-     refinement; long pairs start from the tracked poses and, under a rolling shutter, hold each frame's
-     in-frame velocity to the trajectory's: ``VELOCITY_SIGMA``; a long pair that moves t far from where the
+     refinement; long pairs start from the tracked poses and, under a rolling shutter or a depth delay, hold
+     each frame's in-frame velocity to the trajectory's: ``VELOCITY_SIGMA``; a long pair that moves t far from where the
      nearest pair put it is dropped unless another long pair agrees with it: :meth:`_long_pair_moves`),
      initial pose of t from the nearest pair; tracking-lost (inlier ratio) and jump (``checks``) tests;
   4. static correspondences of every pair that gave a pose are stored (:meth:`_make_constraint`), and
@@ -86,12 +86,15 @@ def _downscale_depth(depth: np.ndarray, s: int) -> np.ndarray:
     return out
 
 
-# Under a rolling shutter each frame's in-frame velocity is taken from the aligned trajectory for its long pairs
-# (keyframe anchors), not carried over from one adjacent pair's fit (0.11-0.12 m/s RMS off, uncorrelated with the
-# truth; the long pairs then come out ~1 % short and the trajectory's scale follows them): the central difference
-# of its neighbours' aligned poses once the next frame is aligned, the backward difference over its adjacent pair
-# for the newest frame (rolling_shutter.trajectory_velocity). The spreads (m/s) are those differences' errors on
-# the renderer's hand-held path (0.04 / 0.07). The angular rate and the higher terms stay the fitted ones.
+# Under a rolling shutter or a depth delay each frame's in-frame velocity is taken from the aligned trajectory for
+# its long pairs (keyframe anchors), not carried over from one adjacent pair's fit (0.11-0.12 m/s RMS off,
+# uncorrelated with the truth; the long pairs then come out ~1 % short and the trajectory's scale follows them):
+# the central difference of its neighbours' aligned poses once the next frame is aligned, the backward difference
+# over its adjacent pair for the newest frame (rolling_shutter.trajectory_velocity). The spreads (m/s) are those
+# differences' errors on the renderer's hand-held path (0.04 / 0.07). The angular rate and the higher terms stay
+# the fitted ones. A depth delay alone (a global-shutter colour camera, depth 10 ms late) needs it as much: its
+# long pairs otherwise start the velocity at the pair's mean over 5-8 frames, which hand tremor leaves far from
+# the frame's (close_crossing 880-887 ATE 1.92 -> 1.67 mm mean, docs/MEASUREMENTS.md).
 VELOCITY_SIGMA = (0.04, 0.07)
 
 
@@ -172,7 +175,7 @@ class RGBDStep:
             # (a long pair's move test is _long_pair_moves', over all of the frame's pairs)
             T, inl, n = self.pred.relative_pose(old.frame, frame, pf, static, init=init, move_gate=False)
             rel.append((T, inl, n))
-            if k == 0 and T is not None and self.pred.shutter.readout > 0:
+            if k == 0 and T is not None and self.pred.shutter.active:
                 self._newest_velocity(old, entry, T)
         if rel[0][0] is not None and len(rel) > 1:
             rel = self._long_pair_moves(pairs, rel)
@@ -200,7 +203,7 @@ class RGBDStep:
         t = time.perf_counter()
         if self.cfg.alignment.enabled:
             self._align(window, published)
-        if self.pred.shutter.readout > 0:
+        if self.pred.shutter.active:
             self._trajectory_velocities(window)
         t = self.times.lap('alignment', t)
         self._segment(pairs, pflows, published)
@@ -225,15 +228,15 @@ class RGBDStep:
         return [(None, r[1], r[2]) if k in far - keep else r for k, r in enumerate(rel)]
 
     def _newest_velocity(self, prev: WindowEntry, entry: WindowEntry, T_prev_new: np.ndarray) -> None:
-        """The newest frame's velocity for its long pairs (rolling shutter): the backward difference over its
-        pair with the previous frame (T_prev_new (4, 4), the pair's pose), held within VELOCITY_SIGMA[1]."""
+        """The newest frame's velocity for its long pairs (rolling shutter or depth delay): the backward difference
+        over its pair with the previous frame (T_prev_new (4, 4), the pair's pose), held within VELOCITY_SIGMA[1]."""
         v = trajectory_velocity(np.linalg.inv(T_prev_new), np.eye(4), None, entry.frame.stamp - prev.frame.stamp)
         if v is not None:
             self.pred.set_frame_velocity(entry.frame, v, VELOCITY_SIGMA[1])
 
     def _trajectory_velocities(self, window: SlidingWindow) -> None:
         """Each window frame with both neighbours in the window: its velocity from the aligned poses (central
-        difference), held within VELOCITY_SIGMA[0] in its later long pairs (rolling shutter)."""
+        difference), held within VELOCITY_SIGMA[0] in its later long pairs (rolling shutter or depth delay)."""
         ents = window.entries
         for a, e, b in zip(ents[:-2], ents[1:-1], ents[2:]):
             v = trajectory_velocity(a.pose, e.pose, b.pose, e.frame.stamp - a.frame.stamp,

@@ -545,7 +545,7 @@ class RGBDPredictor(PairPredictor):
         aligned trajectory (:func:`~dynrecon_ros.rolling_shutter.trajectory_velocity`): the frame's later long
         pairs start their rolling-shutter model's in-frame velocity there and hold it within ``sigma``
         (:class:`~dynrecon_ros.rolling_shutter.PairShutter`'s velocity_i / velocity_j). No effect without a
-        rolling shutter."""
+        rolling shutter or a depth delay (no model)."""
         self._frame_data(frame)['velocity'] = (np.asarray(v, dtype=np.float64), float(sigma))
 
     def predict(self, frame_i, frame_j, flow, static_i: np.ndarray | None = None) -> PairPrediction:
