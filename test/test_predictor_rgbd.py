@@ -296,3 +296,40 @@ def test_a_long_pair_that_fails_at_an_off_adjacent_pose_is_fitted_from_scratch(s
     without, with_ = error(np.inf), error(default)
     assert without > 25.0, without  # the push stays: every long pair failed at the pushed start
     assert with_ < 0.3 * without, (with_, without)
+
+
+def test_a_long_pair_with_few_inliers_is_dropped(seq, monkeypatch):
+    """A long pair that verifies only a few of its correspondences (a keyframe that barely overlaps: close_crossing
+    seed 906, 117 of 1006, refined 16 mm off) would weigh in the alignment like a good pair and pull the frame; under
+    LONG_PAIR_MIN_INLIERS of its verified correspondences it is dropped. Here one long pair is pushed 12 mm (inside
+    the move test's 15 mm) with a tenth of its inliers kept."""
+    from dynrecon_ros import rgbd_step
+    from dynrecon_ros.config import ReconConfig
+    from dynrecon_ros.reconstructor import Reconstructor
+    frames, target = seq.frames[:14], 10
+    orig = RGBDPredictor.relative_pose
+
+    def thin(self, fi, fj, flow, static=None, init=None, move_gate=True):
+        T, inl, n = orig(self, fi, fj, flow, static, init=init, move_gate=move_gate)
+        if T is not None and init is not None and fj.key == frames[target].key and fi.key == frames[0].key:
+            T = T.copy()
+            T[:3, 3] += [0.012, 0.0, 0.0]
+            ys, xs = np.nonzero(inl)
+            inl = np.zeros_like(inl)
+            keep = max(1, int(0.1 * n))
+            inl[ys[:keep], xs[:keep]] = True
+        return T, inl, n
+
+    def error(min_inliers):  # mm: the target frame's final pose relative to the first frame
+        monkeypatch.setattr(rgbd_step, 'LONG_PAIR_MIN_INLIERS', min_inliers)
+        rec = Reconstructor(ReconConfig())
+        out = [r for f in frames for r in rec.push(f)] + rec.flush()
+        P = {r.key: r.pose for r in out if r.status == 'ok'}
+        est = np.linalg.inv(P[frames[0].key]) @ P[frames[target].key]
+        true = np.linalg.inv(seq.poses[0]) @ seq.poses[target]
+        return 1000 * np.linalg.norm(est[:3, 3] - true[:3, 3])
+
+    monkeypatch.setattr(RGBDPredictor, 'relative_pose', thin)
+    default = rgbd_step.LONG_PAIR_MIN_INLIERS
+    kept, dropped = error(0.0), error(default)
+    assert kept > 2.0 * dropped, (kept, dropped)
