@@ -104,14 +104,14 @@ VELOCITY_SIGMA = (0.04, 0.07)
 # every long pair was lost, so nothing corrected the frame. A long pair that fails so, with at least this fraction of
 # the adjacent pair's verified correspondences (not a keyframe that barely overlaps), is fitted from scratch (RANSAC)
 # instead, as an adjacent pair is (under a sensor model its fit also sets the newest frame's in-frame motion)
-# (905: 6.53 -> 4.50 mm; 40 other runs of every condition identical: it never fired there).
+# (905: 6.53 -> 4.50 mm; 37 other runs of every condition identical: it never fired there).
 FALLBACK_MIN = 0.5
 
 # A long pair whose inliers are fewer than this fraction of its verified correspondences is dropped: a keyframe 10+
 # frames back that barely overlaps can still verify a handful of points at the tracked pose and refine far off, yet
 # weighs in the alignment like a good pair (close_crossing seed 906: 12 -> 24, 117 of 1006, 16 mm off, frame 24 pulled
-# 11 mm: 5.96 -> 1.40 mm ATE). Good long pairs keep 27-66 % (the same sequences); 45 runs of every condition: 5 changed,
-# by -0.12 to +0.06 mm but 906 (docs/MEASUREMENTS.md).
+# 11 mm: 5.96 -> 1.40 mm ATE). Good long pairs keep 27-66 % (the same sequences); of 49 other runs of every condition
+# 6 changed, by -0.12 to +0.06 mm (docs/MEASUREMENTS.md).
 LONG_PAIR_MIN_INLIERS = 0.2
 
 
