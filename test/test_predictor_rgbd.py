@@ -264,26 +264,25 @@ def test_long_pairs_that_agree_against_the_adjacent_pair_are_kept():
     assert run(0.030, 0.010, 0.000) == [True, False, False]  # both far, 10 mm apart (over half the limit): dropped
 
 
-def test_a_long_pair_that_fails_at_an_off_adjacent_pose_is_fitted_from_scratch(seq, monkeypatch):
-    """A long pair is verified at the pose the adjacent pair gives the newest frame. When that pair is off (here pushed
-    40 mm; close_crossing seed 905: 12 mm beside a close person) nothing verifies there, and before, every long pair was
-    lost and the frame kept the adjacent pair's error. A long pair with enough correspondences is now fitted from
-    scratch; the two long pairs agree, so the move test keeps them, and the window alignment brings the frame back."""
+
+def _rule_effect(seq, monkeypatch, rule: str, off, perturb) -> tuple[float, float]:
+    """(mm off, mm on): frame 10's final pose error (relative to frame 0) over the first 14 frames of ``seq`` with
+    the pair poses changed by ``perturb(fi, fj, init, T, inliers, n) -> (T, inliers)``, with the step's module constant
+    ``rule`` set to ``off`` and at its default."""
     from dynrecon_ros import rgbd_step
     from dynrecon_ros.config import ReconConfig
     from dynrecon_ros.reconstructor import Reconstructor
     frames, target = seq.frames[:14], 10
     orig = RGBDPredictor.relative_pose
 
-    def pushed(self, fi, fj, flow, static=None, init=None, move_gate=True):
+    def changed(self, fi, fj, flow, static=None, init=None, move_gate=True):
         T, inl, n = orig(self, fi, fj, flow, static, init=init, move_gate=move_gate)
-        if T is not None and init is None and (fi.key, fj.key) == (frames[target - 1].key, frames[target].key):
-            T = T.copy()
-            T[:3, 3] += [0.04, 0.0, 0.0]
+        if T is not None:
+            T, inl = perturb(fi, fj, init, T, inl, n)
         return T, inl, n
 
-    def error(fallback_min):  # mm: the target frame's final pose relative to the first frame
-        monkeypatch.setattr(rgbd_step, 'FALLBACK_MIN', fallback_min)
+    def error(value):
+        monkeypatch.setattr(rgbd_step, rule, value)
         rec = Reconstructor(ReconConfig())
         out = [r for f in frames for r in rec.push(f)] + rec.flush()
         P = {r.key: r.pose for r in out if r.status == 'ok'}
@@ -291,9 +290,25 @@ def test_a_long_pair_that_fails_at_an_off_adjacent_pose_is_fitted_from_scratch(s
         true = np.linalg.inv(seq.poses[0]) @ seq.poses[target]
         return 1000 * np.linalg.norm(est[:3, 3] - true[:3, 3])
 
-    monkeypatch.setattr(RGBDPredictor, 'relative_pose', pushed)
-    default = rgbd_step.FALLBACK_MIN
-    without, with_ = error(np.inf), error(default)
+    monkeypatch.setattr(RGBDPredictor, 'relative_pose', changed)
+    default = getattr(rgbd_step, rule)
+    return error(off), error(default)
+
+
+def test_a_long_pair_that_fails_at_an_off_adjacent_pose_is_fitted_from_scratch(seq, monkeypatch):
+    """A long pair is verified at the pose the adjacent pair gives the newest frame. When that pair is off (here pushed
+    40 mm; close_crossing seed 905: 12 mm beside a close person) nothing verifies there, and before, every long pair was
+    lost and the frame kept the adjacent pair's error. A long pair with enough correspondences is now fitted from
+    scratch; the two long pairs agree, so the move test keeps them, and the window alignment brings the frame back."""
+    k9, k10 = seq.frames[9].key, seq.frames[10].key
+
+    def push_adjacent(fi, fj, init, T, inl, n):
+        if init is None and (fi.key, fj.key) == (k9, k10):
+            T = T.copy()
+            T[:3, 3] += [0.04, 0.0, 0.0]
+        return T, inl
+
+    without, with_ = _rule_effect(seq, monkeypatch, 'FALLBACK_MIN', np.inf, push_adjacent)
     assert without > 25.0, without  # the push stays: every long pair failed at the pushed start
     assert with_ < 0.3 * without, (with_, without)
 
@@ -303,33 +318,17 @@ def test_a_long_pair_with_few_inliers_is_dropped(seq, monkeypatch):
     seed 906, 117 of 1006, refined 16 mm off) would weigh in the alignment like a good pair and pull the frame; under
     LONG_PAIR_MIN_INLIERS of its verified correspondences it is dropped. Here one long pair is pushed 12 mm (inside
     the move test's 15 mm) with a tenth of its inliers kept."""
-    from dynrecon_ros import rgbd_step
-    from dynrecon_ros.config import ReconConfig
-    from dynrecon_ros.reconstructor import Reconstructor
-    frames, target = seq.frames[:14], 10
-    orig = RGBDPredictor.relative_pose
+    k0, k10 = seq.frames[0].key, seq.frames[10].key
 
-    def thin(self, fi, fj, flow, static=None, init=None, move_gate=True):
-        T, inl, n = orig(self, fi, fj, flow, static, init=init, move_gate=move_gate)
-        if T is not None and init is not None and fj.key == frames[target].key and fi.key == frames[0].key:
+    def thin_long_pair(fi, fj, init, T, inl, n):
+        if init is not None and (fi.key, fj.key) == (k0, k10):
             T = T.copy()
             T[:3, 3] += [0.012, 0.0, 0.0]
             ys, xs = np.nonzero(inl)
             inl = np.zeros_like(inl)
             keep = max(1, int(0.1 * n))
             inl[ys[:keep], xs[:keep]] = True
-        return T, inl, n
+        return T, inl
 
-    def error(min_inliers):  # mm: the target frame's final pose relative to the first frame
-        monkeypatch.setattr(rgbd_step, 'LONG_PAIR_MIN_INLIERS', min_inliers)
-        rec = Reconstructor(ReconConfig())
-        out = [r for f in frames for r in rec.push(f)] + rec.flush()
-        P = {r.key: r.pose for r in out if r.status == 'ok'}
-        est = np.linalg.inv(P[frames[0].key]) @ P[frames[target].key]
-        true = np.linalg.inv(seq.poses[0]) @ seq.poses[target]
-        return 1000 * np.linalg.norm(est[:3, 3] - true[:3, 3])
-
-    monkeypatch.setattr(RGBDPredictor, 'relative_pose', thin)
-    default = rgbd_step.LONG_PAIR_MIN_INLIERS
-    kept, dropped = error(0.0), error(default)
+    kept, dropped = _rule_effect(seq, monkeypatch, 'LONG_PAIR_MIN_INLIERS', 0.0, thin_long_pair)
     assert kept > 2.0 * dropped, (kept, dropped)
