@@ -264,7 +264,6 @@ def test_long_pairs_that_agree_against_the_adjacent_pair_are_kept():
     assert run(0.030, 0.010, 0.000) == [True, False, False]  # both far, 10 mm apart (over half the limit): dropped
 
 
-
 def _rule_effect(seq, monkeypatch, rule: str, off, perturb) -> tuple[float, float]:
     """(mm off, mm on): frame 10's final pose error (relative to frame 0) over the first 14 frames of ``seq`` with
     the pair poses changed by ``perturb(fi, fj, init, T, inliers, n) -> (T, inliers)``, with the step's module constant
