@@ -179,7 +179,8 @@ def ransac_rigid(P: np.ndarray, Q: np.ndarray, uv: np.ndarray, K: np.ndarray, it
                  px_threshold: float, rel_depth_threshold: float, rng: np.random.Generator,
                  refine: int = 3, min_px_threshold: float = 0.3, rows_s: np.ndarray | None = None,
                  base_px_threshold: float = 0.75, top: int = 8, depth_noise: np.ndarray | None = None,
-                 min_depth_sigmas: float = 1.0) -> tuple[np.ndarray, np.ndarray, float, np.ndarray | None, float]:
+                 min_depth_sigmas: float = 1.0,
+                 layered: bool = False) -> tuple[np.ndarray, np.ndarray, float, np.ndarray | None, float]:
     """Robust rigid fit P ≈ T Q over (N, 3) correspondences (uv: (N, 2) pixel of Q in j, K: j's).
 
     3-point Kabsch hypotheses scored by inlier count (reprojection < px_threshold and relative depth
@@ -189,7 +190,8 @@ def ransac_rigid(P: np.ndarray, Q: np.ndarray, uv: np.ndarray, K: np.ndarray, it
     hypothesis's consensus and each refit's are also gated on the relative depth error in those units
     (:func:`depth_gate`, shrinking, not below ``min_depth_sigmas``; the rolling-shutter path below has
     none). Returns (T (4, 4), inlier (N,) bool, final pixel threshold, row skew (3,) or None, the depth
-    gate in sigmas (inf: none)).
+    gate in sigmas (inf: none)). ``layered`` (a pair without a mask prior, global shutter): the hypothesis is
+    :func:`~dynrecon_ros.predictors.layered_motion.layered_hypothesis`'s instead of the best by the wide score.
 
     Under a rolling shutter (``rows_s``: (N,) the points' row instants in s) the global-shutter model
     leaves the background px_threshold (~2 px) of row skew, and within so wide a threshold a close mover
@@ -233,12 +235,16 @@ def ransac_rigid(P: np.ndarray, Q: np.ndarray, uv: np.ndarray, K: np.ndarray, it
         thr = float(np.clip(3.0 * 1.4826 * med[k], min_px_threshold, px_threshold))
         return T[k], (e[k] < thr) & (ez[k] < rel_depth_threshold), thr, skew[k], np.inf
     best = int(np.argmin(cost.sum(1)))
-    inl = (epx[best] < px_threshold) & (ez[best] < rel_depth_threshold)
-    T = np.eye(4)
-    T[:3, :3], T[:3, 3] = R[best], t[best]
+    T, e0, ez0 = to_matrix(R[best], t[best]), epx[best], ez[best]
+    if layered:
+        from dynrecon_ros.predictors.layered_motion import layered_hypothesis  # (it uses this module's errors)
+        T = layered_hypothesis(to_matrix(R, t), P, Q, uv, K, px_threshold, rel_depth_threshold, refine + 1,
+                               min_px_threshold)
+        e0, ez0 = (a[0] for a in reprojection_errors(T[None, :3, :3], T[None, :3, 3], P, Q, uv, K))
+    inl = (e0 < px_threshold) & (ez0 < rel_depth_threshold)
     thr, zthr = px_threshold, np.inf
     if depth_noise is not None:  # gated before the first fit: a weighted 3D fit follows a mover's depth
-        rz = ez[best] / depth_noise
+        rz = ez0 / depth_noise
         zthr = depth_gate(rz, inl, min_depth_sigmas)
         inl &= rz < zthr
     w = 1.0 / np.maximum(P[:, 2], 0.1) ** 2
@@ -427,7 +433,7 @@ class RGBDPredictor(PairPredictor):
                 P_s[sub].astype(np.float64), Q_s[sub].astype(np.float64), uv_s[sub], K_j, c.ransac_iterations,
                 self._px_threshold(K_j), c.ransac_depth_threshold, self.rng, c.ransac_refits, c.min_px_threshold,
                 None if rows_s is None else rows_s[sub], c.ransac_px_threshold, 8, depth_noise[sub],
-                c.ransac_depth_sigmas)
+                c.ransac_depth_sigmas, layered=static_s is None)
             n_fit = inl.sum()
             epx, ez = errors(T)
         else:

@@ -28,7 +28,7 @@ def _cross(w: np.ndarray, X: np.ndarray) -> np.ndarray:
                      w[..., 0] * y - w[..., 1] * x], -1)
 
 
-def _inlier_median(e: np.ndarray, inl: np.ndarray) -> np.ndarray:
+def inlier_median(e: np.ndarray, inl: np.ndarray) -> np.ndarray:
     """(k,) median of each row of e (k, N) over its inliers inl (k, N) (inf where a row has none)."""
     with warnings.catch_warnings():  # numpy warns on the rows without inliers (all NaN), set to inf below
         warnings.simplefilter('ignore', RuntimeWarning)
@@ -114,7 +114,7 @@ def local_fits(T: np.ndarray, P: np.ndarray, Q: np.ndarray, uv: np.ndarray, K: n
     for _ in range(rounds):
         T, skew = gauss_newton_under_skew(T, skew, s, P, uv, K, inl.astype(np.float64), 1)
         e, ez = shutter_reprojection_errors(T, skew, s, P, Q, uv, K)
-        thr = np.clip(np.minimum(0.6 * thr, 3.0 * 1.4826 * _inlier_median(e, inl)), min_px_threshold, thr)
+        thr = np.clip(np.minimum(0.6 * thr, 3.0 * 1.4826 * inlier_median(e, inl)), min_px_threshold, thr)
         inl = (e < thr[:, None]) & (ez < rel_depth_threshold)
-    med = _inlier_median(e, inl)
+    med = inlier_median(e, inl)
     return T, skew, e, ez, np.where(np.isfinite(med), med, float(px_threshold)), inl.sum(1)
