@@ -161,11 +161,12 @@ def test_pose_holds_with_camouflaged_movers_covering_half_the_view():
     assert tm['ate_rmse_se3'] < 0.003, tm['ate_rmse_se3']
 
 
-def near_mover_pair(seed, layered, mover_share=0.6, step=0.04):
+def near_mover_pair(seed, layered, mover_share=0.6, step=0.04, readout=0.0):
     """Flow correspondences of a stream's first pair at 320x240 (no mask prior yet): the room 3.5-6 m away over
     the left of the view and a rigid mover 0.9-1.3 m away over the right ``mover_share`` of it, walking ``step`` m
     across the view between the two frames while the camera steps 3 mm; flow noise 0.15 px, depth noise 0.03 %.
-    (ransac_rigid's T_i_j with or without ``layered``, the camera's true T_i_j)."""
+    ``readout`` > 0: fitted by the rolling-shutter branch (rows read over that many s; the 2 px threshold it
+    starts from). (ransac_rigid's T_i_j with or without ``layered``, the camera's true T_i_j)."""
     from dynrecon_ros.geometry import se3_increment
     from dynrecon_ros.predictors.rgbd import ransac_rigid
     rng = np.random.default_rng(seed)
@@ -182,8 +183,9 @@ def near_mover_pair(seed, layered, mover_share=0.6, step=0.04):
     uv += rng.normal(0, 0.15, uv.shape)
     zq = Y[:, 2] * (1 + rng.normal(0, 0.0003, n))
     Q = np.stack([(uv[:, 0] - K[0, 2]) / K[0, 0] * zq, (uv[:, 1] - K[1, 2]) / K[1, 1] * zq, zq], -1)
-    T = ransac_rigid(P, Q, uv, K, 64, 0.75, 0.02, np.random.default_rng(seed), 4, 0.3, None, 0.75, 8,
-                     None, 1.0, layered=layered)[0]
+    rows = v / 240 * readout if readout > 0 else None
+    T = ransac_rigid(P, Q, uv, K, 64, 2.0 if readout > 0 else 0.75, 0.02, np.random.default_rng(seed), 4, 0.3,
+                     rows, 0.75, 8, None, 1.0, layered=layered)[0]
     return T, np.linalg.inv(T_j_i)
 
 
@@ -192,7 +194,8 @@ def test_a_first_pair_with_a_close_mover_over_most_of_the_view_finds_the_room(se
     """With no mask prior, a close rigid mover over 60 % of the view outnumbers the room behind it: the best
     hypothesis by the wide score is the camera following the mover (40-47 mm off). The layered judgment
     (refined hypotheses at the noise scale, the motion behind preferred) finds the room's; with the mover a
-    minority it finds the room as the wide score does, and a near object that does not move changes nothing."""
+    minority it finds the room as the wide score does, and a near object that does not move changes nothing.
+    Under either shutter."""
     T_wide, T = near_mover_pair(seed, False)
     assert np.linalg.norm(T_wide[:3, 3] - T[:3, 3]) > 0.02  # the case is meaningful
     T_layered, _ = near_mover_pair(seed, True)
@@ -203,6 +206,11 @@ def test_a_first_pair_with_a_close_mover_over_most_of_the_view_finds_the_room(se
     # a near object that stands still is one motion with the room: its points are not a layer of their own
     T_still, T = near_mover_pair(seed, True, step=0.0)
     assert np.linalg.norm(T_still[:3, 3] - T[:3, 3]) < 0.002
+    # under a rolling shutter (its branch refines the hypotheses under the row skew): the same
+    T_wide, T = near_mover_pair(seed, False, readout=0.025)
+    assert np.linalg.norm(T_wide[:3, 3] - T[:3, 3]) > 0.02
+    T_layered, _ = near_mover_pair(seed, True, readout=0.025)
+    assert np.linalg.norm(T_layered[:3, 3] - T[:3, 3]) < 0.004
 
 
 @pytest.mark.slow  # 320x240, 20 frames: ~3 s; the fast suite has the pair case above

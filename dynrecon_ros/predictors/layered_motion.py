@@ -1,6 +1,7 @@
 """The scene's rigid motion in a pair that has no mask prior yet (a stream's first pair): of the flow fit's
 hypotheses, refined and judged at the noise scale, the motion of what lies behind when two rigid motions
-have comparable support (:func:`layered_hypothesis`; used by :func:`~dynrecon_ros.predictors.rgbd.ransac_rigid`).
+have comparable support (:func:`layered_choice`; used by :func:`~dynrecon_ros.predictors.rgbd.ransac_rigid`
+under either shutter, :func:`layered_hypothesis` for a global shutter).
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from dynrecon_ros.predictors.rgbd import _msac as msac
 from dynrecon_ros.predictors.rgbd import reprojection_errors
 from dynrecon_ros.predictors.row_skew import inlier_median
 
-# layered_hypothesis: of two rigid motions with disjoint consensus sets (overlap under LAYER_MAX_OVERLAP), the one
+# layered_choice: of two rigid motions with disjoint consensus sets (overlap under LAYER_MAX_OVERLAP), the one
 # whose points lie behind (median depth LAYER_DEPTH_RATIO x or more) is the scene's when its support is at least
 # LAYER_MIN_SUPPORT x the other's. Found on the default sequence, seed 906: a rigid mover 1 m away over half the view
 # has 340 grid points at the flow's noise, the room 4-5 m behind it 260 (docs/MEASUREMENTS.md).
@@ -44,25 +45,21 @@ def refine_hypotheses(T: np.ndarray, P: np.ndarray, Q: np.ndarray, uv: np.ndarra
             np.where(np.isfinite(medz), medz, rel_depth_threshold), inl.sum(1))
 
 
-def layered_hypothesis(T: np.ndarray, P: np.ndarray, Q: np.ndarray, uv: np.ndarray, K: np.ndarray,
-                       px_threshold: float, rel_depth_threshold: float, rounds: int,
-                       min_px_threshold: float) -> np.ndarray:
-    """The scene's motion (4, 4) among hypotheses T (k, 4, 4) of a pair that has no mask prior yet (a stream's
-    first pair, global shutter), P, Q, uv, K as :func:`~dynrecon_ros.predictors.rgbd.ransac_rigid`'s.
+def layered_choice(e: np.ndarray, ez: np.ndarray, med: np.ndarray, medz: np.ndarray, count: np.ndarray,
+                   z: np.ndarray) -> int:
+    """Index of the scene's motion among k refined fits of a pair that has no mask prior yet (a stream's first
+    pair), from their pixel and relative depth errors e, ez (k, N), the median of each over its final inliers
+    med, medz (k,), their count (k,) and the N points' depths z (N,).
 
     Why: a rigid mover close to the camera over half the view (the default sequence, seed 906: 1 m away, the
     room 4-5 m behind) has as many correspondences as the room. By the wide score (0.75 px, 2 % of depth) the
     best hypothesis is then "the camera moved with the mover", which also fits the far room to a fraction of a
     pixel (a translation traded for a rotation): 48 mm off, and its masks, poses and map follow for the next
-    frames. Here every hypothesis is refined (:func:`refine_hypotheses`) and judged by MSAC at the noise scale,
-    2 x the smallest median pixel and relative depth residual of the fits that kept a consensus (as the rolling-
-    shutter judgment in :func:`~dynrecon_ros.predictors.rgbd.ransac_rigid`): there the compromise no longer fits (its depth residuals are ~4x
-    the noise), and the mover's and the room's own motions are left, each fitting only its own points. Of two
-    such motions with disjoint consensus sets, the one behind is the scene's (a mover is in front of the scene
-    it moves through; see LAYER_MIN_SUPPORT). Costs one refinement of all k hypotheses (~50 ms at k = 64), once
-    per stream: later pairs have the masks as their prior."""
-    T, e, ez, med, medz, count = refine_hypotheses(T, P, Q, uv, K, px_threshold, rel_depth_threshold, rounds,
-                                                   min_px_threshold)
+    frames. Here the fits are judged by MSAC at the noise scale, 2 x the smallest median pixel and relative
+    depth residual of the fits that kept a consensus: there the compromise no longer fits (its depth residuals
+    are ~4x the noise), and the mover's and the room's own motions are left, each fitting only its own points.
+    Of two such motions with disjoint consensus sets, the one behind is the scene's (a mover is in front of the
+    scene it moves through; see LAYER_MIN_SUPPORT)."""
     kept = count >= max(6, count.max() // 4)
     if not kept.any():
         kept = count == count.max()
@@ -71,10 +68,22 @@ def layered_hypothesis(T: np.ndarray, P: np.ndarray, Q: np.ndarray, uv: np.ndarr
     # each fit's own consensus (3 robust sigmas of its residuals) and how deep its points lie
     own = (e < 3.0 * 1.4826 * med[:, None]) & (ez < 3.0 * 1.4826 * medz[:, None])
     size = own.sum(1)
-    depth = inlier_median(np.broadcast_to(P[:, 2], own.shape), own)
+    depth = inlier_median(np.broadcast_to(z, own.shape), own)
     overlap = (own & own[k]).sum(1) / np.maximum(size, 1)
     behind = np.flatnonzero((overlap < LAYER_MAX_OVERLAP) & (size >= LAYER_MIN_SUPPORT * size[k])
                             & (depth >= LAYER_DEPTH_RATIO * depth[k]))
     if len(behind):
         k = int(behind[np.argmin(cost[behind])])
-    return T[k]
+    return k
+
+
+def layered_hypothesis(T: np.ndarray, P: np.ndarray, Q: np.ndarray, uv: np.ndarray, K: np.ndarray,
+                       px_threshold: float, rel_depth_threshold: float, rounds: int,
+                       min_px_threshold: float) -> np.ndarray:
+    """The scene's motion (4, 4) among hypotheses T (k, 4, 4) of a pair that has no mask prior yet under a
+    global shutter, P, Q, uv, K as :func:`~dynrecon_ros.predictors.rgbd.ransac_rigid`'s: every hypothesis
+    refined (:func:`refine_hypotheses`), then :func:`layered_choice`. Costs ~50 ms at k = 64, once per stream:
+    later pairs have the masks as their prior."""
+    T, e, ez, med, medz, count = refine_hypotheses(T, P, Q, uv, K, px_threshold, rel_depth_threshold, rounds,
+                                                   min_px_threshold)
+    return T[layered_choice(e, ez, med, medz, count, P[:, 2])]

@@ -190,8 +190,8 @@ def ransac_rigid(P: np.ndarray, Q: np.ndarray, uv: np.ndarray, K: np.ndarray, it
     hypothesis's consensus and each refit's are also gated on the relative depth error in those units
     (:func:`depth_gate`, shrinking, not below ``min_depth_sigmas``; the rolling-shutter path below has
     none). Returns (T (4, 4), inlier (N,) bool, final pixel threshold, row skew (3,) or None, the depth
-    gate in sigmas (inf: none)). ``layered`` (a pair without a mask prior, global shutter): the hypothesis is
-    :func:`~dynrecon_ros.predictors.layered_motion.layered_hypothesis`'s instead of the best by the wide score.
+    gate in sigmas (inf: none)). ``layered`` (a pair without a mask prior): every hypothesis is refined, and
+    :func:`~dynrecon_ros.predictors.layered_motion.layered_choice` picks the scene's motion among them.
 
     Under a rolling shutter (``rows_s``: (N,) the points' row instants in s) the global-shutter model
     leaves the background px_threshold (~2 px) of row skew, and within so wide a threshold a close mover
@@ -220,18 +220,22 @@ def ransac_rigid(P: np.ndarray, Q: np.ndarray, uv: np.ndarray, K: np.ndarray, it
         tight = _msac(epx, ez, base_px_threshold, rel_depth_threshold)
         ranked = np.stack([np.argsort(cost.sum(1), kind='stable'), np.argsort(tight.sum(1), kind='stable')], 1)
         _, first = np.unique(ranked.reshape(-1), return_index=True)
-        b = ranked.reshape(-1)[np.sort(first)][:top]
-        T, skew, e, ez, med, count = local_fits(to_matrix(R[b], t[b]), P, Q, uv, K, rows_s, px_threshold,
-                                                rel_depth_threshold, refine + 1, min_px_threshold)
+        b = np.arange(len(R)) if layered else ranked.reshape(-1)[np.sort(first)][:top]
+        T, skew, e, ez, med, medz, count = local_fits(to_matrix(R[b], t[b]), P, Q, uv, K, rows_s, px_threshold,
+                                                      rel_depth_threshold, refine + 1, min_px_threshold)
         # the noise scale from the fits that kept a consensus (not a handful of points that happen to agree);
         # when none kept 6 points (no rigid motion in the correspondences), from the largest, not below the
         # threshold's floor (3 points fit exactly): the caller then finds too few inliers, a failed pair
-        kept = count >= max(6, count.max() // 4)
-        if kept.any():
-            scale = 2.0 * med[kept].min()
+        if layered:
+            from dynrecon_ros.predictors.layered_motion import layered_choice  # (it uses this module's errors)
+            k = layered_choice(e, ez, med, medz, count, P[:, 2])
         else:
-            scale = max(2.0 * med[count == count.max()].min(), min_px_threshold)
-        k = int(np.argmin(_msac(e, ez, scale, rel_depth_threshold).sum(1)))
+            kept = count >= max(6, count.max() // 4)
+            if kept.any():
+                scale = 2.0 * med[kept].min()
+            else:
+                scale = max(2.0 * med[count == count.max()].min(), min_px_threshold)
+            k = int(np.argmin(_msac(e, ez, scale, rel_depth_threshold).sum(1)))
         thr = float(np.clip(3.0 * 1.4826 * med[k], min_px_threshold, px_threshold))
         return T[k], (e[k] < thr) & (ez[k] < rel_depth_threshold), thr, skew[k], np.inf
     best = int(np.argmin(cost.sum(1)))

@@ -105,8 +105,8 @@ def local_fits(T: np.ndarray, P: np.ndarray, Q: np.ndarray, uv: np.ndarray, K: n
     :func:`gauss_newton_under_skew` on each one's inliers while its pixel threshold shrinks (x 0.6
     a round, and to 3 robust sigmas of the inliers, not below min_px_threshold): the shrinking lets a fit
     that started on the background and part of a mover settle on one of them. Returns (T (k, 4, 4),
-    skew (k, 3), pixel errors (k, N), relative depth errors (k, N), median pixel error of the final
-    inliers (k,), their count (k,))."""
+    skew (k, 3), pixel errors (k, N), relative depth errors (k, N), median pixel and relative depth error of
+    the final inliers (k,) each (the thresholds where a row has none), their count (k,))."""
     k = len(T)
     skew, thr = np.zeros((k, 3)), np.full(k, float(px_threshold))
     e, ez = shutter_reprojection_errors(T, skew, s, P, Q, uv, K)
@@ -116,5 +116,6 @@ def local_fits(T: np.ndarray, P: np.ndarray, Q: np.ndarray, uv: np.ndarray, K: n
         e, ez = shutter_reprojection_errors(T, skew, s, P, Q, uv, K)
         thr = np.clip(np.minimum(0.6 * thr, 3.0 * 1.4826 * inlier_median(e, inl)), min_px_threshold, thr)
         inl = (e < thr[:, None]) & (ez < rel_depth_threshold)
-    med = inlier_median(e, inl)
-    return T, skew, e, ez, np.where(np.isfinite(med), med, float(px_threshold)), inl.sum(1)
+    med, medz = inlier_median(e, inl), inlier_median(ez, inl)
+    return (T, skew, e, ez, np.where(np.isfinite(med), med, float(px_threshold)),
+            np.where(np.isfinite(medz), medz, rel_depth_threshold), inl.sum(1))
