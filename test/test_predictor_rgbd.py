@@ -146,19 +146,24 @@ def test_pose_holds_with_camouflaged_movers_covering_half_the_view():
     37-49 % of the view and the older frame's mask has only 55-75 % of them when the pair poses run. Their
     flow fits the camera's motion, only their depth does not: with the flat 2 % depth gate alone the pair poses
     followed them by 10-30 mm (ATE 5.4 mm); with the depth gate at the consensus's noise 1.6 mm."""
+    seq, ok, ate = _scenario_run('camouflage_small', 511, 30)
+    assert np.mean([m.mean() for m in seq.masks[5:27]]) > 0.35  # the condition: movers over much of the view
+    assert len(ok) == 30
+    assert ate < 0.003, ate
+
+
+def _scenario_run(name: str, seed: int, frames: int):
+    """(sequence, results with status ok, ATE m) of the default pipeline on scenario ``name``'s first frames."""
     from dynrecon_ros.config import ReconConfig
     from dynrecon_ros.data.scenarios import scenario_config
-    from dynrecon_ros.data.synthetic import render_sequence
     from dynrecon_ros.evaluation import trajectory_metrics
     from dynrecon_ros.reconstructor import Reconstructor
-    seq = render_sequence(scenario_config('camouflage_small', seed=511, frames=30))
-    assert np.mean([m.mean() for m in seq.masks[5:27]]) > 0.35  # the condition: movers over much of the view
+    seq = render_sequence(scenario_config(name, seed=seed, frames=frames))
     rec = Reconstructor(ReconConfig())
     out = [r for f in seq.frames for r in rec.push(f)] + rec.flush()
     ok = [r for r in out if r.status == 'ok']
-    assert len(ok) == 30
     tm = trajectory_metrics(np.array([r.stamp for r in ok]), np.array([r.pose for r in ok]), seq.stamps, seq.poses)
-    assert tm['ate_rmse_se3'] < 0.003, tm['ate_rmse_se3']
+    return seq, ok, tm['ate_rmse_se3']
 
 
 def near_mover_pair(seed, layered, mover_share=0.6, step=0.04, readout=0.0):
@@ -218,19 +223,11 @@ def test_stream_that_starts_with_a_close_mover_over_half_the_view():
     """The default sequence, seed 906 (where it was found), first 20 frames: a rigid mover 1 m away covers 43-50 %
     of the view from the first frame. Its first pair, with no mask yet, followed the mover (48 mm off, and the
     next pairs too as their masks came from it: ATE 37 mm, IoU 0.68); the layered judgment: ~1 mm, IoU 0.99."""
-    from dynrecon_ros.config import ReconConfig
-    from dynrecon_ros.data.scenarios import scenario_config
-    from dynrecon_ros.data.synthetic import render_sequence
-    from dynrecon_ros.evaluation import mask_metrics, trajectory_metrics
-    from dynrecon_ros.reconstructor import Reconstructor
-    seq = render_sequence(scenario_config('default', seed=906, frames=20))
+    from dynrecon_ros.evaluation import mask_metrics
+    seq, ok, ate = _scenario_run('default', 906, 20)
     assert seq.masks[0].mean() > 0.45  # the condition: the mover over half the first view
-    rec = Reconstructor(ReconConfig())
-    out = [r for f in seq.frames for r in rec.push(f)] + rec.flush()
-    ok = [r for r in out if r.status == 'ok']
     assert len(ok) == 20
-    tm = trajectory_metrics(np.array([r.stamp for r in ok]), np.array([r.pose for r in ok]), seq.stamps, seq.poses)
-    assert tm['ate_rmse_se3'] < 0.003, tm['ate_rmse_se3']
+    assert ate < 0.003, ate
     assert mask_metrics({r.key: r.mask > 0 for r in ok}, dict(zip(seq.keys, seq.masks)))['iou'] > 0.9
 
 
@@ -368,20 +365,24 @@ def _rule_effect(seq, monkeypatch, rule: str, off, perturb, where=None) -> tuple
     return error(off), error(default)
 
 
+def _adjacent_pushed(seq):
+    """A ``perturb`` for :func:`_rule_effect`: the adjacent pair 9 -> 10, when fitted from scratch, pushed 40 mm."""
+    k9, k10 = seq.frames[9].key, seq.frames[10].key
+
+    def push(fi, fj, init, T, inl, n):
+        if init is None and (fi.key, fj.key) == (k9, k10):
+            T = T.copy()
+            T[:3, 3] += [0.04, 0.0, 0.0]
+        return T, inl
+    return push
+
+
 def test_a_long_pair_that_fails_at_an_off_adjacent_pose_is_fitted_from_scratch(seq, monkeypatch):
     """A long pair is verified at the pose the adjacent pair gives the newest frame. When that pair is off (here pushed
     40 mm; close_crossing seed 905: 12 mm beside a close person) nothing verifies there, and before, every long pair was
     lost and the frame kept the adjacent pair's error. A long pair with enough correspondences is now fitted from
     scratch; the two long pairs agree, so the move test keeps them, and the window alignment brings the frame back."""
-    k9, k10 = seq.frames[9].key, seq.frames[10].key
-
-    def push_adjacent(fi, fj, init, T, inl, n):
-        if init is None and (fi.key, fj.key) == (k9, k10):
-            T = T.copy()
-            T[:3, 3] += [0.04, 0.0, 0.0]
-        return T, inl
-
-    without, with_ = _rule_effect(seq, monkeypatch, 'FALLBACK_MIN', np.inf, push_adjacent)
+    without, with_ = _rule_effect(seq, monkeypatch, 'FALLBACK_MIN', np.inf, _adjacent_pushed(seq))
     assert without > 25.0, without  # the push stays: every long pair failed at the pushed start
     assert with_ < 0.3 * without, (with_, without)
 
@@ -391,15 +392,7 @@ def test_an_adjacent_pair_the_agreeing_long_pairs_contradict_is_verified_again(s
     40 mm; default seed 1191: 40 mm, a mover partly outside the mask), the adjacent pair is verified and refined
     again from the long pairs' pose. Before, it stayed in the alignment at its error, as heavy as any long pair."""
     from dynrecon_ros.rgbd_step import RGBDStep
-    k9, k10 = seq.frames[9].key, seq.frames[10].key
-
-    def push_adjacent(fi, fj, init, T, inl, n):
-        if init is None and (fi.key, fj.key) == (k9, k10):
-            T = T.copy()
-            T[:3, 3] += [0.04, 0.0, 0.0]
-        return T, inl
-
-    without, with_ = _rule_effect(seq, monkeypatch, '_refit_adjacent', lambda *a: None, push_adjacent, RGBDStep)
+    without, with_ = _rule_effect(seq, monkeypatch, '_refit_adjacent', lambda *a: None, _adjacent_pushed(seq), RGBDStep)
     assert without > 3.0, without  # the case is meaningful: the long pairs alone leave the frame ~6 mm off
     assert with_ < 0.3 * without, (with_, without)  # ~0.4 mm
 
