@@ -305,7 +305,7 @@ def point_depth(depth: np.ndarray, sigma_a: float, sigma_b: float) -> np.ndarray
     variables noise. Under a rolling shutter the fit splits the image motion between the pair's translation and
     the two frames' in-frame motions, which look alike, and the noise biases that split: the trajectory came out
     0.5-1.5 % short with Kinect depth (static_effects 852-854, Sim(3) scale 1.0049 / 1.0035 / 1.0153; 1.000 without
-    the noise, or with it under a global shutter). The median cuts the noise ~3x: 1.0007 / 0.9983 / 1.0021. Under a
+    the noise, or with it under a global shutter). The median cuts the noise ~3x: 0.9989 / 0.9991 / 1.0077. Under a
     global shutter the fits are unbiased and exact depth is worth more (a median moves curved surfaces by a
     fraction of a sigma): not used there (docs/MEASUREMENTS.md)."""
     med = cv2.medianBlur(np.ascontiguousarray(depth, dtype=np.float32), 5)
