@@ -215,21 +215,24 @@ def ransac_rigid(P: np.ndarray, Q: np.ndarray, uv: np.ndarray, K: np.ndarray, it
     # MSAC score: truncated quadratic, prefers the tightest consensus over a mere count
     cost = _msac(epx, ez, px_threshold, rel_depth_threshold)
     if rows_s is not None:
-        # candidates: the best by the wide score and the best by a global-shutter threshold (hypotheses from
-        # background-only samples rank low by the wide score, below those the mover joins)
-        tight = _msac(epx, ez, base_px_threshold, rel_depth_threshold)
-        ranked = np.stack([np.argsort(cost.sum(1), kind='stable'), np.argsort(tight.sum(1), kind='stable')], 1)
-        _, first = np.unique(ranked.reshape(-1), return_index=True)
-        b = np.arange(len(R)) if layered else ranked.reshape(-1)[np.sort(first)][:top]
+        if layered:  # every hypothesis is a candidate
+            b = np.arange(len(R))
+        else:
+            # candidates: the best by the wide score and the best by a global-shutter threshold (hypotheses from
+            # background-only samples rank low by the wide score, below those the mover joins)
+            tight = _msac(epx, ez, base_px_threshold, rel_depth_threshold)
+            ranked = np.stack([np.argsort(cost.sum(1), kind='stable'), np.argsort(tight.sum(1), kind='stable')], 1)
+            _, first = np.unique(ranked.reshape(-1), return_index=True)
+            b = ranked.reshape(-1)[np.sort(first)][:top]
         T, skew, e, ez, med, medz, count = local_fits(to_matrix(R[b], t[b]), P, Q, uv, K, rows_s, px_threshold,
                                                       rel_depth_threshold, refine + 1, min_px_threshold)
-        # the noise scale from the fits that kept a consensus (not a handful of points that happen to agree);
-        # when none kept 6 points (no rigid motion in the correspondences), from the largest, not below the
-        # threshold's floor (3 points fit exactly): the caller then finds too few inliers, a failed pair
         if layered:
             from dynrecon_ros.predictors.layered_motion import layered_choice  # (it uses this module's errors)
             k = layered_choice(e, ez, med, medz, count, P[:, 2])
         else:
+            # the noise scale from the fits that kept a consensus (not a handful of points that happen to agree);
+            # when none kept 6 points (no rigid motion in the correspondences), from the largest, not below the
+            # threshold's floor (3 points fit exactly): the caller then finds too few inliers, a failed pair
             kept = count >= max(6, count.max() // 4)
             if kept.any():
                 scale = 2.0 * med[kept].min()
