@@ -375,8 +375,7 @@ class RGBDPredictor(PairPredictor):
         frame.__dict__[_PREPARED] = d
 
     def _point_depth(self, depth: np.ndarray) -> np.ndarray:
-        """The depth of a frame's 3D points in the pose fits: :func:`point_depth` under a rolling shutter, else the
-        reading."""
+        """The depth of a frame's fit points: :func:`point_depth` under a rolling shutter, else as read."""
         if self.shutter.readout <= 0:
             return depth
         return point_depth(depth, self.cfg.depth_sigma_a, self.cfg.depth_sigma_b)
