@@ -115,6 +115,26 @@ FALLBACK_MIN = 0.5
 # 6 changed, by -0.12 to +0.06 mm (docs/MEASUREMENTS.md).
 LONG_PAIR_MIN_INLIERS = 0.2
 
+# A pair's pose uses the older frame's pixels outside its mask and outside a band this fraction of the work width
+# around it (3 px at 320): the mask of the newest frame, from motion evidence alone, stops short of the mover's
+# silhouette (mixed pixels at the depth edge, the flow smoothed over the occlusion), and the border pixels it misses
+# are the mover's, in front of the room. every_effect seed 1305: a person 2.5 m away before a wall 5 m away; 2-6 % of
+# the adjacent pairs' inliers lay on its border, 1-10 px outside the mask (median 2-4), and pulled the pairs 10-17 mm
+# sideways: ATE 29.5 -> 2.9 mm (docs/MEASUREMENTS.md).
+PRIOR_MARGIN = 3 / 320
+
+
+def static_prior(mask: np.ndarray | None) -> np.ndarray | None:
+    """(H, W) bool, a frame's movers -> (H, W) bool, the pixels its pairs' poses may use: outside the mask grown by
+    ``PRIOR_MARGIN`` of the width (a disc); None (no mask yet) -> None."""
+    if mask is None:
+        return None
+    r = int(round(PRIOR_MARGIN * mask.shape[1]))
+    if r < 1 or not mask.any():
+        return ~mask
+    disc = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
+    return cv2.dilate(mask.astype(np.uint8), disc) == 0
+
 
 class RGBDStep:
     """The RGB-D window step (see module docstring). State: the stored pair constraints.
@@ -183,9 +203,7 @@ class RGBDStep:
         t = self.times.lap('flow', t)
         rel = []
         for k, ((old, _), pf) in enumerate(zip(pairs, pflows)):
-            static = None
-            if old.mask is not None:
-                static = ~old.mask
+            static = static_prior(old.mask)
             init = None
             if k > 0 and rel[0][0] is not None:
                 # long pair: predict from the tracked poses and the nearest pair, verify + refine only
@@ -266,7 +284,7 @@ class RGBDStep:
         m = max(agreed, key=lambda k: int(rel[k][1].sum()))
         prev = pairs[0][0]
         init = np.linalg.inv(prev.pose) @ pairs[m][0].pose @ rel[m][0]
-        static = None if prev.mask is None else ~prev.mask
+        static = static_prior(prev.mask)
         T, inl, n = self.pred.relative_pose(prev.frame, entry.frame, flow, static, init=init, move_gate=False)
         if T is None:
             return
