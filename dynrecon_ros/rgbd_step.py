@@ -10,7 +10,7 @@ Per accepted frame t (:meth:`RGBDStep.step`):
   2. flow for each pair (older, t) of the pair graph (neighbours + keyframe anchors, nearest first),
      cached by the shared :class:`~dynrecon_ros.flow.FlowCache`;
   3. relative pose per pair from the predictor (RANSAC Umeyama on flow + depth, then direct
-     refinement; long pairs start from the tracked poses and, under a rolling shutter or a depth delay, hold
+     refinement, on the older frame's pixels outside its mask and a band around it: :func:`static_prior`; long pairs start from the tracked poses and, under a rolling shutter or a depth delay, hold
      each frame's in-frame velocity to the trajectory's: ``VELOCITY_SIGMA``; a long pair that moves t far from where the
      nearest pair put it is dropped unless another long pair agrees with it: :meth:`_long_pair_moves`, and then the
      nearest pair is verified again from where they put it: :meth:`_refit_adjacent`; one that
@@ -120,7 +120,7 @@ LONG_PAIR_MIN_INLIERS = 0.2
 # silhouette (mixed pixels at the depth edge, the flow smoothed over the occlusion), and the border pixels it misses
 # are the mover's, in front of the room. every_effect seed 1305: a person 2.5 m away before a wall 5 m away; 2-6 % of
 # the adjacent pairs' inliers lay on its border, 1-10 px outside the mask (median 2-4), and pulled the pairs 10-17 mm
-# sideways: ATE 29.5 -> 2.9 mm (docs/MEASUREMENTS.md).
+# sideways: ATE 29.5 -> 2.6 mm (docs/MEASUREMENTS.md).
 PRIOR_MARGIN = 3 / 320
 
 
