@@ -473,8 +473,8 @@ def test_static_prior_leaves_a_band_around_the_mask():
 def test_a_person_whose_mask_stops_short_of_its_border_does_not_pull_the_poses(monkeypatch):
     """every_effect seed 1305 (where it was found): a person 2.5 m away before a wall 5 m away, with every sensor
     effect. The newest frame's mask stops 1-10 px short of the person's silhouette; those border pixels, in front of
-    the room, were 2-6 % of the adjacent pairs' inliers and pulled them 10-17 mm sideways (ATE ~30 mm). With the band
-    PRIOR_MARGIN left out of every pair's prior the run is ~3 mm."""
+    the room, were 2-6 % of the adjacent pairs' inliers and pulled them 10-17 mm sideways (ATE 34.6 mm). With the band
+    PRIOR_MARGIN left out of every pair's prior the run is 2.4 mm."""
     from dynrecon_ros import rgbd_step
     from dynrecon_ros.data.scenarios import scenario_config
     seq = render_sequence(scenario_config('every_effect', seed=1305))
