@@ -10,12 +10,13 @@ Per accepted frame t (:meth:`RGBDStep.step`):
   2. flow for each pair (older, t) of the pair graph (neighbours + keyframe anchors, nearest first),
      cached by the shared :class:`~dynrecon_ros.flow.FlowCache`;
   3. relative pose per pair from the predictor (RANSAC Umeyama on flow + depth, then direct
-     refinement, on the older frame's pixels outside its mask and a band around it: :func:`static_prior`; long pairs start from the tracked poses and, under a rolling shutter or a depth delay, hold
-     each frame's in-frame velocity to the trajectory's: ``VELOCITY_SIGMA``; a long pair that moves t far from where the
-     nearest pair put it is dropped unless another long pair agrees with it: :meth:`_long_pair_moves`, and then the
-     nearest pair is verified again from where they put it: :meth:`_refit_adjacent`; one that
-     finds no inliers at its start is fitted from scratch when it has enough correspondences: ``FALLBACK_MIN``; one
-     with too few inliers is dropped: ``LONG_PAIR_MIN_INLIERS``),
+     refinement, on the older frame's pixels outside its mask and a band around it: :func:`static_prior`;
+     long pairs start from the tracked poses and, under a rolling shutter or a depth delay, hold each
+     frame's in-frame velocity to the trajectory's: ``VELOCITY_SIGMA``; a long pair that moves t far from
+     where the nearest pair put it is dropped unless another long pair agrees with it:
+     :meth:`_long_pair_moves`, and then the nearest pair is verified again from where they put it:
+     :meth:`_refit_adjacent`; one that finds no inliers at its start is fitted from scratch when it has
+     enough correspondences: ``FALLBACK_MIN``; one with too few inliers is dropped: ``LONG_PAIR_MIN_INLIERS``),
      initial pose of t from the nearest pair; tracking-lost (inlier ratio) and jump (``checks``) tests;
   4. static correspondences of every pair that gave a pose are stored (:meth:`_make_constraint`), and
      the poses not published yet are aligned over all stored pairs of the window
@@ -202,8 +203,8 @@ class RGBDStep:
         pflows = [self.flows.get(o.key, o.frame.rgb, entry.key, frame.rgb) for o, _ in pairs]
         t = self.times.lap('flow', t)
         rel = []
-        for k, ((old, _), pf) in enumerate(zip(pairs, pflows)):
-            static = static_prior(old.mask)
+        statics = [static_prior(old.mask) for old, _ in pairs]
+        for k, ((old, _), pf, static) in enumerate(zip(pairs, pflows, statics)):
             init = None
             if k > 0 and rel[0][0] is not None:
                 # long pair: predict from the tracked poses and the nearest pair, verify + refine only
@@ -220,7 +221,7 @@ class RGBDStep:
         if rel[0][0] is not None and len(rel) > 1:
             rel, agreed = self._long_pair_moves(pairs, rel)
             if agreed:
-                self._refit_adjacent(pairs, pflows[0], rel, agreed, entry)
+                self._refit_adjacent(pairs, pflows[0], statics[0], rel, agreed, entry)
         t = self.times.lap('pose', t)
         T0, inl0, n0 = rel[0]
         c = self.cfg.checks
@@ -269,10 +270,10 @@ class RGBDStep:
         keep = {k for k in far if any(np.linalg.norm(pos[k] - pos[m]) < 0.5 * max_move for m in pos if m != k)}
         return [(None, r[1], r[2]) if k in far - keep else r for k, r in enumerate(rel)], keep
 
-    def _refit_adjacent(self, pairs, flow, rel, agreed: set[int], entry: WindowEntry) -> None:
+    def _refit_adjacent(self, pairs, flow, static, rel, agreed: set[int], entry: WindowEntry) -> None:
         """The adjacent pair verified and refined again from where the agreeing long pairs ``agreed`` (indices into
         ``pairs`` / ``rel``, see :meth:`_long_pair_moves`) put the newest frame (the one with the most inliers);
-        rel[0] replaced in place when that gives a pose. flow: the adjacent pair's.
+        rel[0] replaced in place when that gives a pose. flow, static: the adjacent pair's flow and static prior.
 
         Why: those long pairs say the adjacent pair is off, yet it stayed the frame's start and one of its
         constraints in the alignment, as heavy as any long pair. The default sequence, seed 1191: a mover over 42 %
@@ -284,7 +285,6 @@ class RGBDStep:
         m = max(agreed, key=lambda k: int(rel[k][1].sum()))
         prev = pairs[0][0]
         init = np.linalg.inv(prev.pose) @ pairs[m][0].pose @ rel[m][0]
-        static = static_prior(prev.mask)
         T, inl, n = self.pred.relative_pose(prev.frame, entry.frame, flow, static, init=init, move_gate=False)
         if T is None:
             return
