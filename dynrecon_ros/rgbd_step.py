@@ -16,7 +16,8 @@ Per accepted frame t (:meth:`RGBDStep.step`):
      where the nearest pair put it is dropped unless another long pair agrees with it:
      :meth:`_long_pair_moves`, and then the nearest pair is verified again from where they put it:
      :meth:`_refit_adjacent`; one that finds no inliers at its start is fitted from scratch when it has
-     enough correspondences: ``FALLBACK_MIN``; one with too few inliers is dropped: ``LONG_PAIR_MIN_INLIERS``),
+     enough correspondences: ``FALLBACK_MIN``; one with too few inliers, of its own correspondences or beside
+     the nearest pair's, is dropped: ``LONG_PAIR_MIN_INLIERS``, ``LONG_PAIR_MIN_SHARE``),
      initial pose of t from the nearest pair; tracking-lost (inlier ratio) and jump (``checks``) tests;
   4. static correspondences of every pair that gave a pose are stored (:meth:`_make_constraint`), and
      the poses not published yet are aligned over all stored pairs of the window
@@ -116,6 +117,16 @@ FALLBACK_MIN = 0.5
 # 6 changed, by -0.12 to +0.06 mm (docs/MEASUREMENTS.md).
 LONG_PAIR_MIN_INLIERS = 0.2
 
+# A long pair whose inliers are fewer than this fraction of the adjacent pair's is dropped as well. The alignment takes
+# ``alignment.points_per_pair`` points of every pair, so such a pair weighs like the adjacent one on a fifth of its
+# evidence or less: a keyframe 10-20 frames back that sees only a band of far wall beside a close person, where a
+# small rotation error turns into a translation the far points hardly see. every_effect seed 1321: 21 -> 38 with 182
+# inliers (the adjacent pair 4211), 16 mm / 0.10 deg off, moved frames 37 / 38 from 5.5 / 4.3 to 11.2 / 19.7 mm off in
+# the window alignment (5.3 / 5.2 without it), and the drift stayed: ATE 13.7 -> 5.1 mm. The pairs it drops were 4-8 mm
+# off (median per run) where the kept long pairs were 1.4-3.0; every_effect 42 seeds mean 3.39 -> 2.83 mm, 12 never-run
+# ones 3.07 -> 3.08 (docs/MEASUREMENTS.md).
+LONG_PAIR_MIN_SHARE = 0.2
+
 # A pair's pose uses the older frame's pixels outside its mask and outside a band this fraction of the work width
 # around it (3 px at 320): the mask of the newest frame, from motion evidence alone, stops short of the mover's
 # silhouette (mixed pixels at the depth edge, the flow smoothed over the occlusion), and the border pixels it misses
@@ -213,7 +224,8 @@ class RGBDStep:
             T, inl, n = self.pred.relative_pose(old.frame, frame, pf, static, init=init, move_gate=False)
             if T is None and init is not None and n >= FALLBACK_MIN * rel[0][2]:  # (see FALLBACK_MIN)
                 T, inl, n = self.pred.relative_pose(old.frame, frame, pf, static, init=None, move_gate=False)
-            if k > 0 and T is not None and inl.sum() < LONG_PAIR_MIN_INLIERS * n:  # (see LONG_PAIR_MIN_INLIERS)
+            if k > 0 and T is not None and (inl.sum() < LONG_PAIR_MIN_INLIERS * n or  # (see LONG_PAIR_MIN_INLIERS
+                                            inl.sum() < LONG_PAIR_MIN_SHARE * rel[0][1].sum()):  # and _SHARE)
                 T = None
             rel.append((T, inl, n))
             if k == 0 and T is not None and self.pred.shutter.active:
