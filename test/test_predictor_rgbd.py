@@ -370,9 +370,8 @@ def test_long_pairs_that_agree_against_the_adjacent_pair_are_kept():
 
 def _rule_effect(seq, monkeypatch, rule: str, off, perturb, where=None) -> tuple[float, float]:
     """(mm off, mm on): frame 10's final pose error (relative to frame 0) over the first 14 frames of ``seq`` with
-    the pair poses changed by ``perturb(fi, fj, init, T, inliers, n) -> (T, inliers)`` (or ``(T, inliers, n)``), with the
-    step's module constant
-    ``rule`` (or that attribute of ``where``) set to ``off`` and at its default."""
+    the pair poses changed by ``perturb(fi, fj, init, T, inliers, n) -> (T, inliers)`` (or ``(T, inliers, n)``), with
+    the step's module constant ``rule`` (or that attribute of ``where``) set to ``off`` and at its default."""
     from dynrecon_ros import rgbd_step
     where = rgbd_step if where is None else where
     from dynrecon_ros.config import ReconConfig
