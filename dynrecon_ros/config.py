@@ -219,7 +219,10 @@ class ReconConfig:
     reason: OpenBLAS splits an image-sized matmul over its threads, which then spin beside the pipeline's own
     threads (main's rolling-shutter ego flow, (N, 2) x (2, 6) products: every_effect 640x480 process CPU 484-501
     -> 195 ms/frame with OPENBLAS_NUM_THREADS=1; no such product is left on the default path, where the
-    setting measured within noise), with the same results."""
+    setting measured within noise), with the same results; map_process: the static map integrated in a
+    process of its own (dynrecon_ros/map_process.py; the frames through shared memory), so that its ~8 ms of
+    CPU a 640x480 frame do not hold the pipeline's interpreter lock; the same map (false: on the map thread
+    of this process)."""
 
     window: WindowConfig = field(default_factory=WindowConfig)
     flow: FlowConfig = field(default_factory=FlowConfig)
@@ -232,6 +235,7 @@ class ReconConfig:
     world_pose: list | None = None
     max_work_width: int = 320
     overlap: bool = True
+    map_process: bool = True
     opencv_threads: int = 1
     blas_threads: int = 1
 

@@ -18,7 +18,8 @@ One step for a new frame t:
 Speed: RGB-D frames wider than ``max_work_width`` go through the step at 1/s of their size (s an
 integer; 640x480 -> 320x240); their outputs are brought back to the input size (mask edges snapped
 to the input depth). Map integration runs on a background thread (one frame at a time, in order)
-while the next frames are processed; :meth:`static_map`, :meth:`save_map` and :meth:`flush` wait
+while the next frames are processed, by default in a process of its own (:mod:`dynrecon_ros.map_process`,
+``ReconConfig.map_process``); :meth:`static_map`, :meth:`save_map` and :meth:`flush` wait
 for it. ``push`` is :meth:`prepare` (stage A: the processing size and, with ``ahead``, the optical
 flow of the pairs the frame will most likely get) then :meth:`push_prepared` (stage B: checks, window
 step, emission); :class:`dynrecon_ros.pipelining.FramePipeline` runs stage A of frame t+1 on one
@@ -27,6 +28,7 @@ thread while stage B of frame t runs on another (``ReconConfig.overlap``), with 
 from __future__ import annotations
 
 import collections
+import functools
 import threading
 import time
 from collections import defaultdict
@@ -39,6 +41,7 @@ from dynrecon_ros.config import ReconConfig
 from dynrecon_ros.errors import InputError
 from dynrecon_ros.flow import FlowCache
 from dynrecon_ros.geometry import poses_from_tum
+from dynrecon_ros.map_process import MapProcess
 from dynrecon_ros.memory import keep_freed_heap
 from dynrecon_ros.segmentation import MotionSegmenter, clean_mask, refine_upsampled_mask, snap_holes_to_colour_edges
 from dynrecon_ros.static_map import VoxelMap
@@ -161,7 +164,10 @@ class Reconstructor:
             threadpool_limits(limits=cfg.blas_threads, user_api='blas')  # process-wide too (not undone)
         keep_freed_heap()  # image-sized temporaries reuse freed heap instead of page-faulting it back in
         self.segmenter = MotionSegmenter(cfg.segmentation)
-        self.map = VoxelMap(cfg.map)
+        self._times = StageTimes()
+        # the static map in a process of its own (dynrecon_ros/map_process.py) or on the map thread
+        self.map = MapProcess(cfg.map, functools.partial(self._times.add, 'map_integrate')) if cfg.map_process \
+            else VoxelMap(cfg.map)
         self.default_K = None
         if cfg.intrinsics is not None:
             fx, fy, cx, cy = [float(v) for v in cfg.intrinsics]
@@ -170,7 +176,6 @@ class Reconstructor:
         self._pending: list = []  # FrameResult (skipped) or WindowEntry (accepted), push order
         self._last_stamp = None
         self._size = None
-        self._times = StageTimes()
         self._map_pool = None  # the map thread (started with the first integration)
         self._map_jobs: collections.deque = collections.deque()  # (future, deferred), oldest first
         self._map_lock = threading.Lock()  # held while the map changes (integration) or is read
@@ -372,7 +377,8 @@ class Reconstructor:
         t = time.perf_counter()
         with self._map_lock:  # static_map(wait=False) reads it from other threads
             self.map.integrate(depth, rgb, K, pose, static, conf, pixel_stride=pixel_stride)
-        self._times.add('map_integrate', (time.perf_counter() - t) * 1e3)
+        if not isinstance(self.map, MapProcess):  # (the map's process reports its own time)
+            self._times.add('map_integrate', (time.perf_counter() - t) * 1e3)
 
     def _map_wait(self) -> None:
         """Wait for the map thread's jobs (re-raises their errors unless deferred)."""
@@ -392,6 +398,8 @@ class Reconstructor:
         return {id(e) for e in self._pending if isinstance(e, WindowEntry)}
 
     def _accept(self, frame, entry: WindowEntry) -> None:
+        if isinstance(self.map, MapProcess) and self.map.pid is None and getattr(frame, 'depth', None) is not None:
+            self.map.start(*frame.depth.shape[:2])  # boots while the window fills (output_lag frames)
         self._last_stamp = frame.stamp
         self._size = frame.size
         self._pending.append(entry)

@@ -94,6 +94,16 @@ class MapConfig:
             raise InputError('map free_weight, dynamic_weight, carve_margin and carve_margin_rel must be >= 0')
 
 
+def check_frame(depth: np.ndarray, rgb: np.ndarray, static: np.ndarray | None, confidence: np.ndarray | None) -> None:
+    """Raise InputError unless depth is (H, W), rgb (H, W, 3) and static / confidence (H, W) or None."""
+    if np.ndim(depth) != 2:
+        raise InputError(f'map integrate: depth must be (H, W), got {np.shape(depth)}')
+    h, w = np.shape(depth)
+    if np.shape(rgb) != (h, w, 3) or (static is not None and np.shape(static) != (h, w)) or \
+            (confidence is not None and np.shape(confidence) != (h, w)):
+        raise InputError(f'map integrate: depth {np.shape(depth)}, rgb {np.shape(rgb)}, static/confidence sizes differ')
+
+
 def _keys(idx: np.ndarray) -> np.ndarray:
     """(M, 3) int64 voxel indices -> (M,) int64 keys (21 bits per axis)."""
     i = (idx + _OFF) & _MASK
@@ -170,12 +180,8 @@ class VoxelMap:
             pixel_stride: overrides ``cfg.pixel_stride`` for this frame (None = the config's).
         """
         depth = np.asarray(depth, dtype=np.float32)
-        if depth.ndim != 2:
-            raise InputError(f'map integrate: depth must be (H, W), got {depth.shape}')
+        check_frame(depth, rgb, static, confidence)
         h, w = depth.shape
-        if rgb.shape != (h, w, 3) or (static is not None and static.shape != (h, w)) or \
-                (confidence is not None and confidence.shape != (h, w)):
-            raise InputError(f'map integrate: depth {depth.shape}, rgb {rgb.shape}, static/confidence sizes differ')
         K = np.asarray(K, dtype=np.float64)
         pose = np.asarray(pose, dtype=np.float64)
         cfg = self.cfg

@@ -253,7 +253,8 @@ def test_every_config_field_is_read_by_the_pipeline(tmp_path):
     sys.path.insert(0, os.path.dirname(__file__))
     from dust3r_tiny import write_tiny_checkpoint
     ckpt = write_tiny_checkpoint(tmp_path / 'tiny.pth')
-    rgbd = ReconConfig.from_dict({'backend': {'name': 'rgbd'}, 'max_work_width': 100})
+    # (the map on this process's thread: the recorder sees reads in this process only)
+    rgbd = ReconConfig.from_dict({'backend': {'name': 'rgbd'}, 'max_work_width': 100, 'map_process': False})
     net = ReconConfig.from_dict({
         'backend': {'name': 'dust3r', 'checkpoint': ckpt, 'image_size': 48, 'align_iterations': 10,
                     'align_warm_iterations': 2},
