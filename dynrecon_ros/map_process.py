@@ -3,7 +3,7 @@
 :class:`MapProcess` has the interface of :class:`~dynrecon_ros.static_map.VoxelMap` that the
 Reconstructor uses (``integrate``, ``points``, ``save_ply``, ``len``) and runs a VoxelMap in a child
 process (``python -m dynrecon_ros.map_process``: a fresh interpreter that imports numpy, OpenCV and
-the map, not the caller's main module). The map's integration (~13 ms of CPU a 640x480 frame) on a
+the map, not the caller's main module). The map's integration (~8 ms of CPU a 640x480 frame) on a
 thread of the pipeline's process competes with the pipeline's own threads for the cores and for that
 process's interpreter lock; in a process of its own, at a lower priority (``NICE``), it runs in the
 time the pipeline leaves idle. The results are those of an in-process VoxelMap: the same code on the
@@ -192,7 +192,7 @@ class MapProcess:
 
     def save_ply(self, path) -> int:
         """:meth:`VoxelMap.save_ply` (written by the child)."""
-        return self._call(('save_ply', os.fspath(path)), lambda: VoxelMap(self.cfg).save_ply(path))
+        return self._call(('save_ply', os.path.abspath(path)), lambda: VoxelMap(self.cfg).save_ply(path))
 
     def __len__(self) -> int:
         return self._call(('len',), lambda: 0)
