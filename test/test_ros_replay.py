@@ -70,9 +70,10 @@ def test_replay_subcommand_publishes_with_timing_and_clock(seq, ros, tmp_path):
         assert np.array_equal(rgb, seq.frames[i].rgb)
         assert stamp == pytest.approx(seq.stamps[i], abs=1e-6)
     assert np.allclose(depths[3], np.nan_to_num(seq.frames[3].depth), atol=1e-6)
-    # original timing at rate 0.5: 11 frame intervals of 1/30 s take ~0.73 s
+    # original timing at rate 0.5: 11 frame intervals of 1/30 s take ~0.73 s (unpaced: ~10 ms); a loaded box
+    # delivers the subscriber's callbacks in bursts (0.41 s seen beside two busy processes on 2 cores)
     span = images[-1][0] - images[0][0]
-    assert 0.5 < span < 2.0, span
+    assert 0.3 < span < 2.0, span
     assert clocks and clocks[-1] >= seq.stamps[-1] - 0.02 and clocks == sorted(clocks)
 
 
