@@ -16,6 +16,10 @@ depth_rel_tol * z_pred`` (the relative part covers pose error and depth taken a 
 colour), and the per-pair probability is the same soft step as the flow cue's,
 ``r^s / (1 + r^s)``, r = (z_j - z_pred) / tolerance for r > 0, 0 for small |r|.
 
+Pooled over a surface (:func:`receded_surfaces`): a mover walking slowly away steps back by less than the
+tolerance at each pixel, but a whole depth-connected surface of the older frame that the newer one reads
+farther by more than the spread of the pair's static surfaces is motion evidence all the same.
+
 Also here: candidate depths for pixels without a reading (:func:`fill_candidates`), so the flow cue
 can still judge them: the nearest and the farthest reading around a hole (a hole on a silhouette
 borders both the mover and the background; the pixel is static if its flow fits either).
@@ -231,3 +235,107 @@ def fill_candidates(depth: np.ndarray, max_radius: int = 8) -> tuple[np.ndarray,
     near = np.where(np.isfinite(near), near, np.nan).astype(np.float32)
     far = np.where(far > 0, far, np.nan).astype(np.float32)
     return holes, near, far
+
+
+
+# The pooled test (receded_surfaces): a surface counts as receded when the median of its samples' relative step
+# back exceeds both the floor and RECEDE_SIGMAS robust spreads of the pair's surfaces around their centre.
+RECEDE_FLOOR = 0.002  # 0.2 % of z: static surfaces' medians measured within +-0.012 % of the centre (exact depth)
+RECEDE_SIGMAS = 4.0
+RECEDE_MIN_SAMPLES = 100  # compared samples of a surface (every 2nd pixel both ways: ~400 pixels)
+RECEDE_MIN_SHARE = 0.4  # of a surface's samples compared (landed in view, on four readings)
+RECEDE_MIN_SURFACES = 5  # surfaces compared, for the centre and the spreads
+RECEDE_SLOPED = 0.002  # relative depth change per pixel from which a surface tells the pair's landing error
+
+
+def _median(a: np.ndarray):
+    """``np.median`` of a 1-D array without NaN, the same value (its partition and middle mean), without its
+    checks (a surface's median, ~20 a call)."""
+    k = len(a) // 2
+    if len(a) % 2:
+        return np.partition(a, k)[k]
+    p = np.partition(a, (k - 1, k))
+    return (p[k - 1] + p[k]) / a.dtype.type(2)
+
+
+def receded_surfaces(depth_j: np.ndarray, segments_j: tuple, K_j: np.ndarray, T_i_j: np.ndarray, K_i: np.ndarray,
+                     depth_i: np.ndarray, shutter=None, step: int = 2) -> np.ndarray:
+    """Dynamic probability of frame j's surfaces that frame i (in the pipeline the newest, j an older one)
+    reads farther away *as a whole*: a mover walking slowly away from the camera (0.4 % of its depth a frame
+    at 0.4 m/s and 3 m), whose step at each pixel stays inside the per-pixel tolerance, and whose flow
+    (straight away) is a fraction of a pixel.
+
+    Each depth-connected surface of j (``segments_j``) is sampled every ``step`` pixels; each sample is moved
+    into frame i and compared with i's depth read bilinearly at the exact landing (all four readings present;
+    a rounded landing would read a slanted surface off by its gradient, and the 3 x 3 nearest reading of the
+    per-pixel cue biases every surface nearer). Per surface, the median of ``z_i / z_pred - 1``; the pair's
+    surfaces give a centre (their median: a common error of the pair's pose along the line of sight) and a
+    spread (1.4826 median absolute deviation: the sensor's noise and the pose's error as they are in this
+    pair, tiny with an exact sensor, larger with a structured-light one and a rolling shutter). A surface
+    whose median exceeds the centre by more than ``max(RECEDE_FLOOR, RECEDE_SIGMAS * spread)`` receded, unless
+    it is slanted: a landing ``e`` pixels off reads a surface whose depth changes by ``slope`` (relative, per
+    pixel) off by ``e * slope`` (a floor seen at a grazing angle: ~1 % a pixel), so the pair's landing error in
+    pixels is taken from its slanted surfaces (1.4826 median of ``|median - centre| / slope``; ~1 px with depth
+    taken 10 ms after colour under hand tremor, ~0 with an exact, synchronous sensor) and a surface must also
+    exceed ``RECEDE_SIGMAS * e * slope``. Nearer is not tested: from this side an occluder standing in front in i
+    reads nearer too.
+
+    Args:
+        depth_j: (H, W) float32 frame j's readings (0 = none).
+        segments_j: (n, (H, W) int32 labels, 0 = boundary) :func:`~dynrecon_ros.mask_cleanup.surface_segments`
+            of ``depth_j``.
+        K_j, K_i: (3, 3) intrinsics; T_i_j: (4, 4) with ``X_i = T_i_j @ X_j``.
+        depth_i: (H, W) float32 frame i's readings (0 = none).
+        shutter: optional (ShutterModel, twist_j, twist_i): rows seen at their own instants, as
+            :func:`reverse_depth_probability`'s.
+        step: sample every ``step``-th pixel in both directions.
+
+    Returns:
+        (H, W) float32: 1 on the receded surfaces, NaN elsewhere (no evidence either way).
+    """
+    h, w = depth_j.shape
+    labels = segments_j[1]
+    out = np.full((h, w), np.nan, np.float32)
+    lab = labels[::step, ::step]
+    z = depth_j[::step, ::step]
+    ys, xs = np.nonzero((lab > 0) & (z > 0))
+    if len(ys) < RECEDE_MIN_SURFACES * RECEDE_MIN_SAMPLES:
+        return out
+    gy, gx = np.gradient(z)  # on the samples' grid: the relative depth change per pixel (holes: a median drops them)
+    with np.errstate(invalid='ignore', divide='ignore'):
+        slope = ((np.abs(gx) + np.abs(gy)) / (step * z))[ys, xs]
+    lab, z = lab[ys, xs], z[ys, xs]
+    ys, xs = (ys * step).astype(np.float32), (xs * step).astype(np.float32)
+    from dynrecon_ros.flow_cue import ego_at  # (flow_cue imports this module)
+    du, dv, zp = ego_at(xs, ys, z, K_j, T_i_j, K_i, None if shutter is None else (*shutter, h))
+    with np.errstate(invalid='ignore'):
+        mu, mv = xs + du, ys + dv
+        ok = (mu >= 0) & (mu <= w - 1) & (mv >= 0) & (mv <= h - 1) & (zp > 0)
+    mu, mv = mu[ok][:, None], mv[ok][:, None]
+    with np.errstate(divide='ignore'):  # inverse depth: affine in the pixel on a plane, so its bilinear read is exact there
+        inv_i = np.where(depth_i > 0, np.float32(1) / depth_i, np.float32(0)).astype(np.float32)
+    wi = cv2.remap(inv_i, mu, mv, cv2.INTER_LINEAR)[:, 0]
+    full = cv2.remap((inv_i > 0).astype(np.float32), mu, mv, cv2.INTER_LINEAR)[:, 0] > 0.999
+    with np.errstate(invalid='ignore', divide='ignore'):
+        r = np.float32(1) / (wi * zp[ok]) - 1
+    full &= np.isfinite(r)
+    lg, rg, slope = lab[ok][full], r[full], slope[ok][full]
+    n_all = np.bincount(lab)
+    n_cmp = np.bincount(lg, minlength=len(n_all))
+    cand = np.flatnonzero((n_cmp >= RECEDE_MIN_SAMPLES) & (n_cmp >= RECEDE_MIN_SHARE * n_all))
+    if len(cand) < RECEDE_MIN_SURFACES:
+        return out
+    order = np.argsort(lg, kind='stable')  # each surface's samples contiguous
+    rg, slope = rg[order], slope[order]
+    starts = np.searchsorted(lg[order], cand)
+    med = np.array([_median(rg[s0:s0 + n_cmp[c]]) for c, s0 in zip(cand, starts)])
+    med_slope = np.array([_median(slope[s0:s0 + n_cmp[c]]) for c, s0 in zip(cand, starts)])
+    centre = np.median(med)
+    err = med - centre
+    spread = 1.4826 * np.median(np.abs(err))
+    sloped = med_slope >= RECEDE_SLOPED
+    px = 1.4826 * np.median(np.abs(err[sloped]) / med_slope[sloped]) if sloped.any() else 0.0  # landing error
+    receded = cand[err > np.maximum(max(RECEDE_FLOOR, RECEDE_SIGMAS * spread), RECEDE_SIGMAS * px * med_slope)]
+    if len(receded):
+        out[np.isin(labels, receded)] = 1.0
+    return out

@@ -27,7 +27,7 @@ from collections import OrderedDict
 import numpy as np
 
 from dynrecon_ros.depth_cue import (fill_candidates, nearest_reading, pair_depth_probability,
-                                    reverse_depth_probability)
+                                    receded_surfaces, reverse_depth_probability)
 from dynrecon_ros.errors import InputError
 from dynrecon_ros.flow import to_gray
 from dynrecon_ros.flow_cue import (ego_explains_appearance, ego_flow, flow_match_unconfirmed,  # noqa: F401
@@ -228,6 +228,11 @@ class MotionSegmenter:
                     if c == 1:  # the geometric cue seen from j: what walked away from the camera
                         pj = np.fmax(pj, reverse_depth_probability(
                             pc, zj, eu, ev, depths[j], Ks[j], inv[i] @ poses[j], Ks[i], near[i], self.cfg,
+                            shutter=None if sh is None else (sh[0], sh[2], sh[1])))
+                        # and what walked away slowly: a whole surface read farther (its median beyond the pair's spread)
+                        pj = np.fmax(pj, receded_surfaces(
+                            depths[j], self._per_frame('segments', keys[j], depths[j], self._segments),
+                            Ks[j], inv[i] @ poses[j], Ks[i], depths[i],
                             shutter=None if sh is None else (sh[0], sh[2], sh[1])))
                     out.append((c, j, pj))
             return out

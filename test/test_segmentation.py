@@ -474,6 +474,92 @@ def test_geometric_cue_flags_nothing_on_a_static_scene_with_sensor_noise():
     assert not masks.any() and probs.mean() < 0.05
 
 
+def _boxes_and_a_receding_one(n=4, step=0.014, noise=False, seed=5):
+    """A static camera before a wall at 4 m and four static boxes (2-3.5 m), and a box face walking slowly away
+    from the camera: 2.8 m, then ``step`` farther a frame (0.5 %: 1.5 cm, a third of the per-pixel tolerance
+    there). Its flow is the ego flow (zero): a world-fixed pattern, or straight-away motion. The pipeline's
+    flows: newest -> each older frame (the older ones get their evidence carried). ``noise``: Kinect-like
+    noise (the cue's own model) and 5 mm steps on every frame."""
+    depths = np.full((n, H, W), 4.0, np.float32)
+    gt = np.zeros((n, H, W), bool)
+    for z, (r, c) in zip((2.0, 2.5, 3.0, 3.5), ((5, 5), (5, 110), (75, 5), (75, 110))):
+        depths[:, r:r + 38, c:c + 45] = z
+    gt[:, 40:80, 58:102] = True
+    for k in range(n):
+        depths[k][gt[k]] = 2.8 + step * k
+    if noise:
+        rng = np.random.default_rng(seed)
+        depths = depths + rng.standard_normal(depths.shape) * (0.0012 + 0.0019 * (depths - 0.4) ** 2)
+        depths = (np.round(depths * 200) / 200).astype(np.float32)
+    flows = {(n - 1, k): np.zeros((H, W, 2), np.float32) for k in range(n - 1)}
+    return depths, np.stack([np.eye(4)] * n), gt, flows
+
+
+@pytest.mark.parametrize('pooled', [True, False])
+def test_a_mover_walking_slowly_away_is_caught_over_its_whole_surface(pooled, monkeypatch):
+    """Each pixel steps back less than its tolerance; the surface's median steps back beyond the spread of
+    the pair's static surfaces (depth_cue.receded_surfaces): with it the older frames mask the box, without it
+    nothing."""
+    from dynrecon_ros import depth_cue
+
+    if not pooled:
+        monkeypatch.setattr(depth_cue, 'RECEDE_FLOOR', np.inf)
+    depths, poses, gt, flows = _boxes_and_a_receding_one()
+    n = len(depths)
+    _, masks = MotionSegmenter().segment([str(k) for k in range(n)], depths, K, poses, flows)
+    ious = [_iou(masks[k] > 0, gt[k]) for k in range(n - 1)]
+    if pooled:
+        assert min(ious) >= 0.9, ious
+    else:
+        assert max(ious) < 0.1, ious
+
+
+def test_the_pooled_depth_test_flags_no_static_surface_under_sensor_noise():
+    """The same scene with the box standing still, Kinect-like noise and 5 mm quantisation: no surface's median
+    leaves the pair's spread."""
+    from dynrecon_ros.depth_cue import receded_surfaces
+    from dynrecon_ros.mask_cleanup import surface_segments
+
+    depths, poses, _, flows = _boxes_and_a_receding_one(n=6, step=0.0, noise=True)
+    _, masks = MotionSegmenter().segment([str(k) for k in range(6)], depths, K, poses, flows)
+    assert not masks.any()
+    for k in range(5):
+        segs = surface_segments(depths[k], SegmentationConfig().crease)
+        assert segs[0] > 5  # (the test compares surfaces)
+        assert np.isnan(receded_surfaces(depths[k], segs, K, np.eye(4), K, depths[5])).all()
+
+
+@pytest.mark.parametrize('landing_error_term', [True, False])
+def test_the_pooled_depth_test_allows_for_a_landing_a_pixel_off_on_slanted_surfaces(landing_error_term, monkeypatch):
+    """A floor seen at a grazing angle reads ~1 % off when the pair's landing is a pixel off (depth taken a few
+    ms after colour under hand tremor); the test takes that error from the pair's slanted surfaces: the floor
+    stays static, a fronto-parallel box that stepped back 0.6 % is still caught."""
+    from dynrecon_ros import depth_cue
+    from dynrecon_ros.depth_cue import receded_surfaces
+    from dynrecon_ros.mask_cleanup import surface_segments
+
+    if not landing_error_term:  # no surface counts as slanted: the landing error is taken as 0
+        monkeypatch.setattr(depth_cue, 'RECEDE_SLOPED', np.inf)
+    depths, _, gt, _ = _boxes_and_a_receding_one(n=2, step=0.0)
+    gt = gt[0]
+    d = depths[0].copy()
+    v = np.arange(H, dtype=np.float32)[:, None]
+    floor = np.broadcast_to(v >= 85, (H, W))
+    d[floor] = np.broadcast_to(0.667 * F / np.maximum(v - K[1, 2], 1), (H, W))[floor]  # meets the wall at row 85
+    gt &= ~floor
+    segs = surface_segments(d, SegmentationConfig().crease)
+    later = np.roll(d, 1, axis=0)  # the next frame read one row off (the landing error), nothing moved
+    later[0] = d[0]
+    flagged = np.isfinite(receded_surfaces(d, segs, K, np.eye(4), K, later))
+    if not landing_error_term:
+        assert flagged[floor].mean() > 0.5  # the floor would count as receded
+        return
+    assert not flagged.any()
+    later[gt] *= 1.006  # the box stepped back 0.6 %
+    out = receded_surfaces(d, segs, K, np.eye(4), K, later)
+    np.testing.assert_array_equal(out == 1, segs[1] == segs[1][60, 80])  # the box's surface, nothing else
+
+
 def _box_with_arm(n=3, speed_px=3, band=2):
     """A static camera, a wall at 3 m, a box at 1.5 m with a thin arm (10 px) moving right by
     ``speed_px`` per frame; like a structured-light sensor, no depth within ``band`` px of the
