@@ -237,7 +237,6 @@ def fill_candidates(depth: np.ndarray, max_radius: int = 8) -> tuple[np.ndarray,
     return holes, near, far
 
 
-
 # The pooled test (receded_surfaces): a surface counts as receded when the median of its samples' relative step
 # back exceeds both the floor and RECEDE_SIGMAS robust spreads of the pair's surfaces around their centre.
 RECEDE_FLOOR = 0.002  # 0.2 % of z: static surfaces' medians measured within +-0.012 % of the centre (exact depth)
