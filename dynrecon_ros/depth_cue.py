@@ -257,6 +257,16 @@ def _median(a: np.ndarray):
     return (p[k - 1] + p[k]) / a.dtype.type(2)
 
 
+def _bilinear_at(img: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """(N,) float32 bilinear reads of the (H, W) float32 ``img`` at (N,) float32 points ``(x, y)`` inside it
+    (``cv2.remap`` on maps laid out as 1024-wide rows: OpenCV's maps must be under 32767 on each side)."""
+    n = len(x)
+    rows = max(1, -(-n // 1024))
+    mx, my = np.zeros(rows * 1024, np.float32), np.zeros(rows * 1024, np.float32)
+    mx[:n], my[:n] = x, y
+    return cv2.remap(img, mx.reshape(rows, 1024), my.reshape(rows, 1024), cv2.INTER_LINEAR).ravel()[:n]
+
+
 def receded_surfaces(depth_j: np.ndarray, segments_j: tuple, K_j: np.ndarray, T_i_j: np.ndarray, K_i: np.ndarray,
                      depth_i: np.ndarray, shutter=None, step: int = 2) -> np.ndarray:
     """Dynamic probability of frame j's surfaces that frame i (in the pipeline the newest, j an older one)
@@ -310,11 +320,11 @@ def receded_surfaces(depth_j: np.ndarray, segments_j: tuple, K_j: np.ndarray, T_
     with np.errstate(invalid='ignore'):
         mu, mv = xs + du, ys + dv
         ok = (mu >= 0) & (mu <= w - 1) & (mv >= 0) & (mv <= h - 1) & (zp > 0)
-    mu, mv = mu[ok][:, None], mv[ok][:, None]
+    mu, mv = mu[ok], mv[ok]
     with np.errstate(divide='ignore'):  # inverse depth: affine in the pixel on a plane, so its bilinear read is exact there
         inv_i = np.where(depth_i > 0, np.float32(1) / depth_i, np.float32(0)).astype(np.float32)
-    wi = cv2.remap(inv_i, mu, mv, cv2.INTER_LINEAR)[:, 0]
-    full = cv2.remap((inv_i > 0).astype(np.float32), mu, mv, cv2.INTER_LINEAR)[:, 0] > 0.999
+    wi = _bilinear_at(inv_i, mu, mv)
+    full = _bilinear_at((inv_i > 0).astype(np.float32), mu, mv) > 0.999
     with np.errstate(invalid='ignore', divide='ignore'):
         r = np.float32(1) / (wi * zp[ok]) - 1
     full &= np.isfinite(r)
