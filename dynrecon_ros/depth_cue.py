@@ -32,6 +32,7 @@ import cv2
 import numpy as np
 
 from dynrecon_ros.geometry import pixel_axes
+from dynrecon_ros.photometric import fast_median
 
 
 if TYPE_CHECKING:
@@ -247,16 +248,6 @@ RECEDE_MIN_SURFACES = 5  # surfaces compared, for the centre and the spreads
 RECEDE_SLOPED = 0.002  # relative depth change per pixel from which a surface tells the pair's landing error
 
 
-def _median(a: np.ndarray):
-    """``np.median`` of a 1-D array without NaN, the same value (its partition and middle mean), without its
-    checks (a surface's median, ~20 a call)."""
-    k = len(a) // 2
-    if len(a) % 2:
-        return np.partition(a, k)[k]
-    p = np.partition(a, (k - 1, k))
-    return (p[k - 1] + p[k]) / a.dtype.type(2)
-
-
 def _bilinear_at(img: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """(N,) float32 bilinear reads of the (H, W) float32 ``img`` at (N,) float32 points ``(x, y)`` inside it
     (``cv2.remap`` on maps laid out as 1024-wide rows: OpenCV's maps must be under 32767 on each side)."""
@@ -337,8 +328,8 @@ def receded_surfaces(depth_j: np.ndarray, segments_j: tuple, K_j: np.ndarray, T_
     order = np.argsort(lg, kind='stable')  # each surface's samples contiguous
     rg, slope = rg[order], slope[order]
     starts = np.searchsorted(lg[order], cand)
-    med = np.array([_median(rg[s0:s0 + n_cmp[c]]) for c, s0 in zip(cand, starts)])
-    med_slope = np.array([_median(slope[s0:s0 + n_cmp[c]]) for c, s0 in zip(cand, starts)])
+    med = np.array([fast_median(rg[s0:s0 + n_cmp[c]]) for c, s0 in zip(cand, starts)])
+    med_slope = np.array([fast_median(slope[s0:s0 + n_cmp[c]]) for c, s0 in zip(cand, starts)])
     centre = np.median(med)
     err = med - centre
     spread = 1.4826 * np.median(np.abs(err))
