@@ -64,10 +64,23 @@ def _copy_in(mem, base: int, specs, arrays) -> None:
             np.copyto(v, a)
 
 
+def _answer(vm: VoxelMap, msg: tuple):
+    """A query ('points', 'save_ply' with its path, 'len') answered by ``vm`` (the child's map, or the parent's
+    own when no child could start)."""
+    op = msg[0]
+    if op == 'points':
+        return vm.points()
+    if op == 'save_ply':
+        return vm.save_ply(msg[1])
+    if op == 'len':
+        return len(vm)
+    raise ValueError(f'unknown request {op!r}')
+
+
 def _serve(conn: Connection, mem, slot_bytes: int) -> None:
     """The child's loop: a VoxelMap driven by ``conn``'s messages (the first one: its MapConfig)."""
     vm = VoxelMap(conn.recv())
-    conn.send(('ready', os.getpid()))
+    conn.send(('ready',))
     while True:
         try:
             msg = conn.recv()
@@ -83,17 +96,11 @@ def _serve(conn: Connection, mem, slot_bytes: int) -> None:
                 vm.integrate(arrays[0], arrays[1], K, pose, arrays[2], arrays[3], pixel_stride=stride)
                 reply = ('done', slot, (time.thread_time() - t) * 1e3, None)
                 del arrays  # (views of the slot: released before the parent may reuse it)
-            elif op == 'points':
-                reply = ('ok', vm.points())
-            elif op == 'save_ply':
-                reply = ('ok', vm.save_ply(msg[1]))
-            elif op == 'len':
-                reply = ('ok', len(vm))
             elif op == 'close':
                 conn.send(('ok', None))
                 return
             else:
-                reply = ('error', f'unknown request {op!r}')
+                reply = ('ok', _answer(vm, msg))
         except Exception as e:  # noqa: BLE001 - every error goes back to the parent, which raises it
             text = f'{type(e).__name__}: {e}\n{traceback.format_exc()}'
             reply = ('done', msg[1], 0.0, text) if op == 'integrate' else ('error', text)
@@ -188,14 +195,14 @@ class MapProcess:
 
     def points(self) -> np.ndarray:
         """:meth:`VoxelMap.points` of the map as every frame given so far left it."""
-        return self._call(('points',), lambda: VoxelMap(self.cfg).points())
+        return self._call(('points',))
 
     def save_ply(self, path) -> int:
         """:meth:`VoxelMap.save_ply` (written by the child)."""
-        return self._call(('save_ply', os.path.abspath(path)), lambda: VoxelMap(self.cfg).save_ply(path))
+        return self._call(('save_ply', os.path.abspath(path)))
 
     def __len__(self) -> int:
-        return self._call(('len',), lambda: 0)
+        return self._call(('len',))
 
     def close(self) -> None:
         """Stop the child (the map is lost); a later ``integrate`` starts a new one."""
@@ -203,13 +210,11 @@ class MapProcess:
             self._shutdown()
 
     # ------------------------------------------------------------------ internals
-    def _call(self, msg, when_empty):
+    def _call(self, msg):
         with self._lock:
             self._raise_pending()
-            if self._local is not None:
-                return getattr(self._local, msg[0] if msg[0] != 'len' else '__len__')(*msg[1:])
-            if self._proc is None:
-                return when_empty()
+            if self._local is not None or self._proc is None:  # this process's map, or an empty one (no child yet)
+                return _answer(VoxelMap(self.cfg) if self._local is None else self._local, msg)
             self._send(msg)
             while True:
                 reply = self._handle(self._recv())  # (integrations that finished before the answer: taken)
