@@ -49,6 +49,7 @@ PARTS = [
     ('permanence: carry hold', 'permanence', 'carry_hold'),
     ('permanence: update hold', 'permanence', 'update_hold'),
     ('permanence: complete hold', 'permanence', 'complete_hold'),
+    ('permanence: seen as scenery', 'permanence', 'SeenAsScenery.at'),
     ('cleanup: threshold + morphology', 'mask_cleanup', 'clean_mask'),
     ('cleanup: snap to depth edges', 'mask_cleanup', 'snap_to_depth_edges'),
     ('cleanup: drop background', 'mask_cleanup', 'drop_background_segments'),
@@ -96,9 +97,11 @@ def install(prof: Profiler) -> dict:
             ('flow_cue', 'depth_cue', 'mask_cleanup', 'permanence', 'segmentation', 'reconstructor', 'rgbd_step')]
     from dynrecon_ros.segmentation import MotionSegmenter
     for label, mod, name in PARTS:
-        if '.' in name:
+        if '.' in name:  # a method: wrapped on its class
             cls, meth = name.split('.')
-            setattr(MotionSegmenter, meth, prof.wrap(label, getattr(MotionSegmenter, meth)))
+            klass = getattr(importlib.import_module(f'dynrecon_ros.{mod}'), cls, None)
+            if klass is not None:
+                setattr(klass, meth, prof.wrap(label, getattr(klass, meth)))
             continue
         orig = getattr(importlib.import_module(f'dynrecon_ros.{mod}'), name, None)
         if orig is None:  # a part this version of the code does not have (comparing with an older one)

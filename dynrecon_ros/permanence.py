@@ -21,7 +21,8 @@ the hold spreads over the depth-connected smooth surfaces it mostly covers (:fun
 a still thing shows no motion to win back the pixels its hold loses from frame to frame), but not
 from one piece of a continuous surface to the next.
 What was never seen moving is never held: a person who comes into view as they stop, or who stood
-hidden behind another the whole time they moved, stays static until they walk on.
+hidden behind another the whole time they moved, stays static until they walk on. Nor does the hold
+spread onto what the partners it came from saw as scenery at the same place (:class:`SeenAsScenery`).
 """
 from __future__ import annotations
 
@@ -102,10 +103,47 @@ def carry_hold(hold_j: np.ndarray, depth_k: np.ndarray, K_k: np.ndarray, depth_j
     return out, surf
 
 
+class SeenAsScenery:
+    """Which pixels of frame k its pair partners saw as scenery: the point, moved by the camera motion into
+    partner j, lands on a pixel that j's final mask left out and whose reading agrees with the predicted
+    depth (:func:`~dynrecon_ros.depth_cue.depth_tolerance`). Asked for a few pixels at a time
+    (:func:`complete_hold`'s candidates), so nothing image-sized is computed when nothing is asked; it keeps
+    references to the partners' arrays, not copies.
+
+    Args:
+        K_k: (3, 3) frame k's intrinsics.
+        partners: [((H, W) bool final mask of j, (H, W) float32 depth of j (0 or inf = no reading; its
+            :func:`~dynrecon_ros.depth_cue.nearest_reading` does), (3, 3) K_j, (4, 4) T_j_k with
+            ``X_j = T_j_k @ X_k``)].
+        cfg: the depth noise model (depth_sigma_a, depth_sigma_b, depth_tol_sigmas, depth_rel_tol).
+    """
+
+    def __init__(self, K_k: np.ndarray, partners: list, cfg: 'SegmentationConfig'):
+        self.K_k, self.partners, self.cfg = K_k, partners, cfg
+
+    def at(self, rows: np.ndarray, cols: np.ndarray, z: np.ndarray) -> np.ndarray:
+        """(M,) bool for frame k's pixels (rows, cols) (M,) with depth z (M,) float32 metres: True where every
+        partner saw scenery there."""
+        out = np.ones(rows.shape, bool)
+        u, v = cols.astype(np.float32), rows.astype(np.float32)
+        for mask_j, depth_j, K_j, T_j_k in self.partners:
+            h, w = mask_j.shape
+            du, dv, z_pred = ego_at(u, v, z, self.K_k, T_j_k, K_j)
+            with np.errstate(invalid='ignore'):
+                x, y = np.rint(u + du), np.rint(v + dv)
+                inside = (x >= 0) & (x < w) & (y >= 0) & (y < h)  # NaN (no ego flow): False
+            xi, yi = np.where(inside, x, 0).astype(np.intp), np.where(inside, y, 0).astype(np.intp)
+            z_j = np.where(inside, depth_j[yi, xi], np.float32(0))
+            with np.errstate(invalid='ignore'):
+                seen = (z_j > 0) & np.isfinite(z_j) & (np.abs(z_j - z_pred) <= depth_tolerance(z_pred, z_j, self.cfg))
+            out &= inside & ~mask_j[yi, xi] & seen
+        return out
+
+
 def complete_hold(hold: np.ndarray, held: np.ndarray, depth: np.ndarray, fraction: float,
                   crease: float, segments: tuple | None = None, moving: np.ndarray | None = None,
                   static: np.ndarray | None = None, moving_share: float = 0.01,
-                  max_continuity: float = 0.8) -> tuple[np.ndarray, np.ndarray]:
+                  max_continuity: float = 0.8, scenery: SeenAsScenery | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The hold spread over the depth-connected smooth surfaces it mostly covers (region completion
     of :mod:`dynrecon_ros.mask_cleanup`, for what stands still).
 
@@ -123,7 +161,12 @@ def complete_hold(hold: np.ndarray, held: np.ndarray, depth: np.ndarray, fractio
     call static (``static``) are the static part of the surface: they are not joined. Joined, the
     patch would hold itself (static scenery passes every check of :func:`carry_hold`) and take static
     pixels from the pose; a surface whose held part stands still (a person who stopped) still joins
-    all of it, as a still thing looks static everywhere.
+    all of it, as a still thing looks static everywhere, except what both pair partners the hold came
+    from saw as scenery at the same place (``scenery``, :class:`SeenAsScenery`: outside their final mask,
+    at the predicted depth). A held thing that no cue sees move (a camouflaged mover; a person who
+    stopped) and whose foot meets the floor at its own depth otherwise joined the whole floor, which then
+    held itself (camouflage seed 921: 12-16k pixels of floor for 44 frames, mask IoU 0.57); asking the
+    nearest partner alone kept a person's arm from being won back once one frame had lost it.
 
     A still surface that does not stand out of its surroundings (:func:`stands_out`: a piece of floor
     or wall that sensor noise cut off the rest) is joined too, but its joined pixels are marked
@@ -149,6 +192,7 @@ def complete_hold(hold: np.ndarray, held: np.ndarray, depth: np.ndarray, fractio
             With ``moving``, the guard above; without, none.
         moving_share: 0..1 share of a surface's held pixels with motion evidence that makes it moving.
         max_continuity: 0..1 :func:`stands_out`'s; 1: every surface stands out (nothing marked).
+        scenery: optional :class:`SeenAsScenery` of this frame: its pixels are never joined.
 
     Returns:
         held (H, W) bool and stamps (H, W) float32, both grown.
@@ -169,6 +213,9 @@ def complete_hold(hold: np.ndarray, held: np.ndarray, depth: np.ndarray, fractio
     oldest = np.full(n, np.inf)
     np.minimum.at(oldest, lab_held, stamps_of(hold_held).astype(np.float64))  # held pixels only: a few thousand
     joined = grow[labels] & ~held
+    if scenery is not None and joined.any():
+        rows, cols = np.nonzero(joined)
+        joined[rows, cols] = ~scenery.at(rows, cols, depth[rows, cols])
     live = np.zeros(n, bool)
     if moving is not None:
         n_mov = np.bincount(lab_held, weights=moving[held], minlength=n)

@@ -36,7 +36,7 @@ from dynrecon_ros.flow_cue import (ego_explains_appearance, ego_flow, flow_match
 from dynrecon_ros.mask_cleanup import (clean_mask, complete_regions, drop_background_segments,  # noqa: F401
                                        refine_upsampled_mask, snap_holes_to_colour_edges, snap_to_depth_edges,
                                        surface_segments)
-from dynrecon_ros.permanence import carry_hold, complete_hold, held_pixels, update_hold
+from dynrecon_ros.permanence import SeenAsScenery, carry_hold, complete_hold, held_pixels, update_hold
 from dynrecon_ros.segmentation_config import SegmentationConfig  # noqa: F401 (re-exported: its users' name)
 
 
@@ -83,8 +83,8 @@ class MotionSegmenter:
     def __init__(self, cfg: SegmentationConfig | None = None):
         self.cfg = cfg or SegmentationConfig()
         self._state: OrderedDict[str, tuple[np.ndarray, np.ndarray, int]] = OrderedDict()
-        # key -> ((inherited hold map, where a partner held the same surface) or None, hold map after the
-        # frame's last cleaning or None, call)
+        # key -> ((inherited hold map, where a partner held the same surface, SeenAsScenery) or None, hold map
+        # after the frame's last cleaning or None, call, that cleaning's (H, W) bool mask or None)
         self._holds: OrderedDict[str, tuple] = OrderedDict()
         self._calls = 0
         # the first stamp seen (float64 s): hold maps keep float32 stamps relative to it (an absolute ROS
@@ -264,29 +264,33 @@ class MotionSegmenter:
             # the hold maps of frame k's nearest and farthest pair partners in time carried to k, the farthest's
             # where the nearest's holds nothing: a still thing that a passer-by hid in the nearest partner keeps
             # the hold of an older partner that saw it (the depth check still drops what left); and (H, W) bool
-            # where either partner held the same surface (the depth check alone, see complete_hold's static)
+            # where either partner held the same surface (the depth check alone, see complete_hold's static), and
+            # which of k's pixels both saw as scenery (complete_hold's scenery)
             partners = [j for (i, j) in flows if i == k and self._holds.get(keys[j], (None, None))[1] is not None]
             partners = [j for j in partners if np.isfinite(self._holds[keys[j]][1]).any()]
             if not partners:
-                return None, None
+                return None, None, None
             by_time = sorted(partners, key=lambda j: abs(stamps[j] - stamps[k]))
             out = was = None
-            for j in by_time[:1] + by_time[1:][-1:]:  # the nearest and the farthest (most likely before a passer-by)
+            used = by_time[:1] + by_time[1:][-1:]  # the nearest and the farthest (most likely before a passer-by)
+            for j in used:
                 h_j, w_j = carry_hold(self._holds[keys[j]][1], depths[k], Ks[k], depths[j], Ks[j], inv[j] @ poses[k],
                                       self.cfg, None if images is None else images[k],
                                       None if images is None else images[j], ego=ego.get((k, j)))
                 out = h_j if out is None else np.where(np.isnan(out), h_j, out)
                 was = w_j if was is None else was | w_j
-            return out, was
+            # (the partners' depth as their per-frame nearest readings, or a copy: not a view that keeps the window alive)
+            return out, was, SeenAsScenery(Ks[k], [(self._holds[keys[j]][3], depths[j].copy() if near is None else near[j],
+                                                     Ks[j], inv[j] @ poses[k]) for j in used], self.cfg)
 
-        holds = {}  # what each frame to clean inherited, (hold, was held) (never its own earlier verdict: no self-locking)
+        holds = {}  # what each frame to clean inherited, (hold, was held, scenery) (never its own earlier verdict: no self-locking)
         if permanence:
             for k in todo:
                 holds[k] = self._holds[keys[k]][0] if keys[k] in self._holds else inherit(k)
 
         def clean(k):  # pixels without any evidence are not known static (region completion)
             p = probs[k].copy()
-            hold, was = holds.get(k) or (None, None)
+            hold, was, scenery = holds.get(k) or (None, None, None)
             held = held_pixels(hold, stamps[k], self.cfg.still_after_s) if permanence else None
             # the depth's surfaces, found once for the hold's and the mask's completion (prepared in stage A, or
             # found here when the hold needs them, else by clean_mask when its mask has pixels)
@@ -304,7 +308,8 @@ class MotionSegmenter:
                         static &= ~was
                     moving = p > self.cfg.threshold
                 held, hold = complete_hold(hold, held, depths[k], self.cfg.hold_grow_fraction, self.cfg.crease, segs,
-                                           moving, static, self.cfg.hold_moving_share, self.cfg.max_continuity)
+                                           moving, static, self.cfg.hold_moving_share, self.cfg.max_continuity,
+                                           scenery)
                 p[held] = 1.0
             return clean_mask(p, self.cfg, depths[k], evidence=self._state[keys[k]][1] > 0, segments=segs), hold
 
@@ -312,7 +317,7 @@ class MotionSegmenter:
             masks[k] = m
             if permanence:
                 self._holds[keys[k]] = (holds[k], update_hold(hold, m, probs[k] > self.cfg.threshold, stamps[k]),
-                                        self._calls)
+                                        self._calls, m > 0)
         if todo:
             self._masks_seen = bool(masks[todo].any())
         if permanence:  # frames not cleaned now (the newest) inherit the holds just updated
@@ -320,7 +325,7 @@ class MotionSegmenter:
                 if k not in holds and not skip[k]:
                     h_k = inherit(k)
                     if h_k[0] is not None:
-                        self._holds[keys[k]] = (h_k, None, self._calls)
+                        self._holds[keys[k]] = (h_k, None, self._calls, None)
         self._forget()
         return probs, masks
 

@@ -810,8 +810,8 @@ def test_object_permanence_does_not_hold_static_surface_merged_with_a_moving_mov
     if hold_moving_share <= 1:
         assert max(on_ledge) < 0.05 * ledge.sum(), on_ledge
         assert min(boxes) >= 0.9, boxes  # the box itself is still masked whole
-    else:
-        assert max(on_ledge) > 0.5 * ledge.sum(), on_ledge
+    else:  # (the check that the partner saw the ledge as scenery slows this creep: 44 % in 7 frames, growing)
+        assert max(on_ledge) > 0.3 * ledge.sum(), on_ledge
 
 
 @pytest.mark.parametrize('scene', ['floor', 'box'])
@@ -848,3 +848,32 @@ def test_hold_completion_does_not_spread_from_piece_to_piece_of_a_continuous_sur
     else:  # the box's joined pixels count: its whole surface is held again, with the oldest stamp
         assert held2[:, :60].all() and not held2[:, 60:].any()
         np.testing.assert_array_equal(stamps_of(hold2)[:, 10:30], 1.0)
+
+
+@pytest.mark.parametrize('check', [True, False])
+def test_object_permanence_does_not_hold_scenery_merged_with_a_still_mover(check, monkeypatch):
+    # a box (columns 40..79 once still) that stops at frame 5 on a static ledge across the image at its own
+    # depth (one surface of surface_segments, as a mover's foot and the floor where the crease is lost); once
+    # still, no cue tells the box's part of that surface from the ledge's, and the box covers > 20 % of it.
+    # The ledge was scenery (unmasked, at the same depth) in the nearest pair partner: the hold's completion
+    # does not join it (check False: it does, and the whole ledge then holds itself). Next to the box the
+    # cleaning's snapping masks a few pixels of the ledge, which the hold keeps (no cue can say otherwise)
+    from dynrecon_ros import permanence
+    if not check:
+        monkeypatch.setattr(permanence.SeenAsScenery, 'at', lambda self, rows, cols, z: np.zeros(rows.shape, bool))
+    ents, gt, flow = _stop_and_go(n=20)
+    ledge = np.zeros((H, W), bool)
+    ledge[90:104, :] = True
+    for e in ents:
+        e.frame.depth = e.frame.depth.copy()
+        e.frame.depth[ledge] = BOX_Z
+    masks = _run_like_the_reconstructor(MotionSegmenter(SegmentationConfig()), ents, flow)
+    far = ledge.copy()
+    far[:, 20:100] = False  # the ledge more than 20 pixels from the still box
+    on_far = [int((masks[k] & far).sum()) for k in range(6, 19)]
+    boxes = [(masks[k] & gt[k]).sum() / gt[k].sum() for k in range(6, 19)]
+    assert min(boxes) >= 0.95, boxes  # the still box itself stays held
+    if check:
+        assert max(on_far) == 0, on_far
+    else:
+        assert min(on_far) > 0.3 * far.sum(), on_far
