@@ -84,8 +84,7 @@ def carry_hold(hold_j: np.ndarray, depth_k: np.ndarray, K_k: np.ndarray, depth_j
     bx, by, zp = np.ascontiguousarray(mx[box]), np.ascontiguousarray(my[box]), z_pred[box]
     zj_meas = cv2.remap(np.asarray(depth_j, dtype=np.float32), bx, by, cv2.INTER_NEAREST,
                         borderMode=cv2.BORDER_CONSTANT, borderValue=0)
-    with np.errstate(invalid='ignore'):
-        same = (zj_meas > 0) & (np.abs(zj_meas - zp) <= depth_tolerance(zp, zj_meas, cfg))
+    same = _same_surface(zj_meas, zp, cfg)
     surf = np.zeros((h, w), bool)
     surf[box] = same & fin[box]
     if gray_k is not None and gray_j is not None:
@@ -101,6 +100,13 @@ def carry_hold(hold_j: np.ndarray, depth_k: np.ndarray, K_k: np.ndarray, depth_j
     out = np.full((h, w), np.nan, np.float32)
     out[box] = np.where(same, held[box], np.nan)
     return out, surf
+
+
+def _same_surface(z_meas: np.ndarray, z_pred: np.ndarray, cfg: 'SegmentationConfig') -> np.ndarray:
+    """bool, elementwise: a reading ``z_meas`` (0, inf or NaN = none) is the predicted point ``z_pred`` (NaN = none)
+    within the depth noise model (:func:`~dynrecon_ros.depth_cue.depth_tolerance`): the same surface seen."""
+    with np.errstate(invalid='ignore'):
+        return (z_meas > 0) & np.isfinite(z_meas) & (np.abs(z_meas - z_pred) <= depth_tolerance(z_pred, z_meas, cfg))
 
 
 class SeenAsScenery:
@@ -134,9 +140,7 @@ class SeenAsScenery:
                 inside = (x >= 0) & (x < w) & (y >= 0) & (y < h)  # NaN (no ego flow): False
             xi, yi = np.where(inside, x, 0).astype(np.intp), np.where(inside, y, 0).astype(np.intp)
             z_j = np.where(inside, depth_j[yi, xi], np.float32(0))
-            with np.errstate(invalid='ignore'):
-                seen = (z_j > 0) & np.isfinite(z_j) & (np.abs(z_j - z_pred) <= depth_tolerance(z_pred, z_j, self.cfg))
-            out &= inside & ~mask_j[yi, xi] & seen
+            out &= inside & ~mask_j[yi, xi] & _same_surface(z_j, z_pred, self.cfg)
         return out
 
 
