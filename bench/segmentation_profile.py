@@ -38,6 +38,7 @@ PARTS = [
     ('hole candidates', 'depth_cue', 'fill_candidates'),
     ('photometric check', 'flow_cue', 'ego_explains_appearance'),
     ('photometric: box means', 'flow_cue', 'nan_box_mean'),
+    ('flow matched scenery elsewhere', 'flow_cue', 'matched_scenery_elsewhere'),
     ('exposure gain', 'flow_cue', 'exposure_gain'),
     ('depth cue: nearest reading', 'depth_cue', 'nearest_reading'),
     ('depth cue: pair probability', 'depth_cue', 'pair_depth_probability'),

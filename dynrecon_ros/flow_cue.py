@@ -269,7 +269,7 @@ def _soft_step(err: np.ndarray, eu: np.ndarray, ev: np.ndarray, cfg: 'Segmentati
 def ego_explains_appearance(gray_i: np.ndarray, gray_j: np.ndarray, eu: np.ndarray, ev: np.ndarray,
                             flow: np.ndarray, radius: int = 2, where: np.ndarray | None = None,
                             landing: tuple | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(H, W) float32 (and the match error, below): how much better frame j seen through the ego flow looks
+    """(H, W) float32 (and the match error and gain, below): how much better frame j seen through the ego flow looks
     like frame i than seen through the optical flow: the difference of their mean absolute differences over
     (2 radius + 1)^2 pixels, after one gain for the pair (grey levels; > 0: the ego flow explains
     the appearance better; NaN where either warp leaves the image).
@@ -289,16 +289,16 @@ def ego_explains_appearance(gray_i: np.ndarray, gray_j: np.ndarray, eu: np.ndarr
         landing: optional ((H, W), (H, W)) float32 ``u + flow[..., 0]``, ``v + flow[..., 1]`` (where the optical
             flow lands, as :func:`pair_probability_and_landing` gives it), instead of adding them here.
     Returns:
-        (the difference, the match error): the (H, W) float32 mean absolute difference (after the gain) of
+        (the difference, the match error, the gain): the (H, W) float32 mean absolute difference (after the gain) of
         frame j seen through the optical flow alone (how well the flow's match looks like frame i; NaN where
         it leaves the image or outside ``where``'s box): the one verdict left where the ego warp has none
-        (see :func:`flow_match_unconfirmed`).
+        (see :func:`flow_match_unconfirmed`); and the pair's gain (1.0 when ``where`` is empty).
     """
     h, w = gray_i.shape
     out = np.full((h, w), np.nan, np.float32)
     match = np.full((h, w), np.nan, np.float32)
     if where is not None and not where.any():
-        return out, match
+        return out, match, 1.0
     gj = np.asarray(gray_j, dtype=np.float32)
     u, v = pixel_axes(h, w)
     lost = np.float32(-1e4)  # where there is no ego flow: outside the image (the border's NaN)
@@ -332,7 +332,7 @@ def ego_explains_appearance(gray_i: np.ndarray, gray_j: np.ndarray, eu: np.ndarr
     means = [_nan_box_mean_of_abs(np.subtract(x, gi, out=x), win, buf) for x, buf in ((opt, mx), (ego, my))]
     match[box] = means[0]
     out[box] = np.subtract(means[0], means[1], out=means[0])
-    return out, match
+    return out, match, gain
 
 
 # a pair whose flow passes the forward-backward check on less than this share of the pixels that both frames see
@@ -523,3 +523,69 @@ def splat_to_target(prob_i: np.ndarray, flow: np.ndarray, z_j: np.ndarray) -> np
     out = np.full(h * w, np.nan, dtype=np.float32)
     out[idx[win]] = val[win]
     return out.reshape(h, w)
+
+
+
+def matched_scenery_elsewhere(cand: np.ndarray, landing: tuple, gray_i: np.ndarray, gray_j: np.ndarray,
+                              depth_j: np.ndarray, K_i, K_j, T_i_j, gain: float, tol: float,
+                              radius: int = 2) -> np.ndarray:
+    """(H, W) bool: the ``cand`` pixels of frame i whose optical flow landed on a point of frame j that the
+    static hypothesis shows elsewhere in frame i, looking the same there (mean absolute grey difference over
+    (2 radius + 1)^2 pixels at most ``tol`` after the pair's ``gain``).
+
+    Such a match says nothing about the pixel: frame i already shows that point at its own place, as scenery
+    (the pixel looks like it: a repeated or weak texture). It is the case of static content entering the
+    view beside a near edge under a pan: the ego flow puts the pixel out of frame j's view (so the
+    photometric check has no verdict), and DIS's near-zero flow at the border finds the wall beside it
+    and passes the forward-backward check (stop_and_go 922's held border strip). A mover seen in j is
+    not where the static hypothesis puts its point in frame i: what frame i shows there differs (unless
+    the mover and what lies there look alike, and then nothing tells them apart).
+
+    Args:
+        cand: (H, W) bool pixels of frame i to judge (few: the work is per pixel).
+        landing: ((H, W), (H, W)) float32 where the optical flow i -> j lands in frame j.
+        gray_i, gray_j: (H, W) grey images of frames i and j.
+        depth_j: (H, W) float32 depth of frame j (0 or NaN = none: no verdict).
+        K_i, K_j: (3, 3) intrinsics; T_i_j: (4, 4) pose of camera j in camera i's frame.
+        gain: frame j's brightness over frame i's (:func:`exposure_gain`).
+        tol: grey levels.
+    """
+    h, w = cand.shape
+    out = np.zeros((h, w), bool)
+    ys, xs = np.nonzero(cand)
+    if not len(ys):
+        return out
+    lu, lv = landing[0][ys, xs], landing[1][ys, xs]
+    z = np.asarray(depth_j, dtype=np.float32)[np.clip(np.rint(lv), 0, h - 1).astype(np.intp),
+                                              np.clip(np.rint(lu), 0, w - 1).astype(np.intp)]
+    du, dv, _ = ego_at(lu, lv, z, K_j, T_i_j, K_i)
+    pu, pv = lu + du, lv + dv  # where frame i shows that point if it is scenery
+    with np.errstate(invalid='ignore'):
+        ok = (pu >= 0) & (pu <= w - 1) & (pv >= 0) & (pv <= h - 1)  # (NaN: False)
+        ok &= np.hypot(pu - xs, pv - ys) > 1.0  # (there, the flow agrees with the ego flow)
+    if not ok.any():
+        return out
+    ys, xs = ys[ok], xs[ok]
+    o = np.arange(-radius, radius + 1, dtype=np.float32)
+    ou, ov = np.tile(o, len(o)), np.repeat(o, len(o))
+
+    def samples(img, cu, cv_):  # (M, (2 radius + 1)^2) bilinear samples around (cu, cv_) (M,)
+        # laid out 1024 to a row: cv2.remap takes fewer than 32767 rows and columns
+        mu = (cu[:, None] + ou).ravel()
+        mv = (cv_[:, None] + ov).ravel()
+        pad = -len(mu) % 1024
+        mu, mv = (np.concatenate([m, np.zeros(pad, np.float32)]).reshape(-1, 1024) for m in (mu, mv))
+        # (a NaN border would spoil the last row and column too: OpenCV weighs the pixel beyond by 0)
+        got = cv2.remap(np.asarray(img, dtype=np.float32), mu, mv, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        with np.errstate(invalid='ignore'):
+            np.copyto(got, np.float32(np.nan), where=~((mu >= 0) & (mu <= w - 1) & (mv >= 0) & (mv <= h - 1)))
+        return got.ravel()[:len(cu) * len(ou)].reshape(len(cu), len(ou))
+
+    seen_j = samples(gray_j, lu[ok], lv[ok])
+    seen_i = samples(gray_i, pu[ok], pv[ok])
+    with np.errstate(invalid='ignore'):
+        diff = np.abs(seen_j - np.float32(gain) * seen_i)
+        n = np.count_nonzero(diff == diff, axis=1)  # not NaN
+        mean = np.nansum(diff, axis=1) / np.maximum(n, 1)
+    out[ys, xs] = (n >= 0.5 * len(ou)) & (mean <= np.float32(tol))
+    return out

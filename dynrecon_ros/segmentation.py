@@ -31,7 +31,7 @@ from dynrecon_ros.depth_cue import (fill_candidates, nearest_reading, pair_depth
 from dynrecon_ros.errors import InputError
 from dynrecon_ros.flow import to_gray
 from dynrecon_ros.flow_cue import (ego_explains_appearance, ego_flow, flow_match_unconfirmed,  # noqa: F401
-                                   pair_dynamic_probability, pair_probability, pair_probability_and_landing,
+                                   matched_scenery_elsewhere, pair_dynamic_probability, pair_probability, pair_probability_and_landing,
                                    pull_from_source, refine_relative_pose, splat_to_target)
 from dynrecon_ros.mask_cleanup import (clean_mask, complete_regions, drop_background_segments,  # noqa: F401
                                        refine_upsampled_mask, snap_holes_to_colour_edges, snap_to_depth_edges,
@@ -51,6 +51,9 @@ def frame_grey(frame) -> np.ndarray:
         g = (frame.rgb, to_gray(frame.rgb))
         frame.__dict__[_GREY] = g
     return g[1]
+
+
+_MISMATCH = 2  # a pair's flow_mismatch map among its cues' evidence (0 flow, 1 depth)
 
 
 def _cue_mean(ps: list[np.ndarray] | None) -> np.ndarray | None:
@@ -96,6 +99,9 @@ class MotionSegmenter:
         self._frame_cache: OrderedDict[tuple[str, str], tuple] = OrderedDict()
         self._cache_lock = threading.Lock()
         self._masks_seen = False  # a cleaned mask had pixels (then stage A prepares the depth's surfaces too)
+        # key -> (H, W) bool: where the last call's pairs found frame's optical flow matching scenery shown
+        # elsewhere (:func:`matched_scenery_elsewhere`): no motion evidence, and no correspondence for a pose
+        self.flow_mismatch: dict[str, np.ndarray] = {}
 
     def __len__(self) -> int:
         """Number of frame keys currently remembered."""
@@ -109,6 +115,7 @@ class MotionSegmenter:
         self._masks_seen = False
         self._calls = 0
         self._epoch = None
+        self.flow_mismatch = {}
 
     def segment(self, keys: list[str], depths: np.ndarray, K: np.ndarray, poses: np.ndarray,
                 flows: dict, flow_valid: dict | None = None,
@@ -188,8 +195,12 @@ class MotionSegmenter:
 
         ego = {}  # (i, j) -> ego flow u, v and depth in j of frame i's points (no rolling shutter)
 
-        def pair(item):  # evidence of one pair: [(cue, frame, probability)]
+        def pair(item):  # evidence of one pair: [(cue, frame, probability)] (cue _MISMATCH: flow_mismatch's maps)
             (i, j), flow = item
+            mismatch = []
+            return pair_evidence(i, j, flow, mismatch) + mismatch
+
+        def pair_evidence(i, j, flow, mismatch):
             carry = (j, i) not in flows and not skip[j]  # frame j gets the evidence carried along the flow
             if skip[i] and not carry:
                 return []
@@ -206,8 +217,8 @@ class MotionSegmenter:
                 # about as well (a uniform surface, where flow means little): no evidence
                 with np.errstate(invalid='ignore'):
                     suspect = p > 0.01  # only flow evidence of motion needs the check
-                better, match = ego_explains_appearance(grey[i], grey[j], eu, ev, flow, where=suspect,
-                                                        landing=landing)
+                better, match, gain = ego_explains_appearance(grey[i], grey[j], eu, ev, flow, where=suspect,
+                                                              landing=landing)
                 with np.errstate(invalid='ignore'):
                     np.copyto(p, np.float32(0), where=better >= 1.0)
                     np.copyto(p, np.float32(np.nan), where=(better >= 0) & (better < 1.0))
@@ -216,6 +227,14 @@ class MotionSegmenter:
                     # pair's flow failed elsewhere: the flow found nothing (the point is out of view in j)
                     np.copyto(p, np.float32(np.nan), where=suspect & flow_match_unconfirmed(
                         better, match, eu, ev, self.cfg.match_grey_tol, flow_valid.get((i, j))))
+                if self.cfg.scenery_grey_tol > 0:
+                    # no verdict, and the flow landed on scenery that frame i shows at its own place: no evidence
+                    with np.errstate(invalid='ignore'):
+                        cand = np.isnan(better) & (p > np.float32(self.cfg.threshold))
+                    wrong = matched_scenery_elsewhere(cand, landing, grey[i], grey[j], depths[j], Ks[i], Ks[j],
+                                                      inv[i] @ poses[j], gain, self.cfg.scenery_grey_tol)
+                    np.copyto(p, np.float32(np.nan), where=wrong)
+                    mismatch.append((_MISMATCH, i, wrong))
             cues = [p] if near is None else [p, pair_depth_probability(zj, eu, ev, near[j], self.cfg)]
             out = [] if skip[i] else [(c, i, pc) for c, pc in enumerate(cues)]
             if carry:
@@ -242,6 +261,7 @@ class MotionSegmenter:
         for ev in self._map(pair, list(flows.items())):
             for c, k, p in ev:
                 evidence.setdefault((c, k), []).append(p)
+        self.flow_mismatch = {keys[k]: np.logical_or.reduce(v) for (c, k), v in evidence.items() if c == _MISMATCH}
         probs = np.zeros((n, h, w), np.float32)
         masks = np.zeros((n, h, w), np.uint8)
         for k, key in enumerate(keys):

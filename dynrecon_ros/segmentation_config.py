@@ -96,6 +96,12 @@ class SegmentationConfig:
             forward-backward check there: a static scene's border flagged) and the pair gives no evidence
             there. A mover following the camera at the border is matched and keeps it
             (:func:`~dynrecon_ros.flow_cue.flow_match_unconfirmed`); 0 disables.
+        scenery_grey_tol: where the photometric check has no verdict, a pair's flow evidence of motion
+            (above ``threshold``) does not count when the optical flow landed on a point of the other frame
+            that the static hypothesis shows elsewhere in this frame, looking the same there (5 x 5 mean
+            absolute grey difference after one gain at most this): the flow matched scenery, not the pixel
+            (a wall panned into view beside a near edge, where DIS's flow is near zero)
+            (:func:`~dynrecon_ros.flow_cue.matched_scenery_elsewhere`); 0 disables.
         crease: relative second difference of inverse depth over 3 pixels that separates two
             surfaces meeting at an angle (a mover's feet and the floor), so completion stops there.
         hold_grow_fraction: a smooth depth-connected surface that held pixels cover for at least this
@@ -145,6 +151,7 @@ class SegmentationConfig:
     still_after_s: float = 5.0
     hold_grey_tol: float = 12.0
     match_grey_tol: float = 12.0
+    scenery_grey_tol: float = 12.0
     crease: float = 0.01
     hold_grow_fraction: float = 0.2
     hold_moving_share: float = 0.01
@@ -168,8 +175,9 @@ class SegmentationConfig:
                      'colour_snap_px'):
             if getattr(self, name) < 0:
                 raise InputError(f'segmentation {name} must be >= 0, got {getattr(self, name)}')
-        if self.match_grey_tol < 0:
-            raise InputError(f'segmentation match_grey_tol must be >= 0 (0 = off), got {self.match_grey_tol}')
+        for name in ('match_grey_tol', 'scenery_grey_tol'):
+            if getattr(self, name) < 0:
+                raise InputError(f'segmentation {name} must be >= 0 (0 = off), got {getattr(self, name)}')
         if self.max_tracked_frames < 1 or self.forget_after_calls < 1 or self.threads < 1:
             raise InputError('segmentation max_tracked_frames, forget_after_calls and threads must be >= 1')
         for name in ('attention_min_contrast', 'attention_min_separation'):

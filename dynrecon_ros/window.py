@@ -27,7 +27,7 @@ class WindowEntry:
     pose: np.ndarray | None = None  # (4, 4) world<-camera
     fixed: bool = False  # held to its estimate by the alignment
     keyframe: bool = False
-    mask: np.ndarray | None = None  # (H, W) bool dynamic, once segmented
+    mask: np.ndarray | None = None  # (H, W) bool dynamic (RGB-D: or flow known wrong), once segmented: the pose prior
     data: dict = field(default_factory=dict)
 
     @property

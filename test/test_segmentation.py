@@ -1,6 +1,7 @@
 """Motion segmentation: ego flow by hand-computable cases, the segmenter on a synthetic wall + moving box."""
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from dynrecon_ros.errors import InputError
 from dynrecon_ros.flow import fb_consistency
@@ -159,16 +160,20 @@ def test_segmenter_static_scene_has_no_false_positives():
     assert probs.mean() < 0.05
 
 
-def _out_of_view_pair(follow: bool):
+def _out_of_view_pair(follow: bool, blur: float = 0.0):
     """A textured wall at 3 m seen by frame 0 and by frame 1 turned 8.6 degrees: frame 1's right edge (about 26
     columns) is out of frame 0's view. The flow 1 -> 0 is zero there, where it passes the forward-backward check,
     and exact but failing that check elsewhere (DIS losing the large displacement). ``follow``: a patch at that
     edge looks the same at the same pixel in both frames (a thing carried with the camera; its flow 0 is a true
-    match). Returns depths (2, H, W), poses (2, 4, 4), flows, flow_valid, grey images (2, H, W) uint8,
-    out-of-view and patch (H, W) bool."""
+    match). ``blur``: the wall's texture blurred by a Gaussian of this many cells (a texture that the camera
+    resolves: the same point seen in both frames looks the same). Returns depths (2, H, W), poses (2, 4, 4),
+    flows, flow_valid, grey images (2, H, W) uint8, out-of-view and patch (H, W) bool."""
     cv2 = pytest.importorskip('cv2')
     rng = np.random.default_rng(3)
     tex = rng.uniform(0, 255, (200, 400)).astype(np.float32)  # 2 cm cells, about a pixel at 3 m
+    if blur:
+        tex = cv2.GaussianBlur(tex, (0, 0), blur)
+        tex = (tex - tex.mean()) * (60 / tex.std()) + 128  # (contrast restored)
     u, v = np.meshgrid(np.arange(W, dtype=np.float64), np.arange(H, dtype=np.float64))
     rays = np.stack([(u - K[0, 2]) / F, (v - K[1, 2]) / F, np.ones_like(u)], -1)
     poses = np.stack([np.eye(4), _T(_rot_y(0.15))])
@@ -209,9 +214,37 @@ def test_failed_flow_that_matched_nothing_out_of_view_is_no_evidence(follow):
     off, _ = MotionSegmenter(SegmentationConfig(match_grey_tol=0)).segment(['a', 'b'], depths, K, poses, flows,
                                                                            valid, images=images)
     assert (off[1][wall] > 0.5).mean() > 0.9  # the gate off: the flow's failure reads as motion
-    # a pair whose flow holds on the rest of the view gives no sign that it failed: the evidence stays
-    held, _ = MotionSegmenter().segment(['a', 'b'], depths, K, poses, flows, images=images)
+    # a pair whose flow holds on the rest of the view gives no sign that it failed: the evidence stays (unless
+    # the flow matched scenery that frame 1 shows elsewhere: the next test)
+    held, _ = MotionSegmenter(SegmentationConfig(scenery_grey_tol=0)).segment(['a', 'b'], depths, K, poses, flows,
+                                                                              images=images)
     assert (held[1][wall] > 0.5).mean() > 0.9
+
+
+@pytest.mark.parametrize('follow', [False, True])
+def test_flow_that_matched_scenery_shown_elsewhere_is_no_evidence(follow):
+    # the same edge out of frame 0's view, in a pair whose flow holds elsewhere: the zero flow lands on the wall
+    # that frame 1 shows 26 columns to the left, looking the same there (a wall panned into view: stop_and_go 922's
+    # held border strip). That match is no evidence. The patch that follows the camera is not where the static
+    # hypothesis puts what the flow matched (frame 1 shows wall there): still motion
+    depths, poses, flows, _, images, out, patch = _out_of_view_pair(follow, blur=2.0)
+    seg = MotionSegmenter()
+    probs, _ = seg.segment(['a', 'b'], depths, K, poses, flows, images=images)
+    wall = out & ~ndimage.binary_dilation(patch, np.ones((5, 5), bool))  # (a 5 x 5 window reaching the patch sees it)
+    assert (probs[1][wall] > 0.5).mean() < 0.02, (probs[1][wall] > 0.5).mean()
+    # and the segmenter says where the flow is wrong (the RGB-D pose step keeps those pixels out of its pairs)
+    assert seg.flow_mismatch['b'][wall].mean() > 0.9 and not seg.flow_mismatch['b'][patch].any()
+    assert seg.flow_mismatch['b'][~out].sum() == 0
+    if follow:
+        assert (probs[1][32:58, W - 12:] > 0.5).mean() > 0.95
+    off, _ = MotionSegmenter(SegmentationConfig(scenery_grey_tol=0)).segment(['a', 'b'], depths, K, poses, flows,
+                                                                             images=images)
+    assert (off[1][wall] > 0.5).mean() > 0.9  # the check off: the match reads as motion
+    # frame 0 exposed 25 % shorter: the pair's gain makes the scenery look the same again
+    dark = images.copy()
+    dark[0] = np.round(dark[0] * 0.75).astype(np.uint8)
+    lit, _ = MotionSegmenter().segment(['a', 'b'], depths, K, poses, flows, images=dark)
+    assert (lit[1][wall] > 0.5).mean() < 0.02, (lit[1][wall] > 0.5).mean()
 
 
 def test_segmenter_disabled_returns_all_static():
