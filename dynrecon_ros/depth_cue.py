@@ -89,7 +89,7 @@ def nearest_reading(depth: np.ndarray) -> np.ndarray:
 
 
 def pair_depth_probability(z_pred: np.ndarray, eu: np.ndarray, ev: np.ndarray, near_j: np.ndarray,
-                           cfg: 'SegmentationConfig') -> np.ndarray:
+                           cfg: 'SegmentationConfig', hidden: bool = False):
     """Dynamic probability of frame i's pixels from frame j's depth (see the module docstring).
 
     Args:
@@ -98,9 +98,12 @@ def pair_depth_probability(z_pred: np.ndarray, eu: np.ndarray, ev: np.ndarray, n
         near_j: (H, W) float32 :func:`nearest_reading` of frame j's depth.
         cfg: depth_sigma_a, depth_sigma_b, depth_tol_sigmas, depth_rel_tol, steepness.
 
+        hidden: also return where something nearer stands in front in j.
+
     Returns:
         (H, W) float32 in [0, 1]; NaN where there is no evidence (no depth, lands outside j or on
-        j's holes, or something nearer stands in front in j).
+        j's holes, or something nearer stands in front in j). With ``hidden``: (that, the (H, W) bool
+        pixels whose point j reads nearer than the tolerance: hidden in j, or a mover that stood there).
     """
     h, w = z_pred.shape
     # where frame i's points land in j (NaN -> -1: outside, the border's inf); two float maps, no stacking
@@ -120,10 +123,11 @@ def pair_depth_probability(z_pred: np.ndarray, eu: np.ndarray, ev: np.ndarray, n
         # r = diff / tol; the soft step of max(r, 0); no evidence where j has no reading there, i no
         # depth, or j's reading is nearer by more than the tolerance (r < -1)
         keep = zj < np.inf
+        behind = keep & (diff < -tol) if hidden else None  # (NaN: False)
         keep &= diff >= -tol
         prob = soft_step_of_inverse(np.divide(tol, np.fmax(diff, np.float32(0), out=zj), out=zj), cfg.steepness)
     np.copyto(prob, np.float32(np.nan), where=~keep)
-    return prob
+    return (prob, behind) if hidden else prob
 
 
 def reverse_depth_probability(prob_i: np.ndarray, z_pred: np.ndarray, eu: np.ndarray, ev: np.ndarray,

@@ -386,8 +386,8 @@ class RGBDStep:
                 e.data['prob'] = p
                 e.data.pop('mask', None)  # cleaned later (next step or when emitted)
                 e.mask = p > self.cfg.segmentation.threshold
-        # pixels whose optical flow matched scenery shown elsewhere: no motion, but no correspondence for a pose
-        # either (their flow is wrong; default, 12 seeds: ATE 0.92 mm kept out, 1.02 when the pose used them)
+        # pixels whose optical flow the segmenter found wrong (segmenter.flow_mismatch): no motion, but no
+        # correspondence for a pose either (default, 12 seeds: ATE 0.92 mm kept out, 1.02 when the pose used them)
         for e in ents:
             wrong = self.segmenter.flow_mismatch.get(e.key)
             if wrong is not None and e.mask is not None:

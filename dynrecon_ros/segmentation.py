@@ -99,8 +99,9 @@ class MotionSegmenter:
         self._frame_cache: OrderedDict[tuple[str, str], tuple] = OrderedDict()
         self._cache_lock = threading.Lock()
         self._masks_seen = False  # a cleaned mask had pixels (then stage A prepares the depth's surfaces too)
-        # key -> (H, W) bool: where the last call's pairs found frame's optical flow matching scenery shown
-        # elsewhere (:func:`matched_scenery_elsewhere`): no motion evidence, and no correspondence for a pose
+        # key -> (H, W) bool: where the last call's pairs found the frame's optical flow wrong (it matched scenery
+        # shown elsewhere, :func:`matched_scenery_elsewhere`, or its point is hidden in the pair's other frame,
+        # ``cfg.flow_occlusion_check``): no motion evidence, and no correspondence for a pose
         self.flow_mismatch: dict[str, np.ndarray] = {}
 
     def __len__(self) -> int:
@@ -235,7 +236,18 @@ class MotionSegmenter:
                                                       inv[i] @ poses[j], gain, self.cfg.scenery_grey_tol)
                     np.copyto(p, np.float32(np.nan), where=wrong)
                     mismatch.append((_MISMATCH, i, wrong))
-            cues = [p] if near is None else [p, pair_depth_probability(zj, eu, ev, near[j], self.cfg)]
+            if near is None:
+                cues = [p]
+            else:
+                pd, behind = pair_depth_probability(zj, eu, ev, near[j], self.cfg, hidden=True)
+                if self.cfg.flow_occlusion_check:
+                    # a point that frame j does not see (something nearer stands where the camera motion puts it):
+                    # its optical flow matched something else (the background a passer-by uncovers): no evidence
+                    with np.errstate(invalid='ignore'):
+                        behind &= p > np.float32(self.cfg.threshold)
+                    np.copyto(p, np.float32(np.nan), where=behind)
+                    mismatch.append((_MISMATCH, i, behind))
+                cues = [p, pd]
             out = [] if skip[i] else [(c, i, pc) for c, pc in enumerate(cues)]
             if carry:
                 for c, pc in enumerate(cues):

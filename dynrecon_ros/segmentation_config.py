@@ -102,6 +102,11 @@ class SegmentationConfig:
             absolute grey difference after one gain at most this): the flow matched scenery, not the pixel
             (a wall panned into view beside a near edge, where DIS's flow is near zero)
             (:func:`~dynrecon_ros.flow_cue.matched_scenery_elsewhere`); 0 disables.
+        flow_occlusion_check: a pair's flow evidence of motion (above ``threshold``) does not count where the
+            other frame reads something nearer, beyond the depth cue's tolerance, where the camera motion puts
+            the point: the point is hidden there, and its optical flow matched something else (the background
+            a passer-by uncovers, its flow dragged along with the passer-by); those pixels' flow stays out of
+            the RGB-D pose too (:attr:`MotionSegmenter.flow_mismatch`). Needs ``depth_cue``.
         crease: relative second difference of inverse depth over 3 pixels that separates two
             surfaces meeting at an angle (a mover's feet and the floor), so completion stops there.
         hold_grow_fraction: a smooth depth-connected surface that held pixels cover for at least this
@@ -152,6 +157,7 @@ class SegmentationConfig:
     hold_grey_tol: float = 12.0
     match_grey_tol: float = 12.0
     scenery_grey_tol: float = 12.0
+    flow_occlusion_check: bool = True
     crease: float = 0.01
     hold_grow_fraction: float = 0.2
     hold_moving_share: float = 0.01
