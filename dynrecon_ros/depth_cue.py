@@ -97,7 +97,6 @@ def pair_depth_probability(z_pred: np.ndarray, eu: np.ndarray, ev: np.ndarray, n
         eu, ev: (H, W) float32 ego flow of frame i's pixels into frame j (NaN = invalid).
         near_j: (H, W) float32 :func:`nearest_reading` of frame j's depth.
         cfg: depth_sigma_a, depth_sigma_b, depth_tol_sigmas, depth_rel_tol, steepness.
-
         hidden: also return where something nearer stands in front in j.
 
     Returns:

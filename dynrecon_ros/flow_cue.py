@@ -268,7 +268,7 @@ def _soft_step(err: np.ndarray, eu: np.ndarray, ev: np.ndarray, cfg: 'Segmentati
 
 def ego_explains_appearance(gray_i: np.ndarray, gray_j: np.ndarray, eu: np.ndarray, ev: np.ndarray,
                             flow: np.ndarray, radius: int = 2, where: np.ndarray | None = None,
-                            landing: tuple | None = None) -> tuple[np.ndarray, np.ndarray]:
+                            landing: tuple | None = None) -> tuple[np.ndarray, np.ndarray, float]:
     """(H, W) float32 (and the match error and gain, below): how much better frame j seen through the ego flow looks
     like frame i than seen through the optical flow: the difference of their mean absolute differences over
     (2 radius + 1)^2 pixels, after one gain for the pair (grey levels; > 0: the ego flow explains
@@ -523,7 +523,6 @@ def splat_to_target(prob_i: np.ndarray, flow: np.ndarray, z_j: np.ndarray) -> np
     out = np.full(h * w, np.nan, dtype=np.float32)
     out[idx[win]] = val[win]
     return out.reshape(h, w)
-
 
 
 def matched_scenery_elsewhere(cand: np.ndarray, landing: tuple, gray_i: np.ndarray, gray_j: np.ndarray,

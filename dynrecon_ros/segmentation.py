@@ -31,8 +31,9 @@ from dynrecon_ros.depth_cue import (fill_candidates, nearest_reading, pair_depth
 from dynrecon_ros.errors import InputError
 from dynrecon_ros.flow import to_gray
 from dynrecon_ros.flow_cue import (ego_explains_appearance, ego_flow, flow_match_unconfirmed,  # noqa: F401
-                                   matched_scenery_elsewhere, pair_dynamic_probability, pair_probability, pair_probability_and_landing,
-                                   pull_from_source, refine_relative_pose, splat_to_target)
+                                   matched_scenery_elsewhere, pair_dynamic_probability, pair_probability,
+                                   pair_probability_and_landing, pull_from_source, refine_relative_pose,
+                                   splat_to_target)
 from dynrecon_ros.mask_cleanup import (clean_mask, complete_regions, drop_background_segments,  # noqa: F401
                                        refine_upsampled_mask, snap_holes_to_colour_edges, snap_to_depth_edges,
                                        surface_segments)
