@@ -29,6 +29,13 @@ class WindowConfig:
     keyframes: older keyframes kept as long-pair anchors; keyframe_*: the keyframe rule (motion or
     frame count since the last keyframe); long_stride: extra strided pairs inside the window (0 = off);
     output_lag: a frame's result is emitted (and its pose frozen) this many frames after it arrived.
+    step_every: one accepted frame in this many takes the window step (pairs, alignment, segmentation,
+    map); the frames between are tracked (RGB-D only): their pose from their pairs with the newest stepped
+    frame (its mask as the static prior), the newest keyframe and the next stepped frame, that frame's
+    final mask carried to them along the optical flow; they are emitted right after it and not integrated
+    into the map. 1 = every frame stepped (default); 2: ~0.75x the CPU a frame, poses and masks a little
+    less accurate (README, "Camera rate"). The window, output_lag and the keyframe rule count stepped
+    frames.
     """
 
     size: int = 4
@@ -39,6 +46,7 @@ class WindowConfig:
     keyframe_max_gap: int = 8
     long_stride: int = 0
     output_lag: int = 2
+    step_every: int = 1
 
 
 @dataclass

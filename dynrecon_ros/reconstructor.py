@@ -39,10 +39,11 @@ import numpy as np
 
 from dynrecon_ros.config import ReconConfig
 from dynrecon_ros.errors import InputError
-from dynrecon_ros.flow import FlowCache
+from dynrecon_ros.flow import FlowCache, warp
 from dynrecon_ros.geometry import poses_from_tum
 from dynrecon_ros.map_process import MapProcess
 from dynrecon_ros.memory import keep_freed_heap
+from dynrecon_ros.mask_cleanup import snap_to_depth_edges
 from dynrecon_ros.segmentation import MotionSegmenter, clean_mask, refine_upsampled_mask, snap_holes_to_colour_edges
 from dynrecon_ros.static_map import VoxelMap
 from dynrecon_ros.window import SlidingWindow, WindowEntry, WindowStep
@@ -75,13 +76,31 @@ class Prepared:
 
     frame: the input Frame; work: the frame at its processing size (None: made in stage B, after the
     checks); stats: the checks' image figures (Reconstructor._image_stats; None: made in stage B);
-    flows: {(key_a, key_b): PairFlow} computed ahead for the pairs the frame is expected to get.
+    flows: {(key_a, key_b): PairFlow} computed ahead for the pairs the frame is expected to get;
+    tracked: the frame is one of those between window steps (``window.step_every``).
     """
 
     frame: object
     work: object = None
     flows: dict = field(default_factory=dict)
     stats: tuple | None = None
+    tracked: bool = False
+
+
+@dataclass
+class Tracked:
+    """An accepted frame between window steps (``window.step_every`` > 1), pending its emission right after
+    ``anchor``, the stepped frame it was tracked against: frame (input), work (processing size), T (4, 4) anchor ->
+    frame, bwd (h, w, 2) flow frame -> anchor at the processing size, conf (h, w) float32, links: its pairs
+    (``RGBDStep.track``)."""
+
+    frame: object
+    work: object
+    anchor: WindowEntry
+    T: np.ndarray
+    bwd: np.ndarray
+    conf: np.ndarray
+    links: list
 
 
 def upsample(img: np.ndarray, s: int, size: tuple[int, int], interpolation: int) -> np.ndarray:
@@ -151,6 +170,8 @@ class Reconstructor:
         if w.output_lag < 0 or w.output_lag >= w.size:
             raise InputError(f'window.output_lag must be in [0, window.size-1], got {w.output_lag}')
         self.window = SlidingWindow(w)
+        if w.step_every < 1:
+            raise InputError(f'window.step_every must be >= 1 (1 = every frame takes the window step), got {w.step_every}')
         if cfg.alignment.threads > 0:
             torch.set_num_threads(cfg.alignment.threads)
         if cfg.opencv_threads < 0:
@@ -185,6 +206,10 @@ class Reconstructor:
         self._recent_work: list = []
         # the backend's window step: dynrecon_ros/rgbd_step.py (RGB-D) or dynrecon_ros/monocular.py (networks)
         self.step: WindowStep = predictor.window_step(cfg, self.flows, self.segmenter, self._times, device)
+        if w.step_every > 1 and not hasattr(self.step, 'track'):
+            raise InputError(f'window.step_every {w.step_every}: the {type(self.step).__name__} cannot track frames '
+                             'between window steps (RGB-D only); use 1')
+        self._prepared = 0  # frames prepared: every step_every-th takes the window step, the others are tracked
 
     # ------------------------------------------------------------------ public API
     @property
@@ -213,7 +238,8 @@ class Reconstructor:
         flows depend only on the two images.
         """
         t0 = time.perf_counter()
-        p = Prepared(frame)
+        p = Prepared(frame, tracked=self._prepared % self.cfg.window.step_every != 0)
+        self._prepared += 1
         try:
             if getattr(frame, 'K', None) is None and self.default_K is not None:
                 frame.K = self.default_K
@@ -222,7 +248,7 @@ class Reconstructor:
             return p
         hook = getattr(self.step, 'prepare_frame', None)  # a step's per-frame work that needs no window state
         if hook is not None:
-            hook(p.work)
+            hook(p.work, tracked=p.tracked) if p.tracked else hook(p.work)
         try:
             p.stats = self._image_stats(frame)
         except Exception:  # noqa: BLE001 - stage B computes them again and its checks name the problem
@@ -232,7 +258,9 @@ class Reconstructor:
             return p
         t = time.perf_counter()
         work = p.work
-        olds = list(reversed(self._recent_work)) + [k.frame for k in list(self.window.keyframes)]
+        olds = list(reversed(self._recent_work))
+        kfs = [k.frame for k in list(self.window.keyframes)]
+        olds = olds[:1] + kfs[-1:] if p.tracked else olds + kfs  # (tracked: the newest stepped frame and keyframe)
         recent = {f.key for f in self._recent_work}
         seen = {work.key}
         for old in olds:
@@ -248,7 +276,8 @@ class Reconstructor:
                 pf.valid_fwd
             p.flows[(old.key, work.key)] = pf
         self._ahead_flows.keep_only(set())
-        self._recent_work = (self._recent_work + [work])[-max(1, self.cfg.window.neighbours):]
+        if not p.tracked:
+            self._recent_work = (self._recent_work + [work])[-max(1, self.cfg.window.neighbours):]
         self._times.lap('flow_ahead', t)
         return p
 
@@ -263,7 +292,7 @@ class Reconstructor:
         try:
             for (ka, kb), pf in p.flows.items():
                 self.flows.put(ka, kb, pf)
-            self._step(p.frame, p.work, p.stats)
+            self._step(p.frame, p.work, p.stats, p.tracked)
         finally:
             self._times.add('total', (time.perf_counter() - t0) * 1e3)
             # every pair of a step has the step's newest frame in it, so no cached flow is looked up again:
@@ -335,12 +364,14 @@ class Reconstructor:
         grey = cv2.cvtColor(np.ascontiguousarray(frame.rgb), cv2.COLOR_RGB2GRAY)[::2, ::2]
         return valid, float(grey.std())
 
-    def _step(self, frame, work=None, stats=None) -> None:
+    def _step(self, frame, work=None, stats=None, tracked: bool = False) -> None:
         reason = self._check(frame, stats)
         if reason:
             return self._skip(frame, reason)
         if frame.K is None:
             frame.K = self.default_K
+        if tracked and self.window.entries:
+            return self._track(frame, work)
         pending = self._pending_ids()
         published = {e.index for e in self.window.all_entries() if id(e) not in pending}
         if work is None:
@@ -355,6 +386,19 @@ class Reconstructor:
         self._accept(frame, entry)
         if self.window.is_keyframe(entry.pose, entry.index):
             self.window.mark_keyframe(entry)
+
+    def _track(self, frame, work=None) -> None:
+        """A frame between window steps: tracked against the newest stepped frame (RGBDStep.track)."""
+        t = time.perf_counter()
+        if work is None:
+            work = self.step.work_frame(frame)
+        anchor = self.window.entries[-1]
+        got = self.step.track(anchor, work, self.window.keyframes[-1] if self.window.keyframes else None)
+        self._times.lap('track', t)
+        if isinstance(got, str):
+            return self._skip(frame, got)
+        self._last_stamp = frame.stamp
+        self._pending.append(Tracked(frame, work, anchor, *got))
 
     def _map_run(self, job, deferred: bool = False):
         """Run ``job()`` on the map thread (one job at a time, in order); at most ``MAP_JOBS`` not deferred
@@ -413,7 +457,9 @@ class Reconstructor:
             if isinstance(head, FrameResult):
                 out.append(self._pending.pop(0))
                 continue
-            if not final and newest - head.index < lag and len(self._pending) <= self.cfg.window.size + lag:
+            held = sum(isinstance(e, WindowEntry) for e in self._pending)
+            if isinstance(head, WindowEntry) and not final and newest - head.index < lag and \
+                    held <= self.cfg.window.size + lag:
                 break  # (beyond that bound, frames skipped meanwhile (tracking lost) push the head out early)
             self._pending.pop(0)
             out.append(self._finish_later(head) if deferred else self._finish(head))
@@ -423,7 +469,7 @@ class Reconstructor:
         """The emitted entry's result at the input size; its map integration goes to the map thread."""
         t = time.perf_counter()
         res, integration = self._outputs(*self._snapshot(e))
-        if integration is not None:
+        if integration is not None and isinstance(e, WindowEntry):  # (a tracked frame is not integrated)
             self._map_run(lambda: self._integrate(*integration))
         self._times.lap('map', t)
         return res
@@ -445,7 +491,7 @@ class Reconstructor:
             return res
 
         def integrate():
-            if made and made[0] is not None:
+            if made and made[0] is not None and isinstance(e, WindowEntry):  # (a tracked frame is not)
                 self._integrate(*made[0])
 
         fut = self._map_run(outputs, deferred=True)
@@ -453,13 +499,24 @@ class Reconstructor:
         fut.frame = snap[1]
         return fut
 
-    @staticmethod
-    def _snapshot(e: WindowEntry) -> tuple:
-        return e.frame, e.data.get('input', e.frame), e.data.get('prob'), e.data.get('mask'), e.data.get('conf'), \
-            e.pose.copy()
+    def _snapshot(self, e) -> tuple:
+        """_outputs' arguments for an emitted WindowEntry or Tracked (its anchor emitted before it: final)."""
+        if isinstance(e, WindowEntry):
+            return e.frame, e.data.get('input', e.frame), e.data.get('prob'), e.data.get('mask'), \
+                e.data.get('conf'), e.pose.copy()
+        a = e.anchor  # its final mask and probability carried to the tracked frame along the flow
+        prob, mask = self._work_mask(a.frame, a.data.get('prob'), a.data.get('mask'))
+        prob = np.nan_to_num(warp(prob, e.bwd), nan=0.0)
+        mask = (np.nan_to_num(warp(mask, e.bwd, cv2.INTER_NEAREST), nan=0.0) > 0).astype(np.uint8)
+        seg = self.cfg.segmentation
+        if seg.enabled and seg.snap_px and e.work.depth is not None:  # the flow bleeds over the silhouette: onto
+            mask = snap_to_depth_edges(mask, e.work.depth, seg.snap_px, prob < 0.5 * seg.threshold)  # its depth edges
+        mask = mask * np.uint8(255)
+        later = next((w for w in self.window.entries if w.index > a.index), None)
+        return e.work, e.frame, prob, mask, e.conf, self.step.settle(e.work, a.pose @ e.T, e.links, later)
 
-    def _outputs(self, wf, f, prob, mask, conf, pose) -> tuple[FrameResult, tuple | None]:
-        """(the FrameResult at the input size, the map integration's arguments or None)."""
+    def _work_mask(self, wf, prob, mask) -> tuple[np.ndarray, np.ndarray]:
+        """(prob (h, w) float32, mask (h, w) uint8 255 = dynamic) of a stepped frame at the processing size."""
         h, w = wf.rgb.shape[:2]
         has_prob = prob is not None
         if prob is None:
@@ -467,6 +524,12 @@ class Reconstructor:
         if mask is None:  # segmented as the newest frame only (end of stream, a skipped neighbour)
             mask = clean_mask(prob, self.cfg.segmentation, wf.depth) if self.cfg.segmentation.enabled and \
                 has_prob and wf.depth is not None else np.zeros((h, w), np.uint8)
+        return prob, mask
+
+    def _outputs(self, wf, f, prob, mask, conf, pose) -> tuple[FrameResult, tuple | None]:
+        """(the FrameResult at the input size, the map integration's arguments or None)."""
+        h, w = wf.rgb.shape[:2]
+        prob, mask = self._work_mask(wf, prob, mask)
         if conf is None:
             conf = np.ones((h, w), np.float32)
         s = 1

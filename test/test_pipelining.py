@@ -262,3 +262,19 @@ def test_stage_a_prepares_the_frames_data_and_stage_b_reuses_it(seq, monkeypatch
         rec.push(f)
     in_b.on = False
     assert calls['stack'] > 0 and calls['near'] > 0 and calls['grey'] > 0
+
+
+def test_overlapped_results_equal_the_sequential_ones_with_tracked_frames(seq):
+    """window.step_every 2: stage A guesses each frame's role (stepped / tracked) as stage B takes it."""
+    cfg = config()
+    cfg.window.step_every = 2
+    _, seq_out = run_pipeline(seq, overlap=False, cfg=cfg)
+    cfg2 = config()
+    cfg2.window.step_every = 2
+    rec_ovl, ovl_out = run_pipeline(seq, overlap=True, cfg=cfg2)
+    assert [r.key for r in ovl_out] == [r.key for r in seq_out] == list(seq.keys)
+    assert all(r.status == 'ok' for r in ovl_out)
+    for a, b in zip(seq_out, ovl_out):
+        np.testing.assert_array_equal(a.pose, b.pose, err_msg=a.key)
+        np.testing.assert_array_equal(a.mask, b.mask, err_msg=a.key)
+    assert rec_ovl.timings.get('track', 0) > 0

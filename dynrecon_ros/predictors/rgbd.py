@@ -5,15 +5,14 @@ i->j, forward-backward consistent, depth valid on both ends, taken on a pixel gr
 ``stride``) by RANSAC over 3-point Umeyama/Kabsch fits, then a direct photometric + depth
 refinement on the inliers; moving objects are a minority and end up outliers (a correspondence whose
 measured depth disagrees with the fit by more than the consensus's own depth noise is one even when its
-flow agrees: a camouflaged mover, :func:`depth_gate`; under a rolling shutter
-the hypotheses are refined with the pair's row skew and judged at the flow's noise scale, so that a
-close mover cannot join the background's consensus: :func:`ransac_rigid`). Per-frame data
-(grey, gradients, grid points) is computed once per frame and shared by its pairs. The direct refinement is
-:mod:`dynrecon_ros.predictors.direct_refinement`. A long pair (verified and refined from a predicted pose)
-gives no pose when its inliers cannot pin its translation (:func:`translation_sigma` > ``long_pair_max_sigma_m``)
-or when its refinement moves it more than ``long_pair_max_move_m`` from that prediction (``move_gate``; the RGB-D
-window step applies that test itself, keeping long pairs that agree with each other against the adjacent pair).
-Confidence is 1 + a positive score where depth is valid and the flow is consistent.
+flow agrees: a camouflaged mover, :func:`depth_gate`; under a rolling shutter the hypotheses are refined with the
+pair's row skew and judged at the flow's noise scale, so that a close mover cannot join the background's consensus:
+:func:`ransac_rigid`). Per-frame data (grey, gradients, grid points) is computed once per frame and shared by its
+pairs. The direct refinement is :mod:`dynrecon_ros.predictors.direct_refinement`. A long pair (verified and
+refined from a predicted pose) gives no pose when its inliers cannot pin its translation (:func:`translation_sigma`
+> ``long_pair_max_sigma_m``) or when its refinement moves it more than ``long_pair_max_move_m`` from that prediction
+(``move_gate``; the RGB-D window step applies that test itself, keeping long pairs that agree with each other
+against the adjacent pair). Confidence is 1 + a positive score where depth is valid and the flow is consistent.
 """
 from __future__ import annotations
 
@@ -82,22 +81,22 @@ class RGBDPredictorConfig:
                       for f in dataclasses.fields(cls)})
 
 
-# backend.long_pair_max_sigma_m (default 6 mm): a long pair (the newest frame to an older keyframe, refined from
-# the tracked poses) is kept only when its inliers can pin its translation: translation_sigma below it. Near a
-# close person the long pairs whose valid flow is left on a thin band of far wall (76-600 inliers in rows 0-60 of
-# 240, 4-6 m away, where the person and the baseline invalidate the rest) refine 20-100 mm away from a start 2-24
-# mm off, whatever the masks (ground-truth masks of both frames: as far off) or the in-frame motions: translation
-# and rotation look alike there, and the window alignment takes every pair's points as exact. close_crossing
-# (global shutter) seed 621: pair 40 -> 55, 76 inliers in rows 3-30, refined from 14 mm off to 84 mm off, frame 55
-# then 28 mm off; ATE 5.52 -> 2.79 mm with the gate; held-out seeds 630-634 mean 2.39 -> 1.63 mm. The 6 mm was set
-# on every_effect (branch scale-gate, where it alone was no clear gain under the rolling shutter: its adjacent
-# pairs come out short), not on close_crossing.
-# backend.long_pair_max_move_m (default 15 mm): some such pairs pass that test (a few hundred inliers left beside
-# the close person) and still refine far from their start: every_effect seed 700, pairs 41 -> 49 / 41 -> 50 (296 /
-# 185 inliers) moved 23 / 20 mm from starts 4 / 10 mm off and ended 24 / 30 mm off; over that run's 176 long pairs
-# the refinement moves a pair 3.4 mm (median), 6.3 (90 %), 16.4 (99 %) from its start, which the tracked poses
-# predict to a few mm (0.5-14 mm off there). The limit is above the tracked poses' error, so a pair whose start
-# is off and whose data is good (41 -> 51: 22 mm -> 10 mm off) can be lost too.
+# backend.long_pair_max_sigma_m (default 6 mm): a long pair (the newest frame to an older keyframe, refined from the
+# tracked poses) is kept only when its inliers can pin its translation: translation_sigma below it. Near a close
+# person the long pairs whose valid flow is left on a thin band of far wall (76-600 inliers in rows 0-60 of 240, 4-6 m
+# away, where the person and the baseline invalidate the rest) refine 20-100 mm away from a start 2-24 mm off,
+# whatever the masks (ground-truth masks of both frames: as far off) or the in-frame motions: translation and rotation
+# look alike there, and the window alignment takes every pair's points as exact. close_crossing (global shutter) seed
+# 621: pair 40 -> 55, 76 inliers in rows 3-30, refined from 14 mm off to 84 mm off, frame 55 then 28 mm off; ATE 5.52
+# -> 2.79 mm with the gate; held-out seeds 630-634 mean 2.39 -> 1.63 mm. The 6 mm was set on every_effect (branch
+# scale-gate, where it alone was no clear gain under the rolling shutter: its adjacent pairs come out short), not on
+# close_crossing.
+# backend.long_pair_max_move_m (default 15 mm): some such pairs pass that test (a few hundred inliers left beside the
+# close person) and still refine far from their start: every_effect seed 700, pairs 41 -> 49 / 41 -> 50 (296 / 185
+# inliers) moved 23 / 20 mm from starts 4 / 10 mm off and ended 24 / 30 mm off; over that run's 176 long pairs the
+# refinement moves a pair 3.4 mm (median), 6.3 (90 %), 16.4 (99 %) from its start, which the tracked poses predict to
+# a few mm (0.5-14 mm off there). The limit is above the tracked poses' error, so a pair whose start is off and whose
+# data is good (41 -> 51: 22 mm -> 10 mm off) can be lost too.
 
 
 def translation_sigma(P: np.ndarray, K: np.ndarray, sigma_px: float = 0.5, sigma_depth_rel: float = 0.01) -> float:
@@ -275,11 +274,8 @@ _PREPARED = '_rgbd_prepared'  # a frame's attribute: the per-frame data stage A 
 
 
 class _FrameCache:
-    """Per-frame images the predictor derives once and reuses across pairs (small, LRU by identity).
-
-    Each frame is in several pairs (its neighbour, the keyframe anchors); grey levels, gradients
-    and the stack sampled by the direct refinement are computed once per frame, not once per pair.
-    """
+    """Per-frame images the predictor derives once and reuses across pairs (small, LRU by identity): grey levels,
+    gradients, the direct refinement's stack, once per frame for its pairs (its neighbour, the keyframe anchors)."""
 
     def __init__(self, size: int = 8):
         self.size = size
@@ -577,6 +573,10 @@ class RGBDPredictor(PairPredictor):
         return PairShutter(self.shutter, rows, frame_i.depth.shape[0], frame_j.K, frame_j.stamp - frame_i.stamp,
                            tw_i, tw_j, order=self.shutter_order if self.shutter.readout > 0 else 1,
                            velocity_i=vel_i, velocity_j=vel_j)
+
+    def forget(self, frame) -> None:
+        """Drop ``frame``'s cached per-frame data (a frame no later pair uses: a tracked one)."""
+        self._cache._items = [it for it in self._cache._items if it[0] is not frame]
 
     def set_frame_velocity(self, frame, v: np.ndarray, sigma: float) -> None:
         """The camera's velocity at ``frame``'s instant, (3,) m/s in its own axes, known to ``sigma`` m/s from the
