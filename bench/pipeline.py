@@ -103,6 +103,8 @@ def node_replay(seq, rate: float, lag: int, sets, node_params=()) -> None:
     import re
     m = re.search(r'frames received (\d+), processed (\d+), dropped (\d+)', proc.output())
     queue = f'{m.group(3)} of {m.group(1)} received dropped in its queue' if m else 'no totals line'
+    t = re.search(r'queue high water \d+, tracked (\d+)', proc.output())
+    queue += f', {t.group(1)} published tracked between window steps' if t else ''
     processed = int(m.group(2)) if m else 0
     print(f'  node at {rate:.0f} Hz (recon_node process, {", ".join(node_params) or "default parameters"}, best effort): {rep["sent"]} frames sent, '
           f'mask + pose back for {rep["complete"]}: drop rate {100 * rep["drop_rate"]:.1f} % ({queue}); latency '

@@ -146,10 +146,10 @@ class FramePipeline:
             self._out_thread.start()
 
     # ------------------------------------------------------------------ caller's thread
-    def submit(self, frame) -> None:
+    def submit(self, frame, behind: bool | None = None) -> None:
         """Stage A of ``frame`` here, then stage B (on the stage thread with overlap). Waits first while
         an earlier frame still waits for stage B, so stage A of this frame runs during stage B of the
-        previous one."""
+        previous one. ``behind``: whether the caller keeps up (Reconstructor.prepare: the frame's role)."""
         self._raise_pending()
         self.submitted += 1
         key = getattr(frame, 'key', None)
@@ -157,7 +157,7 @@ class FramePipeline:
         if not self.overlap:
             self.trace.mark(key, 'b0')
             with self.lock:
-                results = self.rec.push(frame)
+                results = self.rec.push(frame, behind=behind)
             self.completed += 1
             self.trace.mark(key, 'b1')
             self._deliver(results, emitted=time.monotonic(), catch=False)
@@ -171,7 +171,7 @@ class FramePipeline:
             self._check_alive()
         self.wait_seconds += time.perf_counter() - t0
         self.trace.mark(key, 'a0')
-        prepared = self.rec.prepare(frame, ahead=True)
+        prepared = self.rec.prepare(frame, ahead=True, behind=behind)
         self.trace.mark(key, 'a1')
         with self._cond:
             self._check_alive()

@@ -68,6 +68,7 @@ class FrameResult:
     dynamic_prob: np.ndarray | None = None
     confidence: np.ndarray | None = None
     K: np.ndarray | None = None
+    tracked: bool = False  # between window steps (window.step_every; Reconstructor.prepare's behind)
 
 
 @dataclass
@@ -209,7 +210,8 @@ class Reconstructor:
         if w.step_every > 1 and not hasattr(self.step, 'track'):
             raise InputError(f'window.step_every {w.step_every}: the {type(self.step).__name__} cannot track frames '
                              'between window steps (RGB-D only); use 1')
-        self._prepared = 0  # frames prepared: every step_every-th takes the window step, the others are tracked
+        # frames prepared as tracked since the last one prepared for the window step (the first frame: stepped)
+        self._since_step = max(1, w.step_every - 1)
 
     # ------------------------------------------------------------------ public API
     @property
@@ -222,13 +224,18 @@ class Reconstructor:
         """
         return self._times.means()
 
-    def push(self, frame) -> list[FrameResult]:
+    def push(self, frame, behind: bool | None = None) -> list[FrameResult]:
         """One frame through both stages on the caller's thread; the results that became final."""
-        return self.push_prepared(self.prepare(frame))
+        return self.push_prepared(self.prepare(frame, behind=behind))
 
-    def prepare(self, frame, ahead: bool = False) -> Prepared:
+    def prepare(self, frame, ahead: bool = False, behind: bool | None = None) -> Prepared:
         """Stage A: the frame at its processing size and, with ``ahead``, the optical flow of its
         expected pairs (the last prepared frames as neighbours, the current keyframes).
+
+        Its role: with ``behind`` None, every ``window.step_every``-th frame takes the window step and the
+        others are tracked; a caller that knows whether it keeps up (the node: frames dropped from its queue)
+        says so instead: the frame is tracked when ``behind``, at most max(1, step_every - 1) in a row (so the
+        window steps on), and stepped otherwise. Only a step that can track (RGB-D) tracks.
 
         Safe on a second thread while :meth:`push_prepared` runs for earlier frames: it only reads
         frames (never changed once in the window) and its own flow estimator. A window step may add
@@ -238,8 +245,11 @@ class Reconstructor:
         flows depend only on the two images.
         """
         t0 = time.perf_counter()
-        p = Prepared(frame, tracked=self._prepared % self.cfg.window.step_every != 0)
-        self._prepared += 1
+        n = self.cfg.window.step_every
+        tracked = hasattr(self.step, 'track') and (self._since_step < n - 1 if behind is None else
+                                                   behind and self._since_step < max(1, n - 1))
+        self._since_step = self._since_step + 1 if tracked else 0
+        p = Prepared(frame, tracked=tracked)
         try:
             if getattr(frame, 'K', None) is None and self.default_K is not None:
                 frame.K = self.default_K
@@ -469,7 +479,8 @@ class Reconstructor:
         """The emitted entry's result at the input size; its map integration goes to the map thread."""
         t = time.perf_counter()
         res, integration = self._outputs(*self._snapshot(e))
-        if integration is not None and isinstance(e, WindowEntry):  # (a tracked frame is not integrated)
+        res.tracked = not isinstance(e, WindowEntry)
+        if integration is not None and not res.tracked:  # (a tracked frame is not integrated)
             self._map_run(lambda: self._integrate(*integration))
         self._times.lap('map', t)
         return res
@@ -486,6 +497,7 @@ class Reconstructor:
         def outputs():
             t = time.perf_counter()
             res, integration = self._outputs(*snap)
+            res.tracked = not isinstance(e, WindowEntry)
             self._times.lap('map', t)
             made.append(integration)
             return res

@@ -2,6 +2,7 @@
 below capacity comes back whole, each frame's mask and pose once, in order; the stats line reports the
 stamp-to-publish latency. Counts only, no wall-clock assertions."""
 import re
+import time
 
 import pytest
 
@@ -55,3 +56,34 @@ def test_every_frame_comes_back_with_overlap(ros):
     assert m and int(m.group(1)) == FRAMES - flushed and flushed >= 2, out
     assert [p.split()[0] for p in m.group(2).split(', ')] == [
         'transport', 'queue', 'slot_wait', 'stage_a', 'to_b', 'stage_b', 'lag', 'outputs', 'publish', 'total'], out
+
+
+@pytest.mark.parametrize('track', [True, False])
+def test_a_node_that_falls_behind_tracks_frames_instead_of_dropping_them(ros, track):
+    """Fed far faster than it steps (100 Hz, a queue of one): with track_when_behind (the default) the frames taken
+    after a drop are tracked between window steps, published like the others, each once and in order; without
+    it none is."""
+    seq = render_sequence(SyntheticConfig(width=320, height=240, frames=30, seed=3))
+    proc = NodeProcess(node_command(['-p', 'qos_reliable:=true', '-p', 'queue_size:=1', '-p', 'idle_flush:=1.0',
+                                     '-p', 'stats_period:=0.0', '-p', 'pipeline.max_work_width:=160',
+                                     '-p', f'track_when_behind:={str(track).lower()}']), DOMAIN)
+    try:
+        assert proc.wait_output('ready:', 60), proc.output()
+        probe = StreamProbe(ros, reliable=True)
+        assert probe.wait_matched(30), proc.output()
+        probe.play(seq.frames, rate=100.0)
+        assert proc.wait_output('input idle: flushed', 120), proc.output()
+        time.sleep(1.0)
+        rep = probe.report()
+    finally:
+        proc.stop()
+    out = proc.output()
+    m = re.search(r'frames received (\d+), processed (\d+), dropped (\d+), queue high water \d+, tracked (\d+)', out)
+    assert m, out
+    received, processed, dropped, tracked = (int(g) for g in m.groups())
+    assert dropped > 0 and processed + dropped == received, out  # it fell behind
+    assert (tracked > 0) == track and tracked < processed, out
+    assert rep['complete'] == rep['masks'] == rep['poses'] == processed, (rep, out)
+    got = [t for t, _ in list(probe.masks)]
+    assert got == sorted(got), got
+    assert 'pipeline failed' not in out and 'Traceback' not in out, out

@@ -48,6 +48,7 @@ def test_every_frame_gets_a_result_in_order_and_the_tracked_ones_are_accurate(se
     rec, out, _ = tracked_run
     assert [r.key for r in out] == list(seq.keys)
     assert all(r.status == 'ok' for r in out), [r.reason for r in out if r.status != 'ok']
+    assert [r.tracked for r in out] == [k % 2 == 1 for k in range(len(out))]
     assert rec.timings.get('track', 0) > 0
     stamps, poses = np.array([r.stamp for r in out]), np.array([r.pose for r in out])
     tm = trajectory_metrics(stamps, poses, seq.stamps, seq.poses)
@@ -102,3 +103,20 @@ def test_a_step_that_cannot_track_refuses_step_every():
 
     with pytest.raises(InputError, match='step_every 2.*RGB-D only'):
         Reconstructor(ReconConfig.from_dict({'window': {'step_every': 2}}), predictor=Predictor())
+
+
+@pytest.mark.parametrize('step_every, behind, roles', [
+    (1, [False] * 6, 'SSSSSS'),  # keeping up: every frame stepped
+    (1, [True] * 6, 'StStSt'),  # behind: at most one tracked in a row, so the window steps on
+    (3, [True] * 7, 'SttSttS'),  # behind: up to step_every - 1 in a row
+    (3, [False, True, False, False, True, True], 'StSStt'),  # stepped as soon as the caller keeps up
+    (2, [None] * 6, 'StStSt'),  # no word from the caller: the fixed rhythm
+])
+def test_a_caller_that_falls_behind_gets_frames_tracked(seq, step_every, behind, roles):
+    rec = Reconstructor(ReconConfig.from_dict({'window': {'step_every': step_every}}))
+    out = []
+    for f, b in zip(seq.frames, behind):
+        out += rec.push(Frame(stamp=f.stamp, rgb=f.rgb, depth=f.depth.copy(), K=f.K.copy(), key=f.key), behind=b)
+    out += rec.flush()
+    assert all(r.status == 'ok' for r in out)
+    assert ''.join('t' if r.tracked else 'S' for r in out) == roles

@@ -124,6 +124,8 @@ class ReconNode(Node):
             self.sub_depth = self.create_subscription(Image, 'depth', self._on_depth, qos)
 
         self.queue = DropOldestQueue(p('queue_size'))
+        self._dropped_seen = 0  # the queue's drops when the worker took its last frame (track_when_behind)
+        self._tracked = 0  # frames published that were tracked between window steps
         self.worker = Worker(self.queue, self._process, self._on_worker_error, on_idle=self._flush,
                              idle_after=float(p('idle_flush')), ready=lambda t: self._pipe.wait_ready(t))
         self.worker.start()
@@ -352,7 +354,12 @@ class ReconNode(Node):
             self._pipe.trace.mark(frame.key, 'received', item.received)
             if item.transport is not None:
                 self._pipe.trace.mark(frame.key, 'transport', item.transport)
-        self._pipe.submit(frame)  # results to _on_results (output thread; with overlap off, before this returns)
+        behind = None  # (the fixed rhythm of pipeline.window.step_every)
+        if self._param('track_when_behind'):  # behind: a frame dropped since the last one taken, or one waiting
+            dropped = self.queue.dropped
+            behind = True if dropped > self._dropped_seen or len(self.queue) else None
+            self._dropped_seen = dropped
+        self._pipe.submit(frame, behind=behind)  # results to _on_results (output thread; with overlap off, first)
 
     def _on_results(self, results) -> None:
         """Output thread (worker thread with overlap off): publish one frame's final results."""
@@ -404,6 +411,7 @@ class ReconNode(Node):
                 self.get_logger().debug(f'frame {r.key} skipped: {r.reason}')
                 continue
             self._publish_frame(r, header, size, K_in)
+            self._tracked += bool(getattr(r, 'tracked', False))
 
     def _publish_frame(self, r, header: Header, size: tuple[int, int], K_in) -> None:
         T_w_c = np.asarray(r.pose, dtype=np.float64)
@@ -508,7 +516,7 @@ class ReconNode(Node):
         q = self.queue
         voxels = getattr(getattr(self._rec, 'map', None), '__len__', None)
         print(f'[{self.get_name()}] frames received {q.received}, processed {self.worker.processed}, '
-              f'dropped {q.dropped}, queue high water {q.high_water}'
+              f'dropped {q.dropped}, queue high water {q.high_water}, tracked {self._tracked}'
               + (f', static map {voxels()} voxels' if voxels is not None else '')
               + f'; published {self._latency.count}, ' + self._latency.line(self._config.window.output_lag, total=True),
               file=sys.stderr, flush=True)
