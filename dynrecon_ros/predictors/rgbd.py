@@ -81,22 +81,22 @@ class RGBDPredictorConfig:
                       for f in dataclasses.fields(cls)})
 
 
-# backend.long_pair_max_sigma_m (default 6 mm): a long pair (the newest frame to an older keyframe, refined from the
-# tracked poses) is kept only when its inliers can pin its translation: translation_sigma below it. Near a close
-# person the long pairs whose valid flow is left on a thin band of far wall (76-600 inliers in rows 0-60 of 240, 4-6 m
-# away, where the person and the baseline invalidate the rest) refine 20-100 mm away from a start 2-24 mm off,
-# whatever the masks (ground-truth masks of both frames: as far off) or the in-frame motions: translation and rotation
-# look alike there, and the window alignment takes every pair's points as exact. close_crossing (global shutter) seed
-# 621: pair 40 -> 55, 76 inliers in rows 3-30, refined from 14 mm off to 84 mm off, frame 55 then 28 mm off; ATE 5.52
-# -> 2.79 mm with the gate; held-out seeds 630-634 mean 2.39 -> 1.63 mm. The 6 mm was set on every_effect (branch
-# scale-gate, where it alone was no clear gain under the rolling shutter: its adjacent pairs come out short), not on
-# close_crossing.
-# backend.long_pair_max_move_m (default 15 mm): some such pairs pass that test (a few hundred inliers left beside the
-# close person) and still refine far from their start: every_effect seed 700, pairs 41 -> 49 / 41 -> 50 (296 / 185
-# inliers) moved 23 / 20 mm from starts 4 / 10 mm off and ended 24 / 30 mm off; over that run's 176 long pairs the
-# refinement moves a pair 3.4 mm (median), 6.3 (90 %), 16.4 (99 %) from its start, which the tracked poses predict to
-# a few mm (0.5-14 mm off there). The limit is above the tracked poses' error, so a pair whose start is off and whose
-# data is good (41 -> 51: 22 mm -> 10 mm off) can be lost too.
+# backend.long_pair_max_sigma_m (default 6 mm): a long pair (the newest frame to an older keyframe, refined from
+# the tracked poses) is kept only when its inliers can pin its translation: translation_sigma below it. Near a
+# close person the long pairs whose valid flow is left on a thin band of far wall (76-600 inliers in rows 0-60 of
+# 240, 4-6 m away, where the person and the baseline invalidate the rest) refine 20-100 mm away from a start 2-24
+# mm off, whatever the masks (ground-truth masks of both frames: as far off) or the in-frame motions: translation
+# and rotation look alike there, and the window alignment takes every pair's points as exact. close_crossing
+# (global shutter) seed 621: pair 40 -> 55, 76 inliers in rows 3-30, refined from 14 mm off to 84 mm off, frame 55
+# then 28 mm off; ATE 5.52 -> 2.79 mm with the gate; held-out seeds 630-634 mean 2.39 -> 1.63 mm. The 6 mm was set
+# on every_effect (branch scale-gate, where it alone was no clear gain under the rolling shutter: its adjacent
+# pairs come out short), not on close_crossing.
+# backend.long_pair_max_move_m (default 15 mm): some such pairs pass that test (a few hundred inliers left beside
+# the close person) and still refine far from their start: every_effect seed 700, pairs 41 -> 49 / 41 -> 50 (296 /
+# 185 inliers) moved 23 / 20 mm from starts 4 / 10 mm off and ended 24 / 30 mm off; over that run's 176 long pairs
+# the refinement moves a pair 3.4 mm (median), 6.3 (90 %), 16.4 (99 %) from its start, which the tracked poses
+# predict to a few mm (0.5-14 mm off there). The limit is above the tracked poses' error, so a pair whose start
+# is off and whose data is good (41 -> 51: 22 mm -> 10 mm off) can be lost too.
 
 
 def translation_sigma(P: np.ndarray, K: np.ndarray, sigma_px: float = 0.5, sigma_depth_rel: float = 0.01) -> float:
