@@ -60,18 +60,19 @@ def test_every_frame_comes_back_with_overlap(ros):
 
 @pytest.mark.parametrize('track', [True, False])
 def test_a_node_that_falls_behind_tracks_frames_instead_of_dropping_them(ros, track):
-    """Fed far faster than it steps (100 Hz, a queue of one): with track_when_behind (the default) the frames taken
-    after a drop are tracked between window steps, published like the others, each once and in order; without
-    it none is."""
-    seq = render_sequence(SyntheticConfig(width=320, height=240, frames=30, seed=3))
+    """Fed far faster than it steps (30 Hz 640x480 processed at full size, a queue of one): with track_when_behind
+    (the default) frames taken after a drop are tracked between window steps, published like the others, each once
+    and in order; without it none is. (The sender stamps frames as it sends them: sent faster than the camera's
+    30 Hz, the pipeline would rightly reject the motion as a jump.)"""
+    seq = render_sequence(SyntheticConfig(width=640, height=480, frames=30, seed=3))
     proc = NodeProcess(node_command(['-p', 'qos_reliable:=true', '-p', 'queue_size:=1', '-p', 'idle_flush:=1.0',
-                                     '-p', 'stats_period:=0.0', '-p', 'pipeline.max_work_width:=160',
+                                     '-p', 'stats_period:=0.0', '-p', 'pipeline.max_work_width:=640',
                                      '-p', f'track_when_behind:={str(track).lower()}']), DOMAIN)
     try:
         assert proc.wait_output('ready:', 60), proc.output()
         probe = StreamProbe(ros, reliable=True)
         assert probe.wait_matched(30), proc.output()
-        probe.play(seq.frames, rate=100.0)
+        probe.play(seq.frames, rate=30.0)
         assert proc.wait_output('input idle: flushed', 120), proc.output()
         time.sleep(1.0)
         rep = probe.report()
