@@ -14,6 +14,9 @@ One step for a new frame t:
      segmentation); networks: :mod:`dynrecon_ros.monocular` (pointmaps, global alignment, flow
      and/or attention segmentation);
   3. keyframe rule; frames leaving the lag are emitted and integrated into the static voxel map.
+A frame between window steps (``window.step_every`` > 1, or :meth:`prepare`'s ``behind``: the node falling behind)
+is tracked instead (``RGBDStep.track``: its pose from a few pairs, the newest stepped frame's final mask carried
+to it along the flow) and emitted right after that frame, not integrated (``FrameResult.tracked``).
 
 Speed: RGB-D frames wider than ``max_work_width`` go through the step at 1/s of their size (s an
 integer; 640x480 -> 320x240); their outputs are brought back to the input size (mask edges snapped
@@ -90,7 +93,7 @@ class Prepared:
 
 @dataclass
 class Tracked:
-    """An accepted frame between window steps (``window.step_every`` > 1), pending its emission right after
+    """An accepted frame between window steps (``window.step_every``, ``behind``), pending its emission right after
     ``anchor``, the stepped frame it was tracked against: frame (input), work (processing size), T (4, 4) anchor ->
     frame, bwd (h, w, 2) flow frame -> anchor at the processing size, conf (h, w) float32, links: its pairs
     (``RGBDStep.track``)."""

@@ -24,6 +24,9 @@ Per accepted frame t (:meth:`RGBDStep.step`):
      (:class:`~dynrecon_ros.alignment.WindowAligner`; published frames and the first are held);
   5. motion segmentation of t and refresh of its pair partners from flow vs ego flow
      (:class:`~dynrecon_ros.segmentation.MotionSegmenter`).
+A frame between window steps (``window.step_every``, or the node falling behind) skips all that: :meth:`RGBDStep.track`
+pairs it with the newest stepped frame and keyframe, :meth:`RGBDStep.settle` adds the next stepped frame's pair and
+aligns its pose alone.
 """
 from __future__ import annotations
 
