@@ -459,3 +459,33 @@ def test_stage_a_computes_the_checks_image_figures_and_stage_b_uses_them(seq):
     rec.push_prepared(p1)
     out = rec.flush()
     assert [r.status for r in out] == ['ok', 'skipped'] and 'of the depth is valid' in out[1].reason
+
+
+def test_a_frame_whose_long_pairs_all_fail_gets_a_pair_two_frames_back(seq):
+    """RGBDStep._span_pair: when the long-pair gates drop every long pair of the newest frame (a close person over
+    the view: close_crossing 1317 / 1335 3.55 / 3.75 -> 1.76 / 2.36 mm), a pair with the frame two back in the
+    window joins the alignment, so the adjacent pair is not the frame's only constraint. On a sequence whose long
+    pairs hold it never fires."""
+    def run_with(drop: bool):
+        rec = Reconstructor()
+        if drop:  # stand-in for the gates: every long pair dropped
+            rec.step._long_pair_moves = lambda pairs, rel: ([rel[0]] + [(None, i, n) for _, i, n in rel[1:]], set())
+        added = []
+        span = rec.step._span_pair
+
+        def recording(window, entry, pairs, rel):
+            before = set(rec.step._constraints)
+            span(window, entry, pairs, rel)
+            added.extend(b - a for a, b in set(rec.step._constraints) - before)
+        rec.step._span_pair = recording
+        out = []
+        for f in seq.frames[:16]:
+            out += rec.push(f)
+        out += rec.flush()
+        return added, np.array([r.pose for r in out])
+
+    added, _ = run_with(False)
+    assert added == []
+    added, poses = run_with(True)
+    assert added == [2] * len(added) and len(added) >= 12, added  # frames 3..15 (frame 2's two-back is a keyframe)
+    assert ate_rmse(poses, np.array(seq.poses[:16])) < 0.003
