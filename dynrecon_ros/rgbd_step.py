@@ -342,13 +342,9 @@ class RGBDStep:
         ents = window.entries
         if len(ents) < 3 or any(o is ents[-3] for o, _ in pairs):
             return
-        old = ents[-3]
-        pf = self.flows.get(old.key, old.frame.rgb, entry.key, entry.frame.rgb)
-        T, inl, n = self.pred.relative_pose(old.frame, entry.frame, pf, static_prior(old.mask),
-                                            init=np.linalg.inv(old.pose) @ entry.pose)
-        if T is None or inl.sum() < LONG_PAIR_MIN_INLIERS * n or inl.sum() < LONG_PAIR_MIN_SHARE * rel[0][1].sum():
-            return
-        self._constraints[(old.index, entry.index)] = self._make_constraint(old, entry, T, inl)
+        link = self._link(ents[-3], entry, int(rel[0][1].sum()))
+        if link is not None:
+            self._constraints[(ents[-3].index, entry.index)] = link[1]
 
     def _long_pair_moves(self, pairs, rel):
         """The long pairs' move test (``backend.long_pair_max_move_m``): a long pair whose refinement moved the
