@@ -175,7 +175,8 @@ class Reconstructor:
             raise InputError(f'window.output_lag must be in [0, window.size-1], got {w.output_lag}')
         self.window = SlidingWindow(w)
         if w.step_every < 1:
-            raise InputError(f'window.step_every must be >= 1 (1 = every frame takes the window step), got {w.step_every}')
+            raise InputError(f'window.step_every must be >= 1 (1 = every frame takes the window step), '
+                             f'got {w.step_every}')
         if cfg.alignment.threads > 0:
             torch.set_num_threads(cfg.alignment.threads)
         if cfg.opencv_threads < 0:

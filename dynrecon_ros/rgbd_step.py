@@ -323,8 +323,8 @@ class RGBDStep:
         return res.poses[-1]
 
     def _link(self, e: WindowEntry, me: WindowEntry, n_ref: int):
-        """(e, PairConstraint e -> me, inliers) from a long pair verified at me's pose, or None when the step's tests for
-        long pairs drop it (``n_ref``: the inliers of me's nearest pair, ``LONG_PAIR_MIN_SHARE``'s base)."""
+        """(e, PairConstraint e -> me, inliers) from a long pair verified at me's pose, or None when the step's tests
+        for long pairs drop it (``n_ref``: the inliers of me's nearest pair, ``LONG_PAIR_MIN_SHARE``'s base)."""
         pk = self.flows.get(e.key, e.frame.rgb, me.key, me.frame.rgb)
         T, inl, n = self.pred.relative_pose(e.frame, me.frame, pk, static_prior(e.mask),
                                             init=np.linalg.inv(e.pose) @ me.pose)

@@ -14,10 +14,11 @@ from typing import Callable
 NODE_PARAMETERS: dict[str, tuple[object, str]] = {
     'queue_size': (2, 'Frames waiting for the worker; when full the oldest is dropped (and counted).'),
     'track_when_behind': (True, 'When the worker falls behind (another frame waits in its queue when it takes one, '
-                          'or one was dropped since the last), that frame is tracked instead of taking the window step (RGB-D: its pose from '
-                          'a few pairs, the mask of the frame before carried along the flow; not integrated into '
-                          'the map), at most max(1, pipeline.window.step_every - 1) in a row, so that fewer frames '
-                          'are dropped. false: only the fixed rhythm of pipeline.window.step_every.'),
+                          'or one was dropped since the last), that frame is tracked instead of taking the window '
+                          'step (RGB-D: its pose from a few pairs, the mask of the frame before carried along the '
+                          'flow; not integrated into the map), at most max(1, pipeline.window.step_every - 1) in a '
+                          'row, so that fewer frames are dropped. false: only the fixed rhythm of '
+                          'pipeline.window.step_every.'),
     'qos_reliable': (False, 'Subscribe to inputs with reliable QoS (false: sensor-data QoS, best effort).'),
     'backend': ('', "Pair predictor backend, pipeline backend.name ('auto', 'rgbd', 'dust3r'; empty: the "
                 "pipeline's default)."),
