@@ -262,7 +262,10 @@ class Reconstructor:
             return p
         hook = getattr(self.step, 'prepare_frame', None)  # a step's per-frame work that needs no window state
         if hook is not None:
-            hook(p.work, tracked=p.tracked) if p.tracked else hook(p.work)
+            if p.tracked:  # (only a step that can track is asked for a tracked frame's part)
+                hook(p.work, tracked=True)
+            else:
+                hook(p.work)
         try:
             p.stats = self._image_stats(frame)
         except Exception:  # noqa: BLE001 - stage B computes them again and its checks name the problem

@@ -411,7 +411,7 @@ class ReconNode(Node):
                 self.get_logger().debug(f'frame {r.key} skipped: {r.reason}')
                 continue
             self._publish_frame(r, header, size, K_in)
-            self._tracked += bool(getattr(r, 'tracked', False))
+            self._tracked += r.tracked
 
     def _publish_frame(self, r, header: Header, size: tuple[int, int], K_in) -> None:
         T_w_c = np.asarray(r.pose, dtype=np.float64)
