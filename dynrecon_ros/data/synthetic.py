@@ -17,11 +17,13 @@ Conventions:
 """
 from __future__ import annotations
 
+import math
 import pathlib
 from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
+from scipy.spatial.transform import Rotation
 
 from dynrecon_ros.data import people, sensor_model
 from dynrecon_ros.data.scene import (LIGHT, MOVER_HEIGHT, MOVER_RADIUS, ROOM_HI, ROOM_LO,  # noqa: F401 (re-exported)
@@ -198,6 +200,23 @@ def _mover_centres(cfg: SyntheticConfig, t: np.ndarray) -> np.ndarray:
         centres[:, k, 0] = 1.75 * np.sin(w * t + phase)
         centres[:, k, 1] = y0 + 0.35 * np.sin(1.7 * w * t + rng.uniform(0, 2 * np.pi))
     return centres
+
+
+def in_frame_motion(cfg: SyntheticConfig, t: np.ndarray, order: int = 2, span: float = 0.015) -> np.ndarray:
+    """The camera's exact motion within each frame, as the RGB-D pose step models it (ground truth for it).
+
+    (N,) frame instants s -> (N, 6 order) [c_1, ..., c_order] (c_1 the body twist [v m/s, omega rad/s] in
+    the camera's axes, c_m its (m-1)-th derivative; :func:`dynrecon_ros.rolling_shutter.motion_offsets`):
+    the least-squares polynomial sum_m s^m / m! c_m through the displacements (translation, rotation
+    vector) of :func:`camera_poses` at 13 instants s in [-span, span] from each frame's."""
+    s = np.linspace(-span, span, 13)
+    a = np.stack([s ** m / math.factorial(m) for m in range(1, order + 1)], 1)  # (13, order)
+    out = np.zeros((len(t), 6 * order))
+    for i, ti in enumerate(np.asarray(t, dtype=np.float64)):
+        rel = np.linalg.inv(camera_poses(cfg, np.array([ti]))[0]) @ camera_poses(cfg, ti + s)  # (13, 4, 4)
+        disp = np.concatenate([rel[:, :3, 3], Rotation.from_matrix(rel[:, :3, :3]).as_rotvec()], 1)  # (13, 6)
+        out[i] = np.linalg.lstsq(a, disp, rcond=None)[0].reshape(-1)
+    return out
 
 
 def mover_paths(cfg: SyntheticConfig, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
