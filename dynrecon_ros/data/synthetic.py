@@ -205,10 +205,11 @@ def _mover_centres(cfg: SyntheticConfig, t: np.ndarray) -> np.ndarray:
 def in_frame_motion(cfg: SyntheticConfig, t: np.ndarray, order: int = 2, span: float = 0.015) -> np.ndarray:
     """The camera's exact motion within each frame, as the RGB-D pose step models it (ground truth for it).
 
-    (N,) frame instants s -> (N, 6 order) [c_1, ..., c_order] (c_1 the body twist [v m/s, omega rad/s] in
-    the camera's axes, c_m its (m-1)-th derivative; :func:`dynrecon_ros.rolling_shutter.motion_offsets`):
-    the least-squares polynomial sum_m s^m / m! c_m through the displacements (translation, rotation
-    vector) of :func:`camera_poses` at 13 instants s in [-span, span] from each frame's."""
+    t: (N,) frame instants, s from the first frame (the renderer's clock: ``stamps - stamps[0]``) -> (N, 6 order)
+    [c_1, ..., c_order] (c_1 the body twist [v m/s, omega rad/s] in the camera's axes, c_m its (m-1)-th
+    derivative; :func:`dynrecon_ros.rolling_shutter.motion_offsets`): the least-squares polynomial
+    sum_m s^m / m! c_m through the displacements (translation, rotation vector) of :func:`camera_poses` at 13
+    offsets s in [-span, span] s from each frame's instant."""
     s = np.linspace(-span, span, 13)
     a = np.stack([s ** m / math.factorial(m) for m in range(1, order + 1)], 1)  # (13, order)
     out = np.zeros((len(t), 6 * order))
