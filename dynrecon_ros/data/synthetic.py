@@ -212,12 +212,13 @@ def in_frame_motion(cfg: SyntheticConfig, t: np.ndarray, order: int = 2, span: f
     offsets s in [-span, span] s from each frame's instant."""
     s = np.linspace(-span, span, 13)
     a = np.stack([s ** m / math.factorial(m) for m in range(1, order + 1)], 1)  # (13, order)
-    out = np.zeros((len(t), 6 * order))
-    for i, ti in enumerate(np.asarray(t, dtype=np.float64)):
-        rel = np.linalg.inv(camera_poses(cfg, np.array([ti]))[0]) @ camera_poses(cfg, ti + s)  # (13, 4, 4)
-        disp = np.concatenate([rel[:, :3, 3], Rotation.from_matrix(rel[:, :3, :3]).as_rotvec()], 1)  # (13, 6)
-        out[i] = np.linalg.lstsq(a, disp, rcond=None)[0].reshape(-1)
-    return out
+    t = np.asarray(t, dtype=np.float64)
+    cams = camera_poses(cfg, (t[:, None] + np.concatenate([[0.0], s])[None]).ravel()).reshape(len(t), 14, 4, 4)
+    rel = np.linalg.inv(cams[:, :1]) @ cams[:, 1:]  # (N, 13, 4, 4) the cameras of the offsets in the frame's
+    disp = np.concatenate([rel[..., :3, 3], Rotation.from_matrix(rel[..., :3, :3].reshape(-1, 3, 3)).as_rotvec()
+                           .reshape(len(t), 13, 3)], -1)  # (N, 13, 6)
+    coef = np.linalg.pinv(a) @ disp  # (N, order, 6): the least-squares fit of every frame at once
+    return coef.reshape(len(t), 6 * order)
 
 
 def mover_paths(cfg: SyntheticConfig, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
