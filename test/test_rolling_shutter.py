@@ -392,6 +392,11 @@ def test_the_renderers_in_frame_motion_is_the_cameras_displacement_within_the_re
         # displacements up to ~5 mm / 8 mrad; the second-order polynomial keeps < 0.1 mm / 0.2 mrad of them
         assert err2[:, :3].max() < 1e-4 and err2[:, 3:].max() < 2e-4
         assert err1.max() > 3 * err2.max()  # a constant twist misses the tremor's curvature
+        # in the pose step's convention: a point seen from the camera of offset s, moved to the frame-instant camera
+        # (it moves up to 15 mm; the inverse convention would be 5-28 mm off)
+        X = np.array([[0.4, -0.3, 2.0]] * len(s))
+        seen = np.einsum('nij,nj->ni', rel[:, :3, :3], X) + rel[:, :3, 3]
+        np.testing.assert_allclose(to_frame_instant(X, s, c2[i]), seen, atol=5e-4)
         # the body twist is the camera's velocity at the instant, in its own axes (central difference of the path,
         # 0.1 ms; the fit over the readout is off it by the tremor's third-order terms, < 0.01 m/s of ~0.4)
         h = 1e-4
