@@ -28,7 +28,8 @@ class WindowConfig:
     size: frames in the window; neighbours: each new frame is paired with the previous k frames;
     keyframes: older keyframes kept as long-pair anchors; keyframe_*: the keyframe rule (motion or
     frame count since the last keyframe); long_stride: extra strided pairs inside the window (0 = off);
-    output_lag: a frame's result is emitted (and its pose frozen) this many frames after it arrived.
+    output_lag: a frame's result is emitted (and its pose frozen) this many frames after it arrived (under a
+    rolling shutter at least backend.shutter_smoothing_frames, the window growing to match).
     step_every: one accepted frame in this many takes the window step (pairs, alignment, segmentation,
     map); the frames between are tracked (RGB-D only): their pose from their pairs with the newest stepped
     frame (its mask as the static prior), the newest keyframe and the next stepped frame, that frame's
@@ -75,6 +76,10 @@ class BackendConfig:
     RGB-D) read out over most of the 33 ms frame: Kerl et al. (ICCV 2015) simulate them with 0.028;
     depth_delay_s: the depth image is taken this many seconds after the colour image (its rows as the
     colour's; both 0 = the pose step of a global-shutter, synchronised sensor, the default).
+    shutter_smoothing_frames: under a rolling shutter, each frame's pairs are refined again once this many later
+    frames are aligned, its in-frame motion taken from the aligned poses on both sides (0 = off, else >= 2; it raises
+    window.output_lag to this many frames at least: the frame's pose is published after that;
+    dynrecon_ros.rgbd_step.RGBDStep._smooth_motions).
     ransac_depth_sigmas: the flow fit's depth gate (besides the flat ransac_depth_threshold) shrinks with
     the refits to 3 robust sigmas of its consensus's depth residuals, in units of the sensor's noise
     sigma(z) (segmentation.depth_sigma_a / depth_sigma_b), but not below this many: a correspondence whose
@@ -82,7 +87,7 @@ class BackendConfig:
     (dynrecon_ros.predictors.rgbd.depth_gate). long_pair_max_sigma_m: a long (keyframe) pair gives no pose
     when its inliers cannot pin its translation: the translation's standard deviation of a rigid fit to them
     (0.5 px across each ray, 1 % of z along it) above this many metres (a thin band of far wall beside a
-    close person; dynrecon_ros.predictors.rgbd.translation_sigma; inf = never). long_pair_max_move_m: nor
+    close person; dynrecon_ros.geometry.translation_sigma; inf = never). long_pair_max_move_m: nor
     when its direct refinement moves its translation more than this many metres from the pose the tracked
     trajectory predicts for it (the same thin-band pairs that pass that test; inf = never), unless another long
     pair of the frame moved it to within half this of the same place (then the adjacent pair is the one off).
@@ -121,6 +126,7 @@ class BackendConfig:
     ransac_seed: int = 0
     rolling_shutter_s: float = 0.0
     depth_delay_s: float = 0.0
+    shutter_smoothing_frames: int = 4
     ransac_depth_sigmas: float = 1.0
     long_pair_max_sigma_m: float = 0.006
     long_pair_max_move_m: float = 0.015
@@ -143,6 +149,9 @@ class BackendConfig:
             raise InputError(f"backend.image_size must be 0 (the model's size) or >= 16 pixels, got {self.image_size}")
         if not 0.0 <= self.rolling_shutter_s < 1.0:
             raise InputError(f'backend.rolling_shutter_s must be a readout time in [0, 1) s, got {self.rolling_shutter_s}')
+        if self.shutter_smoothing_frames < 0 or self.shutter_smoothing_frames == 1:
+            raise InputError('backend.shutter_smoothing_frames must be 0 (off) or >= 2 (aligned frames on either side '
+                             f'of a frame whose in-frame motion is taken from them), got {self.shutter_smoothing_frames}')
         if not abs(self.depth_delay_s) < 1.0:
             raise InputError(f'backend.depth_delay_s must be within (-1, 1) s, got {self.depth_delay_s}')
         if not self.ransac_depth_sigmas > 0:

@@ -31,6 +31,7 @@ thread while stage B of frame t runs on another (``ReconConfig.overlap``), with 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 import threading
 import time
@@ -171,6 +172,13 @@ class Reconstructor:
         self.predictor = predictor
         self.flows = FlowCache(cfg.flow)
         w = cfg.window
+        k = cfg.backend.shutter_smoothing_frames
+        if cfg.backend.rolling_shutter_s > 0 and k > w.output_lag >= 0 and getattr(predictor, 'shutter', None):
+            # the frame's pairs are refined again k frames later (backend.shutter_smoothing_frames): hold it as long
+            w = dataclasses.replace(w, output_lag=k, size=max(w.size, k + w.size - w.output_lag))
+            self.cfg = cfg = dataclasses.replace(cfg, window=w)
+            self.log(f'rolling shutter: window.output_lag raised to {k} (backend.shutter_smoothing_frames), '
+                     f'window.size {w.size}')
         if w.output_lag < 0 or w.output_lag >= w.size:
             raise InputError(f'window.output_lag must be in [0, window.size-1], got {w.output_lag}')
         self.window = SlidingWindow(w)

@@ -22,7 +22,9 @@ Per accepted frame t (:meth:`RGBDStep.step`):
      initial pose of t from the nearest pair; tracking-lost (inlier ratio) and jump (``checks``) tests;
   4. static correspondences of every pair that gave a pose are stored (:meth:`_make_constraint`), and
      the poses not published yet are aligned over all stored pairs of the window
-     (:class:`~dynrecon_ros.alignment.WindowAligner`; published frames and the first are held);
+     (:class:`~dynrecon_ros.alignment.WindowAligner`; published frames and the first are held); under a rolling
+     shutter the pairs of the frame ``backend.shutter_smoothing_frames`` back are then refined again with the
+     in-frame motions of the aligned trajectory, and the window aligned again (:meth:`_smooth_motions`);
   5. motion segmentation of t and refresh of its pair partners from flow vs ego flow
      (:class:`~dynrecon_ros.segmentation.MotionSegmenter`).
 A frame between window steps (``window.step_every``, or the node falling behind) skips all that: :meth:`RGBDStep.track`
@@ -40,7 +42,7 @@ from dynrecon_ros.alignment import PairConstraint, WindowAligner
 from dynrecon_ros.errors import InputError
 from dynrecon_ros.frames import Frame
 from dynrecon_ros.geometry import transform_points
-from dynrecon_ros.rolling_shutter import trajectory_velocity
+from dynrecon_ros.rolling_shutter import band_derivatives, trajectory_velocity
 from dynrecon_ros.segmentation import frame_grey
 from dynrecon_ros.window import SlidingWindow, WindowEntry
 
@@ -105,6 +107,15 @@ def _downscale_depth(depth: np.ndarray, s: int) -> np.ndarray:
 # long pairs otherwise start the velocity at the pair's mean over 5-8 frames, which hand tremor leaves far from
 # the frame's (close_crossing 880-887 ATE 1.92 -> 1.67 mm mean, docs/MEASUREMENTS.md).
 VELOCITY_SIGMA = (0.04, 0.07)
+
+# Under a rolling shutter a frame's pairs are refined again once K = backend.shutter_smoothing_frames later frames
+# are aligned (:meth:`RGBDStep._smooth_motions`): its in-frame motion then comes from the smoothed trajectory, the
+# angular rate and its rate from the K aligned frames on either side (rolling_shutter.band_derivatives), the
+# velocity from its neighbours (trajectory_velocity), the linear acceleration left to the fit. Spreads of that
+# prior, m/s, rad/s, m/s^2, rad/s^2: the smoothed motion's errors on the renderer's hand-held path (every_effect
+# 1300-1308: 0.07 m/s, 0.02 rad/s, 1.3 rad/s^2 RMS off the truth, where a pair's fit is 0.17 m/s and 0.08 rad/s
+# off).
+SMOOTHED_SPREAD = (0.05, 0.02, 5.0, 1.0)
 
 # A long pair is verified at the pose its adjacent pair gives the newest frame; when that pair came out off (a close
 # person over 45 % of the view, a far wall left: close_crossing seed 905, 12 mm) no correspondence verifies there and
@@ -175,6 +186,12 @@ class RGBDStep:
         self.cfg, self.pred, self.flows, self.segmenter, self.times = cfg, predictor, flows, segmenter, times
         self.aligner = WindowAligner(cfg.alignment, device)
         self._constraints: dict[tuple[int, int], PairConstraint] = {}  # by push indices
+        # (a, b, T_a_b, inliers of a) of each stepped pair (by push indices) and the last stepped entries, oldest
+        # first: the pairs refined again under a rolling shutter (_smooth_motions)
+        self._fits: dict[tuple[int, int], tuple] = {}
+        self._stepped: list[WindowEntry] = []
+        k = cfg.backend.shutter_smoothing_frames
+        self._smooth_k = k if predictor.shutter.readout > 0 else 0
         self._rng = np.random.default_rng(0)
 
     def work_frame(self, frame):
@@ -213,6 +230,7 @@ class RGBDStep:
             # the first accepted frame defines the world
             entry.pose = world_pose.copy()
             entry.data['conf'] = (frame.depth > 0).astype(np.float32) if frame.depth is not None else None
+            self._stepped = [entry] if self._smooth_k else []
             return ''
         t = time.perf_counter()
         pairs = window.pairs_for_newest()
@@ -254,6 +272,8 @@ class RGBDStep:
             if T is None:
                 continue
             self._constraints[(old.index, entry.index)] = self._make_constraint(old, entry, T, inl)
+            if self._smooth_k:
+                self._fits[(old.index, entry.index)] = (old, entry, T, inl)
         if len(rel) > 1 and all(r[0] is None for r in rel[1:]):  # every long pair dropped: see _span_pair
             self._span_pair(window, entry, pairs, rel)
         entry.data['conf'] = (pflows[0].valid_bwd & (frame.depth > 0)).astype(np.float32)
@@ -262,11 +282,14 @@ class RGBDStep:
             self._align(window, published)
         if self.pred.shutter.active:
             self._trajectory_velocities(window)
+        if self._smooth_k and self._smooth_motions(entry) and self.cfg.alignment.enabled:
+            self._align(window, published)
         t = self.times.lap('alignment', t)
         self._segment(pairs, pflows, published)
         self.times.lap('segmentation', t)
         keep = {e.index for e in window.all_entries()}
         self._constraints = {k: v for k, v in self._constraints.items() if k[0] in keep and k[1] in keep}
+        self._fits = {k: v for k, v in self._fits.items() if k[0] in keep and k[1] in keep}
         return ''
 
     def _lost(self, prev: WindowEntry, frame, T, inl, n: int) -> str:
@@ -389,6 +412,41 @@ class RGBDStep:
         v = trajectory_velocity(np.linalg.inv(T_prev_new), np.eye(4), None, entry.frame.stamp - prev.frame.stamp)
         if v is not None:
             self.pred.set_frame_velocity(entry.frame, v, VELOCITY_SIGMA[1])
+
+    def _smooth_motions(self, entry: WindowEntry) -> bool:
+        """Under a rolling shutter, with ``entry`` the newest stepped frame: the frame K stepped frames back (K =
+        ``backend.shutter_smoothing_frames``) gets its in-frame motion from the aligned poses of the K frames on
+        either side (SMOOTHED_SPREAD), and its pairs with older frames that have theirs are refined again with both
+        motions held; their constraints replace the first fits'. Returns whether any pair was refined again.
+
+        Why: a pair sees mostly the difference of its two frames' in-frame motions, which its own fit gets 0.03-0.04
+        rad/s off under hand tremor, and that error goes into the pair's translation and the trajectory's scale
+        (every_effect 1302: 4.27 mm ATE, Sim(3) scale 1.024; the exact motions held: 1.57 mm). The aligned poses
+        sampled at the frame rate hold the tremor below its Nyquist limit, but only once frames on both sides are in
+        (docs/MEASUREMENTS.md)."""
+        k = self._smooth_k
+        self._stepped = (self._stepped + [entry])[-(2 * k + 1):]
+        if len(self._stepped) < 2 * k + 1:
+            return False
+        ents = self._stepped
+        e = ents[k]
+        t = np.array([x.frame.stamp - e.frame.stamp for x in ents])
+        dt = np.diff(t)
+        if not (dt > 0).all() or dt.max() > 2.5 * np.median(dt):  # frames lost between: their motion is not seen
+            return False
+        d1, d2 = band_derivatives(np.stack([x.pose for x in ents]), t, 0.4 / float(np.median(dt)))
+        v = trajectory_velocity(ents[k - 1].pose, e.pose, ents[k + 1].pose, -t[k - 1], t[k + 1])
+        sv, sw, sa, sal = SMOOTHED_SPREAD
+        self.pred.set_frame_motion(e.frame, np.concatenate([v, d1[3:], np.zeros(3), d2[3:]]),
+                                   np.repeat([sv, sw, sa, sal], 3))
+        done = False
+        for key, (a, b, T, inl) in list(self._fits.items()):
+            if b is e and self.pred.has_frame_motion(a.frame):
+                T = self.pred.refine_held(a.frame, e.frame, T, inl)
+                self._constraints[key] = self._make_constraint(a, e, T, inl)
+                del self._fits[key]
+                done = True
+        return done
 
     def _trajectory_velocities(self, window: SlidingWindow) -> None:
         """Each window frame with both neighbours in the window: its velocity from the aligned poses (central

@@ -11,7 +11,9 @@ rotation and translation M(s); the rotation is < 0.2 degree at the speeds of a h
 where the second-order terms are below 1e-6 rad). A constant twist (order 1) is not enough for
 hand tremor: see :class:`PairShutter`. The motions start from the pair's relative pose and time
 (:func:`pair_twist`) and are refined with the pose (:class:`PairShutter`); a long pair takes each frame's
-velocity from the aligned trajectory instead (:func:`trajectory_velocity`). Readout and delay 0:
+velocity from the aligned trajectory instead (:func:`trajectory_velocity`), and once a frame has aligned frames on
+both sides its pairs are refined again with its whole in-frame motion from them (:func:`band_derivatives`;
+dynrecon_ros.rgbd_step.RGBDStep._smooth_motions). Readout and delay 0:
 the model is off (the predictor does not build one), so such a sequence is processed exactly as before.
 
 Written by hand: OpenCV, Open3D and the odometry libraries we use model global shutters only (Kerl et
@@ -19,9 +21,11 @@ al., ICCV 2015, do it with B-splines inside their own tracker, which we do not e
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.linalg import null_space
 from scipy.spatial.transform import Rotation
 
 
@@ -71,13 +75,16 @@ class PairShutter:
         velocity_i, velocity_j: (v (3,) m/s, sigma m/s) a frame's velocity known from elsewhere (the
             aligned trajectory, :func:`trajectory_velocity`), or None: its in-frame velocity (the first
             3 terms) starts there and its prior is centred there with that spread (the rest as above).
+        held_i, held_j: ((6 order,) motion, (6 order,) spreads) a frame's whole in-frame motion known from
+            elsewhere (the smoothed trajectory, :func:`band_derivatives`), or None: it starts there and its
+            prior is centred there with those spreads (instead of all of the above for that frame).
     """
 
     def __init__(self, model: ShutterModel, rows_i: np.ndarray, height: int, K_j: np.ndarray, dt: float,
                  twist_i: np.ndarray | None = None, twist_j: np.ndarray | None = None,
                  sigma_v: float = 0.2, sigma_w: float = 0.5, known_scale: float = 0.5, order: int = 1,
                  sigma_higher: tuple = ((5.0, 10.0), (400.0, 800.0)), velocity_i: tuple | None = None,
-                 velocity_j: tuple | None = None):
+                 velocity_j: tuple | None = None, held_i: tuple | None = None, held_j: tuple | None = None):
         if not 1 <= order <= 1 + len(sigma_higher):
             raise ValueError(f'order must be in [1, {1 + len(sigma_higher)}], got {order}')
         self.model, self.height, self.dt, self.order = model, height, dt, order
@@ -99,6 +106,11 @@ class PairShutter:
             if vel is not None:
                 sd[:3] = vel[1]
             prior.append(sd)
+        self.held = tuple(None if hd is None else tuple(np.asarray(a, dtype=np.float64)[:6 * order] for a in hd)
+                          for hd in (held_i, held_j))
+        for k, hd in enumerate(self.held):
+            if hd is not None:
+                prior[k] = hd[1]
         self.prior = np.concatenate(prior) ** -2.0
         self.nu = self.nu0 = None
 
@@ -109,12 +121,14 @@ class PairShutter:
         pair = np.zeros(m)
         pair[:6] = pair_twist(T_i_j, self.dt)
         nu0 = []
-        for tw, vel in zip(self.known, self.velocity):
+        for tw, vel, hd in zip(self.known, self.velocity, self.held):
             x = pair.copy()
             if tw is not None:
                 x[:len(tw)] = tw
             if vel is not None:
                 x[:3] = vel[0]
+            if hd is not None:
+                x = hd[0].copy()
             nu0.append(x)
         self.nu0 = np.concatenate(nu0)
         self.nu = self.nu0.copy()
@@ -215,6 +229,48 @@ def trajectory_velocity(T_w_a: np.ndarray, T_w_e: np.ndarray, T_w_b: np.ndarray 
         return -xa / h1
     xb = (inv @ T_w_b)[:3, 3]
     return (h1 * h1 * xb - h2 * h2 * xa) / (h1 * h2 * (h1 + h2))
+
+
+def band_derivatives(T_w: np.ndarray, t: np.ndarray, band_hz: float) -> tuple[np.ndarray, np.ndarray]:
+    """The camera's motion at one frame from its neighbours' poses, for motion band-limited below ``band_hz``.
+
+    T_w: (m, 4, 4) camera-to-world poses of the frame and its neighbours (any order), t: (m,) their instants, s
+    from the frame's (the frame itself at 0) -> ((6,), (6,)) the first and second time derivatives at 0 of the
+    displacement [translation (m), rotation vector (rad)] in the frame's axes: its body twist [v, omega] and
+    that twist's rate (the c_1, c_2 of :func:`motion_offsets`).
+
+    A frame difference only keeps the slow part of the motion: hand tremor (4-12 Hz) turns by 1.5 radian between
+    frames at 30 Hz, and the central difference keeps sin(x) / x of it (a quarter at 12 Hz). The weights here are
+    exact for polynomials up to degree 3 and, within that, the least-squares fit at the samples' own instants of
+    the derivative of every sinusoid from 0 to ``band_hz`` (they need samples on both sides: with 4 each side at 30
+    frames/s and a 12 Hz band the rate comes out 0.96-1.03 of the true one up to 8 Hz, 0.86 at 12 Hz; the frame
+    rate's Nyquist limit bounds what any does). Written by hand: scipy's differentiators (savgol, splines) fit
+    polynomials, which leave the same attenuation as a difference.
+    """
+    T_w = np.asarray(T_w, dtype=np.float64)
+    t = np.asarray(t, dtype=np.float64)
+    me = int(np.argmin(np.abs(t)))
+    inv = np.linalg.inv(T_w[me])
+    others = np.flatnonzero(np.arange(len(t)) != me)
+    if len(others) < 4:  # the cubic's three conditions leave no freedom for the band with fewer
+        raise ValueError(f'band_derivatives needs the frame and at least 4 other poses, got {len(others)} others')
+    rel = inv @ T_w[others]
+    d = np.concatenate([rel[:, :3, 3], Rotation.from_matrix(rel[:, :3, :3]).as_rotvec()], 1)  # (m-1, 6)
+    tk = t[others] - t[me]
+    w = 2 * np.pi * np.linspace(band_hz / 64, band_hz, 64)
+    ph = np.outer(w, tk)
+    exact = np.stack([tk ** j / math.factorial(j) for j in range(1, 4)])  # (3, m-1) Taylor terms: held exactly
+    null = null_space(exact)
+    out = []
+    for order in (1, 2):
+        # weights = a particular solution of the Taylor conditions + the null space's part that fits the band best:
+        # rows the sin / cos parts of exp(i w t) - 1 against (i w)^order, relative
+        wp = np.linalg.lstsq(exact, (np.arange(1, 4) == order).astype(float), rcond=None)[0]
+        a = np.vstack([np.sin(ph), np.cos(ph) - 1]) / np.concatenate([w, w])[:, None] ** order
+        b = np.concatenate([np.ones(len(w)), np.zeros(len(w))] if order == 1 else [np.zeros(len(w)), -np.ones(len(w))])
+        z = np.linalg.lstsq(a @ null, b - a @ wp, rcond=None)[0]
+        out.append((wp + null @ z) @ d)
+    return out[0], out[1]
 
 
 def to_frame_instant(X: np.ndarray, s: np.ndarray, twist: np.ndarray) -> np.ndarray:

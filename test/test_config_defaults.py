@@ -186,6 +186,7 @@ def leaves_of(cfg) -> dict:
 def test_bad_values_name_the_field():
     for d, name in (({'backend': {'image_size': 8}}, 'backend.image_size'),
                     ({'backend': {'pair_cache': -1}}, 'backend.pair_cache'),
+                    ({'backend': {'shutter_smoothing_frames': 1}}, 'backend.shutter_smoothing_frames'),
                     ({'backend': {'image_size': 'big'}}, 'image_size')):
         with pytest.raises(InputError, match=name.replace('.', r'\.')):
             ReconConfig.from_dict(d)

@@ -24,7 +24,8 @@ import cv2
 import numpy as np
 
 from dynrecon_ros.depth_cue import depth_sigma
-from dynrecon_ros.geometry import fit_rigid, fit_similarity, pixel_grid, to_matrix, transform_points, unproject
+from dynrecon_ros.geometry import (fit_rigid, fit_similarity, pixel_grid, to_matrix, transform_points, translation_sigma,
+                                   unproject)
 from dynrecon_ros.predictors.base import PairPrediction, PairPredictor
 from dynrecon_ros.predictors.direct_refinement import _sampling_stack, photometric_refine
 from dynrecon_ros.predictors.row_skew import local_fits, shutter_reprojection_errors
@@ -61,6 +62,7 @@ class RGBDPredictorConfig:
     min_gradient: float
     rolling_shutter_s: float  # row readout time (0 = global shutter); see rolling_shutter.py
     depth_delay_s: float  # depth image taken this long after the colour one
+    shutter_smoothing_frames: int  # see BackendConfig
     ransac_depth_sigmas: float  # the depth gate's floor, in sigma(z) of the depth noise model (depth_gate)
     long_pair_max_sigma_m: float  # a long pair's largest translation_sigma (m) for a pose
     long_pair_max_move_m: float  # a long pair's largest refinement away from its predicted pose (m)
@@ -97,43 +99,6 @@ class RGBDPredictorConfig:
 # the refinement moves a pair 3.4 mm (median), 6.3 (90 %), 16.4 (99 %) from its start, which the tracked poses
 # predict to a few mm (0.5-14 mm off there). The limit is above the tracked poses' error, so a pair whose start
 # is off and whose data is good (41 -> 51: 22 mm -> 10 mm off) can be lost too.
-
-
-def translation_sigma(P: np.ndarray, K: np.ndarray, sigma_px: float = 0.5, sigma_depth_rel: float = 0.01) -> float:
-    """How well points pin a rigid motion's translation: (n, 3) points in a camera with intrinsics K (3, 3) ->
-    the largest standard deviation (m) of the translation of a rigid fit to them, rotation free, each point
-    measured to ``sigma_px`` pixels across its ray and ``sigma_depth_rel`` z along it (the direct
-    refinement's relative depth sigma); inf for fewer than 3 points.
-
-    The information of a left increment (t, omega) is sum_k J_k^T W_k J_k, J_k = [I, -[X_k]x], W_k = diag(
-    (f / (sigma_px z))^2 (x, y), 1 / (sigma_depth_rel z)^2); the translation's covariance is the top-left
-    3x3 block of its inverse. Far points on a thin band leave the translation nearly free (translation and
-    rotation look alike there). With J_k's rows [1 0 0 0 z -y], [0 1 0 -z 0 x], [0 0 1 y -x 0] and weights
-    (a, b, c)_k, H is 15 weighted moments of the points (dot products over n: ~20x faster than forming J at
-    ~10^4 points); written out because no library call forms this 6x6 information.
-    """
-    P = np.asarray(P, np.float64).reshape(-1, 3)
-    if len(P) < 3:
-        return float('inf')
-    x, y, z = P.T
-    iz2 = 1.0 / (z * z)
-    a = (K[0, 0] / sigma_px) ** 2 * iz2  # (n,) inverse variances of x, y, z
-    b = (K[1, 1] / sigma_px) ** 2 * iz2
-    c = iz2 / sigma_depth_rel ** 2
-    H = np.zeros((6, 6))
-    H[0, 0], H[1, 1], H[2, 2] = a.sum(), b.sum(), c.sum()
-    H[0, 4], H[0, 5] = a @ z, -(a @ y)
-    H[1, 3], H[1, 5] = -(b @ z), b @ x
-    H[2, 3], H[2, 4] = c @ y, -(c @ x)
-    xx, yy, zz = x * x, y * y, z * z
-    H[3, 3], H[4, 4], H[5, 5] = b @ zz + c @ yy, a @ zz + c @ xx, a @ yy + b @ xx
-    H[3, 4], H[3, 5], H[4, 5] = -(c @ (x * y)), -(b @ (x * z)), -(a @ (y * z))
-    H = np.triu(H) + np.triu(H, 1).T
-    try:
-        C = np.linalg.inv(H)[:3, :3]
-    except np.linalg.LinAlgError:
-        return float('inf')
-    return float(np.sqrt(max(np.linalg.eigvalsh(C).max(), 0.0)))
 
 
 def reprojection_errors(R: np.ndarray, t: np.ndarray, P: np.ndarray, Q: np.ndarray, uv: np.ndarray,
@@ -331,7 +296,8 @@ class RGBDPredictor(PairPredictor):
     def __init__(self, config: RGBDPredictorConfig):
         self.cfg = config
         self.rng = np.random.default_rng(self.cfg.ransac_seed)
-        self._cache = _FrameCache()
+        smoothing = self.cfg.shutter_smoothing_frames  # frames whose motions RGBDStep._smooth_motions keeps here
+        self._cache = _FrameCache(8 + (smoothing if self.cfg.rolling_shutter_s > 0 else 0))
         self.shutter = ShutterModel(self.cfg.rolling_shutter_s, self.cfg.depth_delay_s)
 
     def window_step(self, cfg, flows, segmenter, times, device: str):
@@ -526,12 +492,13 @@ class RGBDPredictor(PairPredictor):
             thr = max(thr, self.shutter.readout * 0.3 * float(K_j[0, 0]))
         return thr
 
-    def _refine(self, frame_i, frame_j, grid_idx, pts, st, T, adjacent: bool = True):
+    def _refine(self, frame_i, frame_j, grid_idx, pts, st, T, adjacent: bool = True, held: bool = False):
         """Direct photometric + depth refinement on textured static inlier pixels of i.
 
         grid_idx: (n,) flat indices of the inliers on i's stride-``st`` grid; pts: (n, 3) their points.
         adjacent: the pair of j with its previous frame (under a rolling shutter j's velocity is then
-        taken from it and kept for j's other pairs).
+        taken from it and kept for j's other pairs). held: both frames' in-frame motions as set by
+        :meth:`set_frame_motion` (:meth:`refine_held`; no fitted twist is kept).
         """
         c = self.cfg
         di = self._frame_data(frame_i)
@@ -545,10 +512,10 @@ class RGBDPredictor(PairPredictor):
         shutter = None
         if self.shutter.active:
             rows = (grid_idx[cand] // di['gray'][::st, ::st].shape[1]) * st
-            shutter = self._pair_shutter(frame_i, frame_j, rows, adjacent)
+            shutter = self._pair_shutter(frame_i, frame_j, rows, adjacent, held)
         T = photometric_refine(gray_i, pts[cand], None, frame_j.depth, frame_j.K, T, c.photometric_iterations,
                                stack=self._sample_stack(frame_j), shutter=shutter)
-        if shutter is not None:  # the frames' fitted twists, for their later pairs
+        if shutter is not None and not held:  # the frames' fitted twists, for their later pairs
             if adjacent:
                 self._frame_data(frame_j)['twist'] = shutter.twist_j
             if self._frame_data(frame_i).get('twist') is None:
@@ -560,11 +527,15 @@ class RGBDPredictor(PairPredictor):
         6: its body twist; :func:`~dynrecon_ros.rolling_shutter.motion_offsets`), or None."""
         return self._frame_data(frame).get('twist') if self.shutter.active else None
 
-    def _pair_shutter(self, frame_i, frame_j, rows: np.ndarray, adjacent: bool) -> PairShutter:
+    def _pair_shutter(self, frame_i, frame_j, rows: np.ndarray, adjacent: bool, held: bool = False) -> PairShutter:
         """The pair's rolling shutter, with the frames' twists fitted in their earlier pairs (j's only
-        from the adjacent pair: the other pairs of j come after it). A depth delay alone keeps a constant
-        twist (order 1): the colour rows share one instant and the rate over 10 ms is hardly seen
-        (close_crossing seed 102: 2.57 mm ATE with order 2, 2.11 before)."""
+        from the adjacent pair: the other pairs of j come after it), or ``held`` at :meth:`set_frame_motion`'s.
+        A depth delay alone keeps a constant twist (order 1): the colour rows share one instant and the rate
+        over 10 ms is hardly seen (close_crossing seed 102: 2.57 mm ATE with order 2, 2.11 before)."""
+        if held:
+            return PairShutter(self.shutter, rows, frame_i.depth.shape[0], frame_j.K, frame_j.stamp - frame_i.stamp,
+                               order=self.shutter_order, held_i=self._frame_data(frame_i)['held'],
+                               held_j=self._frame_data(frame_j)['held'])
         tw_i = self._frame_data(frame_i).get('twist')
         tw_j = None if adjacent else self._frame_data(frame_j).get('twist')
         vel_i = vel_j = None
@@ -573,6 +544,22 @@ class RGBDPredictor(PairPredictor):
         return PairShutter(self.shutter, rows, frame_i.depth.shape[0], frame_j.K, frame_j.stamp - frame_i.stamp,
                            tw_i, tw_j, order=self.shutter_order if self.shutter.readout > 0 else 1,
                            velocity_i=vel_i, velocity_j=vel_j)
+
+    def set_frame_motion(self, frame, motion: np.ndarray, spread: np.ndarray) -> None:
+        """``frame``'s whole in-frame motion ((6 shutter_order,) and its (6 shutter_order,) spreads), known from
+        the smoothed trajectory (:meth:`dynrecon_ros.rgbd_step.RGBDStep._smooth_motions`) for :meth:`refine_held`."""
+        self._frame_data(frame)['held'] = (np.asarray(motion, dtype=np.float64), np.asarray(spread, dtype=np.float64))
+
+    def has_frame_motion(self, frame) -> bool:
+        return 'held' in self._frame_data(frame)
+
+    def refine_held(self, frame_i, frame_j, T: np.ndarray, inliers: np.ndarray) -> np.ndarray:
+        """The pair's pose T_i_j (4, 4) refined again on its inliers ((H, W) bool of i, on the stride grid) with
+        both frames' in-frame motions held at :meth:`set_frame_motion`'s -> (4, 4)."""
+        st = max(1, self.cfg.stride)
+        grid_idx = np.flatnonzero(inliers[::st, ::st])
+        pts = self._grid(frame_i, st).reshape(-1, 3)[grid_idx]
+        return self._refine(frame_i, frame_j, grid_idx, pts, st, np.asarray(T, dtype=np.float64), False, True)
 
     def forget(self, frame) -> None:
         """Drop ``frame``'s cached per-frame data (a frame no later pair uses: a tracked one)."""

@@ -162,6 +162,10 @@ class ReconNode(Node):
         from dynrecon_ros.reconstructor import Reconstructor
         return Reconstructor(config, device=device, log=log)
 
+    def _output_lag(self) -> int:
+        """Frames a result is held for the window: the reconstructor's (a rolling shutter raises it), else the config's."""
+        return getattr(self._rec, 'cfg', self._config).window.output_lag
+
     def _make_reconstructor(self):
         self._config = self.pipeline_config()
         return self._factory(self._config, self._param('backend'), self._param('checkpoint'),
@@ -451,7 +455,7 @@ class ReconNode(Node):
         self.get_logger().info(
             f'stats: last {dt:.1f} s: received {(q.received - recv0) / dt:.1f} frames/s, published '
             f'{(pub - pub0) / dt:.1f}/s, dropped {q.dropped - drop0} of {q.received - recv0} in the queue; '
-            + self._latency.line(self._config.window.output_lag))
+            + self._latency.line(self._output_lag()))
 
     def _maybe_publish_map(self, force: bool = False) -> None:
         rate = float(self._param('publish_map_rate'))
@@ -518,7 +522,7 @@ class ReconNode(Node):
         print(f'[{self.get_name()}] frames received {q.received}, processed {self.worker.processed}, '
               f'dropped {q.dropped}, queue high water {q.high_water}, tracked {self._tracked}'
               + (f', static map {voxels()} voxels' if voxels is not None else '')
-              + f'; published {self._latency.count}, ' + self._latency.line(self._config.window.output_lag, total=True),
+              + f'; published {self._latency.count}, ' + self._latency.line(self._output_lag(), total=True),
               file=sys.stderr, flush=True)
         print(f'[{self.get_name()}] {self._pipe.trace.line()}', file=sys.stderr, flush=True)
 
