@@ -1,10 +1,12 @@
 """What the rolling shutter's in-frame motion estimate costs: ATE with the pipeline's estimate vs the exact one.
 
-Usage: python bench/shutter_oracle.py [--scenario every_effect] [--seeds 1302,1326] [--modes estimated,long,all]
+Usage: python bench/shutter_oracle.py [--scenario every_effect] [--seeds 1302,1326] [--modes estimated,fitted,long,all]
 
 Renders each seed of a scenario with a rolling shutter (dynrecon_ros.data.scenarios; depth rounded to 1/5000 m as
 a TUM PNG stores it) and runs the RGB-D pipeline once per mode, printing ATE (SE(3) and the Sim(3) scale) and RPE:
-  estimated: the pipeline as it is (each frame's in-frame motion fitted in its pairs, velocities from the trajectory);
+  estimated: the pipeline as it is (each frame's in-frame motion fitted in its pairs, velocities from the trajectory,
+             the pairs refined again with the motion of the smoothed trajectory: backend.shutter_smoothing_frames);
+  fitted:    the same without that second refinement (shutter_smoothing_frames 0: the pipeline before 2026-12-06);
   long:      the renderer's exact in-frame motion (synthetic.in_frame_motion), held, in the long pairs only;
   all:       the exact in-frame motion, held, in every pair.
 The gap between estimated and all is what a better in-frame motion estimate can win (docs/MEASUREMENTS.md). A
@@ -38,7 +40,7 @@ def run(scenario: str, seed: int, modes: list[str]) -> None:
     exact = dict(zip(seq.keys, in_frame_motion(cfg, np.asarray(seq.stamps) - seq.stamps[0], order)))
     estimated = RGBDPredictor._pair_shutter
 
-    def held(self, frame_i, frame_j, rows, adjacent, long_only):
+    def held(self, frame_i, frame_j, rows, adjacent, long_only):  # (no smoothing in these modes: nothing to refine)
         if adjacent and long_only:
             return estimated(self, frame_i, frame_j, rows, adjacent)
         gi, gj = exact[frame_i.key], exact[frame_j.key]
@@ -47,12 +49,14 @@ def run(scenario: str, seed: int, modes: list[str]) -> None:
                            velocity_j=(gj[:3], 1e-4))
 
     for mode in modes:
-        if mode != 'estimated':
-            RGBDPredictor._pair_shutter = (lambda self, fi, fj, rows, adj, lo=(mode == 'long'):
+        if mode in ('long', 'all'):
+            RGBDPredictor._pair_shutter = (lambda self, fi, fj, rows, adj, _=False, lo=(mode == 'long'):
                                            held(self, fi, fj, rows, adj, lo))
         try:
             rc = ReconConfig()
             rc.backend.rolling_shutter_s, rc.backend.depth_delay_s = cfg.rolling_shutter, cfg.depth_delay
+            if mode != 'estimated':
+                rc.backend.shutter_smoothing_frames = 0
             rec = Reconstructor(rc, device='cpu')
             t0 = time.perf_counter()
             out = [r for f in seq.frames for r in rec.push(f)] + rec.flush()
@@ -70,12 +74,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument('--scenario', default='every_effect')
     ap.add_argument('--seeds', default='1302,1326')
-    ap.add_argument('--modes', default='estimated,long,all')
+    ap.add_argument('--modes', default='estimated,fitted,long,all')
     a = ap.parse_args()
     modes = a.modes.split(',')
-    bad = [m for m in modes if m not in ('estimated', 'long', 'all')]
+    bad = [m for m in modes if m not in ('estimated', 'fitted', 'long', 'all')]
     if bad:
-        raise SystemExit(f'shutter_oracle: unknown mode(s) {bad}: estimated, long, all')
+        raise SystemExit(f'shutter_oracle: unknown mode(s) {bad}: estimated, fitted, long, all')
     for seed in (int(s) for s in a.seeds.split(',')):
         run(a.scenario, seed, modes)
 
