@@ -173,7 +173,8 @@ class Reconstructor:
         self.flows = FlowCache(cfg.flow)
         w = cfg.window
         k = cfg.backend.shutter_smoothing_frames
-        if cfg.backend.rolling_shutter_s > 0 and k > w.output_lag >= 0 and getattr(predictor, 'shutter', None):
+        shutter = getattr(predictor, 'shutter', None)  # the RGB-D predictor's sensor model, which its step smooths by
+        if shutter is not None and shutter.readout > 0 and k > w.output_lag >= 0:
             # the frame's pairs are refined again k frames later (backend.shutter_smoothing_frames): hold it as long
             w = dataclasses.replace(w, output_lag=k, size=max(w.size, k + w.size - w.output_lag))
             self.cfg = cfg = dataclasses.replace(cfg, window=w)
