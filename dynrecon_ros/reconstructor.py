@@ -172,9 +172,8 @@ class Reconstructor:
         self.predictor = predictor
         self.flows = FlowCache(cfg.flow)
         w = cfg.window
-        k = cfg.backend.shutter_smoothing_frames
-        shutter = getattr(predictor, 'shutter', None)  # the RGB-D predictor's sensor model, which its step smooths by
-        if shutter is not None and shutter.readout > 0 and k > w.output_lag >= 0:
+        k = getattr(predictor, 'smoothing_frames', 0)  # the RGB-D predictor's, under a rolling shutter
+        if k > w.output_lag >= 0:
             # the frame's pairs are refined again k frames later (backend.shutter_smoothing_frames): hold it as long
             w = dataclasses.replace(w, output_lag=k, size=max(w.size, k + w.size - w.output_lag))
             self.cfg = cfg = dataclasses.replace(cfg, window=w)

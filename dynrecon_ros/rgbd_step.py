@@ -190,8 +190,7 @@ class RGBDStep:
         # first: the pairs refined again under a rolling shutter (_smooth_motions)
         self._fits: dict[tuple[int, int], tuple] = {}
         self._stepped: list[WindowEntry] = []
-        k = cfg.backend.shutter_smoothing_frames
-        self._smooth_k = k if predictor.shutter.readout > 0 else 0
+        self._smooth_k = predictor.smoothing_frames
         self._rng = np.random.default_rng(0)
 
     def work_frame(self, frame):

@@ -296,9 +296,12 @@ class RGBDPredictor(PairPredictor):
     def __init__(self, config: RGBDPredictorConfig):
         self.cfg = config
         self.rng = np.random.default_rng(self.cfg.ransac_seed)
-        smoothing = self.cfg.shutter_smoothing_frames  # frames whose motions RGBDStep._smooth_motions keeps here
-        self._cache = _FrameCache(8 + (smoothing if self.cfg.rolling_shutter_s > 0 else 0))
         self.shutter = ShutterModel(self.cfg.rolling_shutter_s, self.cfg.depth_delay_s)
+        # frames after which a frame's pairs are refined again with its smoothed in-frame motion: a rolling shutter
+        # only (RGBDStep._smooth_motions; the reconstructor holds results as long); their motions are kept here
+        k = self.cfg.shutter_smoothing_frames
+        self.smoothing_frames = k if self.shutter.readout > 0 else 0
+        self._cache = _FrameCache(8 + self.smoothing_frames)
 
     def window_step(self, cfg, flows, segmenter, times, device: str):
         """:class:`dynrecon_ros.rgbd_step.RGBDStep` over this predictor."""
@@ -559,7 +562,8 @@ class RGBDPredictor(PairPredictor):
         st = max(1, self.cfg.stride)
         grid_idx = np.flatnonzero(inliers[::st, ::st])
         pts = self._grid(frame_i, st).reshape(-1, 3)[grid_idx]
-        return self._refine(frame_i, frame_j, grid_idx, pts, st, np.asarray(T, dtype=np.float64), False, True)
+        return self._refine(frame_i, frame_j, grid_idx, pts, st, np.asarray(T, dtype=np.float64), adjacent=False,
+                            held=True)
 
     def forget(self, frame) -> None:
         """Drop ``frame``'s cached per-frame data (a frame no later pair uses: a tracked one)."""
