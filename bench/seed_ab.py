@@ -1,11 +1,12 @@
 """A/B of pipeline settings over many seeds: ATE per seed and variant, then the summary a change is judged by.
 
-Usage: python bench/seed_ab.py [--scenario every_effect] [--seeds 1300-1345,850-857] [--jobs 2]
+Usage: python bench/seed_ab.py [--scenario every_effect] [--seeds 1300-1345,850-857] [--jobs 2] [--frames N]
                                [--variant base] [--variant 'backend.shutter_smoothing_frames=0' ...]
 
 Each seed of the scenario (dynrecon_ros.data.scenarios) is rendered once and run through the RGB-D pipeline once per
 variant, in memory, with the depth rounded to 1/5000 m as a TUM PNG stores it and the sensor's readout and depth
-delay told to the pipeline as the scenario rendered them. A variant is ``base`` (the defaults) or
+delay told to the pipeline as the scenario rendered them; ``--frames`` renders that many frames instead of the
+scenario's (longer sequences show drift). A variant is ``base`` (the defaults) or
 'section.name=value' overrides joined by '+'. Seeds run in ``--jobs`` processes at once.
 
 Prints one line per seed (ATE SE(3) mm and Sim(3) scale per variant), then per variant the mean, median and
@@ -36,20 +37,20 @@ def parse_seeds(text: str) -> list[int]:
     return out
 
 
-def run_seed(scenario: str, seed: int, variants: list[str]) -> tuple[int, list[tuple[float, float]]]:
+def run_seed(scenario: str, seed: int, variants: list[str], frames: int = 0) -> tuple[int, list[tuple[float, float]]]:
     """(seed, [(ATE SE(3) m, Sim(3) scale) per variant])."""
     from dynrecon_ros.config import ReconConfig
     from dynrecon_ros.data.scenarios import scenario_config
     from dynrecon_ros.data.synthetic import render_sequence
-    from dynrecon_ros.data.tum import DEPTH_SCALE
+    from dynrecon_ros.data.tum import png_rounded_depth
     from dynrecon_ros.evaluation import trajectory_metrics
     from dynrecon_ros.reconstructor import Reconstructor
 
-    cfg = scenario_config(scenario, seed=seed)
+    cfg = scenario_config(scenario, seed=seed, **({'frames': frames} if frames > 0 else {}))
     seq = render_sequence(cfg)
     for f in seq.frames:
         if f.depth is not None:
-            f.depth = (np.round(np.asarray(f.depth, np.float64) * DEPTH_SCALE) / DEPTH_SCALE).astype(np.float32)
+            f.depth = png_rounded_depth(f.depth)
     res = []
     for v in variants:
         rc = ReconConfig()
@@ -88,6 +89,7 @@ def main() -> None:
                     help="'base' or 'section.name=value[+section.name=value...]' (repeat; default: base)")
     ap.add_argument('--jobs', type=int, default=2)
     ap.add_argument('--limit', type=float, default=3.0, help='ATE limit in mm the summary counts seeds above')
+    ap.add_argument('--frames', type=int, default=0, help="frames to render (0: the scenario's)")
     a = ap.parse_args()
     variants = a.variant or ['base']
     seeds = parse_seeds(a.seeds)
@@ -95,10 +97,10 @@ def main() -> None:
     for v in variants:  # bad overrides fail here, before any rendering
         if v != 'base':
             parse_set(ReconConfig(), v.split('+'))
-    print(f'{a.scenario}, {len(seeds)} seeds, variants: {" | ".join(variants)}; {a.jobs} processes', flush=True)
+    print(f'{a.scenario}{f" ({a.frames} frames)" if a.frames > 0 else ""}, {len(seeds)} seeds, variants: {" | ".join(variants)}; {a.jobs} processes', flush=True)
     rows = {}
     with ProcessPoolExecutor(max_workers=max(1, a.jobs)) as pool:
-        futs = [pool.submit(run_seed, a.scenario, s, variants) for s in seeds]
+        futs = [pool.submit(run_seed, a.scenario, s, variants, a.frames) for s in seeds]
         for fut in futs:
             seed, res = fut.result()
             rows[seed] = res

@@ -24,7 +24,7 @@ def run(scenario: str, seed: int, modes: list[str]) -> None:
     from dynrecon_ros.config import ReconConfig
     from dynrecon_ros.data.scenarios import scenario_config
     from dynrecon_ros.data.synthetic import in_frame_motion, render_sequence
-    from dynrecon_ros.data.tum import DEPTH_SCALE
+    from dynrecon_ros.data.tum import png_rounded_depth
     from dynrecon_ros.evaluation import trajectory_metrics
     from dynrecon_ros.predictors.rgbd import RGBDPredictor
     from dynrecon_ros.reconstructor import Reconstructor
@@ -35,7 +35,7 @@ def run(scenario: str, seed: int, modes: list[str]) -> None:
         raise SystemExit(f'shutter_oracle: scenario {scenario!r} has no rolling shutter')
     seq = render_sequence(cfg)
     for f in seq.frames:
-        f.depth = (np.round(np.asarray(f.depth, np.float64) * DEPTH_SCALE) / DEPTH_SCALE).astype(np.float32)
+        f.depth = png_rounded_depth(f.depth)
     order = RGBDPredictor.shutter_order
     exact = dict(zip(seq.keys, in_frame_motion(cfg, np.asarray(seq.stamps) - seq.stamps[0], order)))
     estimated = RGBDPredictor._pair_shutter

@@ -211,10 +211,22 @@ def read_depth_png(path, where: str = '', scale: float = DEPTH_SCALE) -> np.ndar
     return img.astype(np.float32) / np.float32(scale)
 
 
+def _depth_units(depth: np.ndarray, scale: float) -> np.ndarray:
+    """(H, W) metres (0 or NaN = no reading) -> (H, W) uint16 TUM units (rounded, clipped to 65535)."""
+    d = np.nan_to_num(np.asarray(depth, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    return np.clip(np.round(d * scale), 0, 65535).astype(np.uint16)
+
+
 def write_depth_png(path, depth: np.ndarray, scale: float = DEPTH_SCALE) -> None:
     """(H, W) metres (0 or NaN = no reading) -> 16-bit PNG in TUM units (rounded, clipped to 65535)."""
-    d = np.nan_to_num(np.asarray(depth, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-    cv2.imwrite(str(path), np.clip(np.round(d * scale), 0, 65535).astype(np.uint16))
+    cv2.imwrite(str(path), _depth_units(depth, scale))
+
+
+def png_rounded_depth(depth: np.ndarray, scale: float = DEPTH_SCALE) -> np.ndarray:
+    """(H, W) metres -> (H, W) float32 metres as :func:`write_depth_png` then :func:`read_depth_png` give them
+    back (rounded to 1 / scale m, NaN -> 0), without the file: the in-memory benches see what the command line
+    sees."""
+    return _depth_units(depth, scale).astype(np.float32) / np.float32(scale)
 
 
 def read_masks(directory) -> dict[str, np.ndarray]:
