@@ -37,6 +37,10 @@ class WindowConfig:
     into the map. 1 = every frame stepped (default); 2: ~0.75x the CPU a frame, poses and masks a little
     less accurate (README, "Camera rate"). The window, output_lag and the keyframe rule count stepped
     frames.
+    far_keyframes: keyframes older than those (up to this many, 0 = off) stay as far anchors: once every
+    keyframe_max_gap stepped frames the newest frame is paired with the oldest of them that still sees most of
+    what it sees (pose only), so that the trajectory's drift stays bounded where the camera comes back to a
+    place (RGB-D only; ~1 pair more per keyframe_max_gap frames).
     """
 
     size: int = 4
@@ -48,6 +52,7 @@ class WindowConfig:
     long_stride: int = 0
     output_lag: int = 2
     step_every: int = 1
+    far_keyframes: int = 20
 
 
 @dataclass

@@ -265,6 +265,25 @@ class FlowCache:
         self._pairs[(key_a, key_b)] = pf
         return pf
 
+    def guided(self, key_a: str, img_a: np.ndarray, key_b: str, img_b: np.ndarray, prior: np.ndarray) -> PairFlow:
+        """Flow a->b around a ``prior`` (H, W, 2) float32 a->b flow (finite everywhere; e.g. the camera motion's
+        flow of a's depth), for pairs whose displacement is beyond DIS's reach (far anchors seen again after the
+        camera turned: tens of pixels): frame b is warped to a through the prior, DIS finds what is left both ways,
+        and each pixel's flow is the prior's at the residual's end point plus the residual. ``valid_fwd``: the
+        residuals' forward-backward check, and the end point inside b; ``bwd`` is not computed (None: for
+        consumers of the forward flow only, the pose). Not cached."""
+        ga, gb = self.gray(key_a, img_a), self.gray(key_b, img_b)
+        h, w = ga.shape
+        grid = pixel_grid(h, w)
+        m = grid + prior
+        wb = cv2.remap(gb, m, None, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        rf = self.estimator.compute(ga, wb)
+        rb = self.estimator.compute(wb, ga)
+        self.computed += 2
+        end = cv2.remap(m, grid + rf, None, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=(-1e4, -1e4))
+        valid = fb_consistency(rf, rb, self.threshold_px, self.relative) & _inside(m, h, w) & _inside(end, h, w)
+        return PairFlow(end - grid, None, valid, None)
+
     def put(self, key_a: str, key_b: str, pf: PairFlow) -> None:
         """Store the flow of pair (a, b) computed elsewhere (the Reconstructor's stage A)."""
         self._pairs[(key_a, key_b)] = pf

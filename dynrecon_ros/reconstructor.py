@@ -222,6 +222,8 @@ class Reconstructor:
         if w.step_every > 1 and not hasattr(self.step, 'track'):
             raise InputError(f'window.step_every {w.step_every}: the {type(self.step).__name__} cannot track frames '
                              'between window steps (RGB-D only); use 1')
+        if not getattr(self.step, 'far_anchors', False):
+            self.window.max_far = 0  # a step that makes no far pairs (the network's) keeps no far anchors
         # frames prepared as tracked since the last one prepared for the window step (the first frame: stepped)
         self._since_step = max(1, w.step_every - 1)
 

@@ -20,6 +20,8 @@ Per accepted frame t (:meth:`RGBDStep.step`):
      the nearest pair's, is dropped: ``LONG_PAIR_MIN_INLIERS``, ``LONG_PAIR_MIN_SHARE``; when all are, a pair with
      the frame two back stands in: :meth:`RGBDStep._span_pair`),
      initial pose of t from the nearest pair; tracking-lost (inlier ratio) and jump (``checks``) tests;
+     once every ``window.keyframe_max_gap`` frames a pair with a keyframe published long ago that still sees
+     what t sees (``window.far_keyframes``, pose only: :meth:`RGBDStep._far_pair`, :mod:`dynrecon_ros.far_anchors`);
   4. static correspondences of every pair that gave a pose are stored (:meth:`_make_constraint`), and
      the poses not published yet are aligned over all stored pairs of the window
      (:class:`~dynrecon_ros.alignment.WindowAligner`; published frames and the first are held); under a rolling
@@ -40,6 +42,7 @@ import numpy as np
 
 from dynrecon_ros.alignment import PairConstraint, WindowAligner
 from dynrecon_ros.errors import InputError
+from dynrecon_ros.far_anchors import FAR_MAX_MOVE_M, FAR_OVERLAP, camera_flow, overlap
 from dynrecon_ros.frames import Frame
 from dynrecon_ros.geometry import transform_points
 from dynrecon_ros.rolling_shutter import band_derivatives, trajectory_velocity
@@ -177,6 +180,7 @@ class RGBDStep:
 
     needs_depth = True
     estimates_intrinsics = False
+    far_anchors = True  # pairs with keyframes published long ago (window.far_keyframes): _far_pair
 
     def __init__(self, cfg, predictor, flows, segmenter, times, device: str):
         mode = cfg.segmentation.mode
@@ -192,6 +196,8 @@ class RGBDStep:
         self._stepped: list[WindowEntry] = []
         self._smooth_k = predictor.smoothing_frames
         self._rng = np.random.default_rng(0)
+        self._next_far = 0  # push index from which the next far anchor pair is due (_far_pair)
+        self._far_failed: set[int] = set()  # far anchors whose pair failed since the last one that held
 
     def work_frame(self, frame):
         """The frame at the processing size (see ReconConfig.max_work_width); its depth readings that
@@ -275,6 +281,8 @@ class RGBDStep:
                 self._fits[(old.index, entry.index)] = (old, entry, T, inl)
         if len(rel) > 1 and all(r[0] is None for r in rel[1:]):  # every long pair dropped: see _span_pair
             self._span_pair(window, entry, pairs, rel)
+        if window.far and entry.index >= self._next_far:
+            self._far_pair(window, entry, int(rel[0][1].sum()))
         entry.data['conf'] = (pflows[0].valid_bwd & (frame.depth > 0)).astype(np.float32)
         t = time.perf_counter()
         if self.cfg.alignment.enabled:
@@ -344,12 +352,17 @@ class RGBDStep:
                                  np.stack([e.frame.K for e in ents]))
         return res.poses[-1]
 
-    def _link(self, e: WindowEntry, me: WindowEntry, n_ref: int):
+    def _link(self, e: WindowEntry, me: WindowEntry, n_ref: int, pk=None, max_move: float | None = None):
         """(e, PairConstraint e -> me, inliers) from a long pair verified at me's pose, or None when the step's tests
-        for long pairs drop it (``n_ref``: the inliers of me's nearest pair, ``LONG_PAIR_MIN_SHARE``'s base)."""
-        pk = self.flows.get(e.key, e.frame.rgb, me.key, me.frame.rgb)
-        T, inl, n = self.pred.relative_pose(e.frame, me.frame, pk, static_prior(e.mask),
-                                            init=np.linalg.inv(e.pose) @ me.pose)
+        for long pairs drop it (``n_ref``: the inliers of me's nearest pair, ``LONG_PAIR_MIN_SHARE``'s base; ``pk``:
+        the pair's flow, else the flow cache's; ``max_move``: the move gate in m, else the long pairs')."""
+        if pk is None:
+            pk = self.flows.get(e.key, e.frame.rgb, me.key, me.frame.rgb)
+        init = np.linalg.inv(e.pose) @ me.pose
+        T, inl, n = self.pred.relative_pose(e.frame, me.frame, pk, static_prior(e.mask), init=init,
+                                            move_gate=max_move is None)
+        if T is not None and max_move is not None and np.linalg.norm(T[:3, 3] - init[:3, 3]) > max_move:
+            T = None
         if T is None or inl.sum() < LONG_PAIR_MIN_INLIERS * n or inl.sum() < LONG_PAIR_MIN_SHARE * n_ref:
             return None
         return e, self._make_constraint(e, me, T, inl), int(inl.sum())
@@ -367,6 +380,28 @@ class RGBDStep:
         link = self._link(ents[-3], entry, int(rel[0][1].sum()))
         if link is not None:
             self._constraints[(ents[-3].index, entry.index)] = link[1]
+
+    def _far_pair(self, window: SlidingWindow, entry: WindowEntry, n_ref: int) -> None:
+        """A pair of the newest frame with a far anchor (``window.far_keyframes``: keyframes older than the window's
+        anchors), pose only: the oldest that still sees most of what the newest frame sees (FAR_OVERLAP at the
+        tracked poses), verified from the tracked poses and held to the long pairs' tests (:meth:`_link`). Its
+        constraint ties the newest frame to a pose published long ago, so the chain of window pairs cannot drift
+        away from a place the camera comes back to. One every ``window.keyframe_max_gap`` frames; after a failed
+        one, the next frame tries the next anchor."""
+        for a in window.far:
+            if a.index in self._far_failed or overlap(a, entry) < FAR_OVERLAP:
+                continue
+            flow = self.flows.guided(a.key, a.frame.rgb, entry.key, entry.frame.rgb, camera_flow(a, entry))
+            link = self._link(a, entry, n_ref, flow, FAR_MAX_MOVE_M)
+            if link is None:
+                self._far_failed.add(a.index)
+                self._next_far = entry.index + 1
+                return
+            self._constraints[(a.index, entry.index)] = link[1]
+            window.link_far(a, entry)
+            self._far_failed.clear()
+            self._next_far = entry.index + window.kf_max_gap
+            return
 
     def _long_pair_moves(self, pairs, rel):
         """The long pairs' move test (``backend.long_pair_max_move_m``): a long pair whose refinement moved the

@@ -51,7 +51,8 @@ class SlidingWindow:
             keyframe_translation_m / keyframe_rotation_deg / keyframe_max_gap: the keyframe rule (a
             frame becomes a keyframe when it moved this much from the last keyframe or this many
             frames passed since it); long_stride: besides keyframes, pair the new frame with window
-            frames at multiples of this.
+            frames at multiples of this. far_keyframes: keyframes pushed out of the anchors are kept as far anchors
+            (:attr:`far`, oldest first, up to this many; the step pairs them: ``link_far``).
     """
 
     def __init__(self, cfg: WindowConfig):
@@ -66,6 +67,11 @@ class SlidingWindow:
         self.long_stride = cfg.long_stride
         self.entries: list[WindowEntry] = []
         self.keyframes: list[WindowEntry] = []
+        if cfg.far_keyframes < 0:
+            raise ValueError(f'window.far_keyframes must be >= 0 (0 = off), got {cfg.far_keyframes}')
+        self.max_far = cfg.far_keyframes
+        self.far: list[WindowEntry] = []  # keyframes older than self.keyframes', oldest first (far anchors)
+        self._far_links: dict[int, int] = {}  # push index of a frame -> that of the far anchor paired with it
         self._count = 0
 
     def __len__(self) -> int:
@@ -86,6 +92,7 @@ class SlidingWindow:
         e = self.entries.pop()
         if e in self.keyframes:
             self.keyframes.remove(e)
+        self._far_links.pop(e.index, None)
         return e
 
     def is_keyframe(self, pose: np.ndarray, index: int) -> bool:
@@ -106,6 +113,15 @@ class SlidingWindow:
         outside = [k for k in self.keyframes if id(k) not in inside]
         drop = outside[:-self.max_keyframes] if self.max_keyframes > 0 else outside
         self.keyframes = [k for k in self.keyframes if k not in drop]
+        if self.max_far > 0:
+            for k in drop:  # published long ago: a far anchor needs its frame, pose and mask only
+                k.data = {}
+            self.far = (self.far + drop)[-self.max_far:]
+
+    def link_far(self, anchor: WindowEntry, entry: WindowEntry) -> None:
+        """Record that ``entry`` was paired with the far anchor ``anchor``: :meth:`all_entries` holds the anchor
+        (its pose fixed: it was published long ago) while ``entry`` is in the window or a keyframe."""
+        self._far_links[entry.index] = anchor.index
 
     def pairs_for_newest(self) -> list[tuple[WindowEntry, WindowEntry]]:
         """Pairs (older, newest) of the graph that involve the newest frame, nearest first."""
@@ -139,8 +155,13 @@ class SlidingWindow:
         return sorted(pairs)
 
     def all_entries(self) -> list[WindowEntry]:
-        """Keyframes and window frames, by push order, without duplicates."""
-        return sorted({e.index: e for e in self.entries + self.keyframes}.values(), key=lambda e: e.index)
+        """Keyframes and window frames (and the far anchors paired with them), by push order, without duplicates."""
+        near = {e.index: e for e in self.entries + self.keyframes}
+        if self._far_links:
+            self._far_links = {i: a for i, a in self._far_links.items() if i in near}
+            used = set(self._far_links.values())
+            near.update({e.index: e for e in self.far if e.index in used})
+        return sorted(near.values(), key=lambda e: e.index)
 
 
 @runtime_checkable

@@ -128,3 +128,25 @@ def test_pair_checks_run_on_first_use_and_the_pose_grid_alone_checks_only_its_pi
     from dynrecon_ros.flow import PairFlow
     given = PairFlow(fwd, bwd, None, ref_b)
     assert given.valid_fwd is None and given.valid_fwd_on_grid(2) is None and given.reversed().valid_fwd is ref_b
+
+
+def test_guided_flow_reaches_a_displacement_beyond_dis():
+    """A 36 px shift (a far anchor seen again after the camera turned): DIS alone loses it, the flow around a prior
+    4 px off finds it, and its validity says where."""
+    import cv2
+    a = _texture(seed=3)
+    M = np.float32([[1, 0, 36], [0, 1, 5]])  # content moves +36 px in x, +5 in y
+    b = cv2.warpAffine(a, M, (a.shape[1], a.shape[0]), borderMode=cv2.BORDER_REFLECT)
+    cache = FlowCache(FlowConfig())
+    inner = (slice(15, -15), slice(15, -60))  # pixels whose match stays in view
+    plain = cache.get('a', a, 'b', b)
+    plain_ok = plain.valid_fwd[inner] & (np.abs(plain.fwd[inner][..., 0] - 36) < 1)
+    prior = np.zeros(a.shape[:2] + (2,), np.float32)
+    prior[..., 0], prior[..., 1] = 32.0, 6.0
+    g = cache.guided('a', a, 'b', b, prior)
+    assert g.bwd is None and g.valid_fwd.dtype == bool
+    err = np.abs(g.fwd[inner] - np.float32([36, 5]))
+    assert np.median(err) < 0.2
+    assert g.valid_fwd[inner].mean() > 0.8 and plain_ok.mean() < 0.5
+    assert not g.valid_fwd[:, -20:].any()  # their match leaves frame b
+    assert (err[g.valid_fwd[inner]] < 1).mean() > 0.97

@@ -64,3 +64,46 @@ def test_keyframe_rule_by_rotation_and_gap():
 def test_window_rejects_tiny_size():
     with pytest.raises(ValueError):
         SlidingWindow(WindowConfig(size=1))
+
+
+def test_far_anchors_keep_the_dropped_keyframes_and_join_the_alignment_while_linked():
+    """window.far_keyframes: keyframes pushed out of the anchors stay (bounded, their per-step data dropped); a far
+    anchor paired with a window frame is among all_entries while that frame is in the window, not after."""
+    w = SlidingWindow(WindowConfig(size=2, keyframes=1, far_keyframes=2, keyframe_max_gap=1))
+    ents = []
+    for k in range(7):
+        e, _ = w.add(_frame(k))
+        e.pose = _pose(0.1 * k)
+        e.data['input'] = 'big'
+        ents.append(e)
+        if w.is_keyframe(e.pose, e.index):
+            w.mark_keyframe(e)
+    # window 5, 6; anchor outside it 4; far anchors the two before (0-2 dropped past the bound)
+    assert [e.index for e in w.entries] == [5, 6]
+    assert [k.index for k in w.keyframes if k not in w.entries] == [4]
+    assert [f.index for f in w.far] == [2, 3]
+    assert all(f.data == {} for f in w.far) and ents[4].data == {'input': 'big'}
+    assert 3 not in [e.index for e in w.all_entries()]
+    w.link_far(w.far[1], ents[6])
+    assert [e.index for e in w.all_entries()] == [3, 4, 5, 6]
+    for k in range(7, 10):  # frame 6 leaves the window and the anchors: the far anchor with it
+        e, _ = w.add(_frame(k))
+        e.pose = _pose(0.1 * k)
+        w.mark_keyframe(e)
+    assert [k.index for k in w.keyframes if k not in w.entries] == [7]
+    assert 3 not in [e.index for e in w.all_entries()]
+    with pytest.raises(ValueError, match='far_keyframes'):
+        SlidingWindow(WindowConfig(far_keyframes=-1))
+
+
+def test_pop_last_forgets_a_far_link():
+    w = SlidingWindow(WindowConfig(size=2, keyframes=0, far_keyframes=4, keyframe_max_gap=1))
+    for k in range(4):
+        e, _ = w.add(_frame(k))
+        e.pose = _pose(0.1 * k)
+        w.mark_keyframe(e)
+    assert [f.index for f in w.far] == [0, 1]
+    w.link_far(w.far[0], w.entries[-1])
+    assert 0 in [e.index for e in w.all_entries()]
+    w.pop_last()
+    assert 0 not in [e.index for e in w.all_entries()]
