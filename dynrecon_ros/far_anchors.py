@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dynrecon_ros.geometry import transform_points
+from dynrecon_ros.geometry import pixel_grid, transform_points, unproject
 from dynrecon_ros.window import WindowEntry
 
 # a far anchor (window.far_keyframes) is paired with the newest frame when at least this share of its valid depth
@@ -53,10 +53,8 @@ def camera_flow(a: WindowEntry, b: WindowEntry) -> np.ndarray:
     ok = z > 0
     z = np.where(ok, z, np.median(z[ok]) if ok.any() else 1.0)
     h, w = z.shape
-    v, u = np.mgrid[0:h, 0:w].astype(np.float64)
-    Ka, Kb = a.frame.K, b.frame.K
-    P = np.stack([(u - Ka[0, 2]) / Ka[0, 0] * z, (v - Ka[1, 2]) / Ka[1, 1] * z, z], -1).reshape(-1, 3)
-    Q = transform_points(np.linalg.inv(b.pose) @ a.pose, P)
+    Q = transform_points(np.linalg.inv(b.pose) @ a.pose, unproject(z, a.frame.K).reshape(-1, 3))
     zq = np.maximum(Q[:, 2], 1e-3)
+    Kb = b.frame.K
     uv = np.stack([Kb[0, 0] * Q[:, 0] / zq + Kb[0, 2], Kb[1, 1] * Q[:, 1] / zq + Kb[1, 2]], -1).reshape(h, w, 2)
-    return (uv - np.stack([u, v], -1)).astype(np.float32)
+    return (uv - pixel_grid(h, w)).astype(np.float32)
