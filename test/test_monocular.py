@@ -287,3 +287,13 @@ def test_a_first_window_without_positive_depth_is_refused_not_published_as_nan(s
     assert failed and all('no pixel of positive depth' in r.reason for r in failed if 'alignment' in r.reason)
     assert any('no pixel of positive depth' in r.reason for r in failed)
     assert all(np.all(np.isfinite(r.pose)) for r in res if r.status == 'ok')
+
+
+def test_the_network_step_keeps_no_far_anchors(seq):
+    """window.far_keyframes (default 20) is the RGB-D step's: the network's window keeps no far anchors (their frames
+    would only hold memory); the RGB-D one keeps them."""
+    cfg = ReconConfig()
+    assert cfg.window.far_keyframes > 0
+    mono = Reconstructor(cfg, predictor=Dust3rPredictor(OracleNet(seq), Dust3rConfig.from_backend(cfg.backend)))
+    assert mono.window.max_far == 0
+    assert Reconstructor(ReconConfig()).window.max_far == cfg.window.far_keyframes
