@@ -32,13 +32,11 @@ def overlap(a: WindowEntry, b: WindowEntry, st: int = 8) -> float:
     ok = z > 0
     if a.mask is not None:
         ok &= ~a.mask[::st, ::st]
-    vs, us = np.nonzero(ok)
-    if len(vs) == 0:
+    if not ok.any():
         return 0.0
-    z = z[vs, us].astype(np.float64)
-    Ka, Kb = a.frame.K, b.frame.K
-    P = np.stack([(us * st - Ka[0, 2]) / Ka[0, 0] * z, (vs * st - Ka[1, 2]) / Ka[1, 1] * z, z], -1)
-    Q = transform_points(np.linalg.inv(b.pose) @ a.pose, P)
+    K_st = np.asarray(a.frame.K, dtype=np.float64) / np.array([[st], [st], [1.0]])  # the K of the every-st-th grid
+    Q = transform_points(np.linalg.inv(b.pose) @ a.pose, unproject(z, K_st)[ok])
+    Kb = b.frame.K
     h, w = b.frame.depth.shape
     front = Q[:, 2] > 0.1
     u = Kb[0, 0] * Q[:, 0] / np.where(front, Q[:, 2], 1.0) + Kb[0, 2]

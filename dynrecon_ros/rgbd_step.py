@@ -358,11 +358,9 @@ class RGBDStep:
         the pair's flow, else the flow cache's; ``max_move``: the move gate in m, else the long pairs')."""
         if pk is None:
             pk = self.flows.get(e.key, e.frame.rgb, me.key, me.frame.rgb)
-        init = np.linalg.inv(e.pose) @ me.pose
-        T, inl, n = self.pred.relative_pose(e.frame, me.frame, pk, static_prior(e.mask), init=init,
-                                            move_gate=max_move is None)
-        if T is not None and max_move is not None and np.linalg.norm(T[:3, 3] - init[:3, 3]) > max_move:
-            T = None
+        T, inl, n = self.pred.relative_pose(e.frame, me.frame, pk, static_prior(e.mask),
+                                            init=np.linalg.inv(e.pose) @ me.pose,
+                                            move_gate=True if max_move is None else max_move)
         if T is None or inl.sum() < LONG_PAIR_MIN_INLIERS * n or inl.sum() < LONG_PAIR_MIN_SHARE * n_ref:
             return None
         return e, self._make_constraint(e, me, T, inl), int(inl.sum())
@@ -388,6 +386,7 @@ class RGBDStep:
         constraint ties the newest frame to a pose published long ago, so the chain of window pairs cannot drift
         away from a place the camera comes back to. One every ``window.keyframe_max_gap`` frames; after a failed
         one, the next frame tries the next anchor."""
+        self._far_failed &= {a.index for a in window.far}  # (bounded by the anchors kept)
         for a in window.far:
             if a.index in self._far_failed or overlap(a, entry) < FAR_OVERLAP:
                 continue

@@ -373,15 +373,16 @@ class RGBDPredictor(PairPredictor):
         return d[key]
 
     def relative_pose(self, frame_i, frame_j, flow, static_i: np.ndarray | None = None,
-                      init: np.ndarray | None = None, move_gate: bool = True):
+                      init: np.ndarray | None = None, move_gate: bool | float = True):
         """(T_i_j (4,4), inliers_i (H,W) bool, n verified correspondences) from flow + depth, or (None, ...).
 
         Correspondences are taken on the pixel grid of stride ``cfg.stride`` (RANSAC samples, the
         verification and the inliers; every pixel's flow is there, a denser set only costs time).
         ``init``: a predicted T_i_j (e.g. from already tracked poses); RANSAC is then skipped and the
         prediction only verified and refined (cheaper, used for the long pairs to keyframes). ``move_gate``:
-        with ``init``, no pose when the refinement moves it more than ``long_pair_max_move_m`` (False: the
-        caller tests that, :meth:`dynrecon_ros.rgbd_step.RGBDStep._long_pair_moves`).
+        with ``init``, no pose when the refinement moves it more than ``long_pair_max_move_m`` (a number: this
+        many m instead, the far anchors' pairs; False: the caller tests that,
+        :meth:`dynrecon_ros.rgbd_step.RGBDStep._long_pair_moves`).
         """
         c = self.cfg
         h, w = frame_i.depth.shape
@@ -437,6 +438,8 @@ class RGBDPredictor(PairPredictor):
             # verify the prediction on all candidates; the count is scaled to a RANSAC sample's
             T, thr = np.asarray(init, dtype=np.float64), self._px_threshold(K_j)
             max_sigma, max_move = c.long_pair_max_sigma_m, c.long_pair_max_move_m  # a long pair's tests (below)
+            if not isinstance(move_gate, bool):
+                max_move = float(move_gate)
             epx, ez = errors(T)
             fit = (epx[cand] < thr) & (ez[cand] < c.ransac_depth_threshold)
             n_fit = fit.sum() * min(1.0, c.ransac_samples / len(cand))
