@@ -249,6 +249,13 @@ RECEDE_MIN_SAMPLES = 100  # compared samples of a surface (every 2nd pixel both 
 RECEDE_MIN_SHARE = 0.4  # of a surface's samples compared (landed in view, on four readings)
 RECEDE_MIN_SURFACES = 5  # surfaces compared, for the centre and the spreads
 RECEDE_SLOPED = 0.002  # relative depth change per pixel from which a surface tells the pair's landing error
+# A surface's median is also held to its own sampling error: RECEDE_SIGMAS times RECEDE_SE_FACTOR standard errors
+# of a median of its samples (1.2533 x 1.4826 MAD / sqrt(n)). The factor: the samples' errors are not independent
+# (a structured-light sensor's quantisation plateaus, the pair's pose and shutter errors vary smoothly over a
+# surface): static surfaces' offsets from the centre were 1.2-1.3 such standard errors (robust spread) with tails
+# to 5-9 on static_effects 1600 / 1603 (1235 / 634 surfaces); a box at 4.6 m read 0.31 % farther by a Kinect's
+# 1.3 % disparity steps was flagged by the 0.2 % floor (static_effects 1600, 3647 pixels).
+RECEDE_SE_FACTOR = 2.0
 
 
 def _bilinear_at(img: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -280,8 +287,9 @@ def receded_surfaces(depth_j: np.ndarray, segments_j: tuple, K_j: np.ndarray, T_
     pixel) off by ``e * slope`` (a floor seen at a grazing angle: ~1 % a pixel), so the pair's landing error in
     pixels is taken from its slanted surfaces (1.4826 median of ``|median - centre| / slope``; ~1 px with depth
     taken 10 ms after colour under hand tremor, ~0 with an exact, synchronous sensor) and a surface must also
-    exceed ``RECEDE_SIGMAS * e * slope``. Nearer is not tested: from this side an occluder standing in front in i
-    reads nearer too.
+    exceed ``RECEDE_SIGMAS * e * slope``, and ``RECEDE_SIGMAS`` times its own median's sampling error (from the spread
+    of its samples, ``RECEDE_SE_FACTOR``: with a noisy, quantised sensor a far surface's median wanders more than
+    the floor). Nearer is not tested: from this side an occluder standing in front in i reads nearer too.
 
     Args:
         depth_j: (H, W) float32 frame j's readings (0 = none).
@@ -333,12 +341,15 @@ def receded_surfaces(depth_j: np.ndarray, segments_j: tuple, K_j: np.ndarray, T_
     starts = np.searchsorted(lg[order], cand)
     med = np.array([fast_median(rg[s0:s0 + n_cmp[c]]) for c, s0 in zip(cand, starts)])
     med_slope = np.array([fast_median(slope[s0:s0 + n_cmp[c]]) for c, s0 in zip(cand, starts)])
+    se = np.array([fast_median(np.abs(rg[s0:s0 + n_cmp[c]] - m)) for c, s0, m in zip(cand, starts, med)]) \
+        * (1.2533 * 1.4826 * RECEDE_SE_FACTOR) / np.sqrt(n_cmp[cand])  # each median's own sampling error
     centre = np.median(med)
     err = med - centre
     spread = 1.4826 * np.median(np.abs(err))
     sloped = med_slope >= RECEDE_SLOPED
     px = 1.4826 * np.median(np.abs(err[sloped]) / med_slope[sloped]) if sloped.any() else 0.0  # landing error
-    receded = cand[err > np.maximum(max(RECEDE_FLOOR, RECEDE_SIGMAS * spread), RECEDE_SIGMAS * px * med_slope)]
+    limit = np.maximum(max(RECEDE_FLOOR, RECEDE_SIGMAS * spread), RECEDE_SIGMAS * np.maximum(px * med_slope, se))
+    receded = cand[err > limit]
     if len(receded):
         out[np.isin(labels, receded)] = 1.0
     return out
