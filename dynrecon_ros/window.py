@@ -85,6 +85,8 @@ class SlidingWindow:
         left = []
         while len(self.entries) > self.size:
             left.append(self.entries.pop(0))
+        if left:
+            self._prune_far_links()
         return e, left
 
     def pop_last(self) -> WindowEntry:
@@ -117,6 +119,8 @@ class SlidingWindow:
             for k in drop:  # published long ago: a far anchor needs its frame, pose and mask only
                 k.data = {}
             self.far = (self.far + drop)[-self.max_far:]
+        if drop:
+            self._prune_far_links()
 
     def link_far(self, anchor: WindowEntry, entry: WindowEntry) -> None:
         """Record that ``entry`` was paired with the far anchor ``anchor``: :meth:`all_entries` holds the anchor
@@ -158,10 +162,14 @@ class SlidingWindow:
         """Keyframes and window frames (and the far anchors paired with them), by push order, without duplicates."""
         near = {e.index: e for e in self.entries + self.keyframes}
         if self._far_links:
-            self._far_links = {i: a for i, a in self._far_links.items() if i in near}
             used = set(self._far_links.values())
             near.update({e.index: e for e in self.far if e.index in used})
         return sorted(near.values(), key=lambda e: e.index)
+
+    def _prune_far_links(self) -> None:
+        """Forget the far links of frames no longer in the window nor keyframes (after either changed)."""
+        near = {e.index for e in self.entries + self.keyframes}
+        self._far_links = {i: a for i, a in self._far_links.items() if i in near}
 
 
 @runtime_checkable
