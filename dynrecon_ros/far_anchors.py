@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dynrecon_ros.geometry import pixel_grid, transform_points, unproject
+from dynrecon_ros.geometry import pixel_grid, project, transform_points, unproject
 from dynrecon_ros.window import WindowEntry
 
 # a far anchor (window.far_keyframes) is paired with the newest frame when at least this share of its valid depth
@@ -39,8 +39,7 @@ def overlap(a: WindowEntry, b: WindowEntry, st: int = 8) -> float:
     Kb = b.frame.K
     h, w = b.frame.depth.shape
     front = Q[:, 2] > 0.1
-    u = Kb[0, 0] * Q[:, 0] / np.where(front, Q[:, 2], 1.0) + Kb[0, 2]
-    v = Kb[1, 1] * Q[:, 1] / np.where(front, Q[:, 2], 1.0) + Kb[1, 2]
+    u, v = project(Q, Kb, np.where(front, Q[:, 2], 1.0))
     return float((front & (u >= 0) & (u <= w - 1) & (v >= 0) & (v <= h - 1)).mean())
 
 
@@ -52,7 +51,5 @@ def camera_flow(a: WindowEntry, b: WindowEntry) -> np.ndarray:
     z = np.where(ok, z, np.median(z[ok]) if ok.any() else 1.0)
     h, w = z.shape
     Q = transform_points(np.linalg.inv(b.pose) @ a.pose, unproject(z, a.frame.K).reshape(-1, 3))
-    zq = np.maximum(Q[:, 2], 1e-3)
-    Kb = b.frame.K
-    uv = np.stack([Kb[0, 0] * Q[:, 0] / zq + Kb[0, 2], Kb[1, 1] * Q[:, 1] / zq + Kb[1, 2]], -1).reshape(h, w, 2)
+    uv = np.stack(project(Q, b.frame.K, np.maximum(Q[:, 2], 1e-3)), -1).reshape(h, w, 2)
     return (uv - pixel_grid(h, w)).astype(np.float32)

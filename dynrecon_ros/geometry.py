@@ -69,6 +69,14 @@ def unproject(depth: np.ndarray, K: np.ndarray) -> np.ndarray:
     return np.stack([(g[..., 0] - cx) / fx * z, (g[..., 1] - cy) / fy * z, z], axis=-1).astype(np.float64)
 
 
+def project(pts: np.ndarray, K: np.ndarray, z: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel coordinates (u, v), each (...), of camera-frame points (..., 3) through the pinhole K (3, 3):
+    u = fx x / z + cx, v = fy y / z + cy. ``z``: the divisor (...) instead of the points' own z (a caller's
+    clamped or masked depth: points at or behind the camera are the caller's to handle)."""
+    z = pts[..., 2] if z is None else z
+    return K[0, 0] * pts[..., 0] / z + K[0, 2], K[1, 1] * pts[..., 1] / z + K[1, 2]
+
+
 def transform_points(T: np.ndarray, pts: np.ndarray) -> np.ndarray:
     """(4, 4) rigid (or similarity) transform applied to (..., 3) points, in the points' dtype."""
     return pts @ T[:3, :3].T.astype(pts.dtype) + T[:3, 3].astype(pts.dtype)

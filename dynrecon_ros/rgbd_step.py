@@ -44,7 +44,7 @@ from dynrecon_ros.alignment import PairConstraint, WindowAligner
 from dynrecon_ros.errors import InputError
 from dynrecon_ros.far_anchors import FAR_MAX_MOVE_M, FAR_OVERLAP, camera_flow, overlap
 from dynrecon_ros.frames import Frame
-from dynrecon_ros.geometry import transform_points
+from dynrecon_ros.geometry import project, transform_points
 from dynrecon_ros.rolling_shutter import band_derivatives, trajectory_velocity
 from dynrecon_ros.segmentation import frame_grey
 from dynrecon_ros.window import SlidingWindow, WindowEntry
@@ -510,8 +510,7 @@ class RGBDStep:
         Ka = fa.K
         Pa = np.stack([(us - Ka[0, 2]) / Ka[0, 0] * z, (vs - Ka[1, 2]) / Ka[1, 1] * z, z], -1)
         Pb = transform_points(np.linalg.inv(T_a_b), Pa)
-        K = fb.K
-        uv = np.stack([K[0, 0] * Pb[:, 0] / Pb[:, 2] + K[0, 2], K[1, 1] * Pb[:, 1] / Pb[:, 2] + K[1, 2]], -1)
+        uv = np.stack(project(Pb, fb.K), -1)
         return PairConstraint(a.index, b.index, Pa, Pb, uv, np.ones(len(use)))
 
     def _align(self, window: SlidingWindow, published: set[int]) -> None:

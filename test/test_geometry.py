@@ -35,6 +35,15 @@ def test_unproject_pixel_centres_and_invalid_depth():
     assert both[1, 0, 0].tolist() == [(0 - 2) / 4 * 2, (0 - 1) / 8 * 2, 2]
 
 
+def test_project_inverts_unproject_and_takes_a_callers_divisor():
+    K = np.array([[300.0, 0, 160.0], [0, 310.0, 120.0], [0, 0, 1]])
+    depth = np.random.default_rng(0).uniform(0.5, 5.0, (24, 32))
+    u, v = g.project(g.unproject(depth, K), K)
+    np.testing.assert_allclose(np.stack([u, v], -1), g.pixel_grid(24, 32), atol=1e-9)
+    u, v = g.project(np.array([[1.0, -2.0, 0.0]]), K, z=np.array([2.0]))  # (a point at z 0, clamped by the caller)
+    assert (u[0], v[0]) == (300.0 * 1.0 / 2.0 + 160.0, 310.0 * -2.0 / 2.0 + 120.0)
+
+
 def test_transform_points_and_to_matrix():
     T = g.to_matrix(RZ90, [1.0, 2.0, 3.0])
     assert T[3].tolist() == [0, 0, 0, 1]

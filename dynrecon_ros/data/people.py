@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dynrecon_ros.geometry import project
+
 # Part table: name, parent joint, length (m), radius (m), clothing slot (0 shirt, 1 trousers, 2 skin).
 PART_NAMES = ('torso', 'head', 'upper_arm_l', 'forearm_l', 'upper_arm_r', 'forearm_r',
               'thigh_l', 'shin_l', 'thigh_r', 'shin_r')
@@ -283,8 +285,7 @@ def _part_rects(state: PeopleState, j: int, pose: np.ndarray, K: np.ndarray, w: 
     z = pc[..., 2]
     behind = np.any(z <= 1e-3, axis=1)
     zs = np.where(z > 1e-3, z, 1.0)
-    u = K[0, 0] * pc[..., 0] / zs + K[0, 2]
-    v = K[1, 1] * pc[..., 1] / zs + K[1, 2]
+    u, v = project(pc, K, zs)
     rect = np.stack([np.maximum(np.floor(u.min(1)) - 1, 0), np.minimum(np.ceil(u.max(1)) + 1, w - 1),
                      np.maximum(np.floor(v.min(1)) - 1, 0), np.minimum(np.ceil(v.max(1)) + 1, h - 1)], 1)
     rect = rect.astype(np.int64)

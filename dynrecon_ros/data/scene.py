@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from dynrecon_ros.geometry import project
+
 ROOM_LO = np.array([-3.0, -3.0, 0.0])
 ROOM_HI = np.array([3.0, 3.0, 2.8])
 # Static boxes (lo, hi) in world metres: table, a box on it, a cabinet, a crate, a shelf.
@@ -192,8 +194,7 @@ def _screen_cull(pose: np.ndarray, K: np.ndarray, w: int, h: int):
         pc = (corners - o) @ R
         if np.any(pc[:, 2] <= 1e-3):
             return None
-        u = K[0, 0] * pc[:, 0] / pc[:, 2] + K[0, 2]
-        v = K[1, 1] * pc[:, 1] / pc[:, 2] + K[1, 2]
+        u, v = project(pc, K)
         u0, u1 = max(int(np.floor(u.min())) - 1, 0), min(int(np.ceil(u.max())) + 1, w - 1)
         v0, v1 = max(int(np.floor(v.min())) - 1, 0), min(int(np.ceil(v.max())) + 1, h - 1)
         if u0 > u1 or v0 > v1:
