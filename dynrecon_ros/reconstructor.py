@@ -531,8 +531,13 @@ class Reconstructor:
     def _snapshot(self, e) -> tuple:
         """_outputs' arguments for an emitted WindowEntry or Tracked (its anchor emitted before it: final)."""
         if isinstance(e, WindowEntry):
-            return e.frame, e.data.get('input', e.frame), e.data.get('prob'), e.data.get('mask'), \
-                e.data.get('conf'), e.pose.copy()
+            prob, mask = e.data.get('prob'), e.data.get('mask')
+            if mask is None and prob is not None and self.step.needs_depth and e.frame.depth is not None:
+                # segmented as the newest frame only (end of stream, a skipped next frame): cleaned here, on the
+                # thread that steps (the segmenter's state), with its hold (stop_and_go 1661, 200 frames: the
+                # last frame lost a person standing still, who went into the map)
+                mask = self.segmenter.newest_mask(e.key, prob, e.frame.depth, e.frame.stamp)
+            return e.frame, e.data.get('input', e.frame), prob, mask, e.data.get('conf'), e.pose.copy()
         a = e.anchor  # its final mask and probability carried to the tracked frame along the flow
         prob, mask = self._work_mask(a.frame, a.data.get('prob'), a.data.get('mask'))
         prob = np.nan_to_num(warp(prob, e.bwd), nan=0.0)

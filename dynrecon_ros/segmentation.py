@@ -321,30 +321,8 @@ class MotionSegmenter:
             for k in todo:
                 holds[k] = self._holds[keys[k]][0] if keys[k] in self._holds else inherit(k)
 
-        def clean(k):  # pixels without any evidence are not known static (region completion)
-            p = probs[k].copy()
-            hold, was, scenery = holds.get(k) or (None, None, None)
-            held = held_pixels(hold, stamps[k], self.cfg.still_after_s) if permanence else None
-            # the depth's surfaces, found once for the hold's and the mask's completion (prepared in stage A, or
-            # found here when the hold needs them, else by clean_mask when its mask has pixels)
-            segs = self._per_frame('segments', keys[k], depths[k], self._segments, compute=False)
-            if held is not None and held.any():
-                if self.cfg.hold_grow_fraction < 1.0 and segs is None:
-                    segs = self._per_frame('segments', keys[k], depths[k], self._segments)
-                moving = static = None
-                if self.cfg.hold_moving_share <= 1.0:
-                    # known static, less what a pair partner held on the same surface (the inside of a
-                    # mover whose surface slides along itself: both cues are blind there)
-                    with np.errstate(invalid='ignore'):
-                        static = (p < self.cfg.grow_static) & (self._state[keys[k]][1] > 0)
-                    if was is not None:
-                        static &= ~was
-                    moving = p > self.cfg.threshold
-                held, hold = complete_hold(hold, held, depths[k], self.cfg.hold_grow_fraction, self.cfg.crease, segs,
-                                           moving, static, self.cfg.hold_moving_share, self.cfg.max_continuity,
-                                           scenery)
-                p[held] = 1.0
-            return clean_mask(p, self.cfg, depths[k], evidence=self._state[keys[k]][1] > 0, segments=segs), hold
+        def clean(k):
+            return self._clean(keys[k], probs[k], depths[k], holds.get(k), stamps[k] if permanence else None)
 
         for k, (m, hold) in zip(todo, self._map(clean, todo)):
             masks[k] = m
@@ -361,6 +339,49 @@ class MotionSegmenter:
                         self._holds[keys[k]] = (h_k, None, self._calls, None)
         self._forget()
         return probs, masks
+
+    def _clean(self, key: str, prob: np.ndarray, depth: np.ndarray, hold3: tuple | None,
+               stamp: float | None) -> tuple[np.ndarray, np.ndarray | None]:
+        """One frame's cleaned mask (H, W) uint8 and its completed hold map: ``prob`` (H, W) its remembered
+        probability, ``depth`` (H, W), ``hold3`` (hold, was held, scenery) it inherited or None, ``stamp`` seconds
+        since the first stamp seen (None: no permanence). Pixels without any evidence are not known static
+        (region completion)."""
+        p = prob.copy()
+        hold, was, scenery = hold3 or (None, None, None)
+        held = held_pixels(hold, stamp, self.cfg.still_after_s) if stamp is not None else None
+        # the depth's surfaces, found once for the hold's and the mask's completion (prepared in stage A, or
+        # found here when the hold needs them, else by clean_mask when its mask has pixels)
+        segs = self._per_frame('segments', key, depth, self._segments, compute=False)
+        if held is not None and held.any():
+            if self.cfg.hold_grow_fraction < 1.0 and segs is None:
+                segs = self._per_frame('segments', key, depth, self._segments)
+            moving = static = None
+            if self.cfg.hold_moving_share <= 1.0:
+                # known static, less what a pair partner held on the same surface (the inside of a
+                # mover whose surface slides along itself: both cues are blind there)
+                with np.errstate(invalid='ignore'):
+                    static = (p < self.cfg.grow_static) & (self._state[key][1] > 0)
+                if was is not None:
+                    static &= ~was
+                moving = p > self.cfg.threshold
+            held, hold = complete_hold(hold, held, depth, self.cfg.hold_grow_fraction, self.cfg.crease, segs,
+                                       moving, static, self.cfg.hold_moving_share, self.cfg.max_continuity,
+                                       scenery)
+            p[held] = 1.0
+        return clean_mask(p, self.cfg, depth, evidence=self._state[key][1] > 0, segments=segs), hold
+
+    def newest_mask(self, key: str, prob: np.ndarray, depth: np.ndarray, stamp: float) -> np.ndarray | None:
+        """The cleaned mask (H, W) uint8 of a frame segmented only as the newest of its calls (the last frame of a
+        stream, or one whose next frame was skipped): cleaned as :meth:`segment` cleans the older frames, with the
+        hold it inherited (object permanence: a person standing still stays masked), from ``prob`` (H, W) its
+        probability, ``depth`` (H, W) and ``stamp`` (s). None when its evidence is no longer remembered."""
+        if not self.cfg.enabled or key not in self._state:
+            return None
+        permanence = self.cfg.still_after_s > 0 and self._epoch is not None
+        hold3 = self._holds[key][0] if permanence and key in self._holds else None
+        mask, _ = self._clean(key, np.asarray(prob, np.float32), np.asarray(depth, np.float32), hold3,
+                              float(stamp) - self._epoch if permanence else None)
+        return mask
 
     def _map(self, fn, items: list) -> list:
         """[fn(x) for x in items], on ``cfg.threads`` threads when there is more than one item."""
