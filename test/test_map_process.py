@@ -126,16 +126,17 @@ def test_the_child_exits_with_its_owner_and_the_reconstructor_gets_the_same_map(
 
 
 def test_a_child_that_cannot_start_leaves_the_map_in_this_process(monkeypatch):
-    """A child that exits before it answers (here: an interpreter that is not Python): one error saying so,
-    then the map works in this process (the frames given before the error are lost, as it says)."""
+    """A child that exits before it answers (here: an interpreter that is not Python): one error saying so, from
+    the first call that finds it gone (the frame's send when it died first, else the points' request), then the map
+    works in this process (the frames given before the error are lost, as it says)."""
     import sys
 
     monkeypatch.setattr(sys, 'executable', '/bin/false')
     cfg = MapConfig(pixel_stride=0, min_weight=1)
     mp, ref = MapProcess(cfg), VoxelMap(cfg)
     frames = _frames(4)
-    mp.integrate(*frames[0][:2], K, frames[0][2])
     with pytest.raises(MapProcessError, match='could not start.*now runs in this process'):
+        mp.integrate(*frames[0][:2], K, frames[0][2])
         mp.points()
     for d, rgb, T, st, cf in frames[1:]:
         mp.integrate(d, rgb, K, T, st, cf)
