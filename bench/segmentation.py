@@ -1,7 +1,7 @@
 """Segmentation benchmark: ATE, mask IoU and static-map purity on the conditions of issue 16.
 
 Usage: python bench/segmentation.py [--seeds 101,102] [--quick] [--only NAME,...] [--device cpu]
-       [--set section.name=value ...]
+       [--set section.name=value ...] [--render field=value ...]
 Renders each condition (dynrecon_ros.data.scenarios presets, at their full size: 640x480 where the
 issue says so, else 320x240) for every seed, runs the RGB-D pipeline (Reconstructor, as `dynrecon run
 --backend rgbd`), and prints per condition and seed: ATE RMSE (SE(3), mm), dynamic-mask IoU (precision,
@@ -9,7 +9,9 @@ recall; pooled over all frames), the static map's fraction of points > 5 cm from
 and the render/pipeline seconds; then the mean over seeds. The pipeline is given the sensor's timing
 (backend.rolling_shutter_s, backend.depth_delay_s) of the condition, as a user gives their sensor's. The static scene with every sensor effect
 runs for 3 seeds (seed, seed+1, seed+2 of the first) and reports the pixels flagged dynamic (must be 0).
---quick: 160x120 (320x240 for the 640 ones), 30 frames, the first seed only: a smoke run.
+--quick: 160x120 (320x240 for the 640 ones), 30 frames, the first seed only: a smoke run. --render: the renderer's
+settings changed for every condition (SyntheticConfig fields, e.g. ``width=640 height=480``, ``frames=200``,
+``fps=15``): the conditions at other settings than the presets' (where sessions 24-32 found their failures).
 """
 from __future__ import annotations
 
@@ -22,6 +24,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
 from pipeline import parse_set  # noqa: E402  (bench/pipeline.py's --set parser)
+
+from dynrecon_ros.data.scenarios import parse_overrides  # noqa: E402
 
 # (row label, scenario) in the order of issue 16's table, then the other conditions of the renderer.
 CONDITIONS = [
@@ -40,7 +44,7 @@ CONDITIONS = [
 ]
 
 
-def run_one(scenario: str, seed: int, quick: bool, device: str, sets: list[str]) -> dict:
+def run_one(scenario: str, seed: int, quick: bool, device: str, sets: list[str], render: dict | None = None) -> dict:
     from dynrecon_ros.config import ReconConfig
     from dynrecon_ros.data.scenarios import scenario_config
     from dynrecon_ros.data.synthetic import render_sequence
@@ -51,6 +55,7 @@ def run_one(scenario: str, seed: int, quick: bool, device: str, sets: list[str])
     if quick:
         cfg0 = scenario_config(scenario)
         over.update(width=cfg0.width // 2, height=cfg0.height // 2, frames=30)
+    over.update(render or {})
     cfg = scenario_config(scenario, **over)
     t0 = time.perf_counter()
     seq = render_sequence(cfg)
@@ -88,14 +93,16 @@ def main() -> None:
     ap.add_argument('--only', default='', help='comma-separated scenario names (default: all, + static_effects)')
     ap.add_argument('--device', default='cpu')
     ap.add_argument('--set', nargs='*', default=[], help="ReconConfig overrides 'section.name=value'")
+    ap.add_argument('--render', nargs='*', default=[], help="renderer overrides 'field=value' (SyntheticConfig)")
     args = ap.parse_args()
+    render = parse_overrides(args.render)
     seeds = [int(s) for s in args.seeds.split(',')]
     if args.quick:
         seeds = seeds[:1]
     only = set(filter(None, args.only.split(',')))
     t_start = time.perf_counter()
     print(f'machine: {os.cpu_count()} CPUs visible, load average {os.getloadavg()[0]:.1f} at start; '
-          f'seeds {seeds}{" (quick)" if args.quick else ""}', flush=True)
+          f'seeds {seeds}{" (quick)" if args.quick else ""}{f"; renderer {render}" if render else ""}', flush=True)
     print(f'{"condition":58s} {"seed":>5s} {"size":>8s} {"dyn%":>5s} {"ATE mm":>7s} {"IoU":>6s} {"prec":>6s} '
           f'{"recall":>6s} {"map>5cm%":>8s} {"render s":>8s} {"pipe s":>7s}', flush=True)
     summary = []
@@ -104,7 +111,7 @@ def main() -> None:
             continue
         rows = []
         for seed in seeds:
-            r = run_one(scenario, seed, args.quick, args.device, args.set)
+            r = run_one(scenario, seed, args.quick, args.device, args.set, render)
             rows.append(r)
             print(f'{label[:58]:58s} {seed:5d} {r["size"]:>8s} {r["dynamic"]:5.1f} {r["ate"]:7.2f} {r["iou"]:6.3f} '
                   f'{r["precision"]:6.3f} {r["recall"]:6.3f} {r["off"]:8.2f} {r["t_render"]:8.1f} {r["t_pipe"]:7.1f}'
@@ -114,7 +121,7 @@ def main() -> None:
     if not only or 'static_effects' in only:
         flagged = []
         for seed in ([seeds[0]] if args.quick else [seeds[0], seeds[0] + 1, seeds[0] + 2]):
-            r = run_one('static_effects', seed, args.quick, args.device, args.set)
+            r = run_one('static_effects', seed, args.quick, args.device, args.set, render)
             flagged.append(r['flagged'])
             print(f'{"static scene, every sensor effect":58s} {seed:5d} {r["size"]:>8s} {r["dynamic"]:5.1f} '
                   f'{r["ate"]:7.2f} flagged pixels {r["flagged"]} ({100 * r["flagged"] / r["pixels"]:.3f} % of '

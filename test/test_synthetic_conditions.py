@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from dynrecon_ros.data import people, sensor_model
-from dynrecon_ros.data.scenarios import SCENARIOS, scenario_config
+from dynrecon_ros.data.scenarios import SCENARIOS, parse_overrides, scenario_config
 from dynrecon_ros.data.synthetic import (SyntheticConfig, backproject, camera_poses, make_crowd, mover_paths,
                                          render_sequence, static_surface_distance)
 
@@ -25,6 +25,19 @@ def _rounded_hash(seq):
     m.update(np.round(seq.poses * 1e9).astype(np.int64).tobytes())
     m.update(np.round(seq.depth_stamps * 1e6).astype(np.int64).tobytes())
     return m.hexdigest()
+
+
+def test_render_overrides_are_typed_like_the_fields_and_name_a_wrong_item():
+    """bench/segmentation.py --render: the presets at other settings."""
+    over = parse_overrides(['width=640', 'fps=15', 'kinect=true', 'camouflage=uniform', 'rolling_shutter=0'])
+    assert over == {'width': 640, 'fps': 15.0, 'kinect': True, 'camouflage': 'uniform', 'rolling_shutter': 0.0}
+    assert isinstance(over['width'], int) and isinstance(over['fps'], float)
+    cfg = scenario_config('every_effect', **over)
+    assert (cfg.width, cfg.fps, cfg.rolling_shutter, cfg.people) == (640, 15.0, 0.0, 2)  # the rest of the preset kept
+    for bad, says in (('widht=640', 'widht=640'), ('width', "'width'"), ('width=6.5', 'must be of type int'),
+                      ('kinect=maybe', 'takes true or false')):
+        with pytest.raises(ValueError, match=says):
+            parse_overrides([bad])
 
 
 def test_default_sequence_is_unchanged():

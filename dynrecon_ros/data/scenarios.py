@@ -47,6 +47,29 @@ SCENARIOS: dict[str, tuple[str, dict]] = {
 }
 
 
+def parse_overrides(items: list[str]) -> dict:
+    """['width=640', 'frames=200', 'kinect=true'] -> SyntheticConfig overrides, each typed like its field's default
+    (bool: true / false / 1 / 0 / yes / no). ValueError naming the item that is wrong."""
+    defaults = {f.name: f.default for f in fields(SyntheticConfig)}
+    out = {}
+    for it in items:
+        key, eq, value = it.partition('=')
+        if not eq or key not in defaults:
+            raise ValueError(f'render override {it!r}: expected field=value with a SyntheticConfig field '
+                             f'({", ".join(defaults)})')
+        typ = type(defaults[key])
+        if typ is bool:
+            if value.lower() not in ('1', '0', 'true', 'false', 'yes', 'no'):
+                raise ValueError(f'render override {it!r}: {key} takes true or false')
+            out[key] = value.lower() in ('1', 'true', 'yes')
+        else:
+            try:
+                out[key] = typ(value)
+            except ValueError:
+                raise ValueError(f'render override {it!r}: {key} must be of type {typ.__name__}') from None
+    return out
+
+
 def scenario_config(name: str, **overrides) -> SyntheticConfig:
     """Preset ``name`` with ``overrides`` (SyntheticConfig fields) -> SyntheticConfig. ValueError for an
     unknown name or field."""
