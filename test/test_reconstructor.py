@@ -489,3 +489,28 @@ def test_a_frame_whose_long_pairs_all_fail_gets_a_pair_two_frames_back(seq):
     added, poses = run_with(True)
     assert added == [2] * len(added) and len(added) >= 12, added  # frames 3..15 (frame 2's two-back is a keyframe)
     assert ate_rmse(poses, np.array(seq.poses[:16])) < 0.003
+
+
+def test_the_last_frame_is_cleaned_by_the_segmenter_with_its_hold(monkeypatch):
+    """The stream's last frame (segmented only as the newest of its call) gets its mask from
+    MotionSegmenter.newest_mask, which applies the hold it inherited (its own test:
+    test_segmentation.py::test_the_newest_frame_cleaned_at_the_end_of_a_stream_keeps_its_hold), not from its
+    probability alone; that mask is the one emitted."""
+    from dynrecon_ros.segmentation import MotionSegmenter
+
+    seq = render_sequence(SyntheticConfig(width=160, height=120, frames=8, seed=0))
+    made = {}
+    real = MotionSegmenter.newest_mask
+
+    def spy(self, key, prob, depth, stamp):
+        made[key] = real(self, key, prob, depth, stamp)
+        return made[key]
+
+    monkeypatch.setattr(MotionSegmenter, 'newest_mask', spy)
+    rec = Reconstructor(ReconConfig(), device='cpu')
+    out = [r for f in seq.frames for r in rec.push(f)]
+    assert not made  # frames emitted before the end were cleaned as older frames of later calls
+    out += rec.flush()
+    last = out[-1]
+    assert list(made) == [last.key] and made[last.key] is not None and made[last.key].any()
+    np.testing.assert_array_equal(last.mask > 0, made[last.key] > 0)
