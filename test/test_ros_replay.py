@@ -8,17 +8,21 @@ import numpy as np
 import pytest
 
 pytest.importorskip('rclpy')
+from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy  # noqa: E402
 from rosgraph_msgs.msg import Clock  # noqa: E402
 from sensor_msgs.msg import CameraInfo, Image  # noqa: E402
 
 from dynrecon_ros.data.bags import write_bag  # noqa: E402
 from dynrecon_ros.data.synthetic import SyntheticConfig, render_sequence  # noqa: E402
 from dynrecon_ros.ros import conversions as conv  # noqa: E402
-from dynrecon_ros.ros.qos import RELIABLE_INPUT_QOS  # noqa: E402
 from dynrecon_ros.ros.replay import MessageConverter, open_bag  # noqa: E402
 from dynrecon_ros.ros.testing import ROOT, RosHarness, domain_id_for, node_env  # noqa: E402
 
 DOMAIN = domain_id_for(__name__)
+# The test's subscribers keep every sample until their callback takes it: a KEEP_LAST 10 reader overwrote
+# frames of a 12-frame replay at --rate 4 while its callbacks (PNG decodes) lagged on a loaded box
+# (a fresh-clone CI run: not every compressed frame arrived). The replay's own writer keeps 100.
+EVERY_SAMPLE = QoSProfile(history=HistoryPolicy.KEEP_ALL, reliability=ReliabilityPolicy.RELIABLE)
 
 
 @pytest.fixture(scope='module')
@@ -57,9 +61,9 @@ def test_converter_matches_bag_content(seq, tmp_path, ros_version):
 
 def test_replay_subcommand_publishes_with_timing_and_clock(seq, ros, tmp_path):
     bag = write_bag(seq, tmp_path / 'tum.bag', ros_version=1)
-    images = ros.collect(Image, '/camera/rgb/image_color', RELIABLE_INPUT_QOS,
+    images = ros.collect(Image, '/camera/rgb/image_color', EVERY_SAMPLE,
                          keep=lambda m: (time.monotonic(), conv.image_to_rgb(m), conv.stamp_to_sec(m.header.stamp)))
-    depths = ros.collect(Image, '/camera/depth/image', RELIABLE_INPUT_QOS, keep=conv.image_to_depth)
+    depths = ros.collect(Image, '/camera/depth/image', EVERY_SAMPLE, keep=conv.image_to_depth)
     clocks = ros.collect(Clock, '/clock', 10, keep=lambda m: conv.stamp_to_sec(m.clock))
     proc = subprocess.run([sys.executable, '-m', 'dynrecon_ros.cli', 'replay', str(bag), '--rate', '0.5', '--clock',
                            '--wait-subscribers', '20'], env=node_env(DOMAIN), cwd=str(ROOT), capture_output=True,
@@ -89,11 +93,11 @@ def test_replay_compress_publishes_image_transport_formats(seq, ros, tmp_path, f
     within one quantisation step; raw topics not published; bytes per frame printed."""
     from sensor_msgs.msg import CompressedImage
     bag = write_bag(seq, tmp_path / f'c_{fmt}.bag', ros_version=1)
-    colour = ros.collect(CompressedImage, '/camera/rgb/image_color/compressed', RELIABLE_INPUT_QOS,
+    colour = ros.collect(CompressedImage, '/camera/rgb/image_color/compressed', EVERY_SAMPLE,
                          keep=lambda m: (m.format, conv.compressed_to_rgb(m)))
-    depth = ros.collect(CompressedImage, '/camera/depth/image/compressedDepth', RELIABLE_INPUT_QOS,
+    depth = ros.collect(CompressedImage, '/camera/depth/image/compressedDepth', EVERY_SAMPLE,
                         keep=lambda m: (m.format, conv.compressed_depth_to_depth(m)))
-    raw = ros.collect(Image, '/camera/rgb/image_color', RELIABLE_INPUT_QOS)
+    raw = ros.collect(Image, '/camera/rgb/image_color', EVERY_SAMPLE)
     n_raw = len(raw)
     proc = subprocess.run([sys.executable, '-m', 'dynrecon_ros.cli', 'replay', str(bag), '--rate', '4',
                            '--wait-subscribers', '20', '--compress', fmt], env=node_env(DOMAIN), cwd=str(ROOT),
