@@ -284,7 +284,8 @@ def receded_surfaces(depth_j: np.ndarray, segments_j: tuple, K_j: np.ndarray, T_
     pair, tiny with an exact sensor, larger with a structured-light one and a rolling shutter). A surface
     whose median exceeds the centre by more than ``max(RECEDE_FLOOR, RECEDE_SIGMAS * spread)`` receded, unless
     it is slanted: a landing ``e`` pixels off reads a surface whose depth changes by ``slope`` (relative, per
-    pixel) off by ``e * slope`` (a floor seen at a grazing angle: ~1 % a pixel), so the pair's landing error in
+    pixel: the norm of the medians of its samples' signed gradients, so that a noisy sensor's steps do not count
+    as slant) off by ``e * slope`` (a floor seen at a grazing angle: ~1 % a pixel), so the pair's landing error in
     pixels is taken from its slanted surfaces (1.4826 median of ``|median - centre| / slope``; ~1 px with depth
     taken 10 ms after colour under hand tremor, ~0 with an exact, synchronous sensor) and a surface must also
     exceed ``RECEDE_SIGMAS * e * slope``, and ``RECEDE_SIGMAS`` times its own median's sampling error (from the spread
@@ -313,8 +314,8 @@ def receded_surfaces(depth_j: np.ndarray, segments_j: tuple, K_j: np.ndarray, T_
     if len(ys) < RECEDE_MIN_SURFACES * RECEDE_MIN_SAMPLES:
         return out
     gy, gx = np.gradient(z)  # on the samples' grid: the relative depth change per pixel (holes: a median drops them)
-    with np.errstate(invalid='ignore', divide='ignore'):
-        slope = ((np.abs(gx) + np.abs(gy)) / (step * z))[ys, xs]
+    with np.errstate(invalid='ignore', divide='ignore'):  # signed: the sensor's noise cancels in a median
+        gx, gy = (gx / (step * z))[ys, xs], (gy / (step * z))[ys, xs]
     lab, z = lab[ys, xs], z[ys, xs]
     ys, xs = (ys * step).astype(np.float32), (xs * step).astype(np.float32)
     from dynrecon_ros.flow_cue import ego_at  # (flow_cue imports this module)
@@ -330,25 +331,26 @@ def receded_surfaces(depth_j: np.ndarray, segments_j: tuple, K_j: np.ndarray, T_
     with np.errstate(invalid='ignore', divide='ignore'):
         r = np.float32(1) / (wi * zp[ok]) - 1
     full &= np.isfinite(r)
-    lg, rg, slope = lab[ok][full], r[full], slope[ok][full]
+    lg, rg, gx, gy = lab[ok][full], r[full], gx[ok][full], gy[ok][full]
     n_all = np.bincount(lab)
     n_cmp = np.bincount(lg, minlength=len(n_all))
     cand = np.flatnonzero((n_cmp >= RECEDE_MIN_SAMPLES) & (n_cmp >= RECEDE_MIN_SHARE * n_all))
     if len(cand) < RECEDE_MIN_SURFACES:
         return out
     order = np.argsort(lg, kind='stable')  # each surface's samples contiguous
-    rg, slope = rg[order], slope[order]
+    rg, gx, gy = rg[order], gx[order], gy[order]
     starts = np.searchsorted(lg[order], cand)
     med = np.array([fast_median(rg[s0:s0 + n_cmp[c]]) for c, s0 in zip(cand, starts)])
-    med_slope = np.array([fast_median(slope[s0:s0 + n_cmp[c]]) for c, s0 in zip(cand, starts)])
+    slope = np.hypot([fast_median(gx[s0:s0 + n_cmp[c]]) for c, s0 in zip(cand, starts)],  # the surface's own slant
+                     [fast_median(gy[s0:s0 + n_cmp[c]]) for c, s0 in zip(cand, starts)])
     se = np.array([fast_median(np.abs(rg[s0:s0 + n_cmp[c]] - m)) for c, s0, m in zip(cand, starts, med)]) \
         * (1.2533 * 1.4826 * RECEDE_SE_FACTOR) / np.sqrt(n_cmp[cand])  # each median's own sampling error
     centre = np.median(med)
     err = med - centre
     spread = 1.4826 * np.median(np.abs(err))
-    sloped = med_slope >= RECEDE_SLOPED
-    px = 1.4826 * np.median(np.abs(err[sloped]) / med_slope[sloped]) if sloped.any() else 0.0  # landing error
-    limit = np.maximum(max(RECEDE_FLOOR, RECEDE_SIGMAS * spread), RECEDE_SIGMAS * np.maximum(px * med_slope, se))
+    sloped = slope >= RECEDE_SLOPED
+    px = 1.4826 * np.median(np.abs(err[sloped]) / slope[sloped]) if sloped.any() else 0.0  # landing error
+    limit = np.maximum(max(RECEDE_FLOOR, RECEDE_SIGMAS * spread), RECEDE_SIGMAS * np.maximum(px * slope, se))
     receded = cand[err > limit]
     if len(receded):
         out[np.isin(labels, receded)] = 1.0
