@@ -22,7 +22,7 @@ import numpy as np
 
 from dynrecon_ros import photometric
 from dynrecon_ros.depth_cue import fill_candidates, soft_step_of_inverse
-from dynrecon_ros.geometry import pixel_axes, pixel_grid
+from dynrecon_ros.geometry import pixel_axes, pixel_grid, unproject_pixels
 from dynrecon_ros.rolling_shutter import ego_planes
 
 if TYPE_CHECKING:
@@ -193,7 +193,7 @@ def refine_relative_pose(depth_i: np.ndarray, K_i: np.ndarray, T_j_i: np.ndarray
     if ok.sum() < 50:
         return T
     u, v, z, f = u[ok], v[ok], z[ok], f[ok]
-    X = np.stack([(u - K_i[0, 2]) / K_i[0, 0] * z, (v - K_i[1, 2]) / K_i[1, 1] * z, z], axis=1)
+    X = unproject_pixels(u, v, z, K_i)
     target = np.stack([u + f[:, 0], v + f[:, 1]], axis=1)
 
     def residual(T_):

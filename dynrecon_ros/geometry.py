@@ -69,6 +69,14 @@ def unproject(depth: np.ndarray, K: np.ndarray) -> np.ndarray:
     return np.stack([(g[..., 0] - cx) / fx * z, (g[..., 1] - cy) / fy * z, z], axis=-1).astype(np.float64)
 
 
+def unproject_pixels(u: np.ndarray, v: np.ndarray, z: np.ndarray, K: np.ndarray) -> np.ndarray:
+    """Camera-frame points (..., 3) float64 of pixels ``(u, v)`` (...) at depths ``z`` (...) through the pinhole
+    K (3, 3): :func:`unproject` for a list of pixels (no validity check: the caller picked them), the inverse
+    of :func:`project`."""
+    z = np.asarray(z, dtype=np.float64)
+    return np.stack([(u - K[0, 2]) / K[0, 0] * z, (v - K[1, 2]) / K[1, 1] * z, z], axis=-1)
+
+
 def project(pts: np.ndarray, K: np.ndarray, z: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Pixel coordinates (u, v), each (...), of camera-frame points (..., 3) through the pinhole K (3, 3):
     u = fx x / z + cx, v = fy y / z + cy. ``z``: the divisor (...) instead of the points' own z (a caller's

@@ -44,7 +44,7 @@ from dynrecon_ros.alignment import PairConstraint, WindowAligner
 from dynrecon_ros.errors import InputError
 from dynrecon_ros.far_anchors import FAR_MAX_MOVE_M, FAR_OVERLAP, camera_flow, overlap
 from dynrecon_ros.frames import Frame
-from dynrecon_ros.geometry import project, transform_points
+from dynrecon_ros.geometry import project, transform_points, unproject_pixels
 from dynrecon_ros.rolling_shutter import band_derivatives, trajectory_velocity
 from dynrecon_ros.segmentation import frame_grey
 from dynrecon_ros.window import SlidingWindow, WindowEntry
@@ -505,10 +505,8 @@ class RGBDStep:
         if len(use) > n:
             use = self._rng.choice(use, n, replace=False)
         # a's points, unprojected only where used
-        z = da[use].astype(np.float64)
         vs, us = np.divmod(use, fa.depth.shape[1])
-        Ka = fa.K
-        Pa = np.stack([(us - Ka[0, 2]) / Ka[0, 0] * z, (vs - Ka[1, 2]) / Ka[1, 1] * z, z], -1)
+        Pa = unproject_pixels(us, vs, da[use], fa.K)
         Pb = transform_points(np.linalg.inv(T_a_b), Pa)
         uv = np.stack(project(Pb, fb.K), -1)
         return PairConstraint(a.index, b.index, Pa, Pb, uv, np.ones(len(use)))

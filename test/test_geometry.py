@@ -35,6 +35,16 @@ def test_unproject_pixel_centres_and_invalid_depth():
     assert both[1, 0, 0].tolist() == [(0 - 2) / 4 * 2, (0 - 1) / 8 * 2, 2]
 
 
+def test_unproject_pixels_is_unproject_at_a_list_of_pixels():
+    K = np.array([[300.0, 0, 160.0], [0, 310.0, 120.0], [0, 0, 1]])
+    depth = np.random.default_rng(1).uniform(0.5, 5.0, (24, 32)).astype(np.float32)
+    v, u = np.array([0, 5, 23]), np.array([31, 7, 0])
+    pts = g.unproject_pixels(u, v, depth[v, u], K)
+    assert pts.shape == (3, 3) and pts.dtype == np.float64
+    np.testing.assert_array_equal(pts, g.unproject(depth, K)[v, u])
+    np.testing.assert_allclose(np.stack(g.project(pts, K), -1), np.stack([u, v], -1), atol=1e-9)
+
+
 def test_project_inverts_unproject_and_takes_a_callers_divisor():
     K = np.array([[300.0, 0, 160.0], [0, 310.0, 120.0], [0, 0, 1]])
     depth = np.random.default_rng(0).uniform(0.5, 5.0, (24, 32))
