@@ -258,6 +258,43 @@ RECEDE_SLOPED = 0.002  # relative depth change per pixel from which a surface te
 RECEDE_SE_FACTOR = 2.0
 
 
+SEEN_THROUGH_MIN_SAMPLES = 100  # compared points of a surface (seen_through_surfaces)
+
+
+def seen_through_surfaces(prob: np.ndarray, labels: np.ndarray, threshold: float, share: float) -> np.ndarray | None:
+    """Dynamic probability of frame i's surfaces that frame j saw through over most of what both see: i's points
+    that j read farther away than the tolerance (j looked through the place where i's surface now stands), on at
+    least ``share`` of a surface's compared points (at least :data:`SEEN_THROUGH_MIN_SAMPLES`). A static
+    surface's compared points agree up to the sensor's noise and the pair's pose error (a few scattered ones); a
+    mover's are seen through where it moved in. The whole surface is then dynamic: a mover revealed at the border
+    whose face slides along itself shows no evidence in the adjacent pair (its depth and texture stay), while a
+    longer pair's older frame saw the background where it now stands (the part that lands in that frame's view).
+
+    Args:
+        prob: (H, W) float32 :func:`pair_depth_probability` of frame i against frame j (NaN = not compared).
+        labels: (H, W) int32 :func:`~dynrecon_ros.mask_cleanup.surface_segments` labels of frame i (0 = boundary).
+        threshold: evidence above it counts as seen through.
+        share: the share of a surface's compared points that must be seen through (0: none tested).
+
+    Returns:
+        (H, W) float32, 1 on those surfaces and NaN elsewhere; None when there are none.
+    """
+    if share <= 0:
+        return None
+    with np.errstate(invalid='ignore'):
+        compared = np.isfinite(prob) & (labels > 0)
+        through = compared & (prob > np.float32(threshold))
+    n_cmp = np.bincount(labels[compared], minlength=1)
+    n_through = np.bincount(labels[through], minlength=len(n_cmp))
+    hit = np.flatnonzero((n_cmp >= SEEN_THROUGH_MIN_SAMPLES) & (n_through >= share * n_cmp))
+    hit = hit[hit > 0]
+    if not len(hit):
+        return None
+    out = np.full(prob.shape, np.nan, np.float32)
+    out[np.isin(labels, hit)] = 1.0
+    return out
+
+
 def _bilinear_at(img: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """(N,) float32 bilinear reads of the (H, W) float32 ``img`` at (N,) float32 points ``(x, y)`` inside it
     (``cv2.remap`` on maps laid out as 1024-wide rows: OpenCV's maps must be under 32767 on each side)."""

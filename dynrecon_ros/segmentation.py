@@ -27,7 +27,7 @@ from collections import OrderedDict
 import numpy as np
 
 from dynrecon_ros.depth_cue import (fill_candidates, nearest_reading, pair_depth_probability,
-                                    receded_surfaces, reverse_depth_probability)
+                                    receded_surfaces, reverse_depth_probability, seen_through_surfaces)
 from dynrecon_ros.errors import InputError
 from dynrecon_ros.flow import to_gray
 from dynrecon_ros.flow_cue import (ego_explains_appearance, ego_flow, flow_match_unconfirmed,  # noqa: F401
@@ -55,6 +55,7 @@ def frame_grey(frame) -> np.ndarray:
 
 
 _MISMATCH = 2  # a pair's flow_mismatch map among its cues' evidence (0 flow, 1 depth)
+_SEEN_THROUGH = 3  # a pair's verdict on frame i's surfaces (depth_cue.seen_through_surfaces): not averaged
 
 
 def _cue_mean(ps: list[np.ndarray] | None) -> np.ndarray | None:
@@ -250,6 +251,11 @@ class MotionSegmenter:
                     mismatch.append((_MISMATCH, i, behind))
                 cues = [p, pd]
             out = [] if skip[i] else [(c, i, pc) for c, pc in enumerate(cues)]
+            if near is not None and not skip[i] and self.cfg.seen_through_share > 0:
+                whole = seen_through_surfaces(pd, self._per_frame('segments', keys[i], depths[i], self._segments)[1],
+                                              self.cfg.threshold, self.cfg.seen_through_share)
+                if whole is not None:
+                    out.append((_SEEN_THROUGH, i, whole))
             if carry:
                 for c, pc in enumerate(cues):
                     if target_flows and (i, j) in target_flows:
@@ -283,6 +289,8 @@ class MotionSegmenter:
                 m0, m1 = _cue_mean(evidence.get((0, k))), _cue_mean(evidence.get((1, k)))
                 p = np.full((h, w), np.nan, np.float32) if m0 is None and m1 is None else \
                     m0 if m1 is None else m1 if m0 is None else np.fmax(m0, m1)
+                if (_SEEN_THROUGH, k) in evidence:  # one pair's verdict on a whole surface: the others do not dilute it
+                    p = np.fmax(p, np.fmax.reduce(evidence[(_SEEN_THROUGH, k)]))
                 has = p == p  # not NaN (the evidence is in [0, 1] or NaN)
                 probs[k] = self._remember(key, np.where(has, p, np.float32(0)), has.astype(np.float32))
         todo = [k for k in range(n) if (need_masks is None or need_masks[k]) and not skip[k]]

@@ -80,6 +80,12 @@ class SegmentationConfig:
             whole (a mover whose motion shows only at its edges); 1 disables.
         grow_static: pixels whose evidence (either cue) stays below this probability are known
             static and never joined by region completion (the textured floor a mover stands on).
+        seen_through_share: a depth-connected surface of a frame counts as moving, whole, when one pair's
+            other frame saw through at least this share of the surface's points compared there (the
+            geometric cue's evidence of motion; at least 100 points): a mover revealed at the border whose
+            face slides along itself is invisible to both cues in the adjacent pair, but a longer pair's
+            older frame saw the background where it now stands (a pair's verdict on a surface, not averaged
+            with the other pairs' evidence); 0 disables.
         still_after_s: object permanence (:mod:`dynrecon_ros.permanence`): a region seen moving
             stays dynamic while it stands still (followed by flow and depth) until it leaves, or
             until it has not moved for this many seconds: then it counts as scenery (a parked cart,
@@ -153,6 +159,7 @@ class SegmentationConfig:
     grow_fraction: float = 0.2
     photometric_check: bool = True
     grow_static: float = 0.1
+    seen_through_share: float = 0.5
     still_after_s: float = 5.0
     hold_grey_tol: float = 12.0
     match_grey_tol: float = 12.0
@@ -195,6 +202,8 @@ class SegmentationConfig:
             raise InputError(f'segmentation hold_moving_share must be >= 0 (> 1 = off), got {self.hold_moving_share}')
         if not 0.0 < self.hold_grow_fraction <= 1.0:
             raise InputError(f'segmentation hold_grow_fraction must be in (0, 1], got {self.hold_grow_fraction}')
+        if not 0.0 <= self.seen_through_share <= 1.0:
+            raise InputError(f'segmentation seen_through_share must be in [0, 1] (0 = off), got {self.seen_through_share}')
         if self.still_after_s < 0:
             raise InputError(f'segmentation still_after_s must be >= 0 (0 = off), got {self.still_after_s}')
         if not 0.0 <= self.grow_static < self.threshold:
