@@ -18,7 +18,9 @@ colour), and the per-pair probability is the same soft step as the flow cue's,
 
 Pooled over a surface (:func:`receded_surfaces`): a mover walking slowly away steps back by less than the
 tolerance at each pixel, but a whole depth-connected surface of the older frame that the newer one reads
-farther by more than the spread of the pair's static surfaces is motion evidence all the same.
+farther by more than the spread of the pair's static surfaces is motion evidence all the same. And the other way
+(:func:`seen_through_surfaces`): a surface of the newer frame whose compared points the older one mostly saw through
+moved in as a whole, though the pair's other frames see nothing inside it (a face sliding along itself).
 
 Also here: candidate depths for pixels without a reading (:func:`fill_candidates`), so the flow cue
 can still judge them: the nearest and the farthest reading around a hole (a hole on a silhouette
@@ -258,40 +260,43 @@ RECEDE_SLOPED = 0.002  # relative depth change per pixel from which a surface te
 RECEDE_SE_FACTOR = 2.0
 
 
-SEEN_THROUGH_MIN_SAMPLES = 100  # compared points of a surface (seen_through_surfaces)
+SEEN_THROUGH_MIN_SAMPLES = 25  # compared samples of a surface (seen_through_surfaces: every 2nd pixel both ways, ~100 pixels)
 
 
-def seen_through_surfaces(prob: np.ndarray, labels: np.ndarray, threshold: float, share: float) -> np.ndarray | None:
+def seen_through_surfaces(prob: np.ndarray, labels: np.ndarray, threshold: float, share: float,
+                          step: int = 2) -> np.ndarray | None:
     """Dynamic probability of frame i's surfaces that frame j saw through over most of what both see: i's points
     that j read farther away than the tolerance (j looked through the place where i's surface now stands), on at
-    least ``share`` of a surface's compared points (at least :data:`SEEN_THROUGH_MIN_SAMPLES`). A static
-    surface's compared points agree up to the sensor's noise and the pair's pose error (a few scattered ones); a
-    mover's are seen through where it moved in. The whole surface is then dynamic: a mover revealed at the border
-    whose face slides along itself shows no evidence in the adjacent pair (its depth and texture stay), while a
-    longer pair's older frame saw the background where it now stands (the part that lands in that frame's view).
+    least ``share`` of a surface's compared points (at least :data:`SEEN_THROUGH_MIN_SAMPLES`, sampled every
+    ``step`` pixels both ways). A static surface's compared points agree up to the sensor's noise and the pair's
+    pose error (a few scattered ones); a mover's are seen through where it moved in. The whole surface is then
+    dynamic: a mover revealed at the border whose face slides along itself shows no evidence in the adjacent pair
+    (its depth and texture stay), while a longer pair's older frame saw the background where it now stands (the
+    part that lands in that frame's view).
 
     Args:
         prob: (H, W) float32 :func:`pair_depth_probability` of frame i against frame j (NaN = not compared).
         labels: (H, W) int32 :func:`~dynrecon_ros.mask_cleanup.surface_segments` labels of frame i (0 = boundary).
         threshold: evidence above it counts as seen through.
         share: the share of a surface's compared points that must be seen through (0: none tested).
+        step: sample every ``step``-th pixel in both directions.
 
     Returns:
         (H, W) float32, 1 on those surfaces and NaN elsewhere; None when there are none.
     """
     if share <= 0:
         return None
+    lab, p = labels[::step, ::step].ravel(), prob[::step, ::step].ravel()
     with np.errstate(invalid='ignore'):
-        compared = np.isfinite(prob) & (labels > 0)
-        through = compared & (prob > np.float32(threshold))
-    n_cmp = np.bincount(labels[compared], minlength=1)
-    n_through = np.bincount(labels[through], minlength=len(n_cmp))
-    hit = np.flatnonzero((n_cmp >= SEEN_THROUGH_MIN_SAMPLES) & (n_through >= share * n_cmp))
-    hit = hit[hit > 0]
-    if not len(hit):
+        through = p > np.float32(threshold)
+    # (two bincounts of the sample grid: no boolean gathers; every label of the full grid gets a count)
+    n_cmp = np.bincount(lab, weights=~np.isnan(p), minlength=int(labels.max()) + 1)
+    hit = (n_cmp >= SEEN_THROUGH_MIN_SAMPLES) & (np.bincount(lab, weights=through, minlength=len(n_cmp)) >= share * n_cmp)
+    hit[0] = False  # (boundaries)
+    if not hit.any():
         return None
     out = np.full(prob.shape, np.nan, np.float32)
-    out[np.isin(labels, hit)] = 1.0
+    out[hit[labels]] = 1.0
     return out
 
 

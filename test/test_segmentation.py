@@ -652,6 +652,7 @@ def test_seen_through_surfaces_takes_a_surface_whole_from_one_pair():
 
     labels = np.zeros((H, W), np.int32)
     labels[:, :40], labels[:, 41:100], labels[:, 101:] = 1, 2, 3
+    labels[1, 1] = 4  # a speck between the sampled pixels
     prob = np.full((H, W), np.nan, np.float32)
     prob[:, :40] = 0.0
     prob[:30, :40] = 0.9  # surface 1: a quarter of its points seen through
@@ -663,7 +664,7 @@ def test_seen_through_surfaces_takes_a_surface_whole_from_one_pair():
     assert (seen_through_surfaces(prob, labels, 0.5, 0.25) == 1)[labels == 1].all()  # a lower share: surface 1 too
     assert seen_through_surfaces(prob, labels, 0.5, 0.0) is None  # off
     few = np.full((H, W), np.nan, np.float32)
-    few.flat[:SEEN_THROUGH_MIN_SAMPLES - 1] = 1.0  # (row 0 of surfaces 1 and 2: too few compared points)
+    few[0, :2 * SEEN_THROUGH_MIN_SAMPLES - 2:2] = 1.0  # (every 2nd pixel of row 0: too few compared samples)
     assert seen_through_surfaces(few, labels, 0.5, 0.5) is None
 
 
