@@ -260,7 +260,7 @@ RECEDE_SLOPED = 0.002  # relative depth change per pixel from which a surface te
 RECEDE_SE_FACTOR = 2.0
 
 
-SEEN_THROUGH_MIN_SAMPLES = 25  # compared samples of a surface (seen_through_surfaces: every 2nd pixel both ways, ~100 pixels)
+SEEN_THROUGH_MIN_SAMPLES = 25  # compared samples of a surface (seen_through_surfaces: every 2nd pixel, ~100 pixels)
 
 
 def seen_through_surfaces(prob: np.ndarray, labels: np.ndarray, threshold: float, share: float,
@@ -291,7 +291,8 @@ def seen_through_surfaces(prob: np.ndarray, labels: np.ndarray, threshold: float
         through = p > np.float32(threshold)
     # (two bincounts of the sample grid: no boolean gathers; every label of the full grid gets a count)
     n_cmp = np.bincount(lab, weights=~np.isnan(p), minlength=int(labels.max()) + 1)
-    hit = (n_cmp >= SEEN_THROUGH_MIN_SAMPLES) & (np.bincount(lab, weights=through, minlength=len(n_cmp)) >= share * n_cmp)
+    n_through = np.bincount(lab, weights=through, minlength=len(n_cmp))
+    hit = (n_cmp >= SEEN_THROUGH_MIN_SAMPLES) & (n_through >= share * n_cmp)
     hit[0] = False  # (boundaries)
     if not hit.any():
         return None

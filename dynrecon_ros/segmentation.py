@@ -252,8 +252,8 @@ class MotionSegmenter:
                 cues = [p, pd]
             out = [] if skip[i] else [(c, i, pc) for c, pc in enumerate(cues)]
             if near is not None and not skip[i] and self.cfg.seen_through_share > 0:
-                whole = seen_through_surfaces(pd, self._per_frame('segments', keys[i], depths[i], self._segments)[1],
-                                              self.cfg.threshold, self.cfg.seen_through_share)
+                labels_i = self._per_frame('segments', keys[i], depths[i], self._segments)[1]
+                whole = seen_through_surfaces(pd, labels_i, self.cfg.threshold, self.cfg.seen_through_share)
                 if whole is not None:
                     out.append((_SEEN_THROUGH, i, whole))
             if carry:

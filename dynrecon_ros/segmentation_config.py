@@ -82,7 +82,7 @@ class SegmentationConfig:
             static and never joined by region completion (the textured floor a mover stands on).
         seen_through_share: a depth-connected surface of a frame counts as moving, whole, when one pair's
             other frame saw through at least this share of the surface's points compared there (the
-            geometric cue's evidence of motion; at least 100 points): a mover revealed at the border whose
+            geometric cue's evidence of motion; at least ~100 pixels): a mover revealed at the border whose
             face slides along itself is invisible to both cues in the adjacent pair, but a longer pair's
             older frame saw the background where it now stands (a pair's verdict on a surface, not averaged
             with the other pairs' evidence); 0 disables.
@@ -203,7 +203,8 @@ class SegmentationConfig:
         if not 0.0 < self.hold_grow_fraction <= 1.0:
             raise InputError(f'segmentation hold_grow_fraction must be in (0, 1], got {self.hold_grow_fraction}')
         if not 0.0 <= self.seen_through_share <= 1.0:
-            raise InputError(f'segmentation seen_through_share must be in [0, 1] (0 = off), got {self.seen_through_share}')
+            raise InputError('segmentation seen_through_share must be in [0, 1] (0 = off), '
+                             f'got {self.seen_through_share}')
         if self.still_after_s < 0:
             raise InputError(f'segmentation still_after_s must be >= 0 (0 = off), got {self.still_after_s}')
         if not 0.0 <= self.grow_static < self.threshold:
