@@ -152,9 +152,10 @@ def test_pose_holds_with_camouflaged_movers_covering_half_the_view():
     assert ate < 0.003, ate
 
 
-def _scenario_run(name: str, seed: int, frames: int, seq=None, **backend):
+def _scenario_run(name: str, seed: int, frames: int, seq=None, segmentation: dict | None = None, **backend):
     """(sequence, results with status ok, ATE m) of the default pipeline (with the scenario's sensor timing; ``backend``
-    fields set) on scenario ``name`` rendered with ``frames`` frames (or on ``seq``, that rendering made before)."""
+    fields set, and ``segmentation``'s) on scenario ``name`` rendered with ``frames`` frames (or on ``seq``, that
+    rendering made before)."""
     from dynrecon_ros.config import ReconConfig
     from dynrecon_ros.data.scenarios import scenario_config
     from dynrecon_ros.evaluation import trajectory_metrics
@@ -165,6 +166,8 @@ def _scenario_run(name: str, seed: int, frames: int, seq=None, **backend):
     cfg.backend.rolling_shutter_s, cfg.backend.depth_delay_s = scfg.rolling_shutter, scfg.depth_delay
     for k, v in backend.items():
         setattr(cfg.backend, k, v)
+    for k, v in (segmentation or {}).items():
+        setattr(cfg.segmentation, k, v)
     rec = Reconstructor(cfg)
     out = [r for f in seq.frames for r in rec.push(f)] + rec.flush()
     ok = [r for r in out if r.status == 'ok']
@@ -508,14 +511,16 @@ def test_a_person_whose_mask_stops_short_of_its_border_does_not_pull_the_poses(m
     the room, were 2-6 % of the adjacent pairs' inliers and pulled them 10-17 mm sideways (ATE 34.6 mm). With the band
     PRIOR_MARGIN left out of every pair's prior the run is 2.4 mm. (A later guard, the pair two frames back when every
     long pair is dropped, RGBDStep._span_pair, also rescues the run without the band: 2.8 mm, and so does the second
-    refinement with the trajectory's in-frame motions, backend.shutter_smoothing_frames: 2.5 mm; both are off for that
-    run here, so that the band's own effect is what is tested.)"""
+    refinement with the trajectory's in-frame motions, backend.shutter_smoothing_frames: 2.5 mm; and the segmenter's
+    verdict on a whole surface seen through, segmentation.seen_through_share, whose masks reach the silhouette: 3.8
+    mm; all are off for that run here, so that the band's own effect is what is tested.)"""
     from dynrecon_ros import rgbd_step
     from dynrecon_ros.data.scenarios import scenario_config
     seq = render_sequence(scenario_config('every_effect', seed=1305))
     monkeypatch.setattr(rgbd_step, 'PRIOR_MARGIN', 0.0)
     monkeypatch.setattr(rgbd_step.RGBDStep, '_span_pair', lambda self, *a: None)
-    _, _, without = _scenario_run('every_effect', 1305, len(seq.frames), seq, shutter_smoothing_frames=0)
+    _, _, without = _scenario_run('every_effect', 1305, len(seq.frames), seq, shutter_smoothing_frames=0,
+                                  segmentation={'seen_through_share': 0.0})
     monkeypatch.undo()
     _, ok, with_ = _scenario_run('every_effect', 1305, len(seq.frames), seq)
     assert len(ok) == len(seq.frames)
