@@ -33,15 +33,14 @@ import torch
 
 def parse_set(cfg, items):
     """Apply 'section.name=value' or 'name=value' (top-level) overrides, typed like the default."""
+    from dynrecon_ros.config import typed_like
     for it in items:
         key, value = it.split('=', 1)
         *path, name = key.split('.')
         sub = cfg
         for part in path:
             sub = getattr(sub, part)
-        old = getattr(sub, name)
-        typ = type(old)
-        setattr(sub, name, (value.lower() in ('1', 'true', 'yes')) if typ is bool else typ(value))
+        setattr(sub, name, typed_like(getattr(sub, name), value, it))  # (a wrong bool is an error, not False)
 
 
 def run(rec, seq):

@@ -21,6 +21,21 @@ from dynrecon_ros.static_map import MapConfig
 from dynrecon_ros.window import rotation_angle_deg
 
 
+
+def typed_like(default, text: str, item: str):
+    """``text`` converted to the type of ``default`` (a config field's default): bool from true / false / 1 / 0 /
+    yes / no, else ``type(default)(text)``. ValueError naming ``item`` (the override as given) when it does not
+    convert (the overrides of bench scripts' --set and bench/segmentation.py's --render)."""
+    typ = type(default)
+    if typ is bool:
+        if text.lower() not in ('1', '0', 'true', 'false', 'yes', 'no'):
+            raise ValueError(f'override {item!r}: takes true or false')
+        return text.lower() in ('1', 'true', 'yes')
+    try:
+        return typ(text)
+    except ValueError:
+        raise ValueError(f'override {item!r}: must be of type {typ.__name__}') from None
+
 @dataclass
 class WindowConfig:
     """Sliding window and pair graph.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import fields
 
+from dynrecon_ros.config import typed_like
 from dynrecon_ros.data.synthetic import SyntheticConfig
 
 # The sensor effects of issue 16's second row: silhouette holes, motion blur, exposure flicker, colour
@@ -57,16 +58,7 @@ def parse_overrides(items: list[str]) -> dict:
         if not eq or key not in defaults:
             raise ValueError(f'render override {it!r}: expected field=value with a SyntheticConfig field '
                              f'({", ".join(defaults)})')
-        typ = type(defaults[key])
-        if typ is bool:
-            if value.lower() not in ('1', '0', 'true', 'false', 'yes', 'no'):
-                raise ValueError(f'render override {it!r}: {key} takes true or false')
-            out[key] = value.lower() in ('1', 'true', 'yes')
-        else:
-            try:
-                out[key] = typ(value)
-            except ValueError:
-                raise ValueError(f'render override {it!r}: {key} must be of type {typ.__name__}') from None
+        out[key] = typed_like(defaults[key], value, f'render {it}')
     return out
 
 
