@@ -1,6 +1,6 @@
 """Segmentation benchmark: ATE, mask IoU and static-map purity on the conditions of issue 16.
 
-Usage: python bench/segmentation.py [--seeds 101,102] [--quick] [--only NAME,...] [--device cpu]
+Usage: python bench/segmentation.py [--seeds 101,102 | 101-110] [--quick] [--only NAME,...] [--device cpu]
        [--set section.name=value ...] [--render field=value ...]
 Renders each condition (dynrecon_ros.data.scenarios presets, at their full size: 640x480 where the
 issue says so, else 320x240) for every seed, runs the RGB-D pipeline (Reconstructor, as `dynrecon run
@@ -24,6 +24,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
 from pipeline import parse_set  # noqa: E402  (bench/pipeline.py's --set parser)
+from seed_ab import parse_seeds  # noqa: E402  ('101-103,110' -> seeds)
 
 from dynrecon_ros.data.scenarios import parse_overrides  # noqa: E402
 
@@ -88,7 +89,7 @@ def run_one(scenario: str, seed: int, quick: bool, device: str, sets: list[str],
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument('--seeds', default='101,102', help='comma-separated seeds (each condition runs for each)')
+    ap.add_argument('--seeds', default='101,102', help="seeds, e.g. '101,102' or '101-110' (each condition runs for each)")
     ap.add_argument('--quick', action='store_true', help='small sizes, 30 frames, first seed: smoke run')
     ap.add_argument('--only', default='', help='comma-separated scenario names (default: all, + static_effects)')
     ap.add_argument('--device', default='cpu')
@@ -96,7 +97,7 @@ def main() -> None:
     ap.add_argument('--render', nargs='*', default=[], help="renderer overrides 'field=value' (SyntheticConfig)")
     args = ap.parse_args()
     render = parse_overrides(args.render)
-    seeds = [int(s) for s in args.seeds.split(',')]
+    seeds = parse_seeds(args.seeds)
     if args.quick:
         seeds = seeds[:1]
     only = set(filter(None, args.only.split(',')))
