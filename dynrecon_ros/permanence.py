@@ -144,6 +144,13 @@ class SeenAsScenery:
         return out
 
 
+# the crease (a fraction of segmentation.crease) of the finer cut that decides which of a moving surface's joins without
+# motion evidence are marked (complete_hold): those on a finer surface the held pixels do not cover for the same
+# fraction. camouflage 1836 at 640x480: a cylinder and the floor patch at its foot (~4 m) are one surface at the crease
+# 0.01, two at 0.005
+FINE_CREASE = 0.5
+
+
 def complete_hold(hold: np.ndarray, held: np.ndarray, depth: np.ndarray, fraction: float,
                   crease: float, segments: tuple | None = None, moving: np.ndarray | None = None,
                   static: np.ndarray | None = None, moving_share: float = 0.01,
@@ -171,10 +178,13 @@ def complete_hold(hold: np.ndarray, held: np.ndarray, depth: np.ndarray, fractio
     stopped) and whose foot meets the floor at its own depth otherwise joined the whole floor, which then
     held itself (camouflage seed 921: 12-16k pixels of floor for 44 frames, mask IoU 0.57); asking the
     nearest partner alone kept a person's arm from being won back once one frame had lost it. What a moving surface
-    joins without motion evidence of its own is marked as well (below): a camouflaged cylinder whose base met the
-    floor at its own depth took a patch of floor without evidence of either kind beside its foot, which then counted
-    towards the next frames' floor pieces and crept over the floor (camouflage 1836 at 640x480: to 13 % of the
-    image, mask IoU 0.52; marked: 0.98).
+    joins without motion evidence of its own is marked as well (below) where the depth's surfaces cut at a finer
+    crease (``FINE_CREASE``) would not have joined it: a camouflaged cylinder whose base met the floor at its own
+    depth took a patch of floor without evidence of either kind beside its foot, which then counted towards the
+    next frames' floor pieces and crept over the floor (camouflage 1836 at 640x480: to 13 % of the image, mask IoU
+    0.52; marked: 0.98). What lies on the mover's own finer surface, or in the finer cut's boundary band, stays
+    unmarked (marking all of it, the default sequence's cylinder turning at the image border lost parts: 0.992 ->
+    0.979).
 
     A still surface that does not stand out of its surroundings (:func:`stands_out`: a piece of floor
     or wall that sensor noise cut off the rest) is joined too, but its joined pixels are marked
@@ -236,8 +246,20 @@ def complete_hold(hold: np.ndarray, held: np.ndarray, depth: np.ndarray, fractio
     still = grow & ~live & (np.bincount(lab_joined, minlength=n) > 0)
     still[still] = ~stands_out(labels, still, held | joined, depth, max_continuity)[still]
     mark = still[lab_joined]
-    if moving is not None:  # a moving surface's pixels joined without motion evidence of their own
-        mark |= live[lab_joined] & ~moving[joined]
+    if moving is not None:
+        # a moving surface's pixels joined without motion evidence of their own are marked where the surfaces cut at
+        # a finer crease would not have joined them (a patch of floor at a mover's foot), not where they lie on the
+        # mover's own finer surface (what comes into view at the border while it turns)
+        cand = live[lab_joined] & ~moving[joined]
+        if cand.any():
+            n_fine, fine = surface_segments(depth, FINE_CREASE * crease)
+            rows, cols = np.nonzero(joined)
+            lab_fine = fine[rows[cand], cols[cand]]
+            own = np.bincount(fine[held], weights=hold_held >= 0, minlength=n_fine) >= \
+                fraction * np.maximum(np.bincount(fine.ravel(), minlength=n_fine), 1)
+            # (the finer cut's boundary pixels, at its creases and depth steps, are left unmarked: marked, the default
+            # sequence's cylinder lost its silhouette band at its turnaround, mask IoU 0.992 -> 0.981)
+            mark[cand] = (lab_fine > 0) & ~own[lab_fine]
     out[joined] = np.where(mark, -1.0 - t, t).astype(np.float32)
     return held | joined, out
 
