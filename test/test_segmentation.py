@@ -964,6 +964,12 @@ def test_object_permanence_does_not_hold_static_surface_merged_with_a_moving_mov
         assert max(on_ledge) > 0.3 * ledge.sum(), on_ledge
 
 
+def _column_surfaces(cols: np.ndarray, *edges: int) -> tuple[int, np.ndarray]:
+    """surface_segments-like (count, (H, W) int32 labels) of surfaces between the given column edges of ``cols``
+    ((H, W) column indices), labelled 1, 2, ..."""
+    return len(edges) + 1, np.searchsorted(np.asarray(edges[1:]), cols, side='right').astype(np.int32) + 1
+
+
 @pytest.mark.parametrize('scene', ['floor', 'box'])
 def test_hold_completion_does_not_spread_from_piece_to_piece_of_a_continuous_surface(scene):
     """What the hold's completion joins to a still surface that continues into its surroundings (a piece of a
@@ -979,20 +985,17 @@ def test_hold_completion_does_not_spread_from_piece_to_piece_of_a_continuous_sur
         depth[:, :60] = 1.0
     cols = np.broadcast_to(np.arange(w), (h, w))
 
-    def labels(*edges):  # surfaces between the given column edges, labelled 1, 2, ...
-        return len(edges) + 1, np.searchsorted(np.asarray(edges[1:]), cols, side='right').astype(np.int32) + 1
-
     still = dict(moving=np.zeros((h, w), bool), static=np.ones((h, w), bool))
     # frame 1: held (seen moving at t = 1 s) on columns 0..29: all of surface 1, a quarter of surface 2
     hold = np.where(cols < 30, np.float32(1.0), np.float32(np.nan))
-    held, hold = complete_hold(hold, cols < 30, depth, 0.2, 0.01, labels(0, 20, 60), **still)
+    held, hold = complete_hold(hold, cols < 30, depth, 0.2, 0.01, _column_surfaces(cols, 0, 20, 60), **still)
     assert held[:, :60].all() and not held[:, 60:].any()  # surface 2 joined, the surroundings not
     np.testing.assert_array_equal(stamps_of(hold)[held], 1.0)
     # frame 2: surfaces cut differently; columns 10..29 lost their hold (the depth check missed them)
     hold[:, 10:30] = np.nan
     held2 = held_pixels(hold, 1.5, 5.0)
     assert held2[:, 30:60].all() and not held2[:, 10:30].any()
-    held2, hold2 = complete_hold(hold, held2, depth, 0.2, 0.01, labels(0, 10, 60), **still)
+    held2, hold2 = complete_hold(hold, held2, depth, 0.2, 0.01, _column_surfaces(cols, 0, 10, 60), **still)
     if scene == 'floor':  # columns 30..59 were joined to a piece of the floor: they do not spread the hold
         assert not held2[:, 10:30].any() and not held2[:, 60:].any()
     else:  # the box's joined pixels count: its whole surface is held again, with the oldest stamp
@@ -1018,20 +1021,17 @@ def test_hold_completion_of_a_moving_surface_does_not_carry_the_floor_patch_it_t
     cols = np.broadcast_to(np.arange(w), (h, w))
     depth[:, :20] = 3.0
 
-    def labels(*edges):  # surfaces between the given column edges, labelled 1, 2, ...
-        return len(edges) + 1, np.searchsorted(np.asarray(edges[1:]), cols, side='right').astype(np.int32) + 1
-
     mover = cols < 20
     none = np.zeros((h, w), bool)
     # frame 1: the mover (columns 0..19, moving, held) and the floor patch (20..59, no evidence) are one surface
     hold = np.where(mover, np.float32(1.0), np.float32(np.nan))
-    held, hold = complete_hold(hold, mover, depth, 0.2, 0.01, labels(0, 60), moving=mover, static=none)
+    held, hold = complete_hold(hold, mover, depth, 0.2, 0.01, _column_surfaces(cols, 0, 60), moving=mover, static=none)
     assert held[:, :60].all() and not held[:, 60:].any()  # the patch is held in this frame
     assert (hold[:, :20] >= 0).all() and (hold[8:30, 30:60] < 0).all()  # ... but marked (inside the finer cut)
     np.testing.assert_array_equal(stamps_of(hold)[held], 1.0)
     # frame 2: the patch is cut into a surface with more floor (columns 20..119); the mover moves on
     held2 = held_pixels(hold, 1.1, 5.0)
-    held2, hold2 = complete_hold(hold, held2, depth, 0.2, 0.01, labels(0, 20, 120), moving=mover, static=none)
+    held2, hold2 = complete_hold(hold, held2, depth, 0.2, 0.01, _column_surfaces(cols, 0, 20, 120), moving=mover, static=none)
     assert not held2[:, 60:].any()  # the floor beyond the patch is not joined
     assert held2[:, :20].all()
 
