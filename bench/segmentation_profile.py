@@ -44,6 +44,8 @@ PARTS = [
     ('depth cue: pair probability', 'depth_cue', 'pair_depth_probability'),
     ('depth cue: seen from the older frame', 'depth_cue', 'reverse_depth_probability'),
     ('depth cue: pooled over surfaces', 'depth_cue', 'receded_surfaces'),
+    ('depth cue: seen through (a pair)', 'depth_cue', 'seen_through_surfaces'),
+    ('depth cue: seen empty (far views)', 'depth_cue', 'seen_empty_surfaces'),
     ('carry to older frame (pull)', 'flow_cue', 'pull_from_source'),
     ('carry to older frame (splat)', 'flow_cue', 'splat_to_target'),
     ('temporal memory', 'segmentation', 'MotionSegmenter._remember'),

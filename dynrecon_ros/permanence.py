@@ -21,7 +21,9 @@ the hold spreads over the depth-connected smooth surfaces it mostly covers (:fun
 a still thing shows no motion to win back the pixels its hold loses from frame to frame), but not
 from one piece of a continuous surface to the next.
 What was never seen moving is never held: a person who comes into view as they stop, or who stood
-hidden behind another the whole time they moved, stays static until they walk on. Nor does the hold
+hidden behind another the whole time they moved, stays static until they walk on, unless an older view saw
+through the place where they now stand (``segmentation.seen_empty_share``: the person the camera left walking and
+finds standing elsewhere; that verdict is motion evidence, held from then on like any). Nor does the hold
 spread onto what the partners it came from saw as scenery at the same place (:class:`SeenAsScenery`).
 """
 from __future__ import annotations

@@ -292,7 +292,7 @@ class RGBDStep:
         if self._smooth_k and self._smooth_motions(entry) and self.cfg.alignment.enabled:
             self._align(window, published)
         t = self.times.lap('alignment', t)
-        self._segment(pairs, pflows, published)
+        self._segment(pairs, pflows, published, window.far)
         self.times.lap('segmentation', t)
         keep = {e.index for e in window.all_entries()}
         self._constraints = {k: v for k, v in self._constraints.items() if k[0] in keep and k[1] in keep}
@@ -528,8 +528,9 @@ class RGBDStep:
         for e, p in zip(entries, res.poses):
             e.pose = p
 
-    def _segment(self, pairs, pflows, published: set[int]) -> None:
-        """Segment the newest frame from its pairs; the older frames of those pairs get refreshed."""
+    def _segment(self, pairs, pflows, published: set[int], far: list | None = None) -> None:
+        """Segment the newest frame from its pairs; the older frames of those pairs get refreshed. far: the far
+        anchors (older views: what the newest frame shows where one of them saw through arrived since)."""
         new = pairs[0][1]
         ents = [o for o, _ in pairs] + [new]
         # cleaned masks only for frames not emitted yet (older keyframes keep theirs as the pose
@@ -543,7 +544,8 @@ class RGBDStep:
         pflows = [pf.backward_only() if s else pf for pf, s in zip(pflows, skip)]
         _, probs, masks = self.segmenter.segment_newest(pairs, pflows, carry_back=True, need_masks=need,
                                                         skip_frames=skip,
-                                                        shutter=self.pred.shutter if self.pred.shutter.active else None)
+                                                        shutter=self.pred.shutter if self.pred.shutter.active else None,
+                                                        far_views=far)
         for e, p, m, nd in zip(ents, probs, masks, need):
             if nd:
                 e.data['prob'] = p

@@ -27,7 +27,8 @@ from collections import OrderedDict
 import numpy as np
 
 from dynrecon_ros.depth_cue import (fill_candidates, nearest_reading, pair_depth_probability,
-                                    receded_surfaces, reverse_depth_probability, seen_through_surfaces)
+                                    receded_surfaces, reverse_depth_probability, seen_empty_surfaces,
+                                    seen_through_surfaces)
 from dynrecon_ros.errors import InputError
 from dynrecon_ros.flow import to_gray
 from dynrecon_ros.flow_cue import (ego_explains_appearance, ego_flow, flow_match_unconfirmed,  # noqa: F401
@@ -105,6 +106,9 @@ class MotionSegmenter:
         # shown elsewhere, :func:`matched_scenery_elsewhere`, or its point is hidden in the pair's other frame,
         # ``cfg.flow_occlusion_check``): no motion evidence, and no correspondence for a pose
         self.flow_mismatch: dict[str, np.ndarray] = {}
+        # far view key -> nearest_reading of its depth, and -> the call that last compared it (_seen_empty)
+        self._far_near: dict[str, np.ndarray] = {}
+        self._far_turn: dict[str, int] = {}
 
     def __len__(self) -> int:
         """Number of frame keys currently remembered."""
@@ -119,6 +123,8 @@ class MotionSegmenter:
         self._calls = 0
         self._epoch = None
         self.flow_mismatch = {}
+        self._far_near = {}
+        self._far_turn = {}
 
     def segment(self, keys: list[str], depths: np.ndarray, K: np.ndarray, poses: np.ndarray,
                 flows: dict, flow_valid: dict | None = None,
@@ -127,7 +133,8 @@ class MotionSegmenter:
                 skip_frames: list[bool] | None = None,
                 images: np.ndarray | None = None,
                 stamps: list[float] | None = None,
-                measured_depth: bool = True, shutter=None, twists: list | None = None) -> tuple[np.ndarray, np.ndarray]:
+                measured_depth: bool = True, shutter=None, twists: list | None = None,
+                far_views: list | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Dynamic probability and mask of every frame of a window.
 
         Args:
@@ -159,6 +166,10 @@ class MotionSegmenter:
             shutter, twists: optional rolling-shutter timing (:class:`~dynrecon_ros.rolling_shutter.ShutterModel`)
                 and N body twists (6,) (None = unknown): the ego flow of a pair whose two twists are
                 known sees each row at its own instant.
+            far_views: optional older views of the scene than the window's, [(key, (H, W) float32 depth, (3, 3) K,
+                (4, 4) camera-to-world pose, stamp seconds)]: with ``stamps`` and ``cfg.seen_empty_share`` > 0,
+                the newest frame's surfaces that a view at most ``cfg.still_after_s`` older saw through are
+                dynamic (:func:`~dynrecon_ros.depth_cue.seen_empty_surfaces`).
 
         Returns:
             probs (N, H, W) float32 in [0, 1] and masks (N, H, W) uint8 (255 = dynamic).
@@ -281,6 +292,7 @@ class MotionSegmenter:
             for c, k, p in ev:
                 evidence.setdefault((c, k), []).append(p)
         self.flow_mismatch = {keys[k]: np.logical_or.reduce(v) for (c, k), v in evidence.items() if c == _MISMATCH}
+        self._seen_empty(far_views, evidence, keys, depths, Ks, poses, stamps, skip, near)
         probs = np.zeros((n, h, w), np.float32)
         masks = np.zeros((n, h, w), np.uint8)
         for k, key in enumerate(keys):
@@ -348,6 +360,40 @@ class MotionSegmenter:
         self._forget()
         return probs, masks
 
+    def _seen_empty(self, far_views, evidence, keys, depths, Ks, poses, stamps, skip, near) -> None:
+        """The newest frame's surfaces that one of ``far_views`` (see :meth:`segment`) within ``cfg.still_after_s``
+        saw through, into ``evidence`` as a seen-through verdict. At most ``cfg.seen_empty_views`` views a call, the
+        least recently compared first (each view's turn comes within a few frames; what one finds is held from then
+        on by object permanence)."""
+        k = len(keys) - 1
+        cfg = self.cfg
+        share, margin, n_views = cfg.seen_empty_share, cfg.seen_empty_margin_m, cfg.seen_empty_views
+        if not far_views or near is None or stamps is None or skip[k] or share <= 0 or cfg.still_after_s <= 0:
+            self._far_near.clear()
+            self._far_turn.clear()
+            return
+        views = [v for v in far_views if 0 < float(stamps[k]) - float(v[4]) <= cfg.still_after_s]
+        alive = {v[0] for v in views}
+        self._far_near = {key: v for key, v in self._far_near.items() if key in alive}
+        self._far_turn = {key: v for key, v in self._far_turn.items() if key in alive}
+        views = sorted(views, key=lambda v: (self._far_turn.get(v[0], -1), float(v[4])))[:n_views]
+        if not views:
+            return
+        for key, depth_v, _, _, _ in views:
+            self._far_turn[key] = self._calls
+            if key not in self._far_near:
+                self._far_near[key] = nearest_reading(np.asarray(depth_v, np.float32))
+        n_labels, labels = self._per_frame('segments', keys[k], depths[k], self._segments)
+        whole = seen_empty_surfaces(depths[k], Ks[k], labels,
+                                    [(self._far_near[key], np.asarray(K_v, np.float64),
+                                      np.linalg.inv(np.asarray(pose_v, np.float64)) @ poses[k])
+                                     for key, _, K_v, pose_v, _ in views],
+                                    cfg, share, margin,
+                                    step=max(2, depths.shape[2] // 160),  # (~160 columns sampled at any size)
+                                    n_labels=n_labels)
+        if whole is not None:
+            evidence.setdefault((_SEEN_THROUGH, k), []).append(whole)
+
     def _clean(self, key: str, prob: np.ndarray, depth: np.ndarray, hold3: tuple | None,
                stamp: float | None) -> tuple[np.ndarray, np.ndarray | None]:
         """One frame's cleaned mask (H, W) uint8 and its completed hold map: ``prob`` (H, W) its remembered
@@ -401,7 +447,7 @@ class MotionSegmenter:
         return list(self._pool.map(fn, items))
 
     def segment_newest(self, pairs, pair_flows, carry_back: bool = False, need_masks=None, skip_frames=None,
-                       measured_depth: bool = True, shutter=None):
+                       measured_depth: bool = True, shutter=None, far_views=None):
         """:meth:`segment` over the newest frame of ``pairs`` and its pair partners (the one place that
         assembles a window step's call; the RGB-D and the monocular step both use it).
 
@@ -413,6 +459,7 @@ class MotionSegmenter:
             need_masks, skip_frames: as :meth:`segment`, one per entry (older ones, then the newest).
             measured_depth: as :meth:`segment` (False: the entries' depth is a network's estimate).
             shutter: as :meth:`segment`; the twists are the entries' ``data['twist']``.
+            far_views: as :meth:`segment`: entries older than the window's (``key``, ``frame``, ``pose``).
 
         Returns:
             entries (older ones, then the newest), probs (N, H, W) float32, masks (N, H, W) uint8.
@@ -430,7 +477,9 @@ class MotionSegmenter:
                                     stamps=[float(e.frame.stamp) for e in ents]
                                     if all(hasattr(e.frame, 'stamp') for e in ents) else None,
                                     measured_depth=measured_depth, shutter=shutter,
-                                    twists=[e.data.get('twist') for e in ents] if shutter is not None else None)
+                                    twists=[e.data.get('twist') for e in ents] if shutter is not None else None,
+                                    far_views=None if not far_views else
+                                    [(e.key, e.frame.depth, e.frame.K, e.pose, float(e.frame.stamp)) for e in far_views])
         return ents, probs, masks
 
     def prepare_frame(self, key: str, depth: np.ndarray | None) -> None:

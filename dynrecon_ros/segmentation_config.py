@@ -86,6 +86,13 @@ class SegmentationConfig:
             face slides along itself is invisible to both cues in the adjacent pair, but a longer pair's
             older frame saw the background where it now stands (a pair's verdict on a surface, not averaged
             with the other pairs' evidence); 0 disables.
+        seen_empty_share, seen_empty_margin_m: a depth-connected surface of the newest frame counts as moving,
+            whole, when an older view than the window's (a far keyframe, at most ``still_after_s`` older) saw
+            through at least ``seen_empty_share`` of its points compared there, each by more than the depth
+            cue's tolerance plus ``seen_empty_margin_m`` (the drift between poses seconds apart): a person the
+            camera left walking and finds standing still elsewhere shows no motion in view, but a view from
+            before they stopped there looked through that place (RGB-D only; 0 disables). seen_empty_views: that
+            many older views compared a frame, the least recently compared first.
         still_after_s: object permanence (:mod:`dynrecon_ros.permanence`): a region seen moving
             stays dynamic while it stands still (followed by flow and depth) until it leaves, or
             until it has not moved for this many seconds: then it counts as scenery (a parked cart,
@@ -160,6 +167,9 @@ class SegmentationConfig:
     photometric_check: bool = True
     grow_static: float = 0.1
     seen_through_share: float = 0.5
+    seen_empty_share: float = 0.5
+    seen_empty_margin_m: float = 0.1
+    seen_empty_views: int = 1
     still_after_s: float = 5.0
     hold_grey_tol: float = 12.0
     match_grey_tol: float = 12.0
@@ -205,6 +215,11 @@ class SegmentationConfig:
         if not 0.0 <= self.seen_through_share <= 1.0:
             raise InputError('segmentation seen_through_share must be in [0, 1] (0 = off), '
                              f'got {self.seen_through_share}')
+        if not 0.0 <= self.seen_empty_share <= 1.0 or not self.seen_empty_margin_m >= 0:
+            raise InputError('segmentation seen_empty_share must be in [0, 1] (0 = off) and seen_empty_margin_m '
+                             f'>= 0, got {self.seen_empty_share}, {self.seen_empty_margin_m}')
+        if self.seen_empty_views < 1:
+            raise InputError(f'segmentation seen_empty_views must be >= 1, got {self.seen_empty_views}')
         if self.still_after_s < 0:
             raise InputError(f'segmentation still_after_s must be >= 0 (0 = off), got {self.still_after_s}')
         if not 0.0 <= self.grow_static < self.threshold:
