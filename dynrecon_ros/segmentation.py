@@ -253,6 +253,7 @@ class MotionSegmenter:
                 cues = [p]
             else:
                 pd, behind = pair_depth_probability(zj, eu, ev, near[j], self.cfg, hidden=True)
+                hidden = behind.copy() if self.cfg.seen_through_share > 0 and not skip[i] else None
                 if self.cfg.flow_occlusion_check:
                     # a point that frame j does not see (something nearer stands where the camera motion puts it):
                     # its optical flow matched something else (the background a passer-by uncovers): no evidence
@@ -264,7 +265,8 @@ class MotionSegmenter:
             out = [] if skip[i] else [(c, i, pc) for c, pc in enumerate(cues)]
             if near is not None and not skip[i] and self.cfg.seen_through_share > 0:
                 labels_i = self._per_frame('segments', keys[i], depths[i], self._segments)[1]
-                whole = seen_through_surfaces(pd, labels_i, self.cfg.threshold, self.cfg.seen_through_share)
+                whole = seen_through_surfaces(pd, labels_i, self.cfg.threshold, self.cfg.seen_through_share,
+                                              hidden=hidden)
                 if whole is not None:
                     out.append((_SEEN_THROUGH, i, whole))
             if carry:
