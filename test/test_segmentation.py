@@ -1156,33 +1156,3 @@ def test_people_who_stopped_out_of_view_are_masked_when_the_pan_finds_them():
         ious[share] = _iou(pred, np.stack(seq.masks) > 0)
     assert ious[0.5] >= 0.8 and ious[0.0] < 0.7, ious
 
-
-def test_seen_empty_surfaces_leaves_out_what_the_view_saw_there():
-    """depth_cue.seen_empty_surfaces: one depth surface joins a box (2 m, rows 40-89) and a ledge under it at the same
-    depth (rows 90-119) before a wall at 4 m. A view 0.3 m to the left saw the wall where the box stands but the ledge
-    where it is now: the box is dynamic whole, the ledge's pixels (the view saw them occupied) are left out."""
-    from dynrecon_ros.depth_cue import nearest_reading, seen_empty_surfaces
-    from dynrecon_ros.mask_cleanup import surface_segments
-
-    u, v = np.meshgrid(np.arange(W), np.arange(H))
-
-    def view(x_cam, box):
-        d = np.full((H, W), 4.0, np.float32)
-        x = (u - W / 2) / F * 2.0 + x_cam
-        cols = (x >= 0.1) & (x <= 0.5)
-        d[cols & (v >= 90)] = 2.0
-        if box:
-            d[cols & (v >= 40) & (v < 90)] = 2.0
-        return d
-
-    depth = view(0.0, True)
-    n_labels, labels = surface_segments(depth, 0.01)
-    box, ledge = (depth < 3) & (v < 90), (depth < 3) & (v >= 90)
-    assert len(np.unique(labels[box | ledge])) <= 2  # one surface (and its boundary band)
-    T = np.linalg.inv(_T(t=(-0.3, 0, 0)))  # X_view = T @ X_frame (the frame's camera at the origin)
-    out = seen_empty_surfaces(depth, K, labels, [(nearest_reading(view(-0.3, False)), K, T)], SegmentationConfig(),
-                              0.5, 0.1, n_labels=n_labels)
-    on = out == 1
-    assert on[box & (labels > 0)].mean() > 0.95, on[box & (labels > 0)].mean()
-    assert on[ledge & (v >= 94)].mean() < 0.05, on[ledge & (v >= 94)].mean()
-    assert not on[depth > 3].any()
