@@ -383,8 +383,10 @@ class MotionSegmenter:
             return
         for key, depth_v, _, _, _ in views:
             self._far_turn[key] = self._calls
-            if key not in self._far_near:
-                self._far_near[key] = nearest_reading(np.asarray(depth_v, np.float32))
+            if key not in self._far_near:  # (stage A's, while the frame is still in the per-frame cache)
+                depth_v = np.asarray(depth_v, np.float32)
+                near_v = self._per_frame('near', key, depth_v, nearest_reading, compute=False)
+                self._far_near[key] = nearest_reading(depth_v) if near_v is None else near_v
         n_labels, labels = self._per_frame('segments', keys[k], depths[k], self._segments)
         whole = seen_empty_surfaces(depths[k], Ks[k], labels,
                                     [(self._far_near[key], np.asarray(K_v, np.float64),

@@ -513,14 +513,15 @@ def test_a_person_whose_mask_stops_short_of_its_border_does_not_pull_the_poses(m
     long pair is dropped, RGBDStep._span_pair, also rescues the run without the band: 2.8 mm, and so does the second
     refinement with the trajectory's in-frame motions, backend.shutter_smoothing_frames: 2.5 mm; and the segmenter's
     verdict on a whole surface seen through, segmentation.seen_through_share, whose masks reach the silhouette: 3.8
-    mm; all are off for that run here, so that the band's own effect is what is tested.)"""
+    mm, and so does the far keyframes' verdict, segmentation.seen_empty_share: 3.0 mm; all are off for that run here,
+    so that the band's own effect is what is tested.)"""
     from dynrecon_ros import rgbd_step
     from dynrecon_ros.data.scenarios import scenario_config
     seq = render_sequence(scenario_config('every_effect', seed=1305))
     monkeypatch.setattr(rgbd_step, 'PRIOR_MARGIN', 0.0)
     monkeypatch.setattr(rgbd_step.RGBDStep, '_span_pair', lambda self, *a: None)
     _, _, without = _scenario_run('every_effect', 1305, len(seq.frames), seq, shutter_smoothing_frames=0,
-                                  segmentation={'seen_through_share': 0.0})
+                                  segmentation={'seen_through_share': 0.0, 'seen_empty_share': 0.0})
     monkeypatch.undo()
     _, ok, with_ = _scenario_run('every_effect', 1305, len(seq.frames), seq)
     assert len(ok) == len(seq.frames)
