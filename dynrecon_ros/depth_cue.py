@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 import cv2
 import numpy as np
 
-from dynrecon_ros.geometry import pixel_axes
+from dynrecon_ros.geometry import pixel_axes, project, transform_points, unproject_pixels
 from dynrecon_ros.photometric import fast_median
 
 
@@ -295,11 +295,8 @@ def seen_through_surfaces(prob: np.ndarray, labels: np.ndarray, threshold: float
     lab, p = labels[::step, ::step].ravel(), prob[::step, ::step].ravel()
     with np.errstate(invalid='ignore'):
         through = p > np.float32(threshold)
-    # (two bincounts of the sample grid: no boolean gathers; every label of the full grid gets a count)
-    n_cmp = np.bincount(lab, weights=~np.isnan(p), minlength=int(labels.max()) + 1)
-    n_through = np.bincount(lab, weights=through, minlength=len(n_cmp))
-    hit = (n_cmp >= SEEN_THROUGH_MIN_SAMPLES) & (n_through >= share * n_cmp)
-    hit[0] = False  # (boundaries)
+    # (on the sample grid: no boolean gathers; every label of the full grid gets a count)
+    hit = _mostly_seen_through(lab, ~np.isnan(p), through, int(labels.max()) + 1, share)
     if not hit.any():
         return None
     out = np.full(prob.shape, np.nan, np.float32)
@@ -308,6 +305,17 @@ def seen_through_surfaces(prob: np.ndarray, labels: np.ndarray, threshold: float
         on &= ~hidden
     out[on] = 1.0
     return out
+
+
+def _mostly_seen_through(lab: np.ndarray, compared: np.ndarray, through: np.ndarray, n: int,
+                         share: float) -> np.ndarray:
+    """(n,) bool: the surfaces whose samples (labels ``lab`` (N,) int, each < n) were compared (``compared`` (N,) bool)
+    at least :data:`SEEN_THROUGH_MIN_SAMPLES` times and seen through (``through`` (N,) bool) on at least ``share`` of
+    those; never label 0 (boundaries). The one rule of :func:`seen_through_surfaces` and :func:`seen_empty_surfaces`."""
+    n_cmp = np.bincount(lab, weights=compared, minlength=n)
+    hit = (n_cmp >= SEEN_THROUGH_MIN_SAMPLES) & (np.bincount(lab, weights=through, minlength=n) >= share * n_cmp)
+    hit[0] = False
+    return hit
 
 
 def seen_empty_surfaces(depth: np.ndarray, K: np.ndarray, labels: np.ndarray, views: list, cfg: 'SegmentationConfig',
@@ -348,22 +356,17 @@ def seen_empty_surfaces(depth: np.ndarray, K: np.ndarray, labels: np.ndarray, vi
     if not len(vs):
         return None
     lab, z = lab[ok], z[ok]
-    # the samples' points in the frame's camera, float32 (N, 3)
     f32 = np.float32
-    P = np.empty((len(z), 3), f32)
-    P[:, 0] = (us * step - f32(K[0, 2])) * (z / f32(K[0, 0]))
-    P[:, 1] = (vs * step - f32(K[1, 2])) * (z / f32(K[1, 1]))
-    P[:, 2] = z
+    P = unproject_pixels(us * step, vs * step, z, K).astype(f32)  # the samples' points in the frame's camera (N, 3)
     n_lab = int(lab.max()) + 1  # (the sampled surfaces' labels: the others cannot be hit)
     hit = np.zeros(n_lab, bool)
     for near, K_v, T in views:
         hv, wv = near.shape
-        Q = P @ np.asarray(T, f32)[:3, :3].T
-        Q += np.asarray(T, f32)[:3, 3]
+        Q = transform_points(np.asarray(T, f32), P)
         zq = Q[:, 2]
         with np.errstate(invalid='ignore', divide='ignore'):
-            u = np.rint(Q[:, 0] / zq * f32(K_v[0, 0]) + f32(K_v[0, 2]))
-            v = np.rint(Q[:, 1] / zq * f32(K_v[1, 1]) + f32(K_v[1, 2]))
+            u, v = project(Q, np.asarray(K_v, f32))
+            u, v = np.rint(u), np.rint(v)
             idx = np.flatnonzero((zq > f32(0.1)) & (u >= 0) & (u <= wv - 1) & (v >= 0) & (v <= hv - 1))
         zr = near.ravel()[(v[idx] * wv + u[idx]).astype(np.int64)]
         zp = zq[idx]
@@ -371,11 +374,7 @@ def seen_empty_surfaces(depth: np.ndarray, K: np.ndarray, labels: np.ndarray, vi
         with np.errstate(invalid='ignore'):
             through = zr - zp > depth_tolerance(zp, zr, cfg) + f32(margin_m)  # (inf - x > y: unseen is False below)
         through &= seen
-        li = lab[idx]
-        n_cmp = np.bincount(li, weights=seen, minlength=n_lab)
-        n_through = np.bincount(li, weights=through, minlength=n_lab)
-        hit |= (n_cmp >= SEEN_THROUGH_MIN_SAMPLES) & (n_through >= share * n_cmp)
-    hit[0] = False
+        hit |= _mostly_seen_through(lab[idx], seen, through, n_lab, share)
     if not hit.any():
         return None
     lut = np.full(int(labels.max()) + 1 if n_labels is None else n_labels, np.nan, np.float32)

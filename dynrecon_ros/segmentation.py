@@ -106,9 +106,8 @@ class MotionSegmenter:
         # shown elsewhere, :func:`matched_scenery_elsewhere`, or its point is hidden in the pair's other frame,
         # ``cfg.flow_occlusion_check``): no motion evidence, and no correspondence for a pose
         self.flow_mismatch: dict[str, np.ndarray] = {}
-        # far view key -> nearest_reading of its depth, and -> the call that last compared it (_seen_empty)
-        self._far_near: dict[str, np.ndarray] = {}
-        self._far_turn: dict[str, int] = {}
+        # far view key -> (nearest_reading of its depth, the call that last compared it) (_seen_empty)
+        self._far: dict[str, tuple[np.ndarray, int]] = {}
 
     def __len__(self) -> int:
         """Number of frame keys currently remembered."""
@@ -123,8 +122,7 @@ class MotionSegmenter:
         self._calls = 0
         self._epoch = None
         self.flow_mismatch = {}
-        self._far_near = {}
-        self._far_turn = {}
+        self._far = {}
 
     def segment(self, keys: list[str], depths: np.ndarray, K: np.ndarray, poses: np.ndarray,
                 flows: dict, flow_valid: dict | None = None,
@@ -371,25 +369,25 @@ class MotionSegmenter:
         cfg = self.cfg
         share, margin, n_views = cfg.seen_empty_share, cfg.seen_empty_margin_m, cfg.seen_empty_views
         if not far_views or near is None or stamps is None or skip[k] or share <= 0 or cfg.still_after_s <= 0:
-            self._far_near.clear()
-            self._far_turn.clear()
+            self._far.clear()
             return
         views = [v for v in far_views if 0 < float(stamps[k]) - float(v[4]) <= cfg.still_after_s]
         alive = {v[0] for v in views}
-        self._far_near = {key: v for key, v in self._far_near.items() if key in alive}
-        self._far_turn = {key: v for key, v in self._far_turn.items() if key in alive}
-        views = sorted(views, key=lambda v: (self._far_turn.get(v[0], -1), float(v[4])))[:n_views]
+        self._far = {key: v for key, v in self._far.items() if key in alive}
+        views = sorted(views, key=lambda v: (self._far[v[0]][1] if v[0] in self._far else -1, float(v[4])))[:n_views]
         if not views:
             return
         for key, depth_v, _, _, _ in views:
-            self._far_turn[key] = self._calls
-            if key not in self._far_near:  # (stage A's, while the frame is still in the per-frame cache)
+            if key in self._far:
+                near_v = self._far[key][0]
+            else:  # (stage A's, while the frame is still in the per-frame cache)
                 depth_v = np.asarray(depth_v, np.float32)
                 near_v = self._per_frame('near', key, depth_v, nearest_reading, compute=False)
-                self._far_near[key] = nearest_reading(depth_v) if near_v is None else near_v
+                near_v = nearest_reading(depth_v) if near_v is None else near_v
+            self._far[key] = (near_v, self._calls)
         n_labels, labels = self._per_frame('segments', keys[k], depths[k], self._segments)
         whole = seen_empty_surfaces(depths[k], Ks[k], labels,
-                                    [(self._far_near[key], np.asarray(K_v, np.float64),
+                                    [(self._far[key][0], np.asarray(K_v, np.float64),
                                       np.linalg.inv(np.asarray(pose_v, np.float64)) @ poses[k])
                                      for key, _, K_v, pose_v, _ in views],
                                     cfg, share, margin,
