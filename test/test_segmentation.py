@@ -1134,7 +1134,7 @@ def test_a_person_found_standing_where_an_older_view_saw_through_is_masked(case)
 
 @pytest.mark.slow  # 320x240, 120 frames, twice: ~25 s of CPU
 def test_people_who_stopped_out_of_view_are_masked_when_the_pan_finds_them():
-    """The stop_and_go preset, seed 1816 (never tuned on): two walkers leave the view walking, stop out of it and are
+    """The stop_and_go preset, seed 1816 (where session 34 found the failure): two walkers leave the view walking, stop out of it and are
     found standing by the pan from frame ~55 until they walk on ~30 frames later; no motion cue sees them then. The
     far keyframes, older views from before they stopped there, saw through those places
     (segmentation.seen_empty_share): IoU over the sequence 0.59 without, 0.88 with (docs/MEASUREMENTS.md)."""
