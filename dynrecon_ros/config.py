@@ -111,7 +111,10 @@ class BackendConfig:
     when its direct refinement moves its translation more than this many metres from the pose the tracked
     trajectory predicts for it (the same thin-band pairs that pass that test; inf = never), unless another long
     pair of the frame moved it to within half this of the same place (then the adjacent pair is the one off).
-    (RGBDPredictorConfig.from_backend.)
+    (RGBDPredictorConfig.from_backend.) startup_long_pairs: a lone long pair kept all the same where it spans
+    a frame whose adjacent pair had no mask prior (a stream's first pair: slow movers near the camera pass for
+    its motion there), and those pairs verified again where the alignment then puts them
+    (dynrecon_ros.rgbd_step.RGBDStep._skips_unmasked).
     The dust3r backend's network (Dust3rConfig.from_backend): image_size: network input size (0 =
     the model's, 512 or 224; else >= 16); pair_cache: ordered pairs whose outputs are kept at least
     (0 = the last window step's, all the next step can reuse; 7.9 MB per pair at 512x384).
@@ -150,6 +153,7 @@ class BackendConfig:
     ransac_depth_sigmas: float = 1.0
     long_pair_max_sigma_m: float = 0.006
     long_pair_max_move_m: float = 0.015
+    startup_long_pairs: bool = True
     image_size: int = 0
     pair_cache: int = 0
     shared_focal: bool = True
