@@ -199,7 +199,8 @@ class RGBDStep:
         self._rng = np.random.default_rng(0)
         self._next_far = 0  # push index from which the next far anchor pair is due (_far_pair)
         self._far_failed: set[int] = set()  # far anchors whose pair failed since the last one that held
-        self._unmasked: set[int] = set()  # unpublished frames whose adjacent pair had no mask prior (_skips_unmasked)
+        # unpublished frames whose adjacent pair had no mask prior -> that pair's older frame (_skips_unmasked)
+        self._unmasked: dict[int, int] = {}
 
     def work_frame(self, frame):
         """The frame at the processing size (see ReconConfig.max_work_width); its depth readings that
@@ -261,7 +262,7 @@ class RGBDStep:
             if k == 0 and T is not None and self.pred.shutter.active:
                 self._newest_velocity(old, entry, T)
         if statics[0] is None and self.cfg.segmentation.enabled:
-            self._unmasked.add(entry.index)
+            self._unmasked[entry.index] = pairs[0][0].index
         overruled = False
         if rel[0][0] is not None and len(rel) > 1:
             rel, agreed = self._long_pair_moves(pairs, rel, entry)
@@ -305,7 +306,7 @@ class RGBDStep:
         keep = {e.index for e in window.all_entries()}
         self._constraints = {k: v for k, v in self._constraints.items() if k[0] in keep and k[1] in keep}
         self._fits = {k: v for k, v in self._fits.items() if k[0] in keep and k[1] in keep}
-        self._unmasked = {u for u in self._unmasked if u in keep and u not in published}
+        self._unmasked = {u: a for u, a in self._unmasked.items() if u in keep and a in keep and u not in published}
         return ''
 
     def _lost(self, prev: WindowEntry, frame, T, inl, n: int) -> str:
@@ -471,8 +472,8 @@ class RGBDStep:
         Returns whether one was."""
         by_index = {e.index: e for e in window.all_entries()}
         changed = False
-        for u in sorted(self._unmasked):
-            a, b = by_index.get(u - 1), by_index.get(u)
+        for u, older in sorted(self._unmasked.items()):
+            a, b = by_index.get(older), by_index.get(u)
             if a is None or b is None or (a.index, b.index) not in self._constraints or b.index in published:
                 continue
             flow = self.flows.get(a.key, a.frame.rgb, b.key, b.frame.rgb)

@@ -358,7 +358,7 @@ def test_long_pairs_that_agree_against_the_adjacent_pair_are_kept():
     def pair_to(old, x_new):  # the pair's T_old_new that puts the newest frame at x_new
         return np.linalg.inv(old.pose) @ entry(x_new).pose
 
-    step = SimpleNamespace(cfg=ReconConfig(), _unmasked=set())
+    step = SimpleNamespace(cfg=ReconConfig(), _unmasked={})
     step._skips_unmasked = lambda old, new: RGBDStep._skips_unmasked(step, old, new)
     assert step.cfg.backend.long_pair_max_move_m == 0.015
     prev, old1, old2 = entry(0.0, 2), entry(-0.05, 1), entry(-0.10, 0)
@@ -374,9 +374,9 @@ def test_long_pairs_that_agree_against_the_adjacent_pair_are_kept():
     assert run(0.030, 0.010, -0.020) == [True, False, False]  # each far and alone: dropped
     assert run(0.030, 0.025, -0.020) == [True, True, False]  # 5 mm off the adjacent pair: kept; the other dropped
     assert run(0.030, 0.010, 0.000) == [True, False, False]  # both far, 10 mm apart (over half the limit): dropped
-    step._unmasked = {2}  # the previous frame's adjacent pair had no mask prior: both long pairs span it
+    step._unmasked = {2: 1}  # the previous frame's adjacent pair had no mask prior: both long pairs span it
     assert run(0.030, 0.010, -0.020) == [True, True, True]
-    step._unmasked = {1}  # old1's own pose rests on such a pair: only old2's pair spans one
+    step._unmasked = {1: 0}  # old1's own pose rests on such a pair: only old2's pair spans one
     assert run(0.030, 0.010, -0.020) == [True, False, True]
     step.cfg.backend.startup_long_pairs = False
     assert run(0.030, 0.010, -0.020) == [True, False, False]
