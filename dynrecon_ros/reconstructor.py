@@ -51,6 +51,7 @@ from dynrecon_ros.mask_cleanup import snap_to_depth_edges
 from dynrecon_ros.segmentation import MotionSegmenter, clean_mask, refine_upsampled_mask, snap_holes_to_colour_edges
 from dynrecon_ros.static_map import VoxelMap
 from dynrecon_ros.window import SlidingWindow, WindowEntry, WindowStep
+from dynrecon_ros.work_size import upsample
 
 
 @dataclass
@@ -106,17 +107,6 @@ class Tracked:
     bwd: np.ndarray
     conf: np.ndarray
     links: list
-
-
-def upsample(img: np.ndarray, s: int, size: tuple[int, int], interpolation: int) -> np.ndarray:
-    """(h, w) work-size map -> (H, W) = ``size`` input-size map (inverse of :func:`downscale_frame`'s
-    block layout; the input's pixels beyond the last whole block repeat the border)."""
-    h, w = img.shape[:2]
-    up = cv2.resize(img, (w * s, h * s), interpolation=interpolation)
-    H, W = size
-    if up.shape[:2] != (H, W):
-        up = cv2.copyMakeBorder(up, 0, H - h * s, 0, W - w * s, cv2.BORDER_REPLICATE)
-    return up
 
 
 class StageTimes:

@@ -4,7 +4,7 @@ network's step is :mod:`dynrecon_ros.monocular`).
 
 The frame first goes to the processing size (:meth:`RGBDStep.work_frame`): depth readings that are
 not finite and positive become 0; frames wider than ``max_work_width`` are downscaled by an integer
-s (:func:`downscale_frame`; 640x480 -> 320x240), the Reconstructor brings the outputs back.
+s (:func:`~dynrecon_ros.work_size.downscale_frame`; 640x480 -> 320x240), the Reconstructor brings the outputs back.
 Per accepted frame t (:meth:`RGBDStep.step`):
   1. the first frame defines the world (pose ``world_pose``, confidence where depth is valid);
   2. flow for each pair (older, t) of the pair graph (neighbours + keyframe anchors, nearest first),
@@ -44,61 +44,11 @@ import numpy as np
 from dynrecon_ros.alignment import PairConstraint, WindowAligner
 from dynrecon_ros.errors import InputError
 from dynrecon_ros.far_anchors import FAR_MAX_MOVE_M, FAR_OVERLAP, camera_flow, overlap
-from dynrecon_ros.frames import Frame
 from dynrecon_ros.geometry import project, transform_points, unproject_pixels
 from dynrecon_ros.rolling_shutter import band_derivatives, trajectory_velocity
 from dynrecon_ros.segmentation import frame_grey
 from dynrecon_ros.window import SlidingWindow, WindowEntry
-
-
-def downscale_frame(frame, s: int):
-    """``frame`` at 1/s of its size (integer s > 1) for processing; the same stamp and key.
-
-    Work pixel (u, v) is the s x s block of input pixels from (s u, s v): colour is the block mean
-    (area resampling), depth the mean of the block's readings when they lie on one surface (spread
-    <= 2 % + 1 cm) and else the nearest one (no flying points between a mover and the background),
-    K is moved to the blocks' centres. Input pixels beyond the last whole block are left out.
-    """
-    H, W = frame.rgb.shape[:2]
-    h, w = H // s, W // s
-    rgb = cv2.resize(frame.rgb[:h * s, :w * s], (w, h), interpolation=cv2.INTER_AREA)
-    depth = None
-    if frame.depth is not None:
-        depth = _downscale_depth(frame.depth, s)
-    K = None
-    if frame.K is not None:
-        K = frame.K.copy()
-        K[0, 0] /= s
-        K[1, 1] /= s
-        K[0, 2] = (K[0, 2] - (s - 1) / 2) / s
-        K[1, 2] = (K[1, 2] - (s - 1) / 2) / s
-    return Frame(frame.stamp, rgb, depth, K, key=frame.key, meta=frame.meta)
-
-
-def _downscale_depth(depth: np.ndarray, s: int) -> np.ndarray:
-    """(H // s, W // s) float32 work depth of a cleaned (H, W) float32 depth (readings > 0, else 0): per s x s
-    block the mean of its readings when they lie on one surface (spread <= 2 % + 1 cm), else the nearest one,
-    0 without any. The block statistics run over the s * s positions of a block, each a contiguous copy (numpy
-    is ~2x faster on them than on strided views); the mean sums them in block order (the float32 sums of
-    ``sum(views)``)."""
-    H, W = depth.shape
-    h, w = H // s, W // s
-    views = [np.ascontiguousarray(depth[dy:h * s:s, dx:w * s:s]) for dy in range(s) for dx in range(s)]
-    valid = [v > 0 for v in views]
-    cnt = valid[0].astype(np.float32)
-    inf = np.float32(np.inf)
-    near = np.where(valid[0], views[0], inf)
-    far = views[0]
-    tot = views[0].copy()
-    for v, m in zip(views[1:], valid[1:]):
-        cnt += m
-        tot += v
-        np.minimum(near, np.where(m, v, inf), out=near)
-        far = np.maximum(far, v, out=None if far is views[0] else far)
-    mean = np.divide(tot, np.maximum(cnt, np.float32(1)), out=tot)
-    out = np.where(far - near <= np.float32(0.02) * near + np.float32(0.01), mean, near)
-    out[cnt == 0] = 0
-    return out
+from dynrecon_ros.work_size import downscale_frame
 
 
 # Under a rolling shutter or a depth delay each frame's in-frame velocity is taken from the aligned trajectory for

@@ -179,8 +179,8 @@ def test_full_default_sequence_targets():
 
 
 def test_downscale_frame_keeps_geometry_and_foreground_edges():
-    from dynrecon_ros.reconstructor import upsample
-    from dynrecon_ros.rgbd_step import downscale_frame
+    from dynrecon_ros.work_size import upsample
+    from dynrecon_ros.work_size import downscale_frame
     K = np.array([[500.0, 0, 319.5], [0, 500.0, 239.5], [0, 0, 1]])
     depth = np.full((480, 640), 3.0, np.float32)
     depth[100:301, 201:400] = 1.5  # a box whose left and bottom edges cut through 2x2 blocks
@@ -203,7 +203,7 @@ def test_downscale_frame_keeps_geometry_and_foreground_edges():
 def test_downscaled_depth_equals_the_block_statistics_bit_for_bit(s):
     """The work depth (contiguous block positions, in-place sums) is bit-identical to the plain formula over
     strided views: mean of a block's readings on one surface, else the nearest, 0 without any."""
-    from dynrecon_ros.rgbd_step import _downscale_depth
+    from dynrecon_ros.work_size import downscale_depth
     rng = np.random.default_rng(s)
     d = rng.uniform(1.995, 2.005, (97, 131)).astype(np.float32)  # one surface per block ...
     d[:, 61:] += np.float32(1.0)  # ... but for a depth step through blocks
@@ -217,7 +217,7 @@ def test_downscaled_depth_equals_the_block_statistics_bit_for_bit(s):
     near = np.minimum.reduce([np.where(v > 0, v, np.float32(np.inf)) for v in views])
     far = np.maximum.reduce(views)
     ref = np.where(cnt == 0, 0, np.where(far - near <= 0.02 * near + 0.01, mean, near)).astype(np.float32)
-    out = _downscale_depth(d, s)
+    out = downscale_depth(d, s)
     assert out.dtype == np.float32 and out.shape == (h, w)
     np.testing.assert_array_equal(out.view(np.uint32), ref.view(np.uint32))
     assert (out == 0).sum() >= 9 and ((out > 0) & (out != near)).any()  # both kinds of blocks occur
