@@ -469,7 +469,8 @@ def test_a_frame_whose_long_pairs_all_fail_gets_a_pair_two_frames_back(seq):
     def run_with(drop: bool):
         rec = Reconstructor()
         if drop:  # stand-in for the gates: every long pair dropped
-            rec.step._long_pair_moves = lambda pairs, rel, entry: ([rel[0]] + [(None, i, n) for _, i, n in rel[1:]], set())
+            rec.step._long_pair_moves = lambda pairs, rel, entry: ([rel[0]] + [(None, i, n) for _, i, n in rel[1:]],
+                                                                   set())
         added = []
         span = rec.step._span_pair
 
