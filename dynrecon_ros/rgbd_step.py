@@ -215,8 +215,8 @@ class RGBDStep:
             self._unmasked[entry.index] = pairs[0][0].index
         overruled = False
         if rel[0][0] is not None and len(rel) > 1:
-            rel, agreed = self._long_pair_moves(pairs, rel, entry)
-            overruled = any(self._skips_unmasked(pairs[k][0], entry) for k in agreed)
+            rel, agreed = self._long_pair_moves(pairs, rel)
+            overruled = any(self._skips_unmasked(pairs[k][0]) for k in agreed)
             if agreed:
                 self._refit_adjacent(pairs, pflows[0], statics[0], rel, agreed, entry)
         t = self.times.lap('pose', t)
@@ -362,7 +362,7 @@ class RGBDStep:
             self._next_far = entry.index + window.kf_max_gap
             return
 
-    def _long_pair_moves(self, pairs, rel, entry: WindowEntry):
+    def _long_pair_moves(self, pairs, rel):
         """The long pairs' move test (``backend.long_pair_max_move_m``): a long pair whose refinement moved the
         newest frame farther than that from where the adjacent pair put it is dropped, unless another long pair
         moved it to the same place (within half that distance): then the adjacent pair is the one that is off
@@ -375,7 +375,7 @@ class RGBDStep:
         pos = {k: (pairs[k][0].pose @ T)[:3, 3] for k, (T, _, _) in enumerate(rel) if k > 0 and T is not None}
         far = {k for k, p in pos.items() if np.linalg.norm(p - w0[:3, 3]) > max_move}
         keep = {k for k in far if any(np.linalg.norm(pos[k] - pos[m]) < 0.5 * max_move for m in pos if m != k)}
-        keep |= {k for k in far if self._skips_unmasked(pairs[k][0], entry)}
+        keep |= {k for k in far if self._skips_unmasked(pairs[k][0])}
         return [(None, r[1], r[2]) if k in far - keep else r for k, r in enumerate(rel)], keep
 
     def _refit_adjacent(self, pairs, flow, static, rel, agreed: set[int], entry: WindowEntry) -> None:
@@ -400,8 +400,8 @@ class RGBDStep:
         if self.pred.shutter.active:
             self._newest_velocity(prev, entry, T)
 
-    def _skips_unmasked(self, old: WindowEntry, entry: WindowEntry) -> bool:
-        """Whether a long pair old -> entry spans a frame, not published yet, whose adjacent pair had no mask prior
+    def _skips_unmasked(self, old: WindowEntry) -> bool:
+        """Whether a long pair from ``old`` to the newest frame spans a frame, not published yet, whose adjacent pair had no mask prior
         (a stream's first pair), while ``old``'s own pose does not rest on one (``backend.startup_long_pairs``):
         then :meth:`_long_pair_moves` keeps it alone, and :meth:`_reverify_unmasked` follows.
 
@@ -413,7 +413,7 @@ class RGBDStep:
         is dropped, so the trajectory stayed 25 mm off the first frame: ATE 3.23 -> 0.79 mm, IoU 0.907 -> 0.914
         (docs/MEASUREMENTS.md)."""
         return (self.cfg.backend.startup_long_pairs and old.index not in self._unmasked
-                and any(old.index < u <= entry.index for u in self._unmasked))
+                and any(u > old.index for u in self._unmasked))
 
     def _reverify_unmasked(self, window: SlidingWindow, published: set[int]) -> bool:
         """The adjacent pairs fitted without a mask prior (``self._unmasked``) verified and refined again at the

@@ -359,7 +359,7 @@ def test_long_pairs_that_agree_against_the_adjacent_pair_are_kept():
         return np.linalg.inv(old.pose) @ entry(x_new).pose
 
     step = SimpleNamespace(cfg=ReconConfig(), _unmasked={})
-    step._skips_unmasked = lambda old, new: RGBDStep._skips_unmasked(step, old, new)
+    step._skips_unmasked = lambda old: RGBDStep._skips_unmasked(step, old)
     assert step.cfg.backend.long_pair_max_move_m == 0.015
     prev, old1, old2 = entry(0.0, 2), entry(-0.05, 1), entry(-0.10, 0)
     new = entry(0.0, 3)
@@ -368,7 +368,7 @@ def test_long_pairs_that_agree_against_the_adjacent_pair_are_kept():
 
     def run(x_adjacent, x1, x2):
         rel = [(pair_to(prev, x_adjacent), inl, 4), (pair_to(old1, x1), inl, 4), (pair_to(old2, x2), inl, 4)]
-        return [r[0] is not None for r in RGBDStep._long_pair_moves(step, pairs, rel, new)[0]]
+        return [r[0] is not None for r in RGBDStep._long_pair_moves(step, pairs, rel)[0]]
 
     assert run(0.030, 0.010, 0.012) == [True, True, True]  # 20 / 18 mm off the adjacent pair, 2 mm apart: kept
     assert run(0.030, 0.010, -0.020) == [True, False, False]  # each far and alone: dropped

@@ -179,8 +179,7 @@ def test_full_default_sequence_targets():
 
 
 def test_downscale_frame_keeps_geometry_and_foreground_edges():
-    from dynrecon_ros.work_size import upsample
-    from dynrecon_ros.work_size import downscale_frame
+    from dynrecon_ros.work_size import downscale_frame, upsample
     K = np.array([[500.0, 0, 319.5], [0, 500.0, 239.5], [0, 0, 1]])
     depth = np.full((480, 640), 3.0, np.float32)
     depth[100:301, 201:400] = 1.5  # a box whose left and bottom edges cut through 2x2 blocks
@@ -469,8 +468,7 @@ def test_a_frame_whose_long_pairs_all_fail_gets_a_pair_two_frames_back(seq):
     def run_with(drop: bool):
         rec = Reconstructor()
         if drop:  # stand-in for the gates: every long pair dropped
-            rec.step._long_pair_moves = lambda pairs, rel, entry: ([rel[0]] + [(None, i, n) for _, i, n in rel[1:]],
-                                                                   set())
+            rec.step._long_pair_moves = lambda pairs, rel: ([rel[0]] + [(None, i, n) for _, i, n in rel[1:]], set())
         added = []
         span = rec.step._span_pair
 
