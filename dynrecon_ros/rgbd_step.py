@@ -231,11 +231,8 @@ class RGBDStep:
                 e.data['twist'] = self.pred.frame_twist(e.frame)
         # store static correspondences of every pair that produced a pose
         for (old, _), (T, inl, n) in zip(pairs, rel):
-            if T is None:
-                continue
-            self._constraints[(old.index, entry.index)] = self._make_constraint(old, entry, T, inl)
-            if self._smooth_k:
-                self._fits[(old.index, entry.index)] = (old, entry, T, inl)
+            if T is not None:
+                self._store_pair(old, entry, T, inl)
         if len(rel) > 1 and all(r[0] is None for r in rel[1:]):  # every long pair dropped: see _span_pair
             self._span_pair(window, entry, pairs, rel)
         if window.far and entry.index >= self._next_far:
@@ -430,13 +427,17 @@ class RGBDStep:
             init = np.linalg.inv(a.pose) @ b.pose
             T, inl, _ = self.pred.relative_pose(a.frame, b.frame, flow, static_prior(a.mask), init=init,
                                                 move_gate=False)
-            if T is None:
-                continue
-            self._constraints[(a.index, b.index)] = self._make_constraint(a, b, T, inl)
-            if self._smooth_k:
-                self._fits[(a.index, b.index)] = (a, b, T, inl)
-            changed = True
+            if T is not None:
+                self._store_pair(a, b, T, inl)
+                changed = True
         return changed
+
+    def _store_pair(self, a: WindowEntry, b: WindowEntry, T_a_b: np.ndarray, inliers: np.ndarray) -> None:
+        """A pair's pose stored: its static correspondences for the alignment (:meth:`_make_constraint`) and, under
+        a rolling shutter, its fit for the refinement again (:meth:`_smooth_motions`)."""
+        self._constraints[(a.index, b.index)] = self._make_constraint(a, b, T_a_b, inliers)
+        if self._smooth_k:
+            self._fits[(a.index, b.index)] = (a, b, T_a_b, inliers)
 
     def _newest_velocity(self, prev: WindowEntry, entry: WindowEntry, T_prev_new: np.ndarray) -> None:
         """The newest frame's velocity for its long pairs (rolling shutter or depth delay): the backward difference
