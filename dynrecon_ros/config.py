@@ -111,7 +111,13 @@ class BackendConfig:
     when its direct refinement moves its translation more than this many metres from the pose the tracked
     trajectory predicts for it (the same thin-band pairs that pass that test; inf = never), unless another long
     pair of the frame moved it to within half this of the same place (then the adjacent pair is the one off).
-    (RGBDPredictorConfig.from_backend.) startup_long_pairs: a lone long pair kept all the same where it spans
+    (RGBDPredictorConfig.from_backend.) refine_slope_sigmas: under a rolling shutter (rolling_shutter_s > 0)
+    the direct refinement's depth rows take the surface's slopes from the readings smoothed in inverse depth
+    (an edge-preserving bilateral filter whose range sigma is this many segmentation.depth_sigma_b, the noise
+    model's z^2 term: a structured-light sensor's inverse-depth noise and disparity steps), not from the raw
+    readings' terraces, which bias the split between the pose and the frames' in-frame motions (0, a global
+    shutter or a model without a z^2 term: the raw slopes; dynrecon_ros.predictors.direct_refinement.slope_depth).
+    startup_long_pairs: a lone long pair kept all the same where it spans
     a frame whose adjacent pair had no mask prior (a stream's first pair: slow movers near the camera pass for
     its motion there), and those pairs verified again where the alignment then puts them
     (dynrecon_ros.rgbd_step.RGBDStep._skips_unmasked).
@@ -145,6 +151,7 @@ class BackendConfig:
     photometric_iterations: int = 3
     photometric_samples: int = 2000
     min_gradient: float = 4.0
+    refine_slope_sigmas: float = 3.0
     ransac_refits: int = 4
     ransac_seed: int = 0
     rolling_shutter_s: float = 0.0
@@ -189,6 +196,9 @@ class BackendConfig:
                              f'got {self.long_pair_max_move_m}')
         if self.pair_cache < 0:
             raise InputError(f'backend.pair_cache must be >= 0, got {self.pair_cache}')
+        if not self.refine_slope_sigmas >= 0:
+            raise InputError('backend.refine_slope_sigmas must be >= 0 (sigmas of the depth noise; 0: the raw '
+                             f'slopes), got {self.refine_slope_sigmas}')
 
 
 @dataclass

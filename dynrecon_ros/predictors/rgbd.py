@@ -60,6 +60,7 @@ class RGBDPredictorConfig:
     photometric_iterations: int
     photometric_samples: int
     min_gradient: float
+    refine_slope_sigmas: float  # rolling shutter: the refinement's depth slopes smoothed, in depth_sigma_b (0 = raw)
     rolling_shutter_s: float  # row readout time (0 = global shutter); see rolling_shutter.py
     depth_delay_s: float  # depth image taken this long after the colour one
     shutter_smoothing_frames: int  # see BackendConfig
@@ -302,6 +303,9 @@ class RGBDPredictor(PairPredictor):
         k = self.cfg.shutter_smoothing_frames
         self.smoothing_frames = k if self.shutter.readout > 0 else 0
         self._cache = _FrameCache(8 + self.smoothing_frames)
+        # the refinement's depth slopes under a rolling shutter: the readings smoothed within this inverse depth
+        # (1/m; 0 = raw slopes, as with a global shutter, where they gained nothing: docs/MEASUREMENTS.md session 37)
+        self._slope_sigma = self.cfg.refine_slope_sigmas * self.cfg.depth_sigma_b if self.shutter.readout > 0 else 0.0
 
     def window_step(self, cfg, flows, segmenter, times, device: str):
         """:class:`dynrecon_ros.rgbd_step.RGBDStep` over this predictor."""
@@ -332,7 +336,7 @@ class RGBDPredictor(PairPredictor):
         if frame.depth is None or frame.K is None or _PREPARED in frame.__dict__:
             return
         d = self._derive({}, frame)
-        d['stack'] = _sampling_stack(d['gray'], *d['grad'], frame.depth)
+        d['stack'] = _sampling_stack(d['gray'], *d['grad'], frame.depth, self._slope_sigma)
         d['valid_depth'] = self._valid_depth_of(frame.depth)
         st = max(1, self.cfg.stride)
         d[('pts', st)] = _grid_points(self._point_depth(frame.depth), frame.K, st, self.cfg.min_depth_m,
@@ -353,8 +357,7 @@ class RGBDPredictor(PairPredictor):
         sampled in one remap per iteration by :func:`photometric_refine` (cached per frame)."""
         d = self._frame_data(frame)
         if 'stack' not in d:
-            gx, gy = d['grad']
-            d['stack'] = _sampling_stack(d['gray'], gx, gy, frame.depth)
+            d['stack'] = _sampling_stack(d['gray'], *d['grad'], frame.depth, self._slope_sigma)
         return d['stack']
 
     def _valid_depth(self, frame) -> np.ndarray:
