@@ -22,7 +22,7 @@ def slope_depth(depth: np.ndarray, inverse_sigma: float) -> np.ndarray:
     slopes are 0 on a terrace and a spike at each step. Those slopes are the depth rows' Jacobian, also in
     the columns of the frames' in-frame motions under a rolling shutter, where they bias the split between
     the pose and those motions: the smoothed slopes bring the adjacent pairs of a static room with every
-    sensor effect ~10 % closer and every_effect's trajectories ~11 % (docs/MEASUREMENTS.md, session 37).
+    sensor effect ~10 % closer and every_effect's trajectories ~7 % (docs/MEASUREMENTS.md, session 37).
     Steps and noise smooth out; a real depth edge (2 m before 5 m: 0.3 1/m) is kept. OpenCV's bilateral
     filter; no library smooths depth in inverse depth, hence the two lines around it."""
     z = np.asarray(depth, dtype=np.float32)
