@@ -305,7 +305,8 @@ class RGBDPredictor(PairPredictor):
         self._cache = _FrameCache(8 + self.smoothing_frames)
         # the refinement's depth slopes under a rolling shutter: the readings smoothed within this inverse depth
         # (1/m; 0 = raw slopes, as with a global shutter, where they gained nothing: docs/MEASUREMENTS.md session 37)
-        self._slope_sigma = self.cfg.refine_slope_sigmas * self.cfg.depth_sigma_b if self.shutter.readout > 0 else 0.0
+        slope_sigma = self.cfg.refine_slope_sigmas * self.cfg.depth_sigma_b
+        self._slope_sigma = slope_sigma if self.shutter.readout > 0 else 0.0
 
     def window_step(self, cfg, flows, segmenter, times, device: str):
         """:class:`dynrecon_ros.rgbd_step.RGBDStep` over this predictor."""
