@@ -112,11 +112,12 @@ class BackendConfig:
     trajectory predicts for it (the same thin-band pairs that pass that test; inf = never), unless another long
     pair of the frame moved it to within half this of the same place (then the adjacent pair is the one off).
     (RGBDPredictorConfig.from_backend.) refine_slope_sigmas: under a rolling shutter (rolling_shutter_s > 0)
-    the direct refinement's depth rows take the surface's slopes from the readings smoothed in inverse depth
-    (an edge-preserving bilateral filter whose range sigma is this many segmentation.depth_sigma_b, the noise
-    model's z^2 term: a structured-light sensor's inverse-depth noise and disparity steps), not from the raw
-    readings' terraces, which bias the split between the pose and the frames' in-frame motions (0, a global
-    shutter or a model without a z^2 term: the raw slopes; dynrecon_ros.predictors.direct_refinement.slope_depth).
+    the pose step takes the older frame's points and the direct refinement's depth slopes from the readings
+    smoothed in inverse depth (an edge-preserving bilateral filter whose range sigma is this many
+    segmentation.depth_sigma_b, the noise model's z^2 term: a structured-light sensor's inverse-depth noise and
+    disparity steps), not from the raw readings' terraces, which bias the split between the pose and the frames'
+    in-frame motions (0, or a model without a z^2 term: the points' 5 x 5 median and the raw slopes; a global
+    shutter: the readings; dynrecon_ros.predictors.depth_smoothing).
     startup_long_pairs: a lone long pair kept all the same where it spans
     a frame whose adjacent pair had no mask prior (a stream's first pair: slow movers near the camera pass for
     its motion there), and those pairs verified again where the alignment then puts them
@@ -197,8 +198,8 @@ class BackendConfig:
         if self.pair_cache < 0:
             raise InputError(f'backend.pair_cache must be >= 0, got {self.pair_cache}')
         if not self.refine_slope_sigmas >= 0:
-            raise InputError('backend.refine_slope_sigmas must be >= 0 (sigmas of the depth noise; 0: the raw '
-                             f'slopes), got {self.refine_slope_sigmas}')
+            raise InputError('backend.refine_slope_sigmas must be >= 0 (sigmas of the depth noise; 0: off), '
+                             f'got {self.refine_slope_sigmas}')
 
 
 @dataclass

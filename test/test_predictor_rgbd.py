@@ -241,10 +241,12 @@ def test_stream_that_starts_with_a_close_mover_over_half_the_view():
 
 
 def test_point_depth_cuts_the_depth_noise_and_keeps_edges_and_holes():
-    """point_depth (the older frame's 3D points under a rolling shutter): on a wall 3 m away with Kinect-like noise
-    (sigma(z) ~ 13 mm) the readings' noise is cut ~3x without a bias; a depth edge (a person 1.5 m in front) and
-    the holes stay as read; a global-shutter predictor uses the readings as they are."""
-    from dynrecon_ros.predictors.rgbd import point_depth
+    """The older frame's 3D points under a rolling shutter: the readings smoothed in inverse depth (slope_depth,
+    the default) or their 5 x 5 median (point_depth, with backend.refine_slope_sigmas 0): on a wall 3 m away with
+    Kinect-like noise (sigma(z) ~ 13 mm) the readings' noise is cut ~3x without a bias; a depth edge (a person
+    1.5 m in front) and the holes stay as read; a global-shutter predictor uses the readings as they are."""
+    from dynrecon_ros.predictors.depth_smoothing import slope_depth
+    from dynrecon_ros.predictors.depth_smoothing import point_depth
     from dynrecon_ros.segmentation import SegmentationConfig
     c = SegmentationConfig()
     rng = np.random.default_rng(0)
@@ -253,21 +255,23 @@ def test_point_depth_cuts_the_depth_noise_and_keeps_edges_and_holes():
     sigma = np.float32(c.depth_sigma_a + c.depth_sigma_b * (true - 0.4) ** 2)
     depth = true + rng.normal(0, 1, true.shape).astype(np.float32) * sigma
     depth[40:44, 20:24] = 0
-    out = point_depth(depth, c.depth_sigma_a, c.depth_sigma_b)
+    median = point_depth(depth, c.depth_sigma_a, c.depth_sigma_b)
+    smoothed = slope_depth(depth, 3 * c.depth_sigma_b)
     inner = np.zeros(true.shape, bool)
     inner[5:115, 5:70] = True
     inner[36:48, 16:28] = False  # away from the hole
-    assert np.std(out[inner] - true[inner]) < 0.45 * np.std(depth[inner] - true[inner])
-    assert abs(np.mean(out[inner] - true[inner])) < 0.001
-    assert (out[40:44, 20:24] == 0).all()
-    assert (np.abs(out[:, 76:84] - true[:, 76:84]) < 0.5).all()  # no pixel took the other side's depth (1.5 m off)
-    K = np.array([[100.0, 0, 80], [0, 100.0, 60], [0, 0, 1]])
-    from types import SimpleNamespace
-    frame = SimpleNamespace(depth=depth, K=K, rgb=np.zeros((120, 160, 3), np.uint8))
+    for out in (median, smoothed):
+        assert np.std(out[inner] - true[inner]) < 0.45 * np.std(depth[inner] - true[inner])
+        assert abs(np.mean(out[inner] - true[inner])) < 0.001
+        assert (out[40:44, 20:24] == 0).all()
+        assert (np.abs(out[:, 76:84] - true[:, 76:84]) < 0.5).all()  # no pixel took the other side's depth (1.5 m off)
     gs = RGBDPredictor(RGBDPredictorConfig.from_backend(BackendConfig()))
     rs = RGBDPredictor(RGBDPredictorConfig.from_backend(BackendConfig(rolling_shutter_s=0.025)))
+    rs_median = RGBDPredictor(RGBDPredictorConfig.from_backend(BackendConfig(rolling_shutter_s=0.025,
+                                                                            refine_slope_sigmas=0.0)))
     assert np.array_equal(gs._point_depth(depth), depth)
-    assert np.array_equal(rs._point_depth(depth), out)
+    assert np.array_equal(rs._point_depth(depth), smoothed)
+    assert np.array_equal(rs_median._point_depth(depth), median)
 
 
 class _FlowOnRows:
@@ -547,15 +551,16 @@ def test_a_person_whose_mask_stops_short_of_its_border_does_not_pull_the_poses(m
     long pair is dropped, RGBDStep._span_pair, also rescues the run without the band: 2.8 mm, and so does the second
     refinement with the trajectory's in-frame motions, backend.shutter_smoothing_frames: 2.5 mm; and the segmenter's
     verdict on a whole surface seen through, segmentation.seen_through_share, whose masks reach the silhouette: 3.8
-    mm, and so does the far keyframes' verdict, segmentation.seen_empty_share: 3.0 mm; all are off for that run here,
-    so that the band's own effect is what is tested.)"""
+    mm, and so does the far keyframes' verdict, segmentation.seen_empty_share: 3.0 mm, and the fit points from the
+    readings smoothed in inverse depth, backend.refine_slope_sigmas: 2.3 mm; all are off for that run here, so that
+    the band's own effect is what is tested.)"""
     from dynrecon_ros import rgbd_step
     from dynrecon_ros.data.scenarios import scenario_config
     seq = render_sequence(scenario_config('every_effect', seed=1305))
     monkeypatch.setattr(rgbd_step, 'PRIOR_MARGIN', 0.0)
     monkeypatch.setattr(rgbd_step.RGBDStep, '_span_pair', lambda self, *a: None)
     _, _, without = _scenario_run('every_effect', 1305, len(seq.frames), seq, shutter_smoothing_frames=0,
-                                  segmentation={'seen_through_share': 0.0, 'seen_empty_share': 0.0})
+                                  refine_slope_sigmas=0.0, segmentation={'seen_through_share': 0.0, 'seen_empty_share': 0.0})
     monkeypatch.undo()
     _, ok, with_ = _scenario_run('every_effect', 1305, len(seq.frames), seq)
     assert len(ok) == len(seq.frames)

@@ -12,33 +12,14 @@ from dynrecon_ros.photometric import exposure_gain
 from dynrecon_ros.rolling_shutter import PairShutter
 
 
-def slope_depth(depth: np.ndarray, inverse_sigma: float) -> np.ndarray:
-    """(H, W) float32 depth (m, 0 = none) whose slopes the refinement's depth rows take: the readings
-    smoothed in inverse depth by an edge-preserving bilateral filter (5 px, range sigma ``inverse_sigma``
-    1/m, space sigma 2 px); holes stay holes.
-
-    Why: a structured-light sensor measures disparity in steps (Kinect v1: 7 cm of depth at 5 m) with
-    noise, both uniform in inverse depth, so its readings of a smooth wall are noisy terraces whose raw
-    slopes are 0 on a terrace and a spike at each step. Those slopes are the depth rows' Jacobian, also in
-    the columns of the frames' in-frame motions under a rolling shutter, where they bias the split between
-    the pose and those motions: the smoothed slopes bring the adjacent pairs of a static room with every
-    sensor effect ~10 % closer and every_effect's trajectories ~7 % (docs/MEASUREMENTS.md, session 37).
-    Steps and noise smooth out; a real depth edge (2 m before 5 m: 0.3 1/m) is kept. OpenCV's bilateral
-    filter; no library smooths depth in inverse depth, hence the two lines around it."""
-    z = np.asarray(depth, dtype=np.float32)
-    inv = np.where(z > 0, 1.0 / np.maximum(z, 1e-3), 0.0).astype(np.float32)
-    smooth = cv2.bilateralFilter(inv, 5, float(inverse_sigma), 2.0)
-    return np.where((z > 0) & (smooth > 0), 1.0 / np.maximum(smooth, 1e-6), 0.0).astype(np.float32)
-
-
 def _sampling_stack(gray: np.ndarray, gx: np.ndarray, gy: np.ndarray, depth: np.ndarray,
-                    slope_sigma: float = 0.0):
+                    slopes_of: np.ndarray | None = None):
     """Two (H, W, 4) float32 stacks [grey, d/dx, d/dy, 0] and [depth, d/dx, d/dy, 0] of an image j for
     :func:`photometric_refine` (intensity gradients per pixel, Scharr / 32; OpenCV remaps up to 4
     channels with exact float coordinates, more channels are quantised to 1/32 pixel: hence two). The
-    depth's slopes are those of :func:`slope_depth` with ``slope_sigma`` (1/m) when it is > 0."""
+    depth's slopes are those of ``slopes_of`` ((H, W) depth, e.g. :func:`slope_depth`'s) when given."""
     dj = depth.astype(np.float32)
-    ds = slope_depth(dj, slope_sigma) if slope_sigma > 0 else dj
+    ds = dj if slopes_of is None else np.asarray(slopes_of, np.float32)
     dgx = cv2.Sobel(ds, cv2.CV_32F, 1, 0, ksize=3) / 8.0
     dgy = cv2.Sobel(ds, cv2.CV_32F, 0, 1, ksize=3) / 8.0
     zero = np.zeros_like(dj)  # a 4th channel: OpenCV's 4-channel remap is vectorised, 2x faster than 3

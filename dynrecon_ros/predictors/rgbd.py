@@ -27,6 +27,7 @@ from dynrecon_ros.depth_cue import depth_sigma
 from dynrecon_ros.geometry import (fit_rigid, fit_similarity, pixel_grid, to_matrix, transform_points, translation_sigma,
                                    unproject)
 from dynrecon_ros.predictors.base import PairPrediction, PairPredictor
+from dynrecon_ros.predictors.depth_smoothing import point_depth, slope_depth
 from dynrecon_ros.predictors.direct_refinement import _sampling_stack, photometric_refine
 from dynrecon_ros.predictors.row_skew import local_fits, shutter_reprojection_errors
 from dynrecon_ros.rolling_shutter import PairShutter, ShutterModel
@@ -60,7 +61,7 @@ class RGBDPredictorConfig:
     photometric_iterations: int
     photometric_samples: int
     min_gradient: float
-    refine_slope_sigmas: float  # rolling shutter: the refinement's depth slopes smoothed, in depth_sigma_b (0 = raw)
+    refine_slope_sigmas: float  # rolling shutter: fit points and depth slopes smoothed, in depth_sigma_b (0 = off)
     rolling_shutter_s: float  # row readout time (0 = global shutter); see rolling_shutter.py
     depth_delay_s: float  # depth image taken this long after the colour one
     shutter_smoothing_frames: int  # see BackendConfig
@@ -261,23 +262,6 @@ class _FrameCache:
         return d
 
 
-def point_depth(depth: np.ndarray, sigma_a: float, sigma_b: float) -> np.ndarray:
-    """(H, W) float32 depth for a frame's 3D points in the pose fits under a rolling shutter: the 5 x 5 median of
-    the cleaned ``depth`` (readings > 0, else 0) where it lies within 3 sigma(z) of the reading (the sensor's
-    model ``sigma_a + sigma_b (z - 0.4)^2``), else the reading (an edge, a hole's border: 0 stays 0).
-
-    Why: the older frame's points are the regressors of the pair fit, and their depth noise is an errors-in-
-    variables noise. Under a rolling shutter the fit splits the image motion between the pair's translation and
-    the two frames' in-frame motions, which look alike, and the noise biases that split: the trajectory came out
-    0.5-1.5 % short with Kinect depth (static_effects 852-854, Sim(3) scale 1.0049 / 1.0035 / 1.0153; 1.000 without
-    the noise, or with it under a global shutter). The median cuts the noise ~3x: 0.9989 / 0.9991 / 1.0077. Under a
-    global shutter the fits are unbiased and exact depth is worth more (a median moves curved surfaces by a
-    fraction of a sigma): not used there (docs/MEASUREMENTS.md)."""
-    med = cv2.medianBlur(np.ascontiguousarray(depth, dtype=np.float32), 5)
-    near = np.abs(med - depth) < 3.0 * depth_sigma(depth, sigma_a, sigma_b)
-    return np.where((depth > 0) & near, med, depth)
-
-
 def _grid_points(depth: np.ndarray, K: np.ndarray, st: int, min_depth: float, max_depth: float):
     """Points of the stride-``st`` pixel grid: ((gh, gw, 3) float32 camera points, NaN where the
     depth is outside [min_depth, max_depth])."""
@@ -303,8 +287,7 @@ class RGBDPredictor(PairPredictor):
         k = self.cfg.shutter_smoothing_frames
         self.smoothing_frames = k if self.shutter.readout > 0 else 0
         self._cache = _FrameCache(8 + self.smoothing_frames)
-        # the refinement's depth slopes under a rolling shutter: the readings smoothed within this inverse depth
-        # (1/m; 0 = raw slopes, as with a global shutter, where they gained nothing: docs/MEASUREMENTS.md session 37)
+        # under a rolling shutter the fit points' and depth slopes' smoothing in inverse depth (1/m; 0 = off: _point_depth)
         slope_sigma = self.cfg.refine_slope_sigmas * self.cfg.depth_sigma_b
         self._slope_sigma = slope_sigma if self.shutter.readout > 0 else 0.0
 
@@ -337,17 +320,28 @@ class RGBDPredictor(PairPredictor):
         if frame.depth is None or frame.K is None or _PREPARED in frame.__dict__:
             return
         d = self._derive({}, frame)
-        d['stack'] = _sampling_stack(d['gray'], *d['grad'], frame.depth, self._slope_sigma)
+        d['stack'] = _sampling_stack(d['gray'], *d['grad'], frame.depth, self._smoothed(frame, d))
         d['valid_depth'] = self._valid_depth_of(frame.depth)
         st = max(1, self.cfg.stride)
-        d[('pts', st)] = _grid_points(self._point_depth(frame.depth), frame.K, st, self.cfg.min_depth_m,
-                                      self.cfg.max_depth_m)
+        d[('pts', st)] = _grid_points(self._point_depth(frame.depth, self._smoothed(frame, d)), frame.K, st,
+                                      self.cfg.min_depth_m, self.cfg.max_depth_m)
         frame.__dict__[_PREPARED] = d
 
-    def _point_depth(self, depth: np.ndarray) -> np.ndarray:
-        """The depth of a frame's fit points: :func:`point_depth` under a rolling shutter, else as read."""
+    def _smoothed(self, frame, d: dict) -> np.ndarray | None:
+        """The frame's readings smoothed in inverse depth (:func:`slope_depth`, made once per frame and kept in
+        its data ``d``: the refinement's depth slopes and the fit points), None when ``_slope_sigma`` is 0."""
+        if self._slope_sigma > 0 and 'smoothed' not in d:
+            d['smoothed'] = slope_depth(frame.depth, self._slope_sigma)
+        return d.get('smoothed')
+
+    def _point_depth(self, depth: np.ndarray, smoothed: np.ndarray | None = None) -> np.ndarray:
+        """The depth of a frame's fit points: under a rolling shutter the readings smoothed in inverse depth
+        (``smoothed``, else :func:`slope_depth`; :func:`point_depth`'s median when ``refine_slope_sigmas`` is 0),
+        else as read."""
         if self.shutter.readout <= 0:
             return depth
+        if self._slope_sigma > 0:  # as for the refinement's slopes (docs/MEASUREMENTS.md, session 38)
+            return smoothed if smoothed is not None else slope_depth(depth, self._slope_sigma)
         return point_depth(depth, self.cfg.depth_sigma_a, self.cfg.depth_sigma_b)
 
     def _valid_depth_of(self, z: np.ndarray) -> np.ndarray:
@@ -358,7 +352,7 @@ class RGBDPredictor(PairPredictor):
         sampled in one remap per iteration by :func:`photometric_refine` (cached per frame)."""
         d = self._frame_data(frame)
         if 'stack' not in d:
-            d['stack'] = _sampling_stack(d['gray'], *d['grad'], frame.depth, self._slope_sigma)
+            d['stack'] = _sampling_stack(d['gray'], *d['grad'], frame.depth, self._smoothed(frame, d))
         return d['stack']
 
     def _valid_depth(self, frame) -> np.ndarray:
@@ -372,8 +366,8 @@ class RGBDPredictor(PairPredictor):
         d = self._frame_data(frame)
         key = ('pts', st)
         if key not in d:
-            d[key] = _grid_points(self._point_depth(frame.depth), frame.K, st, self.cfg.min_depth_m,
-                                  self.cfg.max_depth_m)
+            d[key] = _grid_points(self._point_depth(frame.depth, self._smoothed(frame, d)), frame.K, st,
+                                  self.cfg.min_depth_m, self.cfg.max_depth_m)
         return d[key]
 
     def relative_pose(self, frame_i, frame_j, flow, static_i: np.ndarray | None = None,
