@@ -245,8 +245,7 @@ def test_point_depth_cuts_the_depth_noise_and_keeps_edges_and_holes():
     the default) or their 5 x 5 median (point_depth, with backend.refine_slope_sigmas 0): on a wall 3 m away with
     Kinect-like noise (sigma(z) ~ 13 mm) the readings' noise is cut ~3x without a bias; a depth edge (a person
     1.5 m in front) and the holes stay as read; a global-shutter predictor uses the readings as they are."""
-    from dynrecon_ros.predictors.depth_smoothing import slope_depth
-    from dynrecon_ros.predictors.depth_smoothing import point_depth
+    from dynrecon_ros.predictors.depth_smoothing import point_depth, slope_depth
     from dynrecon_ros.segmentation import SegmentationConfig
     c = SegmentationConfig()
     rng = np.random.default_rng(0)
@@ -560,7 +559,8 @@ def test_a_person_whose_mask_stops_short_of_its_border_does_not_pull_the_poses(m
     monkeypatch.setattr(rgbd_step, 'PRIOR_MARGIN', 0.0)
     monkeypatch.setattr(rgbd_step.RGBDStep, '_span_pair', lambda self, *a: None)
     _, _, without = _scenario_run('every_effect', 1305, len(seq.frames), seq, shutter_smoothing_frames=0,
-                                  refine_slope_sigmas=0.0, segmentation={'seen_through_share': 0.0, 'seen_empty_share': 0.0})
+                                  refine_slope_sigmas=0.0,
+                                  segmentation={'seen_through_share': 0.0, 'seen_empty_share': 0.0})
     monkeypatch.undo()
     _, ok, with_ = _scenario_run('every_effect', 1305, len(seq.frames), seq)
     assert len(ok) == len(seq.frames)

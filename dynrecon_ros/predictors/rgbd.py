@@ -287,7 +287,7 @@ class RGBDPredictor(PairPredictor):
         k = self.cfg.shutter_smoothing_frames
         self.smoothing_frames = k if self.shutter.readout > 0 else 0
         self._cache = _FrameCache(8 + self.smoothing_frames)
-        # under a rolling shutter the fit points' and depth slopes' smoothing in inverse depth (1/m; 0 = off: _point_depth)
+        # under a rolling shutter: the fit points' and depth slopes' smoothing in inverse depth (1/m; 0 = off)
         slope_sigma = self.cfg.refine_slope_sigmas * self.cfg.depth_sigma_b
         self._slope_sigma = slope_sigma if self.shutter.readout > 0 else 0.0
 
