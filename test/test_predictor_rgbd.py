@@ -268,9 +268,11 @@ def test_point_depth_cuts_the_depth_noise_and_keeps_edges_and_holes():
     rs = RGBDPredictor(RGBDPredictorConfig.from_backend(BackendConfig(rolling_shutter_s=0.025)))
     rs_median = RGBDPredictor(RGBDPredictorConfig.from_backend(BackendConfig(rolling_shutter_s=0.025,
                                                                             refine_slope_sigmas=0.0)))
-    assert np.array_equal(gs._point_depth(depth), depth)
-    assert np.array_equal(rs._point_depth(depth), smoothed)
-    assert np.array_equal(rs_median._point_depth(depth), median)
+    from types import SimpleNamespace
+    frame = SimpleNamespace(depth=depth)
+    assert np.array_equal(gs._point_depth(frame, {}), depth)
+    assert np.array_equal(rs._point_depth(frame, {}), smoothed)
+    assert np.array_equal(rs_median._point_depth(frame, {}), median)
 
 
 class _FlowOnRows:

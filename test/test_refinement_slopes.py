@@ -61,7 +61,7 @@ def _pair_errors(seq, gap: int, median_points: bool) -> np.ndarray:
     pred = RGBDPredictor(RGBDPredictorConfig.from_backend(BackendConfig(
         rolling_shutter_s=seq.config.rolling_shutter, depth_delay_s=seq.config.depth_delay)))
     if median_points:
-        pred._point_depth = lambda d, _smoothed=None: point_depth(d, pred.cfg.depth_sigma_a, pred.cfg.depth_sigma_b)
+        pred._point_depth = lambda frame, _d: point_depth(frame.depth, pred.cfg.depth_sigma_a, pred.cfg.depth_sigma_b)
     flows, errs = FlowCache(FlowConfig()), []
     for k in range(len(seq.frames) - gap):
         a, b = seq.frames[k], seq.frames[k + gap]

@@ -320,11 +320,9 @@ class RGBDPredictor(PairPredictor):
         if frame.depth is None or frame.K is None or _PREPARED in frame.__dict__:
             return
         d = self._derive({}, frame)
-        d['stack'] = _sampling_stack(d['gray'], *d['grad'], frame.depth, self._smoothed(frame, d))
+        self._stack_in(d, frame)
         d['valid_depth'] = self._valid_depth_of(frame.depth)
-        st = max(1, self.cfg.stride)
-        d[('pts', st)] = _grid_points(self._point_depth(frame.depth, self._smoothed(frame, d)), frame.K, st,
-                                      self.cfg.min_depth_m, self.cfg.max_depth_m)
+        self._points_in(d, frame, max(1, self.cfg.stride))
         frame.__dict__[_PREPARED] = d
 
     def _smoothed(self, frame, d: dict) -> np.ndarray | None:
@@ -334,15 +332,28 @@ class RGBDPredictor(PairPredictor):
             d['smoothed'] = slope_depth(frame.depth, self._slope_sigma)
         return d.get('smoothed')
 
-    def _point_depth(self, depth: np.ndarray, smoothed: np.ndarray | None = None) -> np.ndarray:
-        """The depth of a frame's fit points: under a rolling shutter the readings smoothed in inverse depth
-        (``smoothed``, else :func:`slope_depth`; :func:`point_depth`'s median when ``refine_slope_sigmas`` is 0),
-        else as read."""
+    def _point_depth(self, frame, d: dict) -> np.ndarray:
+        """The depth of a frame's fit points (``d``: its data): under a rolling shutter the readings smoothed in
+        inverse depth (:meth:`_smoothed`; :func:`point_depth`'s median when ``refine_slope_sigmas`` is 0), else
+        as read."""
         if self.shutter.readout <= 0:
-            return depth
+            return frame.depth
         if self._slope_sigma > 0:  # as for the refinement's slopes (docs/MEASUREMENTS.md, session 38)
-            return smoothed if smoothed is not None else slope_depth(depth, self._slope_sigma)
-        return point_depth(depth, self.cfg.depth_sigma_a, self.cfg.depth_sigma_b)
+            return self._smoothed(frame, d)
+        return point_depth(frame.depth, self.cfg.depth_sigma_a, self.cfg.depth_sigma_b)
+
+    def _stack_in(self, d: dict, frame) -> np.ndarray:
+        """The frame's sampling stacks (:func:`_sampling_stack`), made once and kept in its data ``d``."""
+        if 'stack' not in d:
+            d['stack'] = _sampling_stack(d['gray'], *d['grad'], frame.depth, self._smoothed(frame, d))
+        return d['stack']
+
+    def _points_in(self, d: dict, frame, st: int) -> np.ndarray:
+        """The frame's stride-``st`` grid points (:func:`_grid_points` of :meth:`_point_depth`), kept in ``d``."""
+        key = ('pts', st)
+        if key not in d:
+            d[key] = _grid_points(self._point_depth(frame, d), frame.K, st, self.cfg.min_depth_m, self.cfg.max_depth_m)
+        return d[key]
 
     def _valid_depth_of(self, z: np.ndarray) -> np.ndarray:
         return np.where((z > self.cfg.min_depth_m) & (z < self.cfg.max_depth_m), z, np.nan).astype(np.float32)
@@ -350,10 +361,7 @@ class RGBDPredictor(PairPredictor):
     def _sample_stack(self, frame) -> np.ndarray:
         """(H, W, 6) float32 [grey, d grey/dx, d grey/dy, depth, d depth/dx, d depth/dy] of a frame,
         sampled in one remap per iteration by :func:`photometric_refine` (cached per frame)."""
-        d = self._frame_data(frame)
-        if 'stack' not in d:
-            d['stack'] = _sampling_stack(d['gray'], *d['grad'], frame.depth, self._smoothed(frame, d))
-        return d['stack']
+        return self._stack_in(self._frame_data(frame), frame)
 
     def _valid_depth(self, frame) -> np.ndarray:
         """(H, W) float32 depth, NaN outside [min_depth_m, max_depth_m] (cached per frame)."""
@@ -363,12 +371,7 @@ class RGBDPredictor(PairPredictor):
         return d['valid_depth']
 
     def _grid(self, frame, st: int) -> np.ndarray:
-        d = self._frame_data(frame)
-        key = ('pts', st)
-        if key not in d:
-            d[key] = _grid_points(self._point_depth(frame.depth, self._smoothed(frame, d)), frame.K, st,
-                                  self.cfg.min_depth_m, self.cfg.max_depth_m)
-        return d[key]
+        return self._points_in(self._frame_data(frame), frame, st)
 
     def relative_pose(self, frame_i, frame_j, flow, static_i: np.ndarray | None = None,
                       init: np.ndarray | None = None, move_gate: bool | float = True):
