@@ -70,8 +70,8 @@ VELOCITY_SIGMA = (0.04, 0.07)
 # (every_effect 1300-1308: 0.07 m/s, 0.02 rad/s, 1.3 rad/s^2 RMS off the truth, where a pair's fit is 0.17 m/s and
 # 0.08 rad/s off). At the errors themselves a pair's own rows pulled the held motion off the truth (angular rates
 # 0.008 -> 0.015-0.019 rad/s off in a static room), and with the renderer's exact motion held so every_effect 1927
-# came out 3.78 mm, held 100x tighter 2.55. every_effect 32 never-run seeds (1964-1995): mean ATE 2.381 -> 2.173 mm,
-# above 3 mm 3 -> 1, 20 better / 10 worse (docs/MEASUREMENTS.md, session 39).
+# came out 3.78 mm, held 100x tighter 2.55. every_effect 48 never-run seeds (1964-2011): mean ATE 2.346 -> 2.185 mm,
+# above 3 mm 6 -> 4, 30 better / 14 worse; static_effects neutral (docs/MEASUREMENTS.md, session 39).
 SMOOTHED_SPREAD = (0.005, 0.002, 0.5, 0.1)
 
 # A long pair is verified at the pose its adjacent pair gives the newest frame; when that pair came out off (a close
