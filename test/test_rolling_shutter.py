@@ -443,13 +443,22 @@ def test_band_derivatives_follow_the_tremor_where_a_difference_cannot():
     np.testing.assert_allclose(d2, np.concatenate([[2.0, 1.0, -0.4], c[1] * axis]), atol=1e-4)
 
 
+def _smoothed_motion(G: np.ndarray, t: np.ndarray, k: int) -> np.ndarray:
+    """(F, 4, 4) poses, (F,) instants -> frame k's in-frame motion (24,) as the window step smooths it from its
+    aligned poses (RGBDStep._smooth_motions, K = 4): the angular terms from band_derivatives, the velocity the
+    central difference, the linear acceleration zero."""
+    from dynrecon_ros.rolling_shutter import band_derivatives, trajectory_velocity
+    d1, d2 = band_derivatives(G[k - 4:k + 5], t[k - 4:k + 5] - t[k], 12.0)
+    v = trajectory_velocity(G[k - 1], G[k], G[k + 1], t[k] - t[k - 1], t[k + 1] - t[k])
+    return np.concatenate([v, d1[3:], np.zeros(3), d2[3:]])
+
+
 def test_pairs_refined_again_with_the_smoothed_motions_come_closer():
     """RGBDPredictor.refine_held: the adjacent pairs of a static room under a rolling shutter and hand tremor,
     refined again with each frame's in-frame motion from the poses on both sides (band_derivatives for the angular
     terms, the central difference for the velocity, as the window step does), come closer to the truth than their
     first fit (the fitted motions)."""
     from dynrecon_ros.data.scenarios import scenario_config
-    from dynrecon_ros.rolling_shutter import band_derivatives, trajectory_velocity
     first, again = [], []
     for seed in (22, 23):
         # (at 160x120 the pairs' own noise hides the gain: the exact motions held do no better there)
@@ -465,10 +474,7 @@ def test_pairs_refined_again_with_the_smoothed_motions_come_closer():
                                                                        fr[k + 1].rgb))
             fits[k] = (T, inl)
         for k in range(4, len(fr) - 4):
-            d1, d2 = band_derivatives(G[k - 4:k + 5], t[k - 4:k + 5] - t[k], 12.0)
-            v = trajectory_velocity(G[k - 1], G[k], G[k + 1], t[k] - t[k - 1], t[k + 1] - t[k])
-            pred.set_frame_motion(fr[k], np.concatenate([v, d1[3:], np.zeros(3), d2[3:]]),
-                                  np.repeat([0.05, 0.02, 5.0, 1.0], 3))
+            pred.set_frame_motion(fr[k], _smoothed_motion(G, t, k), np.repeat([0.05, 0.02, 5.0, 1.0], 3))
         for k in range(4, len(fr) - 5):
             T, inl = fits[k]
             T_gt = np.linalg.inv(G[k]) @ G[k + 1]
@@ -479,17 +485,14 @@ def test_pairs_refined_again_with_the_smoothed_motions_come_closer():
     assert np.mean(again) < 0.75 * np.mean(first), (again, first)  # ~0.57 when written
 
 
-def _held_rate_errors(spread_scale: float, monkeypatch) -> tuple[np.ndarray, np.ndarray]:
-    """Adjacent pairs of a static room with every sensor effect (320x240, seed 22), each frame's in-frame motion
-    smoothed from the true poses (as the window step does from the aligned ones) and held within ``spread_scale``
-    x SMOOTHED_SPREAD in refine_held -> the frames' angular rates off the renderer's exact ones (rad/s, largest
-    axis) before and after each pair's refinement."""
-    from dynrecon_ros.data.scenarios import scenario_config
+def _held_rate_errors(seq, spread_scale: float, monkeypatch) -> tuple[np.ndarray, np.ndarray]:
+    """Adjacent pairs of ``seq`` (a static room under a rolling shutter), fitted by a fresh predictor, each frame's
+    in-frame motion smoothed from the true poses (as the window step does from the aligned ones) and held within
+    ``spread_scale`` x SMOOTHED_SPREAD in refine_held -> the frames' angular rates off the renderer's exact ones
+    (rad/s, largest axis) before and after each pair's refinement."""
     from dynrecon_ros.data.synthetic import in_frame_motion
     from dynrecon_ros.rgbd_step import SMOOTHED_SPREAD
-    from dynrecon_ros.rolling_shutter import band_derivatives, trajectory_velocity
-    cfg = scenario_config('static_effects', seed=22, frames=14, width=320, height=240)
-    seq = render_sequence(cfg)
+    cfg = seq.config
     fr, G, t = seq.frames, seq.poses, np.asarray(seq.stamps)
     exact = in_frame_motion(cfg, t - t[0], RGBDPredictor.shutter_order)
     pred = RGBDPredictor(RGBDPredictorConfig.from_backend(BackendConfig(rolling_shutter_s=cfg.rolling_shutter,
@@ -498,17 +501,17 @@ def _held_rate_errors(spread_scale: float, monkeypatch) -> tuple[np.ndarray, np.
     flows = FlowCache(FlowConfig())
     shutters = []
     real = RGBDPredictor._pair_shutter
-    monkeypatch.setattr(RGBDPredictor, '_pair_shutter', lambda self, *a: shutters.append(real(self, *a)) or shutters[-1])
+    monkeypatch.setattr(RGBDPredictor, '_pair_shutter',
+                        lambda self, *a: shutters.append(real(self, *a)) or shutters[-1])
     for k in range(4, len(fr) - 4):
-        d1, d2 = band_derivatives(G[k - 4:k + 5], t[k - 4:k + 5] - t[k], 12.0)
-        v = trajectory_velocity(G[k - 1], G[k], G[k + 1], t[k] - t[k - 1], t[k + 1] - t[k])
-        pred.set_frame_motion(fr[k], np.concatenate([v, d1[3:], np.zeros(3), d2[3:]]),
-                              spread_scale * np.repeat(SMOOTHED_SPREAD, 3))
+        pred.set_frame_motion(fr[k], _smoothed_motion(G, t, k), spread_scale * np.repeat(SMOOTHED_SPREAD, 3))
     before, after = [], []
+    m = 6 * RGBDPredictor.shutter_order
     for k in range(4, len(fr) - 5):
-        T, inl, _ = pred.relative_pose(fr[k], fr[k + 1], flows.get(fr[k].key, fr[k].rgb, fr[k + 1].key, fr[k + 1].rgb))
+        flow = flows.get(fr[k].key, fr[k].rgb, fr[k + 1].key, fr[k + 1].rgb)
+        T, inl, _ = pred.relative_pose(fr[k], fr[k + 1], flow)
         pred.refine_held(fr[k], fr[k + 1], T, inl)
-        sh, m = shutters[-1], 6 * RGBDPredictor.shutter_order
+        sh = shutters[-1]
         for nu0, nu, ex in ((sh.nu0[:m], sh.nu[:m], exact[k]), (sh.nu0[m:], sh.nu[m:], exact[k + 1])):
             before.append(np.abs(nu0[3:6] - ex[3:6]).max())
             after.append(np.abs(nu[3:6] - ex[3:6]).max())
@@ -519,10 +522,13 @@ def test_a_pair_refined_again_keeps_the_smoothed_motion_it_holds(monkeypatch):
     """The smoothed in-frame motion is held at a tenth of its measured errors (rgbd_step.SMOOTHED_SPREAD) when a
     frame's pairs are refined again: a pair's own rows pull the frames' angular rates away from the truth (here
     from ~0.008 to 0.015-0.019 rad/s at the errors' spreads), so the hold keeps them where the smoothed trajectory
-    put them. At ten times the spreads (the errors themselves) the pull comes back and this fails."""
-    before, after = _held_rate_errors(1.0, monkeypatch)
+    put them. At ten times the spreads (the errors themselves) the pull comes back and this fails. Static room with
+    every sensor effect, 320x240, seed 22."""
+    from dynrecon_ros.data.scenarios import scenario_config
+    seq = render_sequence(scenario_config('static_effects', seed=22, frames=14, width=320, height=240))
+    before, after = _held_rate_errors(seq, 1.0, monkeypatch)
     assert after.mean() < 1.3 * before.mean(), (before, after)
-    loose_before, loose_after = _held_rate_errors(10.0, monkeypatch)
+    loose_before, loose_after = _held_rate_errors(seq, 10.0, monkeypatch)
     assert loose_after.mean() > 1.5 * loose_before.mean(), (loose_before, loose_after)  # the case shows the pull
 
 
